@@ -1,0 +1,252 @@
+"""Typed run configuration (CleanRL's ``Args`` style) and ``key=value`` overrides.
+
+A :class:`TrainConfig` is a tree of dataclasses; every field carries a one-line help text in its
+metadata, which ``creditaudit train --help`` prints. An override names a field by its dotted path
+(``model.d=512``) or, when unambiguous, by its leaf name (``d=512``); values are parsed by the
+field's type. The resolved config is written into every run folder as JSON and read back with
+:func:`from_dict`. No ``exec``-style configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from creditaudit.data.base import DataConfig
+from creditaudit.models.base import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message says which and what is allowed."""
+
+
+@dataclass
+class OptimConfig:
+    """The study's recipe: AdamW with a cosine schedule, one optimizer state per block."""
+
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (peak of the schedule)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule over all steps: cosine (to 0) | constant"})
+
+
+@dataclass
+class TrainConfig:
+    """One training run: which rule trains which architecture on which data, and how."""
+
+    rule: str = field(default="bp", metadata={"help": "credit-assignment rule (see `creditaudit list`); suffix _frozen or _shallow for the baselines"})
+    arch: str = field(default="resmlp", metadata={"help": "architecture (see `creditaudit list`)"})
+    seed: int = field(default=42, metadata={"help": "seed of the model init, the rule's random matrices, data order and augmentation"})
+    epochs: int = field(default=100, metadata={"help": "training epochs (the study: 100 for the audit, 30 for penalty studies)"})
+    batch_size: int = field(default=128, metadata={"help": "training mini-batch size"})
+    lam: float = field(default=0.0, metadata={"help": "per-block penalty lam·||f_l||² on each residual branch output (local rules only)"})
+    local_rule: str = field(default="inner", metadata={"help": "local update of each block: inner | shift(eta) | cosine (DESIGN §1)"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    results: str = field(default="results", metadata={"help": "results folder; the run lives in <results>/<setting>/<rule>__<arch>__s<seed>/"})
+    setting: str = field(default="adhoc", metadata={"help": "experiment-setting name, the first level of the results folder"})
+    save_epochs: tuple[int, ...] = field(default=(), metadata={"help": "epochs after which to keep a checkpoint (e.g. 1,2,3); the last epoch's is always kept"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation (no effect on results)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar with live loss and accuracy (only on a terminal)"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# Alternative names a researcher will type.
+ALIASES = {"width": "model.d", "depth": "model.L", "dataset": "data.dataset", "lr": "optim.lr", "wd": "optim.weight_decay"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the dataclass tree
+# ---------------------------------------------------------------------------------------------
+def iter_fields(cfg_type: type, prefix: str = "") -> Iterable[tuple[str, dataclasses.Field, Any]]:
+    """Yield (dotted path, field, resolved type) for every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(cfg_type)
+    for f in dataclasses.fields(cfg_type):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, path + ".")
+        else:
+            yield path, f, tp
+
+
+def leaf_index(cfg_type: type = TrainConfig) -> dict[str, list[str]]:
+    """Leaf name -> every dotted path that ends with it."""
+    index: dict[str, list[str]] = {}
+    for path, _, _ in iter_fields(cfg_type):
+        index.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    return index
+
+
+def resolve_key(key: str, cfg_type: type = TrainConfig) -> str:
+    paths = {p for p, _, _ in iter_fields(cfg_type)}
+    if key in paths:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    matches = leaf_index(cfg_type).get(key, [])
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"config key {key!r} is ambiguous: say one of {', '.join(matches)}")
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(paths | set(leaf_index(cfg_type)) | set(ALIASES)), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}.{hint} `creditaudit train --help` lists every field.")
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """Parse ``text`` as a value of type ``tp`` (bool, int, float, str, tuples, Optional)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if type(None) in args and text.strip().lower() in ("none", "null", "default", ""):
+            return None
+        return parse_value(text, inner[0], key)
+    if origin is tuple:
+        body = text.strip().strip("[]()")
+        items = [t for t in (s.strip() for s in body.split(",")) if t]
+        return tuple(parse_value(t, args[0], key) for t in items)
+    try:
+        if tp is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            value = float(text)
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            value = float(text)
+            if math.isnan(value):
+                raise ValueError
+            return value
+        if tp is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def get_path(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def set_path(cfg: Any, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    setattr(cfg, leaf, value)
+
+
+def field_types(cfg_type: type = TrainConfig) -> dict[str, Any]:
+    return {p: tp for p, _, tp in iter_fields(cfg_type)}
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
+    """Apply ``key=value`` strings to a copy of ``cfg`` and validate the result."""
+    cfg = copy_config(cfg)
+    types_ = field_types(type(cfg))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r} (e.g. rule=dfa epochs=3)")
+        key, text = item.split("=", 1)
+        path = resolve_key(key.strip(), type(cfg))
+        set_path(cfg, path, parse_value(text.strip(), types_[path], path))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, serialisation
+# ---------------------------------------------------------------------------------------------
+def validate(cfg: TrainConfig) -> None:
+    """Check values a run cannot start with; names are checked against the registries."""
+    from creditaudit.data import DATASETS
+    from creditaudit.models import ARCHS
+    from creditaudit.rules import parse_rule_name
+    from creditaudit.train.local import parse_local_rule
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    parse_rule_name(cfg.rule)  # raises with the list of rules
+    if cfg.arch not in ARCHS:
+        raise ConfigError(ARCHS.unknown_message(cfg.arch))
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(DATASETS.unknown_message(cfg.data.dataset))
+    parse_local_rule(cfg.local_rule)
+    need(cfg.epochs >= 1, f"epochs must be >= 1 (got {cfg.epochs})")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
+    need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1 (got {cfg.eval_batch_size})")
+    need(cfg.lam >= 0, f"lam must be >= 0 (got {cfg.lam})")
+    need(cfg.threads >= 0, f"threads must be >= 0 (got {cfg.threads})")
+    need(cfg.optim.lr > 0, f"lr must be > 0 (got {cfg.optim.lr})")
+    need(cfg.optim.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.optim.weight_decay})")
+    need(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "beta1 and beta2 must lie in [0, 1)")
+    need(cfg.optim.schedule in ("cosine", "constant"), f"schedule must be cosine or constant (got {cfg.optim.schedule!r})")
+    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps",
+         f"device must be auto, cpu, cuda, cuda:N or mps (got {cfg.device!r})")
+    need(all(1 <= e <= cfg.epochs for e in cfg.save_epochs), f"save_epochs must lie in 1..epochs (got {cfg.save_epochs})")
+    need(cfg.model.L is None or cfg.model.L >= 0, f"L must be >= 0 (got {cfg.model.L})")
+    need(cfg.model.d is None or cfg.model.d >= 1, f"d must be >= 1 (got {cfg.model.d})")
+    for name in ("setting",):
+        value = getattr(cfg, name)
+        need(bool(value) and "/" not in value and "__" not in value, f"{name} must be a non-empty name without '/' or '__' (got {value!r})")
+    need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "train_subset and test_subset must be >= 0")
+    need(cfg.data.augment in ("auto", "none", "crop_flip"), f"augment must be auto, none or crop_flip (got {cfg.data.augment!r})")
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data: dict, cfg_type: type = TrainConfig) -> Any:
+    """Rebuild a config from :func:`to_dict` output; unknown keys are an error, missing keys default."""
+    hints = typing.get_type_hints(cfg_type)
+    names = {f.name for f in dataclasses.fields(cfg_type)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config keys for {cfg_type.__name__}: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(value, tp)
+        elif typing.get_origin(tp) is tuple or (value is not None and isinstance(value, list)):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cfg_type(**kwargs)
+
+
+def copy_config(cfg: Any) -> Any:
+    return from_dict(to_dict(cfg), type(cfg))
+
+
+def help_rows(cfg_type: type = TrainConfig) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every field, for ``--help``."""
+    default = cfg_type()
+    rows = []
+    for path, f, tp in iter_fields(cfg_type):
+        leaf = path.rsplit(".", 1)[-1]
+        key = leaf if len(leaf_index(cfg_type)[leaf]) == 1 else path
+        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        rows.append((key, tname, json.dumps(get_path(default, path)), f.metadata.get("help", "")))
+    return rows

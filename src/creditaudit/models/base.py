@@ -1,0 +1,160 @@
+"""The one model shape every architecture shares (DESIGN §1), and the architecture registry.
+
+    h_0 = E(x)                        embedding
+    h_l = h_{l-1} + f_l(h_{l-1})      l = 1..L  (h_l = f_l(h_{l-1}) for non-residual blocks)
+    z   = N(h_L)                      terminal norm (identity when there is none)
+    o   = H(z)                        linear head, C classes
+
+A :class:`CreditNet` exposes exactly these pieces (``embed``, ``blocks[l-1].branch``, ``norm``,
+``head``) and a forward pass that returns every residual-stream state, so rules, the trainer and the
+diagnostics never special-case an architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from creditaudit.registry import Registry
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters. ``None`` means "the architecture's own default"."""
+
+    d: int | None = field(default=None, metadata={"help": "width of the residual stream h_l (mlp: hidden width; smallcnn: FC width); default per arch: resmlp 256, vit_mini 128, mlp 256, smallcnn 256"})
+    L: int | None = field(default=None, metadata={"help": "number of blocks (mlp: hidden layers after the first); default per arch: resmlp 4, vit_mini 4, mlp 3, smallcnn 3 (fixed); 0 gives the shallow variant"})
+    out_ln: bool = field(default=True, metadata={"help": "terminal LayerNorm N before the head (resmlp, vit_mini)"})
+    residual: bool = field(default=True, metadata={"help": "residual skip h_l = h_{l-1} + f_l (resmlp); False gives h_l = f_l(h_{l-1})"})
+    w2_std: float = field(default=0.01, metadata={"help": "std of the normal init of each resmlp block's output matrix W2 (its bias is 0)"})
+    activation: str = field(default="relu", metadata={"help": "mlp activation: relu | gelu | tanh | sigmoid"})
+    heads: int = field(default=4, metadata={"help": "vit_mini attention heads"})
+    patch: int = field(default=4, metadata={"help": "vit_mini patch size (must divide the image size)"})
+    channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={"help": "smallcnn channels of its 3 conv layers"})
+
+
+@dataclass
+class Forward:
+    """Everything one forward pass produces. ``hs[l]`` is h_l with shape (B, ...), l = 0..L."""
+
+    logits: Tensor  # (B, C)
+    hs: list[Tensor]  # L+1 states
+    fs: list[Tensor]  # L branch outputs f_l(h_{l-1}), l = 1..L (fs[l-1])
+
+
+class Block(nn.Module):
+    """One block: a residual branch ``f_l`` and whether the skip path is kept."""
+
+    def __init__(self, branch: nn.Module, residual: bool = True):
+        super().__init__()
+        self.branch = branch
+        self.residual = residual
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.branch(h)
+        return (h + f if self.residual else f), f
+
+
+class CreditNet(nn.Module):
+    """Embedding, a stack of :class:`Block`, terminal norm and linear head."""
+
+    def __init__(self, embed: nn.Module, blocks: list[Block], norm: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.head = head
+
+    @property
+    def L(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def readout(self, h_L: Tensor) -> Tensor:
+        """o = H(N(h_L))."""
+        return self.head(self.norm(h_L))
+
+    def run(self, x: Tensor, *, detach_inputs: bool = False) -> Forward:
+        """Forward pass keeping every state.
+
+        With ``detach_inputs`` each block sees ``sg(h_{l-1})`` and the readout sees ``sg(h_L)``, so
+        the graph of ``hs[l]`` (l >= 1) reaches only block l's parameters and the graph of
+        ``logits`` only the norm and head: this is the local-update forward pass of DESIGN §1.
+        """
+        h = self.embed(x)
+        hs, fs = [h], []
+        for block in self.blocks:
+            h, f = block(h.detach() if detach_inputs else h)
+            hs.append(h)
+            fs.append(f)
+        logits = self.readout(h.detach() if detach_inputs else h)
+        return Forward(logits, hs, fs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h, _ = block(h)
+        return self.readout(h)
+
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        return [list(b.parameters()) for b in self.blocks]
+
+    def readout_parameters(self) -> list[nn.Parameter]:
+        return list(self.norm.parameters()) + list(self.head.parameters())
+
+
+# An architecture builder: (config, input_shape, num_classes) -> CreditNet.
+ArchBuilder = Callable[[ModelConfig, tuple, int], CreditNet]
+ARCHS: Registry[ArchBuilder] = Registry("architecture")
+
+
+def build_model(name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> CreditNet:
+    """Build a registered architecture (parameters drawn from the current torch RNG)."""
+    return ARCHS.get(name)(cfg, tuple(input_shape), num_classes)
+
+
+def flat_dim(input_shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in input_shape:
+        n *= s
+    return n
+
+
+def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"architecture {arch!r} needs image inputs (C, H, W) but the dataset gives shape "
+            f"{tuple(input_shape)}; use an MLP architecture (resmlp, mlp) for vector data"
+        )
+    return input_shape  # type: ignore[return-value]
+
+
+def check_depth(arch: str, L: int) -> int:
+    if L < 0:
+        raise ValueError(f"{arch}: L must be >= 0 (got {L})")
+    return L
+
+
+def per_sample_norm(h: Tensor) -> Tensor:
+    """L2 norm over all non-batch dimensions: (B, ...) -> (B,)."""
+    return h.flatten(1).norm(dim=1)
+
+
+def true_grads(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Tensor]]:
+    """The reference gradient g_l = d CE_i / d h_l for every l, per sample (never divided by B).
+
+    Computed as the gradient of the *summed* cross-entropy, so in a model whose samples interact
+    (BatchNorm in training mode) g_l is still the exact gradient of that loss w.r.t. the tensor h_l.
+    Parameter gradients are left untouched. Returns the forward pass (detached) and g_0..g_L.
+    """
+    with torch.enable_grad():
+        fwd = model.run(x)
+        loss = nn.functional.cross_entropy(fwd.logits, y, reduction="sum")
+        gs = torch.autograd.grad(loss, fwd.hs, allow_unused=False)
+    detached = Forward(fwd.logits.detach(), [h.detach() for h in fwd.hs], [f.detach() for f in fwd.fs])
+    return detached, [g.detach() for g in gs]

@@ -1,0 +1,51 @@
+"""``smallcnn``: the cross-architecture control — 3 conv layers with BatchNorm, 1 FC, a head, and no
+terminal norm (so Mode 1(b), the terminal-LN collapse of ‖g_L‖, cannot fire).
+
+    h_0 = pool(ReLU(BN(conv1 x)))          (B, c1, H/2, W/2)     embedding (conv stem)
+    h_1 = pool(ReLU(BN(conv2 h_0)))        (B, c2, H/4, W/4)     block 1
+    h_2 = pool(ReLU(BN(conv3 h_1)))        (B, c3, H/8, W/8)     block 2
+    h_3 = ReLU(FC(flatten h_2))            (B, d)                block 3
+    o   = H(h_3)
+
+Blocks are non-residual stages whose states change shape; a credit a_l has the shape of h_l.
+``L`` is 3, or 0 for the shallow variant, where the flattened stem output feeds the head directly.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, image_shape
+
+
+def conv_stage(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+@ARCHS.register("smallcnn", "3 conv+BatchNorm stages, 1 FC, head; no terminal norm (Mode 1(b) cannot fire)")
+def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
+    c, h, w = image_shape("smallcnn", input_shape)
+    if cfg.L not in (None, 0, 3):
+        raise ValueError(f"smallcnn has exactly 3 blocks (or L=0 for the shallow variant); got L={cfg.L}")
+    if len(cfg.channels) != 3:
+        raise ValueError(f"smallcnn needs 3 channel counts, got channels={cfg.channels}")
+    if min(h, w) < 8:
+        raise ValueError(f"smallcnn pools three times and needs images of at least 8x8, got {h}x{w}")
+    c1, c2, c3 = cfg.channels
+    d = cfg.d or 256
+    embed = conv_stage(c, c1)
+    if cfg.L == 0:
+        # Shallow variant: the stem feeds the head directly.
+        head_in = c1 * (h // 2) * (w // 2)
+        return CreditNet(embed, [], nn.Flatten(), nn.Linear(head_in, num_classes))
+    fc_in = c3 * (h // 8) * (w // 8)
+    blocks = [
+        Block(conv_stage(c1, c2), residual=False),
+        Block(conv_stage(c2, c3), residual=False),
+        Block(nn.Sequential(nn.Flatten(), nn.Linear(fc_in, d), nn.ReLU()), residual=False),
+    ]
+    return CreditNet(embed, blocks, nn.Identity(), nn.Linear(d, num_classes))

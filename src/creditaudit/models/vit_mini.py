@@ -1,0 +1,72 @@
+"""``vit_mini``: a small pre-LN vision transformer with a terminal LayerNorm on the cls token.
+
+    h_0 = [cls; patchify(x) W_E] + pos                          (B, 1+P, d)
+    f_l(h) = a + m,  a = Attn(LN h),  m = MLP(LN(h + a))         one pre-LN transformer block, so
+    h_l = h_{l-1} + f_l(h_{l-1})                                  both of its residual adds are inside f_l
+    z   = LN(h_L[:, 0])   (terminal LN on the cls token; identity when out_ln=False)
+    o   = H(z)
+
+Defaults: d=128, L=4, 4 heads, patch 4, MLP ratio 2.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, image_shape
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, channels: int, size: tuple[int, int], patch: int, d: int):
+        super().__init__()
+        h, w = size
+        self.proj = nn.Conv2d(channels, d, kernel_size=patch, stride=patch)
+        n_patches = (h // patch) * (w // patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 1 + n_patches, d) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1+P, d)
+        p = self.proj(x).flatten(2).transpose(1, 2)
+        cls = self.cls.expand(p.shape[0], -1, -1)
+        return torch.cat([cls, p], dim=1) + self.pos
+
+
+class TransformerBranch(nn.Module):
+    """The residual branch of one pre-LN block: f(h) = a + MLP(LN(h + a)), a = Attn(LN h)."""
+
+    def __init__(self, d: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+
+    def forward(self, h: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        u = self.ln1(h)
+        a, _ = self.attn(u, u, u, need_weights=False)
+        return a + self.mlp(self.ln2(h + a))
+
+
+class ClsNorm(nn.Module):
+    """Terminal norm on the cls token: (B, T, d) -> (B, d)."""
+
+    def __init__(self, d: int, use_ln: bool):
+        super().__init__()
+        self.ln = nn.LayerNorm(d) if use_ln else nn.Identity()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.ln(h[:, 0])
+
+
+@ARCHS.register("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls")
+def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
+    c, h, w = image_shape("vit_mini", input_shape)
+    d = cfg.d or 128
+    L = check_depth("vit_mini", 4 if cfg.L is None else cfg.L)
+    if h % cfg.patch or w % cfg.patch:
+        raise ValueError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
+    if d % cfg.heads:
+        raise ValueError(f"vit_mini: heads={cfg.heads} must divide d={d}")
+    embed = PatchEmbed(c, (h, w), cfg.patch, d)
+    blocks = [Block(TransformerBranch(d, cfg.heads)) for _ in range(L)]
+    return CreditNet(embed, blocks, ClsNorm(d, cfg.out_ln), nn.Linear(d, num_classes))

@@ -1,0 +1,38 @@
+"""Shared fixtures: small architectures for every registered name, and tiny training configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from creditaudit.config import TrainConfig, apply_overrides
+from creditaudit.models import ARCHS, ModelConfig
+
+# A small instance and a matching input shape for every architecture (tests walk ARCHS, so a new
+# architecture without an entry here fails loudly rather than going untested).
+SMALL_ARCHS: dict[str, tuple[ModelConfig, tuple[int, ...]]] = {
+    "resmlp": (ModelConfig(d=16, L=3), (1, 8, 8)),
+    "mlp": (ModelConfig(d=16, L=2, activation="tanh"), (20,)),
+    "smallcnn": (ModelConfig(d=16, channels=(4, 6, 8)), (1, 8, 8)),
+    "vit_mini": (ModelConfig(d=16, L=2, heads=2, patch=4), (1, 8, 8)),
+}
+
+
+@pytest.fixture(params=ARCHS.names())
+def arch(request):
+    name = request.param
+    assert name in SMALL_ARCHS, f"add a small config for architecture {name!r} to tests/conftest.py"
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
+    """A seconds-long run on the bundled digits data, one thread (bit-reproducible)."""
+    base = [
+        "dataset=digits", "arch=resmlp", "d=32", "L=2", "epochs=2", "batch_size=64", "threads=1",
+        "progress=false", f"results={tmp_path / 'results'}", f"data_dir={tmp_path / 'data'}",
+    ]
+    return apply_overrides(TrainConfig(), [*base, *overrides])

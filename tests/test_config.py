@@ -1,0 +1,55 @@
+"""Typed config: overrides, parsing, validation, help, round trip."""
+from __future__ import annotations
+
+import pytest
+
+from creditaudit.config import ConfigError, TrainConfig, apply_overrides, from_dict, help_rows, iter_fields, to_dict
+from creditaudit.registry import UnknownNameError
+
+
+def test_overrides_by_leaf_dotted_path_and_alias():
+    cfg = apply_overrides(TrainConfig(), ["rule=bp", "d=512", "model.L=8", "dataset=digits", "lr=3e-4",
+                                          "out_ln=false", "save_epochs=1,2,5", "width=128"])
+    assert cfg.model.d == 128 and cfg.model.L == 8 and cfg.data.dataset == "digits"
+    assert cfg.optim.lr == 3e-4 and cfg.model.out_ln is False and cfg.save_epochs == (1, 2, 5)
+
+
+def test_defaults_are_the_studys_recipe():
+    cfg = TrainConfig()
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule, cfg.batch_size) == (1e-3, 0.01, "cosine", 128)
+    assert cfg.data.dataset == "fashion_mnist" and cfg.arch == "resmlp"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("epochs=abc", "expected int"),
+    ("epochs=0", "epochs must be >= 1"),
+    ("lr=-1", "lr must be > 0"),
+    ("out_ln=maybe", "expected bool"),
+    ("colour=red", "unknown config key 'colour'"),
+    ("epochz=3", "Did you mean epochs"),
+    ("epochs", "expected key=value"),
+    ("schedule=linear", "cosine or constant"),
+    ("local_rule=shift(0)", "shift\\(eta\\)"),
+])
+def test_bad_values_get_one_clear_error(item, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TrainConfig(), [item])
+
+
+@pytest.mark.parametrize("item", ["rule=dfaa", "arch=resnet", "dataset=imagenet"])
+def test_unknown_names_list_the_known_ones(item):
+    with pytest.raises((ConfigError, UnknownNameError), match="Known"):
+        apply_overrides(TrainConfig(), [item])
+
+
+def test_rule_variants_are_accepted():
+    assert apply_overrides(TrainConfig(), ["rule=bp_frozen"]).rule == "bp_frozen"
+    assert apply_overrides(TrainConfig(), ["rule=bp_shallow"]).rule == "bp_shallow"
+
+
+def test_round_trip_and_every_field_documented():
+    cfg = apply_overrides(TrainConfig(), ["save_epochs=1,3", "d=64"])
+    assert from_dict(to_dict(cfg)) == cfg
+    for path, f, _ in iter_fields(TrainConfig):
+        assert f.metadata.get("help"), f"config field {path} has no help text"
+    assert len(help_rows()) == len(list(iter_fields(TrainConfig)))

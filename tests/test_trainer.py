@@ -1,0 +1,174 @@
+"""The trainer in its run folder: metrics, skip, resume (in process and after SIGKILL), failures."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from creditaudit.config import to_dict
+from creditaudit.runs.checkpoint import load_checkpoint
+from creditaudit.runs.folder import RunFolder, run_dir
+from creditaudit.train.trainer import RunConfigMismatch, build_run, train
+from tests.conftest import tiny_config
+
+TIME_KEYS = ("time/train_s", "time/epoch_s")
+
+
+def _folder(cfg) -> RunFolder:
+    return RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
+
+
+def _metrics(cfg) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in _folder(cfg).read_metrics()]
+
+
+def _weights(cfg) -> dict:
+    state, _ = load_checkpoint(_folder(cfg).last_checkpoint)
+    return state["model"]
+
+
+def test_run_folder_contents(tmp_path):
+    cfg = tiny_config(tmp_path)
+    summary = train(cfg)
+    folder = _folder(cfg)
+    assert folder.path == tmp_path / "results" / "adhoc" / "bp__resmlp__s42"
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert json.loads((folder.path / "config.json").read_text()) == to_dict(cfg)
+    records = folder.read_metrics()
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s"):
+        assert key in records[0]
+    assert records[1]["train/loss"] < records[0]["train/loss"]
+    prov = summary["provenance"]
+    for key in ("torch", "python", "git_commit", "git_dirty"):
+        assert key in prov
+    assert summary["wall_s"] > 0 and summary["final"] == records[-1]
+    # Nothing is ever stored with pickle: the checkpoint is a safetensors file.
+    from safetensors import safe_open
+
+    with safe_open(str(folder.last_checkpoint), "pt") as f:
+        assert any(k.startswith("model") for k in f.keys()) or len(list(f.keys())) > 0
+
+
+def test_same_seed_same_metrics_and_finished_run_is_skipped(tmp_path):
+    a = tiny_config(tmp_path / "a")
+    b = tiny_config(tmp_path / "b")
+    train(a)
+    train(b)
+    assert _metrics(a) == _metrics(b)
+    mtime = _folder(a).metrics_path.stat().st_mtime_ns
+    again = train(a)
+    assert again["status"] == "finished"
+    assert _folder(a).metrics_path.stat().st_mtime_ns == mtime  # skipped: nothing rewritten
+
+
+def test_resume_gives_the_same_final_metrics(tmp_path):
+    full = tiny_config(tmp_path / "full", "epochs=3")
+    train(full)
+    cut = tiny_config(tmp_path / "cut", "epochs=3")
+    first = train(cut, stop_after=1)
+    assert first["status"] == "interrupted" and first["epochs_done"] == 1
+    second = train(cut)
+    assert second["status"] == "finished" and second["resumed_from"] == 1
+    assert _metrics(cut) == _metrics(full)
+    for name, tensor in _weights(full).items():
+        assert torch.equal(tensor, _weights(cut)[name]), name
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    """Kill a real training process at an arbitrary point after its first epoch, then resume."""
+    args = ["epochs=30", "d=64"]
+    full = tiny_config(tmp_path / "full", *args)
+    train(full)
+    cut = tiny_config(tmp_path / "cut", *args)
+    overrides = [f"{k}={v}" for k, v in (
+        ("dataset", "digits"), ("arch", "resmlp"), ("d", 64), ("L", 2), ("epochs", 30), ("batch_size", 64),
+        ("threads", 1), ("progress", "false"), ("results", cut.results), ("data_dir", cut.data.data_dir))]
+    proc = subprocess.Popen([sys.executable, "-m", "creditaudit.cli", "train", "-q", *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = _folder(cut).metrics_path
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _folder(cut).read_summary()["status"] == "running"  # killed: nobody wrote a final status
+    resumed = train(cut)
+    assert resumed["status"] == "finished" and resumed["resumed_from"] >= 1
+    assert _metrics(cut) == _metrics(full)
+
+
+def test_changed_config_in_an_existing_folder_is_refused(tmp_path):
+    train(tiny_config(tmp_path, "epochs=1"))
+    with pytest.raises(RunConfigMismatch, match="epochs: 1 -> 2"):
+        train(tiny_config(tmp_path, "epochs=2"))
+    # Non-semantic fields do not count.
+    assert train(tiny_config(tmp_path, "epochs=1", "eval_batch_size=7"))["status"] == "finished"
+
+
+def test_diverged_run_is_recorded(tmp_path):
+    cfg = tiny_config(tmp_path, "lr=1e6", "optim.schedule=constant", "out_ln=false", "epochs=3")
+    summary = train(cfg)
+    if summary["status"] != "diverged":
+        pytest.skip("this setting did not diverge on this platform")
+    assert "epoch" in summary["error"]
+
+
+def test_crash_is_recorded_and_nothing_is_lost(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "epochs=3")
+    train(cfg, stop_after=1)
+    import creditaudit.train.trainer as T
+
+    calls = {"n": 0}
+    real = T.train_step
+
+    def boom(run, x, y):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("simulated crash")
+        return real(run, x, y)
+
+    monkeypatch.setattr(T, "train_step", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    summary = _folder(cfg).read_summary()
+    assert summary["status"] == "failed" and "simulated crash" in summary["error"]
+    assert len(_folder(cfg).read_metrics()) == 1  # epoch 1 kept
+    monkeypatch.setattr(T, "train_step", real)
+    assert train(cfg)["status"] == "finished"
+
+
+def test_frozen_variant_keeps_blocks_at_init(tmp_path):
+    cfg = tiny_config(tmp_path, "rule=bp_frozen", "epochs=1")
+    run = build_run(cfg)
+    init = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    train(cfg)
+    final = _weights(cfg)
+    for name, value in init.items():
+        moved = not torch.equal(final[name], value)
+        assert moved == (not name.startswith("blocks.")), name
+
+
+def test_shallow_variant_has_no_blocks(tmp_path):
+    cfg = tiny_config(tmp_path, "rule=bp_shallow", "epochs=1")
+    assert build_run(cfg).model.L == 0
+    assert train(cfg)["status"] == "finished"
+
+
+def test_save_epochs_keeps_those_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, "epochs=2", "save_epochs=1")
+    train(cfg)
+    folder = _folder(cfg)
+    assert folder.epoch_checkpoint(1).exists() and not folder.epoch_checkpoint(2).exists()
+    state, meta = load_checkpoint(folder.epoch_checkpoint(1))
+    assert int(meta["epoch"]) == 1 and "model" in state
