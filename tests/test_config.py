@@ -53,3 +53,33 @@ def test_round_trip_and_every_field_documented():
     for path, f, _ in iter_fields(TrainConfig):
         assert f.metadata.get("help"), f"config field {path} has no help text"
     assert len(help_rows()) == len(list(iter_fields(TrainConfig)))
+
+
+def test_rule_options_by_prefix_or_leaf(monkeypatch):
+    from dataclasses import dataclass, field
+
+    from creditaudit.config import resolve_rule_options
+    from creditaudit.rules import RULES, Rule
+
+    @dataclass
+    class Opts:
+        beta: float = field(default=0.1, metadata={"help": "nudging strength"})
+        steps: int = field(default=20, metadata={"help": "relaxation steps"})
+
+    class Toy(Rule):
+        """a toy rule with options"""
+        Options = Opts
+
+    monkeypatch.setitem(RULES._entries, "toy", type(RULES.entries()[0])("toy", Toy, "toy"))
+    cfg = apply_overrides(TrainConfig(), ["toy.beta=0.5", "steps=3", "rule=toy"])
+    assert cfg.rule_opts == {"beta": "0.5", "steps": "3"}
+    resolved = resolve_rule_options(cfg)
+    assert resolved.rule_opts == {"beta": 0.5, "steps": 3}
+    with pytest.raises(ConfigError, match="its options: beta, steps"):
+        apply_overrides(TrainConfig(), ["rule=toy", "toy.gamma=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(TrainConfig(), ["rule=toy", "steps=2.5"])
+    with pytest.raises(ConfigError, match="this run's rule is 'bp'"):
+        apply_overrides(TrainConfig(), ["toy.beta=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'gamma'"):
+        apply_overrides(TrainConfig(), ["rule=toy", "gamma=1"])

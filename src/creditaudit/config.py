@@ -53,6 +53,7 @@ class TrainConfig:
     save_epochs: tuple[int, ...] = field(default=(), metadata={"help": "epochs after which to keep a checkpoint (e.g. 1,2,3); the last epoch's is always kept"})
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation (no effect on results)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with live loss and accuracy (only on a terminal)"})
+    rule_opts: dict = field(default_factory=dict, metadata={"help": "the rule's own options, set as <rule>.<option>=value or <option>=value (listed by `creditaudit list`)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -162,14 +163,53 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
     """Apply ``key=value`` strings to a copy of ``cfg`` and validate the result."""
     cfg = copy_config(cfg)
     types_ = field_types(type(cfg))
+    deferred: list[tuple[str, str, ConfigError]] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r} (e.g. rule=dfa epochs=3)")
-        key, text = item.split("=", 1)
-        path = resolve_key(key.strip(), type(cfg))
-        set_path(cfg, path, parse_value(text.strip(), types_[path], path))
+        key, text = (s.strip() for s in item.split("=", 1))
+        try:
+            path = resolve_key(key, type(cfg))
+        except ConfigError as exc:
+            deferred.append((key, text, exc))  # perhaps an option of the rule, known once rule= is read
+            continue
+        if path == "rule_opts":
+            raise ConfigError("set rule options one by one, as <rule>.<option>=value")
+        set_path(cfg, path, parse_value(text, types_[path], path))
+    for key, text, exc in deferred:
+        set_rule_option(cfg, key, text, exc)
     validate(cfg)
     return cfg
+
+
+def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError) -> None:
+    """``ep.beta=0.2`` or ``beta=0.2`` (when the run's rule is ep) -> ``cfg.rule_opts["beta"]``."""
+    import dataclasses as dc
+
+    from creditaudit.rules import RULES, parse_rule_name
+
+    base, _ = parse_rule_name(cfg.rule)
+    prefix, _, option = key.rpartition(".")
+    if prefix and prefix != base:
+        if prefix in RULES:
+            raise ConfigError(f"{key}={text}: an option of rule {prefix!r}, but this run's rule is {cfg.rule!r}")
+        raise unknown
+    fields = {f.name for f in dc.fields(RULES.get(base).Options)}
+    if option not in fields:
+        if prefix:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(f"rule {base!r} has no option {option!r} (its options: {known})")
+        raise unknown
+    cfg.rule_opts[option] = text
+
+
+def resolve_rule_options(cfg: TrainConfig) -> TrainConfig:
+    """A copy whose ``rule_opts`` holds every option of the rule, typed, defaults filled in."""
+    from creditaudit.rules import rule_options
+
+    out = copy_config(cfg)
+    out.rule_opts = dataclasses.asdict(rule_options(cfg.rule, cfg.rule_opts))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +227,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(msg)
 
     parse_rule_name(cfg.rule)  # raises with the list of rules
+    from creditaudit.rules import rule_options
+
+    rule_options(cfg.rule, cfg.rule_opts)  # raises on an unknown or badly typed option
     if cfg.arch not in ARCHS:
         raise ConfigError(ARCHS.unknown_message(cfg.arch))
     if cfg.data.dataset not in DATASETS:
@@ -229,7 +272,7 @@ def from_dict(data: dict, cfg_type: type = TrainConfig) -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(value, tp)
-        elif typing.get_origin(tp) is tuple or (value is not None and isinstance(value, list)):
+        elif typing.get_origin(tp) is tuple:
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value

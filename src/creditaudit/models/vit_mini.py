@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, image_shape
 
@@ -31,19 +32,35 @@ class PatchEmbed(nn.Module):
         return torch.cat([cls, p], dim=1) + self.pos
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written with plain ``nn.Linear`` projections, so that rules which
+    replace weight transposes (``fa_layerwise``) see every matrix of the model."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, u: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        B, T, d = u.shape
+        q, k, v = self.qkv(u).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, d/H)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(a.transpose(1, 2).reshape(B, T, d))
+
+
 class TransformerBranch(nn.Module):
     """The residual branch of one pre-LN block: f(h) = a + MLP(LN(h + a)), a = Attn(LN h)."""
 
     def __init__(self, d: int, heads: int, mlp_ratio: int = 2):
         super().__init__()
         self.ln1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.attn = SelfAttention(d, heads)
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
 
     def forward(self, h: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
-        u = self.ln1(h)
-        a, _ = self.attn(u, u, u, need_weights=False)
+        a = self.attn(self.ln1(h))
         return a + self.mlp(self.ln2(h + a))
 
 

@@ -12,6 +12,10 @@ rule's own credit a_0) and ``<rule>_shallow`` uses L=0.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -23,18 +27,44 @@ from creditaudit.registry import Registry, UnknownNameError
 VARIANTS = ("frozen", "shallow")
 
 
+@dataclass
+class NoOptions:
+    """This rule has no options."""
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule may know about the run it serves."""
+
+    device: torch.device  # where the model and the batches live
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int  # optimizer steps over the whole run (for warm-ups and schedules)
+    seed: int
+
+
 class Rule:
-    """Base class of a credit-assignment rule (one instance per run)."""
+    """Base class of a credit-assignment rule (one instance per run).
+
+    ``Options`` is a dataclass of the rule's own settings (each field with ``metadata={"help": ...}``),
+    set from the command line as ``<rule>.<field>=value`` (or ``<field>=value``) and stored, fully
+    resolved, in the run's config under ``rule_opts``.
+    """
 
     #: trained end to end by autograd on CE (BP); otherwise through the local update
     end_to_end: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
 
-    def setup(self, model: CreditNet, device: torch.device) -> None:
+    def __init__(self, options: Any = None):
+        self.opts = options if options is not None else self.Options()
+
+    def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         """Build the rule's state (feedback matrices, estimators) for ``model``.
 
         Called right after the model is built, while it is still on the CPU and torch's global RNG
         is still seeded from the run seed: draw random state here on the CPU (reproducible from the
-        seed alone, whatever the device) and then place it on ``device``, where the model will live.
+        seed alone, whatever the device) and then place it on ``ctx.device``, where the model will
+        live. Estimators get their own optimizer here.
         """
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
@@ -44,6 +74,15 @@ class Rule:
         ``fwd.hs[l].detach()`` as the state values.
         """
         raise NotImplementedError
+
+    def local_forward(self, model: CreditNet) -> contextlib.AbstractContextManager:
+        """Context in which the trainer runs the local-update forward pass and its backward pass.
+
+        Default: nothing changes. A rule whose *parameter* updates inside a block are not plain
+        backprop (textbook FA: random matrices in place of weight transposes) patches the model's
+        layers here; the credits are computed inside it too.
+        """
+        return contextlib.nullcontext()
 
     def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
         """Train the rule's own estimator on this batch, after the model's update; return scalar
@@ -74,6 +113,30 @@ def parse_rule_name(name: str) -> tuple[str, str | None]:
     )
 
 
-def build_rule(name: str) -> tuple[Rule, str | None]:
+def rule_options(name: str, given: dict[str, Any] | None = None) -> Any:
+    """The ``Options`` instance of rule ``name`` with ``given`` applied (strings are parsed by the
+    field's type). An unknown option is one clear error listing the rule's options."""
+    from creditaudit.config import ConfigError, parse_value
+
+    base, _ = parse_rule_name(name)
+    cls = RULES.get(base).Options
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (given or {}).items():
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(f"rule {base!r} has no option {key!r} (its options: {known})")
+        tp = hints[key]
+        if isinstance(value, str) and tp is not str:
+            value = parse_value(value, tp, f"{base}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def build_rule(name: str, options: dict[str, Any] | None = None) -> tuple[Rule, str | None]:
+    """A fresh rule instance for ``name`` (variants included) and its variant."""
     base, variant = parse_rule_name(name)
-    return RULES.get(base)(), variant
+    return RULES.get(base)(rule_options(name, options)), variant

@@ -24,11 +24,11 @@ from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
 from creditaudit.models.base import CreditNet, build_model
-from creditaudit.rules.base import Rule, build_rule
+from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.runs.provenance import provenance
-from creditaudit.train.local import local_objective, parse_local_rule
+from creditaudit.train.local import LocalRule, local_objective, parse_local_rule
 
 # Config fields that do not change what a run computes: a finished run is reused across them.
 NON_SEMANTIC = ("progress", "results", "threads", "device", "eval_batch_size", "data.data_dir")
@@ -90,6 +90,10 @@ class Run:
     total_steps: int = 0
 
     @property
+    def local_rule(self) -> LocalRule:
+        return parse_local_rule(self.cfg.local_rule)
+
+    @property
     def train_blocks(self) -> bool:
         return self.variant != "frozen"
 
@@ -98,7 +102,7 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     """Data, model, rule and optimizer for ``cfg``, fresh (epoch 0)."""
     device = device or resolve_device(cfg.device)
     data = load_dataset(cfg.data, cfg.seed).to(device)
-    built_rule, variant = build_rule(cfg.rule)
+    built_rule, variant = build_rule(cfg.rule, cfg.rule_opts)
     rule = rule or built_rule
     model_cfg = C.copy_config(cfg.model)
     if variant == "shallow":
@@ -106,7 +110,10 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     # The model and then the rule's random state are drawn on the CPU from the run seed alone.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, model_cfg, data.input_shape, data.num_classes)
-    rule.setup(model, device)
+    loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, seed=cfg.seed, shuffle=True, augment=data.augment)
+    ctx = RuleContext(device=device, num_classes=data.num_classes, steps_per_epoch=len(loader),
+                      total_steps=cfg.epochs * len(loader), seed=cfg.seed)
+    rule.setup(model, ctx)
     model.to(device)
     if variant == "frozen":
         for p in model.blocks.parameters():
@@ -118,9 +125,8 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     groups = [g for g in groups if g["params"]]
     o = cfg.optim
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-    loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, seed=cfg.seed, shuffle=True, augment=data.augment)
     run = Run(cfg, device, data, model, rule, variant, optimizer, loader)
-    run.total_steps = cfg.epochs * len(loader)
+    run.total_steps = ctx.total_steps
     return run
 
 
@@ -147,13 +153,14 @@ def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str
         loss.backward()
         opt.step()
     else:
-        fwd = model.run(x, detach_inputs=True)
-        credits = rule.credits(model, x, y, fwd)
-        loss = F.cross_entropy(fwd.logits, y)
-        objective = loss + local_objective(
-            fwd, credits, rule=parse_local_rule(run.cfg.local_rule), lam=run.cfg.lam, train_blocks=run.train_blocks
-        )
-        objective.backward()
+        with rule.local_forward(model):
+            fwd = model.run(x, detach_inputs=True)
+            credits = rule.credits(model, x, y, fwd)
+            loss = F.cross_entropy(fwd.logits, y)
+            objective = loss + local_objective(
+                fwd, credits, rule=run.local_rule, lam=run.cfg.lam, train_blocks=run.train_blocks
+            )
+            objective.backward()
         opt.step()
         rule_metrics = rule.step(model, x, y, fwd)
         logits = fwd.logits
@@ -262,6 +269,7 @@ def train(
     with status ``interrupted`` (used by tests and by time-boxed workers).
     """
     C.validate(cfg)
+    cfg = C.resolve_rule_options(cfg)  # the run folder records every option of the rule
     reporter = reporter or Reporter()
     folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
     folder.path.mkdir(parents=True, exist_ok=True)
