@@ -1,0 +1,78 @@
+"""The command line: help, list, train, data, and one clear error per user mistake."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from creditaudit.cli import main
+from creditaudit.config import iter_fields, TrainConfig
+from creditaudit.data import DATASETS
+from creditaudit.models import ARCHS
+from creditaudit.rules import RULES
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_train_help_lists_every_field_with_its_doc(cli):
+    out = cli("train", "--help").output
+    for path, f, _ in iter_fields(TrainConfig):
+        leaf = path.rsplit(".", 1)[-1]
+        assert leaf in out, path
+        assert f.metadata["help"].split(" (")[0][:40] in out.replace("\n", " "), path
+
+
+def test_list_shows_every_registered_name(cli):
+    out = cli("list").output
+    for name in [*RULES.names(), *ARCHS.names(), *DATASETS.names()]:
+        assert name in out
+    assert "_frozen" in out and "_shallow" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("rule=bq",), "unknown rule 'bq'"),
+    (("arch=resnet50",), "unknown architecture 'resnet50'"),
+    (("dataset=imagenet",), "unknown dataset 'imagenet'"),
+    (("epochs=-3",), "epochs must be >= 1"),
+    (("batch_size=big",), "expected int"),
+    (("nonsense=1",), "unknown config key 'nonsense'"),
+])
+def test_train_user_errors_are_one_line_and_exit_2(cli, args, message):
+    result = cli("train", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_dataset_names_the_fix(cli, tmp_path):
+    result = cli("train", "dataset=cifar10", f"data_dir={tmp_path}", f"results={tmp_path / 'r'}")
+    assert result.exit_code == 2
+    assert "creditaudit data fetch cifar10" in result.output
+
+
+def test_train_writes_a_run_and_skips_it_next_time(cli, tmp_path):
+    args = ("train", "-q", "dataset=digits", "d=16", "L=1", "epochs=1", "threads=1",
+            f"results={tmp_path / 'r'}", f"data_dir={tmp_path / 'd'}")
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    assert "finished" in first.output
+    summary = json.loads((tmp_path / "r" / "adhoc" / "bp__resmlp__s42" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    second = cli(*args)
+    assert second.exit_code == 0 and "finished" in second.output
+
+
+def test_data_check_and_fetch(cli, tmp_path):
+    assert cli("data", "check", "digits").exit_code == 0
+    missing = cli("data", "check", "cifar10", "--data-dir", str(tmp_path))
+    assert missing.exit_code == 1 and "creditaudit data fetch cifar10" in missing.output
+    assert cli("data", "check", "imagenet").exit_code == 2
