@@ -76,3 +76,9 @@ def test_data_check_and_fetch(cli, tmp_path):
     missing = cli("data", "check", "cifar10", "--data-dir", str(tmp_path))
     assert missing.exit_code == 1 and "creditaudit data fetch cifar10" in missing.output
     assert cli("data", "check", "imagenet").exit_code == 2
+
+
+def test_incompatible_arch_and_data_fail_before_any_file_is_written(cli, tmp_path):
+    result = cli("train", "arch=smallcnn", "dataset=mnist1d", f"data_dir={tmp_path / 'd'}", f"results={tmp_path / 'r'}")
+    assert result.exit_code == 2 and "image inputs" in result.output
+    assert not (tmp_path / "r").exists()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from creditaudit.models import ARCHS, ModelConfig, build_model, true_grads
+from creditaudit.errors import ConfigError
 from creditaudit.registry import UnknownNameError
 from tests.conftest import SMALL_ARCHS
 
@@ -76,7 +77,7 @@ def test_vit_terminal_norm_reads_the_cls_token():
 
 @pytest.mark.parametrize("arch_name", ["smallcnn", "vit_mini"])
 def test_image_archs_reject_vectors(arch_name):
-    with pytest.raises(ValueError, match="image inputs"):
+    with pytest.raises(ConfigError, match="image inputs"):
         build_model(arch_name, ModelConfig(), (40,), 10)
 
 

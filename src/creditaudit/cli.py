@@ -17,7 +17,7 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from creditaudit.config import ConfigError
+    from creditaudit.errors import ConfigError
     from creditaudit.data import DatasetMissingError
     from creditaudit.registry import UnknownNameError
     from creditaudit.runs.folder import RunLockedError

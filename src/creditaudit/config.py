@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from creditaudit.data.base import DataConfig
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import ModelConfig
 
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message says which and what is allowed."""
 
 
 @dataclass
@@ -39,7 +37,8 @@ class OptimConfig:
 class TrainConfig:
     """One training run: which rule trains which architecture on which data, and how."""
 
-    rule: str = field(default="bp", metadata={"help": "credit-assignment rule (see `creditaudit list`); suffix _frozen or _shallow for the baselines"})
+    rule: str = field(default="bp", metadata={"help": "credit-assignment rule (see `creditaudit list`); suffix _frozen or _shallow for the baselines; or the path of a .py file registering your own rule"})
+    plugins: tuple[str, ...] = field(default=(), metadata={"help": "Python files to import first, each registering rules of your own (absolute paths are stored)"})
     arch: str = field(default="resmlp", metadata={"help": "architecture (see `creditaudit list`)"})
     seed: int = field(default=42, metadata={"help": "seed of the model init, the rule's random matrices, data order and augmentation"})
     epochs: int = field(default=100, metadata={"help": "training epochs (the study: 100 for the audit, 30 for penalty studies)"})
@@ -176,10 +175,30 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
         if path == "rule_opts":
             raise ConfigError("set rule options one by one, as <rule>.<option>=value")
         set_path(cfg, path, parse_value(text, types_[path], path))
+    load_plugins(cfg)
     for key, text, exc in deferred:
         set_rule_option(cfg, key, text, exc)
     validate(cfg)
     return cfg
+
+
+def load_plugins(cfg: TrainConfig) -> None:
+    """Import the config's rule files; ``rule=path.py`` becomes that file's rule name."""
+    from pathlib import Path
+
+    from creditaudit.rules import load_rule_file
+
+    cfg.plugins = tuple(str(Path(p).expanduser().resolve()) for p in cfg.plugins)
+    for path in cfg.plugins:
+        load_rule_file(path)
+    if cfg.rule.endswith(".py"):
+        path = str(Path(cfg.rule).expanduser().resolve())
+        names = load_rule_file(path)
+        if len(names) != 1:
+            raise ConfigError(f"{cfg.rule} registers several rules ({', '.join(names)}): say rule=NAME plugins={cfg.rule}")
+        cfg.rule = names[0]
+        if path not in cfg.plugins:
+            cfg.plugins = (*cfg.plugins, path)
 
 
 def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError) -> None:
@@ -226,6 +245,7 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    load_plugins(cfg)
     parse_rule_name(cfg.rule)  # raises with the list of rules
     from creditaudit.rules import rule_options
 
@@ -252,8 +272,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("setting",):
         value = getattr(cfg, name)
         need(bool(value) and "/" not in value and "__" not in value, f"{name} must be a non-empty name without '/' or '__' (got {value!r})")
-    need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "train_subset and test_subset must be >= 0")
-    need(cfg.data.augment in ("auto", "none", "crop_flip"), f"augment must be auto, none or crop_flip (got {cfg.data.augment!r})")
+    cfg.data.validate()
 
 
 def to_dict(cfg: Any) -> dict:

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from creditaudit.registry import Registry
+from creditaudit.errors import ConfigError
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -88,17 +89,17 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field; called by ``load_dataset``."""
         if self.augment not in ("auto", *AUGMENTATIONS):
-            raise ValueError(f"data.augment={self.augment!r}: expected one of auto, {', '.join(AUGMENTATIONS)}")
+            raise ConfigError(f"data.augment={self.augment!r}: expected one of auto, {', '.join(AUGMENTATIONS)}")
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) < 0:
-                raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = use the whole split)")
+                raise ConfigError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = use the whole split)")
         if not 0.0 <= self.student_alpha <= 1.0:
-            raise ValueError(f"data.student_alpha={self.student_alpha}: must lie in [0, 1]")
+            raise ConfigError(f"data.student_alpha={self.student_alpha}: must lie in [0, 1]")
         for name in ("student_dim", "student_width", "student_train", "student_test"):
             if getattr(self, name) < 1:
-                raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"data.{name}={getattr(self, name)}: must be >= 1")
         if self.student_classes < 2:
-            raise ValueError(f"data.student_classes={self.student_classes}: must be >= 2")
+            raise ConfigError(f"data.student_classes={self.student_classes}: must be >= 2")
 
 
 # --------------------------------------------------------------------------------------------

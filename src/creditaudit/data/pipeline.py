@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from creditaudit.data.base import DATA_SEED, DATASETS, DataConfig, TensorDataset, derive_seed, resolve_data_dir
+from creditaudit.errors import ConfigError
 
 
 def stratified_subset(y: torch.Tensor, n: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -71,7 +72,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> TensorDataset:
     x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
     for split, size, y in (("train", cfg.train_subset, y_tr), ("test", cfg.test_subset, y_te)):
         if size > y.numel():
-            raise ValueError(f"data.{split}_subset={size} exceeds the {y.numel()} {split} examples of {ds.name}")
+            raise ConfigError(f"data.{split}_subset={size} exceeds the {y.numel()} {split} examples of {ds.name}")
     if 0 < cfg.train_subset < y_tr.numel():
         keep = stratified_subset(y_tr, cfg.train_subset, ds.num_classes, derive_seed(DATA_SEED, ds.name, "train"))
         x_tr, y_tr = x_tr[keep], y_tr[keep]
@@ -89,7 +90,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> TensorDataset:
 
     augment = ds.augment if cfg.augment == "auto" else cfg.augment
     if augment == "crop_flip" and len(ds.input_shape) != 3:
-        raise ValueError(f"data.augment=crop_flip needs image inputs; {ds.name} has input shape {ds.input_shape}")
+        raise ConfigError(f"data.augment=crop_flip needs image inputs; {ds.name} has input shape {ds.input_shape}")
 
     return dataclasses.replace(
         ds, x_train=x_tr.contiguous(), y_train=y_tr, x_test=x_te.contiguous(), y_test=y_te, augment=augment

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from creditaudit.registry import Registry
+from creditaudit.errors import ConfigError
 
 
 @dataclass
@@ -127,7 +128,7 @@ def flat_dim(input_shape: tuple[int, ...]) -> int:
 
 def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
-        raise ValueError(
+        raise ConfigError(
             f"architecture {arch!r} needs image inputs (C, H, W) but the dataset gives shape "
             f"{tuple(input_shape)}; use an MLP architecture (resmlp, mlp) for vector data"
         )
@@ -136,7 +137,7 @@ def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]
 
 def check_depth(arch: str, L: int) -> int:
     if L < 0:
-        raise ValueError(f"{arch}: L must be >= 0 (got {L})")
+        raise ConfigError(f"{arch}: L must be >= 0 (got {L})")
     return L
 
 

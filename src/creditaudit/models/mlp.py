@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim
+from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -19,7 +20,7 @@ def activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
+        raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
 
 
 @ARCHS.register("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation), no residual, no norm")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, image_shape
+from creditaudit.errors import ConfigError
 
 
 def conv_stage(c_in: int, c_out: int) -> nn.Sequential:
@@ -30,11 +31,11 @@ def conv_stage(c_in: int, c_out: int) -> nn.Sequential:
 def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("smallcnn", input_shape)
     if cfg.L not in (None, 0, 3):
-        raise ValueError(f"smallcnn has exactly 3 blocks (or L=0 for the shallow variant); got L={cfg.L}")
+        raise ConfigError(f"smallcnn has exactly 3 blocks (or L=0 for the shallow variant); got L={cfg.L}")
     if len(cfg.channels) != 3:
-        raise ValueError(f"smallcnn needs 3 channel counts, got channels={cfg.channels}")
+        raise ConfigError(f"smallcnn needs 3 channel counts, got channels={cfg.channels}")
     if min(h, w) < 8:
-        raise ValueError(f"smallcnn pools three times and needs images of at least 8x8, got {h}x{w}")
+        raise ConfigError(f"smallcnn pools three times and needs images of at least 8x8, got {h}x{w}")
     c1, c2, c3 = cfg.channels
     d = cfg.d or 256
     embed = conv_stage(c, c1)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, image_shape
+from creditaudit.errors import ConfigError
 
 
 class PatchEmbed(nn.Module):
@@ -81,9 +82,9 @@ def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNe
     d = cfg.d or 128
     L = check_depth("vit_mini", 4 if cfg.L is None else cfg.L)
     if h % cfg.patch or w % cfg.patch:
-        raise ValueError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
+        raise ConfigError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
     if d % cfg.heads:
-        raise ValueError(f"vit_mini: heads={cfg.heads} must divide d={d}")
+        raise ConfigError(f"vit_mini: heads={cfg.heads} must divide d={d}")
     embed = PatchEmbed(c, (h, w), cfg.patch, d)
     blocks = [Block(TransformerBranch(d, cfg.heads)) for _ in range(L)]
     return CreditNet(embed, blocks, ClsNorm(d, cfg.out_ln), nn.Linear(d, num_classes))

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import Forward
 
 
@@ -54,8 +55,6 @@ def parse_local_rule(text: str) -> LocalRule:
             eta = -1.0
         if eta > 0:
             return LocalRule("shift", eta)
-    from creditaudit.config import ConfigError
-
     raise ConfigError(f"local_rule {text!r} is not one of: inner, cosine, shift(eta) with eta > 0 (e.g. shift(0.1))")
 
 

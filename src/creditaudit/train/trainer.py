@@ -240,6 +240,20 @@ def restore(run: Run, state: dict[str, Any], meta: dict[str, Any]) -> None:
     run.epoch, run.step, run.wall_s = int(meta["epoch"]), int(meta["step"]), float(meta["wall_s"])
 
 
+def _same_config(folder: RunFolder, cfg: TrainConfig) -> bool:
+    """True when the folder holds no config or the same one; raise when it holds another run."""
+    existing = folder.read_config()
+    if existing is None:
+        return True
+    diff = config_diff(semantic_config(C.from_dict(existing)), semantic_config(cfg))
+    if diff:
+        raise RunConfigMismatch(
+            f"{folder.path} already holds a run with a different config ({'; '.join(diff)}). "
+            "Use another setting=NAME or results=DIR, or delete that folder to train it again."
+        )
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # A whole run in its folder
 # ---------------------------------------------------------------------------------------------
@@ -272,23 +286,20 @@ def train(
     cfg = C.resolve_rule_options(cfg)  # the run folder records every option of the rule
     reporter = reporter or Reporter()
     folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
+    if folder.summary_path.exists() and folder.status() == "finished" and _same_config(folder, cfg):
+        reporter.on_start(None, "skipped")  # type: ignore[arg-type]
+        return folder.read_summary()
+    # Data, model and rule first: a config that cannot run fails here, before any file is written.
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = build_run(cfg, rule=rule)
     folder.path.mkdir(parents=True, exist_ok=True)
     with folder.lock():
-        existing = folder.read_config()
-        if existing is not None:
-            diff = config_diff(semantic_config(C.from_dict(existing)), semantic_config(cfg))
-            if diff:
-                raise RunConfigMismatch(
-                    f"{folder.path} already holds a run with a different config ({'; '.join(diff)}). "
-                    "Use another setting=NAME or results=DIR, or delete that folder to train it again."
-                )
+        _same_config(folder, cfg)  # raises when the folder holds another run
         summary = folder.read_summary()
-        if summary is not None and summary.get("status") == "finished":
+        if summary is not None and summary.get("status") == "finished":  # finished meanwhile
             reporter.on_start(None, "skipped")  # type: ignore[arg-type]
             return summary
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        run = build_run(cfg, rule=rule)
         resumed_from = None
         if folder.last_checkpoint.exists():
             state, meta = load_checkpoint(folder.last_checkpoint, device=run.device)

@@ -1,0 +1,148 @@
+"""``cb`` — Credit Bridge: a learned scalar value of every state, and credit as its input gradient
+(a synthetic-gradient-style probe).
+
+Value:    V_φ(h_l, τ(l), s) = w · z_l + b,  z_l the trunk features of (LN(h_l), τ(l), s)
+          (``_estimator.Estimator``); s = e_T = softmax(o) − onehot(y) by default.
+Credit:   a_l = ∇_{h_l} V_φ(h_l, τ(l), s)   per sample, l = 0..L (through the input LN, so it
+          scales like 1/‖h_l‖).
+Training: after each model step, on the detached states of the batch, one AdamW step (own
+          optimizer, ``est_lr``) on
+
+            bridge consistency, l = 0..L−1:
+              T_l,i = softmin_τ { V̄(h_{l+1},i + σ·rms(h_{l+1},i)·ξ_k, τ(l+1), s_i) : k = 1..K },
+              softmin_τ(v) = −τ·log((1/K)·Σ_k exp(−v_k/τ))   (between the mean and the min),
+              loss_cons = mean_{l<L} mean_i (V(h_l,i) − sg T_l,i)²
+            with ξ_k ~ N(0, I) from the rule's own generator and V̄ an EMA copy of V
+            (V̄ ← ema·V̄ + (1 − ema)·V after every step). σ is relative: the noise of each copy has
+            ‖σ·rms(h)·ξ‖ ≈ σ·‖h‖, whatever the scale of the stream;
+            terminal matching at l = L, with the current head and norm (g_L by autograd through
+            ``model.readout``, CE_i the true per-sample loss):
+              loss_val  = mean_i (V(h_L,i) − CE_i)²
+              loss_grad = mean_i [ 1 − cos(∇V_i, g_L,i) + (log‖∇V_i‖ − log‖g_L,i‖)² ]
+            — a direction term and a log-scale term, both per sample and scale-free, so they stay
+            well-conditioned when ‖g_L‖ is 1e-6 or smaller (degenerate runs), where a squared
+            error normalised by ‖g_L‖² would explode (samples with g_L = 0 are left out);
+            loss = loss_cons + terminal_w · (loss_val + loss_grad).
+Warm-up:  ``dfa_warmup=true``: for the first ``warmup_frac`` of ctx.total_steps the credits are
+          DFA's, a_l = B_lᵀ e_T with fixed B_l (C × D_l, i.i.d. N(0, 1/D_l), so ‖a_l‖ ≈ ‖e_T‖)
+          drawn from the rule's seed; the value net trains from step 0 all the same.
+Defaults: est_lr 1e-3, width 128, depth 1, code=error, K 8, sigma 0.1 (relative), temp 0.1,
+          ema 0.995, terminal_w 1.0, dfa_warmup false, warmup_frac 0.2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from creditaudit.models.base import CreditNet, Forward
+from creditaudit.rules import _estimator as E
+from creditaudit.rules.base import RULES
+
+
+@dataclass
+class CBOptions(E.EstimatorOptions):
+    K: int = field(default=8, metadata={"help": "noisy copies of h_{l+1} in the soft-min consistency target"})
+    sigma: float = field(default=0.1, metadata={"help": "noise of each copy, relative: sigma × per-sample RMS of h_{l+1} per feature"})
+    temp: float = field(default=0.1, metadata={"help": "soft-min temperature (in loss units) over the K noisy target values"})
+    ema: float = field(default=0.995, metadata={"help": "EMA decay of the target value net V̄"})
+    terminal_w: float = field(default=1.0, metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"})
+    dfa_warmup: bool = field(default=False, metadata={"help": "use DFA credits a_l = B_lᵀ e_T (fixed random B_l) during the first warmup_frac of training"})
+    warmup_frac: float = field(default=0.2, metadata={"help": "fraction of all training steps covered by the DFA warm-up"})
+
+
+@RULES.register("cb", "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching")
+class CreditBridge(E.EstimatorRule):
+    Options = CBOptions
+    name = "cb"
+
+    def setup(self, model: CreditNet, ctx) -> None:
+        super().setup(model, ctx)
+        for opt in ("K", "sigma", "temp", "ema"):
+            E.check_positive(self.name, opt, getattr(self.opts, opt))
+
+    def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
+        dims = [int(torch.Size(s).numel()) for s in shapes]
+        return nn.ModuleDict({
+            "trunk": E.Estimator(dims, self.ctx.num_classes, self.opts.width, self.opts.depth),
+            "out": nn.Linear(self.opts.width, 1),
+        })
+
+    def after_build(self) -> None:
+        self.target = E.ema_copy(self.net)
+        self.B: list[Tensor] = []
+        if self.opts.dfa_warmup:
+            dims = [int(torch.Size(s).numel()) for s in self.shapes]
+            self.B = [(torch.randn(self.ctx.num_classes, D) / math.sqrt(D)).to(self.ctx.device) for D in dims]
+
+    def extra_state(self) -> dict:
+        return {"target": self.target.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])
+
+    @staticmethod
+    def value(net: nn.Module, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
+        """V for each state hs[i] (N_i, ...) of block index layers[i]: (N_i,) each."""
+        return [net["out"](z).squeeze(1) for z in net["trunk"].features(hs, layers, s)]
+
+    def in_warmup(self) -> bool:
+        return self.opts.dfa_warmup and self.steps < self.opts.warmup_frac * self.ctx.total_steps
+
+    # ---- Rule interface -----------------------------------------------------------------------
+    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
+        self.ready(fwd.hs)
+        if self.in_warmup():
+            e = E.terminal_code("error", fwd.logits, y)  # (B, C)
+            return [(e @ B).view_as(h).to(h.dtype) for B, h in zip(self.B, fwd.hs)]
+        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        with torch.enable_grad():
+            hs = [h.detach().requires_grad_(True) for h in fwd.hs]
+            vs = self.value(self.net, hs, list(range(len(hs))), s)
+            grads = torch.autograd.grad(torch.stack([v.sum() for v in vs]).sum(), hs)  # states only
+        return [g.detach() for g in grads]
+
+    def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
+        self.ready(fwd.hs)
+        o = self.opts
+        hs = [h.detach().float() for h in fwd.hs]
+        L, B = len(hs) - 1, y.shape[0]
+        s = E.terminal_code(o.code, fwd.logits, y)
+
+        # Consistency targets: soft-min of V̄ over K noisy copies of h_{l+1}, l = 0..L−1.
+        targets: list[Tensor] = []
+        if L > 0:
+            with torch.no_grad():
+                noisy = []
+                for h in hs[1:]:
+                    xi = torch.randn((o.K, *h.shape), generator=self.gen, device=h.device)  # (K, B, ...)
+                    scale = o.sigma * E.expand_like(E.rms(h), h)
+                    noisy.append((h + scale * xi).flatten(0, 1))  # (K·B, ...)
+                vbar = self.value(self.target, noisy, list(range(1, L + 1)), s)
+                for v in vbar:
+                    v = v.view(o.K, B)
+                    targets.append(-o.temp * (torch.logsumexp(-v / o.temp, dim=0) - math.log(o.K)))
+
+        # Terminal truth from the current readout.
+        ce, g = E.terminal_loss_and_grad(model, fwd.hs[L], y)
+        g = g.float()
+
+        h_L = hs[L].requires_grad_(True)
+        vs = self.value(self.net, hs[:L] + [h_L], list(range(L + 1)), s)
+        zero = vs[0].new_zeros(())
+        cons = torch.stack([(v - t).pow(2).mean() for v, t in zip(vs[:L], targets)]).mean() if L else zero
+        (grad_v,) = torch.autograd.grad(vs[L].sum(), h_L, create_graph=True)  # (B, ...) per-sample ∇V
+        val = (vs[L] - ce.float()).pow(2).mean()
+        tiny = torch.finfo(torch.float32).tiny
+        g_norm, a_norm = g.flatten(1).norm(dim=1), grad_v.flatten(1).norm(dim=1)
+        cos = E.per_sample_cosine(grad_v, g)
+        log_ratio = torch.log(a_norm.clamp_min(tiny)) - torch.log(g_norm.clamp_min(tiny))
+        valid = (g_norm > 0).float()
+        grad_term = ((1.0 - cos + log_ratio.pow(2)) * valid).sum() / valid.sum().clamp_min(1.0)
+        loss = cons + o.terminal_w * (val + grad_term)
+        self.train_on(loss)
+        E.ema_update(self.target, self.net, o.ema)
+        return {"loss": loss.detach(), "consistency": cons.detach(), "terminal_value": val.detach(),
+                "terminal_grad": grad_term.detach(), "terminal_cos": cos.detach().mean()}

@@ -1,0 +1,89 @@
+"""``dfa`` — Direct Feedback Alignment (Nøkland 2016): the output error, projected straight to every
+state by a fixed random matrix.
+
+Credit:  a_l = B_l e_T,  e_T = softmax(o) − onehot(y) (per sample, (B, C)),  l = 0..L.
+         B_l is a fixed random matrix C -> numel(h_l) per sample, (n_l, C); B_l e_T is reshaped to
+         the shape of h_l (a vector, a (T, d) token grid, a (c, h, w) feature map). a_0 trains the
+         embedding; a_1..a_L the blocks, through the shared local update (DESIGN §1).
+Update:  the shared local update; DFA trains no estimator of its own.
+Matrices: entries i.i.d. with variance scale²/C — default ``init=normal, scale=1``: N(0, 1/C), so
+         ‖B_l e‖² ≈ (n_l/C)·‖e‖²; ``init=uniform`` draws U(±scale·√(3/C)) (same variance, the
+         uniform family of Nøkland 2016). They are drawn in the order B_0..B_L on the CPU from a
+         generator seeded in ``setup`` from the run's seeded global RNG, when the first batch shows
+         the state shapes (``rules/_feedback.py``): a function of (run seed, model shapes) alone,
+         identical on every device, and checkpointed with the run.
+Defaults: init=normal, scale=1.0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from creditaudit.models.base import CreditNet, Forward
+from creditaudit.rules._feedback import INITS, LazyFeedback, check_choice, check_positive, output_error, random_matrix
+from creditaudit.rules.base import RULES, Rule, RuleContext
+
+
+@dataclass
+class DFAOptions:
+    """Distribution of DFA's fixed feedback matrices B_l (C -> shape of h_l)."""
+
+    init: str = field(default="normal", metadata={"help": "distribution of the entries of B_l: normal | uniform (same variance scale²/C)"})
+    scale: float = field(default=1.0, metadata={"help": "entries of B_l have variance scale²/C (default: N(0, 1/C))"})
+
+    def __post_init__(self) -> None:
+        check_choice("dfa", "init", self.init, INITS)
+        check_positive("dfa", "scale", self.scale)
+
+
+@RULES.register("dfa", "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L")
+class DFA(Rule):
+    Options = DFAOptions
+
+    def __init__(self, options: DFAOptions | None = None):
+        super().__init__(options)
+        self.device = torch.device("cpu")
+        self.lazy = LazyFeedback()
+        self.B: list[Tensor] | None = None  # B_0..B_L, each (n_l, C), float32, on self.device
+
+    def setup(self, model: CreditNet, ctx: RuleContext) -> None:
+        self.device = ctx.device
+        self.lazy.draw_seed()
+        self.B = None
+
+    def materialize(self, state_shapes: list[tuple[int, ...]], num_classes: int) -> list[Tensor]:
+        """Draw B_0..B_L for states of per-sample shapes ``state_shapes`` (done on the first batch)."""
+        g = self.lazy.generator("dfa")
+        C = num_classes
+        self.B = [
+            random_matrix((math.prod(s), C), C, self.opts.init, self.opts.scale, g).to(self.device)
+            for s in state_shapes
+        ]
+        return self.B
+
+    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
+        e = output_error(fwd.logits, y)  # (B, C)
+        if self.B is None:
+            self.materialize([tuple(h.shape[1:]) for h in fwd.hs], e.shape[1])
+        assert self.B is not None
+        if len(self.B) != len(fwd.hs):
+            raise ValueError(f"dfa holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states")
+        out = []
+        for l, (B, h) in enumerate(zip(self.B, fwd.hs)):
+            if B.shape != (h[0].numel(), e.shape[1]):
+                raise ValueError(f"dfa: B_{l} has shape {tuple(B.shape)} but h_{l} needs ({h[0].numel()}, {e.shape[1]})")
+            out.append((e.to(h.dtype) @ B.to(h.dtype).T).view_as(h))  # (B, n_l) -> shape of h_l
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.lazy.seed, "B": list(self.B) if self.B is not None else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lazy.seed = state["seed"]
+        B = state.get("B") or []
+        self.B = [b.to(self.device, torch.float32) for b in B] if B else None
+

@@ -1,0 +1,195 @@
+"""``ep`` — equilibrium propagation on the prediction-error energy of the network (DESIGN §3).
+
+States s_0..s_L have the shapes of h_0..h_L; s_0 = h_0 is clamped. With F_l(s) = s + f_l(s)
+(F_l = f_l for a non-residual block) and the prediction errors ε_l = s_l − F_l(s_{l−1}),
+
+    E(s)    = ½ Σ_{l=1..L} ‖ε_l‖²                     summed over the batch (samples do not interact,
+    C_β(s)  = E(s) + β · Σ_i CE(H(N(s_L)), y)_i        except through BatchNorm's batch statistics)
+
+Free phase: the forward pass, s^0 = h (every ε_l = 0, E = 0). Nudged phase: T steps of gradient
+descent of size α on C_β over s_1..s_L from the free state, s ← s − α ∇_s C_β(s), giving s^β.
+The relaxation runs on the displacements δ_l = s_l − h_l (so a credit of size 1e-5 is not lost in
+the float32 rounding of an O(1) state), with autograd on detached states only: parameter ``.grad``
+is never touched, and buffers a forward pass may change (BatchNorm running statistics) are restored.
+
+Credit (``credit=displacement``, the default; DESIGN's binding definition), l = 1..L:
+
+    a_l = −(s_l^β − s_l^0) / β
+
+Credit (``credit=error``), l = 1..L:   a_l = −ε_l(s^β) / β.
+At a fixed point of the nudged dynamics ∂C_β/∂s_l = 0, i.e. ε_L = −β ∇_{s_L}CE and
+ε_l = J_{l+1}ᵀ ε_{l+1} (J_l = ∂F_l/∂s_{l−1}): the prediction errors carry backprop's recursion, so
+−ε_l/β → g_l exactly as β → 0, T → ∞. (It is also EP's own parameter update: (1/β) ∂E/∂θ_l at s^β
+is the local update of DESIGN §1 fed with this credit.) The displacement instead integrates the
+errors, s_l^β − s_l^0 ≈ Σ_{k≤l} J_{l←k} ε_k, so in the same limit
+
+    a_l → Σ_{k=1..l} J_{l←k} J_{l←k}ᵀ g_l          (J_{l←k} = J_l ⋯ J_{k+1}, J_{l←l} = I)
+
+which points along g_l when the blocks are near-identity maps (a residual net at init: cos ≥ 0.99,
+measured) but has norm ≈ l·‖g_l‖ there (DESIGN: "≈ L·‖g‖"). We do not renormalise: the definition is
+binding, and the study's optimizer (AdamW, one state per block) is invariant to a per-block scale.
+
+Credit of the clamped embedding state, a_0 (both credit modes). EP gives the gradient of the loss
+with respect to anything clamped (a parameter, here s_0) as the β-derivative of the total energy's
+partial derivative: (1/β)[∂C_β/∂s_0(s^β) − ∂C_0/∂s_0(s^0)], and the free term is 0 (ε = 0). So
+
+    a_0 = (1/β) ∂C_β/∂s_0 (s^β) = −J_1ᵀ ε_1(s^β) / β       (L ≥ 1; for L = 0 it is ∇_{s_0}CE = g_0)
+
+which → J_1ᵀ g_1 = g_0 as β → 0, T → ∞ (tests pin this).
+
+``symmetric``: nudge with +β and −β and take central differences, a = −(x^{+β} − x^{−β})/(2β) with x
+the state (displacement), the prediction error (error), or, for a_0, ∂C_{±β}/∂s_0 — the O(β) bias of
+the one-sided estimate cancels; it costs two relaxations.
+
+Update: the shared local update (DESIGN §1) with these credits; no estimator of its own.
+Defaults: β = 0.1, T = 20, α = 0.2, credit = displacement, one-sided nudging.
+
+Step size. Near the free state ∇²E = DᵀD with (Dδ)_l = δ_l − J_l δ_{l−1}; gradient descent is stable
+for α < 2/λ_max(DᵀD). Measured at init: λ_max ≈ 3.9 on resmlp (d=256, L=4; λ_max → 4 for
+near-identity blocks), 2.8 on mlp, 7.8 on smallcnn, 10.1 on vit_mini — so α = 0.2 is stable on every
+architecture, while on resmlp the slowest mode (λ_min ≈ 0.12 at L=4) is only partly relaxed in T=20
+steps. That shrinks the credit's magnitude (below the equilibrium's l·‖g‖) but barely its direction:
+at init the cosine to g_l is ≥ 0.99 at every layer (tests pin it). Raise T for a converged
+equilibrium (the β → 0 tests use T = 400). The metric ``rule/relax_ratio`` = ‖∇C_β‖ at the last
+step / at the first step tells whether the relaxation converges (< 1) or diverges (≫ 1: lower α).
+
+Cost: T relaxation steps, each a forward and a state-only backward pass through blocks 2..L and the
+readout (block 1's prediction F_1(s_0) never changes and is computed once), batched over the batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from creditaudit.config import ConfigError
+from creditaudit.models.base import CreditNet, Forward
+from creditaudit.rules.base import RULES, Rule
+
+CREDITS = ("displacement", "error")
+
+
+@dataclass
+class EPOptions:
+    """Nudging strength, relaxation schedule, and what the credit is read from."""
+
+    beta: float = field(default=0.1, metadata={"help": "nudging strength β > 0 on the summed cross-entropy"})
+    T: int = field(default=20, metadata={"help": "gradient-descent steps of the nudged relaxation (T >= 1)"})
+    alpha: float = field(default=0.2, metadata={"help": "relaxation step size α > 0; stable for α < 2/λ_max(∇²E) (≈ 0.2 on vit_mini, 0.5 on resmlp at init)"})
+    symmetric: bool = field(default=False, metadata={"help": "nudge with ±β and take central differences (removes the O(β) bias; two relaxations)"})
+    credit: str = field(default="displacement", metadata={"help": "displacement: a_l = −(s_l^β − s_l^0)/β | error: a_l = −ε_l(s^β)/β (→ g_l exactly as β → 0)"})
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"ep.beta must be a finite number > 0 (got {self.beta!r})")
+        if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
+            raise ConfigError(f"ep.T must be an integer >= 1 (got {self.T!r})")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"ep.alpha must be a finite number > 0 (got {self.alpha!r})")
+        if self.credit not in CREDITS:
+            raise ConfigError(f"ep.credit must be one of {', '.join(CREDITS)} (got {self.credit!r})")
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: CreditNet) -> Iterator[None]:
+    """Undo whatever the relaxation's forward passes write into buffers (BatchNorm running stats)."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+@dataclass
+class _Nudged:
+    """What one nudged relaxation leaves behind (x^{±β} in the module docstring)."""
+
+    deltas: list[Tensor]  # δ_l = s_l^β − h_l, l = 1..L
+    errors: list[Tensor] | None  # ε_l(s^β), l = 1..L (credit=error only)
+    d_s0: Tensor  # ∂C_β/∂s_0 at s^β
+    relax_ratio: Tensor  # ‖∇C_β‖ at the last step / at the first step (scalar)
+
+
+def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, alpha: float, want_errors: bool) -> _Nudged:
+    """T steps of s ← s − α ∇_s C_β(s) from the free state s = h, on the displacements δ."""
+    L = model.L
+    blocks = model.blocks
+    h0 = hs[0]
+
+    def nudge(s_L: Tensor) -> Tensor:
+        return beta * F.cross_entropy(model.readout(s_L), y, reduction="sum")
+
+    if L == 0:  # nothing to relax: C_β = β·CE(H(N(s_0))), so ∂C_β/∂s_0 = β·g_0
+        s0 = h0.detach().requires_grad_(True)
+        (d_s0,) = torch.autograd.grad(nudge(s0), s0)
+        return _Nudged([], [] if want_errors else None, d_s0, torch.ones((), device=h0.device))
+
+    pred1 = blocks[0](h0)[0].detach()  # F_1(s_0): s_0 is clamped, so it never changes
+    # Block l's prediction offset F_l(s_{l−1}) − h_l; at the free state it is 0 (0 for l = 1 up to
+    # the rounding of recomputing h_1, which we keep so that ε_1 = δ_1 − (F_1(h_0) − h_1) exactly).
+    off1 = pred1 - hs[1]
+    deltas = [torch.zeros_like(h) for h in hs[1:]]
+    first = last = None
+    for t in range(T):
+        ds = [d.requires_grad_(True) for d in deltas]
+        # ε_l = s_l − F_l(s_{l−1}) = δ_l − (F_l(h_{l−1} + δ_{l−1}) − h_l)      (B, ...) each
+        errs = [ds[0] - off1]
+        for l in range(2, L + 1):
+            errs.append(ds[l - 1] - (blocks[l - 1](hs[l - 1] + ds[l - 2])[0] - hs[l]))
+        cost = 0.5 * sum(e.pow(2).sum() for e in errs) + nudge(hs[L] + ds[L - 1])
+        grads = torch.autograd.grad(cost, ds)
+        with torch.no_grad():
+            sq = sum(g.pow(2).sum() for g in grads)
+            if t == 0:
+                first = sq
+            last = sq
+            deltas = [d.detach() - alpha * g for d, g in zip(ds, grads)]
+
+    # At s^β: ∂C_β/∂s_0 = −J_1ᵀ ε_1 (the CE term does not see s_0 when L >= 1), and the errors.
+    s0 = h0.detach().requires_grad_(True)
+    pred1_g = blocks[0](s0)[0]
+    err1 = deltas[0] - (pred1 - hs[1])
+    (d_s0,) = torch.autograd.grad(pred1_g, s0, grad_outputs=-err1)
+    errors = None
+    if want_errors:
+        with torch.no_grad():
+            errors = [err1] + [deltas[l - 1] - (blocks[l - 1](hs[l - 1] + deltas[l - 2])[0] - hs[l]) for l in range(2, L + 1)]
+    ratio = (last / first.clamp_min(torch.finfo(first.dtype).tiny)).sqrt()
+    return _Nudged(deltas, errors, d_s0, ratio)
+
+
+@RULES.register("ep", "equilibrium propagation: a_l = −(s_l^β − s_l^free)/β on the prediction-error energy")
+class EP(Rule):
+    Options = EPOptions
+
+    def __init__(self, options: EPOptions | None = None):
+        super().__init__(options)
+        self._metrics: dict[str, Tensor] = {}
+
+    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
+        o = self.opts
+        hs = [h.detach() for h in fwd.hs]
+        want_errors = o.credit == "error"
+        with torch.enable_grad(), _buffers_restored(model):
+            plus = _relax(model, hs, y, o.beta, o.T, o.alpha, want_errors)
+            minus = _relax(model, hs, y, -o.beta, o.T, o.alpha, want_errors) if o.symmetric else None
+        # One-sided: the reference is the free state (δ = 0, ε = 0, ∂C_0/∂s_0 = 0).
+        scale = 2 * o.beta if o.symmetric else o.beta
+        x_plus = plus.errors if want_errors else plus.deltas
+        x_minus = (minus.errors if want_errors else minus.deltas) if minus else [torch.zeros_like(v) for v in x_plus]
+        a0 = (plus.d_s0 - (minus.d_s0 if minus else 0.0)) / scale
+        credits = [a0] + [-(p - m) / scale for p, m in zip(x_plus, x_minus)]
+        ratio = plus.relax_ratio if minus is None else torch.maximum(plus.relax_ratio, minus.relax_ratio)
+        self._metrics = {"relax_ratio": ratio.detach()}
+        return [a.detach() for a in credits]
+
+    def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
+        metrics, self._metrics = self._metrics, {}
+        return metrics

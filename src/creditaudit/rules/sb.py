@@ -1,0 +1,79 @@
+"""``sb`` — State Bridge: a learned map from any state h_l to the last state h_L, and credit as the
+gradient of the true readout's loss through it (a target-prop-style probe).
+
+Bridge:   ĥ_L = G_ψ(h_l, τ(l), s) = rms(h_l) · W_out z_l,   z_l the trunk features of
+          (LN(h_l), τ(l), s) (``_estimator.Estimator``), reshaped to the shape of h_L. The factor
+          rms(h_l) (per-sample RMS of the state, which the LN took out of the input) lets the
+          bridge follow the scale of the residual stream instead of relearning it every step.
+Credit:   a_l = ∇_{h_l} CE(H(N(G_ψ(h_l, τ(l), s))), y)   per sample (gradient of the summed CE),
+          through the CURRENT model's terminal norm N and head H, for l = 0..L. At l = L the bridge
+          is used too (G ≈ identity there); ``exact_terminal=true`` gives a_L = g_L instead.
+Training: after each model step, on the detached states of the batch, one AdamW step of the
+          bridge (its own optimizer, ``est_lr``) on the normalised regression onto sg(h_L),
+              loss = mean_{l=0..L} mean_i ‖G_ψ(h_l,i) − h_L,i‖² / (‖h_L,i‖² + 1e-12)
+          (normalised per sample, so a growing ‖h_L‖ does not blow the loss up).
+Defaults: est_lr 1e-3, width 128, depth 1, code=error (s = e_T = softmax(o) − onehot(y)),
+          exact_terminal false.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from creditaudit.models.base import CreditNet, Forward
+from creditaudit.rules import _estimator as E
+from creditaudit.rules.base import RULES
+
+
+@dataclass
+class SBOptions(E.EstimatorOptions):
+    exact_terminal: bool = field(default=False, metadata={"help": "a_L = g_L exactly (through the current head and norm) instead of through the bridge"})
+
+
+@RULES.register("sb", "State Bridge: learned G(h_l, τ(l), e_T) ≈ h_L; a_l = ∇_{h_l} CE(H(N(G)))")
+class StateBridge(E.EstimatorRule):
+    Options = SBOptions
+    name = "sb"
+
+    def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
+        dims = [int(torch.Size(s).numel()) for s in shapes]
+        return nn.ModuleDict({
+            "trunk": E.Estimator(dims, self.ctx.num_classes, self.opts.width, self.opts.depth),
+            "out": nn.Linear(self.opts.width, dims[-1]),
+        })
+
+    def bridge(self, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
+        """ĥ_L for each state hs[i] of block index layers[i]: (B, *shape of h_L), float32."""
+        zs = self.net["trunk"].features(hs, layers, s)
+        return [(self.net["out"](z) * E.rms(h.float())[:, None]).view(-1, *self.shapes[-1]) for z, h in zip(zs, hs)]
+
+    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
+        self.ready(fwd.hs)
+        L = len(fwd.hs) - 1
+        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        layers = list(range(L)) if self.opts.exact_terminal else list(range(L + 1))
+        credits: list[Tensor] = []
+        if layers:
+            with torch.enable_grad():
+                hs = [fwd.hs[l].detach().requires_grad_(True) for l in layers]
+                preds = torch.cat(self.bridge(hs, layers, s)).to(fwd.hs[-1].dtype)  # every ĥ_L as one batch
+                ce = F.cross_entropy(model.readout(preds), y.repeat(len(layers)), reduction="sum")
+                credits = [g.detach() for g in torch.autograd.grad(ce, hs)]  # states only: no parameter .grad
+        if self.opts.exact_terminal:
+            credits.append(E.terminal_loss_and_grad(model, fwd.hs[L], y)[1])
+        return credits
+
+    def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
+        self.ready(fwd.hs)
+        hs = [h.detach() for h in fwd.hs]
+        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        target = hs[-1].float().flatten(1)  # (B, D_L)
+        denom = target.pow(2).sum(1) + 1e-12  # (B,)
+        preds = self.bridge(hs, list(range(len(hs))), s)
+        per_layer = torch.stack([((p.flatten(1) - target).pow(2).sum(1) / denom).mean() for p in preds])
+        loss = per_layer.mean()
+        self.train_on(loss)
+        return {"loss": loss.detach(), "loss_h0": per_layer[0].detach()}
