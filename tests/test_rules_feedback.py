@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from creditaudit.config import ConfigError
+from creditaudit.errors import ConfigError
 from creditaudit.models import ModelConfig, build_model, true_grads
 from creditaudit.models.base import Forward
 from creditaudit.rules import RuleContext, build_rule, rule_options
@@ -43,8 +43,10 @@ def _cfg(tmp_path, rule: str, arch: str, *overrides: str):
     return cfg
 
 
-def _ctx(num_classes: int, seed: int = 0) -> RuleContext:
-    return RuleContext(device=torch.device("cpu"), num_classes=num_classes, steps_per_epoch=1, total_steps=1, seed=seed)
+def _ctx(model, input_shape: tuple[int, ...], seed: int = 0) -> RuleContext:
+    state_shapes, norm_shape = model.shapes(input_shape)
+    return RuleContext(device=torch.device("cpu"), num_classes=model.num_classes, steps_per_epoch=1, total_steps=1,
+                       seed=seed, state_shapes=tuple(state_shapes), norm_shape=norm_shape)
 
 
 def _batch(run, epoch: int = 0):
@@ -73,16 +75,16 @@ def _same(a, b) -> bool:
     return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb))
 
 
-def _materialized(rule_name: str, run, epoch: int = 0) -> dict:
+def _materialized(run, epoch: int = 0) -> dict:
     x, y = _batch(run, epoch)
-    _credits(run.rule, run.model, x, y)  # dfa and fa draw their matrices on the first batch
+    _credits(run.rule, run.model, x, y)  # (the matrices are drawn in setup; a batch must not change them)
     return run.rule.state_dict()
 
 
 # ---------------------------------------------------------------------------------------------
 # every rule x every architecture: one step through the trainer
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["", "_frozen"])
+@pytest.mark.parametrize("variant", ["", "_frozen", "_shallow"])
 @pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_one_local_step(tmp_path, rule, variant, arch):
     run = build_run(_cfg(tmp_path, rule + variant, arch))
@@ -119,7 +121,7 @@ def _hand_forward(shapes):
 def test_dfa_credit_by_hand():
     model = build_model("mlp", ModelConfig(d=2, L=1), (2,), 2)
     rule, _ = build_rule("dfa")
-    rule.setup(model, _ctx(2))
+    rule.setup(model, _ctx(model, (2,)))
     B0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     B1 = torch.tensor([[2.0, 0.0], [0.0, -1.0]])
     rule.load_state_dict({"seed": 0, "B": [B0, B1]})
@@ -138,7 +140,7 @@ def test_dfa_credit_is_the_projected_output_error(arch):
     cfg, shape = SMALL_ARCHS[arch]
     model = build_model(arch, cfg, shape, 5).double()
     rule, _ = build_rule("dfa")
-    rule.setup(model, _ctx(5))
+    rule.setup(model, _ctx(model, shape))
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
     fwd, credits = _credits(rule, model, x, y)
     p = fwd.logits.exp() / fwd.logits.exp().sum(1, keepdim=True)
@@ -154,7 +156,7 @@ def test_dfa_credit_is_the_projected_output_error(arch):
 def test_fa_recursion_by_hand(identity):
     model = build_model("resmlp", ModelConfig(d=2, L=2, out_ln=False), (2,), 2)
     rule, _ = build_rule("fa", {"identity": identity})
-    rule.setup(model, _ctx(2))
+    rule.setup(model, _ctx(model, (2,)))
     B_H = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     B_1 = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
     B_2 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
@@ -172,7 +174,7 @@ def test_fa_recursion_by_hand(identity):
 
 def _fa_with_head_transpose(model, x, y):
     rule, _ = build_rule("fa")
-    rule.setup(model, _ctx(model.num_classes))
+    rule.setup(model, _ctx(model, tuple(x.shape[1:])))
     _credits(rule, model, x, y)  # draw the matrices, then put the head's transpose in place of B_H
     state = rule.state_dict()
     state["head"] = [model.head.weight.detach().T.clone()]
@@ -197,7 +199,7 @@ def test_fa_block_maps_per_architecture():
     model = build_model("vit_mini", cfg, shape, 5)
     x, y = torch.randn(4, *shape), torch.randint(0, 5, (4,))
     rule, _ = build_rule("fa")
-    rule.setup(model, _ctx(5))
+    rule.setup(model, _ctx(model, shape))
     fwd, credits = _credits(rule, model, x, y)
     T, d = fwd.hs[0].shape[1:]
     assert [tuple(f.shape) for f in rule.blocks[0]] == [(T, T), (d, d)]
@@ -208,14 +210,14 @@ def test_fa_block_maps_per_architecture():
     torch.testing.assert_close(apply_map([dense], credits[-1], (T, d)), credits[-2])
     # structure=dense: one (T·d)² matrix instead
     rule, _ = build_rule("fa", {"structure": "dense"})
-    rule.setup(model, _ctx(5))
+    rule.setup(model, _ctx(model, shape))
     _credits(rule, model, x, y)
     assert [tuple(f.shape) for f in rule.blocks[0]] == [(T * d, T * d)]
     # smallcnn: the states change shape, so each map is one dense flat(h_l) -> flat(h_{l-1}) matrix
     cfg, shape = SMALL_ARCHS["smallcnn"]
     model = build_model("smallcnn", cfg, shape, 5)
     rule, _ = build_rule("fa")
-    rule.setup(model, _ctx(5))
+    rule.setup(model, _ctx(model, shape))
     fwd, _ = _credits(rule, model, torch.randn(4, *shape), torch.randint(0, 5, (4,)))
     n = [h[0].numel() for h in fwd.hs]
     assert [[tuple(f.shape) for f in fs] for fs in rule.blocks] == [[(n[l - 1], n[l])] for l in range(1, 4)]
@@ -225,7 +227,7 @@ def test_fa_default_scale_keeps_credit_norms_about_constant():
     """N(0, 1/d) maps: E‖B a‖² = ‖a‖² — the documented default scale."""
     model = build_model("resmlp", ModelConfig(d=256, L=4), (8,), 10)
     rule, _ = build_rule("fa")
-    rule.setup(model, _ctx(10))
+    rule.setup(model, _ctx(model, (8,)))
     _, credits = _credits(rule, model, torch.randn(64, 8), torch.randint(0, 10, (64,)))
     norms = torch.stack([a.norm(dim=1).median() for a in credits])
     assert (norms / norms[-1]).sub(1).abs().max() < 0.3, norms
@@ -292,7 +294,7 @@ def test_fa_layerwise_with_feedback_equal_to_weights_is_bp(arch):
     model = build_model(arch, cfg, shape, 5).double()
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
     rule = FALayerwise()
-    rule.setup(model, _ctx(5))
+    rule.setup(model, _ctx(model, shape))
     rule.align_to_weights(model)
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
@@ -312,7 +314,7 @@ def test_fa_layerwise_random_feedback_changes_block_updates_not_the_readout():
     model = build_model("resmlp", cfg, shape, 5).double()
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
     rule = FALayerwise()
-    rule.setup(model, _ctx(5))
+    rule.setup(model, _ctx(model, shape))
     assert sorted(rule.feedback) == sorted(
         [f"blocks.{l}.branch.{fc}" for l in range(model.L) for fc in ("fc1", "fc2")] + ["head"])
     _, gs = true_grads(model, x, y)
@@ -330,20 +332,21 @@ def test_fa_layerwise_random_feedback_changes_block_updates_not_the_readout():
 def test_fa_layerwise_feedback_drawn_like_pytorch_default_init():
     model = build_model("resmlp", ModelConfig(d=256, L=1), (64,), 10)
     rule = FALayerwise()
-    rule.setup(model, _ctx(10))
+    rule.setup(model, _ctx(model, (64,)))
     B = rule.feedback["blocks.0.branch.fc1"]
     assert B.abs().max() <= 1 / 16 and B.abs().max() > 0.99 / 16  # U(±1/√256)
     assert not torch.equal(B, model.blocks[0].branch.fc1.weight)
     rule = FALayerwise(rule_options("fa_layerwise", {"init": "weights"}))
-    rule.setup(model, _ctx(10))
+    rule.setup(model, _ctx(model, (64,)))
     assert torch.equal(rule.feedback["head"], model.head.weight)
 
 
 def test_fa_layerwise_refuses_layers_it_cannot_patch():
     model = build_model("resmlp", ModelConfig(d=8, L=1), (4,), 3)
+    ctx = _ctx(model, (4,))
     model.blocks[0].branch.fc1 = nn.Conv1d(8, 8, 1)
     with pytest.raises(NotImplementedError, match="Conv1d"):
-        FALayerwise().setup(model, _ctx(3))
+        FALayerwise().setup(model, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,11 +354,11 @@ def test_fa_layerwise_refuses_layers_it_cannot_patch():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_feedback_matrices_are_a_function_of_the_seed_alone(tmp_path, rule):
-    a = _materialized(rule, build_run(_cfg(tmp_path / "a", rule, "vit_mini", "seed=7")))
+    a = _materialized(build_run(_cfg(tmp_path / "a", rule, "vit_mini", "seed=7")))
     torch.rand(100)  # whatever happened to the global RNG in between does not matter
     # other data order, batch size, learning rate, first batch: same seed -> same matrices
-    b = _materialized(rule, build_run(_cfg(tmp_path / "b", rule, "vit_mini", "seed=7", "batch_size=32", "lr=0.1")), epoch=3)
-    c = _materialized(rule, build_run(_cfg(tmp_path / "c", rule, "vit_mini", "seed=8")))
+    b = _materialized(build_run(_cfg(tmp_path / "b", rule, "vit_mini", "seed=7", "batch_size=32", "lr=0.1")), epoch=3)
+    c = _materialized(build_run(_cfg(tmp_path / "c", rule, "vit_mini", "seed=8")))
     assert _tensors(a) and _same(a, b)
     assert not any(torch.equal(x, y) for x, y in zip(_tensors(a), _tensors(c)))
 
@@ -363,8 +366,8 @@ def test_feedback_matrices_are_a_function_of_the_seed_alone(tmp_path, rule):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_feedback_matrices_do_not_depend_on_the_device(tmp_path, rule):
-    on_cpu = _materialized(rule, build_run(_cfg(tmp_path / "a", rule, "smallcnn", "device=cpu")))
-    on_gpu = _materialized(rule, build_run(_cfg(tmp_path / "b", rule, "smallcnn", "device=cuda")))
+    on_cpu = _materialized(build_run(_cfg(tmp_path / "a", rule, "smallcnn", "device=cpu")))
+    on_gpu = _materialized(build_run(_cfg(tmp_path / "b", rule, "smallcnn", "device=cuda")))
     assert all(t.device.type == "cuda" for t in _tensors(on_gpu))
     assert _same(on_cpu, on_gpu)
 

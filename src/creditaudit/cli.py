@@ -130,8 +130,11 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 @main.command(name="list")
-def list_() -> None:
+@click.option("--options", "-o", is_flag=True, help="Also list every rule's options with defaults and meaning.")
+def list_(options: bool) -> None:
     """List rules, architectures and datasets by name, with a one-line summary each."""
+    import dataclasses
+
     from creditaudit.data import DATASETS
     from creditaudit.models import ARCHS
     from creditaudit.rules import RULES, VARIANTS
@@ -142,9 +145,14 @@ def list_() -> None:
         table.add_column()
         for entry in registry.entries():
             table.add_row(entry.name, entry.summary)
+            if options and registry is RULES:
+                for f in dataclasses.fields(entry.obj.Options):
+                    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                    table.add_row("", f"[dim]{entry.name}.{f.name}={default}  {f.metadata.get('help', '')}[/]")
         console.print(table)
         if registry is RULES:
-            console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0")
+            console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
+                          + ("" if options else "; `creditaudit list --options` shows each rule's options"))
         console.print()
 
 

@@ -11,8 +11,9 @@ diagnostics never special-case an architecture.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +103,20 @@ class CreditNet(nn.Module):
             h, _ = block(h)
         return self.readout(h)
 
+    @torch.no_grad()
+    def shapes(self, input_shape: tuple[int, ...]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+        """Per-sample shapes of h_0..h_L and of z = N(h_L) for inputs of ``input_shape`` (one probe
+        pass in eval mode on a zero input: no RNG drawn, no buffer moved)."""
+        was_training = self.training
+        self.eval()
+        try:
+            p = next(self.parameters())
+            fwd = self.run(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+            z = self.norm(fwd.hs[-1])
+        finally:
+            self.train(was_training)
+        return [tuple(h.shape[1:]) for h in fwd.hs], tuple(z.shape[1:])
+
     def block_parameters(self) -> list[list[nn.Parameter]]:
         return [list(b.parameters()) for b in self.blocks]
 
@@ -146,14 +161,35 @@ def per_sample_norm(h: Tensor) -> Tensor:
     return h.flatten(1).norm(dim=1)
 
 
+@contextlib.contextmanager
+def preserved_buffers(module: nn.Module) -> Iterator[None]:
+    """Run an extra forward pass without a trace: every buffer (BatchNorm's running mean/var and
+    batch counter) is swapped for a copy for the duration and the original tensor put back after.
+    The originals are never written to, so a graph that saved them (BatchNorm's backward in the
+    trainer's local pass) stays valid. Outputs in training mode use batch statistics, so they do
+    not depend on this."""
+    saved = []
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                saved.append((m, name, b))
+                m._buffers[name] = b.clone()
+    try:
+        yield
+    finally:
+        for m, name, b in saved:
+            m._buffers[name] = b
+
+
 def true_grads(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Tensor]]:
     """The reference gradient g_l = d CE_i / d h_l for every l, per sample (never divided by B).
 
     Computed as the gradient of the *summed* cross-entropy, so in a model whose samples interact
     (BatchNorm in training mode) g_l is still the exact gradient of that loss w.r.t. the tensor h_l.
-    Parameter gradients are left untouched. Returns the forward pass (detached) and g_0..g_L.
+    Parameter gradients and buffers (BatchNorm's running statistics) are left untouched, so it can
+    be called in the middle of a training step. Returns the forward pass (detached) and g_0..g_L.
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), preserved_buffers(model):
         fwd = model.run(x)
         loss = nn.functional.cross_entropy(fwd.logits, y, reduction="sum")
         gs = torch.autograd.grad(loss, fwd.hs, allow_unused=False)

@@ -42,6 +42,8 @@ class RuleContext:
     steps_per_epoch: int
     total_steps: int  # optimizer steps over the whole run (for warm-ups and schedules)
     seed: int
+    state_shapes: tuple[tuple[int, ...], ...] = ()  # per-sample shapes of h_0..h_L
+    norm_shape: tuple[int, ...] = ()  # per-sample shape of z = N(h_L), the head's input
 
 
 class Rule:

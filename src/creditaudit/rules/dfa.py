@@ -8,10 +8,9 @@ Credit:  a_l = B_l e_T,  e_T = softmax(o) − onehot(y) (per sample, (B, C)),  l
 Update:  the shared local update; DFA trains no estimator of its own.
 Matrices: entries i.i.d. with variance scale²/C — default ``init=normal, scale=1``: N(0, 1/C), so
          ‖B_l e‖² ≈ (n_l/C)·‖e‖²; ``init=uniform`` draws U(±scale·√(3/C)) (same variance, the
-         uniform family of Nøkland 2016). They are drawn in the order B_0..B_L on the CPU from a
-         generator seeded in ``setup`` from the run's seeded global RNG, when the first batch shows
-         the state shapes (``rules/_feedback.py``): a function of (run seed, model shapes) alone,
-         identical on every device, and checkpointed with the run.
+         uniform family of Nøkland 2016). They are drawn in ``setup``, in the order B_0..B_L, on the
+         CPU from a generator seeded from the run's seeded global RNG (``rules/_feedback.py``): a
+         function of (run seed, model shapes) alone, identical on every device, and checkpointed.
 Defaults: init=normal, scale=1.0.
 """
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import INITS, LazyFeedback, check_choice, check_positive, output_error, random_matrix
+from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator, output_error, random_matrix
 from creditaudit.rules.base import RULES, Rule, RuleContext
 
 
@@ -47,29 +46,19 @@ class DFA(Rule):
     def __init__(self, options: DFAOptions | None = None):
         super().__init__(options)
         self.device = torch.device("cpu")
-        self.lazy = LazyFeedback()
-        self.B: list[Tensor] | None = None  # B_0..B_L, each (n_l, C), float32, on self.device
+        self.seed: int | None = None
+        self.B: list[Tensor] = []  # B_0..B_L, each (n_l, C), float32, on self.device
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
+        """Draw B_0..B_L for the per-sample state shapes ``ctx.state_shapes``."""
         self.device = ctx.device
-        self.lazy.draw_seed()
-        self.B = None
-
-    def materialize(self, state_shapes: list[tuple[int, ...]], num_classes: int) -> list[Tensor]:
-        """Draw B_0..B_L for states of per-sample shapes ``state_shapes`` (done on the first batch)."""
-        g = self.lazy.generator("dfa")
-        C = num_classes
-        self.B = [
-            random_matrix((math.prod(s), C), C, self.opts.init, self.opts.scale, g).to(self.device)
-            for s in state_shapes
-        ]
-        return self.B
+        self.seed, g = feedback_generator()
+        C = ctx.num_classes
+        self.B = [random_matrix((math.prod(s), C), C, self.opts.init, self.opts.scale, g).to(self.device)
+                  for s in ctx.state_shapes]
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         e = output_error(fwd.logits, y)  # (B, C)
-        if self.B is None:
-            self.materialize([tuple(h.shape[1:]) for h in fwd.hs], e.shape[1])
-        assert self.B is not None
         if len(self.B) != len(fwd.hs):
             raise ValueError(f"dfa holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states")
         out = []
@@ -80,10 +69,9 @@ class DFA(Rule):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.lazy.seed, "B": list(self.B) if self.B is not None else []}
+        return {"seed": self.seed, "B": list(self.B)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lazy.seed = state["seed"]
-        B = state.get("B") or []
-        self.B = [b.to(self.device, torch.float32) for b in B] if B else None
+        self.seed = state["seed"]
+        self.B = [b.to(self.device, torch.float32) for b in state["B"]]
 

@@ -25,9 +25,8 @@ Matrices: entries i.i.d. with variance scale²/fan, fan = the input size of the 
          variance scale²/n_l): default ``init=normal, scale=1`` — N(0, 1/C) for B_H and N(0, 1/d) for
          a d×d B_l, which keeps ‖a_l‖ about constant with depth; ``init=uniform`` has the same
          variance. Drawn in the order B_H, B_1..B_L (each its factors in axis order), on the CPU from
-         a generator seeded in ``setup`` from the run's seeded global RNG, when the first batch shows
-         the state shapes (``rules/_feedback.py``): a function of (run seed, model shapes) alone,
-         identical on every device, and checkpointed with the run.
+         a generator seeded in ``setup`` from the run's seeded global RNG (``rules/_feedback.py``):
+         a function of (run seed, model shapes) alone, identical on every device, and checkpointed.
 Defaults: init=normal, scale=1.0, identity=False, structure=auto.
 """
 from __future__ import annotations
@@ -40,8 +39,8 @@ import torch
 from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import (INITS, LazyFeedback, check_choice, check_positive, output_error,
-                                         preserved_buffers, random_matrix)
+from creditaudit.rules._feedback import (INITS, check_choice, check_positive, output_error,
+                                         feedback_generator, preserved_buffers, random_matrix)
 from creditaudit.rules.base import RULES, Rule, RuleContext
 
 STRUCTURES = ("auto", "dense", "kron")
@@ -71,7 +70,7 @@ def apply_map(factors: list[Tensor], a: Tensor, out_shape: tuple[int, ...]) -> T
     for axis, M in enumerate(factors, start=1):
         # contract axis `axis` of a with M's input index, put the new index back in its place
         a = torch.movedim(torch.tensordot(a, M.to(a.dtype), dims=([axis], [1])), -1, axis)
-    return a
+    return a.contiguous()
 
 
 @RULES.register("fa", "block-level feedback alignment: a_L = J_N^T B_H e_T, a_{l-1} = B_l a_l with fixed random B")
@@ -81,14 +80,13 @@ class FA(Rule):
     def __init__(self, options: FAOptions | None = None):
         super().__init__(options)
         self.device = torch.device("cpu")
-        self.lazy = LazyFeedback()
+        self.seed: int | None = None
         self.head: Tensor | None = None  # B_H: (numel of N's output, C)
         self.blocks: list[list[Tensor]] = []  # B_1..B_L, each a list of factors (see apply_map)
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
-        self.lazy.draw_seed()
-        self.head, self.blocks = None, []
+        self.materialize(list(ctx.state_shapes), ctx.norm_shape, ctx.num_classes)
 
     # -------------------------------------------------------------------------------------------
     # the fixed random matrices
@@ -102,8 +100,8 @@ class FA(Rule):
         return s
 
     def materialize(self, state_shapes: list[tuple[int, ...]], norm_out_shape: tuple[int, ...], num_classes: int) -> None:
-        """Draw B_H and B_1..B_L for per-sample state shapes h_0..h_L (done on the first batch)."""
-        g = self.lazy.generator("fa")
+        """Draw B_H and B_1..B_L for per-sample state shapes h_0..h_L, in that order."""
+        self.seed, g = feedback_generator()
         init, scale = self.opts.init, self.opts.scale
         self.head = random_matrix((math.prod(norm_out_shape), num_classes), num_classes, init, scale, g).to(self.device)
         self.blocks = []
@@ -128,8 +126,7 @@ class FA(Rule):
         with torch.enable_grad(), preserved_buffers(model.norm):
             z = model.norm(h_L)  # N's output, e.g. (B, d)
         if self.head is None:
-            self.materialize([tuple(h.shape[1:]) for h in fwd.hs], tuple(z.shape[1:]), e.shape[1])
-        assert self.head is not None
+            raise RuntimeError("fa: call setup(model, ctx) before asking for credits")
         if len(self.blocks) != model.L:
             raise ValueError(f"fa holds {len(self.blocks)} block maps but the model has {model.L} blocks")
         v = (e.to(z.dtype) @ self.head.to(z.dtype).T).view_as(z)  # B_H e_T, shape of N's output
@@ -148,11 +145,11 @@ class FA(Rule):
     # checkpoints
     # -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.lazy.seed, "head": [self.head] if self.head is not None else [],
+        return {"seed": self.seed, "head": [self.head] if self.head is not None else [],
                 "blocks": [list(f) for f in self.blocks]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lazy.seed = state["seed"]
+        self.seed = state["seed"]
         head = state.get("head") or []
         self.head = head[0].to(self.device, torch.float32) if head else None
         self.blocks = [[f.to(self.device, torch.float32) for f in factors] for factors in state.get("blocks", [])]

@@ -111,8 +111,10 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, model_cfg, data.input_shape, data.num_classes)
     loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, seed=cfg.seed, shuffle=True, augment=data.augment)
+    state_shapes, norm_shape = model.shapes(data.input_shape)
     ctx = RuleContext(device=device, num_classes=data.num_classes, steps_per_epoch=len(loader),
-                      total_steps=cfg.epochs * len(loader), seed=cfg.seed)
+                      total_steps=cfg.epochs * len(loader), seed=cfg.seed,
+                      state_shapes=tuple(state_shapes), norm_shape=norm_shape)
     rule.setup(model, ctx)
     model.to(device)
     if variant == "frozen":
