@@ -36,3 +36,12 @@ def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
         "progress=false", f"results={tmp_path / 'results'}", f"data_dir={tmp_path / 'data'}",
     ]
     return apply_overrides(TrainConfig(), [*base, *overrides])
+
+
+def run_metrics(cfg: TrainConfig) -> list[dict]:
+    """A run's metrics.jsonl records without the wall-clock timings (everything else is a
+    deterministic function of the config)."""
+    from creditaudit.runs.folder import RunFolder, run_dir
+
+    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in folder.read_metrics()]

@@ -57,7 +57,9 @@ def test_rule_from_a_file_trains_like_a_builtin(tmp_path):
     assert cfg.rule == "signdfa" and cfg.plugins == (str(path.resolve()),)
     summary = train(cfg)
     run = tmp_path / "results" / "adhoc" / "signdfa__resmlp__s42"
-    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert "credit/deep_cos" in records[-1]  # a plugin rule gets the diagnostics too
     assert summary["status"] == "finished" and losses[1] < losses[0]
     assert json.loads((run / "config.json").read_text())["plugins"] == [str(path.resolve())]
     # Resuming or re-reading needs nothing but the stored config: plugins are imported from it.

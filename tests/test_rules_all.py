@@ -10,7 +10,7 @@ import torch
 
 from creditaudit.rules import RULES
 from creditaudit.train.trainer import build_run, train, train_step
-from tests.conftest import SMALL_ARCHS, tiny_config
+from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 
 ARCH_OVERRIDES = {
     "resmlp": ["d=16", "L=2"],
@@ -69,7 +69,5 @@ def test_same_seed_same_metrics(tmp_path, rule):
     for name in ("a", "b"):
         cfg = tiny_config(tmp_path / name, f"rule={rule}", "epochs=1", "d=16", "L=2")
         train(cfg)
-        runs.append([{k: v for k, v in r.items() if not k.startswith("time/")}
-                     for r in __import__("creditaudit.runs.folder", fromlist=["RunFolder"]).RunFolder(
-                         tmp_path / name / "results" / "adhoc" / f"{rule}__resmlp__s42").read_metrics()])
+        runs.append(run_metrics(cfg))
     assert runs[0] == runs[1]

@@ -19,13 +19,11 @@ from creditaudit.rules import RuleContext, build_rule, rule_options
 from creditaudit.rules.fa import apply_map
 from creditaudit.rules.fa_layerwise import FALayerwise, fa_forward
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
-from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.train.local import LocalRule, local_objective
 from creditaudit.train.trainer import build_run, train, train_step
-from tests.conftest import SMALL_ARCHS, tiny_config
+from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 
 FEEDBACK_RULES = ("dfa", "fa", "fa_layerwise")
-TIME_KEYS = ("time/train_s", "time/epoch_s")
 
 
 @pytest.fixture(autouse=True)
@@ -390,11 +388,6 @@ def test_checkpoint_round_trip_restores_the_matrices(tmp_path, rule):
             assert torch.equal(a, b), key
 
 
-def _metrics(cfg) -> list[dict]:
-    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in folder.read_metrics()]
-
-
 @pytest.mark.parametrize("rule", FEEDBACK_RULES)
 def test_same_seed_same_metrics_and_resume(tmp_path, rule):
     a = tiny_config(tmp_path / "a", f"rule={rule}", "epochs=2")
@@ -402,8 +395,8 @@ def test_same_seed_same_metrics_and_resume(tmp_path, rule):
     train(a)
     assert train(b, stop_after=1)["status"] == "interrupted"
     assert train(b)["resumed_from"] == 1  # the second epoch runs on matrices read from the checkpoint
-    assert _metrics(a) == _metrics(b)
-    assert math.isfinite(_metrics(a)[-1]["train/loss"])
+    assert run_metrics(a) == run_metrics(b)
+    assert math.isfinite(run_metrics(a)[-1]["train/loss"])
 
 
 def test_options_are_checked_and_parsed():

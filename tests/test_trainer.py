@@ -15,17 +15,10 @@ from creditaudit.config import to_dict
 from creditaudit.runs.checkpoint import load_checkpoint
 from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.train.trainer import RunConfigMismatch, build_run, train
-from tests.conftest import tiny_config
-
-TIME_KEYS = ("time/train_s", "time/epoch_s")
-
+from tests.conftest import run_metrics, tiny_config
 
 def _folder(cfg) -> RunFolder:
     return RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
-
-
-def _metrics(cfg) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in _folder(cfg).read_metrics()]
 
 
 def _weights(cfg) -> dict:
@@ -41,10 +34,12 @@ def test_run_folder_contents(tmp_path):
     assert summary["status"] == "finished" and summary["epochs_done"] == 2
     assert json.loads((folder.path / "config.json").read_text()) == to_dict(cfg)
     records = folder.read_metrics()
-    assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s"):
-        assert key in records[0]
-    assert records[1]["train/loss"] < records[0]["train/loss"]
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 0: the diagnostics before any update
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "diag/d1", "diag/gL_norm", "credit/deep_cos"):
+        assert key in records[1]
+    assert {"diag/d1", "diag/gL_norm", "credit/rho_deep", "diag/grad_stab"} <= set(records[0])
+    assert "credit/rho_deep" in records[2] and "credit/rho_deep" not in records[1]  # full probe: first and last
+    assert records[2]["train/loss"] < records[1]["train/loss"]
     prov = summary["provenance"]
     for key in ("torch", "python", "git_commit", "git_dirty"):
         assert key in prov
@@ -61,7 +56,7 @@ def test_same_seed_same_metrics_and_finished_run_is_skipped(tmp_path):
     b = tiny_config(tmp_path / "b")
     train(a)
     train(b)
-    assert _metrics(a) == _metrics(b)
+    assert run_metrics(a) == run_metrics(b)
     mtime = _folder(a).metrics_path.stat().st_mtime_ns
     again = train(a)
     assert again["status"] == "finished"
@@ -76,7 +71,7 @@ def test_resume_gives_the_same_final_metrics(tmp_path):
     assert first["status"] == "interrupted" and first["epochs_done"] == 1
     second = train(cut)
     assert second["status"] == "finished" and second["resumed_from"] == 1
-    assert _metrics(cut) == _metrics(full)
+    assert run_metrics(cut) == run_metrics(full)
     for name, tensor in _weights(full).items():
         assert torch.equal(tensor, _weights(cut)[name]), name
 
@@ -95,7 +90,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     metrics = _folder(cut).metrics_path
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # epochs 0, 1, 2: a checkpoint exists
             break
         time.sleep(0.005)
     if proc.poll() is not None:
@@ -105,7 +100,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert _folder(cut).read_summary()["status"] == "running"  # killed: nobody wrote a final status
     resumed = train(cut)
     assert resumed["status"] == "finished" and resumed["resumed_from"] >= 1
-    assert _metrics(cut) == _metrics(full)
+    assert run_metrics(cut) == run_metrics(full)
 
 
 def test_changed_config_in_an_existing_folder_is_refused(tmp_path):
@@ -143,7 +138,7 @@ def test_crash_is_recorded_and_nothing_is_lost(tmp_path, monkeypatch):
         train(cfg)
     summary = _folder(cfg).read_summary()
     assert summary["status"] == "failed" and "simulated crash" in summary["error"]
-    assert len(_folder(cfg).read_metrics()) == 1  # epoch 1 kept
+    assert [r["epoch"] for r in _folder(cfg).read_metrics()] == [0, 1]  # epochs 0 and 1 kept
     monkeypatch.setattr(T, "train_step", real)
     assert train(cfg)["status"] == "finished"
 

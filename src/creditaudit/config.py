@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from creditaudit.data.base import DataConfig
+from creditaudit.diagnostics.probe import DiagConfig
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import ModelConfig
 
@@ -56,6 +57,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    diag: DiagConfig = field(default_factory=DiagConfig)
 
 
 # Alternative names a researcher will type.
@@ -267,6 +269,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps",
          f"device must be auto, cpu, cuda, cuda:N or mps (got {cfg.device!r})")
     need(all(1 <= e <= cfg.epochs for e in cfg.save_epochs), f"save_epochs must lie in 1..epochs (got {cfg.save_epochs})")
+    dg = cfg.diag
+    need(dg.eval_n >= 1 and dg.rho_n >= 1 and dg.rho_dirs >= 1, "eval_n, rho_n and rho_dirs must be >= 1")
+    need(dg.every >= 0 and dg.full_every >= 0, "every and full_every must be >= 0")
+    need(dg.rho_eps > 0 and dg.nudge_eta > 0, "rho_eps and nudge_eta must be > 0")
+    need(dg.stab_batches >= 2 and dg.stab_batch_size >= 1, "stab_batches must be >= 2 and stab_batch_size >= 1")
     need(cfg.model.L is None or cfg.model.L >= 0, f"L must be >= 0 (got {cfg.model.L})")
     need(cfg.model.d is None or cfg.model.d >= 1, f"d must be >= 1 (got {cfg.model.d})")
     for name in ("setting",):

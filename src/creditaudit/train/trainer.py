@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
+from creditaudit.diagnostics import due, probe
 from creditaudit.models.base import CreditNet, build_model
 from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
@@ -130,6 +131,11 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     run = Run(cfg, device, data, model, rule, variant, optimizer, loader)
     run.total_steps = ctx.total_steps
     return run
+
+
+def diagnose(run: Run, *, full: bool) -> dict[str, float]:
+    """The per-epoch diagnostics of DESIGN §4 for the run's current state."""
+    return probe(run.model, run.rule, run.data, run.cfg.diag, full=full, seed=run.cfg.seed)
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -312,6 +318,11 @@ def train(
         else:
             folder.rewrite_metrics([])
         folder.write_config(C.to_dict(cfg))
+        if run.epoch == 0 and due(cfg.diag, 0, cfg.epochs)[0]:
+            t0 = time.perf_counter()
+            record0 = {"epoch": 0, **diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1])}
+            record0["time/diag_s"] = time.perf_counter() - t0
+            folder.append_metrics(record0)
         base = {
             "run": folder.path.name,
             "setting": cfg.setting,
@@ -346,9 +357,14 @@ def train(
                 run.epoch += 1
                 record["test/loss"], record["test/acc"] = evaluate(run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size)
                 record["lr"] = cfg.optim.lr * lr_factor(cfg, run.step, run.total_steps)
+                record["time/train_s"] = t_train
+                wanted, full = due(cfg.diag, run.epoch, cfg.epochs)
+                if wanted and math.isfinite(record["train/loss"]):
+                    t1 = time.perf_counter()
+                    record.update(diagnose(run, full=full))
+                    record["time/diag_s"] = time.perf_counter() - t1
                 for hook in hooks:
                     record.update(hook(run))
-                record["time/train_s"] = t_train
                 record["time/epoch_s"] = time.perf_counter() - t0
                 run.wall_s += record["time/epoch_s"]
                 folder.append_metrics(record)

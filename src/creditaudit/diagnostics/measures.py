@@ -1,0 +1,114 @@
+"""The diagnostics' mathematics (DESIGN §4), as pure functions of a model, a batch and credits.
+
+Conventions. All norms are per-sample L2 norms over every non-batch dimension; a per-layer figure is
+the median over the eval batch. Everything is computed in float64: a reference gradient of norm
+1e-10 must not be rounded into noise. Cosines carry no eps clamp — ``torch.nn.functional.
+cosine_similarity`` divides by max(‖a‖·‖b‖, eps) (eps = 1e-8), which, when ‖g‖ ≈ 1e-9, shrinks every
+cosine against g by a factor of ~10 and makes a degenerate reference look like "no alignment".
+A cosine with a zero vector is undefined and reported as NaN, never as 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from creditaudit.models.base import CreditNet, preserved_buffers
+
+
+def flat64(t: Tensor) -> Tensor:
+    """(B, ...) -> (B, n) in float64."""
+    return t.detach().flatten(1).double()
+
+
+def norms(t: Tensor) -> Tensor:
+    """Per-sample L2 norm, float64, (B,)."""
+    return flat64(t).norm(dim=1)
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample cosine ⟨a, b⟩ / (‖a‖‖b‖) in float64 with no eps clamp, (B,); NaN where a norm is 0."""
+    a64, b64 = flat64(a), flat64(b)
+    denom = a64.norm(dim=1) * b64.norm(dim=1)
+    return torch.where(denom > 0, (a64 * b64).sum(1) / denom, torch.full_like(denom, math.nan))
+
+
+def median(t: Tensor) -> float:
+    """Median of a 1-D tensor, ignoring NaNs (NaN if all are)."""
+    return float(torch.nanmedian(t.double()).item()) if t.numel() else math.nan
+
+
+def scale_ratios(hs: list[Tensor]) -> list[float]:
+    """D1's per-block figure: median over the batch of ‖h_l‖ / ‖h_{l-1}‖, l = 1..L."""
+    out = []
+    for prev, cur in zip(hs, hs[1:]):
+        n_prev, n_cur = norms(prev), norms(cur)
+        out.append(median(torch.where(n_prev > 0, n_cur / n_prev, torch.full_like(n_cur, math.inf))))
+    return out
+
+
+def credit_cosines(credits: list[Tensor], grads: list[Tensor]) -> list[float]:
+    """Γ_l = mean over the batch of cos(a_l, g_l), l = 0..L (NaN samples ignored)."""
+    return [float(torch.nanmean(cosine(a, g)).item()) for a, g in zip(credits, grads)]
+
+
+def forward_from(model: CreditNet, l: int, h: Tensor) -> Tensor:
+    """Logits of blocks l+1..L, terminal norm and head run from state h_l (any number of rows).
+    Buffers are left as they were (BatchNorm statistics are not moved by a probe)."""
+    with preserved_buffers(model):
+        for block in model.blocks[l:]:
+            h, _ = block(h)
+        return model.readout(h)
+
+
+def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:
+    """CE_i of the rest of the model run from h_l, (B,) in the dtype of h."""
+    return F.cross_entropy(forward_from(model, l, h), y, reduction="none")
+
+
+@torch.no_grad()
+def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, dirs: int, eps: float,
+                 generator: torch.Generator) -> float:
+    """ρ_l: Pearson correlation, over samples × ``dirs`` random unit directions v, between the
+    predicted loss change ε⟨a_l, v⟩ and the actual change CE(h_l + εv) − CE(h_l). Run in float64
+    (the model is expected in float64 too: the changes can be 1e-12)."""
+    B = h.shape[0]
+    h64, a64 = h.double(), flat64(a)
+    base = per_sample_loss(model, l, h64, y)  # (B,)
+    predicted, actual = [], []
+    for _ in range(dirs):
+        v = torch.randn(h64.shape, generator=generator, dtype=torch.float64, device="cpu").to(h64.device)
+        v = v / flat64(v).norm(dim=1).view(B, *[1] * (h64.dim() - 1))
+        predicted.append(eps * (a64 * flat64(v)).sum(1))
+        actual.append(per_sample_loss(model, l, h64 + eps * v, y) - base)
+    p, q = torch.cat(predicted), torch.cat(actual)
+    return pearson(p, q)
+
+
+def pearson(p: Tensor, q: Tensor) -> float:
+    p, q = p.double() - p.double().mean(), q.double() - q.double().mean()
+    denom = p.norm() * q.norm()
+    return float((p @ q / denom).item()) if denom > 0 else math.nan
+
+
+@torch.no_grad()
+def nudge(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, eta: float, relative: bool) -> float:
+    """ΔL: change of the mean loss after moving h_l by η against a_l/‖a_l‖ (per sample; η scaled by
+    ‖h_l‖ when ``relative``). Negative = the credit points downhill. Samples with a = 0 do not move."""
+    h64 = h.double()
+    a_flat = flat64(a)
+    a_norm = a_flat.norm(dim=1, keepdim=True)
+    direction = torch.where(a_norm > 0, a_flat / a_norm, torch.zeros_like(a_flat))
+    step = eta * (norms(h).unsqueeze(1) if relative else 1.0)
+    moved = h64 - (step * direction).view_as(h64)
+    return float((per_sample_loss(model, l, moved, y) - per_sample_loss(model, l, h64, y)).mean().item())
+
+
+def gradient_stability(batch_grads: list[Tensor]) -> float:
+    """(c): mean pairwise cosine between the batch-mean gradients g (at one layer) of disjoint batches."""
+    means = [flat64(g).mean(0, keepdim=True) for g in batch_grads]
+    cos = [cosine(means[i], means[j]).item() for i in range(len(means)) for j in range(i + 1, len(means))]
+    cos = [c for c in cos if not math.isnan(c)]
+    return sum(cos) / len(cos) if cos else math.nan
