@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+# Off a terminal (logs, CI), rich would wrap tables at 80 columns: give them room instead.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -24,7 +26,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from creditaudit.runs.io import CorruptRunError
     from creditaudit.train.trainer import RunConfigMismatch
 
-    return (ConfigError, UnknownNameError, DatasetMissingError, RunConfigMismatch, RunLockedError, CorruptRunError)
+    return (ConfigError, UnknownNameError, DatasetMissingError, RunConfigMismatch, RunLockedError, CorruptRunError, FileNotFoundError)
 
 
 @contextmanager
@@ -126,6 +128,147 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 
     with progress:
         return train(cfg, reporter=Reporter(on_start=on_start, on_step=on_step if show_bar else None, on_epoch=on_epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--rule", "rules", multiple=True, help="Audit this rule (a name, or the path of a .py file with your own rule) instead of the main six; repeatable.")
+@click.option("--profile", default="default", show_default=True, help="default | double | paper (see docs/audit.md).")
+@click.option("--seeds", default="42,123,456", show_default=True, help="Comma-separated seeds.")
+@click.option("--workers", default=0, show_default=True, help="Parallel single-thread training processes (0 = one per CPU core).")
+@click.option("--out", default="", help="Where the reports go, one folder per setting (default: <results>/_reports).")
+@click.option("--own-baseline", is_flag=True, help="D3 against each rule's own <rule>_frozen instead of bp_frozen.")
+@click.option("--d1", type=float, default=50.0, show_default=True, help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.")
+@click.option("--d2", type=float, default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖.")
+@click.option("--d3", type=float, default=2.0, show_default=True, help="D3 threshold on depth utility, percentage points.")
+@click.option("--mode2", type=float, default=0.1, show_default=True, help="Mode 2 threshold on |deep cos|.")
+def audit(args, rules, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2) -> None:
+    """Train and audit: creditaudit audit [RESULTS_DIR] [key=value ...]
+
+    Without RESULTS_DIR: trains the main audit (bp, fa, dfa, ep, sb, cb × 3 seeds and the bp_frozen
+    baseline; finished runs are reused) on the default dataset, prints the audit table and writes the
+    report (Markdown, HTML with plots). With RESULTS_DIR: re-audits the finished runs found there,
+    training nothing. key=value overrides go to every run (e.g. epochs=3 train_subset=5000).
+    """
+    from creditaudit import audit as A
+    from creditaudit.diagnostics.verdict import Thresholds
+
+    results_dir = [a for a in args if "=" not in a]
+    overrides = tuple(a for a in args if "=" in a)
+    if len(results_dir) > 1:
+        raise click.UsageError(f"at most one RESULTS_DIR, got {', '.join(results_dir)}")
+    th = Thresholds(d1_ratio=d1, d2_norm=d2, d3_pp=d3, mode2_cos=mode2)
+    with friendly_errors():
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        if results_dir:
+            root, setting = Path(results_dir[0]), None
+            if not root.is_dir():
+                raise FileNotFoundError(f"no results folder {root}")
+        else:
+            rule_names, overrides = _resolve_rule_files(list(rules) or list(A.MAIN_RULES), overrides)
+            if own_baseline:
+                rule_names += [f"{r}_frozen" for r in rule_names if not r.endswith("_frozen")]
+            cfgs = A.plan(rule_names, profile=profile, seeds=seed_list, overrides=overrides,
+                          baseline=None if own_baseline else A.BASELINE)
+            root, setting = Path(cfgs[0].results), cfgs[0].setting
+            _train_all(cfgs, workers)
+        _report(root, setting, th, own_baseline, out)
+
+
+def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """``--rule my_rule.py`` -> the rule's registered name, with the file added to ``plugins``."""
+    from creditaudit.errors import ConfigError
+    from creditaudit.rules import load_rule_file
+
+    names, files = [], []
+    for r in rules:
+        if r.endswith(".py"):
+            registered = load_rule_file(r)
+            if len(registered) != 1:
+                raise ConfigError(f"{r} registers several rules ({', '.join(registered)}): pass --rule NAME and plugins={r}")
+            names.append(registered[0])
+            files.append(str(Path(r).resolve()))
+        else:
+            names.append(r)
+    if files:
+        overrides = (*overrides, f"plugins={','.join(files)}")
+    return names, overrides
+
+
+def _train_all(cfgs, workers: int) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from creditaudit.sweep import run_many
+
+    console.print(f"training {len(cfgs)} runs ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each; finished runs are reused)")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("runs", total=len(cfgs))
+
+        def done(outcome, i, n):
+            progress.advance(task)
+            colour = "green" if outcome.status == "finished" else "red"
+            progress.console.print(f"  [{colour}]{outcome.status:>9}[/] {outcome.run}  {outcome.wall_s:.0f} s"
+                                   + (f"  {outcome.error.splitlines()[0]}" if outcome.error and outcome.status != "finished" else ""))
+
+        run_many(cfgs, workers=workers, on_done=done)
+
+
+def _terminal_table(audit, title: str) -> Table:
+    """The audit table, compact: mean ± std over seeds (n in its own column); the report has all."""
+    from creditaudit.reports.audit import fire_text
+
+    def ms(stat, log=False) -> str:
+        mean, std, n = stat
+        if n == 0 or mean != mean:
+            return "–"
+        f = "{:.1e}" if log else "{:.3f}"
+        return f.format(mean) + ("" if std != std else " ± " + f.format(std))
+
+    table = Table(title=title, title_justify="left")
+    for h in ("rule", "n", "test acc", "D3 pp", "deep cos", "ρ deep", "‖h_L‖", "‖g_L‖", "D1", "D2", "D3", "verdict", "claim"):
+        table.add_column(h, overflow="fold")
+    for ra in audit.rules:
+        st = ra.stats
+        colour = "green" if ra.verdict.label == "PASS" else "red"
+        table.add_row(ra.rule, str(ra.verdict.n), ms(st["test_acc"]), ms(st["depth_pp"]).replace(".000", ""), ms(st["deep_cos"]),
+                      ms(st["rho_deep"]), ms(st["hL_norm"], True), ms(st["gL_norm"], True),
+                      *[fire_text(ra.fire_epochs(d)) for d in ("D1", "D2", "D3")],
+                      f"[{colour}]{ra.verdict.label}[/]", ra.verdict.claim)
+    return table
+
+
+def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
+    from creditaudit import audit as A
+    from creditaudit.reports.audit import build_audit, html_page, markdown, plots
+    from creditaudit.reports.collect import collect
+    from creditaudit.runs.io import atomic_write_bytes, atomic_write_text
+
+    col = collect(root, [setting] if setting else None)
+    settings = sorted({r.setting for r in col.runs})
+    if not settings:
+        raise FileNotFoundError(f"no readable run folders under {root}" + "".join(f"\n  {p}" for p in col.problems))
+    for s in settings:
+        audit = build_audit(col, setting=s, thresholds=th, own_baseline=own_baseline)
+        if not audit.rules:
+            continue
+        console.print(_terminal_table(audit, f"audit — {root}/{s}"))
+        for p in audit.problems:
+            err_console.print(f"[yellow]skipped:[/] {p}")
+        out_dir = Path(out) / s if out else root / "_reports" / s
+        paths = A.report_paths(out_dir)
+        runs = [r.run for ra in audit.rules for r in ra.runs]
+        context = {"results": f"{root}/{s}", "dataset": runs[0].dataset if runs else "?",
+                   "epochs": runs[0].config.get("epochs") if runs else "?", "runs audited": len(runs),
+                   "baseline runs": len(audit.baseline)}
+        pngs = plots(audit)
+        for name, png in pngs.items():
+            atomic_write_bytes(paths[name], png)
+        atomic_write_text(paths["markdown"], markdown(audit, title=f"Audit — {s}", context=context,
+                                                      plots={n: paths[n].name for n in pngs}))
+        atomic_write_text(paths["html"], html_page(audit, pngs, title=f"Audit — {s}", context=context))
+        console.print(f"report: {paths['markdown']} and {paths['html']}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,313 @@
+"""The audit of a results folder: verdicts per run and per rule, the audit table, and the report
+(Markdown and a self-contained HTML page with plots). A function of the run folders alone.
+
+Every figure is mean ± std (ddof=1) over seeds with its n. D3 compares each run with the
+frozen-blocks baseline of the same experiment (same architecture, data, seed, epochs) found in the
+same results folder: ``bp_frozen`` by default, or the rule's own ``<rule>_frozen``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from creditaudit.diagnostics.verdict import RuleVerdict, RunVerdict, Thresholds, mean_std, rule_verdict, run_verdict, summarise
+from creditaudit.reports.collect import Collection, RunRecord, same_experiment
+
+# Figure name -> (column title, one-line definition). The definitions are printed under every table.
+FIGURES: dict[str, tuple[str, str]] = {
+    "test_acc": ("test acc", "final test accuracy"),
+    "depth_pp": ("D3 depth utility (pp)", "test accuracy minus the frozen-blocks baseline's, percentage points; D3 fires below the threshold"),
+    "deep_cos": ("deep cos", "mean over blocks l=1..L of Γ_l, the mean per-sample cosine between credit a_l and true gradient g_l (no eps clamp, float64)"),
+    "rho_deep": ("ρ deep", "mean over l=1..L of ρ_l, the Pearson correlation between predicted (ε⟨a_l,v⟩) and actual loss changes along random unit directions v"),
+    "nudge": ("nudging ΔL", "change of the eval loss after moving each h_l by η against a_l/‖a_l‖, mean over l=1..L (negative = credit points downhill)"),
+    "train_loss_decrease": ("train-loss Δ", "final minus initial (epoch 0) loss on a fixed training subset"),
+    "hL_norm": ("‖h_L‖", "median per-sample norm of the last residual-stream state"),
+    "gL_norm": ("D2 ‖g_L‖", "median per-sample norm of the reference gradient dCE/dh_L; D2 fires below the threshold"),
+    "d1_max": ("D1 max ratio", "largest over epochs of max_l median ‖h_l‖/‖h_{l-1}‖; D1 fires above the threshold"),
+    "grad_stab": ("(c) grad stability", "mean pairwise cosine of batch-mean g at layer L/2 across disjoint batches (drift vs noise; not a detector)"),
+}
+LOG_FIGURES = {"hL_norm", "gL_norm", "d1_max"}
+
+
+@dataclass
+class RunAudit:
+    run: RunRecord
+    verdict: RunVerdict
+    figures: dict[str, float | None]
+    baseline: RunRecord | None
+
+
+@dataclass
+class RuleAudit:
+    rule: str
+    runs: list[RunAudit]
+    verdict: RuleVerdict
+    stats: dict[str, tuple[float, float, int]]  # figure -> (mean, std ddof=1, n)
+
+    def fire_epochs(self, detector: str) -> list[int | None]:
+        return [r.verdict.fired.get(detector) for r in self.runs]
+
+
+@dataclass
+class Audit:
+    setting: str
+    thresholds: Thresholds
+    baseline_rule: str
+    rules: list[RuleAudit]
+    baseline: list[RunRecord]
+    problems: list[str] = field(default_factory=list)
+    not_finished: list[RunRecord] = field(default_factory=list)
+
+
+def find_baseline(run: RunRecord, candidates: list[RunRecord]) -> RunRecord | None:
+    for c in candidates:
+        if c.seed == run.seed and same_experiment(c.config, run.config):
+            return c
+    return None
+
+
+def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thresholds | None = None,
+                baseline: str = "bp_frozen", own_baseline: bool = False, rules: list[str] | None = None) -> Audit:
+    """Verdicts and statistics of every rule in the results (one setting, when given)."""
+    th = thresholds or Thresholds()
+    runs = [r for r in col.runs if setting is None or r.setting == setting]
+    finished = [r for r in runs if r.status == "finished"]
+    not_finished = [r for r in runs if r.status != "finished"]
+    frozen = [r for r in finished if r.rule.endswith("_frozen")]
+    audited = sorted({r.rule for r in finished if r.rule != baseline}, key=_rule_order)
+    if rules is not None:
+        audited = [r for r in audited if r in rules]
+    out: list[RuleAudit] = []
+    problems = list(col.problems)
+    for rule in audited:
+        ras = []
+        base_rule = f"{rule.removesuffix('_frozen')}_frozen" if own_baseline else baseline
+        for run in sorted((r for r in finished if r.rule == rule), key=lambda r: r.seed):
+            base = find_baseline(run, [b for b in frozen if b.rule == base_rule])
+            if base is None and not rule.endswith("_frozen"):
+                problems.append(f"{run.path}: no finished {base_rule} baseline of the same experiment: D3 not evaluated")
+            verdict = run_verdict(run.metrics, base.metrics if base else None, th)
+            figs = summarise(run.metrics)
+            figs["depth_pp"] = verdict.depth_utility_pp
+            ras.append(RunAudit(run, verdict, figs, base))
+        stats = {k: mean_std([ra.figures.get(k) for ra in ras]) for k in FIGURES}
+        out.append(RuleAudit(rule, ras, rule_verdict(rule, [ra.verdict for ra in ras]), stats))
+    return Audit(setting or "all", th, baseline, out, [r for r in finished if r.rule == baseline], problems, not_finished)
+
+
+def _rule_order(rule: str) -> tuple[int, str]:
+    order = ["bp", "fa", "fa_layerwise", "dfa", "ep", "sb", "cb", "vec"]
+    base = rule.split("_frozen")[0].split("_shallow")[0]
+    return (order.index(base) if base in order else len(order), rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+def fmt(stat: tuple[float, float, int], key: str) -> str:
+    mean, std, n = stat
+    if n == 0 or math.isnan(mean):
+        return "–"
+    if key in LOG_FIGURES or (abs(mean) < 1e-3 and mean != 0):
+        body = f"{mean:.2e}" + (f" ± {std:.1e}" if not math.isnan(std) else "")
+    else:
+        body = f"{mean:.3f}" + (f" ± {std:.3f}" if not math.isnan(std) else "")
+    return f"{body} (n={n})"
+
+
+def fire_text(epochs: list[int | None]) -> str:
+    fired = [e for e in epochs if e is not None]
+    if not fired:
+        return "–"
+    return f"{len(fired)}/{len(epochs)} at ep {','.join(str(e) for e in fired)}"
+
+
+TABLE_KEYS = ["test_acc", "depth_pp", "deep_cos", "rho_deep", "nudge", "train_loss_decrease", "hL_norm", "gL_norm", "d1_max", "grad_stab"]
+
+
+def table_rows(audit: Audit) -> tuple[list[str], list[list[str]]]:
+    header = ["rule"] + [FIGURES[k][0] for k in TABLE_KEYS] + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+    rows = []
+    for ra in audit.rules:
+        modes = ", ".join(f"{m} {c}/{ra.verdict.n}" for m, c in ra.verdict.modes.items()) or "–"
+        rows.append([ra.rule] + [fmt(ra.stats[k], k) for k in TABLE_KEYS]
+                    + [fire_text(ra.fire_epochs(d)) for d in ("D1", "D2", "D3")]
+                    + [ra.verdict.label, modes, ra.verdict.claim])
+    return header, rows
+
+
+def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | None = None, plots: dict[str, str] | None = None) -> str:
+    th = audit.thresholds
+    lines = [f"# {title}", ""]
+    for k, v in (context or {}).items():
+        lines.append(f"- **{k}**: {v}")
+    lines += [
+        f"- **thresholds**: D1 fires when max_l ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}; D2 when ‖g_L‖ < {th.d2_norm:g}; "
+        f"D3 when depth utility < {th.d3_pp:g} pp against `{audit.baseline_rule}`; Mode 2 when D2 passes and |deep cos| < {th.mode2_cos:g}",
+        "",
+        "## Audit table", "",
+        "Mean ± std (ddof=1) over seeds, with n. Fire epochs: seeds in which the diagnostic fired, and the first epoch it did.", "",
+    ]
+    header, rows = table_rows(audit)
+    lines += [_md_row(header), _md_row(["---"] * len(header))] + [_md_row(r) for r in rows]
+    if audit.baseline:
+        accs = mean_std([summarise(b.metrics)["test_acc"] for b in audit.baseline])
+        lines += ["", f"Frozen-blocks baseline `{audit.baseline_rule}`: test acc {fmt(accs, 'test_acc')}."]
+    lines += ["", "## Per run", "", _md_row(["run", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict", "modes"]),
+              _md_row(["---"] * 8)]
+    for ra in audit.rules:
+        for r in ra.runs:
+            f = r.figures
+            lines.append(_md_row([r.run.path.name, _num(f["test_acc"]), _num(f["depth_pp"]), _num(f["deep_cos"]),
+                                  _num(f["hL_norm"], True), _num(f["gL_norm"], True), r.verdict.label, ", ".join(r.verdict.modes) or "–"]))
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
+    lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
+    lines += ["- **verdict**: PASS, or FAIL(…) naming the detectors (D1, D2, D3) that fired, with the seeds in which they did.",
+              "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient collapsed). "
+              "**Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse).",
+              "- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, else *needs walk-back*."]
+    problems = audit.problems + [f"{r.path}: status {r.status}; not audited" for r in audit.not_finished]
+    if problems:
+        lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _num(v: float | None, log: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.2e}" if log else f"{v:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+def _curves(ra: RuleAudit, key: str) -> dict[int, list[float]]:
+    by_epoch: dict[int, list[float]] = {}
+    for r in ra.runs:
+        for rec in r.run.metrics:
+            v = rec.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                by_epoch.setdefault(int(rec["epoch"]), []).append(float(v))
+    return by_epoch
+
+
+def plots(audit: Audit) -> dict[str, bytes]:
+    """PNG figures: norms with thresholds (log axes), per-layer cosine over epochs, accuracy vs the
+    frozen baseline. Curves are the mean over seeds; the band is ± one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    th = audit.thresholds
+    out: dict[str, bytes] = {}
+
+    def band(ax, ra, key, **kw):
+        c = _curves(ra, key)
+        if not c:
+            return
+        ep = sorted(c)
+        m = [mean_std(c[e])[0] for e in ep]
+        s = [mean_std(c[e])[1] for e in ep]
+        line, = ax.plot(ep, m, label=ra.rule, **kw)
+        lo = [a - (b if not math.isnan(b) else 0) for a, b in zip(m, s)]
+        hi = [a + (b if not math.isnan(b) else 0) for a, b in zip(m, s)]
+        ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ra in audit.rules:
+        band(axes[0], ra, "diag/hL_norm")
+        band(axes[1], ra, "diag/gL_norm")
+        band(axes[2], ra, "diag/d1")
+    axes[0].set(title="‖h_L‖ (median over the eval batch)", yscale="log", xlabel="epoch")
+    axes[1].set(title="‖g_L‖ — D2", yscale="log", xlabel="epoch")
+    axes[1].axhline(th.d2_norm, color="red", ls="--", lw=1, label=f"D2 threshold {th.d2_norm:g}")
+    axes[2].set(title="max_l ‖h_l‖/‖h_(l-1)‖ — D1", yscale="log", xlabel="epoch")
+    axes[2].axhline(th.d1_ratio, color="red", ls="--", lw=1, label=f"D1 threshold {th.d1_ratio:g}")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    out["norms"] = _png(fig)
+
+    n = len(audit.rules)
+    cols = min(n, 4) or 1
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, ra in zip(axes.flat, audit.rules):
+        keys = sorted({k for r in ra.runs for rec in r.run.metrics for k in rec if k.startswith("credit/cos_l")},
+                      key=lambda k: int(k.rsplit("l", 1)[1]))
+        for k in keys:
+            c = _curves(ra, k)
+            ep = sorted(c)
+            ax.plot(ep, [mean_std(c[e])[0] for e in ep], label=f"Γ_{k.rsplit('l', 1)[1]}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(title=f"{ra.rule}: cos(a_l, g_l)", xlabel="epoch", ylim=(-1.05, 1.05))
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    out["cosines"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for ra in audit.rules:
+        band(ax, ra, "test/acc")
+    if audit.baseline:
+        c: dict[int, list[float]] = {}
+        for b in audit.baseline:
+            for rec in b.metrics:
+                if "test/acc" in rec:
+                    c.setdefault(int(rec["epoch"]), []).append(rec["test/acc"])
+        ep = sorted(c)
+        ax.plot(ep, [mean_std(c[e])[0] for e in ep], "k--", label=f"{audit.baseline_rule} (baseline)")
+    ax.set(title="test accuracy vs the frozen-blocks baseline", xlabel="epoch", ylabel="accuracy")
+    ax.legend(fontsize=7)
+    out["accuracy"] = _png(fig)
+    return out
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", context: dict[str, Any] | None = None) -> str:
+    """A self-contained page: the tables, the plots inline (base64), the definitions."""
+    header, rows = table_rows(audit)
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}"
+             ".PASS{color:#070}.FAIL{color:#b00}img{max-width:100%}</style></head><body>",
+             f"<h1>{esc(title)}</h1><ul>"]
+    parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
+    parts.append("</ul><h2>Audit table</h2><p>Mean ± std (ddof=1) over seeds, with n.</p><table><tr>")
+    parts += [f"<th>{esc(h)}</th>" for h in header] + ["</tr>"]
+    for row in rows:
+        cells = []
+        for h, c in zip(header, row):
+            cls = " class='PASS'" if c == "PASS" else (" class='FAIL'" if c.startswith("FAIL") else "")
+            cells.append(f"<td{cls}>{esc(c)}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    for name, png in pngs.items():
+        parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    md = markdown(audit, title=title, context=context)
+    defs = md.split("## Definitions", 1)[1].split("## Skipped")[0]
+    parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{esc(line[2:])}</li>" for line in defs.strip().splitlines() if line.startswith("- ")) + "</ul>")
+    if audit.problems or audit.not_finished:
+        parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in audit.problems) +
+                     "".join(f"<li>{esc(str(r.path))}: status {esc(r.status)}</li>" for r in audit.not_finished) + "</ul>")
+    parts.append("</body></html>")
+    return "".join(parts)
