@@ -234,7 +234,7 @@ def plots(audit: Audit) -> dict[str, bytes]:
     axes[2].set(title="max_l ‖h_l‖/‖h_(l-1)‖ — D1", yscale="log", xlabel="epoch")
     axes[2].axhline(th.d1_ratio, color="red", ls="--", lw=1, label=f"D1 threshold {th.d1_ratio:g}")
     for ax in axes:
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
     out["norms"] = _png(fig)
 
     n = len(audit.rules)
@@ -250,7 +250,7 @@ def plots(audit: Audit) -> dict[str, bytes]:
             ax.plot(ep, [mean_std(c[e])[0] for e in ep], label=f"Γ_{k.rsplit('l', 1)[1]}")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(title=f"{ra.rule}: cos(a_l, g_l)", xlabel="epoch", ylim=(-1.05, 1.05))
-        ax.legend(fontsize=6)
+        _legend(ax, 6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     out["cosines"] = _png(fig)
@@ -267,9 +267,14 @@ def plots(audit: Audit) -> dict[str, bytes]:
         ep = sorted(c)
         ax.plot(ep, [mean_std(c[e])[0] for e in ep], "k--", label=f"{audit.baseline_rule} (baseline)")
     ax.set(title="test accuracy vs the frozen-blocks baseline", xlabel="epoch", ylabel="accuracy")
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     out["accuracy"] = _png(fig)
     return out
+
+
+def _legend(ax, size: int) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
 
 
 def _png(fig) -> bytes:
