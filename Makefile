@@ -13,6 +13,7 @@ test: setup
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 bench: setup
+	$(VENV)/bin/python bench/bench_diagnostics.py
 	$(VENV)/bin/python bench/bench_epoch.py $(ARGS)
 
 clean:

@@ -37,8 +37,8 @@ def test_run_folder_contents(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 0: the diagnostics before any update
     for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "diag/d1", "diag/gL_norm", "credit/deep_cos"):
         assert key in records[1]
-    assert {"diag/d1", "diag/gL_norm", "credit/rho_deep", "diag/grad_stab"} <= set(records[0])
-    assert "credit/rho_deep" in records[2] and "credit/rho_deep" not in records[1]  # full probe: first and last
+    assert {"diag/d1", "diag/gL_norm", "credit/deep_cos"} <= set(records[0])
+    assert "credit/rho_deep" in records[2] and "credit/rho_deep" not in records[1]  # full probe: the last epoch
     assert records[2]["train/loss"] < records[1]["train/loss"]
     prov = summary["provenance"]
     for key in ("torch", "python", "git_commit", "git_dirty"):

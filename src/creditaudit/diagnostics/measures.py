@@ -72,17 +72,23 @@ def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:
 def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, dirs: int, eps: float,
                  generator: torch.Generator) -> float:
     """ρ_l: Pearson correlation, over samples × ``dirs`` random unit directions v, between the
-    predicted loss change ε⟨a_l, v⟩ and the actual change CE(h_l + εv) − CE(h_l). Run in float64
-    (the model is expected in float64 too: the changes can be 1e-12)."""
+    predicted loss change ε⟨a_l, v⟩ and the actual change CE(h_l + εv) − CE(h_l). The forward passes
+    run in the model's dtype (float64 when the changes can be tiny: see ``probe``); the directions
+    are drawn in float64 and the correlation is computed in float64."""
     B = h.shape[0]
-    h64, a64 = h.double(), flat64(a)
+    dtype = next(model.parameters()).dtype
+    h64, a64 = h.to(dtype), flat64(a)
     base = per_sample_loss(model, l, h64, y)  # (B,)
+    # Directions in chunks stacked along the batch: large matrix products instead of `dirs` small ones.
+    chunk = max(1, min(dirs, 8192 // max(B, 1)))
     predicted, actual = [], []
-    for _ in range(dirs):
-        v = torch.randn(h64.shape, generator=generator, dtype=torch.float64, device="cpu").to(h64.device)
-        v = v / flat64(v).norm(dim=1).view(B, *[1] * (h64.dim() - 1))
-        predicted.append(eps * (a64 * flat64(v)).sum(1))
-        actual.append(per_sample_loss(model, l, h64 + eps * v, y) - base)
+    for start in range(0, dirs, chunk):
+        k = min(chunk, dirs - start)
+        v = torch.randn((k, *h64.shape), generator=generator, dtype=torch.float64).to(h64.device)  # (k, B, ...)
+        v = v / v.flatten(2).norm(dim=2).view(k, B, *[1] * (h64.dim() - 1))
+        predicted.append(eps * (a64.unsqueeze(0) * v.flatten(2)).sum(2).flatten())  # (k·B,)
+        moved = (h64.unsqueeze(0) + eps * v.to(dtype)).flatten(0, 1)  # (k·B, ...)
+        actual.append((per_sample_loss(model, l, moved, y.repeat(k)) - base.repeat(k)).double())
     p, q = torch.cat(predicted), torch.cat(actual)
     return pearson(p, q)
 
