@@ -25,8 +25,14 @@ def arch(request):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seeded, and one intra-op thread: on a busy 2-core machine two threads make the tiny matrix
+    products of these tests tens of times slower, and one thread makes them bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp_path, *overrides: str) -> TrainConfig:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from creditaudit.models.base import CreditNet, preserved_buffers
+from creditaudit.models.base import CreditNet
 
 
 def flat64(t: Tensor) -> Tensor:
@@ -54,18 +54,9 @@ def credit_cosines(credits: list[Tensor], grads: list[Tensor]) -> list[float]:
     return [float(torch.nanmean(cosine(a, g)).item()) for a, g in zip(credits, grads)]
 
 
-def forward_from(model: CreditNet, l: int, h: Tensor) -> Tensor:
-    """Logits of blocks l+1..L, terminal norm and head run from state h_l (any number of rows).
-    Buffers are left as they were (BatchNorm statistics are not moved by a probe)."""
-    with preserved_buffers(model):
-        for block in model.blocks[l:]:
-            h, _ = block(h)
-        return model.readout(h)
-
-
 def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:
     """CE_i of the rest of the model run from h_l, (B,) in the dtype of h."""
-    return F.cross_entropy(forward_from(model, l, h), y, reduction="none")
+    return F.cross_entropy(model.forward_from(l, h), y, reduction="none")
 
 
 @torch.no_grad()

@@ -97,6 +97,16 @@ class CreditNet(nn.Module):
         logits = self.readout(h.detach() if detach_inputs else h)
         return Forward(logits, hs, fs)
 
+    def forward_from(self, l: int, h: Tensor) -> Tensor:
+        """Logits of blocks l+1..L, terminal norm and head, run from a state ``h`` with the shape of
+        h_l and any number of rows (e.g. perturbed copies of a batch stacked along dim 0). The mode
+        is kept (BatchNorm in training mode normalises with the rows given) and no buffer moves:
+        a probe never changes the model. Gradients flow as usual."""
+        with preserved_buffers(self):
+            for block in self.blocks[l:]:
+                h, _ = block(h)
+            return self.readout(h)
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x)
         for block in self.blocks:

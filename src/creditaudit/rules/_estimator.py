@@ -13,31 +13,29 @@ Conditioning. An estimator sees three things about a state h_l of block index l:
     s         the terminal code: e_T = softmax(o) − onehot(y) (``code=error``, default) or
               onehot(y) (``code=label``), C-dim, detached.
 
-The trunk: u = A_l(LN h_l) + τ(l) + W_s s, with a per-layer input adapter A_l = Linear(D_l, width)
-(states of different layers may differ in shape); z = MLP(u) (``depth`` × [GELU, Linear(width,
-width)], then GELU); the features are z ⊙ (1 + W_g s). The code enters twice — additively at the
-input and as a multiplicative gate on the features — so that an estimator can represent a credit
-that is linear in the output error (a ≈ J(h)ᵀ e_T, the shape of every true gradient), which an
-additive code alone learns only slowly. The trunk is shared by all layers: one estimator serves
-L+1 states, and all layers go through it as one concatenated batch. Rule-specific heads map the
-(width)-dim features to a state, a scalar or a credit.
+The trunk: z = MLP(A_l(LN h_l) + τ(l)), with a per-layer input adapter A_l = Linear(D_l, width)
+(states of different layers may differ in shape) and a shared MLP (``depth`` × [Linear(width,
+width), GELU] after a GELU). One estimator serves all L+1 states, which pass the trunk as one
+concatenated batch. How s enters is each rule's choice, documented there: ``sb`` adds W_s s to the
+trunk's input; ``cb`` and ``vec`` keep s out of the trunk and contract the features with it, so that
+their credit is linear in s — the form of every true gradient, g_l = (∂o/∂h_l)ᵀ e_T — and vanishes
+with e_T on a sample the model already fits (with s in the trunk, a value net can read the loss off
+e_T alone, CE_i = −log(1 + e_T,i[y_i]), and learn nothing about h).
 
-Estimators are float32 and built on the CPU from the global RNG in ``setup`` (reproducible from
-the run seed), then moved to ``ctx.device``; their states are cast to float32 on the way in and
-credits are returned in the dtype of the states.
+Estimators are float32, built on the CPU from a seed that ``setup`` draws from the global RNG
+(see :class:`EstimatorRule`), then moved to ``ctx.device``; states are cast to float32 on the way
+in and credits are returned in the dtype of the states.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet
@@ -83,19 +81,15 @@ def terminal_code(kind: str, logits: Tensor, y: Tensor) -> Tensor:
     return logits.detach().float().softmax(1) - onehot
 
 
-def check_choice(rule: str, option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{rule}.{option}={value!r}: expected one of {', '.join(choices)}")
-
-
-def check_positive(rule: str, option: str, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{rule}.{option}={value!r}: must be a finite number > 0")
+def check_option(rule: str, option: str, value: Any, ok: bool, expected: str) -> None:
+    """Raise a :class:`ConfigError` naming ``<rule>.<option>=value`` and what is expected."""
+    if not ok:
+        raise ConfigError(f"{rule}.{option}={value!r}: expected {expected}")
 
 
 def per_sample_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """cos(a_i, b_i) over flattened features without an eps clamp in the numerator's scale (the
-    norms are floored only at the dtype's smallest normal number, to avoid 0/0)."""
+    """cos(a_i, b_i) over flattened features, (B,), without an eps clamp: the denominator is floored
+    only at the dtype's smallest normal number (so a zero vector gives 0, not nan)."""
     a, b = a.flatten(1), b.flatten(1)
     tiny = torch.finfo(a.dtype).tiny
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(tiny)
@@ -104,34 +98,6 @@ def per_sample_cosine(a: Tensor, b: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Running the model from a state
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in training mode keep using batch statistics but do not update their
-    running statistics (nor ``num_batches_tracked``): probing the model must not change it."""
-    switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
-
-
-def forward_from(model: CreditNet, l: int, h: Tensor) -> Tensor:
-    """Logits of the rest of ``model`` run from state h_l: blocks l+1..L, terminal norm, head.
-
-    ``h`` has the shape of h_l with any number of rows (e.g. several perturbed copies of a batch
-    stacked along dim 0). The model's mode is kept (BatchNorm in training mode normalises with the
-    statistics of the rows given) and no running statistic is updated. Gradients flow as usual;
-    wrap in ``torch.no_grad()`` to probe.
-    """
-    with frozen_norm_stats(model):
-        for block in model.blocks[l:]:
-            h, _ = block(h)
-        return model.readout(h)
-
-
 def terminal_loss_and_grad(model: CreditNet, h_L: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample CE_i of the current readout at h_L, (B,), and g_L = d CE_i / d h_L (the shape of
     h_L), both detached. Only the state gets a gradient (no parameter .grad is touched)."""
@@ -146,33 +112,32 @@ def terminal_loss_and_grad(model: CreditNet, h_L: Tensor, y: Tensor) -> tuple[Te
 # The conditioned trunk
 # ---------------------------------------------------------------------------------------------
 class Estimator(nn.Module):
-    """Per-layer input adapters, τ(l), the code s (additive + gate) and a shared MLP trunk."""
+    """Per-layer input adapters, τ(l), optionally the code s (added at the input), and a shared
+    MLP trunk: features z = MLP(A_l(LN h_l) + τ(l) [+ W_s s]), (N, width)."""
 
-    def __init__(self, state_dims: list[int], code_dim: int, width: int, depth: int):
+    def __init__(self, state_dims: list[int], width: int, depth: int, code_dim: int | None = None):
         super().__init__()
         self.adapters = nn.ModuleList(nn.Linear(D, width) for D in state_dims)
         self.tau = nn.Embedding(len(state_dims), width)  # τ(l), l = 0..L
         nn.init.normal_(self.tau.weight, std=0.02)
-        self.code_in = nn.Linear(code_dim, width, bias=False)
-        self.code_gate = nn.Linear(code_dim, width, bias=False)
+        self.code_in = nn.Linear(code_dim, width, bias=False) if code_dim else None
         layers: list[nn.Module] = [nn.GELU()]
         for _ in range(depth):
             layers += [nn.Linear(width, width), nn.GELU()]
         self.trunk = nn.Sequential(*layers)
 
-    def features(self, states: list[Tensor], layers: list[int], code: Tensor) -> list[Tensor]:
+    def features(self, states: list[Tensor], layers: list[int], code: Tensor | None = None) -> list[Tensor]:
         """Features (N_i, width) of each state ``states[i]`` (N_i, ...) of block index
-        ``layers[i]``; ``code`` is (B, C) and N_i a multiple k·B of B (k stacked copies of the
-        batch, the code repeated). All states pass the trunk as one batch."""
-        B = code.shape[0]
-        s_in, s_gate = self.code_in(code), 1.0 + self.code_gate(code)  # (B, width) each
-        us, gates = [], []
+        ``layers[i]``. With a code input, ``code`` is (B, C) and every N_i a multiple k·B of B (k
+        stacked copies of the batch; the code is repeated). All states pass the trunk as one batch."""
+        s_in = self.code_in(code) if self.code_in is not None else None  # (B, width)
+        us = []
         for h, l in zip(states, layers):
-            k = h.shape[0] // B
-            u = self.adapters[l](flat_ln(h.float())) + self.tau.weight[l] + s_in.repeat(k, 1)
+            u = self.adapters[l](flat_ln(h.float())) + self.tau.weight[l]
+            if s_in is not None:
+                u = u + s_in.repeat(h.shape[0] // s_in.shape[0], 1)
             us.append(u)
-            gates.append(s_gate.repeat(k, 1))
-        z = self.trunk(torch.cat(us)) * torch.cat(gates)
+        z = self.trunk(torch.cat(us))
         return list(z.split([u.shape[0] for u in us]))
 
 
@@ -196,17 +161,17 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule skeleton: lazy build, own optimizer and generator, checkpoint state
+# The rule skeleton: build from the run seed, own optimizer and generator, checkpoint state
 # ---------------------------------------------------------------------------------------------
 class EstimatorRule(Rule):
     """A rule with a learned estimator. Subclasses implement :meth:`build` (the trainable modules
     for the given state shapes), ``credits`` and ``step``.
 
-    The run context does not give the input shape, so the states' shapes are first known from a
-    batch: ``setup`` draws one seed from torch's global CPU RNG (seeded from the run seed right
-    before the model was built), and the estimator is built from that seed, on the CPU under a
-    forked RNG, when the first batch arrives (:meth:`ready`). It is therefore a function of (run
-    seed, model shapes) alone, whatever the device or the batch. The rule's own random stream
+    ``setup`` draws one seed from torch's global CPU RNG (seeded from the run seed right before
+    the model was built) and builds the estimator from it, on the CPU under a forked RNG, for the
+    state shapes of ``ctx.state_shapes``: the estimator is a function of (run seed, model shapes)
+    alone, whatever the device. A context without shapes (a hand-made one) defers the build to
+    the first batch (:meth:`ready`), with the same result. The rule's own random stream
     (``self.gen``, on ``ctx.device``; noise and random directions) comes from the same seed.
     ``state_dict`` holds the shapes, the estimator, its optimizer, the generator and a step count.
     """
@@ -215,9 +180,11 @@ class EstimatorRule(Rule):
     name: ClassVar[str] = "estimator"  # the registry name, for messages
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
-        check_choice(self.name, "code", self.opts.code, CODES)
-        check_positive(self.name, "est_lr", self.opts.est_lr)
-        check_positive(self.name, "width", self.opts.width)
+        o = self.opts
+        check_option(self.name, "code", o.code, o.code in CODES, " | ".join(CODES))
+        check_option(self.name, "est_lr", o.est_lr, o.est_lr > 0 and math.isfinite(o.est_lr), "a finite number > 0")
+        check_option(self.name, "width", o.width, o.width >= 1, "an integer >= 1")
+        check_option(self.name, "depth", o.depth, o.depth >= 0, "an integer >= 0")
         self.ctx = ctx
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.gen = torch.Generator(device=ctx.device)
@@ -226,6 +193,8 @@ class EstimatorRule(Rule):
         self.net: nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.steps = 0  # estimator steps taken
+        if ctx.state_shapes:
+            self._build(list(ctx.state_shapes))
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         """The trainable modules for per-sample state shapes h_0..h_L (drawn from the global RNG)."""
@@ -235,7 +204,7 @@ class EstimatorRule(Rule):
         """Hook: extra state made from the built estimator (EMA targets, fixed matrices)."""
 
     def ready(self, fwd_hs: list[Tensor]) -> None:
-        """Build the estimator the first time the states' shapes are seen."""
+        """Build the estimator now if ``setup`` could not (its context gave no state shapes)."""
         if self.net is None:
             self._build([tuple(h.shape[1:]) for h in fwd_hs])
 

@@ -1,8 +1,13 @@
 """``cb`` — Credit Bridge: a learned scalar value of every state, and credit as its input gradient
 (a synthetic-gradient-style probe).
 
-Value:    V_φ(h_l, τ(l), s) = w · z_l + b,  z_l the trunk features of (LN(h_l), τ(l), s)
-          (``_estimator.Estimator``); s = e_T = softmax(o) − onehot(y) by default.
+Value:    V_φ(h_l, τ(l), s) = ⟨s, P_φ(z_l)⟩ + c_φ(s),   z_l = MLP(A_l(LN h_l) + τ(l)) the trunk
+          features (``_estimator.Estimator``), P_φ = Linear(width, C), c_φ a small MLP of s alone;
+          s = e_T = softmax(o) − onehot(y) by default. Why this form: at l = L it is exact,
+              CE_i = ⟨e_T,i, o_i⟩ + H(p_i)    (H the entropy of p = softmax(o) = e_T + onehot(y)),
+          so with P(z_L) = o and c = H, V = CE and ∇_{h_L}V = (∂o/∂h_L)ᵀ e_T = g_L; for l < L, P
+          is a learned logit bridge from h_l and ∇V is linear in e_T, like the true g_l. (A value
+          net that sees s in its trunk reads the loss off e_T alone and learns nothing about h.)
 Credit:   a_l = ∇_{h_l} V_φ(h_l, τ(l), s)   per sample, l = 0..L (through the input LN, so it
           scales like 1/‖h_l‖).
 Training: after each model step, on the detached states of the batch, one AdamW step (own
@@ -12,7 +17,8 @@ Training: after each model step, on the detached states of the batch, one AdamW 
               T_l,i = softmin_τ { V̄(h_{l+1},i + σ·rms(h_{l+1},i)·ξ_k, τ(l+1), s_i) : k = 1..K },
               softmin_τ(v) = −τ·log((1/K)·Σ_k exp(−v_k/τ))   (between the mean and the min),
               loss_cons = mean_{l<L} mean_i (V(h_l,i) − sg T_l,i)²
-            with ξ_k ~ N(0, I) from the rule's own generator and V̄ an EMA copy of V
+            with ξ_k ~ N(0, I) from the rule's own generator, drawn in antithetic pairs ±ξ (half
+            the random numbers, lower variance), and V̄ an EMA copy of V
             (V̄ ← ema·V̄ + (1 − ema)·V after every step). σ is relative: the noise of each copy has
             ‖σ·rms(h)·ξ‖ ≈ σ·‖h‖, whatever the scale of the stream;
             terminal matching at l = L, with the current head and norm (g_L by autograd through
@@ -24,9 +30,9 @@ Training: after each model step, on the detached states of the batch, one AdamW 
             error normalised by ‖g_L‖² would explode (samples with g_L = 0 are left out);
             loss = loss_cons + terminal_w · (loss_val + loss_grad).
 Warm-up:  ``dfa_warmup=true``: for the first ``warmup_frac`` of ctx.total_steps the credits are
-          DFA's, a_l = B_lᵀ e_T with fixed B_l (C × D_l, i.i.d. N(0, 1/D_l), so ‖a_l‖ ≈ ‖e_T‖)
-          drawn from the rule's seed; the value net trains from step 0 all the same.
-Defaults: est_lr 1e-3, width 128, depth 1, code=error, K 8, sigma 0.1 (relative), temp 0.1,
+          DFA's, a_l = B_lᵀ e_T with fixed B_l (C × D_l, i.i.d. N(0, 1/C), the ``dfa`` rule's
+          default scale) drawn from the rule's seed; the value net trains from step 0 all the same.
+Defaults: est_lr 1e-3, width 64, depth 1, code=error, K 8, sigma 0.1 (relative), temp 0.1,
           ema 0.995, terminal_w 1.0, dfa_warmup false, warmup_frac 0.2.
 """
 from __future__ import annotations
@@ -44,6 +50,9 @@ from creditaudit.rules.base import RULES
 
 @dataclass
 class CBOptions(E.EstimatorOptions):
+    """Options of ``cb`` (the estimator's own, then the bridge's)."""
+
+    width: int = field(default=64, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width (64: the K noisy target copies make each step K times the trunk's work)"})
     K: int = field(default=8, metadata={"help": "noisy copies of h_{l+1} in the soft-min consistency target"})
     sigma: float = field(default=0.1, metadata={"help": "noise of each copy, relative: sigma × per-sample RMS of h_{l+1} per feature"})
     temp: float = field(default=0.1, metadata={"help": "soft-min temperature (in loss units) over the K noisy target values"})
@@ -60,14 +69,21 @@ class CreditBridge(E.EstimatorRule):
 
     def setup(self, model: CreditNet, ctx) -> None:
         super().setup(model, ctx)
-        for opt in ("K", "sigma", "temp", "ema"):
-            E.check_positive(self.name, opt, getattr(self.opts, opt))
+        o, check = self.opts, E.check_option
+        check(self.name, "K", o.K, o.K >= 1, "an integer >= 1")
+        check(self.name, "sigma", o.sigma, 0 <= o.sigma < math.inf, "a finite number >= 0")
+        check(self.name, "temp", o.temp, 0 < o.temp < math.inf, "a finite number > 0")
+        check(self.name, "ema", o.ema, 0 <= o.ema <= 1, "a decay in [0, 1]")
+        check(self.name, "terminal_w", o.terminal_w, 0 <= o.terminal_w < math.inf, "a finite number >= 0")
+        check(self.name, "warmup_frac", o.warmup_frac, 0 <= o.warmup_frac <= 1, "a fraction in [0, 1]")
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
+        C, width = self.ctx.num_classes, self.opts.width
         return nn.ModuleDict({
-            "trunk": E.Estimator(dims, self.ctx.num_classes, self.opts.width, self.opts.depth),
-            "out": nn.Linear(self.opts.width, 1),
+            "trunk": E.Estimator(dims, width, self.opts.depth),
+            "logits": nn.Linear(width, C),  # P
+            "base": nn.Sequential(nn.Linear(C, width), nn.GELU(), nn.Linear(width, 1)),  # c(s)
         })
 
     def after_build(self) -> None:
@@ -75,7 +91,8 @@ class CreditBridge(E.EstimatorRule):
         self.B: list[Tensor] = []
         if self.opts.dfa_warmup:
             dims = [int(torch.Size(s).numel()) for s in self.shapes]
-            self.B = [(torch.randn(self.ctx.num_classes, D) / math.sqrt(D)).to(self.ctx.device) for D in dims]
+            C = self.ctx.num_classes
+            self.B = [(torch.randn(C, D) / math.sqrt(C)).to(self.ctx.device) for D in dims]
 
     def extra_state(self) -> dict:
         return {"target": self.target.state_dict()}
@@ -85,8 +102,14 @@ class CreditBridge(E.EstimatorRule):
 
     @staticmethod
     def value(net: nn.Module, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
-        """V for each state hs[i] (N_i, ...) of block index layers[i]: (N_i,) each."""
-        return [net["out"](z).squeeze(1) for z in net["trunk"].features(hs, layers, s)]
+        """V for each state hs[i] (N_i, ...) of block index layers[i], N_i = k·B (k stacked
+        copies of the batch): (N_i,) each."""
+        base = net["base"](s).squeeze(1)  # (B,)
+        out = []
+        for z in net["trunk"].features(hs, layers):
+            k = z.shape[0] // s.shape[0]
+            out.append((net["logits"](z) * s.repeat(k, 1)).sum(1) + base.repeat(k))
+        return out
 
     def in_warmup(self) -> bool:
         return self.opts.dfa_warmup and self.steps < self.opts.warmup_frac * self.ctx.total_steps
@@ -117,7 +140,8 @@ class CreditBridge(E.EstimatorRule):
             with torch.no_grad():
                 noisy = []
                 for h in hs[1:]:
-                    xi = torch.randn((o.K, *h.shape), generator=self.gen, device=h.device)  # (K, B, ...)
+                    xi = torch.randn(((o.K + 1) // 2, *h.shape), generator=self.gen, device=h.device)
+                    xi = torch.cat([xi, -xi])[: o.K]  # (K, B, ...): antithetic pairs ±ξ
                     scale = o.sigma * E.expand_like(E.rms(h), h)
                     noisy.append((h + scale * xi).flatten(0, 1))  # (K·B, ...)
                 vbar = self.value(self.target, noisy, list(range(1, L + 1)), s)

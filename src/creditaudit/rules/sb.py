@@ -1,8 +1,8 @@
 """``sb`` — State Bridge: a learned map from any state h_l to the last state h_L, and credit as the
 gradient of the true readout's loss through it (a target-prop-style probe).
 
-Bridge:   ĥ_L = G_ψ(h_l, τ(l), s) = rms(h_l) · W_out z_l,   z_l the trunk features of
-          (LN(h_l), τ(l), s) (``_estimator.Estimator``), reshaped to the shape of h_L. The factor
+Bridge:   ĥ_L = G_ψ(h_l, τ(l), s) = rms(h_l) · W_out z_l,   z_l = MLP(A_l(LN h_l) + τ(l) + W_s s)
+          the trunk features (``_estimator.Estimator``), reshaped to the shape of h_L. The factor
           rms(h_l) (per-sample RMS of the state, which the LN took out of the input) lets the
           bridge follow the scale of the residual stream instead of relearning it every step.
 Credit:   a_l = ∇_{h_l} CE(H(N(G_ψ(h_l, τ(l), s))), y)   per sample (gradient of the summed CE),
@@ -30,6 +30,8 @@ from creditaudit.rules.base import RULES
 
 @dataclass
 class SBOptions(E.EstimatorOptions):
+    """Options of ``sb`` (the estimator's own, then the bridge's)."""
+
     exact_terminal: bool = field(default=False, metadata={"help": "a_L = g_L exactly (through the current head and norm) instead of through the bridge"})
 
 
@@ -41,7 +43,7 @@ class StateBridge(E.EstimatorRule):
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
         return nn.ModuleDict({
-            "trunk": E.Estimator(dims, self.ctx.num_classes, self.opts.width, self.opts.depth),
+            "trunk": E.Estimator(dims, self.opts.width, self.opts.depth, code_dim=self.ctx.num_classes),
             "out": nn.Linear(self.opts.width, dims[-1]),
         })
 

@@ -1,0 +1,51 @@
+"""Golden numbers (torchtune style): a seeded tiny run per rule, whose first training losses must
+match stored values. A change of these numbers is a change of what a rule computes: if it is
+intended, regenerate with
+
+    CREDITAUDIT_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py
+
+and say why in the commit message.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from creditaudit.rules import RULES
+from creditaudit.train.trainer import build_run, train_step
+from tests.conftest import tiny_config
+
+GOLDEN = Path(__file__).parent / "golden" / "first_losses.json"
+STEPS = 5
+BUILTIN_RULES = [e.name for e in RULES.entries() if e.obj.__module__.startswith("creditaudit.rules.")]
+
+
+def first_losses(tmp_path, rule: str) -> list[float]:
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, f"rule={rule}", "d=16", "L=2", "batch_size=32")
+    run = build_run(cfg)
+    losses = []
+    for i, (x, y) in enumerate(run.loader.epoch(0)):
+        if i == STEPS:
+            break
+        loss, _, _ = train_step(run, x, y)
+        losses.append(loss.item() / y.shape[0])
+    return losses
+
+
+@pytest.mark.parametrize("rule", BUILTIN_RULES)
+def test_first_losses_match_the_stored_values(tmp_path, rule):
+    got = first_losses(tmp_path, rule)
+    stored = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if os.environ.get("CREDITAUDIT_REGEN_GOLDEN") == "1":
+        stored[rule] = got
+        GOLDEN.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"regenerated golden numbers for {rule}")
+    assert rule in stored, f"no golden numbers for rule {rule!r}: regenerate them (see this module's docstring)"
+    # float32 on CPU: identical on one platform; the tolerance allows for other BLAS builds.
+    assert got == pytest.approx(stored[rule], rel=1e-4, abs=1e-6)
+    assert got[-1] != got[0]  # the run learns: losses are not a constant
