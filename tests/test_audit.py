@@ -111,3 +111,55 @@ def test_every_table_figure_has_a_definition_in_the_docs():
     doc = (Path(__file__).parents[1] / "docs" / "audit.md").read_text()
     for title, definition in FIGURES.values():
         assert title in doc, f"docs/audit.md does not define {title!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, through the command line, on the bundled digits data
+# ---------------------------------------------------------------------------------------------
+def _audit_cli(*args):
+    from click.testing import CliRunner
+
+    from creditaudit.cli import main
+
+    return CliRunner().invoke(main, ["audit", *args], catch_exceptions=False)
+
+
+TINY = ("dataset=digits", "train_subset=0", "epochs=3", "d=32", "L=2", "threads=1")
+
+
+@pytest.mark.slow
+def test_bp_passes_every_diagnostic_at_every_epoch(tmp_path):
+    res = _audit_cli(f"results={tmp_path}", *TINY, "--rule", "bp", "--seeds", "1,2", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    audit = build_audit(collect(tmp_path), setting="main_audit")
+    (bp,) = audit.rules
+    assert bp.rule == "bp" and bp.verdict.label == "PASS" and bp.verdict.claim == "trustworthy"
+    for ra in bp.runs:
+        logged = [r for r in ra.run.metrics if "diag/d1" in r]
+        assert [r["epoch"] for r in logged] == [0, 1, 2, 3]
+        assert all(r["diag/d1"] <= TH.d1_ratio and r["diag/gL_norm"] >= TH.d2_norm for r in logged)
+        assert all(r["credit/deep_cos"] == pytest.approx(1.0, abs=1e-6) for r in logged)
+        assert ra.verdict.depth_utility_pp >= TH.d3_pp
+    report = tmp_path / "_reports" / "main_audit"
+    assert (report / "audit.md").exists() and (report / "audit.html").exists() and (report / "audit_norms.png").exists()
+
+
+@pytest.mark.slow
+def test_audit_of_a_researchers_own_rule_and_re_audit_without_training(tmp_path):
+    from tests.test_plugins import MY_RULE
+
+    path = tmp_path / "my_rule.py"
+    path.write_text(MY_RULE.format(name="mysigndfa"))
+    res = _audit_cli(f"results={tmp_path / 'r'}", *TINY, "--rule", str(path), "--seeds", "1", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert "mysigndfa" in res.output and (tmp_path / "r" / "main_audit" / "mysigndfa__resmlp__s1").is_dir()
+    metrics = tmp_path / "r" / "main_audit" / "mysigndfa__resmlp__s1" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    again = _audit_cli(str(tmp_path / "r"))  # re-audit: reads the folder, trains nothing
+    assert again.exit_code == 0 and "mysigndfa" in again.output
+    assert metrics.stat().st_mtime_ns == before
+
+
+def test_re_audit_of_a_missing_folder_is_one_clear_error(tmp_path):
+    res = _audit_cli(str(tmp_path / "nope"))
+    assert res.exit_code == 2 and "no results folder" in res.output

@@ -17,13 +17,6 @@ from creditaudit.train.trainer import build_run, train, train_step
 from tests.conftest import SMALL_ARCHS, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops; one intra-op thread keeps them fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ep(**opts):

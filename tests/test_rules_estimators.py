@@ -28,13 +28,6 @@ CPU = torch.device("cpu")
 SMALL_OPTS = {"width": "32", "est_lr": "3e-3"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is much faster than several fighting over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ctx(num_classes: int = 5, total_steps: int = 1000) -> RuleContext:

@@ -26,13 +26,6 @@ from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 FEEDBACK_RULES = ("dfa", "fa", "fa_layerwise")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(tmp_path, rule: str, arch: str, *overrides: str):
