@@ -64,21 +64,21 @@ def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, d
                  generator: torch.Generator) -> float:
     """ρ_l: Pearson correlation, over samples × ``dirs`` random unit directions v, between the
     predicted loss change ε⟨a_l, v⟩ and the actual change CE(h_l + εv) − CE(h_l). The forward passes
-    run in the model's dtype (float64 when the changes can be tiny: see ``probe``); the directions
-    are drawn in float64 and the correlation is computed in float64."""
+    run in the model's dtype (float64 when the changes can be tiny: see ``probe``), and so are the
+    directions and the predicted changes; the correlation is computed in float64."""
     B = h.shape[0]
     dtype = next(model.parameters()).dtype
-    h64, a64 = h.to(dtype), flat64(a)
+    h64, a64 = h.to(dtype), a.detach().flatten(1).to(dtype)
     base = per_sample_loss(model, l, h64, y)  # (B,)
     # Directions in chunks stacked along the batch: large matrix products instead of `dirs` small ones.
     chunk = max(1, min(dirs, 8192 // max(B, 1)))
     predicted, actual = [], []
     for start in range(0, dirs, chunk):
         k = min(chunk, dirs - start)
-        v = torch.randn((k, *h64.shape), generator=generator, dtype=torch.float64).to(h64.device)  # (k, B, ...)
+        v = torch.randn((k, *h64.shape), generator=generator, dtype=dtype).to(h64.device)  # (k, B, ...)
         v = v / v.flatten(2).norm(dim=2).view(k, B, *[1] * (h64.dim() - 1))
-        predicted.append(eps * (a64.unsqueeze(0) * v.flatten(2)).sum(2).flatten())  # (k·B,)
-        moved = (h64.unsqueeze(0) + eps * v.to(dtype)).flatten(0, 1)  # (k·B, ...)
+        predicted.append(eps * torch.einsum("bn,kbn->kb", a64, v.flatten(2)).flatten().double())  # (k·B,)
+        moved = (h64.unsqueeze(0) + eps * v).flatten(0, 1)  # (k·B, ...)
         actual.append((per_sample_loss(model, l, moved, y.repeat(k)) - base.repeat(k)).double())
     p, q = torch.cat(predicted), torch.cat(actual)
     return pearson(p, q)

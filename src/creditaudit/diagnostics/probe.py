@@ -30,7 +30,10 @@ from creditaudit.diagnostics import measures as M
 from creditaudit.models.base import CreditNet, true_grads
 
 
-RHO_FLOAT32_MIN_CHANGE = 1e-5  # ε·median‖g_l‖ above which ρ_l's forward passes run in float32
+# ε·median‖g_l‖ above which ρ_l's forward passes run in float32: float32's error on a per-sample
+# CE difference is ~1e-7, so changes of at least 2e-6 are measured to a few percent, which moves a
+# correlation by far less than its seed-to-seed spread. Below that (a collapsing reference), float64.
+RHO_FLOAT32_MIN_CHANGE = 2e-6
 
 
 @dataclass
@@ -79,13 +82,17 @@ def probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool
 
 def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool, seed: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    n = min(cfg.eval_n, data.x_test.shape[0])
-    x, y = data.x_test[:n], data.y_test[:n]
+    n_test = data.x_test.shape[0]
+    n = min(cfg.eval_n, n_test)
+    m = min(cfg.rho_n, n_test) if full else n  # ρ_l wants its own sample count: one reference for both
+    x_all, y_all = data.x_test[:max(n, m)], data.y_test[:max(n, m)]
     L = model.L
     # The reference in float64 (a copy: the model itself is untouched).
     model64 = copy.deepcopy(model).double()
-    fwd64, gs = true_grads(model64, x.double(), y)
-    hs = fwd64.hs
+    fwd64, gs_all = true_grads(model64, x_all.double(), y_all)
+    credits_all = _credits(model, rule, x_all, y_all)
+    x, y = x_all[:n], y_all[:n]
+    hs, gs, credits = [h[:n] for h in fwd64.hs], [g[:n] for g in gs_all], [a[:n] for a in credits_all]
 
     ratios = M.scale_ratios(hs)
     for l, r in enumerate(ratios, start=1):
@@ -99,7 +106,6 @@ def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: boo
         xt = data.x_train[:n]
         out["diag/train_loss_fixed"] = float(F.cross_entropy(model(xt), data.y_train[:n]).item())
 
-    credits = _credits(model, rule, x, y)
     gammas = M.credit_cosines(credits, gs)
     for l, g in enumerate(gammas):
         out[f"credit/cos_l{l}"] = g
@@ -112,18 +118,12 @@ def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: boo
 
     if full:
         gen = torch.Generator().manual_seed(seed)
-        m = min(cfg.rho_n, data.x_test.shape[0])
-        if m > n:  # ρ wants more samples than the eval batch: credits and states for the first m
-            xr, yr = data.x_test[:m], data.y_test[:m]
-            hs_r = true_grads(model64, xr.double(), yr)[0].hs
-            credits_r = _credits(model, rule, xr, yr)
-        else:
-            yr, hs_r, credits_r = y[:m], [h[:m] for h in hs], [a[:m] for a in credits]
+        yr, hs_r, credits_r = y_all[:m], [h[:m] for h in fwd64.hs], [a[:m] for a in credits_all]
         rhos = {}
         for l in deep:
             # float32 suffices when the loss changes ε‖g_l‖ are far above its rounding (~1e-7·CE);
             # a collapsed reference (‖g‖ ~ 1e-9) is measured in float64.
-            big = cfg.rho_eps * M.median(M.norms(gs[l])) >= RHO_FLOAT32_MIN_CHANGE
+            big = cfg.rho_eps * M.median(M.norms(gs_all[l][:m])) >= RHO_FLOAT32_MIN_CHANGE
             rhos[l] = M.predictivity(model if big else model64, l, hs_r[l], credits_r[l], yr, dirs=cfg.rho_dirs,
                                      eps=cfg.rho_eps, generator=gen)
         for l, v in rhos.items():
