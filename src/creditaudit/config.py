@@ -237,7 +237,9 @@ def resolve_rule_options(cfg: TrainConfig) -> TrainConfig:
 # Validation, serialisation
 # ---------------------------------------------------------------------------------------------
 def validate(cfg: TrainConfig) -> None:
-    """Check values a run cannot start with; names are checked against the registries."""
+    """Check values a run cannot start with; names are checked against the registries. The
+    config's rule files are imported first (so ``rule=path.py`` becomes that file's rule name and
+    ``plugins`` holds absolute paths): a worker process that rebuilds the config registers them too."""
     from creditaudit.data import DATASETS
     from creditaudit.models import ARCHS
     from creditaudit.rules import parse_rule_name
