@@ -2,17 +2,19 @@
 frozen-blocks baseline) and audit it; or audit a researcher's own rule the same way; or re-audit a
 finished results folder without training.
 
-Profiles scale data and epochs, never definitions. ``default`` fits a 2-core CPU without a GPU in
-about 15 minutes (chosen by measurement, see docs/audit.md); ``paper`` is the study's: CIFAR-10,
-100 epochs, the full training set.
+The audit's profiles are views of the experiment registry's (``creditaudit.experiments``), which
+scale data and epochs, never definitions: ``default`` is the ``cpu`` profile of the main-audit
+setting (Fashion-MNIST, 20k examples, 6 epochs: 7 minutes on a 2-core CPU, chosen by measurement,
+see docs/audit.md), ``double`` the same with twice the epochs, ``paper`` the study's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
+from creditaudit.experiments import PROFILES as SWEEP_PROFILES
+from creditaudit.experiments import SETTINGS
 
 MAIN_RULES = ("bp", "fa", "dfa", "ep", "sb", "cb")
 SEEDS = (42, 123, 456)
@@ -20,23 +22,8 @@ BASELINE = "bp_frozen"
 SETTING = "main_audit"
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    summary: str
-    overrides: tuple[str, ...]
-
-
-PROFILES = {
-    p.name: p
-    for p in (
-        Profile("default", "Fashion-MNIST, 20k training examples, 6 epochs: within 15 min on a 2-core CPU",
-                ("dataset=fashion_mnist", "train_subset=20000", "epochs=6")),
-        Profile("double", "the default profile with twice the epochs (the check that the verdicts are stable)",
-                ("dataset=fashion_mnist", "train_subset=20000", "epochs=12")),
-        Profile("paper", "the study: CIFAR-10, full training set, 100 epochs (a GPU)", ("dataset=cifar10", "epochs=100")),
-    )
-}
+# audit profile -> (experiment-registry profile, epoch multiplier)
+PROFILES = {"default": ("cpu", 1), "double": ("cpu", 2), "paper": ("paper", 1)}
 
 
 def plan(rules: list[str], *, profile: str = "default", seeds: tuple[int, ...] = SEEDS, baseline: str | None = BASELINE,
@@ -44,7 +31,10 @@ def plan(rules: list[str], *, profile: str = "default", seeds: tuple[int, ...] =
     """The configs of the audit: every rule × seed, and the baseline × seed. EP first (the longest)."""
     if profile not in PROFILES:
         raise C.ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    base = [*PROFILES[profile].overrides, f"results={results}", f"setting={setting}", "progress=false", *overrides]
+    name, factor = PROFILES[profile]
+    prof = SWEEP_PROFILES[name]
+    epochs = prof.epochs(SETTINGS.get(SETTING).epochs) * factor
+    base = [*prof.overrides, f"epochs={epochs}", f"results={results}", f"setting={setting}", "progress=false", *overrides]
     names = list(dict.fromkeys([*rules, *([baseline] if baseline else [])]))
     cfgs = [C.apply_overrides(TrainConfig(), [*base, f"rule={r}", f"seed={s}"]) for r in names for s in seeds]
     cost = {"ep": 0, "cb": 1, "sb": 2, "vec": 3}

@@ -272,6 +272,42 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke: data and epochs, never definitions.")
+@click.option("--backend", type=click.Choice(["local"]), default="local", show_default=True, help="Where runs train.")
+@click.option("--workers", default=0, show_default=True, help="Parallel single-thread training processes (0 = one per CPU core).")
+@click.option("--dry-run", is_flag=True, help="List the runs (and which are finished) without training.")
+def sweep(args, profile, backend, workers, dry_run) -> None:
+    """Train experiment settings: creditaudit sweep SETTING... [key=value ...]
+
+    Each setting of the study (`creditaudit list`) expands, under the profile, into its runs in
+    <results>/<setting>/. Idempotent: finished runs are skipped and killed ones resume; a run another
+    process is training is left to it; a run that fails or diverges is recorded and the rest go on.
+    Use `all` for every setting.
+    """
+    from creditaudit.config import run_path
+    from creditaudit.experiments import SETTINGS, expand
+    from creditaudit.runs.folder import RunFolder
+
+    names = [a for a in args if "=" not in a]
+    overrides = tuple(a for a in args if "=" in a)
+    if not names:
+        raise click.UsageError("name at least one setting (see `creditaudit list`), or `all`")
+    with friendly_errors():
+        if names == ["all"]:
+            names = SETTINGS.names()
+        cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
+    done = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
+    console.print(f"{len(cfgs)} runs in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train")
+    if dry_run:
+        for c in cfgs:
+            console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
+        return
+    _train_all(cfgs, workers)
+
+
+# ---------------------------------------------------------------------------------------------
 @main.command(name="list")
 @click.option("--options", "-o", is_flag=True, help="Also list every rule's options with defaults and meaning.")
 def list_(options: bool) -> None:
@@ -279,10 +315,11 @@ def list_(options: bool) -> None:
     import dataclasses
 
     from creditaudit.data import DATASETS
+    from creditaudit.experiments import PROFILES, SETTINGS
     from creditaudit.models import ARCHS
     from creditaudit.rules import RULES, VARIANTS
 
-    for title, registry in (("rules", RULES), ("architectures", ARCHS), ("datasets", DATASETS)):
+    for title, registry in (("rules", RULES), ("architectures", ARCHS), ("datasets", DATASETS), ("settings", SETTINGS)):
         table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column()
@@ -296,6 +333,9 @@ def list_(options: bool) -> None:
         if registry is RULES:
             console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
                           + ("" if options else "; `creditaudit list --options` shows each rule's options"))
+        if registry is SETTINGS:
+            console.print("  profiles (creditaudit sweep SETTING --profile NAME): "
+                          + "; ".join(f"{p.name}: {p.summary}" for p in PROFILES.values()))
         console.print()
 
 

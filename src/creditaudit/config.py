@@ -50,6 +50,7 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     results: str = field(default="results", metadata={"help": "results folder; the run lives in <results>/<setting>/<rule>__<arch>__s<seed>/"})
     setting: str = field(default="adhoc", metadata={"help": "experiment-setting name, the first level of the results folder"})
+    arch_label: str = field(default="", metadata={"help": "the architecture's name in the run folder (default: arch); sweeps name variants, e.g. resmlp-d512-L8"})
     save_epochs: tuple[int, ...] = field(default=(), metadata={"help": "epochs after which to keep a checkpoint (e.g. 1,2,3); the last epoch's is always kept"})
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation (no effect on results)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with live loss and accuracy (only on a terminal)"})
@@ -278,10 +279,18 @@ def validate(cfg: TrainConfig) -> None:
     need(dg.stab_batches >= 2 and dg.stab_batch_size >= 1, "stab_batches must be >= 2 and stab_batch_size >= 1")
     need(cfg.model.L is None or cfg.model.L >= 0, f"L must be >= 0 (got {cfg.model.L})")
     need(cfg.model.d is None or cfg.model.d >= 1, f"d must be >= 1 (got {cfg.model.d})")
-    for name in ("setting",):
+    for name in ("setting", "arch_label"):
         value = getattr(cfg, name)
-        need(bool(value) and "/" not in value and "__" not in value, f"{name} must be a non-empty name without '/' or '__' (got {value!r})")
+        need((bool(value) or name == "arch_label") and "/" not in value and "__" not in value,
+             f"{name} must be a name without '/' or '__' (got {value!r})")
     cfg.data.validate()
+
+
+def run_path(cfg: TrainConfig):
+    """The run's folder: <results>/<setting>/<rule>__<arch_label or arch>__s<seed>."""
+    from creditaudit.runs.folder import run_dir
+
+    return run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch_label or cfg.arch, cfg.seed)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -78,7 +78,7 @@ def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """True when two run configs differ only in how credit is assigned (rule, its options, the local
     rule, the penalty) and in fields that do not change results: a run and its baseline."""
     ignore = {"rule", "rule_opts", "local_rule", "lam", "plugins", "progress", "results", "threads", "device",
-              "eval_batch_size", "setting", "diag"}
+              "eval_batch_size", "setting", "arch_label", "diag"}
     strip = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
     da, db = dict(strip(a)), dict(strip(b))
     for d in (da, db):

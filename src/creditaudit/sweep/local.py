@@ -31,7 +31,8 @@ class RunOutcome:
 
 
 def _label(cfg: TrainConfig) -> str:
-    return f"{cfg.setting}/{cfg.rule}__{cfg.arch}__s{cfg.seed}"
+    path = C.run_path(cfg)
+    return f"{path.parent.name}/{path.name}"
 
 
 def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:

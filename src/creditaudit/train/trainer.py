@@ -27,12 +27,12 @@ from creditaudit.diagnostics import due, probe
 from creditaudit.models.base import CreditNet, build_model
 from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
-from creditaudit.runs.folder import RunFolder, run_dir
+from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.provenance import provenance
 from creditaudit.train.local import LocalRule, local_objective, parse_local_rule
 
 # Config fields that do not change what a run computes: a finished run is reused across them.
-NON_SEMANTIC = ("progress", "results", "threads", "device", "eval_batch_size", "data.data_dir")
+NON_SEMANTIC = ("progress", "results", "threads", "device", "eval_batch_size", "data.data_dir", "arch_label")
 
 
 class RunConfigMismatch(RuntimeError):
@@ -293,7 +293,7 @@ def train(
     C.validate(cfg)
     cfg = C.resolve_rule_options(cfg)  # the run folder records every option of the rule
     reporter = reporter or Reporter()
-    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
+    folder = RunFolder(C.run_path(cfg))
     if folder.summary_path.exists() and folder.status() == "finished" and _same_config(folder, cfg):
         reporter.on_start(None, "skipped")  # type: ignore[arg-type]
         return folder.read_summary()
