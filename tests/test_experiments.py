@@ -72,3 +72,28 @@ def test_sweep_is_idempotent_and_isolates_a_failure(tmp_path, monkeypatch):
     statuses = {c.seed: json.loads((run_path(c) / "summary.json").read_text())["status"]
                 for c in expand("no_residual", profile="smoke", results=str(tmp_path))}
     assert statuses == {42: "finished", 123: "failed", 456: "finished"}
+
+
+@pytest.mark.slow
+def test_two_sweeps_sharing_a_results_folder_train_each_run_once(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "creditaudit.cli", "sweep", "no_terminal_ln", "no_residual", "--profile", "smoke",
+           "--workers", "1", f"results={tmp_path}", "threads=1", "epochs=3"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    cfgs = [c for n in ("no_terminal_ln", "no_residual") for c in expand(n, profile="smoke", results=str(tmp_path), overrides=("epochs=3",))]
+    for c in cfgs:
+        folder = run_path(c)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["resumed_from"] is None
+        epochs = [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [0, 1, 2, 3], (folder, epochs)  # one training session wrote it, whole
+        assert not (folder / "run.lock").exists() and not list(folder.glob(".*.partial"))
+    # Each process reports every run once: trained (or found finished) by it, or locked by the other.
+    for c in cfgs:
+        label = f"{run_path(c).parent.name}/{run_path(c).name}"
+        statuses = [line.split()[0] for o in outs for line in o.splitlines() if line.strip().endswith(label) or f" {label} " in line]
+        assert len(statuses) == 2 and set(statuses) <= {"finished", "locked"} and "finished" in statuses, (label, statuses)
