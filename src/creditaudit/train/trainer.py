@@ -89,10 +89,7 @@ class Run:
     step: int = 0  # optimizer steps taken
     wall_s: float = 0.0  # training wall time over all sessions of this run
     total_steps: int = 0
-
-    @property
-    def local_rule(self) -> LocalRule:
-        return parse_local_rule(self.cfg.local_rule)
+    local_rule: LocalRule = LocalRule("inner")  # parsed once from cfg.local_rule
 
     @property
     def train_blocks(self) -> bool:
@@ -128,8 +125,8 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     groups = [g for g in groups if g["params"]]
     o = cfg.optim
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-    run = Run(cfg, device, data, model, rule, variant, optimizer, loader)
-    run.total_steps = ctx.total_steps
+    run = Run(cfg, device, data, model, rule, variant, optimizer, loader,
+              total_steps=ctx.total_steps, local_rule=parse_local_rule(cfg.local_rule))
     return run
 
 
