@@ -315,11 +315,6 @@ def train(
         else:
             folder.rewrite_metrics([])
         folder.write_config(C.to_dict(cfg))
-        if run.epoch == 0 and due(cfg.diag, 0, cfg.epochs)[0]:
-            t0 = time.perf_counter()
-            record0 = {"epoch": 0, **diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1])}
-            record0["time/diag_s"] = time.perf_counter() - t0
-            folder.append_metrics(record0)
         base = {
             "run": folder.path.name,
             "setting": cfg.setting,
@@ -343,7 +338,12 @@ def train(
 
         write_summary("running")
         reporter.on_start(run, "resumed" if resumed_from else "started")
-        try:
+        try:  # from here on, a crash is recorded in the summary (the sweep goes on with other runs)
+            if run.epoch == 0 and due(cfg.diag, 0, cfg.epochs)[0]:
+                t0 = time.perf_counter()
+                record0 = {"epoch": 0, **diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1])}
+                record0["time/diag_s"] = time.perf_counter() - t0
+                folder.append_metrics(record0)
             while run.epoch < cfg.epochs:
                 if stop_after is not None and run.epoch >= stop_after:
                     return write_summary("interrupted")

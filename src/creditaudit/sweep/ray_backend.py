@@ -1,0 +1,129 @@
+"""Run many training runs on a Ray cluster, one run per task (DESIGN §8).
+
+The results folder is the meeting point: every task calls the same
+:func:`creditaudit.train.trainer.train` as the local backend, in the run's own folder, so a finished
+run is skipped, a killed one resumes (Ray retries a task whose worker died, and the retry resumes
+from the last checkpoint), a folder another sweep is training is refused by its lock and reported
+as ``locked``, and a run that fails or diverges is recorded while the other tasks go on.
+
+What a cluster needs: creditaudit importable on every node (the same version), and the results
+folder on a file system every node sees at the same path. Paths in the configs are made absolute
+here, before dispatch, so that a task does not depend on the worker's working directory. Datasets
+are read on each node from its ``data_dir`` (``$CREDITAUDIT_DATA_DIR`` or the per-user cache when
+the config leaves it empty).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable, Iterable
+
+from creditaudit import config as C
+from creditaudit.config import TrainConfig
+from creditaudit.errors import ConfigError
+from creditaudit.sweep.local import RunOutcome, _label, _train_one
+
+#: Ray retries a task whose worker process died (OOM kill, node lost); the retry resumes the run.
+MAX_RETRIES = 2
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:  # an optional dependency: say how to get it
+        raise ConfigError(
+            "the ray backend needs Ray: pip install 'creditaudit[ray]' (or use --backend local)"
+        ) from exc
+    return ray
+
+
+def portable(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` whose file paths are absolute, so it means the same on any worker."""
+    cfg = C.from_dict(C.to_dict(cfg))
+    cfg.results = os.path.abspath(cfg.results)
+    if cfg.data.data_dir:
+        cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)
+    return cfg  # rule files: config.validate() stores them as absolute paths
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None) -> bool:
+    """Make sure this process is connected to Ray. Returns True when it started the connection
+    (and so should shut it down), False when one was already open.
+
+    ``address`` names an existing cluster (``auto``, ``host:port`` or ``ray://host:port``); with none,
+    ``$RAY_ADDRESS`` is used if set, else a local Ray instance is started with ``num_cpus`` CPUs
+    and no dashboard.
+    """
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address is None:
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir
+    else:
+        kwargs.pop("include_dashboard")
+    if address is not None:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"could not connect to the Ray cluster at {address!r}: {exc}; "
+                          "start one with `ray start --head`, or drop --address to run a local Ray") from exc
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` nobody listens on: Ray itself retries such an address for
+    minutes before it gives up."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"could not connect to the Ray cluster at {address!r} ({exc.strerror or exc}); "
+                          "start one with `ray start --head`, or drop --address to run a local Ray") from exc
+
+
+def run_many_ray(
+    configs: Iterable[TrainConfig],
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    gpus_per_run: float = 0.0,
+    temp_dir: str | None = None,
+    on_done: Callable[[RunOutcome, int, int], None] | None = None,
+) -> list[RunOutcome]:
+    """Train every config as one Ray task each (one CPU, ``gpus_per_run`` GPUs, one torch thread).
+    Returns one outcome per config, in completion order; never raises for a run's failure."""
+    configs = [portable(c) for c in configs]
+    for cfg in configs:
+        C.validate(cfg)  # also makes rule files' paths absolute
+    if not configs:
+        return []
+    ray = _import_ray()
+    started = connect(address, num_cpus=num_cpus, temp_dir=temp_dir)
+    try:
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(_train_one)
+        pending = {task.remote(C.to_dict(cfg), 1): cfg for cfg in configs}
+        outcomes: list[RunOutcome] = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            cfg = pending.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except Exception as exc:  # the worker died past its retries, or Ray lost the task
+                outcome = RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}")
+            outcomes.append(outcome)
+            if on_done:
+                on_done(outcome, len(outcomes), len(configs))
+        return outcomes
+    finally:
+        if started:
+            ray.shutdown()
