@@ -106,3 +106,35 @@ def test_probe_for_bp_gives_perfect_credit_and_leaves_the_model_alone(arch):
         assert out["credit/rho_deep"] > 0.99 and out["credit/nudge"] < 0
     for key in ("diag/d1", "diag/gL_norm", "diag/hL_norm", "diag/grad_stab", "diag/train_loss_fixed"):
         assert key in out
+
+
+def test_trajectory_summaries_are_the_quantiles_of_per_sample_norms():
+    from creditaudit.diagnostics.probe import trajectory_summaries
+
+    h = torch.arange(1, 11, dtype=torch.float32).view(10, 1) * torch.tensor([[3.0, 4.0]])  # norms 5, 10, ..., 50
+    g = torch.full((10, 3), 1e-11, dtype=torch.float64)
+    out = trajectory_summaries({"h": [h], "g": [g]})
+    assert out["traj/h_l0_p50"] == pytest.approx(27.5) and out["traj/h_l0_mean"] == pytest.approx(27.5)
+    assert out["traj/h_l0_p10"] == pytest.approx(9.5) and out["traj/h_l0_p90"] == pytest.approx(45.5)
+    assert out["traj/g_l0_p50"] == pytest.approx(1e-11 * 3 ** 0.5, rel=1e-12)  # resolved in float64
+
+
+@pytest.mark.slow
+def test_snapshot_evolution_runs_log_every_layers_trajectory_each_epoch(tmp_path):
+    from creditaudit.train.trainer import train
+    from tests.conftest import run_metrics, tiny_config
+
+    cfg = tiny_config(tmp_path, "rule=dfa", "trajectory=true", "L=2")
+    train(cfg)
+    records = run_metrics(cfg)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for r in records:
+        for name in "hga":
+            for l in range(3):
+                assert r[f"traj/{name}_l{l}_p10"] <= r[f"traj/{name}_l{l}_p50"] <= r[f"traj/{name}_l{l}_p90"]
+        # diag/* take the lower median of 256 norms, traj/* the interpolated one: equal up to a step
+        assert r["traj/h_l2_p50"] == pytest.approx(r["diag/hL_norm"], rel=0.02)
+        assert r["traj/g_l2_p50"] == pytest.approx(r["diag/gL_norm"], rel=0.05)
+    plain = tiny_config(tmp_path, "rule=dfa", "epochs=1", "setting=plain")
+    train(plain)
+    assert not any(k.startswith("traj/") for r in run_metrics(plain) for k in r)  # off by default

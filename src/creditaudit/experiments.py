@@ -101,7 +101,7 @@ for s in (
     Setting("early_checkpoints", "DFA + FA for 5 epochs, a checkpoint after each (§4.1, Mode 2)", 5,
             (Group(("dfa", "fa"), overrides=("save_epochs=1,2,3,4,5",)),)),
     Setting("snapshot_evolution", "DFA with the per-epoch h_L, g_L trajectory, ρ every 10 epochs (§3.1)", 100,
-            (Group(("dfa",), overrides=("full_every=10",)),)),
+            (Group(("dfa",), overrides=("full_every=10", "trajectory=true")),)),
     Setting("dfa_pen_100ep", "DFA + penalty lam=1e-2 over 100 epochs (long-horizon rescue)", 100, (Group(("dfa",), overrides=("lam=1e-2",)),)),
     Setting("ep_6seeds", "EP replicated over 6 seeds", 100, (Group(("ep",), seeds=SEEDS6),)),
 ):

@@ -11,6 +11,9 @@ Logged keys (namespaced, one JSON line per epoch in ``metrics.jsonl``):
 - ``credit/rho_l{l}``    ρ_l, predicted vs. actual loss change (``credit/rho_deep``: mean over l = 1..L)
 - ``diag/grad_stab``     (c), mean pairwise cosine of batch-mean g at layer ⌈L/2⌉ over disjoint batches
 - ``diag/train_loss_fixed``  mean CE on a fixed training subset (for the training-loss decrease)
+- ``traj/{h,g,a}_l{l}_{p10,p50,p90,mean}``  with ``trajectory=true`` (the snapshot-evolution setting):
+  quantiles and mean of the per-sample norms of the state h_l, the reference gradient g_l and the
+  rule's credit a_l at every layer l = 0..L, so the state trajectories can be plotted per epoch
 
 ρ_l (l = 1..L) and (c) are the expensive ones: they run after the last epoch and every
 ``full_every`` epochs; the rest every ``every`` epochs and at epoch 0 (before any update). The probe runs with the
@@ -51,6 +54,8 @@ class DiagConfig:
     nudge_relative: bool = field(default=False, metadata={"help": "nudging: scale η by ‖h_l‖ (default: absolute step, as in the seed)"})
     stab_batches: int = field(default=8, metadata={"help": "(c): number of disjoint batches (>= 2)"})
     stab_batch_size: int = field(default=128, metadata={"help": "(c): size of each batch"})
+    trajectory: bool = field(default=False, metadata={"help": "also log per-layer quantiles (10/50/90%) and means of "
+                                                               "‖h_l‖, ‖g_l‖ and ‖a_l‖ at every probe (traj/* keys)"})
 
 
 def due(cfg: DiagConfig, epoch: int, last: int) -> tuple[bool, bool]:
@@ -66,6 +71,23 @@ def _credits(model: CreditNet, rule: Any, x: torch.Tensor, y: torch.Tensor) -> l
     with rule.local_forward(model):
         fwd = model.run(x, detach_inputs=True)
         return [a.detach() for a in rule.credits(model, x, y, fwd)]
+
+
+TRAJECTORY_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def trajectory_summaries(named: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """``traj/<name>_l<l>_p10|p50|p90|mean``: the spread of the per-sample norms of each layer's
+    tensor (float64, so a collapsing ‖g_l‖ of 1e-10 is still resolved)."""
+    out: dict[str, float] = {}
+    for name, tensors in named.items():
+        for l, t in enumerate(tensors):
+            norms = M.norms(t).double()
+            qs = torch.quantile(norms, torch.tensor(TRAJECTORY_QUANTILES, dtype=norms.dtype))
+            for q, v in zip(TRAJECTORY_QUANTILES, qs.tolist()):
+                out[f"traj/{name}_l{l}_p{round(q * 100)}"] = v
+            out[f"traj/{name}_l{l}_mean"] = float(norms.mean())
+    return out
 
 
 def probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool, seed: int) -> dict[str, float]:
@@ -101,6 +123,9 @@ def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: boo
     out["diag/h0_norm"] = M.median(M.norms(hs[0]))
     out["diag/hL_norm"] = M.median(M.norms(hs[-1]))
     out["diag/gL_norm"] = M.median(M.norms(gs[-1]))
+
+    if cfg.trajectory:
+        out.update(trajectory_summaries({"h": hs, "g": gs, "a": credits}))
 
     with torch.no_grad():
         xt = data.x_train[:n]
