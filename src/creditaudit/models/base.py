@@ -160,6 +160,16 @@ def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]
     return input_shape  # type: ignore[return-value]
 
 
+# Width d and depth L an architecture takes when its config leaves them unset (None).
+SIZE_DEFAULTS: dict[str, tuple[int, int]] = {"resmlp": (256, 4), "mlp": (256, 3), "smallcnn": (256, 3), "vit_mini": (128, 4)}
+
+
+def model_size(arch: str, cfg: ModelConfig) -> tuple[int, int]:
+    """(d, L) of ``arch`` under ``cfg``, defaults filled in (reports name architectures by them)."""
+    d0, L0 = SIZE_DEFAULTS.get(arch, (0, 0))
+    return cfg.d or d0, L0 if cfg.L is None else cfg.L
+
+
 def check_depth(arch: str, L: int) -> int:
     if L < 0:
         raise ConfigError(f"{arch}: L must be >= 0 (got {L})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim, model_size
 from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -25,8 +25,8 @@ def activation(name: str) -> nn.Module:
 
 @ARCHS.register("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation), no residual, no norm")
 def mlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
-    d = cfg.d or 256
-    L = check_depth("mlp", 3 if cfg.L is None else cfg.L)
+    d, L = model_size("mlp", cfg)
+    L = check_depth("mlp", L)
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d), activation(cfg.activation))
     blocks = [Block(nn.Sequential(nn.Linear(d, d), activation(cfg.activation)), residual=False) for _ in range(L)]
     return CreditNet(embed, blocks, nn.Identity(), nn.Linear(d, num_classes))

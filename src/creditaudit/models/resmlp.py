@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim, model_size
 
 
 class ResMLPBranch(nn.Module):
@@ -29,8 +29,8 @@ class ResMLPBranch(nn.Module):
 
 @ARCHS.register("resmlp", "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head")
 def resmlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
-    d = cfg.d or 256
-    L = check_depth("resmlp", 4 if cfg.L is None else cfg.L)
+    d, L = model_size("resmlp", cfg)
+    L = check_depth("resmlp", L)
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d))
     blocks = [Block(ResMLPBranch(d, cfg.w2_std), residual=cfg.residual) for _ in range(L)]
     norm = nn.LayerNorm(d) if cfg.out_ln else nn.Identity()

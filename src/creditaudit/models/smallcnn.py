@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, image_shape
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, image_shape, model_size
 from creditaudit.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNe
     if min(h, w) < 8:
         raise ConfigError(f"smallcnn pools three times and needs images of at least 8x8, got {h}x{w}")
     c1, c2, c3 = cfg.channels
-    d = cfg.d or 256
+    d = model_size("smallcnn", cfg)[0]
     embed = conv_stage(c, c1)
     if cfg.L == 0:
         # Shallow variant: the stem feeds the head directly.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, image_shape
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, image_shape, model_size
 from creditaudit.errors import ConfigError
 
 
@@ -79,8 +79,8 @@ class ClsNorm(nn.Module):
 @ARCHS.register("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls")
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
-    d = cfg.d or 128
-    L = check_depth("vit_mini", 4 if cfg.L is None else cfg.L)
+    d, L = model_size("vit_mini", cfg)
+    L = check_depth("vit_mini", L)
     if h % cfg.patch or w % cfg.patch:
         raise ConfigError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
     if d % cfg.heads:
