@@ -64,6 +64,16 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def in_order(self) -> list[str]:
+        """Names in the order they were registered (a study's declaration order)."""
+        return list(self._entries)
+
+    def summary(self, name: str) -> str:
+        try:
+            return self._entries[name].summary
+        except KeyError:
+            raise UnknownNameError(self.unknown_message(name)) from None
+
     def entries(self) -> list[Entry[T]]:
         return [self._entries[n] for n in self.names()]
 

@@ -112,7 +112,7 @@ def fmt(stat: tuple[float, float, int], key: str) -> str:
     mean, std, n = stat
     if n == 0 or math.isnan(mean):
         return "–"
-    if key in LOG_FIGURES or (abs(mean) < 1e-3 and mean != 0):
+    if key in LOG_FIGURES or (abs(mean) < 1e-2 and mean != 0):
         body = f"{mean:.2e}" + (f" ± {std:.1e}" if not math.isnan(std) else "")
     else:
         body = f"{mean:.3f}" + (f" ± {std:.3f}" if not math.isnan(std) else "")

@@ -1,0 +1,157 @@
+"""TRAINING_INVENTORY.md from a results folder alone, in the shape of the study's inventory:
+summary counts, runs by method, by architecture, by setting (and by dataset and status), the key
+comparison tables, where the files are, and estimated device-hours from the logged wall time.
+
+Counts are of run folders that could be read; a finished run counts toward the key tables, every
+readable run toward the counts (with its status shown), and unreadable folders are listed at the
+end. Nothing here trains or measures.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from creditaudit.diagnostics.verdict import Thresholds
+from creditaudit.reports.collect import Collection, RunRecord
+from creditaudit.reports.tables import _md_row, _rule_order, arch_description, fa_vs_dfa, skipped, triangulation
+
+
+@dataclass
+class Inventory:
+    runs: list[RunRecord]
+    problems: list[str]
+
+    # -- counts ----------------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return sum(int(r.summary.get("epochs_done") or 0) for r in self.runs)
+
+    @property
+    def wall_hours(self) -> float:
+        return sum(float(r.summary.get("wall_s") or 0.0) for r in self.runs) / 3600
+
+    def hours_by_device(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for r in self.runs:
+            out[device_kind(r)] += float(r.summary.get("wall_s") or 0.0) / 3600
+        return dict(sorted(out.items()))
+
+    def by(self, key) -> dict[str, list[RunRecord]]:
+        out: dict[str, list[RunRecord]] = defaultdict(list)
+        for r in self.runs:
+            out[key(r)].append(r)
+        return dict(out)
+
+
+def device_kind(r: RunRecord) -> str:
+    dev = str(r.summary.get("device") or "unknown")
+    return dev.split(":")[0]
+
+
+def method_description(rule: str) -> str:
+    from creditaudit.rules import RULES
+    from creditaudit.rules.base import parse_rule_name
+
+    try:
+        base, variant = parse_rule_name(rule)
+    except KeyError:
+        return "(a rule this installation does not know: its plugin file is not loaded)"
+    summary = RULES.summary(base)
+    if variant == "frozen":
+        return f"{base.upper()} training only embedding, terminal norm and head; blocks frozen at random init (frozen-blocks baseline)."
+    if variant == "shallow":
+        return f"{base.upper()} on the L=0 network: embedding, terminal norm and head only (shallow baseline)."
+    return summary
+
+
+def setting_description(name: str) -> str:
+    from creditaudit.experiments import SETTINGS
+
+    return SETTINGS.summary(name) if name in SETTINGS else "(not a setting of the study's registry)"
+
+
+def _count_row(name: str, runs: list[RunRecord], desc: str) -> list[str]:
+    statuses = Counter(r.status for r in runs)
+    finished = statuses.pop("finished", 0)
+    extra = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    return [name, str(len(runs)) + (f" ({finished} finished; {extra})" if extra else ""), desc]
+
+
+def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds | None = None, generated: str | None = None) -> str:
+    th = th or Thresholds()
+    inv = Inventory(col.runs, col.problems)
+    runs = inv.runs
+    root = Path(results)
+    methods = inv.by(lambda r: r.rule)
+    primary = [m for m in methods if not m.endswith(("_frozen", "_shallow"))]
+    archs = inv.by(arch_description)
+    settings = inv.by(lambda r: r.setting)
+    combos = {(r.rule, arch_description(r)) for r in runs}
+    models = {(r.rule, arch_description(r), r.seed, r.setting) for r in runs}
+    hours = inv.hours_by_device()
+    hours_text = ", ".join(f"{h:.2f} h {dev}" for dev, h in hours.items()) or "0 h"
+
+    lines = ["# Training Inventory", "",
+             f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).", "",
+             "## Summary", "", _md_row(["Dimension", "Count"]), _md_row(["---", "---"])]
+    statuses = Counter(r.status for r in runs)
+    summary_rows = [
+        ("**Total training runs**", f"**{len(runs)}**" + (f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if runs else "")),
+        ("**Unique models** (method × arch × seed × setting)", f"**{len(models)}**"),
+        ("**Total training epochs**", f"**{inv.epochs:,}**"),
+        ("**Estimated total device time** (logged wall time)", f"**{inv.wall_hours:.2f} hours** ({hours_text})"),
+        ("**Training methods**", f"**{len(methods)}** ({len(primary)} primary + {len(methods) - len(primary)} frozen/shallow variants)"),
+        ("**Architectures**", f"**{len(archs)}**"),
+        ("**Experiment settings**", f"**{len(settings)}**"),
+        ("**Method × architecture combinations**", f"**{len(combos)}**"),
+        ("**Datasets**", f"**{len({r.dataset for r in runs})}** ({', '.join(sorted({r.dataset for r in runs})) or '–'})"),
+    ]
+    lines += [_md_row(list(r)) for r in summary_rows]
+
+    lines += ["", f"## By Method ({len(methods)} types)", "", _md_row(["Method", "Runs", "Description"]), _md_row(["---"] * 3)]
+    for m in sorted(methods, key=lambda m: (-len(methods[m]), _rule_order(m))):
+        lines.append(_md_row(_count_row(m, methods[m], method_description(m))))
+
+    lines += ["", f"## By Architecture ({len(archs)})", "", _md_row(["Architecture", "Runs", "Settings"]), _md_row(["---"] * 3)]
+    for a in sorted(archs, key=lambda a: (-len(archs[a]), a)):
+        lines.append(_md_row(_count_row(a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})))))
+
+    lines += ["", f"## By Experiment Setting ({len(settings)})", "",
+              _md_row(["Setting", "Runs", "Epochs", "Device-hours", "Description"]), _md_row(["---"] * 5)]
+    for s in sorted(settings, key=_setting_order):
+        rs = settings[s]
+        eps = sorted({int(r.config.get("epochs") or 0) for r in rs})
+        row = _count_row(s, rs, setting_description(s))
+        hrs = sum(float(r.summary.get("wall_s") or 0.0) for r in rs) / 3600
+        lines.append(_md_row([row[0], row[1], ", ".join(map(str, eps)), f"{hrs:.2f}", row[2]]))
+
+    datasets = inv.by(lambda r: r.dataset)
+    lines += ["", "## By Dataset", "", _md_row(["Dataset", "Runs", "Settings"]), _md_row(["---"] * 3)]
+    for d in sorted(datasets):
+        lines.append(_md_row(_count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]})))))
+
+    lines += ["", "## Key Tables", "", "Generated from the finished runs (all ± use ddof=1; n = seeds).", ""]
+    lines += [t.markdown(level=3) for t in (fa_vs_dfa(col, th), triangulation(col, th))]
+    lines += ["`creditaudit tables` writes every table of the study (Table 1, penalty and depth sweeps, cross-architecture).", ""]
+
+    lines += ["## File Locations", "", f"All training results are in `{root}/`, one folder per setting:"]
+    for s in sorted(settings, key=_setting_order):
+        rules = sorted({r.rule for r in settings[s]}, key=_rule_order)
+        n = len(settings[s])
+        lines.append(f"- `{root}/{s}/` — {n} run{'s' if n != 1 else ''}: {', '.join(rules)}")
+    lines += ["", "Each run folder holds `config.json` (the resolved config), `metrics.jsonl` (one line per epoch), "
+              "`summary.json` (status, final metrics, wall time, device, versions, git commit) and safetensors checkpoints.",
+              f"Generated reports live in `{root}/_reports/`. All ± values use ddof=1 (sample std with Bessel correction)."]
+    skip = skipped(col)
+    if skip:
+        lines += ["", "## Skipped or unfinished", ""] + [f"- {p}" for p in skip]
+    return "\n".join(lines) + "\n"
+
+
+def _setting_order(name: str) -> tuple[int, str]:
+    from creditaudit.experiments import SETTINGS
+
+    names = SETTINGS.in_order()
+    return (names.index(name) if name in names else len(names), name)
