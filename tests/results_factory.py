@@ -37,7 +37,7 @@ def figures(rule: str, setting: str, seed: int) -> dict[str, float]:
 
 def make_run(root: Path, setting: str, rule: str, seed: int, *, epochs: int = 3, overrides: tuple[str, ...] = (),
              arch: str = "resmlp", arch_label: str = "", status: str = "finished", wall_s: float = 360.0,
-             device: str = "cpu") -> TrainConfig:
+             device: str = "cpu", trajectory: bool = False) -> TrainConfig:
     cfg = apply_overrides(TrainConfig(), [f"rule={rule}", f"seed={seed}", f"epochs={epochs}", f"setting={setting}",
                                           f"arch={arch}", f"results={root}", f"arch_label={arch_label}", *overrides])
     folder = RunFolder(run_dir(root, setting, rule, arch_label or arch, seed))
@@ -57,6 +57,11 @@ def make_run(root: Path, setting: str, rule: str, seed: int, *, epochs: int = 3,
         if e == epochs:
             rec.update({"diag/hL_norm": fig["diag/hL_norm"], "credit/rho_deep": fig["credit/rho_deep"],
                         "diag/grad_stab": fig["diag/grad_stab"], "test/acc": fig["test/acc"]})
+        if trajectory:  # what diag.trajectory=true logs: quantiles of per-sample norms, layers 0..L
+            for name, scale in (("h", rec["diag/hL_norm"]), ("g", rec["diag/gL_norm"]), ("a", 1.0)):
+                for l in range(5):
+                    q = {"p10": 0.5 * scale, "p50": scale, "p90": 2.0 * scale, "mean": 1.1 * scale}
+                    rec.update({f"traj/{name}_l{l}_{k}": v for k, v in q.items()})
         records.append(rec)
     folder.rewrite_metrics(records)
     folder.write_summary({"run": folder.path.name, "setting": setting, "rule": rule, "arch": arch, "seed": seed,
