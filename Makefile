@@ -1,6 +1,6 @@
 # The two commands of the README. Each sets itself up first (scripts/setup.sh is idempotent).
 VENV ?= .venv
-.PHONY: setup audit test bench clean
+.PHONY: setup audit test bench reports clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,6 +11,10 @@ audit: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# Every table and figure from a results folder (ARGS=path; default results/), via reproduce_all.ipynb.
+reports: setup
+	$(VENV)/bin/python scripts/run_notebook.py $(ARGS)
 
 bench: setup
 	$(VENV)/bin/python bench/bench_diagnostics.py

@@ -37,3 +37,17 @@ def test_reproduce_all_notebook_executes_on_a_generated_results_folder(tmp_path,
     assert images >= 4
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "not valid JSON" in text  # the corrupt folder was reported, and the notebook went on
+
+
+@pytest.mark.slow
+def test_the_notebook_runner_script_saves_the_executed_notebook(tmp_path):
+    import subprocess
+
+    results = study(tmp_path / "results")
+    script = NOTEBOOK.parent / "scripts" / "run_notebook.py"
+    done = subprocess.run([sys.executable, str(script), str(results)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    executed = nbformat.read(results / "_reports" / "reproduce_all.ipynb", as_version=4)
+    assert all(c.get("execution_count") for c in executed.cells if c.cell_type == "code")
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no results folder" in missing.stderr
