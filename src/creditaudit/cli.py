@@ -196,7 +196,9 @@ def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[l
     return names, overrides
 
 
-def _train_all(cfgs, workers: int) -> None:
+def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0) -> None:
+    """Train ``cfgs`` with a progress bar: local worker processes, or Ray tasks when ``ray_address``
+    is given ('' = $RAY_ADDRESS or a local Ray instance)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from creditaudit.sweep import run_many
@@ -212,7 +214,13 @@ def _train_all(cfgs, workers: int) -> None:
             progress.console.print(f"  [{colour}]{outcome.status:>9}[/] {outcome.run}  {outcome.wall_s:.0f} s"
                                    + (f"  {outcome.error.splitlines()[0]}" if outcome.error and outcome.status != "finished" else ""))
 
-        run_many(cfgs, workers=workers, on_done=done)
+        if ray_address is None:
+            run_many(cfgs, workers=workers, on_done=done)
+        else:
+            from creditaudit.sweep.ray_backend import run_many_ray
+
+            run_many_ray(cfgs, address=ray_address or None, num_cpus=workers or None,
+                         gpus_per_run=gpus_per_run, on_done=done)
 
 
 def _terminal_table(audit, title: str) -> Table:
@@ -275,10 +283,17 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke: data and epochs, never definitions.")
-@click.option("--backend", type=click.Choice(["local"]), default="local", show_default=True, help="Where runs train.")
-@click.option("--workers", default=0, show_default=True, help="Parallel single-thread training processes (0 = one per CPU core).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: one Ray task per run.")
+@click.option("--workers", default=0, show_default=True,
+              help="local: parallel single-thread processes (0 = one per CPU core); ray without --address: "
+                   "CPUs of the local Ray instance started (0 = all).")
+@click.option("--address", default=None, help="ray: the cluster to use (host:port, ray://host:port or auto; "
+              "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
+              "system every node sees at the same path.")
+@click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each run's task reserves (with device=cuda).")
 @click.option("--dry-run", is_flag=True, help="List the runs (and which are finished) without training.")
-def sweep(args, profile, backend, workers, dry_run) -> None:
+def sweep(args, profile, backend, workers, address, gpus_per_run, dry_run) -> None:
     """Train experiment settings: creditaudit sweep SETTING... [key=value ...]
 
     Each setting of the study (`creditaudit list`) expands, under the profile, into its runs in
@@ -304,7 +319,153 @@ def sweep(args, profile, backend, workers, dry_run) -> None:
         for c in cfgs:
             console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
         return
-    _train_all(cfgs, workers)
+    if backend == "ray":
+        with friendly_errors():
+            _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run)
+    else:
+        _train_all(cfgs, workers)
+
+
+# ---------------------------------------------------------------------------------------------
+class ProtocolHelpCommand(click.Command):
+    """A command whose --help ends with every exploit-protocol field and its doc."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from creditaudit.exploit.protocol import help_lines
+
+        formatter.write("\nProtocol overrides are key=value:\n\n" + "\n".join(help_lines()) + "\n")
+
+
+@main.command(cls=ProtocolHelpCommand, context_settings={"ignore_unknown_options": True})
+@click.argument("overrides", nargs=-1)
+@click.option("--profile", default="default", show_default=True, help="smoke | default | paper (docs/exploit.md).")
+@click.option("--seeds", default="", help="Comma-separated seeds (default: the profile's; 42,123,456).")
+@click.option("--results", default="results", show_default=True, help="Results folder; the study goes to RESULTS/_exploit/PROFILE/.")
+@click.option("--out", default="", help="The study's folder instead (it holds one protocol).")
+@click.option("--snapshot", default="", help="A finished run folder (or a checkpoint in it) to measure instead of training BP snapshots.")
+@click.option("--render", "render_dir", default="", help="Re-render DIR/exploit.md from DIR alone: trains and measures nothing.")
+@click.option("--workers", default=0, show_default=True, help="Parallel single-thread processes (0 = one per CPU core).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, workers, device) -> None:
+    """Snapshot exploitability: creditaudit exploit [--profile default] [key=value ...]
+
+    Trains a BP snapshot per seed (final, and an early epoch), fits the dfa, cb, vec and oracle bp
+    credits on its frozen features, reports Γ and ρ, then takes k = 1, 5, 20 local steps with inner,
+    shift(η) and cosine and reports the real change of the held-out loss. Writes exploit.md (the
+    memo's two tables) into the study's folder. Finished measurements are reused.
+    """
+    from creditaudit.exploit import protocol as P
+
+    with friendly_errors():
+        if render_dir:
+            from creditaudit.exploit.report import write_report
+
+            if overrides or snapshot:
+                raise click.UsageError("--render takes no overrides and no --snapshot: it only re-renders DIR")
+            if not Path(render_dir).is_dir():
+                raise FileNotFoundError(f"--render {render_dir}: no such folder")
+            path = write_report(render_dir)
+            console.print(path.read_text(), markup=False, soft_wrap=True)
+            console.print(f"report: {path}")
+            return
+        from creditaudit.exploit.runner import default_out, given_snapshot, run_exploit
+
+        p = P.apply_overrides(P.profile(profile), overrides)
+        if snapshot:
+            p = given_snapshot(p, snapshot)
+        try:
+            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip()) if seeds else P.PROFILE_SEEDS[profile]
+        except ValueError:
+            raise click.UsageError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 42,123,456") from None
+        folder = Path(out) if out else default_out(p, results)
+        console.print(f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> {folder}; finished measurements are reused")
+
+        def done(o) -> None:
+            colour = "green" if o.status == "finished" else "red"
+            console.print(f"  [{colour}]{o.status:>9}[/] {o.unit}  {o.wall_s:.0f} s"
+                          + (f"  {o.error.splitlines()[0]}" if o.error and o.status != "finished" else ""))
+
+        outcomes = run_exploit(p, seed_list, folder, workers=workers, device=device, on_done=done)
+        path = P.ExploitFolder(folder).report_path
+        console.print(path.read_text(), markup=False, soft_wrap=True)
+        console.print(f"report: {path}")
+    if any(o.status != "finished" for o in outcomes):
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("results", default="results")
+@click.option("--out", default="", help="Where to write it (default: RESULTS/_reports/TRAINING_INVENTORY.md).")
+def inventory(results, out) -> None:
+    """Write TRAINING_INVENTORY.md from a results folder alone: creditaudit inventory [RESULTS]
+
+    Summary counts, runs by method, architecture, setting and dataset, the key tables (FA vs DFA,
+    functional triangulation), file locations and device-hours from the logged wall time. Trains
+    nothing; unreadable or unfinished run folders are listed, never fatal.
+    """
+    from creditaudit.reports.inventory import inventory_markdown
+    from creditaudit.runs.io import atomic_write_text
+
+    col = _collect_or_fail(results)
+    path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, inventory_markdown(col, results))
+    finished = sum(r.status == "finished" for r in col.runs)
+    console.print(f"{len(col.runs)} runs ({finished} finished) in {results}; {len(col.problems)} folder(s) skipped")
+    for problem in col.problems:
+        console.print(f"  [yellow]skipped[/] {problem}")
+    console.print(f"inventory: {path}")
+
+
+@main.command()
+@click.argument("results", default="results")
+@click.option("--out", default="", help="Where to write tables.md (default: RESULTS/_reports/tables.md).")
+@click.option("--table", "names", multiple=True,
+              help="Only these tables (repeatable): table1, fa_vs_dfa, penalty_sweep, depth_sweep, cross_arch, triangulation.")
+@click.option("--triangulate", default="", help="Setting for the functional triangulation (default: penalty_rescue, else main_audit).")
+def tables(results, out, names, triangulate) -> None:
+    """Write the study's tables from a results folder alone: creditaudit tables [RESULTS]
+
+    Table 1 (main audit), FA vs DFA, penalty sweep, depth sweep, cross-architecture and the
+    functional triangulation, each mean ± std (ddof=1) with n. Trains nothing.
+    """
+    from creditaudit.diagnostics.verdict import Thresholds
+    from creditaudit.reports import tables as T
+    from creditaudit.runs.io import atomic_write_text
+
+    unknown = [n for n in names if n not in T.TABLES]
+    if unknown:
+        raise click.BadParameter(f"unknown table {unknown[0]!r}; choose from {', '.join(T.TABLES)}", param_hint="--table")
+    col = _collect_or_fail(results)
+    th = Thresholds()
+    chosen = [T.triangulation(col, th, triangulate or None) if n == "triangulation" else T.TABLES[n](col, th)
+              for n in (names or T.TABLES)]
+    for t in chosen:
+        table = Table(title=t.title, show_lines=False)
+        for h in t.header:
+            table.add_column(h)
+        for r in t.rows:
+            table.add_row(*r)
+        console.print(table if t.rows else f"[bold]{t.title}[/]: no finished runs for this table")
+        for note in t.notes:
+            console.print(f"  {note}")
+    path = Path(out) if out else Path(results) / "_reports" / "tables.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
+    for problem in T.skipped(col):
+        console.print(f"  [yellow]skipped[/] {problem}")
+    console.print(f"tables: {path}")
+
+
+def _collect_or_fail(results: str):
+    from creditaudit.reports.collect import collect
+
+    if not Path(results).is_dir():
+        err_console.print(f"[bold red]error:[/] no results folder {results!r}; train some runs first "
+                          "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them", markup=True)
+        sys.exit(2)
+    return collect(results)
 
 
 # ---------------------------------------------------------------------------------------------
