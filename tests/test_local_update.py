@@ -92,3 +92,31 @@ def test_bad_local_rule_names_the_choices():
     for bad in ("shift", "shift(-1)", "shift(x)", "inner2"):
         with pytest.raises(ConfigError, match="shift\\(eta\\)"):
             parse_local_rule(bad)
+
+
+def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalty():
+    """The documented property of shift(eta) under AdamW: with lam = 0, one step is the same for
+    eta (up to Adam's eps); with a penalty, eta sets the balance and the steps differ."""
+    import copy
+
+    from creditaudit.models import build_model
+    from creditaudit.train.local import local_objective, parse_local_rule
+
+    cfg, shape = SMALL_ARCHS["resmlp"]
+    base = build_model("resmlp", cfg, shape, 10)
+    x, y = torch.randn(16, *shape), torch.randint(0, 10, (16,))
+
+    def step(eta: float, lam: float) -> list[torch.Tensor]:
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        fwd = model.run(x, detach_inputs=True)
+        credits = [torch.randn_like(h, generator=torch.Generator().manual_seed(l)) for l, h in enumerate(fwd.hs)]
+        local_objective(fwd, credits, rule=parse_local_rule(f"shift({eta})"), lam=lam, train_blocks=True).backward()
+        opt.step()
+        return [p.detach().clone() for p in model.blocks.parameters()]
+
+    def gap(lam: float) -> float:  # largest parameter difference, in units of the learning rate
+        return max(float((a - b).abs().max()) for a, b in zip(step(0.1, lam), step(1.0, lam))) / 1e-2
+
+    assert gap(0.0) < 0.05  # eps's share only; AdamW's first step moves every parameter by ~lr
+    assert gap(1.0) > 0.5
