@@ -146,7 +146,7 @@ def test_crash_is_recorded_and_nothing_is_lost(tmp_path, monkeypatch):
 def test_frozen_variant_keeps_blocks_at_init(tmp_path):
     cfg = tiny_config(tmp_path, "rule=bp_frozen", "epochs=1")
     run = build_run(cfg)
-    init = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    init = {n: p.detach().cpu().clone() for n, p in run.model.named_parameters()}
     train(cfg)
     final = _weights(cfg)
     for name, value in init.items():
