@@ -83,7 +83,7 @@ def trajectory_summaries(named: dict[str, list[torch.Tensor]]) -> dict[str, floa
     for name, tensors in named.items():
         for l, t in enumerate(tensors):
             norms = M.norms(t).double()
-            qs = torch.quantile(norms, torch.tensor(TRAJECTORY_QUANTILES, dtype=norms.dtype))
+            qs = torch.quantile(norms, torch.tensor(TRAJECTORY_QUANTILES, dtype=norms.dtype, device=norms.device))
             for q, v in zip(TRAJECTORY_QUANTILES, qs.tolist()):
                 out[f"traj/{name}_l{l}_p{round(q * 100)}"] = v
             out[f"traj/{name}_l{l}_mean"] = float(norms.mean())
