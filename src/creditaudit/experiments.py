@@ -9,7 +9,7 @@ run has its own folder: ``resmlp-d512-L8``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig

@@ -113,7 +113,7 @@ def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: boo
     model64 = copy.deepcopy(model).double()
     fwd64, gs_all = true_grads(model64, x_all.double(), y_all)
     credits_all = _credits(model, rule, x_all, y_all)
-    x, y = x_all[:n], y_all[:n]
+    y = y_all[:n]
     hs, gs, credits = [h[:n] for h in fwd64.hs], [g[:n] for g in gs_all], [a[:n] for a in credits_all]
 
     ratios = M.scale_ratios(hs)

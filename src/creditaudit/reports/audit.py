@@ -16,6 +16,7 @@ from typing import Any
 
 from creditaudit.diagnostics.verdict import RuleVerdict, RunVerdict, Thresholds, mean_std, rule_verdict, run_verdict, summarise
 from creditaudit.reports.collect import Collection, RunRecord, same_experiment
+from creditaudit.reports.markdown import md_row
 
 # Figure name -> (column title, one-line definition). The definitions are printed under every table.
 FIGURES: dict[str, tuple[str, str]] = {
@@ -70,6 +71,16 @@ def find_baseline(run: RunRecord, candidates: list[RunRecord]) -> RunRecord | No
     return None
 
 
+def audit_run(run: RunRecord, frozen: list[RunRecord], th: Thresholds, baseline: str = "bp_frozen") -> RunAudit:
+    """One run's verdict and figures; D3 against the ``baseline`` run of the same experiment and
+    seed among ``frozen``, when there is one."""
+    base = find_baseline(run, [b for b in frozen if b.rule == baseline])
+    verdict = run_verdict(run.metrics, base.metrics if base else None, th)
+    figures = summarise(run.metrics)
+    figures["depth_pp"] = verdict.depth_utility_pp
+    return RunAudit(run, verdict, figures, base)
+
+
 def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thresholds | None = None,
                 baseline: str = "bp_frozen", own_baseline: bool = False, rules: list[str] | None = None) -> Audit:
     """Verdicts and statistics of every rule in the results (one setting, when given)."""
@@ -87,13 +98,10 @@ def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thre
         ras = []
         base_rule = f"{rule.removesuffix('_frozen')}_frozen" if own_baseline else baseline
         for run in sorted((r for r in finished if r.rule == rule), key=lambda r: r.seed):
-            base = find_baseline(run, [b for b in frozen if b.rule == base_rule])
-            if base is None and not rule.endswith("_frozen"):
+            ra = audit_run(run, frozen, th, base_rule)
+            if ra.baseline is None and not rule.endswith("_frozen"):
                 problems.append(f"{run.path}: no finished {base_rule} baseline of the same experiment: D3 not evaluated")
-            verdict = run_verdict(run.metrics, base.metrics if base else None, th)
-            figs = summarise(run.metrics)
-            figs["depth_pp"] = verdict.depth_utility_pp
-            ras.append(RunAudit(run, verdict, figs, base))
+            ras.append(ra)
         stats = {k: mean_std([ra.figures.get(k) for ra in ras]) for k in FIGURES}
         out.append(RuleAudit(rule, ras, rule_verdict(rule, [ra.verdict for ra in ras]), stats))
     return Audit(setting or "all", th, baseline, out, [r for r in finished if r.rule == baseline], problems, not_finished)
@@ -153,16 +161,16 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
         "Mean ± std (ddof=1) over seeds, with n. Fire epochs: seeds in which the diagnostic fired, and the first epoch it did.", "",
     ]
     header, rows = table_rows(audit)
-    lines += [_md_row(header), _md_row(["---"] * len(header))] + [_md_row(r) for r in rows]
+    lines += [md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]
     if audit.baseline:
         accs = mean_std([summarise(b.metrics)["test_acc"] for b in audit.baseline])
         lines += ["", f"Frozen-blocks baseline `{audit.baseline_rule}`: test acc {fmt(accs, 'test_acc')}."]
-    lines += ["", "## Per run", "", _md_row(["run", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict", "modes"]),
-              _md_row(["---"] * 8)]
+    lines += ["", "## Per run", "", md_row(["run", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict", "modes"]),
+              md_row(["---"] * 8)]
     for ra in audit.rules:
         for r in ra.runs:
             f = r.figures
-            lines.append(_md_row([r.run.path.name, _num(f["test_acc"]), _num(f["depth_pp"]), _num(f["deep_cos"]),
+            lines.append(md_row([r.run.path.name, _num(f["test_acc"]), _num(f["depth_pp"]), _num(f["deep_cos"]),
                                   _num(f["hL_norm"], True), _num(f["gL_norm"], True), r.verdict.label, ", ".join(r.verdict.modes) or "–"]))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
@@ -175,10 +183,6 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
     if problems:
         lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]
     return "\n".join(lines) + "\n"
-
-
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def _num(v: float | None, log: bool = False) -> str:

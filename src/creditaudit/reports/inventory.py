@@ -15,7 +15,8 @@ from pathlib import Path
 
 from creditaudit.diagnostics.verdict import Thresholds
 from creditaudit.reports.collect import Collection, RunRecord
-from creditaudit.reports.tables import _md_row, _rule_order, arch_description, fa_vs_dfa, skipped, triangulation
+from creditaudit.reports.markdown import md_row
+from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, skipped, triangulation
 
 
 @dataclass
@@ -95,7 +96,7 @@ def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds |
 
     lines = ["# Training Inventory", "",
              f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).", "",
-             "## Summary", "", _md_row(["Dimension", "Count"]), _md_row(["---", "---"])]
+             "## Summary", "", md_row(["Dimension", "Count"]), md_row(["---", "---"])]
     statuses = Counter(r.status for r in runs)
     summary_rows = [
         ("**Total training runs**", f"**{len(runs)}**" + (f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if runs else "")),
@@ -108,29 +109,29 @@ def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds |
         ("**Method × architecture combinations**", f"**{len(combos)}**"),
         ("**Datasets**", f"**{len({r.dataset for r in runs})}** ({', '.join(sorted({r.dataset for r in runs})) or '–'})"),
     ]
-    lines += [_md_row(list(r)) for r in summary_rows]
+    lines += [md_row(list(r)) for r in summary_rows]
 
-    lines += ["", f"## By Method ({len(methods)} types)", "", _md_row(["Method", "Runs", "Description"]), _md_row(["---"] * 3)]
+    lines += ["", f"## By Method ({len(methods)} types)", "", md_row(["Method", "Runs", "Description"]), md_row(["---"] * 3)]
     for m in sorted(methods, key=lambda m: (-len(methods[m]), _rule_order(m))):
-        lines.append(_md_row(_count_row(m, methods[m], method_description(m))))
+        lines.append(md_row(_count_row(m, methods[m], method_description(m))))
 
-    lines += ["", f"## By Architecture ({len(archs)})", "", _md_row(["Architecture", "Runs", "Settings"]), _md_row(["---"] * 3)]
+    lines += ["", f"## By Architecture ({len(archs)})", "", md_row(["Architecture", "Runs", "Settings"]), md_row(["---"] * 3)]
     for a in sorted(archs, key=lambda a: (-len(archs[a]), a)):
-        lines.append(_md_row(_count_row(a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})))))
+        lines.append(md_row(_count_row(a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})))))
 
     lines += ["", f"## By Experiment Setting ({len(settings)})", "",
-              _md_row(["Setting", "Runs", "Epochs", "Device-hours", "Description"]), _md_row(["---"] * 5)]
+              md_row(["Setting", "Runs", "Epochs", "Device-hours", "Description"]), md_row(["---"] * 5)]
     for s in sorted(settings, key=_setting_order):
         rs = settings[s]
         eps = sorted({int(r.config.get("epochs") or 0) for r in rs})
         row = _count_row(s, rs, setting_description(s))
         hrs = sum(float(r.summary.get("wall_s") or 0.0) for r in rs) / 3600
-        lines.append(_md_row([row[0], row[1], ", ".join(map(str, eps)), f"{hrs:.2f}", row[2]]))
+        lines.append(md_row([row[0], row[1], ", ".join(map(str, eps)), f"{hrs:.2f}", row[2]]))
 
     datasets = inv.by(lambda r: r.dataset)
-    lines += ["", "## By Dataset", "", _md_row(["Dataset", "Runs", "Settings"]), _md_row(["---"] * 3)]
+    lines += ["", "## By Dataset", "", md_row(["Dataset", "Runs", "Settings"]), md_row(["---"] * 3)]
     for d in sorted(datasets):
-        lines.append(_md_row(_count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]})))))
+        lines.append(md_row(_count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]})))))
 
     lines += ["", "## Key Tables", "", "Generated from the finished runs (all ± use ddof=1; n = seeds).", ""]
     lines += [t.markdown(level=3) for t in (fa_vs_dfa(col, th), triangulation(col, th))]

@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, run_verdict, summarise
-from creditaudit.reports.audit import FIGURES, RunAudit, _rule_order, build_audit, find_baseline, fire_text, fmt, table_rows
+from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
+from creditaudit.reports.audit import FIGURES, RunAudit, _rule_order, audit_run, build_audit, fire_text, fmt, table_rows
 from creditaudit.reports.collect import Collection, RunRecord
+from creditaudit.reports.markdown import md_row
 
 PENALTY_SETTINGS = ("matched_30ep", "sbcb_vanilla_30ep", "penalty_1e-4", "penalty_rescue", "penalty_1e-1",
                     "bp_penalty", "dfa_pen_100ep")
@@ -46,7 +47,7 @@ class Table:
     def markdown(self, level: int = 2) -> str:
         lines = [f"{'#' * level} {self.title}", ""]
         if self.rows:
-            lines += [_md_row(self.header), _md_row(["---"] * len(self.header))] + [_md_row(r) for r in self.rows]
+            lines += [md_row(self.header), md_row(["---"] * len(self.header))] + [md_row(r) for r in self.rows]
         else:
             lines.append("*No finished runs for this table in the results folder.*")
         if self.notes:
@@ -72,14 +73,6 @@ class Group:
 
     def verdict(self) -> str:
         return rule_verdict(self.label[0], [r.verdict for r in self.runs]).label
-
-
-def audit_run(run: RunRecord, frozen: list[RunRecord], th: Thresholds, baseline: str = "bp_frozen") -> RunAudit:
-    base = find_baseline(run, [b for b in frozen if b.rule == baseline])
-    verdict = run_verdict(run.metrics, base.metrics if base else None, th)
-    figures = summarise(run.metrics)
-    figures["depth_pp"] = verdict.depth_utility_pp
-    return RunAudit(run, verdict, figures, base)
 
 
 def groups(col: Collection, settings: Iterable[str], key: Callable[[RunRecord], tuple[str, ...]],
@@ -275,10 +268,6 @@ def arch_description(r: RunRecord) -> str:
     if arch == "resmlp" and not m.get("residual", True):
         text += " no residual"
     return text
-
-
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 TABLES: dict[str, Callable[[Collection, Thresholds], Table]] = {

@@ -105,7 +105,7 @@ class VectorField(E.EstimatorRule):
         self.ready(fwd.hs)
         o = self.opts
         hs = [h.detach() for h in fwd.hs]
-        L, B = len(hs) - 1, y.shape[0]
+        L = len(hs) - 1
         s = E.terminal_code(o.code, fwd.logits, y)
         n = o.fd_layers if 0 < o.fd_layers < L + 1 else L + 1
         probed = [(self.steps * n + j) % (L + 1) for j in range(n)]  # round robin over 0..L
