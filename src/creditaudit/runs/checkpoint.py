@@ -60,7 +60,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .io import CorruptRunError, fsync_dir, partial_path, to_jsonable
+from .io import CorruptRunError, atomic_replace, to_jsonable
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -215,17 +215,8 @@ def unpack_state(tensors: Mapping[str, torch.Tensor], skeleton: Any,
 def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None) -> None:
     """``safetensors.torch.save_file`` to a temporary sibling, fsync, rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    try:
+    with atomic_replace(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any],

@@ -28,13 +28,14 @@ breaks results folders shared between collaborators).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -42,6 +43,7 @@ __all__ = [
     "CorruptRunError",
     "PARTIAL_SUFFIX",
     "append_jsonl",
+    "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -153,8 +155,10 @@ def partial_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (parent folders are created).
+@contextlib.contextmanager
+def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on a clean exit it is ``fsync``-ed and renamed
+    over ``path`` (parent folders are created, the folder is ``fsync``-ed after the rename).
 
     After a crash at any point the target holds its old content (or does not exist, if it did not
     before) or the new content in full. On failure the temporary file is removed and the error
@@ -163,17 +167,26 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically; see :func:`atomic_replace`."""
+    with atomic_replace(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
