@@ -84,3 +84,31 @@ def test_image_archs_reject_vectors(arch_name):
 def test_unknown_arch_is_one_clear_error():
     with pytest.raises(UnknownNameError, match="Did you mean 'resmlp'"):
         ARCHS.get("resmpl")
+
+
+def test_terminal_norm_and_skip_path_flags_work_on_every_arch(arch):
+    """out_ln and residual mean the same on every architecture: None takes the architecture's own
+    default (ARCH_DEFAULTS), an explicit value is honoured or refused with a clear error."""
+    import dataclasses
+
+    from creditaudit.models.base import ARCH_DEFAULTS
+
+    cfg, shape = SMALL_ARCHS[arch]
+    x = torch.randn(3, *shape)
+    default = ARCH_DEFAULTS[arch]
+    for out_ln in (None, True, False):
+        model = build_model(arch, dataclasses.replace(cfg, out_ln=out_ln), shape, 4)
+        has_ln = any(isinstance(m, torch.nn.LayerNorm) for m in model.norm.modules())
+        assert has_ln == (default.out_ln if out_ln is None else out_ln), (arch, out_ln)
+        assert model(x).shape == (3, 4)
+    for residual in (None, True, False):
+        wanted = default.residual if residual is None else residual
+        if wanted and arch == "smallcnn":
+            with pytest.raises(ConfigError, match="residual=true is not available"):
+                build_model(arch, dataclasses.replace(cfg, residual=residual), shape, 4)
+            continue
+        model = build_model(arch, dataclasses.replace(cfg, residual=residual), shape, 4)
+        assert all(b.residual == wanted for b in model.blocks), (arch, residual)
+        fwd = model.run(x)
+        for block, h_prev, h, f in zip(model.blocks, fwd.hs, fwd.hs[1:], fwd.fs):
+            torch.testing.assert_close(h, h_prev + f if wanted else f)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from creditaudit.config import to_dict
+from creditaudit.config import resolve_rule_options, to_dict
 from creditaudit.runs.checkpoint import load_checkpoint
 from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.train.trainer import RunConfigMismatch, build_run, train
@@ -32,7 +32,9 @@ def test_run_folder_contents(tmp_path):
     folder = _folder(cfg)
     assert folder.path == tmp_path / "results" / "adhoc" / "bp__resmlp__s42"
     assert summary["status"] == "finished" and summary["epochs_done"] == 2
-    assert json.loads((folder.path / "config.json").read_text()) == to_dict(cfg)
+    stored = json.loads((folder.path / "config.json").read_text())
+    assert stored == to_dict(resolve_rule_options(cfg))
+    assert stored["model"]["out_ln"] is True and stored["model"]["residual"] is True  # resmlp's, written out
     records = folder.read_metrics()
     assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 0: the diagnostics before any update
     for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "diag/d1", "diag/gL_norm", "credit/deep_cos"):

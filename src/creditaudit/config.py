@@ -226,11 +226,18 @@ def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError)
 
 
 def resolve_rule_options(cfg: TrainConfig) -> TrainConfig:
-    """A copy whose ``rule_opts`` holds every option of the rule, typed, defaults filled in."""
+    """A copy whose ``rule_opts`` holds every option of the rule, typed, defaults filled in, and
+    whose model config names its terminal norm and skip path (``out_ln``, ``residual``)."""
     from creditaudit.rules import rule_options
+
+    from creditaudit.models.base import arch_shape
 
     out = copy_config(cfg)
     out.rule_opts = dataclasses.asdict(rule_options(cfg.rule, cfg.rule_opts))
+    # The architecture's own terminal-norm and skip-path defaults, written out (width and depth
+    # stay as given: run folders name them by arch_label).
+    shape = arch_shape(cfg.arch, cfg.model)
+    out.model.out_ln, out.model.residual = shape.out_ln, shape.residual
     return out
 
 

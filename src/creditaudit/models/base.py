@@ -28,8 +28,8 @@ class ModelConfig:
 
     d: int | None = field(default=None, metadata={"help": "width of the residual stream h_l (mlp: hidden width; smallcnn: FC width); default per arch: resmlp 256, vit_mini 128, mlp 256, smallcnn 256"})
     L: int | None = field(default=None, metadata={"help": "number of blocks (mlp: hidden layers after the first); default per arch: resmlp 4, vit_mini 4, mlp 3, smallcnn 3 (fixed); 0 gives the shallow variant"})
-    out_ln: bool = field(default=True, metadata={"help": "terminal LayerNorm N before the head (resmlp, vit_mini)"})
-    residual: bool = field(default=True, metadata={"help": "residual skip h_l = h_{l-1} + f_l (resmlp); False gives h_l = f_l(h_{l-1})"})
+    out_ln: bool | None = field(default=None, metadata={"help": "terminal LayerNorm N before the head; default per arch: on for resmlp, vit_mini; off for mlp, smallcnn"})
+    residual: bool | None = field(default=None, metadata={"help": "skip path h_l = h_{l-1} + f_l (false: h_l = f_l(h_{l-1})); default per arch: on for resmlp, vit_mini; off for mlp, smallcnn (whose stages change shape: no skip possible)"})
     w2_std: float = field(default=0.01, metadata={"help": "std of the normal init of each resmlp block's output matrix W2 (its bias is 0)"})
     activation: str = field(default="relu", metadata={"help": "mlp activation: relu | gelu | tanh | sigmoid"})
     heads: int = field(default=4, metadata={"help": "vit_mini attention heads"})
@@ -160,14 +160,29 @@ def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]
     return input_shape  # type: ignore[return-value]
 
 
-# Width d and depth L an architecture takes when its config leaves them unset (None).
-SIZE_DEFAULTS: dict[str, tuple[int, int]] = {"resmlp": (256, 4), "mlp": (256, 3), "smallcnn": (256, 3), "vit_mini": (128, 4)}
+@dataclass(frozen=True)
+class ArchShape:
+    """Width, depth, terminal norm and skip path of an architecture, every one resolved."""
+    d: int
+    L: int
+    out_ln: bool
+    residual: bool
 
 
-def model_size(arch: str, cfg: ModelConfig) -> tuple[int, int]:
-    """(d, L) of ``arch`` under ``cfg``, defaults filled in (reports name architectures by them)."""
-    d0, L0 = SIZE_DEFAULTS.get(arch, (0, 0))
-    return cfg.d or d0, L0 if cfg.L is None else cfg.L
+# What an architecture takes where its config leaves a field unset (None).
+ARCH_DEFAULTS: dict[str, ArchShape] = {
+    "resmlp": ArchShape(256, 4, out_ln=True, residual=True),
+    "mlp": ArchShape(256, 3, out_ln=False, residual=False),
+    "smallcnn": ArchShape(256, 3, out_ln=False, residual=False),
+    "vit_mini": ArchShape(128, 4, out_ln=True, residual=True),
+}
+
+
+def arch_shape(arch: str, cfg: ModelConfig) -> ArchShape:
+    """``arch`` under ``cfg``, defaults filled in (models are built from it, reports name it)."""
+    base = ARCH_DEFAULTS.get(arch, ArchShape(0, 0, out_ln=False, residual=False))
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return ArchShape(cfg.d or base.d, pick(cfg.L, base.L), pick(cfg.out_ln, base.out_ln), pick(cfg.residual, base.residual))
 
 
 def check_depth(arch: str, L: int) -> int:

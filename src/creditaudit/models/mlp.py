@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim, model_size
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim
 from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -23,10 +23,11 @@ def activation(name: str) -> nn.Module:
         raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
 
 
-@ARCHS.register("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation), no residual, no norm")
+@ARCHS.register("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation); no skip path, no norm unless asked")
 def mlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
-    d, L = model_size("mlp", cfg)
-    L = check_depth("mlp", L)
+    shape = arch_shape("mlp", cfg)
+    d, L = shape.d, check_depth("mlp", shape.L)
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d), activation(cfg.activation))
-    blocks = [Block(nn.Sequential(nn.Linear(d, d), activation(cfg.activation)), residual=False) for _ in range(L)]
-    return CreditNet(embed, blocks, nn.Identity(), nn.Linear(d, num_classes))
+    blocks = [Block(nn.Sequential(nn.Linear(d, d), activation(cfg.activation)), residual=shape.residual) for _ in range(L)]
+    norm = nn.LayerNorm(d) if shape.out_ln else nn.Identity()
+    return CreditNet(embed, blocks, norm, nn.Linear(d, num_classes))

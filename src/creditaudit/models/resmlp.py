@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, flat_dim, model_size
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim
 
 
 class ResMLPBranch(nn.Module):
@@ -29,9 +29,9 @@ class ResMLPBranch(nn.Module):
 
 @ARCHS.register("resmlp", "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head")
 def resmlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
-    d, L = model_size("resmlp", cfg)
-    L = check_depth("resmlp", L)
+    shape = arch_shape("resmlp", cfg)
+    d, L = shape.d, check_depth("resmlp", shape.L)
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d))
-    blocks = [Block(ResMLPBranch(d, cfg.w2_std), residual=cfg.residual) for _ in range(L)]
-    norm = nn.LayerNorm(d) if cfg.out_ln else nn.Identity()
+    blocks = [Block(ResMLPBranch(d, cfg.w2_std), residual=shape.residual) for _ in range(L)]
+    norm = nn.LayerNorm(d) if shape.out_ln else nn.Identity()
     return CreditNet(embed, blocks, norm, nn.Linear(d, num_classes))

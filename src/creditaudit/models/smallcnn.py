@@ -1,5 +1,6 @@
-"""``smallcnn``: the cross-architecture control — 3 conv layers with BatchNorm, 1 FC, a head, and no
-terminal norm (so Mode 1(b), the terminal-LN collapse of ‖g_L‖, cannot fire).
+"""``smallcnn``: the cross-architecture control — 3 conv layers with BatchNorm, 1 FC, a head, and by
+default no terminal norm (so Mode 1(b), the terminal-LN collapse of ‖g_L‖, cannot fire;
+``out_ln=true`` puts a LayerNorm on the FC features before the head).
 
     h_0 = pool(ReLU(BN(conv1 x)))          (B, c1, H/2, W/2)     embedding (conv stem)
     h_1 = pool(ReLU(BN(conv2 h_0)))        (B, c2, H/4, W/4)     block 1
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, image_shape, model_size
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, image_shape
 from creditaudit.errors import ConfigError
 
 
@@ -27,7 +28,7 @@ def conv_stage(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-@ARCHS.register("smallcnn", "3 conv+BatchNorm stages, 1 FC, head; no terminal norm (Mode 1(b) cannot fire)")
+@ARCHS.register("smallcnn", "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b) cannot fire without)")
 def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("smallcnn", input_shape)
     if cfg.L not in (None, 0, 3):
@@ -37,16 +38,21 @@ def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNe
     if min(h, w) < 8:
         raise ConfigError(f"smallcnn pools three times and needs images of at least 8x8, got {h}x{w}")
     c1, c2, c3 = cfg.channels
-    d = model_size("smallcnn", cfg)[0]
+    shape = arch_shape("smallcnn", cfg)
+    if shape.residual:
+        raise ConfigError("smallcnn: residual=true is not available, its stages change the state's shape "
+                          "(use resmlp or vit_mini for a skip path)")
+    d = shape.d
     embed = conv_stage(c, c1)
     if cfg.L == 0:
         # Shallow variant: the stem feeds the head directly.
         head_in = c1 * (h // 2) * (w // 2)
-        return CreditNet(embed, [], nn.Flatten(), nn.Linear(head_in, num_classes))
+        norm = nn.Sequential(nn.Flatten(), nn.LayerNorm(head_in)) if shape.out_ln else nn.Flatten()
+        return CreditNet(embed, [], norm, nn.Linear(head_in, num_classes))
     fc_in = c3 * (h // 8) * (w // 8)
     blocks = [
         Block(conv_stage(c1, c2), residual=False),
         Block(conv_stage(c2, c3), residual=False),
         Block(nn.Sequential(nn.Flatten(), nn.Linear(fc_in, d), nn.ReLU()), residual=False),
     ]
-    return CreditNet(embed, blocks, nn.Identity(), nn.Linear(d, num_classes))
+    return CreditNet(embed, blocks, nn.LayerNorm(d) if shape.out_ln else nn.Identity(), nn.Linear(d, num_classes))

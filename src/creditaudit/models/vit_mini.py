@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, check_depth, image_shape, model_size
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, image_shape
 from creditaudit.errors import ConfigError
 
 
@@ -79,12 +79,12 @@ class ClsNorm(nn.Module):
 @ARCHS.register("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls")
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
-    d, L = model_size("vit_mini", cfg)
-    L = check_depth("vit_mini", L)
+    shape = arch_shape("vit_mini", cfg)
+    d, L = shape.d, check_depth("vit_mini", shape.L)
     if h % cfg.patch or w % cfg.patch:
         raise ConfigError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
     if d % cfg.heads:
         raise ConfigError(f"vit_mini: heads={cfg.heads} must divide d={d}")
     embed = PatchEmbed(c, (h, w), cfg.patch, d)
-    blocks = [Block(TransformerBranch(d, cfg.heads)) for _ in range(L)]
-    return CreditNet(embed, blocks, ClsNorm(d, cfg.out_ln), nn.Linear(d, num_classes))
+    blocks = [Block(TransformerBranch(d, cfg.heads), residual=shape.residual) for _ in range(L)]
+    return CreditNet(embed, blocks, ClsNorm(d, shape.out_ln), nn.Linear(d, num_classes))

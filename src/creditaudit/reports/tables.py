@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
 from creditaudit.reports.audit import FIGURES, RunAudit, _rule_order, audit_run, build_audit, fire_text, fmt, table_rows
+from creditaudit.models.base import ARCH_DEFAULTS, ArchShape, ModelConfig, arch_shape
 from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
 
@@ -143,12 +144,9 @@ def penalty_sweep(col: Collection, th: Thresholds) -> Table:
 
 
 def depth_sweep(col: Collection, th: Thresholds) -> Table:
-    from creditaudit.models import ModelConfig
-    from creditaudit.models.base import model_size
-
     def key(r: RunRecord) -> tuple[str, ...]:
-        d, L = model_size(r.config.get("arch", r.arch), ModelConfig(**_model_fields(r)))
-        return (r.rule, f"{L:d}", f"{d:d}")
+        shape = _shape(r)
+        return (r.rule, f"{shape.L:d}", f"{shape.d:d}")
 
     gs = groups(col, ("depth_sweep",), key, th)
     gs.sort(key=lambda g: (_rule_order(g.label[0]), int(g.label[1])))
@@ -245,8 +243,6 @@ def agreement_sentence(orders: dict[str, Ordering]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def _model_fields(r: RunRecord) -> dict:
-    from creditaudit.models import ModelConfig
-
     known = set(ModelConfig.__dataclass_fields__)
     m = {k: v for k, v in (r.config.get("model") or {}).items() if k in known}
     if isinstance(m.get("channels"), list):
@@ -256,18 +252,18 @@ def _model_fields(r: RunRecord) -> dict:
 
 def arch_description(r: RunRecord) -> str:
     """A readable architecture name from a run's config: ``resmlp d=256 L=4``, ``… no terminal LN``."""
-    from creditaudit.models import ModelConfig
-    from creditaudit.models.base import model_size
-
     arch = r.config.get("arch", r.arch)
-    m = _model_fields(r)
-    d, L = model_size(arch, ModelConfig(**m))
-    text = f"{arch} d={d} L={L}"
-    if arch in ("resmlp", "vit_mini"):
-        text += " + terminal LN" if m.get("out_ln", True) else " no terminal LN"
-    if arch == "resmlp" and not m.get("residual", True):
-        text += " no residual"
+    shape, default = _shape(r), ARCH_DEFAULTS.get(arch)
+    text = f"{arch} d={shape.d} L={shape.L}"
+    if shape.out_ln or (default and default.out_ln):
+        text += " + terminal LN" if shape.out_ln else " no terminal LN"
+    if default and shape.residual != default.residual:
+        text += " + residual" if shape.residual else " no residual"
     return text
+
+
+def _shape(r: RunRecord) -> ArchShape:
+    return arch_shape(r.config.get("arch", r.arch), ModelConfig(**_model_fields(r)))
 
 
 TABLES: dict[str, Callable[[Collection, Thresholds], Table]] = {
