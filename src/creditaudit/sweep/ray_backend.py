@@ -58,15 +58,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, temp_dir
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address is None:
-        if num_cpus:
-            kwargs["num_cpus"] = num_cpus
+    kwargs: dict[str, Any] = {"log_to_driver": False}
+    if address is None:  # a local instance of our own: its size, its files, no dashboard
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus or None)
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
     else:
-        kwargs.pop("include_dashboard")
-    if address is not None:
         _check_reachable(address)
     try:
         ray.init(address=address, **kwargs)
