@@ -77,14 +77,15 @@ class Group:
 
 
 def groups(col: Collection, settings: Iterable[str], key: Callable[[RunRecord], tuple[str, ...]],
-           th: Thresholds, *, include_frozen: bool = False) -> list[Group]:
-    """Finished runs of ``settings`` grouped by ``key`` (first element: the rule), in study order."""
+           th: Thresholds) -> list[Group]:
+    """Finished runs of ``settings`` grouped by ``key`` (first element: the rule), in study order;
+    the frozen and shallow baselines are references, not rows."""
     finished = [r for r in col.runs if r.status == "finished"]
     frozen = [r for r in finished if r.rule.endswith("_frozen")]
     wanted = set(settings)
     out: dict[tuple[str, ...], list[RunAudit]] = {}
     for run in sorted(finished, key=lambda r: (r.setting, r.seed)):
-        if run.setting in wanted and (include_frozen or not run.rule.endswith(("_frozen", "_shallow"))):
+        if run.setting in wanted and not run.rule.endswith(("_frozen", "_shallow")):
             out.setdefault(key(run), []).append(audit_run(run, frozen, th))
     return [Group(k, v) for k, v in sorted(out.items(), key=lambda kv: (_rule_order(kv[0][0]), kv[0][1:]))]
 
