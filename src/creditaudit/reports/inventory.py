@@ -22,28 +22,24 @@ from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa,
 @dataclass
 class Inventory:
     runs: list[RunRecord]
-    problems: list[str]
 
-    # -- counts ----------------------------------------------------------------------------
     @property
     def epochs(self) -> int:
         return sum(int(r.summary.get("epochs_done") or 0) for r in self.runs)
 
-    @property
-    def wall_hours(self) -> float:
-        return sum(float(r.summary.get("wall_s") or 0.0) for r in self.runs) / 3600
-
     def hours_by_device(self) -> dict[str, float]:
-        out: dict[str, float] = defaultdict(float)
-        for r in self.runs:
-            out[device_kind(r)] += float(r.summary.get("wall_s") or 0.0) / 3600
-        return dict(sorted(out.items()))
+        return {dev: device_hours(rs) for dev, rs in sorted(self.by(device_kind).items())}
 
     def by(self, key) -> dict[str, list[RunRecord]]:
         out: dict[str, list[RunRecord]] = defaultdict(list)
         for r in self.runs:
             out[key(r)].append(r)
         return dict(out)
+
+
+def device_hours(runs: list[RunRecord]) -> float:
+    """Logged wall time of ``runs``, in hours."""
+    return sum(float(r.summary.get("wall_s") or 0.0) for r in runs) / 3600
 
 
 def device_kind(r: RunRecord) -> str:
@@ -82,7 +78,7 @@ def _count_row(name: str, runs: list[RunRecord], desc: str) -> list[str]:
 
 def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds | None = None, generated: str | None = None) -> str:
     th = th or Thresholds()
-    inv = Inventory(col.runs, col.problems)
+    inv = Inventory(col.runs)
     runs = inv.runs
     root = Path(results)
     methods = inv.by(lambda r: r.rule)
@@ -102,7 +98,7 @@ def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds |
         ("**Total training runs**", f"**{len(runs)}**" + (f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if runs else "")),
         ("**Unique models** (method × arch × seed × setting)", f"**{len(models)}**"),
         ("**Total training epochs**", f"**{inv.epochs:,}**"),
-        ("**Estimated total device time** (logged wall time)", f"**{inv.wall_hours:.2f} hours** ({hours_text})"),
+        ("**Estimated total device time** (logged wall time)", f"**{device_hours(runs):.2f} hours** ({hours_text})"),
         ("**Training methods**", f"**{len(methods)}** ({len(primary)} primary + {len(methods) - len(primary)} frozen/shallow variants)"),
         ("**Architectures**", f"**{len(archs)}**"),
         ("**Experiment settings**", f"**{len(settings)}**"),
@@ -125,7 +121,7 @@ def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds |
         rs = settings[s]
         eps = sorted({int(r.config.get("epochs") or 0) for r in rs})
         row = _count_row(s, rs, setting_description(s))
-        hrs = sum(float(r.summary.get("wall_s") or 0.0) for r in rs) / 3600
+        hrs = device_hours(rs)
         lines.append(md_row([row[0], row[1], ", ".join(map(str, eps)), f"{hrs:.2f}", row[2]]))
 
     datasets = inv.by(lambda r: r.dataset)
