@@ -409,7 +409,6 @@ def inventory(results, out) -> None:
 
     col = _collect_or_fail(results)
     path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, inventory_markdown(col, results))
     finished = sum(r.status == "finished" for r in col.runs)
     console.print(f"{len(col.runs)} runs ({finished} finished) in {results}; {len(col.problems)} folder(s) skipped")
@@ -451,7 +450,6 @@ def tables(results, out, names, triangulate) -> None:
         for note in t.notes:
             console.print(f"  {note}")
     path = Path(out) if out else Path(results) / "_reports" / "tables.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
     for problem in T.skipped(col):
         console.print(f"  [yellow]skipped[/] {problem}")
