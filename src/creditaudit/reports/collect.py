@@ -1,6 +1,12 @@
 """Read a results folder: every run folder ``<results>/<setting>/<rule>__<arch>__s<seed>/`` with its
 config, summary and metrics. A corrupt or partial folder is reported and skipped, never fatal.
-Folders whose name starts with ``_`` or ``.`` (``_reports``, the generated reports) are not runs."""
+Folders whose name starts with ``_`` or ``.`` (``_reports``, the generated reports) are not runs.
+
+A *finished* run must have complete metrics: its ``metrics.jsonl`` present, without a torn last
+line, and ending at the run's last epoch (``summary.json``'s ``epochs_done``, else the config's
+``epochs``); otherwise it is skipped with the reason, so no verdict is drawn from figures that do
+not exist. A run still in progress (or interrupted) may end in a torn line: it is skipped over, as
+the trainer's own reads do."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from creditaudit.runs.folder import RunFolder, parse_run_name
-from creditaudit.runs.io import CorruptRunError
+from creditaudit.runs.io import CorruptRunError, read_jsonl_checked
 
 
 @dataclass
@@ -66,12 +72,52 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
                     missing = "config.json" if config is None else "summary.json"
                     out.problems.append(f"{run_dir}: no {missing} (a run that never started); skipped")
                     continue
-                metrics = folder.read_metrics()
+                if summary.get("status") == "finished":
+                    metrics = read_finished_metrics(folder, config, summary)
+                else:
+                    metrics = folder.read_metrics()
             except (CorruptRunError, OSError, ValueError) as exc:
                 out.problems.append(f"{run_dir}: {exc}; skipped")
                 continue
             out.runs.append(RunRecord(setting_dir.name, rule, arch, seed, run_dir, config, summary, metrics))
     return out
+
+
+_RERUN = "delete the run folder to rerun the run from scratch"
+
+
+def read_finished_metrics(folder: RunFolder, config: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics of a finished run, which must be complete: :class:`CorruptRunError` naming
+    ``metrics.jsonl`` and what is wrong when the file is missing, empty, ends in a torn line, or
+    does not end at the run's last epoch (``summary["epochs_done"]``, else ``config["epochs"]``)."""
+    path = folder.metrics_path
+    if not path.exists():
+        raise CorruptRunError(path, "missing, though summary.json says the run finished", fix=_RERUN)
+    records, n_bad = read_jsonl_checked(path)  # CorruptRunError for a bad line before the last
+    if n_bad:
+        raise CorruptRunError(path, "the last line is torn (not a complete JSON object), though summary.json "
+                              "says the run finished", fix=_RERUN)
+    if not records:
+        raise CorruptRunError(path, "empty (no epoch logged), though summary.json says the run finished", fix=_RERUN)
+    last = _last_epoch(config, summary)
+    if last is not None:
+        epochs = [r.get("epoch") for r in records]
+        if last not in epochs:
+            logged = [e for e in epochs if isinstance(e, int) and not isinstance(e, bool)]
+            upto = f"it ends at epoch {max(logged)}" if logged else "no line has an epoch"
+            raise CorruptRunError(path, f"no line for epoch {last}, the last epoch of the finished run "
+                                  f"(summary.json epochs_done / config epochs); {upto}", fix=_RERUN)
+        if epochs[-1] != last:
+            raise CorruptRunError(path, f"lines after epoch {last}, the last epoch of the finished run "
+                                  f"(summary.json epochs_done / config epochs)", fix=_RERUN)
+    return records
+
+
+def _last_epoch(config: dict[str, Any], summary: dict[str, Any]) -> int | None:
+    for value in (summary.get("epochs_done"), config.get("epochs")):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
