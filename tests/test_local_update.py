@@ -120,3 +120,31 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
 
     assert gap(0.0) < 0.05  # eps's share only; AdamW's first step moves every parameter by ~lr
     assert gap(1.0) > 0.5
+
+
+def test_bp_with_penalty_is_autograd_of_ce_plus_penalty(tmp_path):
+    """The capacity-cost control: BP's step with lam > 0 follows autograd of CE + lam·Σ_l mean_b‖f_l‖²
+    (parameter for parameter) and differs from the step without penalty."""
+    import copy
+
+    from creditaudit.train.trainer import build_run, train_step
+    from tests.conftest import tiny_config
+
+    lam = 1e-2
+    grads = {}
+    for value in (0.0, lam):
+        run = build_run(tiny_config(tmp_path, "rule=bp", f"lam={value}", "w2_std=0.5"))
+        x, y = next(iter(run.loader.epoch(0)))
+        model = copy.deepcopy(run.model)
+        train_step(run, x, y)
+        grads[value] = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+        fwd = model.run(x)
+        penalty = sum(f.flatten(1).pow(2).sum(1).mean() for f in fwd.fs)
+        (F.cross_entropy(fwd.logits, y) + value * penalty).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[value][n], p.grad, rtol=1e-5, atol=1e-7, msg=f"lam={value}: {n}")
+    block = [n for n in grads[lam] if n.startswith("blocks.0.branch")]
+    embed = [n for n in grads[lam] if n.startswith("embed")]
+    assert block and embed
+    for n in block + embed:  # the penalty reaches the blocks and, through h_0, the embedding
+        assert not torch.allclose(grads[lam][n], grads[0.0][n]), n

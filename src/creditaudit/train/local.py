@@ -95,6 +95,11 @@ def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalRule, lam
         for l in range(1, len(fwd.hs)):
             f = fwd.fs[l - 1]
             total = total + local_term(rule, f, fwd.hs[l], credits[l])
-            if lam:
-                total = total + lam * _per_sample(f).pow(2).sum(1).mean()
+        if lam:
+            total = total + penalty(fwd, lam)
     return total
+
+
+def penalty(fwd: Forward, lam: float) -> Tensor:
+    """lam · Σ_l mean_b ||f_l||²: the per-block penalty on each branch output (every rule's, BP's too)."""
+    return lam * sum(_per_sample(f).pow(2).sum(1).mean() for f in fwd.fs)

@@ -29,7 +29,7 @@ from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.provenance import provenance
-from creditaudit.train.local import LocalRule, local_objective, parse_local_rule
+from creditaudit.train.local import LocalRule, local_objective, parse_local_rule, penalty
 
 # Config fields that do not change what a run computes: a finished run is reused across them.
 NON_SEMANTIC = ("progress", "results", "threads", "device", "eval_batch_size", "data.data_dir", "arch_label")
@@ -153,9 +153,15 @@ def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str
     opt.zero_grad(set_to_none=True)
     rule_metrics: dict[str, Tensor] = {}
     if rule.end_to_end:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
+        if run.cfg.lam:  # autograd of CE + lam·Σ_l mean_b ||f_l||² (the capacity-cost control)
+            fwd = model.run(x)
+            logits = fwd.logits
+            loss = F.cross_entropy(logits, y)
+            (loss + penalty(fwd, run.cfg.lam)).backward()
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
         opt.step()
     else:
         with rule.local_forward(model):
