@@ -142,6 +142,48 @@ def test_vec_finite_difference_targets_are_directional_derivatives():
         torch.testing.assert_close(t.double(), exact, rtol=2e-3, atol=2e-5)
 
 
+def _cb_consistency_noise(rule, model, y, fwd) -> list[torch.Tensor]:
+    """The noise σ·(…)·ξ that one ``cb`` step adds to each h_{l+1}, l = 0..L−1: (K, B, ...) each,
+    read off the states the EMA target V̄ is evaluated on (the generator is restored after)."""
+    seen = []
+    value = type(rule).value
+
+    def spy(net, hs, layers, s):
+        if net is rule.target:
+            seen.extend(hs)
+        return value(net, hs, layers, s)
+
+    state = rule.gen.get_state()
+    rule.value = spy
+    try:
+        rule.step(model, None, y, fwd)
+    finally:
+        del rule.value
+        rule.gen.set_state(state)
+    return [(n.view(rule.opts.K, *h.shape) - h).detach() for n, h in zip(seen, fwd.hs[1:])]
+
+
+@pytest.mark.parametrize("noise", ["absolute", "relative"])
+def test_cb_consistency_noise_is_absolute_by_default(noise):
+    """DESIGN: the target copies are V̄(h_{l+1} + σξ) — noise of std σ whatever ‖h‖. The option
+    noise=relative scales it by the per-sample RMS of h_{l+1} instead."""
+    model, x, y = _fixed_task()
+    x, y = x[:32], y[:32]
+    opts = {} if noise == "absolute" else {"noise": "relative"}
+    rule = _rule("cb", model, opts)
+    fwd = model.run(x, detach_inputs=True)
+    big = dataclasses.replace(fwd, hs=[100.0 * h for h in fwd.hs])
+    base, scaled = _cb_consistency_noise(rule, model, y, fwd), _cb_consistency_noise(rule, model, y, big)
+    for n, m, h in zip(base, scaled, fwd.hs[1:]):
+        if noise == "absolute":
+            torch.testing.assert_close(m, n, rtol=0, atol=1e-3)  # the same ξ: ‖h‖ plays no part
+            assert abs(float(n.std()) - rule.opts.sigma) < 0.01, float(n.std())
+        else:
+            torch.testing.assert_close(m, 100.0 * n, rtol=1e-3, atol=1e-3)
+            ratio = n.flatten(2).std(2) / E.rms(h.detach())  # (K, B): σ per sample, in units of rms(h)
+            assert abs(float(ratio.mean()) - rule.opts.sigma) < 0.02, float(ratio.mean())
+
+
 def test_sb_exact_terminal_gives_g_L_and_cb_warmup_gives_dfa_credit():
     model, x, y = _fixed_task()
     x, y = x[:16], y[:16]

@@ -14,13 +14,16 @@ Training: after each model step, on the detached states of the batch, one AdamW 
           optimizer, ``est_lr``) on
 
             bridge consistency, l = 0..L−1:
-              T_l,i = softmin_τ { V̄(h_{l+1},i + σ·rms(h_{l+1},i)·ξ_k, τ(l+1), s_i) : k = 1..K },
+              T_l,i = softmin_τ { V̄(h_{l+1},i + σ·ξ_k, τ(l+1), s_i) : k = 1..K },
               softmin_τ(v) = −τ·log((1/K)·Σ_k exp(−v_k/τ))   (between the mean and the min),
               loss_cons = mean_{l<L} mean_i (V(h_l,i) − sg T_l,i)²
             with ξ_k ~ N(0, I) from the rule's own generator, drawn in antithetic pairs ±ξ (half
             the random numbers, lower variance), and V̄ an EMA copy of V
-            (V̄ ← ema·V̄ + (1 − ema)·V after every step). σ is relative: the noise of each copy has
-            ‖σ·rms(h)·ξ‖ ≈ σ·‖h‖, whatever the scale of the stream;
+            (V̄ ← ema·V̄ + (1 − ema)·V after every step). The noise is absolute (DESIGN: σξ, the
+            same per-feature std σ whatever the scale of the stream); ``noise=relative`` uses
+            σ·rms(h_{l+1},i)·ξ_k instead (rms the per-sample RMS over features), so that each copy
+            moves h by ≈ σ·‖h‖ — on a stream that has grown large, absolute noise of σ = 0.1 is
+            a vanishing perturbation and the soft-min tends to the plain value V̄(h_{l+1});
             terminal matching at l = L, with the current head and norm (g_L by autograd through
             ``model.readout``, CE_i the true per-sample loss):
               loss_val  = mean_i (V(h_L,i) − CE_i)²
@@ -32,7 +35,7 @@ Training: after each model step, on the detached states of the batch, one AdamW 
 Warm-up:  ``dfa_warmup=true``: for the first ``warmup_frac`` of ctx.total_steps the credits are
           DFA's, a_l = B_lᵀ e_T with fixed B_l (C × D_l, i.i.d. N(0, 1/C), the ``dfa`` rule's
           default scale) drawn from the rule's seed; the value net trains from step 0 all the same.
-Defaults: est_lr 1e-3, width 64, depth 1, code=error, K 8, sigma 0.1 (relative), temp 0.1,
+Defaults: est_lr 1e-3, width 64, depth 1, code=error, K 8, sigma 0.1, noise absolute, temp 0.1,
           ema 0.995, terminal_w 1.0, dfa_warmup false, warmup_frac 0.2.
 """
 from __future__ import annotations
@@ -47,6 +50,8 @@ from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules import _estimator as E
 from creditaudit.rules.base import RULES
 
+NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})·ξ
+
 
 @dataclass
 class CBOptions(E.EstimatorOptions):
@@ -54,7 +59,8 @@ class CBOptions(E.EstimatorOptions):
 
     width: int = field(default=64, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width (64: the K noisy target copies make each step K times the trunk's work)"})
     K: int = field(default=8, metadata={"help": "noisy copies of h_{l+1} in the soft-min consistency target"})
-    sigma: float = field(default=0.1, metadata={"help": "noise of each copy, relative: sigma × per-sample RMS of h_{l+1} per feature"})
+    sigma: float = field(default=0.1, metadata={"help": "noise std of each copy per feature (absolute; times the per-sample RMS of h_{l+1} with noise=relative)"})
+    noise: str = field(default="absolute", metadata={"help": "consistency noise: absolute (sigma·ξ, DESIGN) | relative (sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"})
     temp: float = field(default=0.1, metadata={"help": "soft-min temperature (in loss units) over the K noisy target values"})
     ema: float = field(default=0.995, metadata={"help": "EMA decay of the target value net V̄"})
     terminal_w: float = field(default=1.0, metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"})
@@ -72,6 +78,7 @@ class CreditBridge(E.EstimatorRule):
         o, check = self.opts, E.check_option
         check(self.name, "K", o.K, o.K >= 1, "an integer >= 1")
         check(self.name, "sigma", o.sigma, 0 <= o.sigma < math.inf, "a finite number >= 0")
+        check(self.name, "noise", o.noise, o.noise in NOISE, " | ".join(NOISE))
         check(self.name, "temp", o.temp, 0 < o.temp < math.inf, "a finite number > 0")
         check(self.name, "ema", o.ema, 0 <= o.ema <= 1, "a decay in [0, 1]")
         check(self.name, "terminal_w", o.terminal_w, 0 <= o.terminal_w < math.inf, "a finite number >= 0")
@@ -142,7 +149,7 @@ class CreditBridge(E.EstimatorRule):
                 for h in hs[1:]:
                     xi = torch.randn(((o.K + 1) // 2, *h.shape), generator=self.gen, device=h.device)
                     xi = torch.cat([xi, -xi])[: o.K]  # (K, B, ...): antithetic pairs ±ξ
-                    scale = o.sigma * E.expand_like(E.rms(h), h)
+                    scale = o.sigma * E.expand_like(E.rms(h), h) if o.noise == "relative" else o.sigma
                     noisy.append((h + scale * xi).flatten(0, 1))  # (K·B, ...)
                 vbar = self.value(self.target, noisy, list(range(1, L + 1)), s)
                 for v in vbar:
