@@ -184,6 +184,30 @@ def test_cb_consistency_noise_is_absolute_by_default(noise):
             assert abs(float(ratio.mean()) - rule.opts.sigma) < 0.02, float(ratio.mean())
 
 
+@pytest.mark.parametrize("rms_out", [False, True])
+def test_sb_bridge_sees_the_state_through_its_layer_norm_only(rms_out):
+    """DESIGN: G(LN h_l, τ(l), s). Multiplying h_l by c leaves ĥ_L unchanged (the LN takes the
+    scale out) and divides the credit by c; the option rms_out=true gives back the scale, ĥ_L ∝ c."""
+    model, x, y = _fixed_task()
+    x, y = x[:16], y[:16]
+    rule = _rule("sb", model, {"rms_out": "true"} if rms_out else {})
+    fwd = model.run(x, detach_inputs=True)
+    rule.ready(fwd.hs)
+    s = E.terminal_code("error", fwd.logits, y)
+    layers = list(range(len(fwd.hs)))
+    c = 10.0
+    hs = [h.detach() for h in fwd.hs]
+    with torch.no_grad():
+        pairs = list(zip(rule.bridge(hs, layers, s), rule.bridge([c * h for h in hs], layers, s)))
+    for p, q in pairs:
+        want = c * p if rms_out else p  # the LN's eps makes it exact only up to ~1e-5 relative
+        torch.testing.assert_close(q, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    if not rms_out:
+        big = dataclasses.replace(fwd, hs=[c * h for h in fwd.hs])
+        for a, b in zip(rule.credits(model, x, y, fwd), rule.credits(model, x, y, big)):
+            torch.testing.assert_close(c * b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+
+
 def test_sb_exact_terminal_gives_g_L_and_cb_warmup_gives_dfa_credit():
     model, x, y = _fixed_task()
     x, y = x[:16], y[:16]

@@ -1,10 +1,13 @@
 """``sb`` — State Bridge: a learned map from any state h_l to the last state h_L, and credit as the
 gradient of the true readout's loss through it (a target-prop-style probe).
 
-Bridge:   ĥ_L = G_ψ(h_l, τ(l), s) = rms(h_l) · W_out z_l,   z_l = MLP(A_l(LN h_l) + τ(l) + W_s s)
-          the trunk features (``_estimator.Estimator``), reshaped to the shape of h_L. The factor
-          rms(h_l) (per-sample RMS of the state, which the LN took out of the input) lets the
-          bridge follow the scale of the residual stream instead of relearning it every step.
+Bridge:   ĥ_L = G_ψ(LN h_l, τ(l), s) = W_out z_l,   z_l = MLP(A_l(LN h_l) + τ(l) + W_s s)
+          the trunk features (``_estimator.Estimator``), reshaped to the shape of h_L. G sees the
+          state only through LN(h_l), so ĥ_L does not change when h_l is multiplied by a constant
+          and the credit scales like 1/‖h_l‖. ``rms_out=true`` multiplies the output by rms(h_l)
+          (the per-sample RMS of the state, which the LN took out of the input): ĥ_L then follows
+          the scale of the stream instead of learning it in W_out, which changes the credit where
+          the readout is not scale-free (no terminal norm, e.g. smallcnn).
 Credit:   a_l = ∇_{h_l} CE(H(N(G_ψ(h_l, τ(l), s))), y)   per sample (gradient of the summed CE),
           through the CURRENT model's terminal norm N and head H, for l = 0..L. At l = L the bridge
           is used too (G ≈ identity there); ``exact_terminal=true`` gives a_L = g_L instead.
@@ -13,7 +16,7 @@ Training: after each model step, on the detached states of the batch, one AdamW 
               loss = mean_{l=0..L} mean_i ‖G_ψ(h_l,i) − h_L,i‖² / (‖h_L,i‖² + 1e-12)
           (normalised per sample, so a growing ‖h_L‖ does not blow the loss up).
 Defaults: est_lr 1e-3, width 128, depth 1, code=error (s = e_T = softmax(o) − onehot(y)),
-          exact_terminal false.
+          exact_terminal false, rms_out false.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class SBOptions(E.EstimatorOptions):
     """Options of ``sb`` (the estimator's own, then the bridge's)."""
 
     exact_terminal: bool = field(default=False, metadata={"help": "a_L = g_L exactly (through the current head and norm) instead of through the bridge"})
+    rms_out: bool = field(default=False, metadata={"help": "multiply the bridge output by rms(h_l), so that ĥ_L follows the scale of the stream (default: G sees LN(h_l) only)"})
 
 
 @RULES.register("sb", "State Bridge: learned G(h_l, τ(l), e_T) ≈ h_L; a_l = ∇_{h_l} CE(H(N(G)))")
@@ -50,7 +54,10 @@ class StateBridge(E.EstimatorRule):
     def bridge(self, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
         """ĥ_L for each state hs[i] of block index layers[i]: (B, *shape of h_L), float32."""
         zs = self.net["trunk"].features(hs, layers, s)
-        return [(self.net["out"](z) * E.rms(h.float())[:, None]).view(-1, *self.shapes[-1]) for z, h in zip(zs, hs)]
+        outs = [self.net["out"](z) for z in zs]  # (B, D_L) each
+        if self.opts.rms_out:
+            outs = [u * E.rms(h.float())[:, None] for u, h in zip(outs, hs)]
+        return [u.view(-1, *self.shapes[-1]) for u in outs]
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         self.ready(fwd.hs)
