@@ -37,8 +37,9 @@ def _seed_and_one_thread():
 
 def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
     """A seconds-long run on the bundled digits data, one thread (bit-reproducible)."""
+    shallow = any(o.startswith("rule=") and o.endswith("_shallow") for o in overrides)  # L=0: no depth to set
     base = [
-        "dataset=digits", "arch=resmlp", "d=32", "L=2", "epochs=2", "batch_size=64", "threads=1",
+        "dataset=digits", "arch=resmlp", "d=32", *([] if shallow else ["L=2"]), "epochs=2", "batch_size=64", "threads=1",
         "progress=false", f"results={tmp_path / 'results'}", f"data_dir={tmp_path / 'data'}",
     ]
     return apply_overrides(TrainConfig(), [*base, *overrides])

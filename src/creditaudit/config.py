@@ -44,8 +44,8 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed of the model init, the rule's random matrices, data order and augmentation"})
     epochs: int = field(default=100, metadata={"help": "training epochs (the study: 100 for the audit, 30 for penalty studies)"})
     batch_size: int = field(default=128, metadata={"help": "training mini-batch size"})
-    lam: float = field(default=0.0, metadata={"help": "per-block penalty lam·||f_l||² on each residual branch output (local rules only)"})
-    local_rule: str = field(default="inner", metadata={"help": "local update of each block: inner | shift(eta) | cosine (DESIGN §1)"})
+    lam: float = field(default=0.0, metadata={"help": "per-block penalty lam·mean_b||f_l||² on each residual branch output, for every rule (bp: autograd of CE + penalty); refused for the _frozen/_shallow baselines, whose blocks do not train"})
+    local_rule: str = field(default="inner", metadata={"help": "local update of each block and the embedding: inner | shift(eta) | cosine (DESIGN §1); bp trains end to end and refuses anything but inner"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     results: str = field(default="results", metadata={"help": "results folder; the run lives in <results>/<setting>/<rule>__<arch>__s<seed>/"})
@@ -291,6 +291,54 @@ def validate(cfg: TrainConfig) -> None:
         need((bool(value) or name == "arch_label") and "/" not in value and "__" not in value,
              f"{name} must be a name without '/' or '__' (got {value!r})")
     cfg.data.validate()
+    check_effective(cfg)
+
+
+def check_effective(cfg: TrainConfig) -> None:
+    """Refuse a field this run would silently ignore (one line saying why): no field of a config
+    is ever accepted without effect. ``tests/test_config_fields.py`` walks every field × rule."""
+    from creditaudit.models.base import ARCH_SPECIFIC_FIELDS, arch_fields, arch_shape
+    from creditaudit.rules import RULES, parse_rule_name
+
+    base, variant = parse_rule_name(cfg.rule)
+    if variant and cfg.lam:
+        raise ConfigError(f"lam={cfg.lam:g} has no effect on {cfg.rule}: the penalty acts on the blocks' branch outputs, "
+                          f"which a _{variant} baseline does not train; drop lam (the baseline of a penalised run is the unpenalised one)")
+    if variant == "shallow" and cfg.model.L not in (None, 0):
+        raise ConfigError(f"L={cfg.model.L} has no effect on {cfg.rule}: the _shallow variant has no blocks (L=0); drop L")
+    no_blocks = variant == "shallow" or cfg.model.L == 0
+    if no_blocks and cfg.lam:
+        raise ConfigError(f"lam={cfg.lam:g} has no effect with L=0: there is no block to penalise; drop lam")
+    if no_blocks and cfg.model.residual is not None and cfg.model.residual != arch_shape(cfg.arch, ModelConfig()).residual:
+        raise ConfigError(f"residual={cfg.model.residual} has no effect on {cfg.rule} with no blocks (L=0): "
+                          "there is no skip path to change; drop it")
+    if RULES.get(base).end_to_end and cfg.local_rule.strip() != "inner":
+        raise ConfigError(f"local_rule={cfg.local_rule} has no effect on {cfg.rule}: it trains end to end by autograd; "
+                          "local_rule applies to rules with a local update (fa, dfa, ep, sb, cb, …)")
+    default_model = ModelConfig()
+    own = arch_fields(cfg.arch)
+    for name in ARCH_SPECIFIC_FIELDS:
+        if name not in own and getattr(cfg.model, name) != getattr(default_model, name):
+            readers = ", ".join(_archs_reading(name)) or "no architecture"
+            raise ConfigError(f"model.{name}={getattr(cfg.model, name)!r} has no effect on arch {cfg.arch!r} "
+                              f"(read by {readers}); drop it")
+    default_data = type(cfg.data)()
+    if cfg.data.dataset != "student":
+        for f in dataclasses.fields(cfg.data):
+            if f.name.startswith("student_") and getattr(cfg.data, f.name) != getattr(default_data, f.name):
+                raise ConfigError(f"data.{f.name} has no effect on dataset {cfg.data.dataset!r}: it sets the student task only")
+    if not cfg.diag.enabled:
+        default_diag = type(cfg.diag)()
+        for f in dataclasses.fields(cfg.diag):
+            if f.name != "enabled" and getattr(cfg.diag, f.name) != getattr(default_diag, f.name):
+                raise ConfigError(f"diag.{f.name} has no effect with diag.enabled=false: drop it or enable the diagnostics")
+
+
+def _archs_reading(name: str) -> list[str]:
+    from creditaudit.models import ARCHS
+    from creditaudit.models.base import arch_fields
+
+    return [a for a in ARCHS.names() if name in arch_fields(a)]
 
 
 def run_path(cfg: TrainConfig):

@@ -139,6 +139,25 @@ ArchBuilder = Callable[[ModelConfig, tuple, int], CreditNet]
 ARCHS: Registry[ArchBuilder] = Registry("architecture")
 
 
+# Model fields that only some architectures read (every one reads d, L, out_ln, residual). A builder
+# names the ones it reads with ``@reads(...)``; a config giving another one a non-default value is
+# refused at validation rather than silently ignored.
+ARCH_SPECIFIC_FIELDS = ("w2_std", "activation", "heads", "patch", "channels")
+
+
+def reads(*fields: str) -> Callable[[ArchBuilder], ArchBuilder]:
+    def deco(builder: ArchBuilder) -> ArchBuilder:
+        builder.reads = fields  # type: ignore[attr-defined]
+        return builder
+
+    return deco
+
+
+def arch_fields(arch: str) -> tuple[str, ...]:
+    """The architecture-specific model fields ``arch``'s builder reads."""
+    return getattr(ARCHS.get(arch), "reads", ())
+
+
 def build_model(name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> CreditNet:
     """Build a registered architecture (parameters drawn from the current torch RNG)."""
     return ARCHS.get(name)(cfg, tuple(input_shape), num_classes)

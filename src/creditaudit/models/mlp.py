@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim, reads
 from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -24,6 +24,7 @@ def activation(name: str) -> nn.Module:
 
 
 @ARCHS.register("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation); no skip path, no norm unless asked")
+@reads("activation")
 def mlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("mlp", cfg)
     d, L = shape.d, check_depth("mlp", shape.L)

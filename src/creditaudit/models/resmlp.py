@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim, reads
 
 
 class ResMLPBranch(nn.Module):
@@ -28,6 +28,7 @@ class ResMLPBranch(nn.Module):
 
 
 @ARCHS.register("resmlp", "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head")
+@reads("w2_std")
 def resmlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("resmlp", cfg)
     d, L = shape.d, check_depth("resmlp", shape.L)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, image_shape
+from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, image_shape, reads
 from creditaudit.errors import ConfigError
 
 
@@ -77,6 +77,7 @@ class ClsNorm(nn.Module):
 
 
 @ARCHS.register("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls")
+@reads("heads", "patch")
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
     shape = arch_shape("vit_mini", cfg)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import (INITS, check_choice, check_positive, output_error,
                                          feedback_generator, preserved_buffers, random_matrix)
@@ -86,18 +87,25 @@ class FA(Rule):
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
-        self.materialize(list(ctx.state_shapes), ctx.norm_shape, ctx.num_classes)
+        shapes = list(ctx.state_shapes)
+        if self.opts.structure != "auto" and self._layout(self.opts.structure, shapes) == self._layout("auto", shapes):
+            raise ConfigError(f"fa.structure={self.opts.structure} has no effect here: with these state shapes "
+                              f"({', '.join(str(s) for s in shapes)}) the block maps come out as with structure=auto; drop it")
+        self.materialize(shapes, ctx.norm_shape, ctx.num_classes)
 
     # -------------------------------------------------------------------------------------------
     # the fixed random matrices
     # -------------------------------------------------------------------------------------------
-    def _structure(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
-        s = self.opts.structure
+    def _structure(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], structure: str | None = None) -> str:
+        s = structure or self.opts.structure
         if s == "auto":
             s = "kron" if in_shape == out_shape else "dense"
-        if s == "kron" and len(in_shape) != len(out_shape):
-            s = "dense"  # e.g. a vector state feeding a feature map: no axis-by-axis correspondence
+        if s == "kron" and (len(in_shape) != len(out_shape) or len(in_shape) == 1):
+            s = "dense"  # a vector state feeding a feature map has no axis-by-axis correspondence; one axis: the same map
         return s
+
+    def _layout(self, structure: str, shapes: list[tuple[int, ...]]) -> list[str]:
+        return [self._structure(shapes[l], shapes[l - 1], structure) for l in range(1, len(shapes))]
 
     def materialize(self, state_shapes: list[tuple[int, ...]], norm_out_shape: tuple[int, ...], num_classes: int) -> None:
         """Draw B_H and B_1..B_L for per-sample state shapes h_0..h_L, in that order."""
