@@ -225,6 +225,7 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
 
 def _terminal_table(audit, title: str) -> Table:
     """The audit table, compact: mean ± std over seeds (n in its own column); the report has all."""
+    from creditaudit.diagnostics.verdict import NOT_EVALUATED
     from creditaudit.reports.audit import fire_text
 
     def ms(stat, log=False) -> str:
@@ -239,7 +240,8 @@ def _terminal_table(audit, title: str) -> Table:
         table.add_column(h, overflow="fold")
     for ra in audit.rules:
         st = ra.stats
-        colour = "green" if ra.verdict.label == "PASS" else "red"
+        label = ra.verdict.label
+        colour = "green" if label == "PASS" else ("yellow" if label.startswith(NOT_EVALUATED) else "red")
         table.add_row(ra.rule, str(ra.verdict.n), ms(st["test_acc"]), ms(st["depth_pp"]).replace(".000", ""), ms(st["deep_cos"]),
                       ms(st["rho_deep"]), ms(st["hL_norm"], True), ms(st["gL_norm"], True),
                       *[fire_text(ra.fire_epochs(d)) for d in ("D1", "D2", "D3")],
@@ -264,6 +266,8 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
         console.print(_terminal_table(audit, f"audit — {root}/{s}"))
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {p}")
+        for p in audit.unevaluated():
+            err_console.print(f"[yellow]D3 not evaluated:[/] {p}")
         out_dir = Path(out) / s if out else root / "_reports" / s
         paths = A.report_paths(out_dir)
         runs = [r.run for ra in audit.rules for r in ra.runs]
@@ -292,8 +296,11 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
               "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
               "system every node sees at the same path.")
 @click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each run's task reserves (with device=cuda).")
+@click.option("--with-baselines", is_flag=True,
+              help="Also train the frozen-blocks baseline (bp_frozen) each run's D3 needs, where the folder lacks it: taken "
+                   "from frozen_baselines when the registry has it, else an added control in <results>/controls/.")
 @click.option("--dry-run", is_flag=True, help="List the runs (and which are finished) without training.")
-def sweep(args, profile, backend, workers, address, gpus_per_run, dry_run) -> None:
+def sweep(args, profile, backend, workers, address, gpus_per_run, with_baselines, dry_run) -> None:
     """Train experiment settings: creditaudit sweep SETTING... [key=value ...]
 
     Each setting of the study (`creditaudit list`) expands, under the profile, into its runs in
@@ -302,7 +309,7 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, dry_run) -> No
     Use `all` for every setting.
     """
     from creditaudit.config import run_path
-    from creditaudit.experiments import SETTINGS, expand
+    from creditaudit.experiments import SETTINGS, baselines, expand
     from creditaudit.runs.folder import RunFolder
 
     names = [a for a in args if "=" not in a]
@@ -313,8 +320,11 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, dry_run) -> No
         if names == ["all"]:
             names = SETTINGS.names()
         cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
+        added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
+    cfgs = added + cfgs  # baselines first: a report read mid-sweep can already evaluate D3
     done = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
-    console.print(f"{len(cfgs)} runs in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train")
+    extra = f" (with {len(added)} baseline run(s))" if with_baselines else ""
+    console.print(f"{len(cfgs)} runs{extra} in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train")
     if dry_run:
         for c in cfgs:
             console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
@@ -397,15 +407,33 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
 @main.command()
 @click.argument("results", default="results")
 @click.option("--out", default="", help="Where to write it (default: RESULTS/_reports/TRAINING_INVENTORY.md).")
-def inventory(results, out) -> None:
+@click.option("--plan", is_flag=True, help="Print the counts the registry's settings would produce under --profile, "
+              "training and reading nothing (check a plan against the study's inventory).")
+@click.option("--profile", default="paper", show_default=True, help="With --plan: paper | cpu | smoke.")
+@click.option("--with-baselines", is_flag=True, help="With --plan: count the D3 baselines a sweep --with-baselines adds.")
+def inventory(results, out, plan, profile, with_baselines) -> None:
     """Write TRAINING_INVENTORY.md from a results folder alone: creditaudit inventory [RESULTS]
 
     Summary counts, runs by method, architecture, setting and dataset, the key tables (FA vs DFA,
     functional triangulation), file locations and device-hours from the logged wall time. Trains
-    nothing; unreadable or unfinished run folders are listed, never fatal.
+    nothing; unreadable or unfinished run folders are listed, never fatal. With --plan, the counts
+    of every setting of the registry under --profile instead, from the registry alone.
     """
-    from creditaudit.reports.inventory import inventory_markdown
+    from creditaudit.reports.inventory import inventory_markdown, plan_markdown
     from creditaudit.runs.io import atomic_write_text
+
+    if plan:
+        from creditaudit.experiments import SETTINGS, baselines, expand
+
+        with friendly_errors():
+            cfgs = [c for n in SETTINGS.in_order() for c in expand(n, profile=profile, results=results)]
+            if with_baselines:
+                cfgs += baselines(cfgs, profile=profile)
+        text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""))
+        if out:
+            atomic_write_text(Path(out), text)
+        console.print(text, markup=False, soft_wrap=True)
+        return
 
     col = _collect_or_fail(results)
     path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"

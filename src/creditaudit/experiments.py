@@ -15,9 +15,11 @@ from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.errors import ConfigError
 from creditaudit.registry import Registry
+from creditaudit.runs.pairing import BASELINE_RULE, CONTROLS, experiment_key
 
 SEEDS3 = (42, 123, 456)
-SEEDS6 = (42, 123, 456, 789, 1011, 1213)
+# EP's six-seed replication: seeds of its own, so that none of its runs repeats a main-audit EP run.
+SEEDS6 = (789, 1011, 1213, 1415, 1617, 1819)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Setting:
     epochs: int  # the study's (paper-profile) epochs
     groups: tuple[Group, ...]
     overrides: tuple[str, ...] = ()  # for every run of the setting
+    baseline: str | None = BASELINE_RULE  # the D3 baseline its runs are paired with (None: they are baselines)
 
     @property
     def n_runs(self) -> int:
@@ -53,6 +56,7 @@ class Profile:
     epoch_scale: float  # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep theirs
     keep_upto: int = 5
     min_epochs: int = 1
+    arch_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (arch, key=value…) for that architecture's runs only
 
     def epochs(self, study_epochs: int) -> int:
         if study_epochs <= self.keep_upto:
@@ -68,7 +72,8 @@ PROFILES: dict[str, Profile] = {
         Profile("cpu", "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2)",
                 ("dataset=fashion_mnist", "train_subset=20000"), 0.06, min_epochs=2),
         Profile("smoke", "scikit-learn digits, 1 epoch (5-epoch settings keep 2), d=32: seconds, for tests",
-                ("dataset=digits", "train_subset=0", "d=32", "channels=4,8,8"), 0.0, keep_upto=0, min_epochs=1),
+                ("dataset=digits", "train_subset=0", "d=32"), 0.0, keep_upto=0, min_epochs=1,
+                arch_overrides=(("smallcnn", ("channels=4,8,8",)),)),
     )
 }
 
@@ -87,8 +92,11 @@ for s in (
             tuple(Group(("dfa", "fa"), seeds=(42,), overrides=(*D512, f"L={L}")) for L in (2, 6, 8, 12))
             + (Group(("dfa",), overrides=(*D512, "L=4")), Group(("fa",), seeds=(42,), overrides=(*D512, "L=4")))),
     Setting("frozen_baselines", "BP/DFA × shallow/frozen × 3 seeds (diagnostic (d))", 100,
-            (Group(("bp_shallow", "bp_frozen", "dfa_shallow", "dfa_frozen")),)),
+            (Group(("bp_shallow", "bp_frozen", "dfa_shallow", "dfa_frozen")),), baseline=None),
     Setting("penalty_rescue", "DFA/FA/SB/CB with penalty lam=1e-2 (§5.1, §4.2)", 30, (Group(("dfa", "fa", "sb", "cb"), overrides=("lam=1e-2",)),)),
+    Setting("dfa_pen_30ep_diag", "DFA + penalty lam=1e-2, 30 epochs, 3 seeds, re-run with per-epoch trajectories and ρ "
+            "every 10 epochs (the study's DFA+pen diagnostics runs)", 30,
+            (Group(("dfa",), overrides=("lam=1e-2", "full_every=10", "trajectory=true")),)),
     Setting("penalty_1e-4", "DFA + FA at the weaker penalty lam=1e-4 (§5.1)", 30, (Group(("dfa", "fa"), overrides=("lam=1e-4",)),)),
     Setting("penalty_1e-1", "DFA at the stronger penalty lam=1e-1", 30, (Group(("dfa",), seeds=(42,), overrides=("lam=1e-1",)),)),
     Setting("bp_penalty", "BP + penalty lam=1e-2: the capacity-cost control (§5.2)", 30, (Group(("bp",), overrides=("lam=1e-2",)),)),
@@ -145,8 +153,59 @@ def expand(name: str, *, profile: str = "cpu", results: str = "results", overrid
     for g in setting.groups:
         for rule in g.rules:
             for seed in g.seeds:
-                items = [*prof.overrides, f"epochs={epochs}", f"arch={g.arch}", *setting.overrides,
+                items = [*prof.overrides, *dict(prof.arch_overrides).get(g.arch, ()), f"epochs={epochs}", f"arch={g.arch}", *setting.overrides,
                          *_fit_save_epochs(g.overrides, epochs), f"arch_label={arch_tag(g.arch, g.overrides)}",
                          f"rule={rule}", f"seed={seed}", f"results={results}", f"setting={name}", "progress=false", *overrides]
                 cfgs.append(C.apply_overrides(TrainConfig(), items))
     return cfgs
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines a sweep trains with --with-baselines
+# ---------------------------------------------------------------------------------------------
+def baselines(cfgs: list[TrainConfig], *, profile: str = "cpu", overrides: tuple[str, ...] = ()) -> list[TrainConfig]:
+    """The D3 baselines that the runs ``cfgs`` need and ``cfgs`` do not already hold.
+
+    A run's baseline (its setting's ``baseline`` rule, ``bp_frozen``) is the run of the same
+    experiment (``creditaudit.runs.pairing``): where the registry's ``frozen_baselines`` setting
+    holds it under this profile, that run is taken (trained once, shared by every setting that
+    needs it); otherwise it is an *added control* in ``<results>/controls/``, named
+    ``<baseline>__<arch variant>-ep<epochs>[-randlabels]__s<seed>`` and shared the same way.
+    """
+    from creditaudit.rules import parse_rule_name
+
+    def key(c: TrainConfig, rule: str) -> tuple[str, str, str]:
+        return experiment_key(C.to_dict(c)), rule, c.results
+
+    have = {key(c, c.rule) for c in cfgs}
+    shared: dict[tuple[str, str, str], TrainConfig] = {}
+    for results in {c.results for c in cfgs}:
+        for c in expand("frozen_baselines", profile=profile, results=results, overrides=overrides):
+            shared.setdefault(key(c, c.rule), c)
+    out: dict[tuple[str, str, str], TrainConfig] = {}
+    for c in cfgs:
+        rule = SETTINGS.get(c.setting).baseline if c.setting in SETTINGS else BASELINE_RULE
+        if rule is None or parse_rule_name(c.rule)[1] is not None:
+            continue  # the baselines themselves need none
+        k = key(c, rule)
+        if k not in have and k not in out:
+            out[k] = shared.get(k) or control_config(c, rule)
+    by_path: dict[str, tuple[str, str, str]] = {}
+    for k, c in out.items():
+        path = str(C.run_path(c))
+        if by_path.setdefault(path, k) != k:
+            raise ConfigError(f"two different baselines would share the folder {path}; name the runs apart (arch_label=…)")
+    return list(out.values())
+
+
+def control_config(run: TrainConfig, rule: str) -> TrainConfig:
+    """The ``rule`` baseline of ``run``'s experiment, as an added control: credit-assignment fields
+    reset, what is only logged (trajectories, extra checkpoints, full probes) dropped."""
+    cfg = C.copy_config(run)
+    cfg.rule, cfg.rule_opts, cfg.plugins, cfg.local_rule, cfg.lam, cfg.save_epochs = rule, {}, (), "inner", 0.0, ()
+    cfg.diag.trajectory, cfg.diag.full_every = False, 0
+    cfg.setting = CONTROLS
+    tags = [run.arch_label or run.arch, f"ep{run.epochs}"] + (["randlabels"] if run.data.random_labels else [])
+    cfg.arch_label = "-".join(tags)
+    C.validate(cfg)
+    return cfg

@@ -10,9 +10,11 @@ per rule over seeds. Pure functions of metrics logs — nothing here trains or l
 - Mode 1(a) = D1 fired; Mode 1(b) = D2 fired; Mode 2 (aggregation collapse) = D2 never fired but
   the final |deep cos| < ``mode2_cos``.
 
-A run is PASS when none of D1, D2, D3 fired, else FAIL(D1+D2+…). A rule over seeds is PASS when
-every seed passes; its claim "learns with genuine credit" is *trustworthy* when it passes and no
-seed shows Mode 2, else it *needs walk-back*.
+A run is FAIL(D1+D2+…) when any detector fired; otherwise PASS only when D3 was evaluated (a
+baseline of the same experiment exists): a run without one reads "D3 not evaluated", never PASS. A
+rule over seeds is PASS when every seed passes; its claim "learns with genuine credit" is
+*trustworthy* when it passes and no seed shows Mode 2, *needs walk-back* when a detector fired or
+Mode 2 shows, and *undetermined* when nothing fired but D3 could not be evaluated for some seed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DETECTORS = ("D1", "D2", "D3")
+NOT_EVALUATED = "D3 not evaluated"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class RunVerdict:
     modes: list[str]
     depth_utility_pp: float | None  # final test acc − baseline acc, in percentage points
     depth_utility_curve: dict[int, float]  # epoch -> pp
+    d3_missing: str | None = None  # why D3 could not be evaluated (None: it was)
 
     @property
     def failed(self) -> list[str]:
@@ -46,7 +50,9 @@ class RunVerdict:
 
     @property
     def label(self) -> str:
-        return "PASS" if not self.failed else f"FAIL({'+'.join(self.failed)})"
+        if self.failed:
+            return f"FAIL({'+'.join(self.failed)})"
+        return NOT_EVALUATED if self.d3_missing else "PASS"
 
 
 def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -78,7 +84,9 @@ def depth_utility(records: list[dict], baseline: list[dict] | None) -> dict[int,
     return {e: 100.0 * (acc - base[e]) for e, acc in _series(records, "test/acc") if e in base}
 
 
-def run_verdict(records: list[dict], baseline: list[dict] | None, th: Thresholds) -> RunVerdict:
+def run_verdict(records: list[dict], baseline: list[dict] | None, th: Thresholds, *,
+                missing: str = "no frozen-blocks baseline of the same experiment") -> RunVerdict:
+    """``missing``: the reason D3 is not evaluated when ``baseline`` is None."""
     fired: dict[str, int | None] = {
         "D1": first_crossing(records, "diag/d1", lambda v: v > th.d1_ratio),
         "D2": first_crossing(records, "diag/gL_norm", lambda v: v < th.d2_norm),
@@ -86,6 +94,14 @@ def run_verdict(records: list[dict], baseline: list[dict] | None, th: Thresholds
     }
     curve = depth_utility(records, baseline)
     du = curve[max(curve)] if curve else None
+    final_epoch = max((e for e, _ in _series(records, "test/acc")), default=None)
+    if baseline is None:
+        d3_missing: str | None = missing
+    elif final_epoch is None or final_epoch not in curve:
+        d3_missing = "the baseline logged no test accuracy at this run's last epoch"
+        du = None
+    else:
+        d3_missing = None
     if du is not None and du < th.d3_pp:
         epochs = sorted(curve)
         start = epochs[-1]
@@ -103,7 +119,7 @@ def run_verdict(records: list[dict], baseline: list[dict] | None, th: Thresholds
     deep = final(records, "credit/deep_cos")
     if fired["D2"] is None and deep is not None and abs(deep) < th.mode2_cos:
         modes.append("Mode 2")
-    return RunVerdict(fired, modes, du, curve)
+    return RunVerdict(fired, modes, du, curve, d3_missing)
 
 
 @dataclass
@@ -112,19 +128,26 @@ class RuleVerdict:
     n: int
     failed_counts: dict[str, int]  # detector -> seeds in which it fired
     modes: dict[str, int]  # mode -> seeds showing it
+    unevaluated: int = 0  # seeds whose D3 could not be evaluated
 
     @property
     def label(self) -> str:
         failed = [f"{d} {c}/{self.n}" for d, c in self.failed_counts.items() if c]
-        return "PASS" if not failed else f"FAIL({' + '.join(failed)})"
+        if failed:
+            return f"FAIL({' + '.join(failed)})"
+        return f"{NOT_EVALUATED} ({self.unevaluated}/{self.n})" if self.unevaluated else "PASS"
 
     @property
     def trustworthy(self) -> bool:
-        return self.n > 0 and not any(self.failed_counts.values()) and not self.modes.get("Mode 2")
+        return self.n > 0 and not self.unevaluated and not any(self.failed_counts.values()) and not self.modes.get("Mode 2")
 
     @property
     def claim(self) -> str:
-        return "trustworthy" if self.trustworthy else "needs walk-back"
+        if self.trustworthy:
+            return "trustworthy"
+        if self.unevaluated and not any(self.failed_counts.values()) and not self.modes.get("Mode 2"):
+            return "undetermined"
+        return "needs walk-back"
 
 
 def rule_verdict(rule: str, verdicts: list[RunVerdict]) -> RuleVerdict:
@@ -133,7 +156,7 @@ def rule_verdict(rule: str, verdicts: list[RunVerdict]) -> RuleVerdict:
     for v in verdicts:
         for m in v.modes:
             modes[m] = modes.get(m, 0) + 1
-    return RuleVerdict(rule, len(verdicts), counts, modes)
+    return RuleVerdict(rule, len(verdicts), counts, modes, sum(v.d3_missing is not None for v in verdicts))
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:

@@ -2,8 +2,10 @@
 (Markdown and a self-contained HTML page with plots). A function of the run folders alone.
 
 Every figure is mean ± std (ddof=1) over seeds with its n. D3 compares each run with the
-frozen-blocks baseline of the same experiment (same architecture, data, seed, epochs) found in the
-same results folder: ``bp_frozen`` by default, or the rule's own ``<rule>_frozen``.
+frozen-blocks baseline of the same experiment (same architecture, data, seed, epochs) found anywhere
+in the results folder (``creditaudit.runs.pairing``, the one pairing rule of every report):
+``bp_frozen`` by default, or the rule's own ``<rule>_frozen``. A run without one is "D3 not
+evaluated", with the reason — never PASS.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from creditaudit.diagnostics.verdict import RuleVerdict, RunVerdict, Thresholds, mean_std, rule_verdict, run_verdict, summarise
-from creditaudit.reports.collect import Collection, RunRecord, same_experiment
+from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
+from creditaudit.runs.pairing import BASELINE_RULE, find_baseline, missing_reason
 
 # Figure name -> (column title, one-line definition). The definitions are printed under every table.
 FIGURES: dict[str, tuple[str, str]] = {
@@ -63,32 +66,30 @@ class Audit:
     problems: list[str] = field(default_factory=list)
     not_finished: list[RunRecord] = field(default_factory=list)
 
-
-def find_baseline(run: RunRecord, candidates: list[RunRecord]) -> RunRecord | None:
-    for c in candidates:
-        if c.seed == run.seed and same_experiment(c.config, run.config):
-            return c
-    return None
+    def unevaluated(self) -> list[str]:
+        """``run path: reason`` for every audited run whose D3 could not be evaluated."""
+        return [f"{r.run.path}: {r.verdict.d3_missing}" for ra in self.rules for r in ra.runs if r.verdict.d3_missing]
 
 
-def audit_run(run: RunRecord, frozen: list[RunRecord], th: Thresholds, baseline: str = "bp_frozen") -> RunAudit:
-    """One run's verdict and figures; D3 against the ``baseline`` run of the same experiment and
-    seed among ``frozen``, when there is one."""
-    base = find_baseline(run, [b for b in frozen if b.rule == baseline])
-    verdict = run_verdict(run.metrics, base.metrics if base else None, th)
+def audit_run(run: RunRecord, finished: list[RunRecord], th: Thresholds, baseline: str = BASELINE_RULE) -> RunAudit:
+    """One run's verdict and figures; D3 against the ``baseline`` run of the same experiment among
+    ``finished`` (every finished run of the results folder), when there is one."""
+    base = find_baseline(run, finished, baseline)
+    verdict = run_verdict(run.metrics, base.metrics if base else None, th, missing=missing_reason(baseline, run.setting))
     figures = summarise(run.metrics)
     figures["depth_pp"] = verdict.depth_utility_pp
     return RunAudit(run, verdict, figures, base)
 
 
 def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thresholds | None = None,
-                baseline: str = "bp_frozen", own_baseline: bool = False, rules: list[str] | None = None) -> Audit:
-    """Verdicts and statistics of every rule in the results (one setting, when given)."""
+                baseline: str = BASELINE_RULE, own_baseline: bool = False, rules: list[str] | None = None) -> Audit:
+    """Verdicts and statistics of every rule in the results (one setting, when given); baselines
+    are paired from the whole folder."""
     th = thresholds or Thresholds()
+    everywhere = [r for r in col.runs if r.status == "finished"]
     runs = [r for r in col.runs if setting is None or r.setting == setting]
     finished = [r for r in runs if r.status == "finished"]
     not_finished = [r for r in runs if r.status != "finished"]
-    frozen = [r for r in finished if r.rule.endswith("_frozen")]
     audited = sorted({r.rule for r in finished if r.rule != baseline}, key=_rule_order)
     if rules is not None:
         audited = [r for r in audited if r in rules]
@@ -98,13 +99,12 @@ def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thre
         ras = []
         base_rule = f"{rule.removesuffix('_frozen')}_frozen" if own_baseline else baseline
         for run in sorted((r for r in finished if r.rule == rule), key=lambda r: r.seed):
-            ra = audit_run(run, frozen, th, base_rule)
-            if ra.baseline is None and not rule.endswith("_frozen"):
-                problems.append(f"{run.path}: no finished {base_rule} baseline of the same experiment: D3 not evaluated")
+            ra = audit_run(run, everywhere, th, base_rule)
             ras.append(ra)
         stats = {k: mean_std([ra.figures.get(k) for ra in ras]) for k in FIGURES}
         out.append(RuleAudit(rule, ras, rule_verdict(rule, [ra.verdict for ra in ras]), stats))
-    return Audit(setting or "all", th, baseline, out, [r for r in finished if r.rule == baseline], problems, not_finished)
+    used = {id(ra.baseline): ra.baseline for rule in out for ra in rule.runs if ra.baseline is not None}
+    return Audit(setting or "all", th, baseline, out, sorted(used.values(), key=lambda r: (r.seed, str(r.path))), problems, not_finished)
 
 
 def _rule_order(rule: str) -> tuple[int, str]:
@@ -179,6 +179,9 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
               "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient collapsed). "
               "**Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse).",
               "- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, else *needs walk-back*."]
+    if audit.unevaluated():
+        lines += ["", "## D3 not evaluated", "", "These runs read \"D3 not evaluated\" instead of PASS:", ""]
+        lines += [f"- {p}" for p in audit.unevaluated()]
     problems = audit.problems + [f"{r.path}: status {r.status}; not audited" for r in audit.not_finished]
     if problems:
         lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]

@@ -16,6 +16,7 @@ from pathlib import Path
 from creditaudit.diagnostics.verdict import Thresholds
 from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
+from creditaudit.runs.pairing import CONTROLS
 from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, skipped, triangulation
 
 
@@ -66,63 +67,81 @@ def method_description(rule: str) -> str:
 def setting_description(name: str) -> str:
     from creditaudit.experiments import SETTINGS
 
+    if name == CONTROLS:
+        return "added controls: the bp_frozen baselines other settings' D3 needs and the study's inventory does not list"
     return SETTINGS.summary(name) if name in SETTINGS else "(not a setting of the study's registry)"
 
 
-def _count_row(name: str, runs: list[RunRecord], desc: str) -> list[str]:
-    statuses = Counter(r.status for r in runs)
-    finished = statuses.pop("finished", 0)
-    extra = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+def _count_row(name: str, runs: list[RunRecord], desc: str, *, statuses: bool = True) -> list[str]:
+    counts = Counter(r.status for r in runs)
+    finished = counts.pop("finished", 0)
+    extra = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if statuses else ""
     return [name, str(len(runs)) + (f" ({finished} finished; {extra})" if extra else ""), desc]
 
 
-def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds | None = None, generated: str | None = None) -> str:
-    th = th or Thresholds()
-    inv = Inventory(col.runs)
+def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
+    """Summary, By Method, By Architecture and By Experiment Setting: the counts of the study's
+    inventory, for run folders that exist or (``planned``) for the runs a sweep would train."""
     runs = inv.runs
-    root = Path(results)
     methods = inv.by(lambda r: r.rule)
     primary = [m for m in methods if not m.endswith(("_frozen", "_shallow"))]
     archs = inv.by(arch_description)
     settings = inv.by(lambda r: r.setting)
+    controls = settings.get(CONTROLS, [])
     combos = {(r.rule, arch_description(r)) for r in runs}
     models = {(r.rule, arch_description(r), r.seed, r.setting) for r in runs}
-    hours = inv.hours_by_device()
-    hours_text = ", ".join(f"{h:.2f} h {dev}" for dev, h in hours.items()) or "0 h"
-
-    lines = ["# Training Inventory", "",
-             f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).", "",
-             "## Summary", "", md_row(["Dimension", "Count"]), md_row(["---", "---"])]
     statuses = Counter(r.status for r in runs)
-    summary_rows = [
-        ("**Total training runs**", f"**{len(runs)}**" + (f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if runs else "")),
+    total = f"**{len(runs)}**"
+    if runs and not planned:
+        total += f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})"
+    rows = [("**Total training runs**", total)]
+    if controls:
+        rows.append(("Study runs + **added controls** (D3 baselines, `controls/`)",
+                     f"{len(runs) - len(controls)} + **{len(controls)}**"))
+    rows += [
         ("**Unique models** (method × arch × seed × setting)", f"**{len(models)}**"),
         ("**Total training epochs**", f"**{inv.epochs:,}**"),
-        ("**Estimated total device time** (logged wall time)", f"**{device_hours(runs):.2f} hours** ({hours_text})"),
+    ]
+    if not planned:
+        hours = inv.hours_by_device()
+        hours_text = ", ".join(f"{h:.2f} h {dev}" for dev, h in hours.items()) or "0 h"
+        rows.append(("**Estimated total device time** (logged wall time)", f"**{device_hours(runs):.2f} hours** ({hours_text})"))
+    rows += [
         ("**Training methods**", f"**{len(methods)}** ({len(primary)} primary + {len(methods) - len(primary)} frozen/shallow variants)"),
         ("**Architectures**", f"**{len(archs)}**"),
         ("**Experiment settings**", f"**{len(settings)}**"),
         ("**Method × architecture combinations**", f"**{len(combos)}**"),
         ("**Datasets**", f"**{len({r.dataset for r in runs})}** ({', '.join(sorted({r.dataset for r in runs})) or '–'})"),
     ]
-    lines += [md_row(list(r)) for r in summary_rows]
+    lines = ["## Summary", "", md_row(["Dimension", "Count"]), md_row(["---", "---"])] + [md_row(list(r)) for r in rows]
 
     lines += ["", f"## By Method ({len(methods)} types)", "", md_row(["Method", "Runs", "Description"]), md_row(["---"] * 3)]
     for m in sorted(methods, key=lambda m: (-len(methods[m]), _rule_order(m))):
-        lines.append(md_row(_count_row(m, methods[m], method_description(m))))
+        lines.append(md_row(_count_row(m, methods[m], method_description(m), statuses=not planned)))
 
     lines += ["", f"## By Architecture ({len(archs)})", "", md_row(["Architecture", "Runs", "Settings"]), md_row(["---"] * 3)]
     for a in sorted(archs, key=lambda a: (-len(archs[a]), a)):
-        lines.append(md_row(_count_row(a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})))))
+        lines.append(md_row(_count_row(a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})), statuses=not planned)))
 
-    lines += ["", f"## By Experiment Setting ({len(settings)})", "",
-              md_row(["Setting", "Runs", "Epochs", "Device-hours", "Description"]), md_row(["---"] * 5)]
+    head = ["Setting", "Runs", "Epochs"] + ([] if planned else ["Device-hours"]) + ["Description"]
+    lines += ["", f"## By Experiment Setting ({len(settings)})", "", md_row(head), md_row(["---"] * len(head))]
     for s in sorted(settings, key=_setting_order):
         rs = settings[s]
         eps = sorted({int(r.config.get("epochs") or 0) for r in rs})
-        row = _count_row(s, rs, setting_description(s))
-        hrs = device_hours(rs)
-        lines.append(md_row([row[0], row[1], ", ".join(map(str, eps)), f"{hrs:.2f}", row[2]]))
+        row = _count_row(s, rs, setting_description(s), statuses=not planned)
+        hrs = [] if planned else [f"{device_hours(rs):.2f}"]
+        lines.append(md_row([row[0], row[1], ", ".join(map(str, eps)), *hrs, row[2]]))
+    return lines
+
+
+def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds | None = None, generated: str | None = None) -> str:
+    th = th or Thresholds()
+    inv = Inventory(col.runs)
+    root = Path(results)
+    settings = inv.by(lambda r: r.setting)
+    lines = ["# Training Inventory", "",
+             f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).", ""]
+    lines += count_sections(inv)
 
     datasets = inv.by(lambda r: r.dataset)
     lines += ["", "## By Dataset", "", md_row(["Dataset", "Runs", "Settings"]), md_row(["---"] * 3)]
@@ -145,6 +164,24 @@ def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds |
     if skip:
         lines += ["", "## Skipped or unfinished", ""] + [f"- {p}" for p in skip]
     return "\n".join(lines) + "\n"
+
+
+def planned_runs(cfgs: list) -> list[RunRecord]:
+    """Run records for configs not trained yet (status ``planned``): what a sweep would produce."""
+    from creditaudit.config import run_path, to_dict
+
+    out = []
+    for c in cfgs:
+        path = run_path(c)
+        out.append(RunRecord(c.setting, c.rule, c.arch_label or c.arch, c.seed, path, to_dict(c),
+                             {"status": "planned", "epochs_done": c.epochs}, []))
+    return out
+
+
+def plan_markdown(cfgs: list, *, title: str) -> str:
+    """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the study."""
+    return "\n".join([f"# Training Inventory (plan): {title}", "", "Counts of the runs a sweep would train; nothing was trained.", "",
+                      *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
 
 
 def _setting_order(name: str) -> tuple[int, str]:

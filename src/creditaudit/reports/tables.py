@@ -26,7 +26,7 @@ from creditaudit.models.base import ARCH_DEFAULTS, ArchShape, ModelConfig, arch_
 from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
 
-PENALTY_SETTINGS = ("matched_30ep", "sbcb_vanilla_30ep", "penalty_1e-4", "penalty_rescue", "penalty_1e-1",
+PENALTY_SETTINGS = ("matched_30ep", "sbcb_vanilla_30ep", "penalty_1e-4", "penalty_rescue", "dfa_pen_30ep_diag", "penalty_1e-1",
                     "bp_penalty", "dfa_pen_100ep")
 ARCH_SETTINGS = ("main_audit", "cross_arch", "no_terminal_ln", "no_residual")
 TRIANGULATION_METRICS: dict[str, tuple[str, bool]] = {  # figure -> (title, higher is better)
@@ -76,18 +76,34 @@ class Group:
         return rule_verdict(self.label[0], [r.verdict for r in self.runs]).label
 
 
+
 def groups(col: Collection, settings: Iterable[str], key: Callable[[RunRecord], tuple[str, ...]],
            th: Thresholds) -> list[Group]:
     """Finished runs of ``settings`` grouped by ``key`` (first element: the rule), in study order;
     the frozen and shallow baselines are references, not rows."""
     finished = [r for r in col.runs if r.status == "finished"]
-    frozen = [r for r in finished if r.rule.endswith("_frozen")]
     wanted = set(settings)
     out: dict[tuple[str, ...], list[RunAudit]] = {}
     for run in sorted(finished, key=lambda r: (r.setting, r.seed)):
         if run.setting in wanted and not run.rule.endswith(("_frozen", "_shallow")):
-            out.setdefault(key(run), []).append(audit_run(run, frozen, th))
+            out.setdefault(key(run), []).append(audit_run(run, finished, th))
     return [Group(k, v) for k, v in sorted(out.items(), key=lambda kv: (_rule_order(kv[0][0]), kv[0][1:]))]
+
+
+def d3_notes(runs: Iterable[RunAudit]) -> list[str]:
+    """One note per reason, naming the runs whose D3 could not be evaluated."""
+    by_reason: dict[str, list[str]] = {}
+    for r in runs:
+        if r.verdict.d3_missing:
+            by_reason.setdefault(r.verdict.d3_missing, []).append(f"`{r.run.setting}/{r.run.path.name}`")
+    return [f"**D3 not evaluated** for {len(names)} run{'s' if len(names) > 1 else ''} ({reason}): {', '.join(names)}."
+            for reason, names in by_reason.items()]
+
+
+def _all_runs(audit_or_groups) -> list[RunAudit]:
+    if isinstance(audit_or_groups, list):
+        return [r for g in audit_or_groups for r in g.runs]
+    return [r for ra in audit_or_groups.rules for r in ra.runs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +113,7 @@ def table1(col: Collection, th: Thresholds) -> Table:
     notes = [f"Setting `main_audit`; D3 against `{audit.baseline_rule}` of the same experiment and seed."]
     if audit.baseline:
         notes.append(f"Frozen-blocks baseline: test acc {fmt(mean_std([summarise(b.metrics)['test_acc'] for b in audit.baseline]), 'test_acc')}.")
-    return Table("table1", "Table 1: main audit", header, rows, notes)
+    return Table("table1", "Table 1: main audit", header, rows, notes + d3_notes(_all_runs(audit)))
 
 
 def fa_vs_dfa(col: Collection, th: Thresholds) -> Table:
@@ -125,7 +141,8 @@ def fa_vs_dfa(col: Collection, th: Thresholds) -> Table:
         row("verdict", lambda ra: f"{ra.verdict.label} ({ra.verdict.claim})"),
     ]
     return Table("fa_vs_dfa", "FA vs DFA", header, rows,
-                 ["Same local loss, architecture and optimizer; only how a_l is computed differs. Setting `main_audit`."])
+                 ["Same local loss, architecture and optimizer; only how a_l is computed differs. Setting `main_audit`."]
+                 + d3_notes(_all_runs(audit)))
 
 
 def _figure_cells(g: Group) -> list[str]:
@@ -141,7 +158,8 @@ def penalty_sweep(col: Collection, th: Thresholds) -> Table:
     gs.sort(key=lambda g: (_rule_order(g.label[0]), float(g.label[1]), int(g.label[2])))
     rows = [[g.label[0], g.label[1], g.label[2], g.label[3], str(g.n)] + _figure_cells(g) for g in gs]
     return Table("penalty_sweep", "Penalty sweep", ["rule", "λ", "epochs", "setting", "n"] + FIGURE_HEADER, rows,
-                 [f"Settings: {', '.join(f'`{s}`' for s in PENALTY_SETTINGS)}. λ = 0 rows are the matched no-penalty controls."])
+                 [f"Settings: {', '.join(f'`{s}`' for s in PENALTY_SETTINGS)}. λ = 0 rows are the matched no-penalty controls."]
+                 + d3_notes(_all_runs(gs)))
 
 
 def depth_sweep(col: Collection, th: Thresholds) -> Table:
@@ -154,7 +172,7 @@ def depth_sweep(col: Collection, th: Thresholds) -> Table:
     rows = [[g.label[0], g.label[1], g.label[2], str(g.n)] + _figure_cells(g)
             + [fmt(g.stat("d1_max"), "d1_max")] for g in gs]
     return Table("depth_sweep", "Depth sweep", ["rule", "L", "d", "n"] + FIGURE_HEADER + ["D1 max ratio"], rows,
-                 ["Setting `depth_sweep`."])
+                 ["Setting `depth_sweep`."] + d3_notes(_all_runs(gs)))
 
 
 def cross_arch(col: Collection, th: Thresholds) -> Table:
@@ -162,7 +180,8 @@ def cross_arch(col: Collection, th: Thresholds) -> Table:
     rows = [[g.label[1], g.label[0], g.label[2], str(g.n)] + _figure_cells(g) for g in gs]
     rows.sort(key=lambda row: (row[0], _rule_order(row[1])))
     return Table("cross_arch", "Cross-architecture", ["architecture", "rule", "setting", "n"] + FIGURE_HEADER, rows,
-                 [f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot fire without a terminal norm."])
+                 [f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot fire without a terminal norm."]
+                 + d3_notes(_all_runs(gs)))
 
 
 def triangulation(col: Collection, th: Thresholds, setting: str | None = None) -> Table:
