@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from creditaudit.cli import main
-from creditaudit.config import iter_fields, TrainConfig
+from creditaudit.config import TrainConfig
+from creditaudit.typedconfig import iter_fields
 from creditaudit.data import DATASETS
 from creditaudit.models import ARCHS
 from creditaudit.rules import RULES

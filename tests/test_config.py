@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from creditaudit.config import ConfigError, TrainConfig, apply_overrides, from_dict, help_rows, iter_fields, to_dict
+from creditaudit.config import ConfigError, TrainConfig, apply_overrides, from_dict, help_rows, to_dict
+from creditaudit.typedconfig import iter_fields
 from creditaudit.registry import UnknownNameError
 
 

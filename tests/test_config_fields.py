@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from creditaudit.config import ConfigError, TrainConfig, apply_overrides, iter_fields
+from creditaudit.config import ConfigError, TrainConfig, apply_overrides
+from creditaudit.typedconfig import iter_fields
 from creditaudit.models import ARCHS
 from creditaudit.models.base import ARCH_SPECIFIC_FIELDS, arch_fields
 from creditaudit.rules import RULES

@@ -9,13 +9,10 @@ field's type. The resolved config is written into every run folder as JSON and r
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from creditaudit import typedconfig as T
 from creditaudit.data.base import DataConfig
 from creditaudit.diagnostics.probe import DiagConfig
 from creditaudit.errors import ConfigError
@@ -46,14 +43,14 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "training mini-batch size"})
     lam: float = field(default=0.0, metadata={"help": "per-block penalty lam·mean_b||f_l||² on each residual branch output, for every rule (bp: autograd of CE + penalty); refused for the _frozen/_shallow baselines, whose blocks do not train"})
     local_rule: str = field(default="inner", metadata={"help": "local update of each block and the embedding: inner | shift(eta) | cosine (DESIGN §1); bp trains end to end and refuses anything but inner"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    results: str = field(default="results", metadata={"help": "results folder; the run lives in <results>/<setting>/<rule>__<arch>__s<seed>/"})
-    setting: str = field(default="adhoc", metadata={"help": "experiment-setting name, the first level of the results folder"})
-    arch_label: str = field(default="", metadata={"help": "the architecture's name in the run folder (default: arch); sweeps name variants, e.g. resmlp-d512-L8"})
+    device: str = field(default="auto", metadata={"semantic": False, "help": "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={"semantic": False, "help": "torch CPU threads (0 = torch's default)"})
+    results: str = field(default="results", metadata={"semantic": False, "help": "results folder; the run lives in <results>/<setting>/<rule>__<arch>__s<seed>/"})
+    setting: str = field(default="adhoc", metadata={"semantic": False, "help": "experiment-setting name, the first level of the results folder"})
+    arch_label: str = field(default="", metadata={"semantic": False, "help": "the architecture's name in the run folder (default: arch); sweeps name variants, e.g. resmlp-d512-L8"})
     save_epochs: tuple[int, ...] = field(default=(), metadata={"help": "epochs after which to keep a checkpoint (e.g. 1,2,3); the last epoch's is always kept"})
-    eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation (no effect on results)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar with live loss and accuracy (only on a terminal)"})
+    eval_batch_size: int = field(default=1000, metadata={"semantic": False, "help": "batch size for test-set evaluation (no effect on results)"})
+    progress: bool = field(default=True, metadata={"semantic": False, "help": "show a progress bar with live loss and accuracy (only on a terminal)"})
     rule_opts: dict = field(default_factory=dict, metadata={"help": "the rule's own options, set as <rule>.<option>=value or <option>=value (listed by `creditaudit list`)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -63,130 +60,33 @@ class TrainConfig:
 
 # Alternative names a researcher will type.
 ALIASES = {"width": "model.d", "depth": "model.L", "dataset": "data.dataset", "lr": "optim.lr", "wd": "optim.weight_decay"}
+HELP_HINT = "`creditaudit train --help` lists every field."
 
 
 # ---------------------------------------------------------------------------------------------
-# Walking the dataclass tree
+# key=value overrides (the generic engine: creditaudit.typedconfig)
 # ---------------------------------------------------------------------------------------------
-def iter_fields(cfg_type: type, prefix: str = "") -> Iterable[tuple[str, dataclasses.Field, Any]]:
-    """Yield (dotted path, field, resolved type) for every leaf field of a config dataclass."""
-    hints = typing.get_type_hints(cfg_type)
-    for f in dataclasses.fields(cfg_type):
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, path + ".")
-        else:
-            yield path, f, tp
-
-
-def leaf_index(cfg_type: type = TrainConfig) -> dict[str, list[str]]:
-    """Leaf name -> every dotted path that ends with it."""
-    index: dict[str, list[str]] = {}
-    for path, _, _ in iter_fields(cfg_type):
-        index.setdefault(path.rsplit(".", 1)[-1], []).append(path)
-    return index
-
-
-def resolve_key(key: str, cfg_type: type = TrainConfig) -> str:
-    paths = {p for p, _, _ in iter_fields(cfg_type)}
-    if key in paths:
-        return key
-    if key in ALIASES:
-        return ALIASES[key]
-    matches = leaf_index(cfg_type).get(key, [])
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ConfigError(f"config key {key!r} is ambiguous: say one of {', '.join(matches)}")
-    import difflib
-
-    close = difflib.get_close_matches(key, sorted(paths | set(leaf_index(cfg_type)) | set(ALIASES)), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(f"unknown config key {key!r}.{hint} `creditaudit train --help` lists every field.")
-
-
-def parse_value(text: str, tp: Any, key: str) -> Any:
-    """Parse ``text`` as a value of type ``tp`` (bool, int, float, str, tuples, Optional)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if type(None) in args and text.strip().lower() in ("none", "null", "default", ""):
-            return None
-        return parse_value(text, inner[0], key)
-    if origin is tuple:
-        body = text.strip().strip("[]()")
-        items = [t for t in (s.strip() for s in body.split(",")) if t]
-        return tuple(parse_value(t, args[0], key) for t in items)
-    try:
-        if tp is bool:
-            low = text.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            value = float(text)
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tp is float:
-            value = float(text)
-            if math.isnan(value):
-                raise ValueError
-            return value
-        if tp is str:
-            return text
-    except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
-    raise ConfigError(f"{key}: unsupported field type {tp}")
-
-
-def get_path(cfg: Any, path: str) -> Any:
-    for part in path.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def set_path(cfg: Any, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for part in parents:
-        cfg = getattr(cfg, part)
-    setattr(cfg, leaf, value)
-
-
-def field_types(cfg_type: type = TrainConfig) -> dict[str, Any]:
-    return {p: tp for p, _, tp in iter_fields(cfg_type)}
-
-
 def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
-    """Apply ``key=value`` strings to a copy of ``cfg`` and validate the result."""
-    cfg = copy_config(cfg)
-    types_ = field_types(type(cfg))
-    deferred: list[tuple[str, str, ConfigError]] = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r} (e.g. rule=dfa epochs=3)")
-        key, text = (s.strip() for s in item.split("=", 1))
-        try:
-            path = resolve_key(key, type(cfg))
-        except ConfigError as exc:
-            deferred.append((key, text, exc))  # perhaps an option of the rule, known once rule= is read
-            continue
-        if path == "rule_opts":
+    """A copy of ``cfg`` with ``key=value`` strings applied, its rule files imported (``rule=path.py``
+    becomes that file's rule name), options of its rule set, and validated."""
+    items = list(overrides)
+    for item in items:
+        if item.split("=", 1)[0].strip() == "rule_opts":
             raise ConfigError("set rule options one by one, as <rule>.<option>=value")
-        set_path(cfg, path, parse_value(text, types_[path], path))
-    load_plugins(cfg)
-    for key, text, exc in deferred:
-        set_rule_option(cfg, key, text, exc)
-    validate(cfg)
-    return cfg
+
+    def rule_option(out: TrainConfig, key: str, text: str, exc: ConfigError) -> None:
+        load_plugins(out)  # a plugin rule's options are known once its file is imported
+        set_rule_option(out, key, text, exc)
+
+    out = T.apply_overrides(cfg, items, aliases=ALIASES, unknown=rule_option, example="rule=dfa epochs=3", help_hint=HELP_HINT)
+    load_plugins(out)
+    validate(out)
+    return out
 
 
 def load_plugins(cfg: TrainConfig) -> None:
-    """Import the config's rule files; ``rule=path.py`` becomes that file's rule name."""
+    """Import the config's rule files; ``rule=path.py`` becomes that file's rule name and ``plugins``
+    holds absolute paths (a worker process that rebuilds the config registers them too)."""
     from pathlib import Path
 
     from creditaudit.rules import load_rule_file
@@ -206,8 +106,6 @@ def load_plugins(cfg: TrainConfig) -> None:
 
 def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError) -> None:
     """``ep.beta=0.2`` or ``beta=0.2`` (when the run's rule is ep) -> ``cfg.rule_opts["beta"]``."""
-    import dataclasses as dc
-
     from creditaudit.rules import RULES, parse_rule_name
 
     base, _ = parse_rule_name(cfg.rule)
@@ -216,7 +114,7 @@ def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError)
         if prefix in RULES:
             raise ConfigError(f"{key}={text}: an option of rule {prefix!r}, but this run's rule is {cfg.rule!r}")
         raise unknown
-    fields = {f.name for f in dc.fields(RULES.get(base).Options)}
+    fields = {f.name for f in dataclasses.fields(RULES.get(base).Options)}
     if option not in fields:
         if prefix:
             known = ", ".join(sorted(fields)) or "none"
@@ -228,9 +126,8 @@ def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError)
 def resolve_rule_options(cfg: TrainConfig) -> TrainConfig:
     """A copy whose ``rule_opts`` holds every option of the rule, typed, defaults filled in, and
     whose model config names its terminal norm and skip path (``out_ln``, ``residual``)."""
-    from creditaudit.rules import rule_options
-
     from creditaudit.models.base import arch_shape
+    from creditaudit.rules import rule_options
 
     out = copy_config(cfg)
     out.rule_opts = dataclasses.asdict(rule_options(cfg.rule, cfg.rule_opts))
@@ -245,9 +142,8 @@ def resolve_rule_options(cfg: TrainConfig) -> TrainConfig:
 # Validation, serialisation
 # ---------------------------------------------------------------------------------------------
 def validate(cfg: TrainConfig) -> None:
-    """Check values a run cannot start with; names are checked against the registries. The
-    config's rule files are imported first (so ``rule=path.py`` becomes that file's rule name and
-    ``plugins`` holds absolute paths): a worker process that rebuilds the config registers them too."""
+    """Check values a run cannot start with; names are checked against the registries (a rule of a
+    plugin file is known once :func:`load_plugins` imported it). Changes nothing."""
     from creditaudit.data import DATASETS
     from creditaudit.models import ARCHS
     from creditaudit.rules import parse_rule_name
@@ -257,7 +153,6 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    load_plugins(cfg)
     parse_rule_name(cfg.rule)  # raises with the list of rules
     from creditaudit.rules import rule_options
 
@@ -349,39 +244,18 @@ def run_path(cfg: TrainConfig):
 
 
 def to_dict(cfg: Any) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return T.to_dict(cfg)
 
 
 def from_dict(data: dict, cfg_type: type = TrainConfig) -> Any:
     """Rebuild a config from :func:`to_dict` output; unknown keys are an error, missing keys default."""
-    hints = typing.get_type_hints(cfg_type)
-    names = {f.name for f in dataclasses.fields(cfg_type)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"unknown config keys for {cfg_type.__name__}: {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(value, tp)
-        elif typing.get_origin(tp) is tuple:
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cfg_type(**kwargs)
+    return T.from_dict(data, cfg_type)
 
 
 def copy_config(cfg: Any) -> Any:
-    return from_dict(to_dict(cfg), type(cfg))
+    return T.copy(cfg)
 
 
 def help_rows(cfg_type: type = TrainConfig) -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) for every field, for ``--help``."""
-    default = cfg_type()
-    rows = []
-    for path, f, tp in iter_fields(cfg_type):
-        leaf = path.rsplit(".", 1)[-1]
-        key = leaf if len(leaf_index(cfg_type)[leaf]) == 1 else path
-        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-        rows.append((key, tname, json.dumps(get_path(default, path)), f.metadata.get("help", "")))
-    return rows
+    return T.help_rows(cfg_type)

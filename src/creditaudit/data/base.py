@@ -54,7 +54,7 @@ class DataConfig:
     )
     data_dir: str = field(
         default="",
-        metadata={"help": "root folder of the dataset files; '' = $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data"},
+        metadata={"semantic": False, "help": "root folder of the dataset files; '' = $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data"},
     )
     train_subset: int = field(
         default=0,

@@ -24,6 +24,7 @@ from torch import Tensor
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.registry import Registry, UnknownNameError
+from creditaudit.typedconfig import parse_value
 
 VARIANTS = ("frozen", "shallow")
 
@@ -119,8 +120,6 @@ def parse_rule_name(name: str) -> tuple[str, str | None]:
 def rule_options(name: str, given: dict[str, Any] | None = None) -> Any:
     """The ``Options`` instance of rule ``name`` with ``given`` applied (strings are parsed by the
     field's type). An unknown option is one clear error listing the rule's options."""
-    from creditaudit.config import parse_value
-
     base, _ = parse_rule_name(name)
     cls = RULES.get(base).Options
     hints = typing.get_type_hints(cls)

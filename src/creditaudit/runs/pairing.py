@@ -21,20 +21,26 @@ BASELINE_RULE = "bp_frozen"
 # The setting that holds the baselines a sweep adds (``--with-baselines``) where the study lists none.
 CONTROLS = "controls"
 
-# Top-level config fields that a run and its baseline may differ in.
+# Config fields that a run and its baseline may differ in, besides those that never change what a
+# run computes (marked semantic=False in the config).
 CREDIT_FIELDS = ("rule", "rule_opts", "local_rule", "lam", "plugins")
 LOGGING_FIELDS = ("diag", "save_epochs")
-PLACE_FIELDS = ("progress", "results", "threads", "device", "eval_batch_size", "setting", "arch_label")
-DATA_PLACE_FIELDS = ("data_dir",)
 # Where a baseline is looked for first, after the run's own setting.
 BASELINE_SETTINGS = ("frozen_baselines", CONTROLS)
 
 
 def experiment_key(config: dict[str, Any]) -> str:
     """What a run shares with its baseline, as a canonical string (a config as in ``config.json``)."""
-    ignore = set(CREDIT_FIELDS + LOGGING_FIELDS + PLACE_FIELDS)
-    kept = {k: v for k, v in config.items() if k not in ignore}
-    kept["data"] = {k: v for k, v in (config.get("data") or {}).items() if k not in DATA_PLACE_FIELDS}
+    from creditaudit.config import TrainConfig
+    from creditaudit.typedconfig import non_semantic_paths
+
+    kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in CREDIT_FIELDS + LOGGING_FIELDS}))
+    for path in non_semantic_paths(TrainConfig):
+        *parents, leaf = path.split(".")
+        node = kept
+        for p in parents:
+            node = node.get(p) or {}
+        node.pop(leaf, None)
     return json.dumps(kept, sort_keys=True)
 
 

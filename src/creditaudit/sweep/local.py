@@ -63,6 +63,7 @@ def run_many(
     process, threads as configured). Returns one outcome per config, in completion order."""
     configs = list(configs)
     for cfg in configs:
+        C.load_plugins(cfg)  # rule files' paths made absolute for the workers
         C.validate(cfg)
     workers = workers or os.cpu_count() or 1
     outcomes: list[RunOutcome] = []

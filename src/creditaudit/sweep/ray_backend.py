@@ -100,7 +100,8 @@ def run_many_ray(
     Returns one outcome per config, in completion order; never raises for a run's failure."""
     configs = [portable(c) for c in configs]
     for cfg in configs:
-        C.validate(cfg)  # also makes rule files' paths absolute
+        C.load_plugins(cfg)  # rule files' paths made absolute for the workers
+        C.validate(cfg)
     if not configs:
         return []
     ray = _import_ray()

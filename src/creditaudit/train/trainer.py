@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from creditaudit import config as C
+from creditaudit import typedconfig as T
 from creditaudit.config import TrainConfig
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
 from creditaudit.diagnostics import due, probe
@@ -30,10 +31,6 @@ from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.provenance import provenance
 from creditaudit.train.local import LocalRule, local_objective, parse_local_rule, penalty
-
-# Config fields that do not change what a run computes: a finished run is reused across them.
-NON_SEMANTIC = ("progress", "results", "threads", "device", "eval_batch_size", "data.data_dir", "arch_label")
-
 
 class RunConfigMismatch(RuntimeError):
     """The run folder already holds a run with a different configuration."""
@@ -46,28 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise C.ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
     return device
-
-
-def semantic_config(cfg: TrainConfig) -> dict:
-    d = C.to_dict(cfg)
-    for path in NON_SEMANTIC:
-        *parents, leaf = path.split(".")
-        node = d
-        for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
-    return d
-
-
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +231,7 @@ def _same_config(folder: RunFolder, cfg: TrainConfig) -> bool:
     existing = folder.read_config()
     if existing is None:
         return True
-    diff = config_diff(semantic_config(C.from_dict(existing)), semantic_config(cfg))
+    diff = T.diff(T.semantic_dict(C.from_dict(existing)), T.semantic_dict(cfg))  # fields marked semantic=False may differ
     if diff:
         raise RunConfigMismatch(
             f"{folder.path} already holds a run with a different config ({'; '.join(diff)}). "
@@ -293,6 +268,7 @@ def train(
     ``stop_after`` ends the session after that many epochs in total, leaving the run resumable
     with status ``interrupted`` (used by tests and by time-boxed workers).
     """
+    C.load_plugins(cfg)  # a worker process rebuilding the config registers its rule files
     C.validate(cfg)
     cfg = C.resolve_rule_options(cfg)  # the run folder records every option of the rule
     reporter = reporter or Reporter()

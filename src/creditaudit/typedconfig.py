@@ -1,0 +1,243 @@
+"""Typed configs from dataclasses: the one engine behind every config of creditaudit (a run's
+:class:`~creditaudit.config.TrainConfig`, the exploit protocol, the profiles), in the style of
+CleanRL's ``Args``. It imports nothing of creditaudit, so every layer may use it.
+
+A config is a tree of dataclasses. Each leaf field carries ``metadata={"help": ...}`` (printed by
+``--help``) and, for fields that never change what a run computes (where it runs, how it is shown,
+what its folder is called), ``semantic=False``. A ``key=value`` override names a field by its dotted
+path (``model.d=512``), by an alias, or by its leaf name when that is unambiguous (``d=512``); the
+text is parsed by the field's type. Configs round-trip through JSON-able dicts (:func:`to_dict`,
+:func:`from_dict`). No ``exec``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from typing import Any, Callable, Iterable, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad config key or value, or a combination a run cannot start with; the message says which
+    and what is allowed (the CLI prints it as one line and exits with status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the dataclass tree
+# ---------------------------------------------------------------------------------------------
+def iter_fields(cfg_type: type, prefix: str = "") -> Iterable[tuple[str, dataclasses.Field, Any]]:
+    """(dotted path, field, resolved type) for every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(cfg_type)
+    for f in dataclasses.fields(cfg_type):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, path + ".")
+        else:
+            yield path, f, tp
+
+
+def field_types(cfg_type: type) -> dict[str, Any]:
+    return {p: tp for p, _, tp in iter_fields(cfg_type)}
+
+
+def leaf_index(cfg_type: type) -> dict[str, list[str]]:
+    """Leaf name -> every dotted path that ends with it."""
+    index: dict[str, list[str]] = {}
+    for path, _, _ in iter_fields(cfg_type):
+        index.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    return index
+
+
+def non_semantic_paths(cfg_type: type) -> list[str]:
+    """Dotted paths of the fields marked ``semantic=False``."""
+    return [p for p, f, _ in iter_fields(cfg_type) if f.metadata.get("semantic") is False]
+
+
+def get_path(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def set_path(cfg: Any, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    setattr(cfg, leaf, value)
+
+
+def resolve_key(key: str, cfg_type: type, aliases: Mapping[str, str] | None = None, *, help_hint: str = "") -> str:
+    """The dotted path ``key`` names: a path, an alias, or an unambiguous leaf name."""
+    paths = {p for p, _, _ in iter_fields(cfg_type)}
+    aliases = aliases or {}
+    if key in paths:
+        return key
+    if key in aliases:
+        return aliases[key]
+    matches = leaf_index(cfg_type).get(key, [])
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"config key {key!r} is ambiguous: say one of {', '.join(matches)}")
+    close = difflib.get_close_matches(key, sorted(paths | set(leaf_index(cfg_type)) | set(aliases)), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}.{hint}" + (f" {help_hint}" if help_hint else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------
+def split_top_level(text: str) -> list[str]:
+    """``"inner,shift(0.1),cosine"`` -> three items: commas inside parentheses do not split."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    return [s.strip() for s in items if s.strip()]
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """Parse ``text`` as a value of type ``tp`` (bool, int, float, str, tuples, Optional)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if type(None) in args and text.strip().lower() in ("none", "null", "default", ""):
+            return None
+        return parse_value(text, inner[0], key)
+    if origin is tuple:
+        # "1,2,3", "[1, 2]" or "(1, 2)"; strings keep their parentheses: "inner,shift(0.1)"
+        body = text.strip().strip("[]") if args[0] is str else text.strip().strip("[]()")
+        return tuple(parse_value(t, args[0], key) for t in split_top_level(body))
+    try:
+        if tp is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            value = float(text)
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            value = float(text)
+            if math.isnan(value):
+                raise ValueError
+            return value
+        if tp is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides, serialisation, help
+# ---------------------------------------------------------------------------------------------
+Unknown = Callable[[Any, str, str, ConfigError], None]  # (cfg, key, text, the error) for keys no field has
+
+
+def apply_overrides(cfg: Any, items: Iterable[str], *, aliases: Mapping[str, str] | None = None,
+                    unknown: Unknown | None = None, example: str = "", help_hint: str = "") -> Any:
+    """A copy of ``cfg`` with every ``key=value`` of ``items`` set (not validated: the caller does).
+
+    Keys that name no field go, after every other item is set, to ``unknown`` (e.g. options of the
+    rule a config names); without it they are an error."""
+    cfg = copy(cfg)
+    types_ = field_types(type(cfg))
+    deferred: list[tuple[str, str, ConfigError]] = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}" + (f" (e.g. {example})" if example else ""))
+        key, text = (s.strip() for s in item.split("=", 1))
+        try:
+            path = resolve_key(key, type(cfg), aliases, help_hint=help_hint)
+        except ConfigError as exc:
+            if unknown is None:
+                raise
+            deferred.append((key, text, exc))
+            continue
+        set_path(cfg, path, parse_value(text, types_[path], path))
+    for key, text, exc in deferred:
+        unknown(cfg, key, text, exc)  # type: ignore[misc]
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data: Mapping[str, Any], cfg_type: type, *, what: str = "") -> Any:
+    """Rebuild a config from :func:`to_dict` output; unknown keys are an error, missing keys default."""
+    hints = typing.get_type_hints(cfg_type)
+    names = {f.name for f in dataclasses.fields(cfg_type)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{what or cfg_type.__name__} has unknown keys {', '.join(sorted(unknown))} "
+                          "(written by another version of creditaudit?)")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(value, tp)
+        elif typing.get_origin(tp) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cfg_type(**kwargs)
+
+
+def copy(cfg: Any) -> Any:
+    """A deep copy through the dict form (what a run folder stores is what a copy holds)."""
+    return from_dict(to_dict(cfg), type(cfg))
+
+
+def semantic_dict(cfg: Any) -> dict:
+    """:func:`to_dict` without the fields marked ``semantic=False``."""
+    d = to_dict(cfg)
+    for path in non_semantic_paths(type(cfg)):
+        *parents, leaf = path.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return d
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``path: old -> new`` for every leaf where two config dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def help_rows(cfg_type: type) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf field; the key is the leaf name where unambiguous."""
+    default = cfg_type()
+    index = leaf_index(cfg_type)
+    rows = []
+    for path, f, tp in iter_fields(cfg_type):
+        leaf = path.rsplit(".", 1)[-1]
+        key = leaf if len(index[leaf]) == 1 else path
+        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        rows.append((key, tname, json.dumps(get_path(default, path)), f.metadata.get("help", "")))
+    return rows
