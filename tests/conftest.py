@@ -7,21 +7,23 @@ import torch
 from creditaudit.config import TrainConfig, apply_overrides
 from creditaudit.models import ARCHS, ModelConfig
 
-# A small instance and a matching input shape for every architecture (tests walk ARCHS, so a new
-# architecture without an entry here fails loudly rather than going untested).
+# A small instance of every registered architecture (its own registration declares it), on 1×8×8
+# inputs: a new architecture is tested by every test that walks ARCHS without an entry here.
+SMALL_INPUT = (1, 8, 8)
 SMALL_ARCHS: dict[str, tuple[ModelConfig, tuple[int, ...]]] = {
-    "resmlp": (ModelConfig(d=16, L=3), (1, 8, 8)),
-    "mlp": (ModelConfig(d=16, L=2, activation="tanh"), (20,)),
-    "smallcnn": (ModelConfig(d=16, channels=(4, 6, 8)), (1, 8, 8)),
-    "vit_mini": (ModelConfig(d=16, L=2, heads=2, patch=4), (1, 8, 8)),
+    name: (ModelConfig(**ARCHS.get(name).small), SMALL_INPUT) for name in ARCHS.names()
 }
+
+
+def small_overrides(arch: str, *, shallow: bool = False) -> list[str]:
+    """``key=value`` items for the small instance of ``arch`` (without L for a _shallow variant)."""
+    return [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in ARCHS.get(arch).small.items()
+            if not (shallow and k == "L")]
 
 
 @pytest.fixture(params=ARCHS.names())
 def arch(request):
-    name = request.param
-    assert name in SMALL_ARCHS, f"add a small config for architecture {name!r} to tests/conftest.py"
-    return name
+    return request.param
 
 
 @pytest.fixture(autouse=True)

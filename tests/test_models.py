@@ -88,14 +88,12 @@ def test_unknown_arch_is_one_clear_error():
 
 def test_terminal_norm_and_skip_path_flags_work_on_every_arch(arch):
     """out_ln and residual mean the same on every architecture: None takes the architecture's own
-    default (ARCH_DEFAULTS), an explicit value is honoured or refused with a clear error."""
+    default (declared with its registration), an explicit value is honoured or refused with a clear error."""
     import dataclasses
-
-    from creditaudit.models.base import ARCH_DEFAULTS
 
     cfg, shape = SMALL_ARCHS[arch]
     x = torch.randn(3, *shape)
-    default = ARCH_DEFAULTS[arch]
+    default = ARCHS.get(arch).defaults
     for out_ln in (None, True, False):
         model = build_model(arch, dataclasses.replace(cfg, out_ln=out_ln), shape, 4)
         has_ln = any(isinstance(m, torch.nn.LayerNorm) for m in model.norm.modules())

@@ -114,3 +114,40 @@ def test_a_broken_entry_point_warns_and_is_skipped(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     with pytest.warns(RuntimeWarning, match="rule plugin 'broken'"):
         plugins.load_entry_point_rules()
+
+
+TOY_ARCH = '''
+from torch import nn
+
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, flat_dim
+
+
+@architecture("toy_res", "a toy residual MLP from a plugin file", d=12, L=2, out_ln=True, residual=True,
+              small={"d": 8, "L": 1})
+def toy_res(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
+    shape = arch_shape("toy_res", cfg)
+    embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), shape.d))
+    blocks = [Block(nn.Sequential(nn.LayerNorm(shape.d), nn.Linear(shape.d, shape.d)), residual=shape.residual)
+              for _ in range(shape.L)]
+    return CreditNet(embed, blocks, nn.LayerNorm(shape.d) if shape.out_ln else nn.Identity(), nn.Linear(shape.d, num_classes))
+'''
+
+
+def test_an_architecture_is_one_file(tmp_path):
+    """A new architecture registers from one file, with its own defaults, and trains with any rule."""
+    import json
+
+    from creditaudit.config import run_path
+    from creditaudit.models.base import arch_shape
+    from creditaudit.models import ModelConfig
+    from creditaudit.train.trainer import train
+
+    path = tmp_path / "toy_arch.py"
+    path.write_text(TOY_ARCH)
+    for rule in ("bp", "dfa"):
+        cfg = tiny_config(tmp_path, f"plugins={path}", "arch=toy_res", f"rule={rule}", "epochs=1")
+        summary = train(cfg)
+        assert summary["status"] == "finished"
+        stored = json.loads((run_path(cfg) / "config.json").read_text())
+        assert stored["plugins"] == [str(path)] and stored["model"]["out_ln"] is True
+    assert arch_shape("toy_res", ModelConfig()) == arch_shape("toy_res", ModelConfig(d=12, L=2, out_ln=True, residual=True))

@@ -14,7 +14,7 @@ from creditaudit.models.base import preserved_buffers
 from creditaudit.rules import build_rule, rule_options
 from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.train.trainer import build_run, train, train_step
-from tests.conftest import SMALL_ARCHS, tiny_config
+from tests.conftest import SMALL_ARCHS, small_overrides, tiny_config
 
 
 
@@ -166,19 +166,10 @@ def test_credits_leave_gradients_and_buffers_alone():
 # ---------------------------------------------------------------------------------------------
 # Through the trainer, on every architecture
 # ---------------------------------------------------------------------------------------------
-ARCH_OVERRIDES = {
-    "resmlp": ["d=16", "L=3"],
-    "mlp": ["d=16", "L=2", "activation=tanh"],
-    "smallcnn": ["d=16", "L=3", "channels=4,6,8"],
-    "vit_mini": ["d=16", "L=2", "heads=2", "patch=4"],
-}
-
-
 @pytest.mark.parametrize("arch", ARCHS.names())
 @pytest.mark.parametrize("variant", ["ep", "ep_frozen"])
 def test_one_local_step_on_every_architecture(tmp_path, arch, variant):
-    assert arch in SMALL_ARCHS and arch in ARCH_OVERRIDES, f"add a small config for {arch!r}"
-    cfg = tiny_config(tmp_path, f"rule={variant}", f"arch={arch}", *ARCH_OVERRIDES[arch], "batch_size=16")
+    cfg = tiny_config(tmp_path, f"rule={variant}", f"arch={arch}", *small_overrides(arch), "batch_size=16")
     run = build_run(cfg)
     x, y = next(iter(run.loader.epoch(0)))
     with run.rule.local_forward(run.model):

@@ -10,15 +10,7 @@ import torch
 
 from creditaudit.rules import RULES
 from creditaudit.train.trainer import build_run, train, train_step
-from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
-
-ARCH_OVERRIDES = {
-    "resmlp": ["d=16", "L=2"],
-    "mlp": ["d=16", "L=2"],
-    "smallcnn": ["d=16", "L=3", "channels=4,6,8"],
-    "vit_mini": ["d=16", "L=2", "heads=2", "patch=4"],
-}
-
+from tests.conftest import run_metrics, small_overrides, tiny_config
 
 @pytest.fixture(params=RULES.names())
 def rule(request):
@@ -26,8 +18,7 @@ def rule(request):
 
 
 def _step(tmp_path, rule: str, arch: str):
-    assert arch in ARCH_OVERRIDES and arch in SMALL_ARCHS
-    sizes = [o for o in ARCH_OVERRIDES[arch] if not (rule.endswith("_shallow") and o.startswith("L="))]  # L=0 there
+    sizes = small_overrides(arch, shallow=rule.endswith("_shallow"))
     cfg = tiny_config(tmp_path, f"rule={rule}", f"arch={arch}", *sizes, "batch_size=16")
     run = build_run(cfg)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim, reads
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, check_depth, flat_dim
 from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -23,8 +23,9 @@ def activation(name: str) -> nn.Module:
         raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
 
 
-@ARCHS.register("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation); no skip path, no norm unless asked")
-@reads("activation")
+@architecture("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation); no skip path, no norm unless asked",
+              d=256, L=3, out_ln=False, residual=False, reads=("activation",),
+              small={"d": 16, "L": 2, "activation": "tanh"})
 def mlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("mlp", cfg)
     d, L = shape.d, check_depth("mlp", shape.L)

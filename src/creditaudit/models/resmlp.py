@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, flat_dim, reads
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, check_depth, flat_dim
 
 
 class ResMLPBranch(nn.Module):
@@ -27,8 +27,9 @@ class ResMLPBranch(nn.Module):
         return self.fc2(self.act(self.fc1(self.ln(h))))
 
 
-@ARCHS.register("resmlp", "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head")
-@reads("w2_std")
+@architecture("resmlp", "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head",
+              d=256, L=4, out_ln=True, residual=True, reads=("w2_std",),
+              small={"d": 16, "L": 3})
 def resmlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("resmlp", cfg)
     d, L = shape.d, check_depth("resmlp", shape.L)

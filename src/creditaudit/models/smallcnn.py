@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, image_shape, reads
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, image_shape
 from creditaudit.errors import ConfigError
 
 
@@ -28,8 +28,9 @@ def conv_stage(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-@ARCHS.register("smallcnn", "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b) cannot fire without)")
-@reads("channels")
+@architecture("smallcnn", "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b) cannot fire without)",
+              d=256, L=3, out_ln=False, residual=False, reads=("channels",),
+              small={"d": 16, "L": 3, "channels": (4, 6, 8)})
 def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("smallcnn", input_shape)
     if cfg.L not in (None, 0, 3):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import ARCHS, Block, CreditNet, ModelConfig, arch_shape, check_depth, image_shape, reads
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, check_depth, image_shape
 from creditaudit.errors import ConfigError
 
 
@@ -76,8 +76,9 @@ class ClsNorm(nn.Module):
         return self.ln(h[:, 0])
 
 
-@ARCHS.register("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls")
-@reads("heads", "patch")
+@architecture("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls",
+              d=128, L=4, out_ln=True, residual=True, reads=("heads", "patch"),
+              small={"d": 16, "L": 2, "heads": 2, "patch": 4})
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
     shape = arch_shape("vit_mini", cfg)

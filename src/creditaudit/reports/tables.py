@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
 from creditaudit.reports.audit import FIGURES, RunAudit, _rule_order, audit_run, build_audit, fire_text, fmt, table_rows
-from creditaudit.models.base import ARCH_DEFAULTS, ArchShape, ModelConfig, arch_shape
+from creditaudit.models.base import ARCHS, ArchShape, ModelConfig, arch_shape
 from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
 
@@ -273,7 +273,9 @@ def _model_fields(r: RunRecord) -> dict:
 def arch_description(r: RunRecord) -> str:
     """A readable architecture name from a run's config: ``resmlp d=256 L=4``, ``… no terminal LN``."""
     arch = r.config.get("arch", r.arch)
-    shape, default = _shape(r), ARCH_DEFAULTS.get(arch)
+    if arch not in ARCHS:
+        return f"{arch} (an architecture this installation does not register)"
+    shape, default = _shape(r), ARCHS.get(arch).defaults
     text = f"{arch} d={shape.d} L={shape.L}"
     if shape.out_ln or (default and default.out_ln):
         text += " + terminal LN" if shape.out_ln else " no terminal LN"

@@ -10,6 +10,10 @@ creditaudit in one of two ways, neither of which edits creditaudit:
 - a package: declare an entry point in the group ``creditaudit.rules`` (e.g. in pyproject.toml,
   ``[project.entry-points."creditaudit.rules"] my_rule = "my_package.my_rule"``); every such entry
   point is imported when ``creditaudit.rules`` is.
+
+An architecture of one's own comes the same way: a file whose builder is decorated with
+``@architecture("my_arch", "one line", d=…, L=…, out_ln=…, residual=…)`` (``creditaudit.models.base``),
+loaded with ``plugins=path/to/my_arch.py arch=my_arch``.
 """
 from __future__ import annotations
 
@@ -28,14 +32,17 @@ _loaded_files: dict[str, list[str]] = {}  # resolved path -> rule names it regis
 
 
 def load_rule_file(path: str | Path) -> list[str]:
-    """Import a Python file once; return the names of the rules it registered."""
+    """Import a plugin file once; return the names of the rules it registered. A plugin file may
+    register architectures too (``@architecture`` of ``creditaudit.models.base``), or only those."""
     p = Path(path).expanduser().resolve()
     key = str(p)
     if key in _loaded_files:
         return _loaded_files[key]
     if not p.is_file():
         raise ConfigError(f"rule file {path} does not exist (give the path of a .py file that registers a rule)")
-    before = set(RULES.names())
+    from creditaudit.models.base import ARCHS
+
+    before, archs_before = set(RULES.names()), set(ARCHS.names())
     module_name = f"creditaudit_plugin_{p.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, p)
     if spec is None or spec.loader is None:
@@ -48,8 +55,9 @@ def load_rule_file(path: str | Path) -> list[str]:
         del sys.modules[module_name]
         raise ConfigError(f"importing rule file {path} failed: {type(exc).__name__}: {exc}") from exc
     names = sorted(set(RULES.names()) - before)
-    if not names:
-        raise ConfigError(f"{path} registered no rule: decorate your Rule subclass with @RULES.register(\"name\", \"summary\")")
+    if not names and set(ARCHS.names()) == archs_before:
+        raise ConfigError(f"{path} registered no rule and no architecture: decorate your Rule subclass with "
+                          f"@RULES.register(\"name\", \"summary\"), or your model builder with @architecture(...)")
     _loaded_files[key] = names
     return names
 
