@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from creditaudit.models import build_model, true_grads
-from creditaudit.train.local import LocalRule, local_objective, parse_local_rule
+from creditaudit.train.objective import LocalUpdate, local_objective, parse_local_update
 from tests.conftest import SMALL_ARCHS
 
 
@@ -14,7 +14,7 @@ def _grads(model):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
 
-def _local_grads(model, x, y, credits, rule=LocalRule("inner"), lam=0.0):
+def _local_grads(model, x, y, credits, rule=LocalUpdate("inner"), lam=0.0):
     model.zero_grad(set_to_none=True)
     fwd = model.run(x, detach_inputs=True)
     (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=rule, lam=lam, train_blocks=True)).backward()
@@ -45,7 +45,7 @@ def test_shift_rule_first_step_is_a_normalised_inner_step():
     y = torch.randint(0, 4, (5,))
     credits = [torch.randn_like(h) for h in model.run(x).hs]
     eta = 0.3
-    shifted = _local_grads(model, x, y, credits, parse_local_rule("shift(0.3)"))
+    shifted = _local_grads(model, x, y, credits, parse_local_update("shift(0.3)"))
     scaled = [eta * a / a.flatten(1).norm(dim=1).view(-1, *[1] * (a.dim() - 1)) for a in credits]
     inner = _local_grads(model, x, y, scaled)
     for name in inner:
@@ -58,8 +58,8 @@ def test_cosine_rule_is_scale_free():
     x = torch.randn(5, *shape, dtype=torch.float64)
     y = torch.randint(0, 4, (5,))
     credits = [torch.randn_like(h) for h in model.run(x).hs]
-    g1 = _local_grads(model, x, y, credits, LocalRule("cosine"))
-    g2 = _local_grads(model, x, y, [1e3 * a for a in credits], LocalRule("cosine"))
+    g1 = _local_grads(model, x, y, credits, LocalUpdate("cosine"))
+    g2 = _local_grads(model, x, y, [1e3 * a for a in credits], LocalUpdate("cosine"))
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name])
 
@@ -91,7 +91,7 @@ def test_bad_local_rule_names_the_choices():
 
     for bad in ("shift", "shift(-1)", "shift(x)", "inner2"):
         with pytest.raises(ConfigError, match="shift\\(eta\\)"):
-            parse_local_rule(bad)
+            parse_local_update(bad)
 
 
 def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalty():
@@ -100,7 +100,7 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
     import copy
 
     from creditaudit.models import build_model
-    from creditaudit.train.local import local_objective, parse_local_rule
+    from creditaudit.train.objective import local_objective, parse_local_update
 
     cfg, shape = SMALL_ARCHS["resmlp"]
     base = build_model("resmlp", cfg, shape, 10)
@@ -111,7 +111,7 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
         fwd = model.run(x, detach_inputs=True)
         credits = [torch.randn_like(h, generator=torch.Generator().manual_seed(l)) for l, h in enumerate(fwd.hs)]
-        local_objective(fwd, credits, rule=parse_local_rule(f"shift({eta})"), lam=lam, train_blocks=True).backward()
+        local_objective(fwd, credits, rule=parse_local_update(f"shift({eta})"), lam=lam, train_blocks=True).backward()
         opt.step()
         return [p.detach().clone() for p in model.blocks.parameters()]
 

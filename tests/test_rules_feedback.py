@@ -19,7 +19,7 @@ from creditaudit.rules import RuleContext, build_rule, rule_options
 from creditaudit.rules.fa import apply_map
 from creditaudit.rules.fa_layerwise import FALayerwise, fa_forward
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
-from creditaudit.train.local import LocalRule, local_objective
+from creditaudit.train.objective import LocalUpdate, local_objective
 from creditaudit.train.trainer import build_run, train, train_step
 from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 
@@ -276,7 +276,7 @@ def _local_step_grads(rule, model, x, y):
     with rule.local_forward(model):
         fwd = model.run(x, detach_inputs=True)
         credits = rule.credits(model, x, y, fwd)
-        (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=LocalRule("inner"), lam=0.0, train_blocks=True)).backward()
+        (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)).backward()
     return credits, _grads(model)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from creditaudit.runs import folder as fmod
+from creditaudit.runs import lock as lmod
 from creditaudit.runs.folder import (RUN_STATUSES, RunFolder, RunLock, RunLockedError,
                                      parse_run_name, run_dir, run_name)
 from creditaudit.runs.io import CorruptRunError
@@ -132,7 +133,7 @@ def _dead_pid() -> int:
 
 
 def _write_lock(f: RunFolder, **fields) -> None:
-    host, scope = fmod._identity()
+    host, scope = lmod._identity()
     info = {"pid": _dead_pid(), "host": host, "scope": scope, "token": "old", "flock": True,
             "started": "2020-01-01T00:00:00+00:00"}
     info.update(fields)
@@ -180,7 +181,7 @@ def test_stale_lock_with_dead_pid_is_taken_over(tmp_path):
 def test_stale_lock_with_reused_pid_is_taken_over_via_flock(tmp_path):
     f = RunFolder(tmp_path / "run")
     _write_lock(f, pid=os.getpid())  # "alive" pid, but nobody holds the file's flock
-    if fmod.fcntl is None:
+    if lmod.fcntl is None:
         with pytest.raises(RunLockedError):
             f.lock().acquire()
         return
@@ -222,7 +223,7 @@ def test_lock_across_processes_and_after_a_crash(tmp_path):
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
             sys.path.insert(0, {SRC!r})
-            from creditaudit.runs.folder import RunLock
+            from creditaudit.runs.lock import RunLock
             RunLock({str(f.lock_path)!r}).acquire()
             print("locked", flush=True)
             sys.stdin.read()  # hold until killed

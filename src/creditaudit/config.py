@@ -147,7 +147,7 @@ def validate(cfg: TrainConfig) -> None:
     from creditaudit.data import DATASETS
     from creditaudit.models import ARCHS
     from creditaudit.rules import parse_rule_name
-    from creditaudit.train.local import parse_local_rule
+    from creditaudit.train.objective import parse_local_update
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -161,7 +161,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(ARCHS.unknown_message(cfg.arch))
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(DATASETS.unknown_message(cfg.data.dataset))
-    parse_local_rule(cfg.local_rule)
+    parse_local_update(cfg.local_rule)
     need(cfg.epochs >= 1, f"epochs must be >= 1 (got {cfg.epochs})")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1 (got {cfg.eval_batch_size})")

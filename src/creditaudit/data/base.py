@@ -135,10 +135,6 @@ class TensorDataset:
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"{self.name}: augment={self.augment!r}, expected one of {AUGMENTATIONS}")
 
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
-
     def to(self, device: torch.device | str) -> TensorDataset:
         """A new dataset with every tensor on ``device`` (no copy for tensors already there)."""
         return dataclasses.replace(

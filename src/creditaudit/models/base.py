@@ -131,6 +131,16 @@ class CreditNet(nn.Module):
     def readout_parameters(self) -> list[nn.Parameter]:
         return list(self.norm.parameters()) + list(self.head.parameters())
 
+    def param_groups(self, *, blocks: bool = True, readout: bool = True) -> list[dict]:
+        """One optimizer parameter group per trainable piece — embedding, each block, readout —
+        so that an elementwise optimizer (AdamW, SGD) is exactly one optimizer per block."""
+        groups = [{"params": list(self.embed.parameters()), "name": "embed"}]
+        if blocks:
+            groups += [{"params": list(b.parameters()), "name": f"block{l + 1}"} for l, b in enumerate(self.blocks)]
+        if readout:
+            groups.append({"params": self.readout_parameters(), "name": "readout"})
+        return [g for g in groups if g["params"]]
+
 
 # An architecture builder: (config, input_shape, num_classes) -> CreditNet.
 ArchBuilder = Callable[[ModelConfig, tuple, int], CreditNet]

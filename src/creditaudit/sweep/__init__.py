@@ -1,4 +1,5 @@
-"""Running many runs: parallel single-thread worker processes on one machine (DESIGN §8)."""
-from creditaudit.sweep.local import RunOutcome, run_many
+"""Running many runs: parallel single-thread worker processes on one machine (``processes``) or
+one Ray task per run on a cluster (``ray_backend``)."""
+from creditaudit.sweep.processes import RunOutcome, in_processes, run_many
 
-__all__ = ["RunOutcome", "run_many"]
+__all__ = ["RunOutcome", "in_processes", "run_many"]

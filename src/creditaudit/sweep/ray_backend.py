@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.errors import ConfigError
-from creditaudit.sweep.local import RunOutcome, _label, _train_one
+from creditaudit.sweep.processes import RunOutcome, _label, _train_one
 
 #: Ray retries a task whose worker process died (OOM kill, node lost); the retry resumes the run.
 MAX_RETRIES = 2

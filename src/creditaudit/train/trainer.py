@@ -30,7 +30,7 @@ from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.provenance import provenance
-from creditaudit.train.local import LocalRule, local_objective, parse_local_rule, penalty
+from creditaudit.train.objective import LocalUpdate, local_objective, parse_local_update, penalty
 
 class RunConfigMismatch(RuntimeError):
     """The run folder already holds a run with a different configuration."""
@@ -64,7 +64,7 @@ class Run:
     step: int = 0  # optimizer steps taken
     wall_s: float = 0.0  # training wall time over all sessions of this run
     total_steps: int = 0
-    local_rule: LocalRule = LocalRule("inner")  # parsed once from cfg.local_rule
+    local_rule: LocalUpdate = LocalUpdate("inner")  # parsed once from cfg.local_rule
 
     @property
     def train_blocks(self) -> bool:
@@ -93,15 +93,11 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
     if variant == "frozen":
         for p in model.blocks.parameters():
             p.requires_grad_(False)
-    groups = [{"params": list(model.embed.parameters()), "name": "embed"}]
-    if variant != "frozen":
-        groups += [{"params": list(b.parameters()), "name": f"block{l + 1}"} for l, b in enumerate(model.blocks)]
-    groups.append({"params": model.readout_parameters(), "name": "readout"})
-    groups = [g for g in groups if g["params"]]
+    groups = model.param_groups(blocks=variant != "frozen")
     o = cfg.optim
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     run = Run(cfg, device, data, model, rule, variant, optimizer, loader,
-              total_steps=ctx.total_steps, local_rule=parse_local_rule(cfg.local_rule))
+              total_steps=ctx.total_steps, local_rule=parse_local_update(cfg.local_rule))
     return run
 
 

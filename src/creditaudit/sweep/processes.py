@@ -16,7 +16,7 @@ import os
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
@@ -53,6 +53,26 @@ def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
         return RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
 
 
+R = TypeVar("R")
+
+
+def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: int = 0) -> Iterator[R]:
+    """``fn(*job, threads)`` for every job, yielded as each finishes: in this process when
+    ``workers`` is 1 or there is one job (``threads`` 0: as configured), else in ``workers``
+    spawned processes of one thread each (0 = one per CPU core). ``fn`` must not raise: a failure
+    is one of its results. The sweep's runs and the exploit study's units both run through here."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield fn(*job, 0)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        futures = [pool.submit(fn, *job, 1) for job in jobs]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
 def run_many(
     configs: Iterable[TrainConfig],
     *,
@@ -65,19 +85,10 @@ def run_many(
     for cfg in configs:
         C.load_plugins(cfg)  # rule files' paths made absolute for the workers
         C.validate(cfg)
-    workers = workers or os.cpu_count() or 1
     outcomes: list[RunOutcome] = []
-    if workers == 1 or len(configs) <= 1:
-        for cfg in configs:
-            outcomes.append(_train_one(C.to_dict(cfg), cfg.threads or 0))
-            if on_done:
-                on_done(outcomes[-1], len(outcomes), len(configs))
-        return outcomes
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(configs)), mp_context=ctx) as pool:
-        futures = [pool.submit(_train_one, C.to_dict(cfg), 1) for cfg in configs]
-        for fut in as_completed(futures):
-            outcomes.append(fut.result())
-            if on_done:
-                on_done(outcomes[-1], len(outcomes), len(configs))
+    jobs = [(C.to_dict(cfg),) for cfg in configs]
+    for outcome in in_processes(_train_one, jobs, workers=workers):
+        outcomes.append(outcome)
+        if on_done:
+            on_done(outcome, len(outcomes), len(configs))
     return outcomes

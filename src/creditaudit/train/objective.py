@@ -37,7 +37,7 @@ from creditaudit.models.base import Forward
 
 
 @dataclass(frozen=True)
-class LocalRule:
+class LocalUpdate:
     kind: str  # "inner" | "shift" | "cosine"
     eta: float = 0.0
 
@@ -48,10 +48,10 @@ class LocalRule:
 _SHIFT = re.compile(r"^shift\(\s*([0-9.eE+-]+)\s*\)$")
 
 
-def parse_local_rule(text: str) -> LocalRule:
+def parse_local_update(text: str) -> LocalUpdate:
     text = text.strip()
     if text in ("inner", "cosine"):
-        return LocalRule(text)
+        return LocalUpdate(text)
     m = _SHIFT.match(text)
     if m:
         try:
@@ -59,7 +59,7 @@ def parse_local_rule(text: str) -> LocalRule:
         except ValueError:
             eta = -1.0
         if eta > 0:
-            return LocalRule("shift", eta)
+            return LocalUpdate("shift", eta)
     raise ConfigError(f"local_rule {text!r} is not one of: inner, cosine, shift(eta) with eta > 0 (e.g. shift(0.1))")
 
 
@@ -67,7 +67,7 @@ def _per_sample(t: Tensor) -> Tensor:
     return t.flatten(1)
 
 
-def local_term(rule: LocalRule, out: Tensor, state: Tensor, credit: Tensor) -> Tensor:
+def local_term(rule: LocalUpdate, out: Tensor, state: Tensor, credit: Tensor) -> Tensor:
     """One block's local loss. ``out`` = f_l (graph to the block's parameters), ``state`` = h_l
     (graph to the same parameters: sg(h_{l-1}) + f_l, or f_l without skip), ``credit`` = a_l."""
     a = credit.detach()
@@ -83,7 +83,7 @@ def local_term(rule: LocalRule, out: Tensor, state: Tensor, credit: Tensor) -> T
     return 0.5 * (u - target).pow(2).sum(1).mean()
 
 
-def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalRule, lam: float, train_blocks: bool) -> Tensor:
+def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalUpdate, lam: float, train_blocks: bool) -> Tensor:
     """The sum above, without the CE readout term (the caller adds it)."""
     if len(credits) != len(fwd.hs):
         raise ValueError(f"a rule returned {len(credits)} credits for {len(fwd.hs)} states h_0..h_L")
