@@ -66,10 +66,13 @@ def test_train_writes_a_run_and_skips_it_next_time(cli, tmp_path):
     first = cli(*args)
     assert first.exit_code == 0, first.output
     assert "finished" in first.output
-    summary = json.loads((tmp_path / "r" / "adhoc" / "bp__resmlp__s42" / "summary.json").read_text())
+    folder = tmp_path / "r" / "adhoc" / "bp__resmlp__s42"
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "finished"
+    stamps = {f.name: f.stat().st_mtime_ns for f in folder.rglob("*") if f.is_file()}
     second = cli(*args)
     assert second.exit_code == 0 and "finished" in second.output
+    assert {f.name: f.stat().st_mtime_ns for f in folder.rglob("*") if f.is_file()} == stamps  # nothing rewritten
 
 
 def test_data_check_and_fetch(cli, tmp_path):
