@@ -282,36 +282,22 @@ def _small_run(tmp_path, rule: str, arch: str):
     return build_run(cfg)
 
 
-@pytest.mark.parametrize("variant", ["", "_frozen", "_shallow"])
 @pytest.mark.parametrize("name", ESTIMATORS)
-def test_one_trainer_step(tmp_path, arch, name, variant):
-    run = _small_run(tmp_path, name + variant, arch)
+def test_the_estimator_learns_in_step(tmp_path, name):
+    """After the model's update, step() trains the rule's own estimator (tests/test_rules_all.py
+    covers the model's side on every architecture and variant)."""
+    run = _small_run(tmp_path, name, "resmlp")
     x, y = next(iter(run.loader.epoch(0)))
-    model, rule = run.model, run.rule
+    rule = run.rule
     assert rule.net is not None  # built in setup, from the context's state shapes
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     est_before = _estimator_params(rule)
-
-    loss, _, metrics = train_step(run, x, y)
-    assert torch.isfinite(loss) and metrics and all(torch.isfinite(v) for v in metrics.values())
-    for n, p in model.named_parameters():
-        moved = not torch.equal(p, before[n])
-        if n.startswith("blocks."):
-            assert moved == (variant != "_frozen"), (n, moved)
-        else:  # embedding, terminal norm, head
-            assert moved, n
+    _, _, metrics = train_step(run, x, y)
+    assert metrics and all(torch.isfinite(v) for v in metrics.values())
     for n, p in rule.net.named_parameters():
         # the shared trunk always learns; a layer's own adapter/head when that layer was trained
         # (vec probes fd_layers layers a step)
         if p.grad is not None or not (".adapters." in n or n.startswith("out.")):
             assert not torch.equal(p, est_before[n]), f"estimator parameter {n} did not move"
-
-    fwd = model.run(x, detach_inputs=True)
-    credits = rule.credits(model, x, y, fwd)
-    assert len(credits) == len(fwd.hs)
-    for a, h in zip(credits, fwd.hs):
-        assert a.shape == h.shape and a.dtype == h.dtype and not a.requires_grad
-        assert torch.isfinite(a).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,14 +331,6 @@ def test_checkpoint_round_trip_continues_exactly(name, opts):
 def _metrics(cfg) -> list[dict]:
     folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in folder.read_metrics()]
-
-
-@pytest.mark.parametrize("name", ESTIMATORS)
-def test_same_seed_same_metrics(tmp_path, name):
-    a, b = (tiny_config(tmp_path / sub, f"rule={name}", "epochs=1", f"{name}.width=32") for sub in "ab")
-    train(a)
-    train(b)
-    assert _metrics(a) == _metrics(b) and any(k.startswith("rule/") for k in _metrics(a)[-1])
 
 
 @pytest.mark.parametrize("name,opts", [("sb", []), ("cb", ["cb.dfa_warmup=true", "cb.warmup_frac=0.7"]), ("vec", [])])
