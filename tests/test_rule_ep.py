@@ -173,13 +173,13 @@ def test_defaults_and_cli_options():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("beta", "0", "beta must be a finite number > 0"),
-    ("beta", "-0.1", "beta must be a finite number > 0"),
-    ("beta", "inf", "beta must be a finite number > 0"),
-    ("T", "0", "T must be an integer >= 1"),
-    ("alpha", "0", "alpha must be a finite number > 0"),
-    ("alpha", "-1", "alpha must be a finite number > 0"),
-    ("credit", "grad", "credit must be one of displacement, error"),
+    ("beta", "0", "ep.beta=0.0: expected a finite number > 0"),
+    ("beta", "-0.1", "ep.beta=-0.1: expected a finite number > 0"),
+    ("beta", "inf", "ep.beta=inf: expected a finite number > 0"),
+    ("T", "0", "ep.T=0: expected an integer >= 1"),
+    ("alpha", "0", "ep.alpha=0.0: expected a finite number > 0"),
+    ("alpha", "-1", "ep.alpha=-1.0: expected a finite number > 0"),
+    ("credit", "grad", "ep.credit='grad': expected one of displacement, error"),
 ])
 def test_bad_options_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):

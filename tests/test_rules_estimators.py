@@ -343,3 +343,15 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name, opts):
     train(cut, stop_after=1)
     assert train(cut)["resumed_from"] == 1
     assert _metrics(cut) == _metrics(full)
+
+
+@pytest.mark.parametrize("name, option, value", [
+    ("cb", "K", "0"), ("cb", "sigma", "-1"), ("cb", "noise", "gaussian"), ("cb", "ema", "1.5"), ("cb", "temp", "0"),
+    ("sb", "width", "0"), ("vec", "M", "0"), ("vec", "eps", "0"), ("vec", "code", "onehot"),
+])
+def test_bad_estimator_options_are_refused_at_validation(name, option, value):
+    """Checked when the config is validated, like every rule's options: no run is started with them."""
+    from creditaudit.config import ConfigError, TrainConfig, apply_overrides
+
+    with pytest.raises(ConfigError, match=rf"{name}\.{option}="):
+        apply_overrides(TrainConfig(), [f"rule={name}", f"{name}.{option}={value}"])

@@ -29,7 +29,6 @@ in and credits are returned in the dtype of the states.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,8 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet
+from creditaudit.rules._options import check as check_option  # noqa: F401  (rules import it from here too)
+from creditaudit.rules._options import check_at_least, check_choice, check_positive
 from creditaudit.rules.base import Rule, RuleContext
 
 CODES = ("error", "label")
@@ -46,12 +46,19 @@ CODES = ("error", "label")
 
 @dataclass
 class EstimatorOptions:
-    """Options every learned estimator has."""
+    """Options every learned estimator has (``rule``: the registry name, for messages)."""
 
+    rule: ClassVar[str] = "estimator"
     est_lr: float = field(default=1e-3, metadata={"help": "learning rate of the estimator's own AdamW (weight decay 0.01, constant schedule)"})
     width: int = field(default=128, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width"})
     depth: int = field(default=1, metadata={"help": "hidden Linear(width, width) layers of the shared trunk (GELU between)"})
     code: str = field(default="error", metadata={"help": "terminal conditioning code s: error (e_T = softmax(o) - onehot(y)) | label (onehot(y))"})
+
+    def __post_init__(self) -> None:
+        check_choice(self.rule, "code", self.code, CODES)
+        check_positive(self.rule, "est_lr", self.est_lr)
+        check_at_least(self.rule, "width", self.width, 1)
+        check_at_least(self.rule, "depth", self.depth, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,12 +86,6 @@ def terminal_code(kind: str, logits: Tensor, y: Tensor) -> Tensor:
     if kind == "label":
         return onehot
     return logits.detach().float().softmax(1) - onehot
-
-
-def check_option(rule: str, option: str, value: Any, ok: bool, expected: str) -> None:
-    """Raise a :class:`ConfigError` naming ``<rule>.<option>=value`` and what is expected."""
-    if not ok:
-        raise ConfigError(f"{rule}.{option}={value!r}: expected {expected}")
 
 
 def per_sample_cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -180,11 +181,6 @@ class EstimatorRule(Rule):
     name: ClassVar[str] = "estimator"  # the registry name, for messages
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
-        o = self.opts
-        check_option(self.name, "code", o.code, o.code in CODES, " | ".join(CODES))
-        check_option(self.name, "est_lr", o.est_lr, o.est_lr > 0 and math.isfinite(o.est_lr), "a finite number > 0")
-        check_option(self.name, "width", o.width, o.width >= 1, "an integer >= 1")
-        check_option(self.name, "depth", o.depth, o.depth >= 0, "an integer >= 0")
         self.ctx = ctx
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.gen = torch.Generator(device=ctx.device)

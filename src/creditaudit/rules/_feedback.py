@@ -21,20 +21,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from creditaudit.errors import ConfigError
 from creditaudit.models.base import preserved_buffers  # noqa: F401  (re-exported for the rules)
+from creditaudit.rules._options import check_choice, check_positive  # noqa: F401  (the rules' option checks)
 
 INITS = ("normal", "uniform")
-
-
-def check_choice(rule: str, option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{rule}.{option}={value!r}: expected one of {', '.join(choices)}")
-
-
-def check_positive(rule: str, option: str, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{rule}.{option}={value!r}: must be a finite number > 0")
 
 
 def output_error(logits: Tensor, y: Tensor) -> Tensor:

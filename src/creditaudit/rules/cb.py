@@ -42,12 +42,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from creditaudit.models.base import CreditNet, Forward
+from creditaudit.errors import ConfigError
 from creditaudit.rules import _estimator as E
+from creditaudit.rules._feedback import random_matrix
+from creditaudit.rules._options import check_at_least, check_choice, check_fraction, check_nonnegative, check_positive
 from creditaudit.rules.base import RULES
 
 NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})·ξ
@@ -65,24 +69,26 @@ class CBOptions(E.EstimatorOptions):
     ema: float = field(default=0.995, metadata={"help": "EMA decay of the target value net V̄"})
     terminal_w: float = field(default=1.0, metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"})
     dfa_warmup: bool = field(default=False, metadata={"help": "use DFA credits a_l = B_lᵀ e_T (fixed random B_l) during the first warmup_frac of training"})
-    warmup_frac: float = field(default=0.2, metadata={"help": "fraction of all training steps covered by the DFA warm-up"})
+    warmup_frac: float = field(default=0.2, metadata={"help": "fraction of all training steps covered by the DFA warm-up (with dfa_warmup=true)"})
+    rule: ClassVar[str] = "cb"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least("cb", "K", self.K, 1)
+        check_nonnegative("cb", "sigma", self.sigma)
+        check_choice("cb", "noise", self.noise, NOISE)
+        check_positive("cb", "temp", self.temp)
+        check_fraction("cb", "ema", self.ema)
+        check_nonnegative("cb", "terminal_w", self.terminal_w)
+        check_fraction("cb", "warmup_frac", self.warmup_frac)
+        if not self.dfa_warmup and self.warmup_frac != 0.2:
+            raise ConfigError(f"cb.warmup_frac={self.warmup_frac} has no effect without cb.dfa_warmup=true; set both, or drop it")
 
 
 @RULES.register("cb", "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching")
 class CreditBridge(E.EstimatorRule):
     Options = CBOptions
     name = "cb"
-
-    def setup(self, model: CreditNet, ctx) -> None:
-        super().setup(model, ctx)
-        o, check = self.opts, E.check_option
-        check(self.name, "K", o.K, o.K >= 1, "an integer >= 1")
-        check(self.name, "sigma", o.sigma, 0 <= o.sigma < math.inf, "a finite number >= 0")
-        check(self.name, "noise", o.noise, o.noise in NOISE, " | ".join(NOISE))
-        check(self.name, "temp", o.temp, 0 < o.temp < math.inf, "a finite number > 0")
-        check(self.name, "ema", o.ema, 0 <= o.ema <= 1, "a decay in [0, 1]")
-        check(self.name, "terminal_w", o.terminal_w, 0 <= o.terminal_w < math.inf, "a finite number >= 0")
-        check(self.name, "warmup_frac", o.warmup_frac, 0 <= o.warmup_frac <= 1, "a fraction in [0, 1]")
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
@@ -99,7 +105,8 @@ class CreditBridge(E.EstimatorRule):
         if self.opts.dfa_warmup:
             dims = [int(torch.Size(s).numel()) for s in self.shapes]
             C = self.ctx.num_classes
-            self.B = [(torch.randn(C, D) / math.sqrt(C)).to(self.ctx.device) for D in dims]
+            # a_l = B_lᵀ e_T: B_l (C, D_l) with N(0, 1/C) entries, like dfa's, from the estimator's seed
+            self.B = [random_matrix((C, D), C, "normal", 1.0).to(self.ctx.device) for D in dims]
 
     def extra_state(self) -> dict:
         return {"target": self.target.state_dict()}

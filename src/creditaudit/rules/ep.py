@@ -67,15 +67,14 @@ their free state exactly); for L = 4, T = 20 that is 10% of the block evaluation
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
+from creditaudit.rules._options import check, check_choice, check_positive
 from creditaudit.rules.base import RULES, Rule
 
 CREDITS = ("displacement", "error")
@@ -92,14 +91,10 @@ class EPOptions:
     credit: str = field(default="displacement", metadata={"help": "displacement: a_l = −(s_l^β − s_l^0)/β | error: a_l = −ε_l(s^β)/β (→ g_l exactly as β → 0)"})
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
-            raise ConfigError(f"ep.beta must be a finite number > 0 (got {self.beta!r})")
-        if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
-            raise ConfigError(f"ep.T must be an integer >= 1 (got {self.T!r})")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"ep.alpha must be a finite number > 0 (got {self.alpha!r})")
-        if self.credit not in CREDITS:
-            raise ConfigError(f"ep.credit must be one of {', '.join(CREDITS)} (got {self.credit!r})")
+        check_positive("ep", "beta", self.beta)
+        check("ep", "T", self.T, isinstance(self.T, int) and not isinstance(self.T, bool) and self.T >= 1, "an integer >= 1")
+        check_positive("ep", "alpha", self.alpha)
+        check_choice("ep", "credit", self.credit, CREDITS)
 
 
 @dataclass
