@@ -1,4 +1,5 @@
-"""The ``creditaudit`` command line: ``train``, ``list``, ``data``.
+"""The ``creditaudit`` command line: ``train``, ``list``, ``data``, ``audit``, ``sweep``, ``tables``,
+``inventory`` and ``exploit``. Each command parses its arguments, calls the package and prints.
 
 Every command turns the errors a user can act on (an unknown name, a bad value, a missing dataset,
 a run folder that disagrees with the config) into one line naming the fix, and exit status 2.

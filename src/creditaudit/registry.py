@@ -1,6 +1,6 @@
 """Registries by name (timm's ``register_model`` / ``create_model`` pattern).
 
-Architectures, rules, datasets and (later) experiment settings each live in a :class:`Registry`.
+Architectures, rules, datasets and experiment settings each live in a :class:`Registry`.
 Lookup of an unknown name fails loudly with the list of known names and a close match, so a typo
 on the command line becomes one actionable error; tests enumerate a registry to cover every entry.
 """

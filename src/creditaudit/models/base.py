@@ -224,12 +224,6 @@ def arch_shape(arch: str, cfg: ModelConfig) -> ArchShape:
     return ArchShape(cfg.d or base.d, pick(cfg.L, base.L), pick(cfg.out_ln, base.out_ln), pick(cfg.residual, base.residual))
 
 
-def check_depth(arch: str, L: int) -> int:
-    if L < 0:
-        raise ConfigError(f"{arch}: L must be >= 0 (got {L})")
-    return L
-
-
 def per_sample_norm(h: Tensor) -> Tensor:
     """L2 norm over all non-batch dimensions: (B, ...) -> (B,)."""
     return h.flatten(1).norm(dim=1)

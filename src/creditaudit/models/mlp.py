@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, check_depth, flat_dim
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, flat_dim
 from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -28,7 +28,7 @@ def activation(name: str) -> nn.Module:
               small={"d": 16, "L": 2, "activation": "tanh"})
 def mlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("mlp", cfg)
-    d, L = shape.d, check_depth("mlp", shape.L)
+    d, L = shape.d, shape.L
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d), activation(cfg.activation))
     blocks = [Block(nn.Sequential(nn.Linear(d, d), activation(cfg.activation)), residual=shape.residual) for _ in range(L)]
     norm = nn.LayerNorm(d) if shape.out_ln else nn.Identity()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, check_depth, flat_dim
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, flat_dim
 
 
 class ResMLPBranch(nn.Module):
@@ -32,7 +32,7 @@ class ResMLPBranch(nn.Module):
               small={"d": 16, "L": 3})
 def resmlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("resmlp", cfg)
-    d, L = shape.d, check_depth("resmlp", shape.L)
+    d, L = shape.d, shape.L
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d))
     blocks = [Block(ResMLPBranch(d, cfg.w2_std), residual=shape.residual) for _ in range(L)]
     norm = nn.LayerNorm(d) if shape.out_ln else nn.Identity()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, check_depth, image_shape
+from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, image_shape
 from creditaudit.errors import ConfigError
 
 
@@ -82,7 +82,7 @@ class ClsNorm(nn.Module):
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
     shape = arch_shape("vit_mini", cfg)
-    d, L = shape.d, check_depth("vit_mini", shape.L)
+    d, L = shape.d, shape.L
     if h % cfg.patch or w % cfg.patch:
         raise ConfigError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
     if d % cfg.heads:

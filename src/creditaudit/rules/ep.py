@@ -45,19 +45,12 @@ the one-sided estimate cancels; it costs two relaxations.
 Update: the shared local update (DESIGN §1) with these credits; no estimator of its own.
 Defaults: β = 0.1, T = 20, α = 0.1, credit = displacement, one-sided nudging.
 
-Step size. Near the free state ∇²E = DᵀD with (Dδ)_l = δ_l − J_l δ_{l−1}; gradient descent is stable
-for α < 2/λ_max(DᵀD). Measured (power iteration, 64 fashion_mnist images, default sizes): at init
-λ_max ≈ 4.2 on resmlp (→ 4 for near-identity blocks; 6.6 after 5 epochs of BP), 2.8 on mlp, 8.4 on
-smallcnn (6–7.5 during training), 26–30 on vit_mini. α = 0.1 is stable with a 2× margin or more on
-resmlp, mlp and smallcnn (every EP setting of the study); vit_mini needs α ≈ 0.05 (``alpha=0.05``).
-In T = 20 steps the relaxation is far from its equilibrium (on resmlp the slowest mode has λ_min ≈
-0.12 at L = 4): the nudge enters at s_L and the displacement reaching layer l is a low-order
-polynomial in the Jacobians, so ‖a_l‖/‖g_l‖ ≈ 0.07, 0.07, 0.21, 0.53, 1.15 (l = 0..4, resmlp d=256 at
-init) instead of the equilibrium's l, while its direction is the backprop chain's: cos(a_l, g_l) ≥
-0.998 at every layer (tests pin ≥ 0.99). A smaller α sharpens the direction further but shrinks the
-bottom layers' credit geometrically; raise T for a converged equilibrium (the β → 0 test uses T =
-150, α = 0.35). The metric ``rule/relax_ratio`` = ‖∇C_β‖ at the last step / at the first step says
-whether the relaxation converges (< 1; ≈ 0.5 on resmlp throughout training) or diverges (≫ 1: lower α).
+Step size. Near the free state ∇²E = DᵀD with (Dδ)_l = δ_l − J_l δ_{l−1}, and gradient descent on E
+is stable for α < 2/λ_max(DᵀD): α = 0.1 is stable on resmlp, mlp and smallcnn, vit_mini needs
+``alpha=0.05``, and T = 20 steps leave the relaxation short of its equilibrium (the credit's norm,
+not its direction). The measurements are in docs/science.md §9. The metric ``rule/relax_ratio`` =
+‖∇C_β‖ at the last step / at the first says whether the relaxation converges (< 1) or diverges (≫ 1:
+lower α).
 
 Cost: T relaxation steps, each a forward and a state-only backward pass (no parameter gradients)
 through blocks 2..L and the readout, batched over the batch; ≈ 7× a BP step at resmlp d=256, L=4.

@@ -12,7 +12,7 @@ Training: after each model step, on the detached states of the batch: M random u
           v_j per sample (Gaussian, normalised over the flattened state; the rule's own generator),
           a step δ_i = eps·‖h_l,i‖ (relative, so the probe is 1% of the state whatever its scale),
           and the central difference of the true per-sample loss of the CURRENT model run from
-          the perturbed state (blocks l+1..L, norm, head; ``_estimator.forward_from``, no grad):
+          the perturbed state (blocks l+1..L, norm, head; ``CreditNet.forward_from``, no grad):
               t_ij = [CE_i(h_l,i + δ_i v_ij) − CE_i(h_l,i − δ_i v_ij)] / (2 δ_i)   ≈ ⟨g_l,i, v_ij⟩
           (all 2M perturbed copies of the batch run as one batch: BatchNorm in training mode sees
           the statistics of all of them, ≈ those of the clean batch, and none is updated).
