@@ -23,22 +23,22 @@ Matrices: one B per ``nn.Linear``/``nn.Conv2d`` of the blocks and the head, draw
          :meth:`FALayerwise.align_to_weights` sets B = W for the current weights (B = W makes this
          rule exactly BP — ``tests/test_rules_feedback.py`` pins it).
 Other layer types with weight matrices (Conv1d, MultiheadAttention, …) inside a block are refused at
-``setup`` rather than silently backpropagated exactly.
+``setup`` rather than silently backpropagated exactly. The patched layers and the credit pass are
+shared with the other layerwise rules (``usf``, ``frsf``, ``brsf``, ``kp``) in ``rules/_layerwise.py``.
 Defaults: init=uniform, scale=1.0.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import check_choice, check_positive, preserved_buffers, random_matrix
-from creditaudit.rules.base import RULES, Rule, RuleContext
+from creditaudit.models.base import CreditNet
+from creditaudit.rules._feedback import check_choice, check_positive, random_matrix
+from creditaudit.rules._layerwise import LayerwiseFeedbackRule, fa_forward, feedback_layers  # noqa: F401  (re-exported)
+from creditaudit.rules.base import RULES, RuleContext
 
 LAYERWISE_INITS = ("uniform", "normal", "weights")
 
@@ -56,120 +56,21 @@ class FALayerwiseOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers whose input gradient uses B instead of W
-# ---------------------------------------------------------------------------------------------
-class FALinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b; backward: dx = dy B, dW = dyᵀ x, db = Σ dy (x: (..., in), B: W's shape)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) -> Tensor:
-        ctx.save_for_backward(x, feedback)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, B = ctx.saved_tensors
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ B.to(dy.dtype)
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        if ctx.needs_input_grad[1]:
-            dw = dy2.T @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db, None
-
-
-class FAConv2dFn(torch.autograd.Function):
-    """y = conv2d(x, W, b); backward: dx = conv2d's input gradient with B in place of W, dW and db exact."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, feedback)
-        ctx.conf = (stride, padding, dilation, groups)
-        ctx.weight_shape = weight.shape
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, B = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.nn.grad.conv2d_input(x.shape, B.to(dy.dtype), dy, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
-            dw = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, dy, stride, padding, dilation, groups)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
-        return dx, dw, db, None, None, None, None, None
-
-
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
-    """The (symmetric) zero padding of ``m`` as numbers (``padding='same'``/``'valid'`` resolved)."""
-    if m.padding == "valid":
-        return (0, 0)
-    if m.padding == "same":
-        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-        if any(t % 2 for t in total):
-            raise NotImplementedError(f"fa_layerwise: padding='same' with an even kernel ({m}) is asymmetric; use explicit padding")
-        return (total[0] // 2, total[1] // 2)
-    return m.padding  # type: ignore[return-value]
-
-
-def fa_forward(m: nn.Module, x: Tensor, B: Tensor, detach_weights: bool) -> Tensor:
-    """``m``'s forward with B in the backward pass to its input (``detach_weights``: no graph to
-    m's parameters, for a pass that only wants credits)."""
-    w, b = m.weight, m.bias
-    if detach_weights:
-        w, b = w.detach(), (b.detach() if b is not None else None)
-    if isinstance(m, nn.Linear):
-        return FALinearFn.apply(x, w, b, B)
-    assert isinstance(m, nn.Conv2d)
-    padding = _conv_padding(m)
-    if m.padding_mode != "zeros":  # pad outside the Function, exactly as nn.Conv2d does
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-        padding = (0, 0)
-    return FAConv2dFn.apply(x, w, b, B, m.stride, padding, m.dilation, m.groups)
-
-
-def feedback_layers(model: CreditNet) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer whose transpose gets a feedback matrix: the ``nn.Linear`` and
-    ``nn.Conv2d`` layers of the blocks, and the head. Refuses other weight-matrix layers in blocks."""
-    out = []
-    for name, m in model.named_modules():
-        in_blocks = name.startswith("blocks.")
-        if name == "head" or (in_blocks and isinstance(m, (nn.Linear, nn.Conv2d))):
-            if not isinstance(m, (nn.Linear, nn.Conv2d)):
-                raise NotImplementedError(f"fa_layerwise: the head is a {type(m).__name__}, not nn.Linear")
-            out.append((name, m))
-        elif in_blocks and any(p.dim() >= 2 for p in m.parameters(recurse=False)):
-            raise NotImplementedError(
-                f"fa_layerwise replaces the weight transposes of nn.Linear and nn.Conv2d only; {name} is a "
-                f"{type(m).__name__} whose matrices would be backpropagated exactly"
-            )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The rule
 # ---------------------------------------------------------------------------------------------
 @RULES.register("fa_layerwise", "textbook feedback alignment: fixed random B in place of every weight transpose (blocks, head)")
-class FALayerwise(Rule):
+class FALayerwise(LayerwiseFeedbackRule):
     Options = FALayerwiseOptions
+    name = "fa_layerwise"
 
     def __init__(self, options: FALayerwiseOptions | None = None):
         super().__init__(options)
         self.feedback: dict[str, Tensor] = {}  # layer name -> B (W's shape), float32, on the run's device
-        self._patched_ids: set[int] = set()  # id() of the layers patched right now
-        self._credit_pass = False
-        self.device = torch.device("cpu")
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
         self.feedback = {}
-        for name, m in feedback_layers(model):
+        for name, m in self.layers(model):
             W = m.weight.detach()
             if self.opts.init == "weights":
                 B = W.clone()
@@ -182,51 +83,11 @@ class FALayerwise(Rule):
     @torch.no_grad()
     def align_to_weights(self, model: CreditNet) -> None:
         """B = W for every patched layer (the current weights, copied; in W's dtype): BP exactly."""
-        for name, m in feedback_layers(model):
+        for name, m in self.layers(model):
             self.feedback[name] = m.weight.detach().clone()
 
-    # -------------------------------------------------------------------------------------------
-    # the patched model
-    # -------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _patched(self, model: CreditNet, with_head: bool) -> Iterator[None]:
-        """Route the forward of the blocks' layers (and the head's, ``with_head``) through
-        :func:`fa_forward`. Re-entrant: a layer that is already patched is left to its owner."""
-        layers = [(n, m) for n, m in feedback_layers(model) if (with_head or n != "head") and id(m) not in self._patched_ids]
-        missing = [name for name, _ in layers if name not in self.feedback]
-        if missing:
-            raise RuntimeError(f"fa_layerwise has no feedback matrix for {missing}: call setup(model, ctx) with this model")
-        try:
-            for name, m in layers:
-                # an instance attribute shadows the class's forward; removing it restores the layer
-                m.forward = (lambda x, m=m, name=name: fa_forward(m, x, self.feedback[name], self._credit_pass))
-                self._patched_ids.add(id(m))
-            yield
-        finally:
-            for _, m in layers:
-                m.__dict__.pop("forward", None)
-                self._patched_ids.discard(id(m))
-
-    def local_forward(self, model: CreditNet) -> contextlib.AbstractContextManager:
-        """The trainer's local pass: the blocks' layers backpropagate through their feedback
-        matrices. The head is not patched here, so terminal norm and head keep their exact CE
-        gradient (DESIGN §1); its B_H acts in the credit pass only."""
-        return self._patched(model, with_head=False)
-
-    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
-        was_credit_pass, self._credit_pass = self._credit_pass, True
-        try:
-            with self._patched(model, with_head=True), preserved_buffers(model), torch.enable_grad():
-                h = fwd.hs[0].detach().requires_grad_(True)
-                hs = [h]
-                for block in model.blocks:
-                    h, _ = block(h)
-                    hs.append(h)
-                loss = F.cross_entropy(model.readout(h), y, reduction="sum")
-                grads = torch.autograd.grad(loss, hs)
-        finally:
-            self._credit_pass = was_credit_pass
-        return [g.detach() for g in grads]
+    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+        return self.feedback[name]
 
     # -------------------------------------------------------------------------------------------
     # checkpoints

@@ -1,0 +1,239 @@
+"""Pieces shared by the layerwise feedback rules (``fa_layerwise``, ``usf``, ``frsf``, ``brsf``, ``kp``):
+a matrix B (W's shape) in place of every weight transpose inside the blocks and of the head's.
+
+* :class:`FALinearFn`, :class:`FAConv2dFn`, :func:`fa_forward`: an ``nn.Linear`` / ``nn.Conv2d``
+  forward whose backward sends ``Bᵀ dL/dy`` (conv: the input gradient of the same convolution with B
+  as its weight) to the input, while dL/dW and dL/db stay exact;
+* :func:`feedback_layers`: the layers that get a B — the blocks' ``nn.Linear``/``nn.Conv2d`` and the
+  head — and a one-line refusal of any other weight-matrix layer inside a block (it would be
+  backpropagated exactly, silently);
+* :class:`LayerwiseFeedbackRule`: the rule skeleton. A subclass says which B a layer uses *now*
+  (:meth:`~LayerwiseFeedbackRule.feedback_for`); the skeleton patches the blocks' layers during the
+  trainer's local forward/backward (``local_forward``) and computes the credits with one patched
+  forward from sg(h_0) through the blocks and the readout and one backward pass. The head is
+  patched in the credit pass only, so terminal norm and head keep their exact CE gradient (DESIGN
+  §1);
+* :class:`SignConcordantRule`: B = M ∘ sign(W) for the sign-symmetry family (``usf``, ``frsf``,
+  ``brsf``), with sign(W) read from the layer's *current* weights whenever the layers are patched.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from creditaudit.models.base import CreditNet, Forward
+from creditaudit.rules._feedback import preserved_buffers, random_matrix
+from creditaudit.rules.base import Rule, RuleContext
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers whose input gradient uses B instead of W
+# ---------------------------------------------------------------------------------------------
+class FALinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b; backward: dx = dy B, dW = dyᵀ x, db = Σ dy (x: (..., in), B: W's shape)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) -> Tensor:
+        ctx.save_for_backward(x, feedback)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, B = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ B.to(dy.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        if ctx.needs_input_grad[1]:
+            dw = dy2.T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db, None
+
+
+class FAConv2dFn(torch.autograd.Function):
+    """y = conv2d(x, W, b); backward: dx = conv2d's input gradient with B in place of W, dW and db exact."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, feedback)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.weight_shape = weight.shape
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, B = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.nn.grad.conv2d_input(x.shape, B.to(dy.dtype), dy, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            dw = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, dy, stride, padding, dilation, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db, None, None, None, None, None
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    """The (symmetric) zero padding of ``m`` as numbers (``padding='same'``/``'valid'`` resolved)."""
+    if m.padding == "valid":
+        return (0, 0)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            raise NotImplementedError(f"layerwise feedback: padding='same' with an even kernel ({m}) is asymmetric; use explicit padding")
+        return (total[0] // 2, total[1] // 2)
+    return m.padding  # type: ignore[return-value]
+
+
+def fa_forward(m: nn.Module, x: Tensor, B: Tensor, detach_weights: bool) -> Tensor:
+    """``m``'s forward with B in the backward pass to its input (``detach_weights``: no graph to
+    m's parameters, for a pass that only wants credits)."""
+    w, b = m.weight, m.bias
+    if detach_weights:
+        w, b = w.detach(), (b.detach() if b is not None else None)
+    if isinstance(m, nn.Linear):
+        return FALinearFn.apply(x, w, b, B)
+    assert isinstance(m, nn.Conv2d)
+    padding = _conv_padding(m)
+    if m.padding_mode != "zeros":  # pad outside the Function, exactly as nn.Conv2d does
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+        padding = (0, 0)
+    return FAConv2dFn.apply(x, w, b, B, m.stride, padding, m.dilation, m.groups)
+
+
+def feedback_layers(model: CreditNet, rule: str = "fa_layerwise") -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer whose transpose gets a feedback matrix: the ``nn.Linear`` and
+    ``nn.Conv2d`` layers of the blocks, and the head, in module order. Refuses other weight-matrix
+    layers in blocks (``rule`` names the rule in the message)."""
+    out = []
+    for name, m in model.named_modules():
+        in_blocks = name.startswith("blocks.")
+        if name == "head" or (in_blocks and isinstance(m, (nn.Linear, nn.Conv2d))):
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                raise NotImplementedError(f"{rule}: the head is a {type(m).__name__}, not nn.Linear")
+            out.append((name, m))
+        elif in_blocks and any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+            raise NotImplementedError(
+                f"{rule} replaces the weight transposes of nn.Linear and nn.Conv2d only; {name} is a "
+                f"{type(m).__name__} whose matrices would be backpropagated exactly"
+            )
+    return out
+
+
+def alignment(B: Tensor, W: Tensor) -> Tensor:
+    """cos∠(B, W) of two matrices read as vectors (float64, no eps clamp; 0-d tensor)."""
+    b, w = B.detach().double().flatten(), W.detach().double().flatten()
+    return (b @ w) / (b.norm() * w.norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule skeleton
+# ---------------------------------------------------------------------------------------------
+class LayerwiseFeedbackRule(Rule):
+    """A rule whose credits and block updates backpropagate through B in place of every Wᵀ.
+
+    Subclasses implement :meth:`setup` (their per-layer state), :meth:`feedback_for` and the
+    checkpoint methods; ``name`` is the registered name, used in error messages."""
+
+    name: ClassVar[str] = "layerwise"
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self._patched_ids: set[int] = set()  # id() of the layers patched right now
+        self._credit_pass = False
+        self.device = torch.device("cpu")
+
+    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+        """The B (W's shape) that layer ``name`` uses in place of its transpose in this pass;
+        ``KeyError`` when the rule holds no state for that layer."""
+        raise NotImplementedError
+
+    def layers(self, model: CreditNet) -> list[tuple[str, nn.Module]]:
+        return feedback_layers(model, self.name)
+
+    @contextlib.contextmanager
+    def _patched(self, model: CreditNet, with_head: bool) -> Iterator[None]:
+        """Route the forward of the blocks' layers (and the head's, ``with_head``) through
+        :func:`fa_forward` with the B of :meth:`feedback_for`, read once on entry. Re-entrant: a
+        layer that is already patched is left to its owner."""
+        layers = [(n, m) for n, m in self.layers(model) if (with_head or n != "head") and id(m) not in self._patched_ids]
+        feedback, missing = {}, []
+        for name, m in layers:
+            try:
+                feedback[name] = self.feedback_for(name, m)
+            except KeyError:
+                missing.append(name)
+        if missing:
+            raise RuntimeError(f"{self.name} has no feedback matrix for {missing}: call setup(model, ctx) with this model")
+        try:
+            for name, m in layers:
+                # an instance attribute shadows the class's forward; removing it restores the layer
+                m.forward = (lambda x, m=m, B=feedback[name]: fa_forward(m, x, B, self._credit_pass))
+                self._patched_ids.add(id(m))
+            yield
+        finally:
+            for _, m in layers:
+                m.__dict__.pop("forward", None)
+                self._patched_ids.discard(id(m))
+
+    def local_forward(self, model: CreditNet) -> contextlib.AbstractContextManager:
+        """The trainer's local pass: the blocks' layers backpropagate through their feedback
+        matrices. The head is not patched here, so terminal norm and head keep their exact CE
+        gradient (DESIGN §1); its B_H acts in the credit pass only."""
+        return self._patched(model, with_head=False)
+
+    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
+        was_credit_pass, self._credit_pass = self._credit_pass, True
+        try:
+            with self._patched(model, with_head=True), preserved_buffers(model), torch.enable_grad():
+                h = fwd.hs[0].detach().requires_grad_(True)
+                hs = [h]
+                for block in model.blocks:
+                    h, _ = block(h)
+                    hs.append(h)
+                loss = F.cross_entropy(model.readout(h), y, reduction="sum")
+                grads = torch.autograd.grad(loss, hs)
+        finally:
+            self._credit_pass = was_credit_pass
+        return [g.detach() for g in grads]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sign-concordant feedback: B = M ∘ sign(W)
+# ---------------------------------------------------------------------------------------------
+class SignConcordantRule(LayerwiseFeedbackRule):
+    """B = M ∘ sign(W), sign(W) from the layer's current weights each time the layers are patched
+    (so sign(B) = sign(W) at every step), M a per-layer magnitude: a number (``usf``) or a
+    nonnegative matrix (``frsf``, ``brsf``). ``init_std[name]`` is s, the std of the layer's initial
+    weights (read in ``setup``), the scale of M."""
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.init_std: dict[str, float] = {}  # layer name -> s = std of W at init
+        self.weight_shapes: dict[str, tuple[int, ...]] = {}
+        self.magnitude: dict[str, Tensor] = {}  # layer name -> M (W's shape, float32; or 0-d, float64), on the device
+
+    def setup(self, model: CreditNet, ctx: RuleContext) -> None:
+        self.device = ctx.device
+        layers = self.layers(model)
+        self.init_std = {name: float(m.weight.detach().double().std()) for name, m in layers}
+        self.weight_shapes = {name: tuple(m.weight.shape) for name, m in layers}
+        self.magnitude = {}
+
+    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+        W = m.weight.detach()
+        return self.magnitude[name].to(W.dtype) * torch.sign(W)
+
+    def random_magnitudes(self, generator: torch.Generator, init: str, scale: float) -> dict[str, Tensor]:
+        """|R| per layer, R i.i.d. with variance (scale·s)² (``normal`` or ``uniform``, see
+        ``_feedback.random_matrix``), drawn on the CPU from ``generator`` in module order."""
+        return {name: random_matrix(shape, 1, init, scale * self.init_std[name], generator).abs().to(self.device)
+                for name, shape in self.weight_shapes.items()}
