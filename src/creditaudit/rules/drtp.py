@@ -1,0 +1,89 @@
+"""``drtp`` — Direct Random Target Projection (Frenkel, Lefebvre & Bol 2021): the one-hot *target*,
+not the error, projected straight to every state by a fixed random matrix. Forward-only: the credit
+needs neither the network's output nor any pass after the forward one.
+
+Credit:  a_l = B_l (−y*),   y* = onehot(y) (per sample, (B, C)),   l = 0..L
+         B_l a fixed random matrix C -> numel(h_l) per sample, (n_l, C); B_l(−y*) is reshaped to
+         the shape of h_l (a vector, a (T, d) token grid, a (c, h, w) feature map). a_0 trains the
+         embedding; a_1..a_L the blocks, through the shared local update (DESIGN §1). The terminal
+         norm and the head keep their exact CE gradient, as the paper's output layer does.
+Sign:    a_l ≈ g_l asks the credit to point like a gradient, and the gradient meets the target
+         with a minus sign: g_l = (∂o/∂h_l)ᵀ e_T, e_T = softmax(o) − y*, whose true-class
+         entry p_y − 1 is always negative — the paper's reason for calling the target a proxy for the
+         error's sign. So the projected target enters as B_l(−y*): DFA's a_l = B_l e_T with e_T
+         replaced by the part of it that is known before the output is (for the same B_l,
+         B_l e_T = B_l p + B_l(−y*)), and the block descends along −a_l = B_l y*. The paper (and
+         its code, which feeds onehot(y)·B back in place of the gradient) writes +B y*; B and −B
+         have the same distribution, so the two are one rule in law, and the sign only fixes which
+         matrix is called B_l.
+Update:  the shared local update; DRTP trains no estimator of its own.
+Matrices: the paper's: He-uniform on the (C, n_l) feedback matrix of each layer (its code calls
+         ``kaiming_uniform_``, fan = n_l): U(±√(6/n_l)), variance 2/n_l, so ‖B_l y*‖² ≈ 2 per sample
+         whatever the width. Here variance scale²/n_l with ``init=uniform, scale=√2`` by default;
+         ``init=normal`` draws N(0, scale²/n_l). Drawn in ``setup`` in the order B_0..B_L on the
+         CPU from a generator seeded from the run's seeded global RNG (``rules/_feedback.py``): a
+         function of (run seed, model shapes) alone, identical on every device, and checkpointed.
+Defaults: init=uniform, scale=√2 (He-uniform, as the paper).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from creditaudit.models.base import CreditNet, Forward
+from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator, random_matrix
+from creditaudit.rules.base import RULES, Rule, RuleContext
+
+
+@dataclass
+class DRTPOptions:
+    """Distribution of DRTP's fixed target-projection matrices B_l (C -> shape of h_l)."""
+
+    init: str = field(default="uniform", metadata={"help": "distribution of the entries of B_l: uniform (the paper's He-uniform) | normal (same variance scale²/n_l)"})
+    scale: float = field(default=math.sqrt(2.0), metadata={"help": "entries of B_l have variance scale²/n_l, n_l = size of h_l (default √2: He-uniform U(±√(6/n_l)), as the paper)"})
+
+    def __post_init__(self) -> None:
+        check_choice("drtp", "init", self.init, INITS)
+        check_positive("drtp", "scale", self.scale)
+
+
+@RULES.register("drtp", "direct random target projection: a_l = B_l(−onehot y) with fixed random B_l; no error, no backward pass")
+class DRTP(Rule):
+    Options = DRTPOptions
+
+    def __init__(self, options: DRTPOptions | None = None):
+        super().__init__(options)
+        self.device = torch.device("cpu")
+        self.seed: int | None = None
+        self.B: list[Tensor] = []  # B_0..B_L, each (n_l, C), float32, on self.device
+
+    def setup(self, model: CreditNet, ctx: RuleContext) -> None:
+        """Draw B_0..B_L for the per-sample state shapes ``ctx.state_shapes``."""
+        self.device = ctx.device
+        self.seed, g = feedback_generator()
+        C = ctx.num_classes
+        self.B = [random_matrix((math.prod(s), C), math.prod(s), self.opts.init, self.opts.scale, g).to(self.device)
+                  for s in ctx.state_shapes]
+
+    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
+        if len(self.B) != len(fwd.hs):
+            raise ValueError(f"drtp holds {len(self.B)} projection matrices but the model has {len(fwd.hs)} states")
+        out = []
+        for l, (B, h) in enumerate(zip(self.B, fwd.hs)):
+            if B.shape[0] != h[0].numel():
+                raise ValueError(f"drtp: B_{l} has shape {tuple(B.shape)} but h_{l} has {h[0].numel()} features")
+            target = F.one_hot(y, B.shape[1]).to(h.dtype)  # (B, C): y*, from the labels alone
+            out.append(-(target @ B.to(h.dtype).T).view_as(h))  # B_l(−y*): (B, n_l) -> shape of h_l
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "B": list(self.B)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self.B = [b.to(self.device, torch.float32) for b in state["B"]]
