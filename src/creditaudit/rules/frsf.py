@@ -1,0 +1,70 @@
+"""``frsf`` — fixed random-magnitude sign-concordant feedback (Liao, Leibo & Poggio 2016; Moskovitz et
+al. 2018): in place of every weight transpose inside the blocks and of the head's, a fixed random
+magnitude times the sign of the current weights.
+
+Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read as a linear map):
+         dL/dx = Bᵀ dL/dy,   B = |R| ∘ sign(W)    W the layer's *current* weights, R fixed
+         dL/dW, dL/db        exact (the layer's own local gradients)
+Credit:  a_l = "d(Σ_i CE_i)/d h_l" under this backward (per sample, not divided by B): a forward
+         pass from sg(h_0) through the blocks and the readout, and one backward pass (the
+         skeleton of ``fa_layerwise``, ``rules/_layerwise.py``). a_0 trains the embedding.
+Update:  the shared local update (DESIGN §1), with the blocks' layers patched during the trainer's
+         local forward/backward; the head is patched in the credit pass only (terminal norm and
+         head keep their exact CE gradient). sign(W) is re-read from the weights every time the
+         layers are patched, so B's signs follow W's (sign(B) = sign(W) at every step) while
+         |B| = |R| never changes; frsf trains nothing of its own.
+Matrices: one R per patched layer, W's shape, entries i.i.d. with variance (scale·s)², s = the std of
+         the layer's initial weights (so |B| has the spread of the init, as ``usf``'s s·sign(W)
+         does): ``init=normal`` N(0, (scale·s)²), ``init=uniform`` U(±√3·scale·s). Liao et al.
+         find the magnitudes do not matter to performance; the distribution is this package's
+         choice. Drawn once in ``setup``, in module order, on the CPU from a generator seeded from
+         the run's seeded global RNG (``rules/_feedback.py``): a function of (run seed, model)
+         alone, identical on every device, and checkpointed.
+Defaults: init=normal, scale=1.0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from creditaudit.models.base import CreditNet
+from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator
+from creditaudit.rules._layerwise import SignConcordantRule
+from creditaudit.rules.base import RULES, RuleContext
+
+
+@dataclass
+class FRSFOptions:
+    """Distribution of frSF's fixed magnitudes |R| in B = |R| ∘ sign(W)."""
+
+    init: str = field(default="normal", metadata={"help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"})
+    scale: float = field(default=1.0, metadata={"help": "R has std scale·s (1: |B| has the spread of the layer's init)"})
+
+    def __post_init__(self) -> None:
+        check_choice("frsf", "init", self.init, INITS)
+        check_positive("frsf", "scale", self.scale)
+
+
+@RULES.register("frsf", "fixed random-magnitude sign-concordant feedback: |R|∘sign(W) in place of every weight transpose, R drawn once")
+class FRSF(SignConcordantRule):
+    Options = FRSFOptions
+    name = "frsf"
+
+    def __init__(self, options: FRSFOptions | None = None):
+        super().__init__(options)
+        self.seed: int | None = None
+
+    def setup(self, model: CreditNet, ctx: RuleContext) -> None:
+        super().setup(model, ctx)
+        self.seed, g = feedback_generator()
+        self.magnitude = self.random_magnitudes(g, self.opts.init, self.opts.scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "init_std": dict(self.init_std), "magnitude": dict(self.magnitude)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.magnitude and set(state["magnitude"]) != set(self.magnitude):
+            raise ValueError(f"frsf checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}")
+        self.seed = state["seed"]
+        self.init_std = {k: float(v) for k, v in state["init_std"].items()}
+        self.magnitude = {k: v.to(self.device) for k, v in state["magnitude"].items()}
