@@ -59,6 +59,14 @@ RULE_OPTION_VALUES = {
            "temp": "0.3", "ema": "0.9", "terminal_w": "2.0", "dfa_warmup": "true", "warmup_frac": "0.9"},
     "vec": {"est_lr": "3e-3", "width": "24", "depth": "2", "code": "label", "M": "2", "eps": "0.05", "terminal": "false",
             "fd_layers": "0"},
+    "usf": {"scale": "2.0"},
+    "frsf": {"init": "uniform", "scale": "2.0"},
+    "brsf": {"init": "uniform", "scale": "2.0"},
+    "kp": {"init": "normal", "scale": "2.0"},
+    "drtp": {"init": "normal", "scale": "2.0"},
+    "pepita": {"F_scale": "0.1"},
+    "dtp": {"target_step": "0.01", "sigma": "0.2", "fb_lr": "1e-2"},
+    "fwdgrad": {"directions": "3"},
 }
 # Options that the tiny resmlp run refuses (they act on other architectures: tested there below).
 REFUSED_ON_RESMLP = {("fa", "structure")}

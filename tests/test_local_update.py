@@ -1,4 +1,4 @@
-"""The local update of DESIGN §1: with a_l = g_l and lam = 0 it equals autograd, for every
+"""The local update of docs/science.md §1: with a_l = g_l and lam = 0 it equals autograd, for every
 architecture, parameter for parameter; the alternative local rules and the penalty."""
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _resmlp(d=32, L=4, dtype=torch.float32, B=32):
 # Credit quality
 # ---------------------------------------------------------------------------------------------
 def test_cosine_to_true_gradient_at_init_on_resmlp():
-    """DESIGN §3: cos(a_l, g_l) >= 0.99 at every l = 0..L for β = 0.1, T = 20 (default α). Symmetric
+    """docs/science.md §3: cos(a_l, g_l) >= 0.99 at every l = 0..L for β = 0.1, T = 20 (default α). Symmetric
     nudging and the prediction-error credit pass the same bar and are at least as good as the
     displacement credit up to 2e-3 (measured: all >= 0.999 here)."""
     model, x, y, fwd, gs = _resmlp(d=64, L=4, B=64)
@@ -123,7 +123,7 @@ def test_ep_tends_to_bp_as_beta_shrinks():
             e = [_rel_err(credits[credit, beta][l], limit[l]) for beta in betas]
             assert e[0] > e[1] > 3 * e[2], f"{credit}, layer {l}: relative error {e} does not shrink like β"
             assert e[2] < 0.05, f"{credit}, layer {l}: relative error {e[2]:.3g} at β = 0.02"
-    # The displacement's norm grows like l·‖g_l‖ through a near-identity residual stack (DESIGN §3).
+    # The displacement's norm grows like l·‖g_l‖ through a near-identity residual stack (docs/science.md §3).
     for l in range(1, model.L + 1):
         a, g = credits["displacement", 0.02][l], gs[l]
         ratio = (a.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)).mean().item()

@@ -165,7 +165,7 @@ def _cb_consistency_noise(rule, model, y, fwd) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("noise", ["absolute", "relative"])
 def test_cb_consistency_noise_is_absolute_by_default(noise):
-    """DESIGN: the target copies are V̄(h_{l+1} + σξ) — noise of std σ whatever ‖h‖. The option
+    """docs/science.md §3: the target copies are V̄(h_{l+1} + σξ) — noise of std σ whatever ‖h‖. The option
     noise=relative scales it by the per-sample RMS of h_{l+1} instead."""
     model, x, y = _fixed_task()
     x, y = x[:32], y[:32]
@@ -186,7 +186,7 @@ def test_cb_consistency_noise_is_absolute_by_default(noise):
 
 @pytest.mark.parametrize("rms_out", [False, True])
 def test_sb_bridge_sees_the_state_through_its_layer_norm_only(rms_out):
-    """DESIGN: G(LN h_l, τ(l), s). Multiplying h_l by c leaves ĥ_L unchanged (the LN takes the
+    """docs/science.md §3: G(LN h_l, τ(l), s). Multiplying h_l by c leaves ĥ_L unchanged (the LN takes the
     scale out) and divides the credit by c; the option rms_out=true gives back the scale, ĥ_L ∝ c."""
     model, x, y = _fixed_task()
     x, y = x[:16], y[:16]

@@ -1,4 +1,4 @@
-"""The main job: train the main audit (DESIGN §5: bp, fa, dfa, ep, sb, cb × 3 seeds, plus the
+"""The main job: train the main audit (docs/science.md §5: bp, fa, dfa, ep, sb, cb × 3 seeds, plus the
 frozen-blocks baseline) and audit it; or audit a researcher's own rule the same way; or re-audit a
 finished results folder without training.
 

@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = field(default=100, metadata={"help": "training epochs (the study: 100 for the audit, 30 for penalty studies)"})
     batch_size: int = field(default=128, metadata={"help": "training mini-batch size"})
     lam: float = field(default=0.0, metadata={"help": "per-block penalty lam·mean_b||f_l||² on each residual branch output, for every rule (bp: autograd of CE + penalty); refused for the _frozen/_shallow baselines, whose blocks do not train"})
-    local_rule: str = field(default="inner", metadata={"help": "local update of each block and the embedding: inner | shift(eta) | cosine (DESIGN §1); bp trains end to end and refuses anything but inner"})
+    local_rule: str = field(default="inner", metadata={"help": "local update of each block and the embedding: inner | shift(eta) | cosine (docs/science.md §1); bp trains end to end and refuses anything but inner"})
     device: str = field(default="auto", metadata={"semantic": False, "help": "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N"})
     threads: int = field(default=0, metadata={"semantic": False, "help": "torch CPU threads (0 = torch's default)"})
     results: str = field(default="results", metadata={"semantic": False, "help": "results folder; the run lives in <results>/<setting>/<rule>__<arch>__s<seed>/"})

@@ -1,5 +1,5 @@
 """The experiment registry: every setting of the study (the seed inventory's "By Experiment
-Setting" table, DESIGN §5) declared as data — rules × architecture variants × seeds × epochs ×
+Setting" table, docs/science.md §5) declared as data — rules × architecture variants × seeds × epochs ×
 options — and profiles that scale data and epochs to a machine, never the definitions.
 
 A setting expands, under a profile, into the list of run configs a sweep trains; the run folders
@@ -86,29 +86,29 @@ MAIN6 = ("bp", "fa", "dfa", "ep", "sb", "cb")
 D512 = ("d=512",)
 for s in (
     Setting("main_audit", "6 methods × 3 seeds on the d=256 ResMLP (Table 1)", 100, (Group(MAIN6),)),
-    Setting("cross_arch", "DFA/BP/EP/SB/CB on SmallCNN and DFA on ViT-Mini (§5.2)", 100,
+    Setting("cross_arch", "DFA/BP/EP/SB/CB on SmallCNN and DFA on ViT-Mini (paper §5.2)", 100,
             (Group(("dfa", "bp", "ep", "sb", "cb"), arch="smallcnn"), Group(("dfa",), arch="vit_mini"))),
     Setting("depth_sweep", "DFA + FA at d=512, L in {2,4,6,8,12} (Appendix H)", 100,
             tuple(Group(("dfa", "fa"), seeds=(42,), overrides=(*D512, f"L={L}")) for L in (2, 6, 8, 12))
             + (Group(("dfa",), overrides=(*D512, "L=4")), Group(("fa",), seeds=(42,), overrides=(*D512, "L=4")))),
     Setting("frozen_baselines", "BP/DFA × shallow/frozen × 3 seeds (diagnostic (d))", 100,
             (Group(("bp_shallow", "bp_frozen", "dfa_shallow", "dfa_frozen")),), baseline=None),
-    Setting("penalty_rescue", "DFA/FA/SB/CB with penalty lam=1e-2 (§5.1, §4.2)", 30, (Group(("dfa", "fa", "sb", "cb"), overrides=("lam=1e-2",)),)),
+    Setting("penalty_rescue", "DFA/FA/SB/CB with penalty lam=1e-2 (paper §5.1, paper §4.2)", 30, (Group(("dfa", "fa", "sb", "cb"), overrides=("lam=1e-2",)),)),
     Setting("dfa_pen_30ep_diag", "DFA + penalty lam=1e-2, 30 epochs, 3 seeds, re-run with per-epoch trajectories and ρ "
             "every 10 epochs (the study's DFA+pen diagnostics runs)", 30,
             (Group(("dfa",), overrides=("lam=1e-2", "full_every=10", "trajectory=true")),)),
-    Setting("penalty_1e-4", "DFA + FA at the weaker penalty lam=1e-4 (§5.1)", 30, (Group(("dfa", "fa"), overrides=("lam=1e-4",)),)),
+    Setting("penalty_1e-4", "DFA + FA at the weaker penalty lam=1e-4 (paper §5.1)", 30, (Group(("dfa", "fa"), overrides=("lam=1e-4",)),)),
     Setting("penalty_1e-1", "DFA at the stronger penalty lam=1e-1", 30, (Group(("dfa",), seeds=(42,), overrides=("lam=1e-1",)),)),
-    Setting("bp_penalty", "BP + penalty lam=1e-2: the capacity-cost control (§5.2)", 30, (Group(("bp",), overrides=("lam=1e-2",)),)),
-    Setting("matched_30ep", "BP/DFA/FA without penalty at 30 epochs (§5.2 matched controls)", 30, (Group(("bp", "dfa", "fa")),)),
+    Setting("bp_penalty", "BP + penalty lam=1e-2: the capacity-cost control (paper §5.2)", 30, (Group(("bp",), overrides=("lam=1e-2",)),)),
+    Setting("matched_30ep", "BP/DFA/FA without penalty at 30 epochs (paper §5.2 matched controls)", 30, (Group(("bp", "dfa", "fa")),)),
     Setting("sbcb_vanilla_30ep", "SB and CB without penalty at 30 epochs (Appendix J)", 30, (Group(("sb", "cb"), seeds=(42,)),)),
-    Setting("no_terminal_ln", "DFA on the same backbone without the terminal LN (§3.2)", 100, (Group(("dfa",), overrides=("out_ln=false",)),)),
-    Setting("no_residual", "DFA on the same backbone without the skip path (§3.1 falsification)", 100, (Group(("dfa",), overrides=("residual=false",)),)),
-    Setting("random_labels", "DFA/FA/SB/CB/EP with i.i.d. random training labels (§3.1)", 100,
+    Setting("no_terminal_ln", "DFA on the same backbone without the terminal LN (paper §3.2)", 100, (Group(("dfa",), overrides=("out_ln=false",)),)),
+    Setting("no_residual", "DFA on the same backbone without the skip path (paper §3.1 falsification)", 100, (Group(("dfa",), overrides=("residual=false",)),)),
+    Setting("random_labels", "DFA/FA/SB/CB/EP with i.i.d. random training labels (paper §3.1)", 100,
             (Group(("dfa", "fa", "sb", "cb", "ep"), seeds=(42,), overrides=("random_labels=true",)),)),
-    Setting("early_checkpoints", "DFA + FA for 5 epochs, a checkpoint after each (§4.1, Mode 2)", 5,
+    Setting("early_checkpoints", "DFA + FA for 5 epochs, a checkpoint after each (paper §4.1, Mode 2)", 5,
             (Group(("dfa", "fa"), overrides=("save_epochs=1,2,3,4,5",)),)),
-    Setting("snapshot_evolution", "DFA with the per-epoch h_L, g_L trajectory, ρ every 10 epochs (§3.1)", 100,
+    Setting("snapshot_evolution", "DFA with the per-epoch h_L, g_L trajectory, ρ every 10 epochs (paper §3.1)", 100,
             (Group(("dfa",), overrides=("full_every=10", "trajectory=true")),)),
     Setting("dfa_pen_100ep", "DFA + penalty lam=1e-2 over 100 epochs (long-horizon rescue)", 100, (Group(("dfa",), overrides=("lam=1e-2",)),)),
     Setting("ep_6seeds", "EP replicated over 6 seeds", 100, (Group(("ep",), seeds=SEEDS6),)),

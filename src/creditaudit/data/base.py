@@ -3,7 +3,7 @@
 Owns
 - :class:`DataConfig`: the typed, documented data section of a run config (field help strings
   live in ``metadata={"help": ...}``; the CLI prints them).
-- :class:`TensorDataset`: a whole dataset as four tensors (meant to sit on the device, DESIGN §8).
+- :class:`TensorDataset`: a whole dataset as four tensors (meant to sit on the device, docs/science.md §8).
 - :class:`DatasetMissingError`: the one error for "files absent, truncated, corrupt or unfetchable";
   its message always names the fix.
 - ``DATASETS`` (name -> raw loader) and ``SOURCES`` (name -> where files live / how to fetch them).

@@ -9,7 +9,7 @@ Accepted layouts under ``<data_dir>/cifar10/``: the extracted ``cifar-10-batches
 the tarball ``cifar-10-binary.tar.gz``, which is extracted once, next to itself. Extraction checks
 every member first (no absolute paths, no ``..``, no links or devices) and writes only the six
 batch files, into a temporary folder renamed into place, so parallel workers never see a partial
-folder. CIFAR-10's default training augmentation is ``crop_flip`` (DESIGN §3).
+folder. CIFAR-10's default training augmentation is ``crop_flip`` (docs/science.md §3).
 """
 from __future__ import annotations
 

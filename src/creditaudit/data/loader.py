@@ -1,6 +1,6 @@
 """Mini-batches straight from on-device tensors, and the batched ``crop_flip`` augmentation.
 
-The airbench way (STYLE §7): the whole split sits on the device; an epoch is one permutation and
+The airbench way: the whole split sits on the device; an epoch is one permutation and
 a loop of index_selects, with augmentation done on the whole batch at once — no per-sample Python,
 no worker processes.
 

@@ -1,4 +1,4 @@
-"""The teacher–student task (DESIGN §2): synthetic, known ground truth, no download.
+"""The teacher–student task (docs/science.md §2): synthetic, known ground truth, no download.
 
 Inputs ``x ~ N(0, I_D)`` (D = ``student_dim``). Labels are the argmax of a fixed random teacher
 with two hidden layers of width W = ``student_width`` and activation

@@ -1,4 +1,4 @@
-"""The diagnostics' mathematics (DESIGN §4), as pure functions of a model, a batch and credits.
+"""The diagnostics' mathematics (docs/science.md §4), as pure functions of a model, a batch and credits.
 
 Conventions. All norms are per-sample L2 norms over every non-batch dimension; a per-layer figure is
 the median over the eval batch. Everything is computed in float64: a reference gradient of norm

@@ -1,4 +1,4 @@
-"""The per-epoch probe: every diagnostic figure of DESIGN §4 for one run at one epoch, on a fixed
+"""The per-epoch probe: every diagnostic figure of docs/science.md §4 for one run at one epoch, on a fixed
 held-out eval batch (the first ``eval_n`` test examples — the same for every run, seed and epoch).
 
 Logged keys (namespaced, one JSON line per epoch in ``metrics.jsonl``):

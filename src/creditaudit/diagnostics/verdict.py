@@ -1,4 +1,4 @@
-"""Verdicts (DESIGN §4): which diagnostics fire, when, which failure mode that names, per run and
+"""Verdicts (docs/science.md §4): which diagnostics fire, when, which failure mode that names, per run and
 per rule over seeds. Pure functions of metrics logs — nothing here trains or loads a model.
 
 - D1 (scale stability) fires when ``diag/d1`` > ``d1_ratio`` at any logged epoch;
@@ -28,7 +28,7 @@ NOT_EVALUATED = "D3 not evaluated"
 
 @dataclass
 class Thresholds:
-    """Where each diagnostic fires (DESIGN §4 defaults)."""
+    """Where each diagnostic fires (docs/science.md §4 defaults)."""
 
     d1_ratio: float = field(default=50.0, metadata={"help": "D1 fires when max_l ‖h_l‖/‖h_{l-1}‖ exceeds this"})
     d2_norm: float = field(default=1e-7, metadata={"help": "D2 fires when the median ‖g_L‖ falls below this"})

@@ -1,4 +1,4 @@
-"""The one model shape every architecture shares (DESIGN §1), and the architecture registry.
+"""The one model shape every architecture shares (docs/science.md §1), and the architecture registry.
 
     h_0 = E(x)                        embedding
     h_l = h_{l-1} + f_l(h_{l-1})      l = 1..L  (h_l = f_l(h_{l-1}) for non-residual blocks)
@@ -87,7 +87,7 @@ class CreditNet(nn.Module):
 
         With ``detach_inputs`` each block sees ``sg(h_{l-1})`` and the readout sees ``sg(h_L)``, so
         the graph of ``hs[l]`` (l >= 1) reaches only block l's parameters and the graph of
-        ``logits`` only the norm and head: this is the local-update forward pass of DESIGN §1.
+        ``logits`` only the norm and head: this is the local-update forward pass of docs/science.md §1.
         """
         h = self.embed(x)
         hs, fs = [h], []

@@ -1,4 +1,4 @@
-"""``resmlp``: the primary audit architecture, a pre-LayerNorm residual MLP (DESIGN §2).
+"""``resmlp``: the primary audit architecture, a pre-LayerNorm residual MLP (docs/science.md §2).
 
     E   = Linear(in, d)
     f_l = W2 · GELU(W1 · LN(h)),  W1, W2 (d × d),  W2 ~ N(0, w2_std), b2 = 0

@@ -1,4 +1,4 @@
-"""The study's tables, generated from a results folder alone (DESIGN §6).
+"""The study's tables, generated from a results folder alone (docs/science.md §6).
 
 - **Table 1**: the main audit (setting ``main_audit``), as ``creditaudit audit`` prints it.
 - **FA vs DFA**: the two feedback rules side by side on the main audit.

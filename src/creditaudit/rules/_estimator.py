@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules._options import check as check_option  # noqa: F401  (rules import it from here too)
 from creditaudit.rules._options import check_at_least, check_choice, check_positive
 from creditaudit.rules.base import Rule, RuleContext
 

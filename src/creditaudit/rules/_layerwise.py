@@ -11,8 +11,8 @@ a matrix B (W's shape) in place of every weight transpose inside the blocks and 
   (:meth:`~LayerwiseFeedbackRule.feedback_for`); the skeleton patches the blocks' layers during the
   trainer's local forward/backward (``local_forward``) and computes the credits with one patched
   forward from sg(h_0) through the blocks and the readout and one backward pass. The head is
-  patched in the credit pass only, so terminal norm and head keep their exact CE gradient (DESIGN
-  §1);
+  patched in the credit pass only, so terminal norm and head keep their exact CE gradient
+  (docs/science.md §1);
 * :class:`SignConcordantRule`: B = M ∘ sign(W) for the sign-symmetry family (``usf``, ``frsf``,
   ``brsf``), with sign(W) read from the layer's *current* weights whenever the layers are patched.
 """
@@ -187,7 +187,7 @@ class LayerwiseFeedbackRule(Rule):
     def local_forward(self, model: CreditNet) -> contextlib.AbstractContextManager:
         """The trainer's local pass: the blocks' layers backpropagate through their feedback
         matrices. The head is not patched here, so terminal norm and head keep their exact CE
-        gradient (DESIGN §1); its B_H acts in the credit pass only."""
+        gradient (docs/science.md §1); its B_H acts in the credit pass only."""
         return self._patched(model, with_head=False)
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:

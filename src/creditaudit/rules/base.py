@@ -1,7 +1,7 @@
 """The interface every credit-assignment rule implements, and the rule registry.
 
 A rule turns a batch into credits a_0..a_L (``a_l ≈ g_l = d CE_i / d h_l``, the shape of h_l).
-The trainer feeds them through the shared local update (DESIGN §1, ``creditaudit.train.objective``);
+The trainer feeds them through the shared local update (docs/science.md §1, ``creditaudit.train.objective``);
 only ``end_to_end`` rules (plain BP) are instead trained by autograd on the CE loss.
 
 To add a rule: subclass :class:`Rule`, implement :meth:`Rule.credits` (and :meth:`Rule.step` when the

@@ -19,7 +19,7 @@ Training: after each model step, on the detached states of the batch, one AdamW 
               loss_cons = mean_{l<L} mean_i (V(h_l,i) − sg T_l,i)²
             with ξ_k ~ N(0, I) from the rule's own generator, drawn in antithetic pairs ±ξ (half
             the random numbers, lower variance), and V̄ an EMA copy of V
-            (V̄ ← ema·V̄ + (1 − ema)·V after every step). The noise is absolute (DESIGN: σξ, the
+            (V̄ ← ema·V̄ + (1 − ema)·V after every step). The noise is absolute (docs/science.md §3: σξ, the
             same per-feature std σ whatever the scale of the stream); ``noise=relative`` uses
             σ·rms(h_{l+1},i)·ξ_k instead (rms the per-sample RMS over features), so that each copy
             moves h by ≈ σ·‖h‖ — on a stream that has grown large, absolute noise of σ = 0.1 is
@@ -64,7 +64,7 @@ class CBOptions(E.EstimatorOptions):
     width: int = field(default=64, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width (64: the K noisy target copies make each step K times the trunk's work)"})
     K: int = field(default=8, metadata={"help": "noisy copies of h_{l+1} in the soft-min consistency target"})
     sigma: float = field(default=0.1, metadata={"help": "noise std of each copy per feature (absolute; times the per-sample RMS of h_{l+1} with noise=relative)"})
-    noise: str = field(default="absolute", metadata={"help": "consistency noise: absolute (sigma·ξ, DESIGN) | relative (sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"})
+    noise: str = field(default="absolute", metadata={"help": "consistency noise: absolute (sigma·ξ, the definition) | relative (sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"})
     temp: float = field(default=0.1, metadata={"help": "soft-min temperature (in loss units) over the K noisy target values"})
     ema: float = field(default=0.995, metadata={"help": "EMA decay of the target value net V̄"})
     terminal_w: float = field(default=1.0, metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"})

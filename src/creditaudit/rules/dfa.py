@@ -4,7 +4,7 @@ state by a fixed random matrix.
 Credit:  a_l = B_l e_T,  e_T = softmax(o) − onehot(y) (per sample, (B, C)),  l = 0..L.
          B_l is a fixed random matrix C -> numel(h_l) per sample, (n_l, C); B_l e_T is reshaped to
          the shape of h_l (a vector, a (T, d) token grid, a (c, h, w) feature map). a_0 trains the
-         embedding; a_1..a_L the blocks, through the shared local update (DESIGN §1).
+         embedding; a_1..a_L the blocks, through the shared local update (docs/science.md §1).
 Update:  the shared local update; DFA trains no estimator of its own.
 Matrices: entries i.i.d. with variance scale²/C — default ``init=normal, scale=1``: N(0, 1/C), so
          ‖B_l e‖² ≈ (n_l/C)·‖e‖²; ``init=uniform`` draws U(±scale·√(3/C)) (same variance, the

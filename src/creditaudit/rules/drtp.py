@@ -5,7 +5,7 @@ needs neither the network's output nor any pass after the forward one.
 Credit:  a_l = B_l (−y*),   y* = onehot(y) (per sample, (B, C)),   l = 0..L
          B_l a fixed random matrix C -> numel(h_l) per sample, (n_l, C); B_l(−y*) is reshaped to
          the shape of h_l (a vector, a (T, d) token grid, a (c, h, w) feature map). a_0 trains the
-         embedding; a_1..a_L the blocks, through the shared local update (DESIGN §1). The terminal
+         embedding; a_1..a_L the blocks, through the shared local update (docs/science.md §1). The terminal
          norm and the head keep their exact CE gradient, as the paper's output layer does.
 Sign:    a_l ≈ g_l asks the credit to point like a gradient, and the gradient meets the target
          with a minus sign: g_l = (∂o/∂h_l)ᵀ e_T, e_T = softmax(o) − y*, whose true-class

@@ -1,4 +1,4 @@
-"""``ep`` — equilibrium propagation on the prediction-error energy of the network (DESIGN §3).
+"""``ep`` — equilibrium propagation on the prediction-error energy of the network (docs/science.md §3).
 
 States s_0..s_L have the shapes of h_0..h_L; s_0 = h_0 is clamped. With F_l(s) = s + f_l(s)
 (F_l = f_l for a non-residual block) and the prediction errors ε_l = s_l − F_l(s_{l−1}),
@@ -13,7 +13,7 @@ the float32 rounding of an O(1) state), with autograd on detached states only: p
 is never touched, and buffers a forward pass may change (BatchNorm running statistics) are left as
 they were (``preserved_buffers``).
 
-Credit (``credit=displacement``, the default; DESIGN's binding definition), l = 1..L:
+Credit (``credit=displacement``, the default; the definition of docs/science.md §3), l = 1..L:
 
     a_l = −(s_l^β − s_l^0) / β
 
@@ -21,13 +21,13 @@ Credit (``credit=error``), l = 1..L:   a_l = −ε_l(s^β) / β.
 At a fixed point of the nudged dynamics ∂C_β/∂s_l = 0, i.e. ε_L = −β ∇_{s_L}CE and
 ε_l = J_{l+1}ᵀ ε_{l+1} (J_l = ∂F_l/∂s_{l−1}): the prediction errors carry backprop's recursion, so
 −ε_l/β → g_l exactly as β → 0, T → ∞. (It is also EP's own parameter update: (1/β) ∂E/∂θ_l at s^β
-is the local update of DESIGN §1 fed with this credit.) The displacement instead integrates the
+is the local update of docs/science.md §1 fed with this credit.) The displacement instead integrates the
 errors, s_l^β − s_l^0 ≈ Σ_{k≤l} J_{l←k} ε_k, so in the same limit
 
     a_l → Σ_{k=1..l} J_{l←k} J_{l←k}ᵀ g_l          (J_{l←k} = J_l ⋯ J_{k+1}, J_{l←l} = I)
 
 which points along g_l when the blocks are near-identity maps (a residual net at init: cos ≥ 0.99,
-measured) but has norm ≈ l·‖g_l‖ there (DESIGN: "≈ L·‖g‖"). We do not renormalise: the definition is
+measured) but has norm ≈ l·‖g_l‖ there (docs/science.md §3: "≈ L·‖g‖"). We do not renormalise: the definition is
 binding, and the study's optimizer (AdamW, one state per block) is invariant to a per-block scale.
 
 Credit of the clamped embedding state, a_0 (both credit modes). EP gives the gradient of the loss
@@ -42,7 +42,7 @@ which → J_1ᵀ g_1 = g_0 as β → 0, T → ∞ (tests pin this).
 the state (displacement), the prediction error (error), or, for a_0, ∂C_{±β}/∂s_0 — the O(β) bias of
 the one-sided estimate cancels; it costs two relaxations.
 
-Update: the shared local update (DESIGN §1) with these credits; no estimator of its own.
+Update: the shared local update (docs/science.md §1) with these credits; no estimator of its own.
 Defaults: β = 0.1, T = 20, α = 0.1, credit = displacement, one-sided nudging.
 
 Step size. Near the free state ∇²E = DᵀD with (Dδ)_l = δ_l − J_l δ_{l−1}, and gradient descent on E

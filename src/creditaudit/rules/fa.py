@@ -19,7 +19,7 @@ Block maps B_l (shape of h_l -> shape of h_{l−1}), ``structure``:
                 and D_l (d×d) — instead of a (T·d)² dense matrix;
          auto   (default) dense when the shapes of h_l and h_{l−1} differ, kron when they are equal
                 (which is dense for vectors and per-axis for token grids).
-Update:  the shared local update (DESIGN §1); FA trains no estimator of its own.
+Update:  the shared local update (docs/science.md §1); FA trains no estimator of its own.
 Matrices: entries i.i.d. with variance scale²/fan, fan = the input size of the map (C for B_H, n_l
          for a dense B_l; each Kronecker factor its own axis length, so the product also has
          variance scale²/n_l): default ``init=normal, scale=1`` — N(0, 1/C) for B_H and N(0, 1/d) for

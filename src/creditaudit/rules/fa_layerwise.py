@@ -9,11 +9,11 @@ Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read
 Credit:  a_l = "d(Σ_i CE_i)/d h_l" under this backward (per sample, not divided by B): a forward
          pass from sg(h_0) through the blocks and the readout, and one backward pass. The
          embedding's own layers need no feedback matrix — a_0 is the credit arriving at h_0.
-Update:  the shared local update (DESIGN §1), with the blocks' layers patched during the trainer's
+Update:  the shared local update (docs/science.md §1), with the blocks' layers patched during the trainer's
          local forward/backward (``local_forward``): each block's parameters are updated from a_l
          through the block's own feedback matrices, as textbook FA does; the embedding from a_0.
          The head is patched in the credit pass only (B_H carries e_T into h_L), not in the local
-         pass, so terminal norm and head keep their exact CE gradient as DESIGN §1 requires
+         pass, so terminal norm and head keep their exact CE gradient as docs/science.md §1 requires
          (patching it there would send B_H's signal into the terminal norm's parameters).
 Matrices: one B per ``nn.Linear``/``nn.Conv2d`` of the blocks and the head, drawn in ``setup`` from
          torch's global CPU RNG (seeded from the run seed right before the model) in the model's

@@ -8,7 +8,7 @@ Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read
 Credit:  a_l = "d(Σ_i CE_i)/d h_l" under this backward (per sample, not divided by B): a forward
          pass from sg(h_0) through the blocks and the readout, and one backward pass (the
          skeleton of ``fa_layerwise``, ``rules/_layerwise.py``). a_0 trains the embedding.
-Update:  the shared local update (DESIGN §1), with the blocks' layers patched during the trainer's
+Update:  the shared local update (docs/science.md §1), with the blocks' layers patched during the trainer's
          local forward/backward; the head is patched in the credit pass only (terminal norm and
          head keep their exact CE gradient). sign(W) is re-read from the weights every time the
          layers are patched, so B's signs follow W's (sign(B) = sign(W) at every step) while

@@ -13,14 +13,14 @@ Unbiased: E[(g·v) v] = E[v vᵀ] g = g, so E[a_l] = g_l exactly, and E‖a_l �
          in advance — about 0.2 at D = 16, 0.05 at 256, 0.009 at the 8192 features of smallcnn's
          first CIFAR stage. (``tests/test_rules_targets.py`` pins both.)
 Samples that interact: BatchNorm in training mode (smallcnn) normalises with the batch's
-         statistics, so CE_i depends on every h_l,j and g_l,i = Σ_j ∂CE_j/∂h_l,i (DESIGN's g: the
+         statistics, so CE_i depends on every h_l,j and g_l,i = Σ_j ∂CE_j/∂h_l,i (the reference g of docs/science.md §1: the
          gradient of the summed loss). One JVP then gives Σ_j ∂CE_i/∂h_l,j · v_j per sample, not
          g_l,i · v_i; the credit uses the batch's directional derivative s = Σ_i g_l,i · v_i (the sum
          of those) instead, a_l,i = s v_i: still unbiased for g_l,i, with the variance of a direction
          in all B·D_l features of the batch (per-sample derivatives would need one JVP per sample);
          the K directions then run one by one (stacked copies would share their statistics). In
          eval mode (the diagnostics) the samples are independent again: the per-sample form.
-Update:  the shared local update (DESIGN §1) with these credits (Ren et al.'s "activity perturbation":
+Update:  the shared local update (docs/science.md §1) with these credits (Ren et al.'s "activity perturbation":
          the state's forward gradient, then the block's own local derivative). No estimator.
 Randomness: a seed drawn in ``setup`` from the run's seeded global RNG, and for each batch a
          generator on the device seeded from (that seed, the number of training steps so far): the

@@ -8,7 +8,7 @@ Passes:  clean      h_0..h_L from x (the trainer's own forward pass), e_T = soft
 Credit:  a_l = h_l − h_l^m,   l = 0..L   (the state's difference between the passes, its own shape).
          To first order h_l − h_l^m = −J_{h_l←x} F e_T: DFA-like, with an *adaptive* feedback path
          −J F that changes as the network learns (Srinivasan et al. 2023's reading of PEPITA).
-Update:  the shared local update (DESIGN §1) with these credits.
+Update:  the shared local update (docs/science.md §1) with these credits.
 
 The paper's update and how it maps onto per-state credits. The paper trains an MLP
 h_ℓ = σ(W_ℓ h_{ℓ−1}) (h_0 = x, no biases) with
@@ -27,7 +27,7 @@ paper's to first order in F (``tests/test_rules_targets.py`` pins it on a hand-w
 MLP: relative difference ≈ ‖F e‖/‖x‖, shrinking in proportion to F's scale). Biases (the paper has
 none) get the same post-synaptic term. On residual blocks, norms and attention a_l is the state's
 difference as is (skip path included), fed through the block's own Jacobian like every credit.
-The readout differs more: DESIGN §1 gives the terminal norm and head their exact CE gradient at
+The readout differs more: docs/science.md §1 gives the terminal norm and head their exact CE gradient at
 the clean pass, e_T (h_L)ᵀ, where the paper's code uses e^m (h_L^m)ᵀ (again O(‖F e‖) apart).
 
 What follows the paper and what does not:

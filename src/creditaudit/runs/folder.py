@@ -1,6 +1,6 @@
 """One run folder: its name, its files, its status, and an exclusive lock on it.
 
-Layout (DESIGN §6; names from the sweep axes as in CleanRL's ``{env}__{exp}__{seed}``)::
+Layout (docs/science.md §6; names from the sweep axes as in CleanRL's ``{env}__{exp}__{seed}``)::
 
     <results_dir>/<setting>/<rule>__<arch>__s<seed>/
         config.json                 resolved config (atomic)

@@ -1,6 +1,6 @@
 """Provenance recorded in every run summary: code version, library versions, device, git state.
 
-A number in a paper must be traceable to the code and the machine that produced it (DESIGN §6,
+A number in a paper must be traceable to the code and the machine that produced it (docs/science.md §6,
 STYLE item 5). :func:`provenance` gathers that as a flat JSON-able dict. It never records the
 hostname or user name: summaries get published, and ``machine`` (the CPU architecture) plus the
 device name say what matters for reproducing a timing.

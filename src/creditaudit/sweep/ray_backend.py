@@ -1,4 +1,4 @@
-"""Run many training runs on a Ray cluster, one run per task (DESIGN §8).
+"""Run many training runs on a Ray cluster, one run per task (docs/science.md §8).
 
 The results folder is the meeting point: every task calls the same
 :func:`creditaudit.train.trainer.train` as the local backend, in the run's own folder, so a finished

@@ -1,4 +1,4 @@
-"""The local update shared by every rule but plain BP (DESIGN §1).
+"""The local update shared by every rule but plain BP (docs/science.md §1).
 
 Given the local forward pass (block l saw ``sg(h_{l-1})``) and credits a_0..a_L, the objective is
 

@@ -1,4 +1,4 @@
-"""The training loop: one run of one rule, into its own run folder (DESIGN §1, §6).
+"""The training loop: one run of one rule, into its own run folder (docs/science.md §1 and docs/science.md §6).
 
 ``train(cfg)`` owns the run folder: it skips a finished run, resumes a killed one from its last
 checkpoint (bit-identical to an uninterrupted run on the same device: data order and augmentation
@@ -102,7 +102,7 @@ def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.devic
 
 
 def diagnose(run: Run, *, full: bool) -> dict[str, float]:
-    """The per-epoch diagnostics of DESIGN §4 for the run's current state."""
+    """The per-epoch diagnostics of docs/science.md §4 for the run's current state."""
     return probe(run.model, run.rule, run.data, run.cfg.diag, full=full, seed=run.cfg.seed)
 
 
