@@ -22,9 +22,12 @@ JSON conventions (one place, so summaries, configs and metrics agree): non-finit
 torch tensors (via ``.tolist()``), tuples and ``os.PathLike`` values are converted to their plain
 JSON equivalents. Anything else raises ``TypeError`` naming where in the object it sits.
 
-Temporary files are created with ``os.open(..., 0o666)`` so the process umask applies, exactly as
-for a normally created file (``tempfile.mkstemp`` would make every result file owner-only, which
-breaks results folders shared between collaborators).
+File modes: every file written here gets the mode a plain ``open(path, "w")`` would give it,
+``0o666 & ~umask`` (and the folder's default ACL, where it has one), so a results folder shared
+between users or the nodes of a cluster is readable by whom the umask allows. The temporary file of
+an atomic replace is created with ``os.open(..., 0o666)`` before the writer runs, and its mode is
+put back after the writer is done: writers that create their own file (``safetensors`` writes
+owner-only ``0o600`` files, as ``tempfile.mkstemp`` does) would otherwise make the result private.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -160,6 +164,11 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on a clean exit it is ``fsync``-ed and renamed
     over ``path`` (parent folders are created, the folder is ``fsync``-ed after the rename).
 
+    The yielded file already exists, empty, with the mode of a newly created file
+    (``0o666 & ~umask``); the writer may truncate it or replace it with a file of its own, whose
+    mode is then set back to that one, so every result file is as readable as its folder's umask
+    allows.
+
     After a crash at any point the target holds its old content (or does not exist, if it did not
     before) or the new content in full. On failure the temporary file is removed and the error
     re-raised.
@@ -168,9 +177,17 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
     try:
+        # Created here, so its mode is what the umask (and a default ACL) makes of 0o666; the
+        # writer may replace the file by one of its own making (safetensors: 0o600), so the mode
+        # is put back before the rename.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.chmod(tmp, mode)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -184,8 +201,7 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically; see :func:`atomic_replace`."""
     with atomic_replace(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # the empty file atomic_replace created, with its mode
             f.write(data)
 
 
