@@ -169,25 +169,31 @@ def test_lock_released_on_exception(tmp_path):
     lk.release()  # idempotent
 
 
-def test_stale_lock_with_dead_pid_is_taken_over(tmp_path):
+def test_stale_lock_with_dead_pid_is_taken_over(tmp_path, capsys):
     f = RunFolder(tmp_path / "run")
     _write_lock(f)
-    with pytest.warns(RuntimeWarning, match="took over stale lock.*no longer exists"):
-        with f.lock():
-            assert json.loads(f.lock_path.read_text())["pid"] == os.getpid()
+    dead = json.loads(f.lock_path.read_text())["pid"]
+    with f.lock():
+        assert json.loads(f.lock_path.read_text())["pid"] == os.getpid()
     assert not f.lock_path.exists()
+    err = capsys.readouterr().err
+    # one plain line: the folder and the dead process, no warning's source path or code line
+    assert err == (f"creditaudit: took over run folder {f.path}: its process {dead} on this machine "
+                   "no longer exists\n")
 
 
-def test_stale_lock_with_reused_pid_is_taken_over_via_flock(tmp_path):
+def test_stale_lock_with_reused_pid_is_taken_over_via_flock(tmp_path, capsys):
     f = RunFolder(tmp_path / "run")
     _write_lock(f, pid=os.getpid())  # "alive" pid, but nobody holds the file's flock
     if lmod.fcntl is None:
         with pytest.raises(RunLockedError):
             f.lock().acquire()
         return
-    with pytest.warns(RuntimeWarning, match="flock"):
-        with f.lock():
-            pass
+    with f.lock():
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith(f"creditaudit: took over run folder {f.path}: its process {os.getpid()} "
+                          "on this machine no longer holds its flock") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -216,7 +222,7 @@ def test_unreadable_lock_and_stuck_takeover_are_refused(tmp_path):
         f.lock().acquire()
 
 
-def test_lock_across_processes_and_after_a_crash(tmp_path):
+def test_lock_across_processes_and_after_a_crash(tmp_path, capsys):
     """A child holds the lock -> the parent is refused; the child is SIGKILLed -> taken over."""
     f = RunFolder(tmp_path / "run")
     child = subprocess.Popen(
@@ -238,9 +244,10 @@ def test_lock_across_processes_and_after_a_crash(tmp_path):
         child.wait()
         child.stdin.close()
         child.stdout.close()
-    with pytest.warns(RuntimeWarning, match="took over stale lock"):
-        with f.lock():
-            pass
+    with f.lock():
+        pass
+    assert capsys.readouterr().err == (f"creditaudit: took over run folder {f.path}: its process "
+                                       f"{child.pid} on this machine no longer exists\n")
 
 
 def test_lock_clears_partial_write_debris(tmp_path):
@@ -254,14 +261,16 @@ def test_lock_clears_partial_write_debris(tmp_path):
         assert os.listdir(f.checkpoint_dir) == []
 
 
-def test_release_leaves_a_replaced_lock_alone(tmp_path):
+def test_release_leaves_a_replaced_lock_alone(tmp_path, capsys):
     f = RunFolder(tmp_path / "run")
     lk = RunLock(f.lock_path)
     lk.acquire()
     f.lock_path.unlink()
     f.lock_path.write_text(json.dumps({"pid": 1, "token": "someone else"}))
-    with pytest.warns(RuntimeWarning, match="removed or replaced"):
-        lk.release()
+    lk.release()
+    err = capsys.readouterr().err
+    assert err.startswith(f"creditaudit: left {f.lock_path} alone: it was removed or replaced") \
+        and err.count("\n") == 1
     assert json.loads(f.lock_path.read_text())["token"] == "someone else"
 
 

@@ -12,7 +12,10 @@ holder is a zombie). A lock from another machine, container or boot is never tak
 automatically: there is no way to tell a crashed remote process from a slow one without leases, so
 the error says which process holds it and to delete ``run.lock`` once it is known to be gone.
 Takeover is serialised by a ``run.lock.takeover`` directory (``mkdir`` is atomic everywhere), so
-two processes that both see the same stale lock cannot both win.
+two processes that both see the same stale lock cannot both win, and it is told on stderr in one
+line (``creditaudit: took over run folder <path>: its process <pid> on this machine no longer
+exists``). :func:`lock_state` asks the same questions without taking anything: whether a process
+may still own a run folder (how reports tell a killed run from a running one).
 """
 from __future__ import annotations
 
@@ -22,10 +25,9 @@ import os
 import socket
 import sys
 import uuid
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .io import remove_partial_files
 
@@ -33,6 +35,13 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
+
+
+def _say(message: str) -> None:
+    """One plain line to stderr for the person running the command (not a warning: no source
+    line or code in front of them)."""
+    print(f"creditaudit: {message}", file=sys.stderr, flush=True)
+
 
 class RunLockedError(RuntimeError):
     """Another process owns the run folder. ``str(err)`` says who and how to clear a stale lock."""
@@ -83,7 +92,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _flock_free(path: Path) -> bool:
-    """Whether nobody holds an ``fcntl.flock`` on ``path`` (False if it cannot be checked)."""
+    """Whether nobody holds an ``fcntl.flock`` on ``path`` (False if it cannot be checked).
+
+    Asked with a *shared* flock, which fails only while the holder's exclusive one is held: two
+    processes asking at once (two workers, or a report reading the folder) do not answer each
+    other "held"."""
     if fcntl is None:
         return False
     try:
@@ -91,7 +104,7 @@ def _flock_free(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return False
     else:
@@ -155,8 +168,9 @@ class RunLock:
             if info is not None and info.get("token") == self._token:
                 self.path.unlink(missing_ok=True)
             else:
-                warnings.warn(f"{self.path} was removed or replaced while this process held it; "
-                              "leaving it alone", RuntimeWarning, stacklevel=2)
+                _say(f"left {self.path} alone: it was removed or replaced while this process "
+                     f"(pid {os.getpid()}) held it, so another process may own run folder "
+                     f"{self.path.parent} now")
         finally:
             os.close(self._fd)  # closing also drops the flock; after the unlink on purpose
             self._fd = self._token = None
@@ -165,7 +179,7 @@ class RunLock:
 
     def _try_create(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         except FileExistsError:
             return False
         flocked = False
@@ -207,9 +221,10 @@ class RunLock:
             return None
         pid = info["pid"]
         if not _pid_alive(pid):
-            return f"its process {pid} no longer exists"
+            return f"its process {pid} on this machine no longer exists"
         if info.get("flock") and _flock_free(self.path):
-            return f"no process holds its flock (pid {pid} was reused or is a zombie)"
+            return (f"its process {pid} on this machine no longer holds its flock (the pid now "
+                    "belongs to another process, or the process is a zombie)")
         return None
 
     def _take_over(self, stale: dict, reason: str) -> None:
@@ -225,9 +240,7 @@ class RunLock:
             current = self._read()
             if current is not None and current.get("token") == stale.get("token"):
                 self.path.unlink(missing_ok=True)
-                # stacklevel: _take_over <- acquire <- __enter__ <- the caller's `with`
-                warnings.warn(f"took over stale lock {self.path}: {reason}", RuntimeWarning,
-                              stacklevel=4)
+                _say(f"took over run folder {self.path.parent}: {reason}")
         finally:
             os.rmdir(guard)
 
@@ -246,4 +259,30 @@ class RunLock:
 
 
 # ---------------------------------------------------------------------------------------------
-# run folder
+# Looking without taking
+# ---------------------------------------------------------------------------------------------
+
+class LockState(NamedTuple):
+    """Whether a process may own a run folder, as :func:`lock_state` found it.
+
+    ``owned``: True while ``run.lock`` names a process that may be alive (alive here, on another
+    machine, container or boot, or a lock file not readable yet); False when there is no lock file
+    or it is provably stale. ``detail``: who holds it, or why nobody does. ``exists``: whether
+    there is a lock file.
+    """
+    owned: bool
+    detail: str
+    exists: bool
+
+
+def lock_state(path: str | os.PathLike[str]) -> LockState:
+    """Who owns the lock file ``path`` (a run folder's ``run.lock``), by the takeover rules of
+    :class:`RunLock` but changing nothing: nothing is written, created or removed."""
+    lock = RunLock(path)
+    info = lock._read()
+    if info is None and not lock.path.exists():
+        return LockState(False, f"no process holds it (there is no {lock.path.name})", False)
+    reason = lock._stale_reason(info)
+    if reason is not None:
+        return LockState(False, reason, True)
+    return LockState(True, lock._describe(info), True)
