@@ -295,12 +295,17 @@ def _png(fig) -> bytes:
 
 
 def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", context: dict[str, Any] | None = None) -> str:
-    """A self-contained page: the tables, the plots inline (base64), the definitions."""
+    """A self-contained page: the tables, the plots inline (base64), the definitions. Text written as
+    Markdown for the report (definitions, resume commands) is rendered by a Markdown parser
+    (markdown-it-py, CommonMark, raw HTML escaped), so no ``**`` or backtick reaches the reader."""
+    from creditaudit.reports.collect import unfinished_note
+
     header, rows = table_rows(audit)
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}"
+             "code{background:#f4f4f4;padding:0 3px}"
              ".PASS{color:#070}.FAIL{color:#b00}img{max-width:100%}</style></head><body>",
              f"<h1>{esc(title)}</h1><ul>"]
     parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
@@ -316,10 +321,39 @@ def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", con
     for name, png in pngs.items():
         parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     md = markdown(audit, title=title, context=context)
-    defs = md.split("## Definitions", 1)[1].split("## Skipped")[0]
-    parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li>{esc(line[2:])}</li>" for line in defs.strip().splitlines() if line.startswith("- ")) + "</ul>")
+    parts.append("<h2>Definitions</h2>" + _markdown_html(_md_section(md, "Definitions")))
+    unevaluated = [r for ra in audit.rules for r in ra.runs if r.verdict.d3_missing]  # as Audit.unevaluated()
+    if unevaluated:  # the reason is Markdown (it names the command that trains the baseline)
+        parts.append("<h2>D3 not evaluated</h2><p>These runs read “D3 not evaluated” instead of PASS:</p><ul>"
+                     + "".join(f"<li>{esc(str(r.run.path))}: {_markdown_inline(r.verdict.d3_missing)}</li>"
+                               for r in unevaluated) + "</ul>")
     if audit.problems or audit.not_finished:
         parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in audit.problems) +
-                     "".join(f"<li>{esc(str(r.path))}: status {esc(r.status)}</li>" for r in audit.not_finished) + "</ul>")
+                     "".join(f"<li>{esc(str(r.path))}: {_markdown_inline(unfinished_note(r, 'not audited'))}</li>"
+                             for r in audit.not_finished) + "</ul>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _md_section(md: str, heading: str) -> str:
+    """The body of the ``## heading`` section of the Markdown report ``md`` (up to the next one)."""
+    lines = md.splitlines()
+    start = lines.index(f"## {heading}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end]).strip() + "\n"
+
+
+def _markdown_parser():
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False})  # raw HTML in the text is shown, not run
+
+
+def _markdown_html(text: str) -> str:
+    """Markdown blocks as HTML."""
+    return _markdown_parser().render(text)
+
+
+def _markdown_inline(text: str) -> str:
+    """One line of Markdown as inline HTML (no paragraph around it)."""
+    return _markdown_parser().renderInline(text)

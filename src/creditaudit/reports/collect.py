@@ -6,15 +6,25 @@ A *finished* run must have complete metrics: its ``metrics.jsonl`` present, with
 line, and ending at the run's last epoch (``summary.json``'s ``epochs_done``, else the config's
 ``epochs``); otherwise it is skipped with the reason, so no verdict is drawn from figures that do
 not exist. A run still in progress (or interrupted) may end in a torn line: it is skipped over, as
-the trainer's own reads do."""
+the trainer's own reads do.
+
+A run whose ``summary.json`` says ``running`` is running only while a process owns its folder: when
+its ``run.lock`` is absent or provably stale (its process is gone: killed, out of memory, a lost
+node; :func:`creditaudit.runs.lock.lock_state`), the run is reported ``interrupted`` — resumable,
+with the command that resumes it (:func:`resume_command`). A lock held by a live process, or by one
+on another machine (which cannot be proved dead), keeps it ``running``. Reading never writes: the
+files on disk are left as they are (the next training of the run rewrites its summary)."""
 from __future__ import annotations
 
+import functools
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from creditaudit.runs.folder import RunFolder, parse_run_name
 from creditaudit.runs.io import CorruptRunError, read_jsonl_checked
+from creditaudit.runs.lock import lock_state
 
 
 @dataclass
@@ -27,10 +37,14 @@ class RunRecord:
     config: dict[str, Any]
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
+    gone: str = ""  # why no process owns a run whose summary says "running" (then it is "interrupted")
 
     @property
     def status(self) -> str:
-        return self.summary.get("status", "unknown")
+        """The summary's status, except that a ``running`` run whose process is gone is
+        ``interrupted`` (see the module docstring)."""
+        status = self.summary.get("status", "unknown")
+        return "interrupted" if status == "running" and self.gone else status
 
     @property
     def dataset(self) -> str:
@@ -76,11 +90,203 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
                     metrics = read_finished_metrics(folder, config, summary)
                 else:
                     metrics = folder.read_metrics()
+                gone = owner_gone(folder) if summary.get("status") == "running" else ""
             except (CorruptRunError, OSError, ValueError) as exc:
                 out.problems.append(f"{run_dir}: {exc}; skipped")
                 continue
-            out.runs.append(RunRecord(setting_dir.name, rule, arch, seed, run_dir, config, summary, metrics))
+            out.runs.append(RunRecord(setting_dir.name, rule, arch, seed, run_dir, config, summary, metrics, gone))
     return out
+
+
+def owner_gone(folder: RunFolder) -> str:
+    """Why no process owns ``folder`` any more — its ``run.lock`` is absent or provably stale — or
+    "" while one may (a live process here, or any process on another machine, container or boot).
+
+    The lock is looked at on both sides of a second read of the summary, so a run that ends (its
+    final summary written, then its lock released) or starts (its lock taken, then ``running``
+    written) between the reads is not taken for a dead one."""
+    if lock_state(folder.lock_path).owned:
+        return ""
+    again = folder.read_summary()
+    if again is None or again.get("status") != "running":
+        return ""
+    state = lock_state(folder.lock_path)
+    if state.owned:
+        return ""
+    return state.detail if state.exists else "its process is gone and left no run.lock"
+
+
+# ---------------------------------------------------------------------------------------------
+# How to resume an unfinished run
+# ---------------------------------------------------------------------------------------------
+
+def unfinished_note(run: RunRecord, left_out: str = "not in any table") -> str:
+    """Markdown: why ``run`` (not finished) is left out, and for an interrupted run the command that
+    resumes it, e.g. ``interrupted (its process 1234 on this machine no longer exists): resume with
+    `creditaudit sweep main_audit --profile cpu results=res` (finished runs are skipped)``."""
+    if run.status != "interrupted":
+        return f"status {run.status}; {left_out}"
+    why = f"interrupted ({run.gone})" if run.gone else "interrupted"
+    how, command = resume_command(run)
+    tail = " (finished runs are skipped)" if how == "sweep" else ""
+    return f"{why}: resume with {_code(command)}{tail}"
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span, fenced with more backticks than it holds in a row."""
+    longest, current = 0, 0
+    for ch in text:
+        current = current + 1 if ch == "`" else 0
+        longest = max(longest, current)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def resume_command(run: RunRecord) -> tuple[str, str]:
+    """``(how, command)``: the shell command that resumes ``run`` where its last checkpoint left it.
+
+    ``("sweep", "creditaudit sweep SETTING --profile P results=ROOT")`` when the run is one a sweep
+    of its setting trains (its config is the setting's expansion under profile ``P``, up to fields
+    that do not change results): rerunning that sweep resumes it and skips the finished runs.
+    Otherwise ``("train", "creditaudit train rule=... arch=... seed=... setting=... results=...
+    [every other field that differs from the defaults]")``, which rebuilds the run's config. ROOT is
+    the results folder the run was read from (the folder above its setting)."""
+    root = run.path.parent.parent
+    results = [] if str(root) == "results" else [f"results={root}"]
+    swept = _sweep_profile(run)
+    if swept is not None:
+        profile, expanded = swept
+        return "sweep", shlex.join(["creditaudit", "sweep", run.setting, "--profile", profile, *results,
+                                    *_where_and_how(run.config, expanded)])
+    return "train", shlex.join(["creditaudit", "train", *_train_overrides(run, results)])
+
+
+_WHERE_AND_HOW = ("device", "threads", "eval_batch_size", "data.data_dir")
+"""Fields that do not change results but that the run was started with: where its data is, which
+device and threads it used. Kept in the command that resumes it."""
+
+
+def _where_and_how(config: dict[str, Any], default: dict[str, Any]) -> list[str]:
+    out = []
+    for path in _WHERE_AND_HOW:
+        value, other = _get(config, path), _get(default, path)
+        if value is not None and value != other:
+            out.append(f"{path}={_text(value)}")
+    return out
+
+
+def _get(d: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def _sweep_profile(run: RunRecord) -> tuple[str, dict[str, Any]] | None:
+    """The profile under which a sweep of ``run.setting`` trains exactly ``run`` (up to the fields
+    that do not change results), and that sweep's config of it; None if no sweep does."""
+    from creditaudit import config as C, typedconfig as T
+    from creditaudit.experiments import PROFILES, SETTINGS
+
+    if run.setting not in SETTINGS:
+        return None
+    stored = _stored(run)
+    if stored is None:  # a config of another version: no sweep of this one made it
+        return None
+    for profile in PROFILES:
+        for cfg in _expansion(run.setting, profile):
+            if (cfg.rule, cfg.arch_label or cfg.arch, cfg.seed) == (run.rule, run.arch, run.seed):
+                if T.semantic_dict(cfg) == stored:
+                    return profile, C.to_dict(cfg)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _expansion(setting: str, profile: str) -> tuple:
+    """The resolved configs (as the trainer records them) a sweep of ``setting`` under ``profile``
+    trains; () if the setting does not expand here (e.g. a rule file that is not loaded)."""
+    from creditaudit import config as C
+    from creditaudit.experiments import expand
+
+    try:
+        return tuple(C.resolve_rule_options(c) for c in expand(setting, profile=profile))
+    except Exception:
+        return ()
+
+
+def _stored(run: RunRecord) -> dict | None:
+    """The fields of ``run``'s config that change results, resolved as the trainer records them
+    (every option of the rule, the architecture's norm and skip path); None if unreadable."""
+    from creditaudit import config as C, typedconfig as T
+
+    try:
+        cfg = C.from_dict(run.config)
+    except Exception:
+        return None
+    if not cfg.plugins:  # a rule file is not imported to write a report
+        try:
+            cfg = C.resolve_rule_options(cfg)
+        except Exception:
+            pass
+    return T.semantic_dict(cfg)
+
+
+def _train_overrides(run: RunRecord, results: list[str]) -> list[str]:
+    """``key=value`` items for ``creditaudit train`` that rebuild the config of ``run``."""
+    from creditaudit import config as C, typedconfig as T
+
+    config = run.config
+    label = config.get("arch_label") or ""
+    base = [f"rule={config.get('rule', run.rule)}", f"arch={config.get('arch', run.arch)}",
+            f"seed={config.get('seed', run.seed)}", f"setting={run.setting}", *results]
+    if label:
+        base.append(f"arch_label={label}")
+    plugins = config.get("plugins") or []
+    if plugins:
+        base.append(f"plugins={','.join(plugins)}")
+    where = _where_and_how(config, T.to_dict(C.TrainConfig()))
+    stored = _stored(run)
+    if stored is None:  # a config this version cannot read: the identifying fields at least
+        return base + where
+    default = None
+    if not plugins:  # a rule file is not imported to write a report
+        try:
+            default = T.semantic_dict(C.resolve_rule_options(C.apply_overrides(C.TrainConfig(), base)))
+        except Exception:
+            default = None
+    if default is None:
+        default = T.semantic_dict(C.TrainConfig())
+        default["rule_opts"] = {}
+    rule_base = str(stored.get("rule", run.rule)).removesuffix("_frozen").removesuffix("_shallow")
+    return base + where + _changed(stored, default, "", rule_base)
+
+
+def _changed(stored: dict, default: dict, prefix: str, rule_base: str) -> list[str]:
+    out = []
+    for key, value in stored.items():
+        path = f"{prefix}{key}"
+        other = default.get(key)
+        if path == "rule_opts" and isinstance(value, dict):
+            other = other if isinstance(other, dict) else {}
+            out += [f"{rule_base}.{k}={_text(v)}" for k, v in value.items() if k not in other or other[k] != v]
+        elif isinstance(value, dict):
+            out += _changed(value, other if isinstance(other, dict) else {}, f"{path}.", rule_base)
+        elif path not in ("rule", "arch", "seed", "plugins") and value != other:
+            out.append(f"{path}={_text(value)}")
+    return out
+
+
+def _text(value: Any) -> str:
+    """A config value as ``key=value`` text reads it back (``creditaudit.typedconfig.parse_value``)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_text(v) for v in value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 _RERUN = "delete the run folder to rerun the run from scratch"

@@ -3,8 +3,9 @@ summary counts, runs by method, by architecture, by setting (and by dataset and 
 comparison tables, where the files are, and estimated device-hours from the logged wall time.
 
 Counts are of run folders that could be read; a finished run counts toward the key tables, every
-readable run toward the counts (with its status shown), and unreadable folders are listed at the
-end. Nothing here trains or measures.
+readable run toward the counts (with its status shown), and unreadable folders and unfinished runs
+are listed at the end — an interrupted run (its process gone) with the command that resumes it.
+Nothing here trains or measures.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from creditaudit.diagnostics.verdict import Thresholds
-from creditaudit.reports.collect import Collection, RunRecord
+from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
 from creditaudit.runs.pairing import CONTROLS
-from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, skipped, triangulation
+from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, triangulation
 
 
 @dataclass
@@ -160,7 +161,8 @@ def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds |
     lines += ["", "Each run folder holds `config.json` (the resolved config), `metrics.jsonl` (one line per epoch), "
               "`summary.json` (status, final metrics, wall time, device, versions, git commit) and safetensors checkpoints.",
               f"Generated reports live in `{root}/_reports/`. All ± values use ddof=1 (sample std with Bessel correction)."]
-    skip = skipped(col)
+    # interrupted runs (their process is gone) say which command resumes them
+    skip = list(col.problems) + [f"{r.path}: {unfinished_note(r)}" for r in col.runs if r.status != "finished"]
     if skip:
         lines += ["", "## Skipped or unfinished", ""] + [f"- {p}" for p in skip]
     return "\n".join(lines) + "\n"
