@@ -39,10 +39,10 @@ def test_inventory_counts(results):
     def row(first: str) -> str:
         return next(line for line in lines if line.startswith(f"| {first} |"))
 
-    # 21 main audit + 9 penalty + 2 depth + 3 cross-arch (one failed) + 1 running; 1 corrupt folder skipped.
-    assert row("**Total training runs**") == "| **Total training runs** | **36** (1 failed, 34 finished, 1 running) |"
+    # 21 main audit + 9 penalty + 2 depth + 3 cross-arch (one failed) + 1 interrupted (its summary says running, but no process holds its lock); 1 corrupt folder skipped.
+    assert row("**Total training runs**") == "| **Total training runs** | **36** (1 failed, 34 finished, 1 interrupted) |"
     assert row("**Unique models** (method × arch × seed × setting)").endswith("| **36** |")
-    # 34 finished × 3 epochs + the failed and the running run with 2 epochs done each.
+    # 34 finished × 3 epochs + the failed and the interrupted run with 2 epochs done each.
     assert row("**Total training epochs**").endswith("| **106** |")
     cpu_h = (21 * 360 + 9 * 120 + 2 * 720 + 100) / 3600
     cuda_h = (2 * 1800 + 60) / 3600
@@ -53,7 +53,7 @@ def test_inventory_counts(results):
     # bp, fa, dfa, ep, sb, cb, bp_frozen on resmlp; dfa at two depths; dfa, bp on smallcnn; dfa no-residual.
     assert row("**Method × architecture combinations**").endswith("| **12** |")
 
-    assert row("dfa").startswith("| dfa | 11 (10 finished; 1 running) |")
+    assert row("dfa").startswith("| dfa | 11 (10 finished; 1 interrupted) |")
     assert row("bp").startswith("| bp | 4 (3 finished; 1 failed) |")
     for rule in ("fa", "ep", "bp_frozen"):
         assert row(rule).startswith(f"| {rule} | 3 |")
@@ -62,18 +62,19 @@ def test_inventory_counts(results):
     assert row("resmlp d=256 L=4 + terminal LN").startswith("| resmlp d=256 L=4 + terminal LN | 30 |")
     assert row("smallcnn d=256 L=3").startswith("| smallcnn d=256 L=3 | 3 (2 finished; 1 failed) |")
     assert row("resmlp d=512 L=2 + terminal LN").startswith("| resmlp d=512 L=2 + terminal LN | 1 |")
-    assert row("resmlp d=256 L=4 + terminal LN no residual").startswith("| resmlp d=256 L=4 + terminal LN no residual | 1 (0 finished; 1 running) |")
+    assert row("resmlp d=256 L=4 + terminal LN no residual").startswith("| resmlp d=256 L=4 + terminal LN no residual | 1 (0 finished; 1 interrupted) |")
 
     assert row("main_audit").startswith(f"| main_audit | 21 | 3 | {21 * 360 / 3600:.2f} |")
     assert row("penalty_rescue").startswith(f"| penalty_rescue | 9 | 3 | {9 * 120 / 3600:.2f} |")
     assert row("cross_arch").startswith(f"| cross_arch | 3 (2 finished; 1 failed) | 3 | {(2 * 1800 + 60) / 3600:.2f} |")
-    assert row("fashion_mnist").startswith("| fashion_mnist | 36 (34 finished; 1 failed, 1 running) |")
+    assert row("fashion_mnist").startswith("| fashion_mnist | 36 (34 finished; 1 failed, 1 interrupted) |")
 
     assert f"- `{results}/main_audit/` — 21 runs: bp, bp_frozen, fa, dfa, ep, sb, cb" in text
     assert f"- `{results}/depth_sweep/` — 2 runs: dfa" in text
     skipped = text[text.index("## Skipped or unfinished"):]
     assert "dfa__resmlp-noskip__s123" in skipped and "not valid JSON" in skipped
-    assert "bp__smallcnn__s42: status failed" in skipped and "dfa__resmlp-noskip__s42: status running" in skipped
+    assert "bp__smallcnn__s42: status failed" in skipped and (f"dfa__resmlp-noskip__s42: interrupted (its process is gone and left no run.lock): resume with "
+                                                                 f"`creditaudit train rule=dfa arch=resmlp seed=42 setting=no_residual results={results} ") in skipped
     assert "### FA vs DFA" in text and "### Functional triangulation" in text
 
 

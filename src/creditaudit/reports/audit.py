@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from creditaudit.diagnostics.verdict import RuleVerdict, RunVerdict, Thresholds, mean_std, rule_verdict, run_verdict, summarise
-from creditaudit.reports.collect import Collection, RunRecord
+from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
 from creditaudit.runs.pairing import BASELINE_RULE, find_baseline, missing_reason
 
@@ -182,7 +182,7 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
     if audit.unevaluated():
         lines += ["", "## D3 not evaluated", "", "These runs read \"D3 not evaluated\" instead of PASS:", ""]
         lines += [f"- {p}" for p in audit.unevaluated()]
-    problems = audit.problems + [f"{r.path}: status {r.status}; not audited" for r in audit.not_finished]
+    problems = audit.problems + [f"{r.path}: {unfinished_note(r, 'not audited')}" for r in audit.not_finished]
     if problems:
         lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]
     return "\n".join(lines) + "\n"
@@ -298,7 +298,6 @@ def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", con
     """A self-contained page: the tables, the plots inline (base64), the definitions. Text written as
     Markdown for the report (definitions, resume commands) is rendered by a Markdown parser
     (markdown-it-py, CommonMark, raw HTML escaped), so no ``**`` or backtick reaches the reader."""
-    from creditaudit.reports.collect import unfinished_note
 
     header, rows = table_rows(audit)
     esc = html.escape

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
 from creditaudit.reports.audit import FIGURES, RunAudit, _rule_order, audit_run, build_audit, fire_text, fmt, table_rows
 from creditaudit.models.base import ARCHS, ArchShape, ModelConfig, arch_shape
-from creditaudit.reports.collect import Collection, RunRecord
+from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
 
 PENALTY_SETTINGS = ("matched_30ep", "sbcb_vanilla_30ep", "penalty_1e-4", "penalty_rescue", "dfa_pen_30ep_diag", "penalty_1e-1",
@@ -184,6 +184,16 @@ def cross_arch(col: Collection, th: Thresholds) -> Table:
                  + d3_notes(_all_runs(gs)))
 
 
+def extended_rules(col: Collection, th: Thresholds) -> Table:
+    """Every rule beyond the study's six on the main architecture (setting ``extended_rules``)."""
+    gs = groups(col, ("extended_rules",), lambda r: (r.rule,), th)
+    rows = [[g.label[0], str(g.n)] + _figure_cells(g) for g in gs]
+    return Table("extended_rules", "Rules beyond the study", ["rule", "n"] + FIGURE_HEADER, rows,
+                 ["Setting `extended_rules` (not one of the study's): the field's other rule families on the study's "
+                  "main architecture and recipe; D3 against the `bp_frozen` baseline of the same experiment."]
+                 + d3_notes(_all_runs(gs)))
+
+
 def triangulation(col: Collection, th: Thresholds, setting: str | None = None) -> Table:
     if setting is None:
         has = {r.setting for r in col.runs if r.status == "finished"}
@@ -295,6 +305,7 @@ TABLES: dict[str, Callable[[Collection, Thresholds], Table]] = {
     "depth_sweep": depth_sweep,
     "cross_arch": cross_arch,
     "triangulation": triangulation,
+    "extended_rules": extended_rules,
 }
 
 
@@ -304,7 +315,7 @@ def all_tables(col: Collection, th: Thresholds | None = None) -> list[Table]:
 
 
 def skipped(col: Collection) -> list[str]:
-    return list(col.problems) + [f"{r.path}: status {r.status}; not in any table" for r in col.runs if r.status != "finished"]
+    return list(col.problems) + [f"{r.path}: {unfinished_note(r)}" for r in col.runs if r.status != "finished"]
 
 
 def tables_markdown(col: Collection, th: Thresholds | None = None, *, source: str = "",
