@@ -24,7 +24,19 @@ def test_the_study_settings_and_their_run_counts():
     counts = {n: SETTINGS.get(n).n_runs for n in SETTINGS.names()}
     assert counts["main_audit"] == 18 and counts["cross_arch"] == 18 and counts["depth_sweep"] == 12
     assert counts["frozen_baselines"] == 12 and counts["early_checkpoints"] == 6 and counts["ep_6seeds"] == 6
-    assert len(counts) == 18
+    from creditaudit.experiments import study_settings
+
+    assert len(study_settings()) == 18 and "extended_rules" not in study_settings()
+
+
+def test_extended_rules_are_every_builtin_rule_beyond_the_studys_six():
+    from creditaudit.experiments import EXTENDED_RULES, MAIN6
+    from creditaudit.rules import RULES
+
+    builtin = {e.name for e in RULES.entries() if e.obj.__module__.startswith("creditaudit.rules.")}
+    assert set(EXTENDED_RULES) == builtin - set(MAIN6)
+    cfgs = expand("extended_rules", profile="paper")
+    assert len(cfgs) == 3 * len(EXTENDED_RULES) and {c.arch for c in cfgs} == {"resmlp"} and {c.epochs for c in cfgs} == {100}
 
 
 def test_ep_6seeds_repeats_no_main_audit_run():

@@ -40,6 +40,7 @@ class Setting:
     groups: tuple[Group, ...]
     overrides: tuple[str, ...] = ()  # for every run of the setting
     baseline: str | None = BASELINE_RULE  # the D3 baseline its runs are paired with (None: they are baselines)
+    study: bool = True  # one of the study's settings (False: creditaudit's own additions, run by name)
 
     @property
     def n_runs(self) -> int:
@@ -114,6 +115,18 @@ for s in (
     Setting("ep_6seeds", "EP replicated over 6 seeds", 100, (Group(("ep",), seeds=SEEDS6),)),
 ):
     _add(s)
+
+
+# The rules creditaudit has beyond the study's six: the field's libraries' families and the study's
+# own variants that its registry does not train.
+EXTENDED_RULES = ("fa_layerwise", "vec", "usf", "frsf", "brsf", "kp", "drtp", "pepita", "dtp", "fwdgrad")
+_add(Setting("extended_rules", "every rule beyond the study's six × 3 seeds on the d=256 ResMLP (not in the study)", 100,
+             (Group(EXTENDED_RULES),), study=False))
+
+
+def study_settings() -> list[str]:
+    """The study's settings in declaration order (what ``sweep all`` trains and the plan counts)."""
+    return [n for n in SETTINGS.in_order() if SETTINGS.get(n).study]
 
 
 def arch_tag(arch: str, overrides: tuple[str, ...]) -> str:
