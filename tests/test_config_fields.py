@@ -38,7 +38,8 @@ DIAG = {"diag.eval_n": "64", "diag.every": "2", "diag.full_every": "1", "diag.rh
         "diag.stab_batch_size": "32", "diag.trajectory": "true"}
 # Fields that never change what a run computes, by design (the run folder is reused across them),
 # or that change only its name or where it lives; and those tested where they act.
-NOT_SEMANTIC = {"progress", "results", "threads", "device", "eval_batch_size", "data.data_dir", "arch_label", "setting"}
+NOT_SEMANTIC = {"progress", "results", "threads", "device", "eval_batch_size", "data.data_dir", "arch_label", "setting",
+                "logger", "logger_dir"}
 ELSEWHERE = {
     "rule": "every test here walks it", "arch": "test_architecture_fields_are_honoured_where_read_and_refused_elsewhere",
     "plugins": "tests/test_plugins.py: a rule file registers and trains",

@@ -51,6 +51,8 @@ class TrainConfig:
     save_epochs: tuple[int, ...] = field(default=(), metadata={"help": "epochs after which to keep a checkpoint (e.g. 1,2,3); the last epoch's is always kept"})
     eval_batch_size: int = field(default=1000, metadata={"semantic": False, "help": "batch size for test-set evaluation (no effect on results)"})
     progress: bool = field(default=True, metadata={"semantic": False, "help": "show a progress bar with live loss and accuracy (only on a terminal)"})
+    logger: str = field(default="none", metadata={"semantic": False, "help": "experiment tracker that also receives every epoch's metrics and the config: none | tensorboard | mlflow (optional extras; the run folder stays the record)"})
+    logger_dir: str = field(default="", metadata={"semantic": False, "help": "where the tracker writes: tensorboard's log dir (default <results>/_tensorboard) or mlflow's tracking URI (default $MLFLOW_TRACKING_URI, else the local store <results>/_mlruns)"})
     rule_opts: dict = field(default_factory=dict, metadata={"help": "the rule's own options, set as <rule>.<option>=value or <option>=value (listed by `creditaudit list`)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -186,6 +188,9 @@ def validate(cfg: TrainConfig) -> None:
         need((bool(value) or name == "arch_label") and "/" not in value and "__" not in value,
              f"{name} must be a name without '/' or '__' (got {value!r})")
     cfg.data.validate()
+    from creditaudit.trackers import check_logger
+
+    check_logger(cfg.logger, cfg.logger_dir)  # an unknown logger, or its extra not installed: one line naming the pip install
     check_effective(cfg)
 
 
