@@ -40,11 +40,11 @@ def main(argv: list[str]) -> None:
     if argv:
         ratios(argv[0])
         return
-    from creditaudit.audit import plan
+    from creditaudit.experiments import audit_configs
     from creditaudit.sweep import run_many
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfgs = plan(["bp", "dfa"], seeds=(42,), baseline=None, results=tmp)
+        cfgs = audit_configs(["bp", "dfa"], seeds=(42,), baseline=None, results=tmp)
         print(f"training bp and dfa at the default audit profile ({cfgs[0].data.dataset}, "
               f"{cfgs[0].data.train_subset or 'all'} examples, {cfgs[0].epochs} epochs), one thread each")
         run_many(cfgs, workers=1)

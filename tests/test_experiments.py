@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from creditaudit.cli import main
 from creditaudit.config import run_path
-from creditaudit.experiments import PROFILES, SETTINGS, expand
+from creditaudit.experiments import PROFILES, SETTINGS, SWEEP, expand, profile_names
 
 
-@pytest.mark.parametrize("profile", list(PROFILES))
+@pytest.mark.parametrize("profile", profile_names(SWEEP))
 @pytest.mark.parametrize("name", SETTINGS.names())
 def test_every_setting_expands_to_valid_distinct_runs(name, profile):
     cfgs = expand(name, profile=profile)
@@ -184,3 +184,25 @@ def test_two_sweeps_sharing_a_results_folder_train_each_run_once(tmp_path):
         label = f"{run_path(c).parent.name}/{run_path(c).name}"
         statuses = [line.split()[0] for o in outs for line in o.splitlines() if line.strip().endswith(label) or f" {label} " in line]
         assert len(statuses) == 2 and set(statuses) <= {"finished", "locked"} and "finished" in statuses, (label, statuses)
+
+
+def test_one_profile_registry_serves_every_command():
+    """Sweep, audit and exploit profiles are entries of one registry; each command takes its own
+    and refuses the others' with the list of its own, and --help lists exactly those."""
+    from creditaudit import experiments as E
+    from creditaudit.exploit import protocol as P
+
+    assert E.profile_names(E.SWEEP) == ["paper", "cpu", "smoke"]
+    assert E.profile_names(E.AUDIT) == ["paper", "default", "double", "mode1"]
+    assert E.profile_names(E.EXPLOIT) == ["paper", "smoke", "default"]
+    with pytest.raises(Exception, match="not one of sweep's; choose one of paper, cpu, smoke"):
+        expand("main_audit", profile="mode1")
+    cpu = [c for c in E.audit_configs(["dfa"], profile="default") if c.rule == "dfa"][0]
+    assert (cpu.data.dataset, cpu.data.train_subset, cpu.epochs) == ("fashion_mnist", 20000, 6)
+    assert [c for c in E.audit_configs(["dfa"], profile="double")][0].epochs == 12
+    assert P.profile("default").name == "default" and P.profile("smoke").dataset == "digits"
+    assert P.profile_seeds("smoke") == (42, 123)
+    for command, name in (("audit", E.AUDIT), ("sweep", E.SWEEP), ("exploit", E.EXPLOIT)):
+        text = CliRunner().invoke(main, [command, "--help"]).output.replace("\n", " ")
+        for p in E.profile_names(name):
+            assert p in text, (command, p)

@@ -134,8 +134,11 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--rule", "rules", multiple=True, help="Audit this rule (a name, or the path of a .py file with your own rule) instead of the main six; repeatable.")
-@click.option("--profile", default="default", show_default=True, help="default | double | paper (see docs/audit.md).")
+@click.option("--rule", "rules", multiple=True, help="Audit this rule (a name, or the path of a .py file with your own rule) instead of the profile's (the main six by default); repeatable.")
+@click.option("--rules", "rule_list", default="", help="Comma-separated rules to audit, or `all`: every registered rule "
+              "(the study's six, the field's other families, your plugins).")
+@click.option("--profile", default="default", show_default=True,
+              help="default | double | paper | mode1 (bp, fa, dfa on a recipe where DFA shows Mode 1; see docs/audit.md).")
 @click.option("--seeds", default="42,123,456", show_default=True, help="Comma-separated seeds.")
 @click.option("--workers", default=0, show_default=True, help="Parallel single-thread training processes (0 = one per CPU core).")
 @click.option("--out", default="", help="Where the reports go, one folder per setting (default: <results>/_reports).")
@@ -144,15 +147,16 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 @click.option("--d2", type=float, default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖.")
 @click.option("--d3", type=float, default=2.0, show_default=True, help="D3 threshold on depth utility, percentage points.")
 @click.option("--mode2", type=float, default=0.1, show_default=True, help="Mode 2 threshold on |deep cos|.")
-def audit(args, rules, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2) -> None:
+def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2) -> None:
     """Train and audit: creditaudit audit [RESULTS_DIR] [key=value ...]
 
     Without RESULTS_DIR: trains the main audit (bp, fa, dfa, ep, sb, cb × 3 seeds and the bp_frozen
     baseline; finished runs are reused) on the default dataset, prints the audit table and writes the
-    report (Markdown, HTML with plots). With RESULTS_DIR: re-audits the finished runs found there,
-    training nothing. key=value overrides go to every run (e.g. epochs=3 train_subset=5000).
+    report (Markdown, HTML with plots); `--profile mode1` trains bp, fa and dfa (and the baseline)
+    where DFA's failure modes show on a CPU. With RESULTS_DIR: re-audits the finished runs found
+    there, training nothing. key=value overrides go to every run (e.g. epochs=3 train_subset=5000).
     """
-    from creditaudit import audit as A
+    from creditaudit import experiments as E
     from creditaudit.diagnostics.verdict import Thresholds
 
     results_dir = [a for a in args if "=" not in a]
@@ -167,11 +171,18 @@ def audit(args, rules, profile, seeds, workers, out, own_baseline, d1, d2, d3, m
             if not root.is_dir():
                 raise FileNotFoundError(f"no results folder {root}")
         else:
-            rule_names, overrides = _resolve_rule_files(list(rules) or list(A.MAIN_RULES), overrides)
+            if rule_list.strip() == "all":
+                from creditaudit.rules import RULES
+
+                rules = (*rules, *RULES.names())
+            elif rule_list:
+                rules = (*rules, *(r.strip() for r in rule_list.split(",") if r.strip()))
+            rules = tuple(dict.fromkeys(rules))
+            rule_names, overrides = _resolve_rule_files(list(rules) or list(E.get_profile(profile, E.AUDIT).audit_rules), overrides)
             if own_baseline:
                 rule_names += [f"{r}_frozen" for r in rule_names if not r.endswith("_frozen")]
-            cfgs = A.plan(rule_names, profile=profile, seeds=seed_list, overrides=overrides,
-                          baseline=None if own_baseline else A.BASELINE)
+            cfgs = E.audit_configs(rule_names, profile=profile, seeds=seed_list, overrides=overrides,
+                                   baseline=None if own_baseline else E.BASELINE_RULE)
             root, setting = Path(cfgs[0].results), cfgs[0].setting
             _train_all(cfgs, workers)
         _report(root, setting, th, own_baseline, out)
@@ -251,43 +262,25 @@ def _terminal_table(audit, title: str) -> Table:
 
 
 def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
-    from creditaudit import audit as A
-    from creditaudit.reports.audit import build_audit, html_page, markdown, plots
+    from creditaudit.reports.audit import write_reports
     from creditaudit.reports.collect import collect
-    from creditaudit.runs.io import atomic_write_bytes, atomic_write_text
 
     col = collect(root, [setting] if setting else None)
-    settings = sorted({r.setting for r in col.runs})
-    if not settings:
+    if not col.runs:
         raise FileNotFoundError(f"no readable run folders under {root}" + "".join(f"\n  {p}" for p in col.problems))
-    for s in settings:
-        audit = build_audit(col, setting=s, thresholds=th, own_baseline=own_baseline)
-        if not audit.rules:
-            continue
-        console.print(_terminal_table(audit, f"audit — {root}/{s}"))
+    for audit, paths in write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None):
+        console.print(_terminal_table(audit, f"audit — {root}/{audit.setting}"))
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {p}")
         for p in audit.unevaluated():
             err_console.print(f"[yellow]D3 not evaluated:[/] {p}")
-        out_dir = Path(out) / s if out else root / "_reports" / s
-        paths = A.report_paths(out_dir)
-        runs = [r.run for ra in audit.rules for r in ra.runs]
-        context = {"results": f"{root}/{s}", "dataset": runs[0].dataset if runs else "?",
-                   "epochs": runs[0].config.get("epochs") if runs else "?", "runs audited": len(runs),
-                   "baseline runs": len(audit.baseline)}
-        pngs = plots(audit)
-        for name, png in pngs.items():
-            atomic_write_bytes(paths[name], png)
-        atomic_write_text(paths["markdown"], markdown(audit, title=f"Audit — {s}", context=context,
-                                                      plots={n: paths[n].name for n in pngs}))
-        atomic_write_text(paths["html"], html_page(audit, pngs, title=f"Audit — {s}", context=context))
         console.print(f"report: {paths['markdown']} and {paths['html']}")
 
 
 # ---------------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke: data and epochs, never definitions.")
+@click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke: data and epochs, never definitions (`creditaudit list`).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker processes on this machine; ray: one Ray task per run.")
 @click.option("--workers", default=0, show_default=True,
@@ -310,7 +303,7 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, with_baselines
     Use `all` for every setting.
     """
     from creditaudit.config import run_path
-    from creditaudit.experiments import SETTINGS, baselines, expand
+    from creditaudit.experiments import baselines, expand, study_settings
     from creditaudit.runs.folder import RunFolder
 
     names = [a for a in args if "=" not in a]
@@ -319,7 +312,7 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, with_baselines
         raise click.UsageError("name at least one setting (see `creditaudit list`), or `all`")
     with friendly_errors():
         if names == ["all"]:
-            names = SETTINGS.names()
+            names = study_settings()
         cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
         added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
     cfgs = added + cfgs  # baselines first: a report read mid-sweep can already evaluate D3
@@ -385,7 +378,7 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
         if snapshot:
             p = given_snapshot(p, snapshot)
         try:
-            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip()) if seeds else P.PROFILE_SEEDS[profile]
+            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip()) if seeds else P.profile_seeds(profile)
         except ValueError:
             raise click.UsageError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 42,123,456") from None
         folder = Path(out) if out else default_out(p, results)
@@ -424,10 +417,10 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
     from creditaudit.runs.io import atomic_write_text
 
     if plan:
-        from creditaudit.experiments import SETTINGS, baselines, expand
+        from creditaudit.experiments import baselines, expand, study_settings
 
         with friendly_errors():
-            cfgs = [c for n in SETTINGS.in_order() for c in expand(n, profile=profile, results=results)]
+            cfgs = [c for n in study_settings() for c in expand(n, profile=profile, results=results)]
             if with_baselines:
                 cfgs += baselines(cfgs, profile=profile)
         text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""))
@@ -485,13 +478,40 @@ def tables(results, out, names, triangulate) -> None:
     console.print(f"tables: {path}")
 
 
-def _collect_or_fail(results: str):
-    from creditaudit.reports.collect import collect
+@main.command()
+@click.argument("results", default="results")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
+@click.option("--out", default="", help="The file to write (default: RESULTS/_reports/runs.<format>).")
+@click.option("--setting", "settings", multiple=True, help="Only these settings (repeatable).")
+def export(results, fmt, out, settings) -> None:
+    """Every run × epoch of a results folder as one table: creditaudit export [RESULTS] [--format parquet|csv]
 
+    One row per run and logged epoch: setting, run, rule, arch, seed, status, the resolved config as
+    config.* columns and every metric (train/*, test/*, diag/*, credit/*, rule/*, time/*). Read it with
+    pandas, DuckDB or Polars; in Python, creditaudit.results.load(RESULTS) gives the same DataFrame.
+    """
+    from creditaudit.results import export as write
+
+    _require_results(results)
+    with friendly_errors():
+        path, n, problems = write(results, Path(out) if out else Path(results) / "_reports" / f"runs.{fmt}", fmt,
+                                  list(settings) or None)
+    console.print(f"{n} rows ({fmt}) -> {path}")
+    for problem in problems:
+        err_console.print(f"[yellow]skipped:[/] {problem}")
+
+
+def _require_results(results: str) -> None:
     if not Path(results).is_dir():
         err_console.print(f"[bold red]error:[/] no results folder {results!r}; train some runs first "
                           "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them", markup=True)
         sys.exit(2)
+
+
+def _collect_or_fail(results: str):
+    from creditaudit.reports.collect import collect
+
+    _require_results(results)
     return collect(results)
 
 
@@ -522,8 +542,9 @@ def list_(options: bool) -> None:
             console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
                           + ("" if options else "; `creditaudit list --options` shows each rule's options"))
         if registry is SETTINGS:
-            console.print("  profiles (creditaudit sweep SETTING --profile NAME): "
-                          + "; ".join(f"{p.name}: {p.summary}" for p in PROFILES.values()))
+            console.print("  profiles (--profile NAME of the commands named):")
+            for entry in PROFILES.entries():
+                console.print(f"    {entry.name} ({', '.join(sorted(entry.obj.commands))}): {entry.summary}")
         console.print()
 
 

@@ -49,41 +49,93 @@ class Setting:
 
 @dataclass(frozen=True)
 class Profile:
-    """How a machine runs a setting: data and epochs, never definitions."""
+    """How a machine runs the study: data, sizes and epochs, never definitions — one registry for
+    every command. A profile serves the commands named in ``commands``:
+
+    - ``sweep``: every run of a setting, with the profile's data (``overrides``) and epochs;
+    - ``audit``: ``audit_rules`` × 3 seeds and the frozen-blocks baseline, as the main audit's
+      setting under the profile ``base`` (its data and epochs × ``epoch_factor``), with the training
+      recipe ``recipe`` on top and the runs in setting ``audit_setting``;
+    - ``exploit``: the snapshot-exploitability study with the protocol's fields set by ``exploit``
+      (key=value) and seeds ``exploit_seeds``.
+    """
 
     name: str
     summary: str
-    overrides: tuple[str, ...]
-    epoch_scale: float  # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep theirs
+    commands: frozenset[str]
+    overrides: tuple[str, ...] = ()  # data and sizes, for every run
+    epoch_scale: float = 1.0  # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep theirs
     keep_upto: int = 5
     min_epochs: int = 1
     arch_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (arch, key=value…) for that architecture's runs only
+    base: str = ""  # an audit profile's data and epochs come from this sweep profile
+    epoch_factor: int = 1
+    audit_rules: tuple[str, ...] = ()
+    recipe: tuple[str, ...] = ()  # training-recipe overrides of an audit profile's runs
+    audit_setting: str = "main_audit"
+    exploit: tuple[str, ...] = ()  # exploit-protocol key=value overrides
+    exploit_seeds: tuple[int, ...] = SEEDS3
 
     def epochs(self, study_epochs: int) -> int:
+        if self.base:
+            return PROFILES.get(self.base).epochs(study_epochs) * self.epoch_factor
         if study_epochs <= self.keep_upto:
             return study_epochs
         return max(self.min_epochs, round(study_epochs * self.epoch_scale))
 
+    def data_overrides(self, arch: str = "") -> tuple[str, ...]:
+        if self.base:
+            return PROFILES.get(self.base).data_overrides(arch)
+        return (*self.overrides, *dict(self.arch_overrides).get(arch, ()))
+
 
 SETTINGS: Registry[Setting] = Registry("setting")
-PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        Profile("paper", "the study: CIFAR-10, full training set, the study's epochs (a GPU)", ("dataset=cifar10",), 1.0),
-        Profile("cpu", "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2)",
-                ("dataset=fashion_mnist", "train_subset=20000"), 0.06, min_epochs=2),
-        Profile("smoke", "scikit-learn digits, 1 epoch (5-epoch settings keep 2), d=32: seconds, for tests",
-                ("dataset=digits", "train_subset=0", "d=32"), 0.0, keep_upto=0, min_epochs=1,
-                arch_overrides=(("smallcnn", ("channels=4,8,8",)),)),
-    )
-}
+PROFILES: Registry[Profile] = Registry("profile")
+MAIN6 = ("bp", "fa", "dfa", "ep", "sb", "cb")
+SWEEP, AUDIT, EXPLOIT = "sweep", "audit", "exploit"
+# DFA's residual stream grows with the number of optimizer steps that carry an error signal, so the
+# mode1 recipe buys steps on the cpu profile's data: batch 16, a constant learning rate of 1e-2, no
+# weight decay (which caps the growth), 16 epochs (20,000 steps). Chosen by measurement, see docs/audit.md.
+MODE1_RECIPE = ("batch_size=16", "optim.lr=1e-2", "optim.schedule=constant", "optim.weight_decay=0", "epochs=16")
+for _p in (
+    Profile("paper", "the study: CIFAR-10, full training set, the study's epochs (a GPU)", frozenset({SWEEP, AUDIT, EXPLOIT}),
+            ("dataset=cifar10",), 1.0, audit_rules=MAIN6,
+            exploit=("name=paper", "dataset=cifar10", "train_subset=0", "epochs=100", "early_epoch=5", "fit_steps=10000")),
+    Profile("cpu", "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2)", frozenset({SWEEP}),
+            ("dataset=fashion_mnist", "train_subset=20000"), 0.06, min_epochs=2),
+    Profile("smoke", "scikit-learn digits, 1 epoch (5-epoch settings keep 2), d=32: seconds, for tests", frozenset({SWEEP, EXPLOIT}),
+            ("dataset=digits", "train_subset=0", "d=32"), 0.0, keep_upto=0, min_epochs=1,
+            arch_overrides=(("smallcnn", ("channels=4,8,8",)),), exploit_seeds=(42, 123),
+            exploit=("name=smoke", "dataset=digits", "train_subset=0", "d=32", "L=2", "epochs=2", "early_epoch=1",
+                     "batch_size=64", "fit_steps=20", "fit_batch_size=64", "eval_n=128", "rho_dirs=4", "step_batch_size=64")),
+    Profile("default", "the cpu profile's data and epochs (Fashion-MNIST, 20k examples, 6 epochs): the main audit in "
+            "about 7 minutes on 2 cores; the exploit study's default", frozenset({AUDIT, EXPLOIT}), base="cpu", audit_rules=MAIN6),
+    Profile("double", "the default audit with twice the epochs (the verdicts' stability check)", frozenset({AUDIT}),
+            base="cpu", epoch_factor=2, audit_rules=MAIN6),
+    Profile("mode1", "bp, fa, dfa on the cpu profile's data with a recipe of many steps (batch 16, lr 1e-2 constant, "
+            "no weight decay, 16 epochs) where DFA shows Mode 1(a) and 1(b) on a CPU", frozenset({AUDIT}),
+            base="cpu", audit_rules=("bp", "fa", "dfa"), recipe=MODE1_RECIPE, audit_setting="mode1"),
+):
+    PROFILES.add(_p.name, _p, _p.summary)
+
+
+def get_profile(name: str, command: str = SWEEP) -> Profile:
+    """The profile ``name``, which must serve ``command`` (sweep, audit or exploit)."""
+    p = PROFILES.get(name)
+    if command not in p.commands:
+        names = [n for n in PROFILES.in_order() if command in PROFILES.get(n).commands]
+        raise ConfigError(f"profile {name!r} is not one of {command}'s; choose one of {', '.join(names)}")
+    return p
+
+
+def profile_names(command: str) -> list[str]:
+    return [n for n in PROFILES.in_order() if command in PROFILES.get(n).commands]
 
 
 def _add(setting: Setting) -> None:
     SETTINGS.add(setting.name, setting, setting.summary)
 
 
-MAIN6 = ("bp", "fa", "dfa", "ep", "sb", "cb")
 D512 = ("d=512",)
 for s in (
     Setting("main_audit", "6 methods × 3 seeds on the d=256 ResMLP (Table 1)", 100, (Group(MAIN6),)),
@@ -156,9 +208,7 @@ def _fit_save_epochs(items: tuple[str, ...], epochs: int) -> list[str]:
 def expand(name: str, *, profile: str = "cpu", results: str = "results", overrides: tuple[str, ...] = ()) -> list[TrainConfig]:
     """Every run config of setting ``name`` under ``profile`` (validated; nothing is trained)."""
     setting = SETTINGS.get(name)
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    prof = PROFILES[profile]
+    prof = get_profile(profile, SWEEP)
     epochs = prof.epochs(setting.epochs)
     if profile == "smoke" and setting.epochs <= 5:
         epochs = 2
@@ -166,7 +216,7 @@ def expand(name: str, *, profile: str = "cpu", results: str = "results", overrid
     for g in setting.groups:
         for rule in g.rules:
             for seed in g.seeds:
-                items = [*prof.overrides, *dict(prof.arch_overrides).get(g.arch, ()), f"epochs={epochs}", f"arch={g.arch}", *setting.overrides,
+                items = [*prof.data_overrides(g.arch), f"epochs={epochs}", f"arch={g.arch}", *setting.overrides,
                          *_fit_save_epochs(g.overrides, epochs), f"arch_label={arch_tag(g.arch, g.overrides)}",
                          f"rule={rule}", f"seed={seed}", f"results={results}", f"setting={name}", "progress=false", *overrides]
                 cfgs.append(C.apply_overrides(TrainConfig(), items))
@@ -222,3 +272,22 @@ def control_config(run: TrainConfig, rule: str) -> TrainConfig:
     cfg.arch_label = "-".join(tags)
     C.validate(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit: a profile's rules × seeds and the frozen-blocks baseline
+# ---------------------------------------------------------------------------------------------
+def audit_configs(rules: list[str], *, profile: str = "default", seeds: tuple[int, ...] = SEEDS3,
+                  baseline: str | None = BASELINE_RULE, results: str = "results", setting: str | None = None,
+                  overrides: tuple[str, ...] = ()) -> list[TrainConfig]:
+    """The runs of ``creditaudit audit``: every rule × seed and the baseline × seed, as the main
+    audit's setting under ``profile`` (its data, epochs and recipe; ``setting`` defaults to the
+    profile's); the user's ``overrides`` come last. EP first (the longest)."""
+    prof = get_profile(profile, AUDIT)
+    epochs = prof.epochs(SETTINGS.get("main_audit").epochs)
+    base = [*prof.data_overrides(), f"epochs={epochs}", f"results={results}", f"setting={setting or prof.audit_setting}",
+            "progress=false", *prof.recipe, *overrides]
+    names = list(dict.fromkeys([*rules, *([baseline] if baseline else [])]))
+    cfgs = [C.apply_overrides(TrainConfig(), [*base, f"rule={r}", f"seed={s}"]) for r in names for s in seeds]
+    cost = {"ep": 0, "cb": 1, "sb": 2, "vec": 3}
+    return sorted(cfgs, key=lambda c: cost.get(c.rule.split("_")[0], 9))

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,3 +357,37 @@ def _markdown_html(text: str) -> str:
 def _markdown_inline(text: str) -> str:
     """One line of Markdown as inline HTML (no paragraph around it)."""
     return _markdown_parser().renderInline(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the reports
+# ---------------------------------------------------------------------------------------------
+def report_paths(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    return {"markdown": out / "audit.md", "html": out / "audit.html", **{n: out / f"audit_{n}.png" for n in ("norms", "cosines", "accuracy")}}
+
+
+def write_reports(col: Collection, root: str | Path, *, setting: str | None = None, thresholds: Thresholds | None = None,
+                  own_baseline: bool = False, out: str | Path | None = None) -> list[tuple[Audit, dict[str, Path]]]:
+    """Audit every setting of ``col`` (or ``setting``) and write its Markdown report, HTML page and
+    plots to ``out/<setting>/`` (default ``<root>/_reports/<setting>/``); returns each audit and its paths."""
+    from creditaudit.runs.io import atomic_write_bytes, atomic_write_text
+
+    root = Path(root)
+    written = []
+    for s in sorted({r.setting for r in col.runs if setting is None or r.setting == setting}):
+        audit = build_audit(col, setting=s, thresholds=thresholds, own_baseline=own_baseline)
+        if not audit.rules:
+            continue
+        paths = report_paths(Path(out) / s if out else root / "_reports" / s)
+        runs = [r.run for ra in audit.rules for r in ra.runs]
+        context = {"results": f"{root}/{s}", "dataset": runs[0].dataset, "epochs": runs[0].config.get("epochs"),
+                   "runs audited": len(runs), "baseline runs": len(audit.baseline)}
+        pngs = plots(audit)
+        for name, png in pngs.items():
+            atomic_write_bytes(paths[name], png)
+        atomic_write_text(paths["markdown"], markdown(audit, title=f"Audit — {s}", context=context,
+                                                      plots={n: paths[n].name for n in pngs}))
+        atomic_write_text(paths["html"], html_page(audit, pngs, title=f"Audit — {s}", context=context))
+        written.append((audit, paths))
+    return written

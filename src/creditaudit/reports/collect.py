@@ -186,14 +186,14 @@ def _sweep_profile(run: RunRecord) -> tuple[str, dict[str, Any]] | None:
     """The profile under which a sweep of ``run.setting`` trains exactly ``run`` (up to the fields
     that do not change results), and that sweep's config of it; None if no sweep does."""
     from creditaudit import config as C, typedconfig as T
-    from creditaudit.experiments import PROFILES, SETTINGS
+    from creditaudit.experiments import SETTINGS, SWEEP, profile_names
 
     if run.setting not in SETTINGS:
         return None
     stored = _stored(run)
     if stored is None:  # a config of another version: no sweep of this one made it
         return None
-    for profile in PROFILES:
+    for profile in profile_names(SWEEP):
         for cfg in _expansion(run.setting, profile):
             if (cfg.rule, cfg.arch_label or cfg.arch, cfg.seed) == (run.rule, run.arch, run.seed):
                 if T.semantic_dict(cfg) == stored:
