@@ -177,8 +177,6 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, monkeypatc
     assert not results.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="creditaudit.cli.friendly_errors prints the message as Rich markup, "
-                                       "which swallows [mlflow]; escape it (rich.markup.escape) and drop this mark")
 def test_the_cli_prints_the_extra_in_brackets(tmp_path, monkeypatch):
     real_import = builtins.__import__
 

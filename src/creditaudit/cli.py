@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Off a terminal (logs, CI), rich would wrap tables at 80 columns: give them room instead.
@@ -35,7 +36,7 @@ def friendly_errors():
     try:
         yield
     except user_errors() as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(2)
 
 
@@ -235,41 +236,16 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                          gpus_per_run=gpus_per_run, on_done=done)
 
 
-def _terminal_table(audit, title: str) -> Table:
-    """The audit table, compact: mean ± std over seeds (n in its own column); the report has all."""
-    from creditaudit.diagnostics.verdict import NOT_EVALUATED
-    from creditaudit.reports.audit import fire_text
-
-    def ms(stat, log=False) -> str:
-        mean, std, n = stat
-        if n == 0 or mean != mean:
-            return "–"
-        f = "{:.1e}" if log else "{:.3f}"
-        return f.format(mean) + ("" if std != std else " ± " + f.format(std))
-
-    table = Table(title=title, title_justify="left")
-    for h in ("rule", "n", "test acc", "D3 pp", "deep cos", "ρ deep", "‖h_L‖", "‖g_L‖", "D1", "D2", "D3", "verdict", "claim"):
-        table.add_column(h, overflow="fold")
-    for ra in audit.rules:
-        st = ra.stats
-        label = ra.verdict.label
-        colour = "green" if label == "PASS" else ("yellow" if label.startswith(NOT_EVALUATED) else "red")
-        table.add_row(ra.rule, str(ra.verdict.n), ms(st["test_acc"]), ms(st["depth_pp"]).replace(".000", ""), ms(st["deep_cos"]),
-                      ms(st["rho_deep"]), ms(st["hL_norm"], True), ms(st["gL_norm"], True),
-                      *[fire_text(ra.fire_epochs(d)) for d in ("D1", "D2", "D3")],
-                      f"[{colour}]{ra.verdict.label}[/]", ra.verdict.claim)
-    return table
-
-
 def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
     from creditaudit.reports.audit import write_reports
     from creditaudit.reports.collect import collect
+    from creditaudit.reports.terminal import audit_table
 
     col = collect(root, [setting] if setting else None)
     if not col.runs:
         raise FileNotFoundError(f"no readable run folders under {root}" + "".join(f"\n  {p}" for p in col.problems))
     for audit, paths in write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None):
-        console.print(_terminal_table(audit, f"audit — {root}/{audit.setting}"))
+        console.print(audit_table(audit, f"audit — {root}/{audit.setting}"))
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {p}")
         for p in audit.unevaluated():
@@ -453,6 +429,8 @@ def tables(results, out, names, triangulate) -> None:
     """
     from creditaudit.diagnostics.verdict import Thresholds
     from creditaudit.reports import tables as T
+    from creditaudit.reports.audit import build_audit
+    from creditaudit.reports.terminal import audit_table, plain, study_table
     from creditaudit.runs.io import atomic_write_text
 
     unknown = [n for n in names if n not in T.TABLES]
@@ -463,14 +441,14 @@ def tables(results, out, names, triangulate) -> None:
     chosen = [T.triangulation(col, th, triangulate or None) if n == "triangulation" else T.TABLES[n](col, th)
               for n in (names or T.TABLES)]
     for t in chosen:
-        table = Table(title=t.title, show_lines=False)
-        for h in t.header:
-            table.add_column(h)
-        for r in t.rows:
-            table.add_row(*r)
+        if t.key == "table1" and t.rows:
+            table = audit_table(build_audit(col, setting="main_audit", thresholds=th), t.title)
+        else:
+            table = study_table(t.title, t.header, t.rows, t.terminal)
         console.print(table if t.rows else f"[bold]{t.title}[/]: no finished runs for this table")
         for note in t.notes:
-            console.print(f"  {note}")
+            console.print(f"  {plain(note)}", markup=False)
+        console.print()
     path = Path(out) if out else Path(results) / "_reports" / "tables.md"
     atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
     for problem in T.skipped(col):

@@ -45,6 +45,12 @@ class Table:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def terminal(self) -> list[str] | None:
+        """The columns a terminal shows (None: all): the figures that decide the verdict; the
+        Markdown keeps every column."""
+        return TERMINAL_COLUMNS.get(self.key)
+
     def markdown(self, level: int = 2) -> str:
         lines = [f"{'#' * level} {self.title}", ""]
         if self.rows:
@@ -151,6 +157,13 @@ def _figure_cells(g: Group) -> list[str]:
 
 
 FIGURE_HEADER = ["test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "D1 fires", "D2 fires", "verdict"]
+_DECIDING = ["n", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict"]
+TERMINAL_COLUMNS = {
+    "penalty_sweep": ["rule", "λ", "epochs", "setting", *_DECIDING],
+    "depth_sweep": ["rule", "L", "d", *_DECIDING],
+    "cross_arch": ["architecture", "rule", *_DECIDING],
+    "extended_rules": ["rule", *_DECIDING],
+}
 
 
 def penalty_sweep(col: Collection, th: Thresholds) -> Table:
