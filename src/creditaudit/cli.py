@@ -210,22 +210,32 @@ def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[l
 
 
 def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0) -> None:
-    """Train ``cfgs`` with a progress bar: local worker processes, or Ray tasks when ``ray_address``
-    is given ('' = $RAY_ADDRESS or a local Ray instance)."""
+    """Train ``cfgs`` with one live progress line for the whole job — runs finished / total, failed,
+    elapsed, and an ETA from the epochs trained so far — in a terminal; a plain line per run with
+    the same counts when piped. Local worker processes, or Ray tasks when ``ray_address`` is given
+    ('' = $RAY_ADDRESS or a local Ray instance)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from creditaudit.sweep import run_many
+    from creditaudit.config import run_path
+    from creditaudit.runs.folder import RunFolder
+    from creditaudit.sweep import JobProgress, run_many
 
+    finished = {f"{run_path(c).parent.name}/{run_path(c).name}" for c in cfgs if RunFolder(run_path(c)).status() == "finished"}
+    epochs = {f"{run_path(c).parent.name}/{run_path(c).name}": c.epochs for c in cfgs}
+    job = JobProgress(epochs, already=finished)
     console.print(f"training {len(cfgs)} runs ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each; finished runs are reused)")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("runs", total=len(cfgs))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("runs", total=len(cfgs), state=job.state())
 
         def done(outcome, i, n):
-            progress.advance(task)
+            job.update(outcome.run, outcome.status)
+            progress.update(task, advance=1, state=job.state())
             colour = "green" if outcome.status == "finished" else "red"
+            counts = "" if console.is_terminal else f"  [{job.line()}]"
             progress.console.print(f"  [{colour}]{outcome.status:>9}[/] {outcome.run}  {outcome.wall_s:.0f} s"
-                                   + (f"  {outcome.error.splitlines()[0]}" if outcome.error and outcome.status != "finished" else ""))
+                                   + (f"  {escape(outcome.error.splitlines()[0])}" if outcome.error and outcome.status != "finished" else "")
+                                   + escape(counts))
 
         if ray_address is None:
             run_many(cfgs, workers=workers, on_done=done)
@@ -234,6 +244,7 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
 
             run_many_ray(cfgs, address=ray_address or None, num_cpus=workers or None,
                          gpus_per_run=gpus_per_run, on_done=done)
+    console.print(job.line())
 
 
 def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:

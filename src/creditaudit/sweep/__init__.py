@@ -1,5 +1,6 @@
 """Running many runs: parallel single-thread worker processes on one machine (``processes``) or
 one Ray task per run on a cluster (``ray_backend``)."""
 from creditaudit.sweep.processes import RunOutcome, in_processes, run_many
+from creditaudit.sweep.progress import JobProgress
 
-__all__ = ["RunOutcome", "in_processes", "run_many"]
+__all__ = ["JobProgress", "RunOutcome", "in_processes", "run_many"]

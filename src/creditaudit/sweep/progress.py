@@ -1,0 +1,61 @@
+"""Progress of a job of many runs: runs finished / total, failed, elapsed, and an ETA estimated
+from the epochs trained so far (runs found finished cost nothing and are left out of the rate)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+FAILED = ("failed", "diverged", "locked", "interrupted")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+@dataclass
+class JobProgress:
+    """``epochs``: run label -> its epochs; ``already``: labels finished before the job started."""
+
+    epochs: dict[str, int]
+    already: set[str] = field(default_factory=set)
+    now: Callable[[], float] = time.monotonic
+    start: float = -1.0
+    done: int = 0
+    failed: int = 0
+    epochs_trained: int = 0
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.now()
+
+    @property
+    def total(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def epochs_to_train(self) -> int:
+        return sum(e for run, e in self.epochs.items() if run not in self.already)
+
+    def update(self, run: str, status: str) -> None:
+        self.done += 1
+        self.failed += status in FAILED
+        if run not in self.already:
+            self.epochs_trained += self.epochs.get(run, 0)
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate of epochs trained so far (None before the first trained run)."""
+        elapsed = self.now() - self.start
+        if self.epochs_trained == 0 or elapsed <= 0:
+            return None
+        return (self.epochs_to_train - self.epochs_trained) * elapsed / self.epochs_trained
+
+    def state(self) -> str:
+        eta = self.eta_s()
+        return f"{self.failed} failed · ETA {clock(eta) if eta is not None else '–'}"
+
+    def line(self) -> str:
+        return f"{self.done}/{self.total} runs, {self.state()}, {clock(self.now() - self.start)} elapsed"
