@@ -67,3 +67,13 @@ def test_the_runs_own_setting_is_preferred(tmp_path):
     col = collect(tmp_path)
     fa = next(r for r in col.runs if r.rule == "fa")
     assert find_baseline(fa, col.runs).setting == "main_audit"
+
+
+def test_the_inventory_counts_added_controls_and_runs_beyond_the_study_apart(tmp_path):
+    from creditaudit.reports.inventory import inventory_markdown
+
+    make_run(tmp_path, "main_audit", "fa", 42)
+    make_run(tmp_path, "controls", "bp_frozen", 42, arch_label="resmlp-ep3")
+    make_run(tmp_path, "extended_rules", "kp", 42)
+    text = inventory_markdown(collect(tmp_path), tmp_path)
+    assert "| Study runs + **added controls** (D3 baselines, `controls/`) + runs beyond the study | 1 + **1** + 1 |" in text

@@ -89,6 +89,7 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
     archs = inv.by(arch_description)
     settings = inv.by(lambda r: r.setting)
     controls = settings.get(CONTROLS, [])
+    beyond = [r for r in runs if _beyond_study(r.setting)]
     combos = {(r.rule, arch_description(r)) for r in runs}
     models = {(r.rule, arch_description(r), r.seed, r.setting) for r in runs}
     statuses = Counter(r.status for r in runs)
@@ -96,9 +97,9 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
     if runs and not planned:
         total += f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})"
     rows = [("**Total training runs**", total)]
-    if controls:
-        rows.append(("Study runs + **added controls** (D3 baselines, `controls/`)",
-                     f"{len(runs) - len(controls)} + **{len(controls)}**"))
+    if controls or beyond:
+        title = "Study runs + **added controls** (D3 baselines, `controls/`)" + (" + runs beyond the study" if beyond else "")
+        rows.append((title, f"{len(runs) - len(controls) - len(beyond)} + **{len(controls)}**" + (f" + {len(beyond)}" if beyond else "")))
     rows += [
         ("**Unique models** (method × arch × seed × setting)", f"**{len(models)}**"),
         ("**Total training epochs**", f"**{inv.epochs:,}**"),
@@ -184,6 +185,13 @@ def plan_markdown(cfgs: list, *, title: str) -> str:
     """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the study."""
     return "\n".join([f"# Training Inventory (plan): {title}", "", "Counts of the runs a sweep would train; nothing was trained.", "",
                       *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
+
+
+def _beyond_study(setting: str) -> bool:
+    """A registry setting that is not one of the study's (``extended_rules``)."""
+    from creditaudit.experiments import SETTINGS
+
+    return setting in SETTINGS and not SETTINGS.get(setting).study
 
 
 def _setting_order(name: str) -> tuple[int, str]:
