@@ -35,7 +35,9 @@ def compact(stat: tuple[float, float, int], *, log: bool = False, signed: bool =
 
 
 def _frac(x: float, digits: int = 3) -> str:
-    text = f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.0e}"
+    if x != 0 and abs(x) < 10 ** -digits:
+        return _exp(x, 0)  # a spread below the shown digits: 3e-4
+    text = f"{x:.{digits}f}"
     return text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
 
 
