@@ -355,7 +355,7 @@ def make_tracker(logger: str, logger_dir: str, results: str | os.PathLike, run_d
 def start(cfg, run_dir: str | os.PathLike, *, resumed_from: int | None, records: Iterable[Mapping[str, Any]] = ()) -> Tracker:
     """The run's tracker, started (a resumed run continues its tracker run, replaying ``records``,
     the metrics already in the folder, when the tracker had none of it); never raises."""
-    from creditaudit.config import to_dict
+    from creditaudit.typedconfig import to_dict  # (config imports this module: no import back)
 
     if cfg.logger == "none":
         return NoTracker()
