@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from creditaudit import config as C
+from creditaudit import trackers
 from creditaudit import typedconfig as T
 from creditaudit.config import TrainConfig
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
@@ -71,10 +72,12 @@ class Run:
         return self.variant != "frozen"
 
 
-def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.device | None = None) -> Run:
-    """Data, model, rule and optimizer for ``cfg``, fresh (epoch 0)."""
+def build_run(cfg: TrainConfig, *, rule: Rule | None = None, device: torch.device | None = None,
+              data: TensorDataset | None = None) -> Run:
+    """Data, model, rule and optimizer for ``cfg``, fresh (epoch 0). ``data``: this dataset instead
+    of ``cfg.data``'s (the benchmarks train on synthetic data of the study's shapes)."""
     device = device or resolve_device(cfg.device)
-    data = load_dataset(cfg.data, cfg.seed).to(device)
+    data = (data if data is not None else load_dataset(cfg.data, cfg.seed)).to(device)
     built_rule, variant = build_rule(cfg.rule, cfg.rule_opts)
     rule = rule or built_rule
     model_cfg = C.copy_config(cfg.model)
@@ -306,12 +309,16 @@ def train(
             "resumed_from": resumed_from,
             "started": (summary or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        # logger=tensorboard|mlflow: a view of the folder's metrics; it never raises (a failure is one line on stderr)
+        tracker = trackers.start(cfg, folder.path, resumed_from=resumed_from, records=folder.read_metrics())
 
         def write_summary(status: str, **extra: Any) -> dict:
             records = folder.read_metrics()
             s = {**base, "status": status, "epochs_done": run.epoch, "wall_s": round(run.wall_s, 3),
                  "final": records[-1] if records else None, **extra}
             folder.write_summary(s)
+            if status != "running":
+                tracker.finish(status)
             return s
 
         write_summary("running")
@@ -322,6 +329,7 @@ def train(
                 record0 = {"epoch": 0, **diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1])}
                 record0["time/diag_s"] = time.perf_counter() - t0
                 folder.append_metrics(record0)
+                tracker.log(record0, step=0)
             while run.epoch < cfg.epochs:
                 if stop_after is not None and run.epoch >= stop_after:
                     return write_summary("interrupted")
@@ -343,6 +351,7 @@ def train(
                 record["time/epoch_s"] = time.perf_counter() - t0
                 run.wall_s += record["time/epoch_s"]
                 folder.append_metrics(record)
+                tracker.log(record, step=run.epoch)
                 reporter.on_epoch(run, record)
                 if not math.isfinite(record["train/loss"]):
                     return write_summary("diverged", error=f"training loss became {record['train/loss']} in epoch {run.epoch}")
