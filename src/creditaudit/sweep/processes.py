@@ -53,15 +53,57 @@ def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
         return RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# How many workers by default: one per core, as many as the memory holds
+# ---------------------------------------------------------------------------------------------
+# The resident set a worker reaches while training its runs, rounded up: torch itself ~0.3 GiB, the
+# dataset and its loading transients, model, optimizer and the probes (vit_mini's full probe is the
+# largest; a worker keeps the peak of its earlier runs). Measured with bench/bench_study.py on the
+# cpu profile (docs/performance.md): 0.8 GiB for resmlp runs, 1.7 for smallcnn, 4.8 for a worker
+# that trained vit_mini. One figure for every run keeps the choice simple; --workers N decides
+# otherwise.
+RUN_MEMORY_BYTES = 5 * 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory new processes can take without swapping: ``MemAvailable`` of /proc/meminfo
+    (Linux), else the free physical pages (``os.sysconf``), else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_workers(per_run_bytes: int = RUN_MEMORY_BYTES, *, cores: int | None = None,
+                    available: int | None = None) -> int:
+    """The worker count of ``workers=0``: min(CPU cores, available memory // ``per_run_bytes``), at
+    least 1. ``cores``/``available`` default to this machine's (``os.cpu_count()``,
+    :func:`available_memory`; memory unknown: cores alone)."""
+    cores = cores or os.cpu_count() or 1
+    if available is None:
+        available = available_memory()
+    if available is None:
+        return cores
+    return max(1, min(cores, available // max(per_run_bytes, 1)))
+
+
 R = TypeVar("R")
 
 
 def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: int = 0) -> Iterator[R]:
     """``fn(*job, threads)`` for every job, yielded as each finishes: in this process when
     ``workers`` is 1 or there is one job (``threads`` 0: as configured), else in ``workers``
-    spawned processes of one thread each (0 = one per CPU core). ``fn`` must not raise: a failure
-    is one of its results. The sweep's runs and the exploit study's units both run through here."""
-    workers = workers or os.cpu_count() or 1
+    spawned processes of one thread each (0 = :func:`default_workers`: one per CPU core, as many as
+    the available memory holds). ``fn`` must not raise: a failure is one of its results. The sweep's
+    runs and the exploit study's units both run through here."""
+    workers = workers or default_workers()
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             yield fn(*job, 0)
@@ -79,7 +121,7 @@ def run_many(
     workers: int = 0,
     on_done: Callable[[RunOutcome, int, int], None] | None = None,
 ) -> list[RunOutcome]:
-    """Train every config; ``workers`` parallel processes (0 = one per CPU core; 1 = in this
+    """Train every config; ``workers`` parallel processes (0 = :func:`default_workers`; 1 = in this
     process, threads as configured). Returns one outcome per config, in completion order."""
     configs = list(configs)
     for cfg in configs:
