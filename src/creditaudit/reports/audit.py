@@ -176,10 +176,12 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
-    lines += ["- **verdict**: PASS, or FAIL(…) naming the detectors (D1, D2, D3) that fired, with the seeds in which they did.",
+    lines += ["- **verdict**: PASS, or FAIL(…) naming the detectors (D1, D2, D3) that fired, with the seeds in which they did; "
+              "\"D3 not evaluated\" (never PASS) when nothing fired but a run has no frozen-blocks baseline of its experiment.",
               "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient collapsed). "
               "**Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse).",
-              "- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, else *needs walk-back*."]
+              "- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, "
+              "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*."]
     if audit.unevaluated():
         lines += ["", "## D3 not evaluated", "", "These runs read \"D3 not evaluated\" instead of PASS:", ""]
         lines += [f"- {p}" for p in audit.unevaluated()]
