@@ -2,7 +2,7 @@
 measurements on synthetic data — no dataset file is read, no CIFAR-10 needed.
 
     python bench/bench_study.py [profile=cpu] [workers=2] [device=cpu] [steps=20] [with_baselines=0]
-                                [settings=all|NAME,NAME] [warmup=3] [json=FILE] [from=FILE] [key=value ...]
+                                [settings=all|NAME,NAME] [warmup=3] [json=FILE] [from=FILE[,FILE]] [key=value ...]
 
 What it does:
 
@@ -33,8 +33,9 @@ What it does:
 Prints the measured kinds, the projection per setting, the top ten (rule, architecture) costs, the
 whole study's projected wall time and each worker's peak memory (resident set; on CUDA also
 ``torch.cuda.max_memory_allocated``). ``json=FILE`` saves measurements and projection;
-``from=FILE`` re-projects saved measurements (e.g. for other settings of the same profile) without
-measuring. Other ``key=value`` items go to every run, as ``creditaudit sweep``'s do (``epochs=1``).
+``from=FILE[,FILE...]`` re-projects saved measurements (e.g. for other settings of the same profile)
+without measuring; of several files, per kind and figure the smallest (the least disturbed by other
+load on a shared machine). Other ``key=value`` items go to every run, as ``creditaudit sweep``'s do (``epochs=1``).
 See docs/performance.md.
 """
 from __future__ import annotations
@@ -528,6 +529,31 @@ def report(cfgs: list[TrainConfig], n_baselines: int, medians: dict[str, dict], 
             "runs": [{"run": f"{c.setting}/{C.run_path(c).name}", **p} for c, p in ok]}
 
 
+def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, int]:
+    """Saved measurements (``json=``); of several files, for every kind and figure the smallest:
+    on a shared machine other load only ever adds time, so the least disturbed of repeated bench
+    runs is the machine's own figure (files of one profile, device and worker count)."""
+    saved = [json.load(open(p)) for p in paths]
+    first = saved[0]
+    for p, s in zip(paths, saved):
+        what = ("profile", "device", "workers", "warmup")
+        if any(s[k] != first[k] for k in what):
+            sys.exit(f"{p}: measured with {', '.join(f'{k} {s[k]}' for k in what)}; {paths[0]}: "
+                     f"{', '.join(f'{k} {first[k]}' for k in what)} — combine like with like")
+    medians: dict[str, dict] = {}
+    for s in saved:
+        for key, m in s["medians"].items():
+            old = medians.get(key)
+            if old is None or "error" in old:
+                medians[key] = dict(m)
+            elif "error" not in m:
+                medians[key] = {k: min(v, m.get(k, v)) if k != "peak_rss_mib" else max(v, m.get(k, v)) for k, v in old.items()}
+    print(f"measurements from {', '.join(paths)} ({first['workers']} workers, {first['device']}"
+          + ("; per kind and figure the smallest" if len(paths) > 1 else "") + ")")
+    return (medians, min(s["worker_start_s"] for s in saved), min(s["parent_start_s"] for s in saved),
+            [r for s in saved for r in s.get("records", [])], first["workers"], first["warmup"])
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
     from creditaudit.sweep.processes import available_memory, default_workers
@@ -537,11 +563,14 @@ def main(argv: list[str]) -> None:
         sys.exit(f"options are key=value; python {sys.argv[0]} --help")
     opts = {k: v for k, v in (a.split("=", 1) for a in argv) if k in own}
     overrides = tuple(a for a in argv if a.split("=", 1)[0] not in own)  # to every run, as `creditaudit sweep` passes them
-    profile = opts.get("profile", "cpu")
+    saved = json.load(open(opts["from"].split(",")[0])) if "from" in opts else {}  # re-projecting: its profile, device, steps
+    profile = opts.get("profile", saved.get("profile", "cpu"))
+    if saved and profile != saved["profile"]:
+        sys.exit(f"from={opts['from']} holds measurements of profile {saved['profile']}, not {profile}")
     with_baselines = opts.get("with_baselines", "0").lower() in ("1", "true", "yes")
     settings = opts.get("settings", "all").split(",")
-    steps, warmup = int(opts.get("steps", 20)), int(opts.get("warmup", 3))
-    device = opts.get("device", "cpu")
+    steps, warmup = int(opts.get("steps", saved.get("steps", 20))), int(opts.get("warmup", 3))
+    device = opts.get("device", saved.get("device", "cpu"))
     cfgs, n_base = plan(profile, settings, with_baselines, overrides)
     workers = int(opts.get("workers", 0)) or default_workers()
     kinds: dict[str, TrainConfig] = {}
@@ -556,11 +585,7 @@ def main(argv: list[str]) -> None:
           + f"; load average {os.getloadavg()[0]:.2f} at start")
 
     if "from" in opts:
-        saved = json.load(open(opts["from"]))
-        medians, startup, records = saved["medians"], saved["worker_start_s"], saved.get("records", [])
-        parent_start = saved.get("parent_start_s", parent_start)
-        workers, warmup = saved["workers"], saved["warmup"]
-        print(f"measurements from {opts['from']} ({saved['workers']} workers, {saved['device']})")
+        medians, startup, parent_start, records, workers, warmup = load_measurements(opts["from"].split(","))
     else:
         t0 = time.perf_counter()
         print(f"\n  {'kind':<34}{'step ms':>8}{'eval s':>8}{'cheap s':>8}{'full s':>8}{'ckpt s':>8}{'load s':>8}"
