@@ -13,6 +13,7 @@ sweep trains as a baseline is, by construction, the one the reports pair with.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterable, Protocol, TypeVar
@@ -29,13 +30,19 @@ LOGGING_FIELDS = ("diag", "save_epochs")
 BASELINE_SETTINGS = ("frozen_baselines", CONTROLS)
 
 
-def experiment_key(config: dict[str, Any]) -> str:
-    """What a run shares with its baseline, as a canonical string (a config as in ``config.json``)."""
+@functools.lru_cache(maxsize=1)
+def _place_paths() -> tuple[str, ...]:
+    """The config's semantic=False fields (read once: every pairing of a report asks for them)."""
     from creditaudit.config import TrainConfig
     from creditaudit.typedconfig import non_semantic_paths
 
+    return tuple(non_semantic_paths(TrainConfig))
+
+
+def experiment_key(config: dict[str, Any]) -> str:
+    """What a run shares with its baseline, as a canonical string (a config as in ``config.json``)."""
     kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in CREDIT_FIELDS + LOGGING_FIELDS}))
-    for path in non_semantic_paths(TrainConfig):
+    for path in _place_paths():
         *parents, leaf = path.split(".")
         node = kept
         for p in parents:
