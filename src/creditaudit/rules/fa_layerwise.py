@@ -78,13 +78,15 @@ class FALayerwise(LayerwiseFeedbackRule):
                 fan_in = W[0].numel()
                 # uniform: U(±scale/√fan_in), PyTorch's default init; normal: the same variance
                 B = random_matrix(tuple(W.shape), 3 * fan_in, self.opts.init, self.opts.scale)
-            self.feedback[name] = B.to(ctx.device, torch.float32)
+            # the standard layout whatever W's (SmallCNN keeps its weights channels-last): a
+            # feedback restored from a checkpoint has it too, so a resumed run computes bit for bit
+            self.feedback[name] = B.to(ctx.device, torch.float32, memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def align_to_weights(self, model: CreditNet) -> None:
         """B = W for every patched layer (the current weights, copied; in W's dtype): BP exactly."""
         for name, m in self.layers(model):
-            self.feedback[name] = m.weight.detach().clone()
+            self.feedback[name] = m.weight.detach().clone(memory_format=torch.contiguous_format)
 
     def feedback_for(self, name: str, m: nn.Module) -> Tensor:
         return self.feedback[name]

@@ -112,7 +112,9 @@ class KP(LayerwiseFeedbackRule):
                 B = W.clone()
             else:  # uniform: U(±scale/√fan_in), PyTorch's default init; normal: the same variance
                 B = random_matrix(tuple(W.shape), 3 * W[0].numel(), self.opts.init, self.opts.scale, g)
-            self.feedback[name] = B.to(ctx.device, W.dtype)
+            # the standard layout whatever W's (SmallCNN keeps its weights channels-last), kept by
+            # every update below: a B restored from a checkpoint has it, so a resumed run computes bit for bit
+            self.feedback[name] = B.to(ctx.device, W.dtype, memory_format=torch.contiguous_format)
 
     def feedback_for(self, name: str, m: nn.Module) -> Tensor:
         return self.feedback[name]
@@ -148,7 +150,7 @@ class KP(LayerwiseFeedbackRule):
         """B' = W' + c·(B − W) for every layer the optimizer just stepped (c = 1 − lr·wd)."""
         for name, (m, W_old, c) in self._pending.items():
             W_new = m.weight.detach()
-            self.feedback[name] = W_new + c * (self.feedback[name] - W_old)
+            self.feedback[name] = (W_new + c * (self.feedback[name] - W_old)).contiguous()
         self._pending = {}
         layers = self._layers or self.layers(model)
         cos = torch.stack([alignment(self.feedback[n], m.weight) for n, m in layers])
