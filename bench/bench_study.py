@@ -208,7 +208,10 @@ def _init_worker(barrier, threads: int, prime: list[dict], device_name: str) -> 
     _BARRIER = barrier
     if threads:
         torch.set_num_threads(threads)
+    from creditaudit.train.allocator import keep_freed_memory
     from creditaudit.train.trainer import build_run, diagnose, resolve_device
+
+    keep_freed_memory()  # as train() does in a sweep worker
 
     device = resolve_device(device_name)
     for cfg_dict in prime:

@@ -31,6 +31,7 @@ from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.provenance import provenance
+from creditaudit.train.allocator import keep_freed_memory
 from creditaudit.train.objective import LocalUpdate, local_objective, parse_local_update, penalty
 
 class RunConfigMismatch(RuntimeError):
@@ -278,6 +279,7 @@ def train(
     # Data, model and rule first: a config that cannot run fails here, before any file is written.
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # large CPU tensors reuse freed pages (train/allocator.py)
     run = build_run(cfg, rule=rule)
     folder.path.mkdir(parents=True, exist_ok=True)
     with folder.lock():
