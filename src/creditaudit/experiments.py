@@ -101,8 +101,11 @@ for _p in (
     Profile("paper", "the study: CIFAR-10, full training set, the study's epochs (a GPU)", frozenset({SWEEP, AUDIT, EXPLOIT}),
             ("dataset=cifar10",), 1.0, audit_rules=MAIN6,
             exploit=("name=paper", "dataset=cifar10", "train_subset=0", "epochs=100", "early_epoch=5", "fit_steps=10000")),
-    Profile("cpu", "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2)", frozenset({SWEEP}),
-            ("dataset=fashion_mnist", "train_subset=20000"), 0.06, min_epochs=2),
+    # vit_mini's cost is set by its token count: patch 7 cuts a 28×28 image into 16 patches (17 tokens
+    # with cls) where patch 4 gives 49, 2.6× faster per step on one CPU thread (docs/performance.md).
+    Profile("cpu", "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2), vit_mini patch 7",
+            frozenset({SWEEP}), ("dataset=fashion_mnist", "train_subset=20000"), 0.06, min_epochs=2,
+            arch_overrides=(("vit_mini", ("patch=7",)),)),
     Profile("smoke", "scikit-learn digits, 1 epoch (5-epoch settings keep 2), d=32: seconds, for tests", frozenset({SWEEP, EXPLOIT}),
             ("dataset=digits", "train_subset=0", "d=32"), 0.0, keep_upto=0, min_epochs=1,
             arch_overrides=(("smallcnn", ("channels=4,8,8",)),), exploit_seeds=(42, 123),
