@@ -95,6 +95,9 @@ def test_inventory_counts_equal_the_folder(study):
     controls = [p for p in folders if p.parent.name == "controls"]
     assert f"| **Total training runs** | **{len(folders)}** ({len(folders)} finished) |" in text
     assert f"| Study runs + **added controls** (D3 baselines, `controls/`) | {len(folders) - len(controls)} + **{len(controls)}** |" in text
+    # every run folder is its own model: the added controls of one seed differ by epochs (and
+    # random labels), which their folder names carry
+    assert f"| **Unique models** (method × arch × seed × setting) | **{len(folders)}** |" in text
     epochs = sum(json.loads((p / "summary.json").read_text())["epochs_done"] for p in folders)
     assert f"| **Total training epochs** | **{epochs:,}** |" in text
     for setting, n in Counter(p.parent.name for p in folders).items():

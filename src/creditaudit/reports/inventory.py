@@ -91,7 +91,9 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
     controls = settings.get(CONTROLS, [])
     beyond = [r for r in runs if _beyond_study(r.setting)]
     combos = {(r.rule, arch_description(r)) for r in runs}
-    models = {(r.rule, arch_description(r), r.seed, r.setting) for r in runs}
+    # the architecture as its folder names it: an added control's label carries its epochs and
+    # random labels (bp_frozen__resmlp-ep2__s42), two models the description alone would merge
+    models = {(r.rule, r.arch, r.seed, r.setting) for r in runs}
     statuses = Counter(r.status for r in runs)
     total = f"**{len(runs)}**"
     if runs and not planned:
