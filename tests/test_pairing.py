@@ -73,7 +73,13 @@ def test_the_inventory_counts_added_controls_and_runs_beyond_the_study_apart(tmp
     from creditaudit.reports.inventory import inventory_markdown
 
     make_run(tmp_path, "main_audit", "fa", 42)
+    make_run(tmp_path, "main_audit", "bp_frozen", 42)
     make_run(tmp_path, "controls", "bp_frozen", 42, arch_label="resmlp-ep3")
+    make_run(tmp_path, "controls", "bp_frozen", 123, arch_label="resmlp-ep3")
     make_run(tmp_path, "extended_rules", "kp", 42)
     text = inventory_markdown(collect(tmp_path), tmp_path)
-    assert "| Study runs + **added controls** (D3 baselines, `controls/`) + runs beyond the study | 1 + **1** + 1 |" in text
+    assert "| Study runs + **added controls** (D3 baselines, `controls/`) + runs beyond the study | 2 + **2** + 1 |" in text
+    # a method's and an architecture's rows say how many of their runs are added controls
+    assert "| bp_frozen | 3 (of which 2 added controls) |" in text
+    assert "| fa | 1 |" in text
+    assert "| controls | 2 | 3 |" in text  # the setting's own row: all of them are

@@ -102,8 +102,10 @@ def test_inventory_counts_equal_the_folder(study):
     assert f"| **Total training epochs** | **{epochs:,}** |" in text
     for setting, n in Counter(p.parent.name for p in folders).items():
         assert f"| {setting} | {n} |" in text, setting
+    added = Counter(p.name.split("__")[0] for p in controls)
     for rule, n in Counter(p.name.split("__")[0] for p in folders).items():
-        assert f"| {rule} | {n} |" in text, rule
+        note = f" (of which {added[rule]} added controls)" if 0 < added[rule] < n else ""
+        assert f"| {rule} | {n}{note} |" in text, rule
 
 
 @pytest.mark.slow

@@ -74,10 +74,17 @@ def setting_description(name: str) -> str:
 
 
 def _count_row(name: str, runs: list[RunRecord], desc: str, *, statuses: bool = True) -> list[str]:
+    """``name | n [(k finished; other statuses)] [(of which c added controls)] | desc``: a row
+    mixing study runs and added controls says how many are controls, so its count compares with
+    the study's inventory (which lists no controls)."""
     counts = Counter(r.status for r in runs)
     finished = counts.pop("finished", 0)
     extra = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if statuses else ""
-    return [name, str(len(runs)) + (f" ({finished} finished; {extra})" if extra else ""), desc]
+    added = sum(r.setting == CONTROLS for r in runs)
+    count = str(len(runs)) + (f" ({finished} finished; {extra})" if extra else "")
+    if 0 < added < len(runs):
+        count += f" (of which {added} added control{'s' if added > 1 else ''})"
+    return [name, count, desc]
 
 
 def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
