@@ -19,6 +19,7 @@ a matrix B (W's shape) in place of every weight transpose inside the blocks and 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import preserved_buffers, random_matrix
+from creditaudit.rules._feedback import INITS, check_choice, check_positive, preserved_buffers, random_matrix
 from creditaudit.rules.base import Rule, RuleContext
 
 
@@ -237,3 +238,36 @@ class SignConcordantRule(LayerwiseFeedbackRule):
         ``_feedback.random_matrix``), drawn on the CPU from ``generator`` in module order."""
         return {name: random_matrix(shape, 1, init, scale * self.init_std[name], generator).abs().to(self.device)
                 for name, shape in self.weight_shapes.items()}
+
+
+@dataclass
+class RandomMagnitudeOptions:
+    """Distribution of the random magnitudes |R| in B = |R| ∘ sign(W) (``frsf``: R drawn once;
+    ``brsf``: redrawn after every update). Subclasses name their rule in ``rule``."""
+
+    rule: ClassVar[str] = ""
+    init: str = field(default="normal", metadata={"help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"})
+    scale: float = field(default=1.0, metadata={"help": "R has std scale·s (1: |B| has the spread of the layer's init)"})
+
+    def __post_init__(self) -> None:
+        check_choice(self.rule, "init", self.init, INITS)
+        check_positive(self.rule, "scale", self.scale)
+
+
+class RandomMagnitudeRule(SignConcordantRule):
+    """B = |R| ∘ sign(W) with random magnitudes R (``frsf``, ``brsf``): the generator's seed, the
+    layers' init stds and the current |R| are the checkpointed state (subclasses add theirs)."""
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.seed: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "init_std": dict(self.init_std), "magnitude": dict(self.magnitude)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.magnitude and set(state["magnitude"]) != set(self.magnitude):
+            raise ValueError(f"{self.name} checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}")
+        self.seed = state["seed"]
+        self.init_std = {k: float(v) for k, v in state["init_std"].items()}
+        self.magnitude = {k: v.to(self.device) for k, v in state["magnitude"].items()}

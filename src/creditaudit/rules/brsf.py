@@ -28,38 +28,33 @@ Defaults: init=normal, scale=1.0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator
-from creditaudit.rules._layerwise import SignConcordantRule
+from creditaudit.rules._feedback import feedback_generator
+from creditaudit.rules._layerwise import RandomMagnitudeOptions, RandomMagnitudeRule
 from creditaudit.rules.base import RULES, RuleContext
 
 
 @dataclass
-class BRSFOptions:
-    """Distribution of brSF's per-step magnitudes |R_t| in B_t = |R_t| ∘ sign(W_t)."""
+class BRSFOptions(RandomMagnitudeOptions):
+    """Distribution of brSF's per-step magnitudes |R_t| in B_t = |R_t| ∘ sign(W_t) (R_t redrawn
+    after every update, from the same distribution)."""
 
-    init: str = field(default="normal", metadata={"help": "entries of R_t: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"})
-    scale: float = field(default=1.0, metadata={"help": "R_t has std scale·s (1: |B| has the spread of the layer's init)"})
-
-    def __post_init__(self) -> None:
-        check_choice("brsf", "init", self.init, INITS)
-        check_positive("brsf", "scale", self.scale)
+    rule = "brsf"
 
 
 @RULES.register("brsf", "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every weight transpose, R_t redrawn each step")
-class BRSF(SignConcordantRule):
+class BRSF(RandomMagnitudeRule):
     Options = BRSFOptions
     name = "brsf"
 
     def __init__(self, options: BRSFOptions | None = None):
         super().__init__(options)
-        self.seed: int | None = None
         self.generator = torch.Generator(device="cpu")
         self.draws = 0  # R_0..R_{draws-1} drawn so far; the current one is R_{draws-1}
 
@@ -79,14 +74,10 @@ class BRSF(SignConcordantRule):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "draws": self.draws, "generator": self.generator.get_state(),
-                "init_std": dict(self.init_std), "magnitude": dict(self.magnitude)}
+        return {**super().state_dict(), "draws": self.draws, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.magnitude and set(state["magnitude"]) != set(self.magnitude):
-            raise ValueError(f"brsf checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}")
-        self.seed, self.draws = state["seed"], int(state["draws"])
+        super().load_state_dict(state)
+        self.draws = int(state["draws"])
         self.generator = torch.Generator(device="cpu")
         self.generator.set_state(state["generator"].cpu().to(torch.uint8).contiguous())
-        self.init_std = {k: float(v) for k, v in state["init_std"].items()}
-        self.magnitude = {k: v.to(self.device) for k, v in state["magnitude"].items()}

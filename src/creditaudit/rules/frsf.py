@@ -24,47 +24,27 @@ Defaults: init=normal, scale=1.0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator
-from creditaudit.rules._layerwise import SignConcordantRule
+from creditaudit.rules._feedback import feedback_generator
+from creditaudit.rules._layerwise import RandomMagnitudeOptions, RandomMagnitudeRule
 from creditaudit.rules.base import RULES, RuleContext
 
 
 @dataclass
-class FRSFOptions:
+class FRSFOptions(RandomMagnitudeOptions):
     """Distribution of frSF's fixed magnitudes |R| in B = |R| ∘ sign(W)."""
 
-    init: str = field(default="normal", metadata={"help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"})
-    scale: float = field(default=1.0, metadata={"help": "R has std scale·s (1: |B| has the spread of the layer's init)"})
-
-    def __post_init__(self) -> None:
-        check_choice("frsf", "init", self.init, INITS)
-        check_positive("frsf", "scale", self.scale)
+    rule = "frsf"
 
 
 @RULES.register("frsf", "fixed random-magnitude sign-concordant feedback: |R|∘sign(W) in place of every weight transpose, R drawn once")
-class FRSF(SignConcordantRule):
+class FRSF(RandomMagnitudeRule):
     Options = FRSFOptions
     name = "frsf"
-
-    def __init__(self, options: FRSFOptions | None = None):
-        super().__init__(options)
-        self.seed: int | None = None
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         super().setup(model, ctx)
         self.seed, g = feedback_generator()
         self.magnitude = self.random_magnitudes(g, self.opts.init, self.opts.scale)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "init_std": dict(self.init_std), "magnitude": dict(self.magnitude)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.magnitude and set(state["magnitude"]) != set(self.magnitude):
-            raise ValueError(f"frsf checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}")
-        self.seed = state["seed"]
-        self.init_std = {k: float(v) for k, v in state["init_std"].items()}
-        self.magnitude = {k: v.to(self.device) for k, v in state["magnitude"].items()}
