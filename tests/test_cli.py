@@ -37,6 +37,11 @@ def test_list_shows_every_registered_name(cli):
     for name in [*RULES.names(), *ARCHS.names(), *DATASETS.names()]:
         assert name in out
     assert "_frozen" in out and "_shallow" in out
+    from creditaudit.experiments import PROFILES, SETTINGS
+
+    for name in [*SETTINGS.names(), *PROFILES.names()]:
+        assert name in out
+    assert any(line.split()[:3] == ["paper", "audit,", "exploit,"] for line in out.splitlines())  # a profile's commands
 
 
 @pytest.mark.parametrize("args, message", [

@@ -530,11 +530,15 @@ def list_(options: bool) -> None:
         if registry is RULES:
             console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
                           + ("" if options else "; `creditaudit list --options` shows each rule's options"))
-        if registry is SETTINGS:
-            console.print("  profiles (--profile NAME of the commands named):")
-            for entry in PROFILES.entries():
-                console.print(f"    {entry.name} ({', '.join(sorted(entry.obj.commands))}): {entry.summary}")
         console.print()
+    profiles = Table(title="profiles (--profile NAME, for the commands named)", title_justify="left", show_header=False,
+                     box=None, pad_edge=False)
+    profiles.add_column(style="bold")
+    profiles.add_column(style="dim")
+    profiles.add_column()
+    for entry in PROFILES.entries():
+        profiles.add_row(entry.name, ", ".join(sorted(entry.obj.commands)), entry.summary)
+    console.print(profiles)
 
 
 # ---------------------------------------------------------------------------------------------
