@@ -39,33 +39,42 @@ class DFAOptions:
         check_positive("dfa", "scale", self.scale)
 
 
-@RULES.register("dfa", "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L")
-class DFA(Rule):
-    Options = DFAOptions
+class DirectProjectionRule(Rule):
+    """a_l = B_l s for a per-sample signal s (B, C) and fixed random B_l (n_l, C), l = 0..L,
+    reshaped to the shape of h_l: ``dfa`` (s = e_T) and ``drtp`` (s = −onehot y). Subclasses give
+    the signal and the fan of B_l's variance scale²/fan; the matrices are drawn in ``setup`` in the
+    order B_0..B_L from the run's feedback generator, and checkpointed."""
 
-    def __init__(self, options: DFAOptions | None = None):
+    def __init__(self, options: Any = None):
         super().__init__(options)
         self.device = torch.device("cpu")
         self.seed: int | None = None
         self.B: list[Tensor] = []  # B_0..B_L, each (n_l, C), float32, on self.device
+
+    def fan(self, n_l: int, C: int) -> int:
+        raise NotImplementedError
+
+    def signal(self, fwd: Forward, y: Tensor) -> Tensor:
+        """The per-sample signal s, (B, C)."""
+        raise NotImplementedError
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         """Draw B_0..B_L for the per-sample state shapes ``ctx.state_shapes``."""
         self.device = ctx.device
         self.seed, g = feedback_generator()
         C = ctx.num_classes
-        self.B = [random_matrix((math.prod(s), C), C, self.opts.init, self.opts.scale, g).to(self.device)
+        self.B = [random_matrix((math.prod(s), C), self.fan(math.prod(s), C), self.opts.init, self.opts.scale, g).to(self.device)
                   for s in ctx.state_shapes]
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
-        e = output_error(fwd.logits, y)  # (B, C)
+        s = self.signal(fwd, y)  # (B, C)
         if len(self.B) != len(fwd.hs):
-            raise ValueError(f"dfa holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states")
+            raise ValueError(f"{self.name} holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states")
         out = []
         for l, (B, h) in enumerate(zip(self.B, fwd.hs)):
-            if B.shape != (h[0].numel(), e.shape[1]):
-                raise ValueError(f"dfa: B_{l} has shape {tuple(B.shape)} but h_{l} needs ({h[0].numel()}, {e.shape[1]})")
-            out.append((e.to(h.dtype) @ B.to(h.dtype).T).view_as(h))  # (B, n_l) -> shape of h_l
+            if B.shape != (h[0].numel(), s.shape[1]):
+                raise ValueError(f"{self.name}: B_{l} has shape {tuple(B.shape)} but h_{l} needs ({h[0].numel()}, {s.shape[1]})")
+            out.append((s.to(h.dtype) @ B.to(h.dtype).T).view_as(h))  # (B, n_l) -> shape of h_l
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -75,3 +84,14 @@ class DFA(Rule):
         self.seed = state["seed"]
         self.B = [b.to(self.device, torch.float32) for b in state["B"]]
 
+
+@RULES.register("dfa", "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L")
+class DFA(DirectProjectionRule):
+    Options = DFAOptions
+    name = "dfa"
+
+    def fan(self, n_l: int, C: int) -> int:
+        return C  # variance scale²/C
+
+    def signal(self, fwd: Forward, y: Tensor) -> Tensor:
+        return output_error(fwd.logits, y)  # e_T

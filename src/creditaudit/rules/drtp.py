@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator, random_matrix
-from creditaudit.rules.base import RULES, Rule, RuleContext
+from creditaudit.models.base import Forward
+from creditaudit.rules._feedback import INITS, check_choice, check_positive
+from creditaudit.rules.base import RULES
+from creditaudit.rules.dfa import DirectProjectionRule
 
 
 @dataclass
@@ -53,37 +52,12 @@ class DRTPOptions:
 
 
 @RULES.register("drtp", "direct random target projection: a_l = B_l(−onehot y) with fixed random B_l; no error, no backward pass")
-class DRTP(Rule):
+class DRTP(DirectProjectionRule):
     Options = DRTPOptions
+    name = "drtp"
 
-    def __init__(self, options: DRTPOptions | None = None):
-        super().__init__(options)
-        self.device = torch.device("cpu")
-        self.seed: int | None = None
-        self.B: list[Tensor] = []  # B_0..B_L, each (n_l, C), float32, on self.device
+    def fan(self, n_l: int, C: int) -> int:
+        return n_l  # variance scale²/n_l: He-uniform for scale √2
 
-    def setup(self, model: CreditNet, ctx: RuleContext) -> None:
-        """Draw B_0..B_L for the per-sample state shapes ``ctx.state_shapes``."""
-        self.device = ctx.device
-        self.seed, g = feedback_generator()
-        C = ctx.num_classes
-        self.B = [random_matrix((math.prod(s), C), math.prod(s), self.opts.init, self.opts.scale, g).to(self.device)
-                  for s in ctx.state_shapes]
-
-    def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
-        if len(self.B) != len(fwd.hs):
-            raise ValueError(f"drtp holds {len(self.B)} projection matrices but the model has {len(fwd.hs)} states")
-        out = []
-        for l, (B, h) in enumerate(zip(self.B, fwd.hs)):
-            if B.shape[0] != h[0].numel():
-                raise ValueError(f"drtp: B_{l} has shape {tuple(B.shape)} but h_{l} has {h[0].numel()} features")
-            target = F.one_hot(y, B.shape[1]).to(h.dtype)  # (B, C): y*, from the labels alone
-            out.append(-(target @ B.to(h.dtype).T).view_as(h))  # B_l(−y*): (B, n_l) -> shape of h_l
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "B": list(self.B)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = state["seed"]
-        self.B = [b.to(self.device, torch.float32) for b in state["B"]]
+    def signal(self, fwd: Forward, y: Tensor) -> Tensor:
+        return -F.one_hot(y, fwd.logits.shape[1]).to(fwd.logits.dtype)  # −y*, from the labels alone
