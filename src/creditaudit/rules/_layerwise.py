@@ -210,6 +210,24 @@ class LayerwiseFeedbackRule(Rule):
 # ---------------------------------------------------------------------------------------------
 # Sign-concordant feedback: B = M ∘ sign(W)
 # ---------------------------------------------------------------------------------------------
+FEEDBACK_INITS = ("uniform", "normal", "weights")  # the initial B of fa_layerwise and kp
+
+
+def initial_feedback(W: Tensor, init: str, scale: float, device: torch.device, dtype: torch.dtype,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """A feedback matrix B for a layer with weights W (``init`` one of FEEDBACK_INITS): a copy of W
+    (``weights``), or i.i.d. entries with the variance of PyTorch's default init of the layer times
+    scale² (``uniform``: U(±scale/√fan_in); ``normal``: the same variance), drawn on the CPU from
+    ``generator`` (None: torch's global RNG). Returned on ``device`` in ``dtype`` and in the standard
+    layout whatever W's (SmallCNN keeps its weights channels-last): a B restored from a checkpoint
+    has that layout too, so a resumed run computes bit for bit."""
+    if init == "weights":
+        B = W.detach().clone()
+    else:
+        B = random_matrix(tuple(W.shape), 3 * W[0].numel(), init, scale, generator)
+    return B.to(device, dtype, memory_format=torch.contiguous_format)
+
+
 class SignConcordantRule(LayerwiseFeedbackRule):
     """B = M ∘ sign(W), sign(W) from the layer's current weights each time the layers are patched
     (so sign(B) = sign(W) at every step), M a per-layer magnitude: a number (``usf``) or a

@@ -36,12 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules._feedback import check_choice, check_positive, random_matrix
-from creditaudit.rules._layerwise import LayerwiseFeedbackRule, fa_forward, feedback_layers  # noqa: F401  (re-exported)
+from creditaudit.rules._feedback import check_choice, check_positive
+from creditaudit.rules._layerwise import (FEEDBACK_INITS, LayerwiseFeedbackRule, fa_forward, feedback_layers,  # noqa: F401  (re-exported)
+                                          initial_feedback)
 from creditaudit.rules.base import RULES, RuleContext
-
-LAYERWISE_INITS = ("uniform", "normal", "weights")
-
 
 @dataclass
 class FALayerwiseOptions:
@@ -51,7 +49,7 @@ class FALayerwiseOptions:
     scale: float = field(default=1.0, metadata={"help": "multiplies the bound/std of B (uniform, normal); 1 = the spread of PyTorch's default init of the layer"})
 
     def __post_init__(self) -> None:
-        check_choice("fa_layerwise", "init", self.init, LAYERWISE_INITS)
+        check_choice("fa_layerwise", "init", self.init, FEEDBACK_INITS)
         check_positive("fa_layerwise", "scale", self.scale)
 
 
@@ -71,16 +69,7 @@ class FALayerwise(LayerwiseFeedbackRule):
         self.device = ctx.device
         self.feedback = {}
         for name, m in self.layers(model):
-            W = m.weight.detach()
-            if self.opts.init == "weights":
-                B = W.clone()
-            else:
-                fan_in = W[0].numel()
-                # uniform: U(±scale/√fan_in), PyTorch's default init; normal: the same variance
-                B = random_matrix(tuple(W.shape), 3 * fan_in, self.opts.init, self.opts.scale)
-            # the standard layout whatever W's (SmallCNN keeps its weights channels-last): a
-            # feedback restored from a checkpoint has it too, so a resumed run computes bit for bit
-            self.feedback[name] = B.to(ctx.device, torch.float32, memory_format=torch.contiguous_format)
+            self.feedback[name] = initial_feedback(m.weight, self.opts.init, self.opts.scale, ctx.device, torch.float32)
 
     @torch.no_grad()
     def align_to_weights(self, model: CreditNet) -> None:

@@ -45,12 +45,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import check_choice, check_positive, feedback_generator, random_matrix
-from creditaudit.rules._layerwise import LayerwiseFeedbackRule, alignment
+from creditaudit.rules._feedback import check_choice, check_positive, feedback_generator
+from creditaudit.rules._layerwise import FEEDBACK_INITS, LayerwiseFeedbackRule, alignment, initial_feedback
 from creditaudit.rules.base import RULES, RuleContext
-
-KP_INITS = ("uniform", "normal", "weights")
-
 
 @dataclass
 class KPOptions:
@@ -60,7 +57,7 @@ class KPOptions:
     scale: float = field(default=1.0, metadata={"help": "multiplies the bound/std of B_0 (uniform, normal); 1 = the spread of PyTorch's default init of the layer"})
 
     def __post_init__(self) -> None:
-        check_choice("kp", "init", self.init, KP_INITS)
+        check_choice("kp", "init", self.init, FEEDBACK_INITS)
         check_positive("kp", "scale", self.scale)
 
 
@@ -107,14 +104,7 @@ class KP(LayerwiseFeedbackRule):
         self.seed, g = feedback_generator()
         self.feedback = {}
         for name, m in self.layers(model):
-            W = m.weight.detach()
-            if self.opts.init == "weights":
-                B = W.clone()
-            else:  # uniform: U(±scale/√fan_in), PyTorch's default init; normal: the same variance
-                B = random_matrix(tuple(W.shape), 3 * W[0].numel(), self.opts.init, self.opts.scale, g)
-            # the standard layout whatever W's (SmallCNN keeps its weights channels-last), kept by
-            # every update below: a B restored from a checkpoint has it, so a resumed run computes bit for bit
-            self.feedback[name] = B.to(ctx.device, W.dtype, memory_format=torch.contiguous_format)
+            self.feedback[name] = initial_feedback(m.weight, self.opts.init, self.opts.scale, ctx.device, m.weight.dtype, g)
 
     def feedback_for(self, name: str, m: nn.Module) -> Tensor:
         return self.feedback[name]
@@ -150,6 +140,7 @@ class KP(LayerwiseFeedbackRule):
         """B' = W' + c·(B − W) for every layer the optimizer just stepped (c = 1 − lr·wd)."""
         for name, (m, W_old, c) in self._pending.items():
             W_new = m.weight.detach()
+            # .contiguous(): B keeps the standard layout initial_feedback gave it (W may be channels-last)
             self.feedback[name] = (W_new + c * (self.feedback[name] - W_old)).contiguous()
         self._pending = {}
         layers = self._layers or self.layers(model)
