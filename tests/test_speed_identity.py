@@ -19,15 +19,10 @@ from creditaudit.train.trainer import train
 from tests.conftest import run_metrics, tiny_config
 
 
-def _smallcnn(seed: int = 0):
-    cfg = apply_overrides(TrainConfig(), ["arch=smallcnn", "d=32", "channels=4,8,8"])
-    torch.manual_seed(seed)
-    return build_model("smallcnn", cfg.model, (3, 16, 16), 10)
-
-
 def test_smallcnn_states_are_channels_last_with_the_nchw_values():
-    torch.manual_seed(1)
-    net = _smallcnn()
+    cfg = apply_overrides(TrainConfig(), ["arch=smallcnn", "d=32", "channels=4,8,8"])
+    torch.manual_seed(0)
+    net = build_model("smallcnn", cfg.model, (3, 16, 16), 10)
     ref = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     assert net.embed[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not ref.embed[0].weight.is_contiguous(memory_format=torch.channels_last)
