@@ -37,6 +37,17 @@ def _seed_and_one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _consoles_off_a_terminal(monkeypatch):
+    """The CLI prints as it does into a log whatever runs the tests (``pytest -s`` in a terminal of
+    any width included): tables 160 columns wide, other lines never wrapped."""
+    from creditaudit import cli
+
+    for console in (cli.console, cli.err_console):
+        monkeypatch.setattr(console, "width", 160)
+        monkeypatch.setattr(console, "soft_wrap", True)
+
+
 def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
     """A seconds-long run on the bundled digits data, one thread (bit-reproducible)."""
     shallow = any(o.startswith("rule=") and o.endswith("_shallow") for o in overrides)  # L=0: no depth to set

@@ -124,8 +124,8 @@ def study(tmp_path) -> tuple[Path, Path]:
 
 def _terminal_n(output: str, rule: str) -> str:
     """The n the audit's terminal table gives ``rule``: in the title when every rule has the same n,
-    else in its n column."""
-    m = re.search(r"\(n=(\d+) seeds each", output)
+    else in its n column. Words of a title may wrap onto the next line: whitespace, not spaces."""
+    m = re.search(r"\(n=(\d+)\s+seeds\s+each", output)
     if m:
         assert any(line.split()[:1] == [rule] for line in output.splitlines()), output
         return m.group(1)
@@ -133,6 +133,20 @@ def _terminal_n(output: str, rule: str) -> str:
     rows = [line.split() for line in output.splitlines() if line.split()[:1] == [rule]]
     assert len(rows) == 1, output
     return rows[0][header.index("n")]
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_the_terminal_output_does_not_depend_on_the_folders_path(study, tmp_path_factory, depth):
+    """The same study under a short and a long path prints the same lines but for the path itself:
+    a path's length never moves a line break (a fresh clone's temporary folder once broke a test)."""
+    results, _ = study
+    moved = tmp_path_factory.mktemp("moved").joinpath(*["a_rather_long_folder_name_" + "x" * 30] * depth, "results")
+    shutil.copytree(results, moved)
+    outputs = [audit_cli(str(root)) for root in (results, moved)]
+    assert [o.exit_code for o in outputs] == [0, 0], [o.output for o in outputs]
+    short, long = (o.output.replace(str(root), "RESULTS") for o, root in zip(outputs, (results, moved)))
+    assert short == long
+    assert "RESULTS/_reports/main_audit/audit.md" in short.splitlines()[-1]  # one line, whole
 
 
 def test_an_intact_study_is_collected_and_audited_in_full(study):

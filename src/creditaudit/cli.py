@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-# Off a terminal (logs, CI), rich would wrap tables at 80 columns: give them room instead.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False)
+# Off a terminal (logs, CI, a pipe) a line is a line: never wrapped, so a path or an error stays
+# whole for grep, whatever its length; tables get 160 columns there instead of rich's default 80.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -256,7 +257,7 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
     if not col.runs:
         raise FileNotFoundError(f"no readable run folders under {root}" + "".join(f"\n  {p}" for p in col.problems))
     for audit, paths in write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None):
-        console.print(audit_table(audit, f"audit — {root}/{audit.setting}"))
+        console.print(audit_table(audit, f"audit — {audit.setting}"))  # the folder is on the report line
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {p}")
         for p in audit.unevaluated():
