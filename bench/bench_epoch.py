@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from creditaudit.config import TrainConfig, apply_overrides
-from creditaudit.train.trainer import build_run, train_epoch
+from creditaudit.train.run import build_run, train_epoch
 
 
 class HandResMLP(nn.Module):

@@ -63,7 +63,7 @@ from creditaudit.config import TrainConfig
 from creditaudit.data.base import DATASETS, DataConfig, TensorDataset
 from creditaudit.data.pipeline import load_dataset
 from creditaudit.diagnostics import due
-from creditaudit.train.trainer import train_step
+from creditaudit.train.run import train_step
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic data of the study's shapes
@@ -209,7 +209,7 @@ def _init_worker(barrier, threads: int, prime: list[dict], device_name: str) -> 
     if threads:
         torch.set_num_threads(threads)
     from creditaudit.train.allocator import keep_freed_memory
-    from creditaudit.train.trainer import build_run, diagnose, resolve_device
+    from creditaudit.train.run import build_run, diagnose, resolve_device
 
     keep_freed_memory()  # as train() does in a sweep worker
 
@@ -260,7 +260,7 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
     (before each timed phase) whatever happens, so a failure never blocks the others."""
     from creditaudit.runs.checkpoint import save_checkpoint
     from creditaudit.runs.provenance import provenance
-    from creditaudit.train.trainer import build_run, diagnose, evaluate, resolve_device, run_state, train_step
+    from creditaudit.train.run import build_run, diagnose, evaluate, resolve_device, run_state, train_step
 
     started = time.time()
     out: dict[str, Any] = {"pid": os.getpid(), "started": started, "since_pool": started - start_wall}

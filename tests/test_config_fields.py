@@ -15,7 +15,7 @@ from creditaudit.models import ARCHS
 from creditaudit.models.base import ARCH_SPECIFIC_FIELDS, arch_fields
 from creditaudit.rules import RULES
 from creditaudit.rules.base import VARIANTS
-from creditaudit.train.trainer import build_run, train_step
+from creditaudit.train.run import build_run, train_step
 
 ALL_RULES = [r for base in RULES.names() for r in (base, *(f"{base}_{v}" for v in VARIANTS))]
 

@@ -127,7 +127,7 @@ def test_bp_with_penalty_is_autograd_of_ce_plus_penalty(tmp_path):
     (parameter for parameter) and differs from the step without penalty."""
     import copy
 
-    from creditaudit.train.trainer import build_run, train_step
+    from creditaudit.train.run import build_run, train_step
     from tests.conftest import tiny_config
 
     lam = 1e-2

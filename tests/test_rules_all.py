@@ -12,7 +12,8 @@ import torch
 
 from creditaudit.rules import RULES
 from creditaudit.rules.base import VARIANTS
-from creditaudit.train.trainer import build_run, train, train_step
+from creditaudit.train.run import build_run, train_step
+from creditaudit.train.trainer import train
 from tests.conftest import run_metrics, small_overrides, tiny_config
 
 

@@ -12,7 +12,8 @@ import pytest
 from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.sweep import processes
 from creditaudit.sweep.processes import RUN_MEMORY_BYTES, available_memory, default_workers, in_processes
-from creditaudit.train.trainer import build_run, train
+from creditaudit.train.run import build_run
+from creditaudit.train.trainer import train
 from tests.conftest import tiny_config
 
 GiB = 2**30

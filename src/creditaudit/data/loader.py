@@ -101,16 +101,49 @@ class DeviceLoader:
         g = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", epoch))
         return torch.randperm(self.num_samples, generator=g).to(self.x.device)
 
+    def augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The epoch's crop offsets (N, 2) and flips (N,), one per position in the epoch, or None
+        without augmentation."""
+        if self.augment != "crop_flip":
+            return None
+        g = torch.Generator(device=self.x.device).manual_seed(derive_seed(self.seed, "augment", epoch))
+        return draw_crop_flip(self.num_samples, g)
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x_batch (B, ...), y_batch (B,)) for epoch ``epoch``; a function of (seed, epoch) only."""
         order = self.order(epoch)
-        if self.augment == "crop_flip":
-            g = torch.Generator(device=self.x.device).manual_seed(derive_seed(self.seed, "augment", epoch))
-            offsets, flips = draw_crop_flip(self.num_samples, g)  # one draw per position in the epoch
+        aug = self.augmentation(epoch)
         bs = self.batch_size
         for i in range(len(self)):
             idx = order[i * bs : (i + 1) * bs]
             xb, yb = self.x[idx], self.y[idx]
-            if self.augment == "crop_flip":
-                xb = crop_flip(xb, offsets[i * bs : (i + 1) * bs], flips[i * bs : (i + 1) * bs])
+            if aug is not None:
+                xb = crop_flip(xb, aug[0][i * bs : (i + 1) * bs], aug[1][i * bs : (i + 1) * bs])
             yield xb, yb
+
+
+def stacked_epoch(loaders: list[DeviceLoader], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of several runs' loaders for ``epoch``, stacked on a leading run axis:
+    (R, B, ...) and (R, B), equal to ``torch.stack`` of each loader's own batch. Loaders over the
+    same tensors (a stack's runs share their data) are served by one gather and one augmentation
+    call for all R runs; the orders and augmentation draws stay each run's own."""
+    first = loaders[0]
+    if not all(l.x is first.x and l.batch_size == first.batch_size and l.augment == first.augment
+               and l.drop_last == first.drop_last for l in loaders):
+        yield from (tuple(torch.stack(parts) for parts in zip(*batch)) for batch in zip(*(l.epoch(epoch) for l in loaders)))
+        return
+    orders = torch.stack([l.order(epoch) for l in loaders])  # (R, N)
+    y = first.y if all(l.y is first.y for l in loaders) else torch.stack([l.y for l in loaders])  # (N,) or (R, N)
+    augs = [l.augmentation(epoch) for l in loaders]
+    offsets = torch.stack([a[0] for a in augs]) if augs[0] is not None else None  # (R, N, 2)
+    flips = torch.stack([a[1] for a in augs]) if augs[0] is not None else None  # (R, N)
+    R, bs = len(loaders), first.batch_size
+    for i in range(len(first)):
+        idx = orders[:, i * bs : (i + 1) * bs]  # (R, B)
+        xb = first.x[idx]  # (R, B, ...)
+        yb = y[idx] if y.dim() == 1 else y.gather(1, idx)
+        if offsets is not None:
+            b = idx.shape[1]
+            xb = crop_flip(xb.flatten(0, 1), offsets[:, i * bs : (i + 1) * bs].flatten(0, 1),
+                           flips[:, i * bs : (i + 1) * bs].flatten(0, 1)).view(R, b, *xb.shape[2:])
+        yield xb, yb

@@ -231,22 +231,21 @@ def per_sample_norm(h: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def preserved_buffers(module: nn.Module) -> Iterator[None]:
-    """Run an extra forward pass without a trace: every buffer (BatchNorm's running mean/var and
-    batch counter) is swapped for a copy for the duration and the original tensor put back after.
-    The originals are never written to, so a graph that saved them (BatchNorm's backward in the
-    trainer's local pass) stays valid. Outputs in training mode use batch statistics, so they do
-    not depend on this."""
-    saved = []
-    for m in module.modules():
-        for name, b in m._buffers.items():
-            if b is not None:
-                saved.append((m, name, b))
-                m._buffers[name] = b.clone()
+    """Run an extra forward pass without a trace: for the duration, BatchNorm layers in training
+    mode normalise with the batch's statistics as always but neither update their running
+    statistics nor count the batch (``track_running_stats`` is off). No buffer is written, so a
+    graph that saved them (BatchNorm's backward in the trainer's local pass) stays valid, and the
+    pass may run inside ``torch.func`` transforms, which refuse in-place writes to captured tensors.
+    Layers in eval mode already read their running statistics without writing them."""
+    switched = [m for m in module.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, name, b in saved:
-            m._buffers[name] = b
+        for m in switched:
+            m.track_running_stats = True
 
 
 def true_grads(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Tensor]]:

@@ -178,6 +178,7 @@ class EstimatorRule(Rule):
 
     Options = EstimatorOptions
     name: ClassVar[str] = "estimator"  # the registry name, for messages
+    stack_refusal = "trains an estimator of its own, with its own optimizer, in every step"
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.ctx = ctx

@@ -145,6 +145,7 @@ class LayerwiseFeedbackRule(Rule):
     checkpoint methods; ``name`` is the registered name, used in error messages."""
 
     name: ClassVar[str] = "layerwise"
+    stack_refusal = "patches the model's layers with custom autograd functions, which have no run-axis (vmap) rule yet"
 
     def __init__(self, options: Any = None):
         super().__init__(options)

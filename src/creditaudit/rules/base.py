@@ -9,6 +9,14 @@ rule trains an estimator of its own), and register it with ``@RULES.register("na
 Nothing in the trainer changes. Variants are derived by name for any rule: ``<rule>_frozen`` keeps
 the blocks at their random init (only embedding, terminal norm and head learn, the embedding from the
 rule's own credit a_0) and ``<rule>_shallow`` uses L=0.
+
+Stacks. Several runs of one rule can train as one program with a leading run axis
+(``creditaudit.train.stack``): the rule's code stays written for one run and ``torch.func.vmap``
+adds the axis around it. A rule stacks when ``credits`` is a function of the model, the batch and
+the rule's fixed state (tensors set in ``setup``, returned by ``state_dict``): derivatives taken with
+``torch.func`` (``vjp``, ``grad``, ``jvp``) rather than ``torch.autograd.grad``, no random draw,
+no state that changes during a step, no estimator of its own. Such a rule sets
+``stack_refusal = None``; any other rule states why it cannot, and runs alone.
 """
 from __future__ import annotations
 
@@ -58,9 +66,12 @@ class Rule:
     #: trained end to end by autograd on CE (BP); otherwise through the local update
     end_to_end: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
+    #: why runs of this rule cannot train in a stack (module docstring), or None when they can
+    stack_refusal: ClassVar[str | None] = "not declared stackable by its author (see creditaudit.rules.base: Stacks)"
 
     def __init__(self, options: Any = None):
         self.opts = options if options is not None else self.Options()
+        self._reported: dict[str, Tensor] = {}
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         """Build the rule's state (feedback matrices, estimators) for ``model``.
@@ -87,6 +98,16 @@ class Rule:
         layers here; the credits are computed inside it too.
         """
         return contextlib.nullcontext()
+
+    def report(self, **metrics: Tensor) -> None:
+        """Log scalar tensors about this step's credits (``rule/<key>``, averaged over the epoch);
+        called from ``credits``. The trainer collects them right after ``credits`` returns."""
+        self._reported = {**getattr(self, "_reported", {}), **metrics}
+
+    def reported(self) -> dict[str, Tensor]:
+        """The metrics :meth:`report`-ed since the last call (and forget them)."""
+        out, self._reported = getattr(self, "_reported", {}), {}
+        return out
 
     def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
         """Train the rule's own estimator on this batch, after the model's update; return scalar

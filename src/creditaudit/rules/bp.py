@@ -20,6 +20,7 @@ from creditaudit.rules.base import RULES, Rule
 @RULES.register("bp", "backprop: a_l = g_l exactly; trained end to end by autograd (gold-standard control)")
 class BP(Rule):
     end_to_end = True
+    stack_refusal = None
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         _, gs = true_grads(model, x, y)

@@ -52,6 +52,7 @@ class BRSFOptions(RandomMagnitudeOptions):
 class BRSF(RandomMagnitudeRule):
     Options = BRSFOptions
     name = "brsf"
+    stack_refusal = "redraws its feedback magnitudes in every step from its own generator, and patches the model's layers"
 
     def __init__(self, options: BRSFOptions | None = None):
         super().__init__(options)

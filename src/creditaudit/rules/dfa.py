@@ -45,6 +45,8 @@ class DirectProjectionRule(Rule):
     the signal and the fan of B_l's variance scale²/fan; the matrices are drawn in ``setup`` in the
     order B_0..B_L from the run's feedback generator, and checkpointed."""
 
+    stack_refusal = None
+
     def __init__(self, options: Any = None):
         super().__init__(options)
         self.device = torch.device("cpu")

@@ -125,6 +125,7 @@ def _upsampling(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, t
 @RULES.register("dtp", "difference target propagation: learned inverses g_l carry τ_L = h_L − η̂ g_L down; a_l = (h_l − τ_l)/η̂")
 class DTP(Rule):
     Options = DTPOptions
+    stack_refusal = "trains its inverse maps, with their own optimizer, in every step"
 
     def __init__(self, options: DTPOptions | None = None):
         super().__init__(options)

@@ -9,8 +9,8 @@ States s_0..s_L have the shapes of h_0..h_L; s_0 = h_0 is clamped. With F_l(s) =
 Free phase: the forward pass, s^0 = h (every ε_l = 0, E = 0). Nudged phase: T steps of gradient
 descent of size α on C_β over s_1..s_L from the free state, s ← s − α ∇_s C_β(s), giving s^β.
 The relaxation runs on the displacements δ_l = s_l − h_l (so a credit of size 1e-5 is not lost in
-the float32 rounding of an O(1) state), with autograd on detached states only: parameter ``.grad``
-is never touched, and buffers a forward pass may change (BatchNorm running statistics) are left as
+the float32 rounding of an O(1) state), with derivatives with respect to the states only
+(``creditaudit.autodiff``): parameter ``.grad`` is never touched, and buffers a forward pass may change (BatchNorm running statistics) are left as
 they were (``preserved_buffers``).
 
 Credit (``credit=displacement``, the default; the definition of docs/science.md §3), l = 1..L:
@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from creditaudit import autodiff
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
 from creditaudit.rules._options import check, check_choice, check_positive
 from creditaudit.rules.base import RULES, Rule
@@ -101,7 +102,10 @@ class _Nudged:
 
 
 def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, alpha: float, want_errors: bool) -> _Nudged:
-    """T steps of s ← s − α ∇_s C_β(s) from the free state s = h, on the displacements δ."""
+    """T steps of s ← s − α ∇_s C_β(s) from the free state s = h, on the displacements δ.
+
+    Derivatives with respect to the states are vector-Jacobian products of the functions that
+    produce them (``creditaudit.autodiff``), so the relaxation also runs with a run axis around it."""
     L = model.L
     blocks = model.blocks
     h0 = hs[0]
@@ -110,8 +114,7 @@ def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, a
         return beta * F.cross_entropy(model.readout(s_L), y, reduction="sum")
 
     if L == 0:  # nothing to relax: C_β = β·CE(H(N(s_0))), so ∂C_β/∂s_0 = β·g_0
-        s0 = h0.detach().requires_grad_(True)
-        (d_s0,) = torch.autograd.grad(nudge(s0), s0)
+        d_s0 = autodiff.grad(nudge, h0)
         return _Nudged([], [] if want_errors else None, d_s0, torch.ones((), device=h0.device))
 
     with torch.no_grad():
@@ -126,22 +129,28 @@ def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, a
         # l > L − t can be non-zero, so blocks below layer lo + 1 still predict their free state
         # exactly (ε = 0, no gradient) and are not evaluated.
         lo = max(1, L - t)  # lowest layer whose gradient can be non-zero at this step
-        ds = [d.requires_grad_(True) for d in deltas[lo - 1:]]  # δ_lo..δ_L
-        offs = [blocks[l - 1](hs[l - 1] + ds[l - 1 - lo])[0] - hs[l] for l in range(lo + 1, L + 1)]
-        errs = [ds[0].detach() - (off1 if lo == 1 else 0.0)] + [d.detach() - o.detach() for d, o in zip(ds[1:], offs)]
+
+        def offsets_and_nudge(*ds: Tensor, lo: int = lo) -> tuple[Tensor, ...]:  # ds = δ_lo..δ_L
+            offs = [blocks[l - 1](hs[l - 1] + ds[l - 1 - lo])[0] - hs[l] for l in range(lo + 1, L + 1)]
+            return (*offs, nudge(hs[L] + ds[-1]))
+
+        ds = deltas[lo - 1:]
+        outs, vjp = autodiff.vjp(offsets_and_nudge, *ds)
+        offs = outs[:-1]
+        errs = [ds[0] - (off1 if lo == 1 else 0.0)] + [d - o for d, o in zip(ds[1:], offs)]
         # ∇_{δ_l} C_β = ε_l − J_{l+1}ᵀ ε_{l+1} (+ β ∇CE at l = L): one state-only backward pass.
-        back = torch.autograd.grad([*offs, nudge(hs[L] + ds[-1])], ds, grad_outputs=[-e for e in errs[1:]] + [None])
+        back = vjp((*[-e for e in errs[1:]], torch.ones_like(outs[-1])))
         with torch.no_grad():
             grads = [e + b for e, b in zip(errs, back)]
             if t == 0 or t == T - 1:
                 last = sum(g.pow(2).sum() for g in grads)
                 first = last if t == 0 else first
-            deltas[lo - 1:] = [d.detach() - alpha * g for d, g in zip(ds, grads)]
+            deltas[lo - 1:] = [d - alpha * g for d, g in zip(ds, grads)]
 
     # At s^β: ∂C_β/∂s_0 = −J_1ᵀ ε_1 (the CE term does not see s_0 when L >= 1), and the errors.
-    s0 = h0.detach().requires_grad_(True)
     err1 = deltas[0] - off1
-    (d_s0,) = torch.autograd.grad(blocks[0](s0)[0], s0, grad_outputs=-err1)
+    _, vjp1 = autodiff.vjp(lambda s0: blocks[0](s0)[0], h0)
+    (d_s0,) = vjp1(-err1)
     errors = None
     if want_errors:
         with torch.no_grad():
@@ -153,16 +162,13 @@ def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, a
 @RULES.register("ep", "equilibrium propagation: a_l = −(s_l^β − s_l^free)/β on the prediction-error energy")
 class EP(Rule):
     Options = EPOptions
-
-    def __init__(self, options: EPOptions | None = None):
-        super().__init__(options)
-        self._metrics: dict[str, Tensor] = {}
+    stack_refusal = None
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         o = self.opts
         hs = [h.detach() for h in fwd.hs]
         want_errors = o.credit == "error"
-        with torch.enable_grad(), preserved_buffers(model):
+        with preserved_buffers(model):
             plus = _relax(model, hs, y, o.beta, o.T, o.alpha, want_errors)
             minus = _relax(model, hs, y, -o.beta, o.T, o.alpha, want_errors) if o.symmetric else None
         # One-sided: the reference is the free state (δ = 0, ε = 0, ∂C_0/∂s_0 = 0).
@@ -172,9 +178,5 @@ class EP(Rule):
         a0 = (plus.d_s0 - (minus.d_s0 if minus else 0.0)) / scale
         credits = [a0] + [-(p - m) / scale for p, m in zip(x_plus, x_minus)]
         ratio = plus.relax_ratio if minus is None else torch.maximum(plus.relax_ratio, minus.relax_ratio)
-        self._metrics = {"relax_ratio": ratio.detach()}
+        self.report(relax_ratio=ratio.detach())
         return [a.detach() for a in credits]
-
-    def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
-        metrics, self._metrics = self._metrics, {}
-        return metrics

@@ -8,7 +8,7 @@ Credit:  a_L     = J_N(h_L)ᵀ (B_H e_T),   e_T = softmax(o) − onehot(y) (per 
                                            a_{l−1} = B_l a_l)
          B_H is a fixed random C -> (shape of N's output) matrix used in place of the head's
          transpose; J_N is the terminal norm's *true* local Jacobian, applied as an autograd
-         vector-Jacobian product through ``model.norm`` at sg(h_L) (LayerNorm, vit_mini's LN of the
+         vector-Jacobian product (``creditaudit.autodiff``) through ``model.norm`` at sg(h_L) (LayerNorm, vit_mini's LN of the
          cls token — which sends credit to token 0 only —, or the identity).
 Block maps B_l (shape of h_l -> shape of h_{l−1}), ``structure``:
          dense  one (n_{l−1} × n_l) matrix on the flattened per-sample states (vectors (B, d): d×d;
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from creditaudit import autodiff
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import (INITS, check_choice, check_positive, output_error,
@@ -77,6 +78,7 @@ def apply_map(factors: list[Tensor], a: Tensor, out_shape: tuple[int, ...]) -> T
 @RULES.register("fa", "block-level feedback alignment: a_L = J_N^T B_H e_T, a_{l-1} = B_l a_l with fixed random B")
 class FA(Rule):
     Options = FAOptions
+    stack_refusal = None
 
     def __init__(self, options: FAOptions | None = None):
         super().__init__(options)
@@ -130,16 +132,15 @@ class FA(Rule):
     # -------------------------------------------------------------------------------------------
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         e = output_error(fwd.logits, y)  # (B, C)
-        h_L = fwd.hs[-1].detach().requires_grad_(True)
-        with torch.enable_grad(), preserved_buffers(model.norm):
-            z = model.norm(h_L)  # N's output, e.g. (B, d)
         if self.head is None:
             raise RuntimeError("fa: call setup(model, ctx) before asking for credits")
         if len(self.blocks) != model.L:
             raise ValueError(f"fa holds {len(self.blocks)} block maps but the model has {model.L} blocks")
+        with preserved_buffers(model.norm):
+            z, norm_vjp = autodiff.vjp(model.norm, fwd.hs[-1])  # N's output, e.g. (B, d)
         v = (e.to(z.dtype) @ self.head.to(z.dtype).T).view_as(z)  # B_H e_T, shape of N's output
-        (a,) = torch.autograd.grad(z, h_L, v)  # J_N(h_L)^T B_H e_T: the norm's true local VJP
-        credits = [a.detach()]
+        (a,) = norm_vjp(v)  # J_N(h_L)^T B_H e_T: the norm's true local VJP
+        credits = [a]
         for l in range(model.L, 0, -1):
             h_prev = fwd.hs[l - 1]
             b = apply_map(self.blocks[l - 1], a, tuple(h_prev.shape[1:]))

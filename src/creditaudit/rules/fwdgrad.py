@@ -88,6 +88,7 @@ def directional_derivatives(model: CreditNet, l: int, h: Tensor, y: Tensor, v: T
 @RULES.register("fwdgrad", "forward gradient: a_l = (g_l·v) v, v ~ N(0, I) per sample, by a forward-mode JVP (no backward pass)")
 class ForwardGradient(Rule):
     Options = FwdGradOptions
+    stack_refusal = "draws random tangent directions in every step from its own generator"
 
     def __init__(self, options: FwdGradOptions | None = None):
         super().__init__(options)

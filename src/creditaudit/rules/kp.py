@@ -91,6 +91,7 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
 class KP(LayerwiseFeedbackRule):
     Options = KPOptions
     name = "kp"
+    stack_refusal = "its feedback matrices change in every step (optimizer hooks), and it patches the model's layers"
 
     def __init__(self, options: KPOptions | None = None):
         super().__init__(options)

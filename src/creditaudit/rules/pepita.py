@@ -72,6 +72,7 @@ class PEPITAOptions:
 @RULES.register("pepita", "PEPITA: second forward pass on x + F e_T (fixed random F); a_l = h_l − h_l(modulated)")
 class PEPITA(Rule):
     Options = PEPITAOptions
+    stack_refusal = "draws its feedback matrix F at the first batch, whose input shape its context does not give"
 
     def __init__(self, options: PEPITAOptions | None = None):
         super().__init__(options)
@@ -79,7 +80,6 @@ class PEPITA(Rule):
         self.seed: int | None = None
         self._gen: torch.Generator | None = None
         self.F: Tensor | None = None  # (n_in, C), float32, on self.device; drawn at the first batch
-        self._metrics: dict[str, Tensor] = {}
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
@@ -103,12 +103,8 @@ class PEPITA(Rule):
         shift = self.modulation(x, e)  # (B, ...) like x
         with torch.no_grad(), preserved_buffers(model):
             mod = model.run(x + shift)  # the modulated pass: h_0^m..h_L^m
-        self._metrics = {"mod_ratio": (shift.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()}
+        self.report(mod_ratio=(shift.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
         return [(h.detach() - hm).to(h.dtype) for h, hm in zip(fwd.hs, mod.hs)]
-
-    def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
-        metrics, self._metrics = self._metrics, {}
-        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         # F is drawn from a generator seeded with ``seed`` and used for nothing else: the seed

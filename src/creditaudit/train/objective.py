@@ -83,8 +83,9 @@ def local_term(rule: LocalUpdate, out: Tensor, state: Tensor, credit: Tensor) ->
     return 0.5 * (u - target).pow(2).sum(1).mean()
 
 
-def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalUpdate, lam: float, train_blocks: bool) -> Tensor:
-    """The sum above, without the CE readout term (the caller adds it)."""
+def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalUpdate, lam: float | Tensor, train_blocks: bool) -> Tensor:
+    """The sum above, without the CE readout term (the caller adds it). ``lam`` may be a 0-d tensor
+    (a run's value in a stack), which always adds the penalty term."""
     if len(credits) != len(fwd.hs):
         raise ValueError(f"a rule returned {len(credits)} credits for {len(fwd.hs)} states h_0..h_L")
     for l, (a, h) in enumerate(zip(credits, fwd.hs)):
@@ -95,11 +96,11 @@ def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalUpdate, l
         for l in range(1, len(fwd.hs)):
             f = fwd.fs[l - 1]
             total = total + local_term(rule, f, fwd.hs[l], credits[l])
-        if lam:
+        if isinstance(lam, Tensor) or lam:
             total = total + penalty(fwd, lam)
     return total
 
 
-def penalty(fwd: Forward, lam: float) -> Tensor:
+def penalty(fwd: Forward, lam: float | Tensor) -> Tensor:
     """lam · Σ_l mean_b ||f_l||²: the per-block penalty on each branch output (every rule's, BP's too)."""
     return lam * sum(_per_sample(f).pow(2).sum(1).mean() for f in fwd.fs)

@@ -1,0 +1,467 @@
+"""Several runs of one kind trained as one program, with a leading run axis (docs/performance.md).
+
+A study trains many tiny networks: on a GPU one run per process leaves most of the card idle, a step
+being a few hundred small kernels. Runs of one *kind* — the same rule, architecture, sizes, batch,
+data and schedule — differ only in numbers (seed, penalty λ, random labels), so they can share
+every kernel: each parameter, buffer, optimizer state and fixed rule tensor of the R runs is
+stacked on a new leading axis, and one step
+
+1. evaluates :func:`creditaudit.train.run.step_objective` — the same function, written for one run,
+   that a run alone calls — under ``torch.func.vmap`` over that axis, with the template model and
+   rule reparametrised by each run's tensors (the rule's code never sees the run axis);
+2. sums the R objectives and backpropagates once: the runs share no parameter, so each run's
+   gradient is exactly its own;
+3. steps one AdamW over the stacked parameters: its update is elementwise, so this is each run's
+   AdamW, with its own moments, weight decay and (shared) learning-rate schedule.
+
+Nothing leaks between runs: BatchNorm statistics, LayerNorm and every reduction inside the rule and
+the objective are per run under vmap; each run's batches come from its own order and augmentation
+draws (``data.loader.stacked_epoch``); a run that diverges stops (its folder says so) while the
+others go on. Each run keeps its folder, config, metrics, checkpoints, lock, resume and
+diagnostics: the stack writes its tensors back into each run (:meth:`Stack.unstack`) before the
+run's :class:`~creditaudit.train.trainer.RunSession` closes the epoch, so a checkpoint written in a
+stack resumes alone and the reverse. A run trained in a stack gives the metrics it gives alone, to
+float rounding (batched matrix products round differently): ``tests/test_stack.py``.
+
+On CUDA, ``graph=True`` captures a step of each batch shape in a CUDA graph after two eager steps
+(the full batches and the last, partial one each get theirs) and replays it: one launch per step
+instead of hundreds. The optimizer is then capturable with its learning rate a device tensor, and
+the step's metrics stay on the device until the epoch ends.
+
+Which runs stack: :func:`why_not_stacked` (a rule declares it, ``rules/base.py``), and runs of one
+kind share a :func:`stack_key`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn import functional as F
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
+
+from creditaudit import config as C
+from creditaudit.config import TrainConfig
+from creditaudit.data import TensorDataset, load_dataset
+from creditaudit.data.loader import stacked_epoch
+from creditaudit.rules.base import RULES, Rule, parse_rule_name
+from creditaudit.runs.folder import RunLockedError
+from creditaudit.train import run as R
+from creditaudit.train.allocator import keep_freed_memory
+from creditaudit.train.run import Run, step_objective
+from creditaudit.train.trainer import Reporter, RunSession, open_session, prepare
+
+#: eager steps of a batch shape before its step is captured in a CUDA graph (graph=True)
+GRAPH_WARMUP = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Which runs stack, and with which
+# ---------------------------------------------------------------------------------------------
+def why_not_stacked(cfg: TrainConfig) -> str | None:
+    """Why runs of ``cfg``'s rule cannot train in a stack (one line), or None when they can."""
+    cls = RULES.get(parse_rule_name(cfg.rule)[0])
+    if cls.stack_refusal:
+        return f"{cfg.rule}: {cls.stack_refusal}"
+    if cls.step is not Rule.step:
+        return f"{cfg.rule}: trains something of its own in step()"
+    return None
+
+
+def stack_key(cfg: TrainConfig) -> str:
+    """Runs whose keys are equal can train in one stack: everything that shapes a step is equal —
+    rule and its options, architecture and sizes, batch, data, epochs and schedule, device — and
+    only numbers differ: seed, λ (when both are non-zero), random labels, and what is per run
+    anyway (folder, diagnostics, checkpoints kept)."""
+    d = C.to_dict(cfg)
+    for per_run in ("seed", "setting", "results", "arch_label", "save_epochs", "progress", "logger",
+                    "logger_dir", "threads", "eval_batch_size", "diag"):
+        d.pop(per_run, None)
+    d["lam"] = bool(d["lam"])  # the penalty term exists or not; its weight is a number
+    d["data"].pop("random_labels", None)
+    return json.dumps(d, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    x: Tensor  # static inputs, (R, B, ...) and (R, B)
+    y: Tensor
+
+
+class Stack:
+    """R runs of one kind (fresh, or resumed at the same step) as one model with a run axis."""
+
+    def __init__(self, runs: list[Run], *, graph: bool = False):
+        if len({(r.epoch, r.step) for r in runs}) != 1:
+            raise ValueError("runs of a stack must be at the same epoch and step")
+        self.runs = runs
+        first = runs[0]
+        self.cfg, self.device = first.cfg, first.device
+        self.graphed = graph and self.device.type == "cuda"
+        # The template: its own tensors are never read (every call reparametrises it).
+        self.model = copy.deepcopy(first.model)
+        self.rule = copy.deepcopy(first.rule)
+        self.step_count, self.total_steps = first.step, first.total_steps
+
+        self.params = {n: torch.stack([_named(r.model.named_parameters())[n].detach() for r in runs]).requires_grad_(p.requires_grad)
+                       for n, p in first.model.named_parameters()}
+        self.buffers = {n: torch.stack([_named(r.model.named_buffers())[n] for r in runs]) for n, _ in first.model.named_buffers()}
+        self.optimizer = self._optimizer()
+
+        # The rule's fixed tensors (its state_dict's tensor leaves), stacked; the rest is run 0's.
+        flat = [pytree.tree_flatten(r.rule.state_dict()) for r in runs]
+        self.rule_spec = flat[0][1]
+        if any(spec != self.rule_spec for _, spec in flat):
+            raise ValueError(f"{self.cfg.rule}: the rule's state differs in structure between the runs of a stack")
+        self.rule_leaves = flat[0][0]
+        self.rule_tensors = [torch.stack([leaves[i] for leaves, _ in flat]) for i, v in enumerate(self.rule_leaves)
+                             if isinstance(v, Tensor)]
+
+        lams = [r.cfg.lam for r in runs]
+        self.lam = torch.tensor(lams, device=self.device) if any(lams) else None  # (R,), a number per run
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self._seen: dict[tuple[int, ...], int] = {}
+        self._sums: dict[str, Tensor] = {}  # per-run metric sums of the epoch, (R,) each, on device
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    # ---- building ---------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """One AdamW over the stacked parameters, with the runs' parameter groups and options;
+        moments stacked from the runs' own when they resume."""
+        first = self.runs[0]
+        name_of = {id(p): n for n, p in first.model.named_parameters()}
+        groups = []
+        for g in first.optimizer.param_groups:
+            options = {k: v for k, v in g.items() if k != "params"}
+            if self.graphed:
+                options.update(capturable=True, foreach=True, lr=torch.tensor(float(g["lr"]), device=self.device))
+            groups.append({**options, "params": [self.params[name_of[id(p)]] for p in g["params"]]})
+        opt = torch.optim.AdamW(groups)
+        per_run = [[p for g in r.optimizer.param_groups for p in g["params"]] for r in self.runs]
+        for i, stacked in enumerate(p for g in opt.param_groups for p in g["params"]):
+            states = [r.optimizer.state.get(params[i]) for r, params in zip(self.runs, per_run)]
+            if not any(states):
+                continue
+            step = states[0]["step"]
+            opt.state[stacked] = {
+                "step": step.to(self.device) if self.graphed else step.clone(),
+                **{k: torch.stack([s[k] for s in states]) for k in states[0] if k != "step"},
+            }
+        return opt
+
+    def unstack(self) -> None:
+        """Write every run's slice back into its own model, optimizer state and step count: each
+        run is then what it would be alone (its checkpoint, probes and evaluation read it)."""
+        with torch.no_grad():
+            for r, run in enumerate(self.runs):
+                for n, p in run.model.named_parameters():
+                    p.copy_(self.params[n][r])
+                for n, b in run.model.named_buffers():
+                    b.copy_(self.buffers[n][r])
+                own = [p for g in run.optimizer.param_groups for p in g["params"]]
+                stacked = [p for g in self.optimizer.param_groups for p in g["params"]]
+                for p, s in zip(own, stacked):
+                    state = self.optimizer.state.get(s)
+                    if state:
+                        run.optimizer.state[p] = {
+                            "step": state["step"].detach().to("cpu", torch.float32).clone(),
+                            **{k: v[r].clone() for k, v in state.items() if k != "step"},
+                        }
+                run.step = self.step_count
+
+    # ---- one step ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _bound(self, params: dict[str, Tensor], buffers: dict[str, Tensor], rule_tensors: list[Tensor]) -> Iterator[None]:
+        """The template model and rule as one run: its parameters, buffers and rule tensors."""
+        tensors = iter(rule_tensors)
+        leaves = [next(tensors) if isinstance(v, Tensor) else v for v in self.rule_leaves]
+        self.rule.load_state_dict(pytree.tree_unflatten(leaves, self.rule_spec))
+        with _reparametrize_module(self.model, {**params, **buffers}):
+            yield
+
+    def _one_run(self, params, buffers, rule_tensors, x, y, lam):
+        """One run's step objective and figures (called under vmap: every tensor is one run's)."""
+        with self._bound(params, buffers, rule_tensors), self.rule.local_forward(self.model):
+            out = step_objective(self.model, self.rule, x, y, lam=0.0 if lam is None else lam,
+                                 local_rule=self.runs[0].local_rule, train_blocks=self.runs[0].train_blocks)
+        logits = out.logits.detach()
+        return out.objective, {"loss_sum": out.loss.detach() * y.shape[0], "correct": (logits.argmax(1) == y).sum(),
+                               **{f"rule/{k}": v.detach() for k, v in out.metrics.items()}}
+
+    def _step(self, x: Tensor, y: Tensor) -> None:
+        """Forward, backward and optimizer step of all runs; figures added to the epoch's sums."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(x, y)
+        self.optimizer.step()
+
+    def backward(self, x: Tensor, y: Tensor) -> None:
+        """Every run's gradients for this batch (accumulated into ``.grad``) and its figures added
+        to the epoch's sums; nothing here reads a value back to the host."""
+        lam_dim = None if self.lam is None else 0
+        with _batchable_kernels():
+            objectives, figures = vmap(self._one_run, in_dims=(0, 0, 0, 0, 0, lam_dim), randomness="error")(
+                self.params, self.buffers, self.rule_tensors, x, y, self.lam)
+        objectives.sum().backward()
+        for k, v in figures.items():
+            if k in self._sums:
+                self._sums[k] += v
+            else:
+                self._sums[k] = v.clone()
+
+    def _set_lr(self) -> None:
+        lr = self.cfg.optim.lr * R.lr_factor(self.cfg, self.step_count, self.total_steps)
+        for g in self.optimizer.param_groups:
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> None:
+        """One step of every run on its batch: x (R, B, ...), y (R, B)."""
+        self._set_lr()
+        if not self.graphed:
+            self._step(x, y)
+        else:
+            self._graphed_step(x, y)
+        self.step_count += 1
+
+    def _graphed_step(self, x: Tensor, y: Tensor) -> None:
+        key = tuple(x.shape)
+        g = self._graphs.get(key)
+        if g is not None:
+            g.x.copy_(x)
+            g.y.copy_(y)
+            g.graph.replay()
+            return
+        self._seen[key] = self._seen.get(key, 0) + 1
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            if self._seen[key] <= GRAPH_WARMUP:  # real steps, eager: lazy initialisation happens here
+                self._step(x, y)
+            else:
+                g = _Graph(torch.cuda.CUDAGraph(), x.clone(), y.clone())
+                self.optimizer.zero_grad(set_to_none=True)  # the graph allocates its gradients
+                with torch.cuda.graph(g.graph, stream=side):
+                    self._step(g.x, g.y)
+                self._graphs[key] = g
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if g is not None:
+            g.graph.replay()  # capturing did not run the step
+
+    # ---- one epoch --------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> list[dict[str, float]]:
+        """One pass of every run over its training set; each run's epoch figures. The figures
+        stay on the device until the epoch ends (one synchronisation)."""
+        self.model.train()
+        for v in self._sums.values():
+            v.zero_()
+        n_steps, seen = 0, 0
+        for x, y in stacked_epoch([r.loader for r in self.runs], epoch):
+            self.train_step(x, y)
+            n_steps += 1
+            seen += y.shape[1]
+        sums = {k: v.double().cpu().tolist() for k, v in self._sums.items()}
+        return [{"train/loss": sums["loss_sum"][r] / max(seen, 1), "train/acc": sums["correct"][r] / max(seen, 1),
+                 **{k: v[r] / n_steps for k, v in sums.items() if k.startswith("rule/")}}
+                for r in range(len(self))]
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, batch_size: int) -> list[tuple[float, float]]:
+        """Every run's mean CE and accuracy on (x, y), shared test data, in eval mode: the run
+        axis over :func:`~creditaudit.train.run.evaluate`'s computation."""
+        self.model.eval()
+
+        def one(params, buffers, xb, yb):
+            with _reparametrize_module(self.model, {**params, **buffers}):
+                logits = self.model(xb)
+            return F.cross_entropy(logits, yb, reduction="sum").double(), (logits.argmax(1) == yb).sum()
+
+        loss = torch.zeros(len(self), device=x.device, dtype=torch.float64)
+        correct = torch.zeros(len(self), device=x.device, dtype=torch.long)
+        for i in range(0, x.shape[0], batch_size):
+            with _batchable_kernels():
+                l, c = vmap(one, in_dims=(0, 0, None, None))(self.params, self.buffers, x[i : i + batch_size], y[i : i + batch_size])
+            loss += l
+            correct += c
+        self.model.train()
+        n = max(x.shape[0], 1)
+        return [(lo / n, co / n) for lo, co in zip(loss.tolist(), correct.tolist())]
+
+
+def _named(pairs) -> dict[str, Tensor]:
+    return dict(pairs)
+
+
+def _batchable_kernels() -> contextlib.AbstractContextManager:
+    """Attention as its plain matrix products (the fused kernels have no run-axis rule in vmap,
+    which would loop over the runs one by one)."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a stack of runs in their folders
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StackResult:
+    """What became of one run of a stack."""
+
+    cfg: TrainConfig
+    status: str  # a run status (runs/folder.py), or "locked" when another process holds it
+    summary: dict | None = None
+    error: str | None = None
+
+
+class _SharedData:
+    """Builds the runs of a stack with one copy of their data on the device: runs whose datasets are
+    equal share the tensors (a stack's runs differ in seed, which the data depends on only through
+    random labels)."""
+
+    def __init__(self) -> None:
+        self.datasets: list[TensorDataset] = []
+        self.rng: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+    def build(self, cfg: TrainConfig) -> Run:
+        data = load_dataset(cfg.data, cfg.seed)
+        for known in self.datasets:
+            if _same_data(known, data):
+                data = known
+                break
+        else:
+            data = data.to(R.resolve_device(cfg.device))
+            self.datasets.append(data)
+        return R.build_run(cfg, data=data)
+
+
+def _same_data(a: TensorDataset, b: TensorDataset) -> bool:
+    return (a.name == b.name and a.augment == b.augment and a.x_train.shape == b.x_train.shape
+            and torch.equal(a.y_train.cpu(), b.y_train.cpu()) and torch.equal(a.x_train.cpu(), b.x_train.cpu())
+            and torch.equal(a.x_test.cpu(), b.x_test.cpu()) and torch.equal(a.y_test.cpu(), b.y_test.cpu()))
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def train_stack(cfgs: list[TrainConfig], *, stop_after: int | None = None, graph: bool = False) -> list[StackResult]:
+    """Train (or resume, or skip) the runs ``cfgs`` name as stacks: one result per config, in order.
+
+    Every config must share one :func:`stack_key` and stack (:func:`why_not_stacked`). Finished
+    runs are skipped, runs another process holds are ``locked``, and the others are opened like a
+    run alone (locked, resumed from their checkpoints); runs at the same step train as one stack
+    (resumed runs at different epochs form stacks of their own, one after another). A failure of
+    one run's own work (its diagnostics, its files) fails that run only; a failure of the shared
+    step fails every run of its stack."""
+    cfgs = [prepare(c) for c in cfgs]
+    keys = {stack_key(c) for c in cfgs}
+    if len(keys) > 1:
+        raise ValueError("train_stack: the configs are not of one kind (they differ in more than seed and λ)")
+    for c in cfgs:
+        reason = why_not_stacked(c)
+        if reason:
+            raise ValueError(f"train_stack: {reason}")
+    if cfgs[0].threads:
+        torch.set_num_threads(cfgs[0].threads)
+    keep_freed_memory()
+    results: list[StackResult | None] = [None] * len(cfgs)
+    shared = _SharedData()
+    with contextlib.ExitStack() as held:
+        sessions: dict[int, RunSession] = {}
+        rng: dict[int, tuple[Tensor, Tensor | None]] = {}
+        for i, cfg in enumerate(cfgs):
+            try:
+                session = held.enter_context(open_session(cfg, Reporter(), build=shared.build))
+            except RunLockedError as exc:
+                results[i] = StackResult(cfg, "locked", error=str(exc))
+                continue
+            except Exception as exc:
+                results[i] = StackResult(cfg, "failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if isinstance(session, RunSession):
+                sessions[i] = session
+                rng[i] = _rng_state(session.run.device)  # the run's own RNG, as it would be alone
+            else:
+                results[i] = StackResult(cfg, "finished", summary=session)
+        by_step: dict[tuple[int, int], list[int]] = {}
+        for i, s in sessions.items():
+            by_step.setdefault((s.run.epoch, s.run.step), []).append(i)
+        for members in by_step.values():
+            for i, summary in _train_members([sessions[i] for i in members], [rng[i] for i in members],
+                                             stop_after=stop_after, graph=graph).items():
+                results[members[i]] = StackResult(cfgs[members[i]], summary["status"], summary, summary.get("error"))
+    return results  # type: ignore[return-value]
+
+
+def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | None]], *, stop_after: int | None,
+                   graph: bool) -> dict[int, dict]:
+    """The epochs of one stack; the closing summary of every member (by position)."""
+    done: dict[int, dict] = {}
+
+    def per_run(i: int, fn, *args, **kwargs):
+        """``fn`` for member i with its own RNG state; a failure closes that run only."""
+        _set_rng_state(rng[i], sessions[i].run.device)
+        try:
+            with sessions[i].recording():
+                return fn(*args, **kwargs)
+        except Exception:
+            done[i] = sessions[i].summary or {"status": "failed"}
+            return None
+
+    for i in range(len(sessions)):
+        per_run(i, sessions[i].begin)
+    live = [i for i in range(len(sessions)) if i not in done]
+    if not live:
+        return done
+    cfg = sessions[live[0]].run.cfg
+    stack = Stack([s.run for s in sessions], graph=graph)
+    try:
+        while live and sessions[live[0]].run.epoch < cfg.epochs:
+            if stop_after is not None and sessions[live[0]].run.epoch >= stop_after:
+                for i in live:
+                    done[i] = sessions[i].write_summary("interrupted")
+                return done
+            epoch = sessions[live[0]].run.epoch
+            t0 = time.perf_counter()
+            trained = stack.train_epoch(epoch)
+            data = sessions[live[0]].run.data
+            tests = stack.evaluate(data.x_test, data.y_test, cfg.eval_batch_size)
+            stack.unstack()
+            share = (time.perf_counter() - t0) / len(live)  # each live run's part of the stack's time
+            for i in list(live):
+                ended = per_run(i, sessions[i].end_epoch, trained[i], share, test=tests[i], extra={"stack/runs": len(live)})
+                if i in done:
+                    live.remove(i)
+                elif ended is not None:
+                    done[i] = ended
+                    live.remove(i)
+    except KeyboardInterrupt:
+        for i in live:
+            done[i] = sessions[i].write_summary("interrupted")
+        raise
+    except Exception as exc:  # the shared step failed: every live run of the stack with it
+        for i in live:
+            done[i] = sessions[i].write_summary("failed", error=f"{type(exc).__name__}: {exc}")
+        return done
+    for i in live:
+        done[i] = sessions[i].write_summary("finished")
+    return done
