@@ -1,5 +1,5 @@
-"""`creditaudit sweep --backend ray` against a local Ray cluster: one run per task, the results
-folder as the meeting point, failures isolated, nothing trained twice."""
+"""`creditaudit sweep --backend ray` against a local Ray cluster: one job (a run, or a stack of
+runs) per task, the results folder as the meeting point, failures isolated, nothing trained twice."""
 from __future__ import annotations
 
 import json
@@ -114,13 +114,16 @@ def test_ray_backend_trains_each_run_once_and_isolates_a_failure(tmp_path, ray_e
 
 @pytest.mark.slow
 def test_sweep_cli_on_an_existing_ray_cluster(tmp_path, ray_cluster):
+    """Three runs of one kind with --stack 2: a task trains a stack of two, another the third."""
     results = tmp_path / "results"
     args = ["sweep", "no_residual", "--profile", "smoke", "--backend", "ray", "--address", ray_cluster,
-            f"results={results}"]
+            "--stack", "2", f"results={results}"]
     out = CliRunner().invoke(main, args, catch_exceptions=False)
     assert out.exit_code == 0, out.output
     cfgs = expand("no_residual", profile="smoke", results=str(results))
     assert all(json.loads((run_path(c) / "summary.json").read_text())["status"] == "finished" for c in cfgs)
+    stacks = sorted(json.loads((run_path(c) / "metrics.jsonl").read_text().splitlines()[-1]).get("stack/runs", 1) for c in cfgs)
+    assert stacks == [1, 2, 2]
     reported = [line.split() for line in out.output.splitlines() if line.strip().startswith("finished")]
     assert sorted(r[1] for r in reported) == sorted(f"no_residual/{run_path(c).name}" for c in cfgs)
     dry = CliRunner().invoke(main, [*args, "--dry-run"], catch_exceptions=False)

@@ -210,11 +210,15 @@ def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[l
     return names, overrides
 
 
-def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0) -> None:
+def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0,
+               stack: int = 0, graph: bool = False) -> None:
     """Train ``cfgs`` with one live progress line for the whole job — runs finished / total, failed,
     elapsed, and an ETA from the epochs trained so far — in a terminal; a plain line per run with
     the same counts when piped. Local worker processes, or Ray tasks when ``ray_address`` is given
-    ('' = $RAY_ADDRESS or a local Ray instance)."""
+    ('' = $RAY_ADDRESS or a local Ray instance); ``stack`` runs of one kind per job at most (0: the
+    device's default, sweep/packing.py)."""
+    from creditaudit.sweep.packing import default_stack
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from creditaudit.config import run_path
@@ -238,13 +242,14 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                                    + (f"  {escape(outcome.error.splitlines()[0])}" if outcome.error and outcome.status != "finished" else "")
                                    + escape(counts))
 
+        stack = stack or default_stack(cfgs[0].device)
         if ray_address is None:
-            run_many(cfgs, workers=workers, on_done=done)
+            run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done)
         else:
             from creditaudit.sweep.ray_backend import run_many_ray
 
             run_many_ray(cfgs, address=ray_address or None, num_cpus=workers or None,
-                         gpus_per_run=gpus_per_run, on_done=done)
+                         gpus_per_run=gpus_per_run, stack=stack, graph=graph, on_done=done)
     console.print(job.line())
 
 
@@ -277,12 +282,17 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
 @click.option("--address", default=None, help="ray: the cluster to use (host:port, ray://host:port or auto; "
               "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
               "system every node sees at the same path.")
-@click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each run's task reserves (with device=cuda).")
+@click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each task (a run or a stack) reserves (with device=cuda).")
+@click.option("--stack", default=0, show_default=True,
+              help="Train runs of one kind (same rule, architecture, sizes, data, schedule; other seeds or λ) as one "
+                   "program, at most N per stack; 1 = one run per process; 0 = the device's default (CPU 1, CUDA 16). "
+                   "Rules that cannot stack run alone (`creditaudit list` says which).")
+@click.option("--graph", is_flag=True, help="On CUDA, replay each stack's step as a CUDA graph (one launch per step).")
 @click.option("--with-baselines", is_flag=True,
               help="Also train the frozen-blocks baseline (bp_frozen) each run's D3 needs, where the folder lacks it: taken "
                    "from frozen_baselines when the registry has it, else an added control in <results>/controls/.")
 @click.option("--dry-run", is_flag=True, help="List the runs (and which are finished) without training.")
-def sweep(args, profile, backend, workers, address, gpus_per_run, with_baselines, dry_run) -> None:
+def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, with_baselines, dry_run) -> None:
     """Train experiment settings: creditaudit sweep SETTING... [key=value ...]
 
     Each setting of the study (`creditaudit list`) expands, under the profile, into its runs in
@@ -311,11 +321,13 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, with_baselines
         for c in cfgs:
             console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
         return
+    if stack < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--stack")
     if backend == "ray":
         with friendly_errors():
-            _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run)
+            _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)
     else:
-        _train_all(cfgs, workers)
+        _train_all(cfgs, workers, stack=stack, graph=graph)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +543,17 @@ def list_(options: bool) -> None:
         if registry is RULES:
             console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
                           + ("" if options else "; `creditaudit list --options` shows each rule's options"))
+            console.print()
+            stacking = Table(title="stacks (sweep --stack N: runs of one kind as one program)", title_justify="left",
+                             show_header=False, box=None, pad_edge=False)
+            stacking.add_column(style="bold")
+            stacking.add_column()
+            stacking.add_row("stack", ", ".join(e.name for e in RULES.entries() if e.obj.stack_refusal is None)
+                             + " (and their variants), on every architecture")
+            for entry in RULES.entries():
+                if entry.obj.stack_refusal:
+                    stacking.add_row(entry.name, f"alone: {entry.obj.stack_refusal}")
+            console.print(stacking)
         console.print()
     profiles = Table(title="profiles (--profile NAME, for the commands named)", title_justify="left", show_header=False,
                      box=None, pad_edge=False)

@@ -1,6 +1,8 @@
 """Run many training runs on one machine as parallel single-thread worker processes.
 
-Each run is trained by :func:`creditaudit.train.trainer.train` in its own run folder, so the pool
+A job is one run, trained by :func:`creditaudit.train.trainer.train` in its own run folder, or a
+stack of runs of one kind (``--stack N``, ``sweep/packing.py``), trained by
+:func:`creditaudit.train.stack.train_stack`, each still in its own folder; so the pool
 inherits everything a run guarantees: a finished run is skipped, a killed one resumes, a folder
 another process is training is refused by its lock (reported here as ``locked``, not retried), and
 a run that crashes or diverges is recorded with its status while the others go on.
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
+from creditaudit.train.allocator import available_memory
 
 
 @dataclass
@@ -33,6 +36,27 @@ class RunOutcome:
 def _label(cfg: TrainConfig) -> str:
     path = C.run_path(cfg)
     return f"{path.parent.name}/{path.name}"
+
+
+def _outcome(cfg: TrainConfig, status: str, summary: dict | None, error: str | None) -> RunOutcome:
+    return RunOutcome(_label(cfg), status, error, float((summary or {}).get("wall_s") or 0.0))
+
+
+def _train_job(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutcome]:
+    """Worker body for a job of one run or a stack: never raises (a failure is an outcome)."""
+    if len(cfg_dicts) == 1:
+        return [_train_one(cfg_dicts[0], threads)]
+    from creditaudit.train.stack import train_stack
+
+    cfgs = [C.from_dict(d) for d in cfg_dicts]
+    for cfg in cfgs:
+        if not cfg.threads and threads:
+            cfg.threads = threads
+    try:
+        return [_outcome(r.cfg, r.status, r.summary, r.error) for r in train_stack(cfgs, graph=graph)]
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        return [RunOutcome(_label(c), "failed", error) for c in cfgs]
 
 
 def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
@@ -63,22 +87,6 @@ def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
 # 1 GiB for resmlp runs, about 2 for smallcnn, 5.7 for a worker that trained vit_mini. One figure
 # for every run keeps the choice simple; --workers N decides otherwise.
 RUN_MEMORY_BYTES = 6 * 2**30
-
-
-def available_memory() -> int | None:
-    """Bytes of memory new processes can take without swapping: ``MemAvailable`` of /proc/meminfo
-    (Linux), else the free physical pages (``os.sysconf``), else None (unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def default_workers(per_run_bytes: int = RUN_MEMORY_BYTES, *, cores: int | None = None,
@@ -119,18 +127,25 @@ def run_many(
     configs: Iterable[TrainConfig],
     *,
     workers: int = 0,
+    stack: int = 1,
+    graph: bool = False,
     on_done: Callable[[RunOutcome, int, int], None] | None = None,
 ) -> list[RunOutcome]:
     """Train every config; ``workers`` parallel processes (0 = :func:`default_workers`; 1 = in this
-    process, threads as configured). Returns one outcome per config, in completion order."""
+    process, threads as configured), each taking one job at a time: a run, or a stack of at most
+    ``stack`` runs of one kind (``graph``: CUDA-graphed steps). Returns one outcome per config, in
+    completion order."""
+    from creditaudit.sweep.packing import pack
+
     configs = list(configs)
     for cfg in configs:
         C.load_plugins(cfg)  # rule files' paths made absolute for the workers
         C.validate(cfg)
     outcomes: list[RunOutcome] = []
-    jobs = [(C.to_dict(cfg),) for cfg in configs]
-    for outcome in in_processes(_train_one, jobs, workers=workers):
-        outcomes.append(outcome)
-        if on_done:
-            on_done(outcome, len(outcomes), len(configs))
+    jobs = [([C.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
+    for done in in_processes(_train_job, jobs, workers=workers):
+        for outcome in done:
+            outcomes.append(outcome)
+            if on_done:
+                on_done(outcome, len(outcomes), len(configs))
     return outcomes

@@ -1,4 +1,5 @@
-"""Run many training runs on a Ray cluster, one run per task (docs/science.md §8).
+"""Run many training runs on a Ray cluster, one job per task (docs/science.md §8): a run, or a stack
+of runs of one kind (``--stack N``, ``sweep/packing.py``).
 
 The results folder is the meeting point: every task calls the same
 :func:`creditaudit.train.trainer.train` as the local backend, in the run's own folder, so a finished
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.errors import ConfigError
-from creditaudit.sweep.processes import RunOutcome, _label, _train_one
+from creditaudit.sweep.processes import RunOutcome, _label, _train_job
 
 #: Ray retries a task whose worker process died (OOM kill, node lost); the retry resumes the run.
 MAX_RETRIES = 2
@@ -93,11 +94,16 @@ def run_many_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     gpus_per_run: float = 0.0,
+    stack: int = 1,
+    graph: bool = False,
     temp_dir: str | None = None,
     on_done: Callable[[RunOutcome, int, int], None] | None = None,
 ) -> list[RunOutcome]:
-    """Train every config as one Ray task each (one CPU, ``gpus_per_run`` GPUs, one torch thread).
-    Returns one outcome per config, in completion order; never raises for a run's failure."""
+    """Train every config in Ray tasks of one job each (one CPU, ``gpus_per_run`` GPUs, one torch
+    thread): a run, or a stack of at most ``stack`` runs of one kind. Returns one outcome per
+    config, in completion order; never raises for a run's failure."""
+    from creditaudit.sweep.packing import pack
+
     configs = [portable(c) for c in configs]
     for cfg in configs:
         C.load_plugins(cfg)  # rule files' paths made absolute for the workers
@@ -107,20 +113,21 @@ def run_many_ray(
     ray = _import_ray()
     started = connect(address, num_cpus=num_cpus, temp_dir=temp_dir)
     try:
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(_train_one)
-        pending = {task.remote(C.to_dict(cfg), 1): cfg for cfg in configs}
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(_train_job)
+        pending = {task.remote([C.to_dict(c) for c in job], graph, 1): job for job in pack(configs, stack)}
         outcomes: list[RunOutcome] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
-            cfg = pending.pop(ref)
+            job = pending.pop(ref)
             try:
-                outcome = ray.get(ref)
+                done = ray.get(ref)
             except Exception as exc:  # the worker died past its retries, or Ray lost the task
-                outcome = RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}")
-            outcomes.append(outcome)
-            if on_done:
-                on_done(outcome, len(outcomes), len(configs))
+                done = [RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}") for cfg in job]
+            for outcome in done:
+                outcomes.append(outcome)
+                if on_done:
+                    on_done(outcome, len(outcomes), len(configs))
         return outcomes
     finally:
         if started:

@@ -13,6 +13,9 @@ the heap) and ``M_TRIM_THRESHOLD`` = 1 GiB (free heap above that is returned to 
 one-off peak such as the final probe does not stay resident). It changes nothing a run computes.
 It applies on Linux with glibc, once per process; elsewhere it does nothing. Set the environment
 variable ``CREDITAUDIT_MALLOC=system`` to leave the allocator as it is.
+
+:func:`available_memory` says how much memory new work can take (sweeps size their worker count
+and stacks their size by it).
 """
 from __future__ import annotations
 
@@ -44,3 +47,19 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _applied
+
+
+def available_memory() -> int | None:
+    """Bytes of memory new processes can take without swapping: ``MemAvailable`` of /proc/meminfo
+    (Linux), else the free physical pages (``os.sysconf``), else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None

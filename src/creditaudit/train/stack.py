@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -55,12 +56,16 @@ from creditaudit.data.loader import stacked_epoch
 from creditaudit.rules.base import RULES, Rule, parse_rule_name
 from creditaudit.runs.folder import RunLockedError
 from creditaudit.train import run as R
-from creditaudit.train.allocator import keep_freed_memory
+from creditaudit.train.allocator import available_memory, keep_freed_memory
 from creditaudit.train.run import Run, step_objective
 from creditaudit.train.trainer import Reporter, RunSession, open_session, prepare
 
 #: eager steps of a batch shape before its step is captured in a CUDA graph (graph=True)
 GRAPH_WARMUP = 2
+#: activation memory of a step, in multiples of the batch's states h_0..h_L (forward values, their
+#: gradients, the local pass and the rule's own work; EP's relaxation keeps a few more): an upper
+#: estimate, so that a stack sized by it fits
+ACTIVATION_FACTOR = 24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +358,28 @@ def _same_data(a: TensorDataset, b: TensorDataset) -> bool:
             and torch.equal(a.x_test.cpu(), b.x_test.cpu()) and torch.equal(a.y_test.cpu(), b.y_test.cpu()))
 
 
+def run_bytes(run: Run) -> int:
+    """An upper estimate of the device memory one run adds to a stack: its parameters four times
+    (value, gradient, two AdamW moments), its buffers, and a step's activations (ACTIVATION_FACTOR
+    × the states of a batch, or of an evaluation batch, whichever is larger)."""
+    params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in run.model.buffers())
+    shapes, _ = run.model.shapes(run.data.input_shape)
+    per_example = sum(math.prod(s) for s in shapes) * 4
+    batch = max(run.cfg.batch_size * ACTIVATION_FACTOR, run.cfg.eval_batch_size * 2)
+    return 4 * params + buffers + batch * per_example
+
+
+def max_stack(runs: list[Run]) -> int:
+    """How many of these runs fit in one stack: half of the device's free memory (CUDA) or of the
+    available memory (CPU) over :func:`run_bytes`, at least 1."""
+    device = runs[0].device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    if free is None:
+        return len(runs)
+    return max(1, int(free // 2 // max(run_bytes(runs[0]), 1)))
+
+
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -371,7 +398,8 @@ def train_stack(cfgs: list[TrainConfig], *, stop_after: int | None = None, graph
     run alone (locked, resumed from their checkpoints); runs at the same step train as one stack
     (resumed runs at different epochs form stacks of their own, one after another). A failure of
     one run's own work (its diagnostics, its files) fails that run only; a failure of the shared
-    step fails every run of its stack."""
+    step fails every run of its stack. Runs beyond what the device's memory holds
+    (:func:`max_stack`) train as a next stack."""
     cfgs = [prepare(c) for c in cfgs]
     keys = {stack_key(c) for c in cfgs}
     if len(keys) > 1:
@@ -405,10 +433,12 @@ def train_stack(cfgs: list[TrainConfig], *, stop_after: int | None = None, graph
         by_step: dict[tuple[int, int], list[int]] = {}
         for i, s in sessions.items():
             by_step.setdefault((s.run.epoch, s.run.step), []).append(i)
-        for members in by_step.values():
-            for i, summary in _train_members([sessions[i] for i in members], [rng[i] for i in members],
-                                             stop_after=stop_after, graph=graph).items():
-                results[members[i]] = StackResult(cfgs[members[i]], summary["status"], summary, summary.get("error"))
+        for same_step in by_step.values():
+            size = max_stack([sessions[i].run for i in same_step])  # what does not fit: the next stack
+            for members in (same_step[k : k + size] for k in range(0, len(same_step), size)):
+                for i, summary in _train_members([sessions[i] for i in members], [rng[i] for i in members],
+                                                 stop_after=stop_after, graph=graph).items():
+                    results[members[i]] = StackResult(cfgs[members[i]], summary["status"], summary, summary.get("error"))
     return results  # type: ignore[return-value]
 
 
