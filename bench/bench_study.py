@@ -2,7 +2,8 @@
 measurements on synthetic data — no dataset file is read, no CIFAR-10 needed.
 
     python bench/bench_study.py [profile=cpu] [workers=2] [device=cpu] [steps=20] [with_baselines=0]
-                                [settings=all|NAME,NAME] [warmup=3] [json=FILE] [from=FILE[,FILE]] [key=value ...]
+                                [settings=all|NAME,NAME] [warmup=3] [json=FILE] [from=FILE[,FILE]]
+                                [stack=1] [graph=0] [key=value ...]
 
 What it does:
 
@@ -36,7 +37,12 @@ whole study's projected wall time and each worker's peak memory (resident set; o
 ``from=FILE[,FILE...]`` re-projects saved measurements (e.g. for other settings of the same profile)
 without measuring; of several files, per kind and figure the smallest (the least disturbed by other
 load on a shared machine). Other ``key=value`` items go to every run, as ``creditaudit sweep``'s do (``epochs=1``).
-See docs/performance.md.
+
+``stack=N`` (``graph=1``) projects ``creditaudit sweep --stack N [--graph]``: the runs are packed
+into jobs as the sweep packs them (``sweep/packing.py``), and each (kind, stack size) that occurs is
+measured as a stack — its step and its evaluation for all the stack's runs at once, its probes and
+checkpoints per run — by every worker at once. A job's time is then its stack's; a run's share of
+it is the job's time over its size. See docs/performance.md.
 """
 from __future__ import annotations
 
@@ -158,6 +164,11 @@ def kind_key(cfg: TrainConfig) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def job_kind(job: list[TrainConfig]) -> str:
+    """A job's kind: its runs' kind, and the stack size when it is a stack."""
+    return kind_key(job[0]) + (f"|stack={len(job)}" if len(job) > 1 else "")
+
+
 def kind_label(cfg: TrainConfig) -> str:
     m = cfg.model
     parts = [cfg.arch] + [f"{k}{v}" for k, v in (("d", m.d), ("L", m.L)) if v is not None]
@@ -255,9 +266,11 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, start_wall: float) -> dict[str, Any]:
-    """Time one kind's pieces (see the module docstring). Every worker passes the same barriers
-    (before each timed phase) whatever happens, so a failure never blocks the others."""
+def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, start_wall: float,
+                 size: int = 1, graph: bool = False) -> dict[str, Any]:
+    """Time one kind's pieces (see the module docstring); ``size`` > 1: as a stack of that many
+    runs (``graph``: CUDA-graphed). Every worker passes the same barriers (before each timed
+    phase) whatever happens, so a failure never blocks the others."""
     from creditaudit.runs.checkpoint import save_checkpoint
     from creditaudit.runs.provenance import provenance
     from creditaudit.train.run import build_run, diagnose, evaluate, resolve_device, run_state, train_step
@@ -284,7 +297,15 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
         t0 = time.perf_counter()
         provenance(device)
         out["provenance_s"] = time.perf_counter() - t0
-        state["run"], state["batches"] = run, _batches(run)
+        state["run"] = run
+        if size > 1:
+            from creditaudit.train.stack import Stack
+
+            runs = [run] + [build_run(dataclasses.replace(cfg, seed=cfg.seed + i), device=device, data=run.data) for i in range(1, size)]
+            state["stack"] = Stack(runs, graph=graph)
+            state["batches"] = _stacked_batches(runs)
+        else:
+            state["batches"] = _batches(run)
         t0 = time.perf_counter()
         for _ in range(warmup):
             _step(run, state)
@@ -302,7 +323,10 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
     def evaluation() -> None:
         run = state["run"]
         t0 = time.perf_counter()
-        evaluate(run.model, run.data.x_test, run.data.y_test, run.cfg.eval_batch_size)
+        if "stack" in state:  # every run of the stack at once
+            state["stack"].evaluate(run.data.x_test, run.data.y_test, run.cfg.eval_batch_size)
+        else:
+            evaluate(run.model, run.data.x_test, run.data.y_test, run.cfg.eval_batch_size)
         _sync(device)
         out["eval_s"] = time.perf_counter() - t0
 
@@ -349,32 +373,47 @@ def _batches(run):
         epoch += 1
 
 
+def _stacked_batches(runs):
+    """A stack's batches, (R, B, ...), epoch after epoch."""
+    from creditaudit.data.loader import stacked_epoch
+
+    epoch = 0
+    while True:
+        yield from stacked_epoch([r.loader for r in runs], epoch)
+        epoch += 1
+
+
 def _step(run, state: dict) -> None:
     # train_epoch's body: a step plus its on-device accumulation of the epoch's metrics
     x, y = next(state["batches"])
+    if "stack" in state:  # Stack.train_epoch's body (it accumulates on the device itself)
+        state["stack"].train_step(x, y)
+        return
     loss, correct, rule_metrics = train_step(run, x, y)
     state["loss"] = state.get("loss", 0.0) + loss
     for k, v in rule_metrics.items():
         state[k] = state.get(k, 0.0) + v.detach()
 
 
-def measure(kinds: dict[str, TrainConfig], *, workers: int, steps: int, warmup: int, device: str,
-            on_kind=None) -> tuple[dict[str, dict], list[dict], float]:
-    """Every kind measured by all ``workers`` at once; returns (kind -> median figures, raw records,
-    the workers' start-up: seconds from the pool's creation to a worker's first job)."""
+def measure(kinds: dict[str, tuple[TrainConfig, int]], *, workers: int, steps: int, warmup: int, device: str,
+            graph: bool = False, on_kind=None) -> tuple[dict[str, dict], list[dict], float]:
+    """Every kind (a config and its stack size) measured by all ``workers`` at once; returns
+    (kind -> median figures, raw records, the workers' start-up: seconds from the pool's creation
+    to a worker's first job)."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(workers)
     threads = 1 if workers > 1 else 0  # as sweep.processes: one thread per worker; alone, torch's default
     pool_start = time.time()
     records: list[dict] = []
     medians: dict[str, dict] = {}
-    first = next(iter(kinds.values()))
-    prime = [C.to_dict(first)] + [C.to_dict(c) for c in {c.data.dataset: c for c in kinds.values()}.values()
+    first = next(iter(kinds.values()))[0]
+    prime = [C.to_dict(first)] + [C.to_dict(c) for c in {c.data.dataset: c for c, _ in kinds.values()}.values()
                                   if c.data.dataset != first.data.dataset]
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(barrier, threads, prime, device)) as pool:
-        futures = {key: [pool.submit(measure_kind, C.to_dict(cfg), steps, warmup, device, pool_start) for _ in range(workers)]
-                   for key, cfg in kinds.items()}  # kind-major: the `workers` copies of a kind run together
+        futures = {key: [pool.submit(measure_kind, C.to_dict(cfg), steps, warmup, device, pool_start, size, graph)
+                         for _ in range(workers)]
+                   for key, (cfg, size) in kinds.items()}  # kind-major: the `workers` copies of a kind run together
         for key, futs in futures.items():
             recs = [f.result() for f in futs]
             for r in recs:
@@ -414,32 +453,36 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def match_kinds(keys: set[str], medians: dict[str, dict]) -> dict[str, dict]:
     """Each kind's measurement; for saved ones (``from=``) written when the config had other
-    fields, the one that agrees on every field both know."""
+    fields, the one that agrees on every field both know (and on the stack size)."""
     out = {}
-    saved = [(json.loads(k), m) for k, m in medians.items()]
+    saved = [(json.loads(k.partition("|")[0]), k.partition("|")[2], m) for k, m in medians.items()]
     for key in keys:
         if key in medians:
             out[key] = medians[key]
             continue
-        want = _flat(json.loads(key))
-        for k, m in saved:
+        cfg_part, _, size = key.partition("|")
+        want = _flat(json.loads(cfg_part))
+        for k, k_size, m in saved:
             have = _flat(k)
-            if all(want[f] == v for f, v in have.items() if f in want):
+            if k_size == size and all(want[f] == v for f, v in have.items() if f in want):
                 out[key] = m
                 break
     return out
 
 
-def run_seconds(cfg: TrainConfig, m: dict, warmup: int) -> dict[str, float]:
-    """A run's projected seconds, by part."""
+def job_seconds(job: list[TrainConfig], m: dict, warmup: int) -> dict[str, float]:
+    """A job's projected seconds, by part: one run, or a stack of len(job) runs (whose step and
+    evaluation ``m`` measured for all of them at once; loading, building, probes and checkpoints
+    are each run's own)."""
+    cfg, size = job[0], len(job)
     n = counts(cfg)
     excess = max(0.0, m["warmup_s"] - warmup * m["step_s"])
     parts = {
-        "start": m["load_s"] + m["build_s"] + m["provenance_s"] + excess,
+        "start": size * (m["load_s"] + m["build_s"] + m["provenance_s"]) + excess,
         "steps": n["steps"] * m["step_s"],
         "eval": n["evals"] * m["eval_s"],
-        "probes": n["cheap"] * m["cheap_s"] + n["full"] * m["full_s"],
-        "ckpt": n["ckpts"] * m["ckpt_s"],
+        "probes": sum(counts(c)["cheap"] * m["cheap_s"] + counts(c)["full"] * m["full_s"] for c in job),
+        "ckpt": sum(counts(c)["ckpts"] for c in job) * m["ckpt_s"],
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -482,19 +525,24 @@ def _parent_start_s() -> float:
         return 0.0
 
 
-def report(cfgs: list[TrainConfig], n_baselines: int, medians: dict[str, dict], *, workers: int, warmup: int,
+def report(jobs: list[list[TrainConfig]], n_baselines: int, medians: dict[str, dict], *, workers: int, warmup: int,
            worker_start: float, parent_start: float) -> dict[str, Any]:
     from creditaudit.experiments import SETTINGS  # noqa: F401  (registry loaded)
 
-    keys = [kind_key(c) for c in cfgs]
+    keys = [job_kind(j) for j in jobs]
     medians = match_kinds(set(keys), medians)
     bad = {k for k in set(keys) if "error" in medians.get(k, {"error": "not measured"})}
     for k in bad:
-        print(f"  NOT MEASURED: {kind_label(cfgs[keys.index(k)])}: {medians.get(k, {}).get('error', 'not measured')}")
-    per_run = [run_seconds(c, medians[k], warmup) if k not in bad else None for c, k in zip(cfgs, keys)]
-    ok = [(c, p) for c, p in zip(cfgs, per_run) if p is not None]
+        print(f"  NOT MEASURED: {kind_label(jobs[keys.index(k)][0])}: {medians.get(k, {}).get('error', 'not measured')}")
+    per_job = [job_seconds(j, medians[k], warmup) if k not in bad else None for j, k in zip(jobs, keys)]
+    ok_jobs = [(j, p) for j, p in zip(jobs, per_job) if p is not None]
+    # each run's share of its job
+    ok = [(c, {k: v / len(j) for k, v in p.items()}) for j, p in ok_jobs for c in j]
+    durations = [p["total"] for _, p in ok_jobs]
+    stacked = sum(len(j) for j, _ in ok_jobs if len(j) > 1)
 
-    print(f"\nprojection per setting ({workers} worker(s); 'alone' = `creditaudit sweep SETTING` by itself, start-ups included)")
+    print(f"\nprojection per setting ({workers} worker(s); 'alone' = `creditaudit sweep SETTING` by itself, start-ups included;"
+          f" a stacked run counts its share of its stack)")
     print(f"  {'setting':<22}{'runs':>5}{'epochs':>7}{'worker time':>13}{'alone, sweep order':>20}{'alone, LPT':>12}")
     by_setting: dict[str, list[float]] = defaultdict(list)
     epochs: dict[str, int] = {}
@@ -521,9 +569,10 @@ def report(cfgs: list[TrainConfig], n_baselines: int, medians: dict[str, dict], 
     for label, ds in top:
         print(f"  {label:<34}{len(ds):>5}{fmt_s(statistics.mean(ds)):>11}{fmt_s(sum(ds)):>11}{sum(ds) / total:>8.1%}")
 
-    w_sweep, w_lpt = walls([p["total"] for _, p in ok], workers, worker_start, parent_start)
-    print(f"\nwhole plan: {len(ok)} runs ({n_baselines} baselines), {fmt_s(total)} of worker time "
-          f"({', '.join(f'{k} {v / total:.0%}' for k, v in parts_sum.items())})")
+    # the sweep's order is the packing's (longest job first) when it stacks; else the plan's
+    w_sweep, w_lpt = walls(durations, workers, worker_start, parent_start)
+    print(f"\nwhole plan: {len(ok)} runs ({n_baselines} baselines) in {len(ok_jobs)} jobs ({stacked} runs in stacks), "
+          f"{fmt_s(total)} of worker time ({', '.join(f'{k} {v / total:.0%}' for k, v in parts_sum.items())})")
     print(f"  start-up: parent {parent_start:.1f} s, workers {worker_start:.1f} s")
     print(f"  projected wall time on {workers} worker(s): {fmt_s(w_sweep)} in the sweep's order, {fmt_s(w_lpt)} longest-first (LPT);"
           f" lower bound {fmt_s(total / workers)}")
@@ -559,9 +608,11 @@ def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, 
 
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
-    from creditaudit.sweep.processes import available_memory, default_workers
+    from creditaudit.sweep.packing import pack
+    from creditaudit.sweep.processes import default_workers
+    from creditaudit.train.allocator import available_memory
 
-    own = {"profile", "workers", "device", "steps", "warmup", "with_baselines", "settings", "json", "from"}
+    own = {"profile", "workers", "device", "steps", "warmup", "with_baselines", "settings", "json", "from", "stack", "graph"}
     if any("=" not in a for a in argv):
         sys.exit(f"options are key=value; python {sys.argv[0]} --help")
     opts = {k: v for k, v in (a.split("=", 1) for a in argv) if k in own}
@@ -575,15 +626,18 @@ def main(argv: list[str]) -> None:
     steps, warmup = int(opts.get("steps", saved.get("steps", 20))), int(opts.get("warmup", 3))
     device = opts.get("device", saved.get("device", "cpu"))
     cfgs, n_base = plan(profile, settings, with_baselines, overrides)
+    stack, graph = int(opts.get("stack", 1)), opts.get("graph", "0").lower() in ("1", "true", "yes")
+    jobs = pack(cfgs, stack) if stack > 1 else [[c] for c in cfgs]  # --stack 1: the sweep's own order
     workers = int(opts.get("workers", 0)) or default_workers()
-    kinds: dict[str, TrainConfig] = {}
-    for c in cfgs:
-        kinds.setdefault(kind_key(c), c)
+    kinds: dict[str, tuple[TrainConfig, int]] = {}
+    for j in jobs:
+        kinds.setdefault(job_kind(j), (j[0], len(j)))
     parent_start = _parent_start_s()
     avail = available_memory()
     print(f"bench_study: profile {profile}, settings {','.join(settings)}{''.join(' ' + o for o in overrides)}, device {device}, {workers} worker(s) × "
           f"{'1 thread' if workers > 1 else f'{torch.get_num_threads()} threads'}; {len(cfgs)} runs ({n_base} baselines), "
-          f"{len(kinds)} kinds; {steps} timed steps per kind after {warmup} warm-up steps")
+          f"{len(kinds)} kinds; {steps} timed steps per kind after {warmup} warm-up steps"
+          + (f"; stacks of at most {stack}{', CUDA-graphed' if graph else ''}: {len(jobs)} jobs" if stack > 1 else ""))
     print((f"machine: {os.cpu_count()} cores, {avail / 2**30:.1f} GiB available" if avail else f"machine: {os.cpu_count()} cores")
           + f"; load average {os.getloadavg()[0]:.2f} at start")
 
@@ -595,7 +649,8 @@ def main(argv: list[str]) -> None:
               f"{'build s':>8}{'warm+ s':>8}{'peak RSS':>10}")
 
         def show(key: str, m: dict) -> None:
-            label = kind_label(kinds[key])
+            cfg, size = kinds[key]
+            label = kind_label(cfg) + (f" ×{size}" if size > 1 else "")
             if "error" in m:
                 print(f"  {label:<34}FAILED {m['error']}")
                 return
@@ -604,7 +659,8 @@ def main(argv: list[str]) -> None:
                   f"{m['peak_rss_mib']:>6.0f} MiB" + (f"  cuda {m['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in m else ""),
                   flush=True)
 
-        medians, records, startup = measure(kinds, workers=workers, steps=steps, warmup=warmup, device=device, on_kind=show)
+        medians, records, startup = measure(kinds, workers=workers, steps=steps, warmup=warmup, device=device, graph=graph,
+                                            on_kind=show)
         print(f"measured in {fmt_s(time.perf_counter() - t0)}; load average {os.getloadavg()[0]:.2f} at the end")
 
     print("\npeak memory per worker (resident set over all its kinds" + (", CUDA max allocated" if device != "cpu" else "") + ")")
@@ -615,10 +671,11 @@ def main(argv: list[str]) -> None:
         w["cuda"] = max(w["cuda"], r.get("cuda_peak_mib", 0.0))
     for i, (pid, w) in enumerate(sorted(per_worker.items())):
         print(f"  worker {i} (pid {pid}): {w['rss']:.0f} MiB" + (f", CUDA {w['cuda']:.0f} MiB" if w["cuda"] else ""))
-    projection = report(cfgs, n_base, medians, workers=workers, warmup=warmup, worker_start=startup, parent_start=parent_start)
+    projection = report(jobs, n_base, medians, workers=workers, warmup=warmup, worker_start=startup, parent_start=parent_start)
     if "json" in opts:
         with open(opts["json"], "w") as f:
             json.dump({"profile": profile, "device": device, "workers": workers, "steps": steps, "warmup": warmup,
+                       "stack": stack, "graph": graph,
                        "worker_start_s": startup, "parent_start_s": parent_start, "medians": medians,
                        "records": records, "projection": projection}, f, indent=1, default=str)
         print(f"\nwrote {opts['json']}")

@@ -206,3 +206,22 @@ def test_a_stacked_step_never_waits_for_the_device(tmp_path):
             with NoHostSync() as mode:
                 stack.backward(x, y)
             assert mode.seen == [], (rule, arch, mode.seen)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("rule,arch", [("dfa", "resmlp"), ("ep", "resmlp"), ("fa", "vit_mini"), ("bp", "smallcnn")])
+def test_a_graphed_stack_computes_what_the_eager_stack_computes(tmp_path, rule, arch):
+    """CUDA graphs replay the eager step: the same figures to float rounding, every epoch (the
+    last, partial batch of an epoch has a graph of its own), and a graphed stack's checkpoint
+    resumes alone."""
+    cfgs = {mode: [_cfg(tmp_path / mode, rule, arch, s, "epochs=4", "device=cuda", "batch_size=32") for s in (1, 2)]
+            for mode in ("eager", "graphed")}
+    assert [r.status for r in train_stack(cfgs["eager"])] == ["finished"] * 2
+    assert [r.status for r in train_stack(cfgs["graphed"], graph=True, stop_after=3)] == ["interrupted"] * 2
+    assert train(cfgs["graphed"][0])["status"] == "finished"  # resumed alone
+    assert [r.status for r in train_stack(cfgs["graphed"][1:], graph=True)] == ["finished"]
+    for a, b in zip(cfgs["eager"], cfgs["graphed"]):
+        assert_same_metrics(a, b)
