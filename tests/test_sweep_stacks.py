@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from creditaudit.cli import main
 from creditaudit.config import run_path
 from creditaudit.experiments import expand
-from creditaudit.sweep.packing import default_stack, job_cost, pack
+from creditaudit.sweep.packing import job_cost, pack
 from creditaudit.train.stack import stack_key
 from tests.conftest import run_metrics, tiny_config
 from tests.test_stack import assert_same_metrics
@@ -38,8 +38,9 @@ def test_stacks_are_of_one_kind_near_equal_and_no_larger_than_asked(tmp_path):
         pack(dfa, 0)
 
 
-def test_the_default_stack_is_one_run_on_a_cpu():
-    assert default_stack("cpu") == 1
+def test_the_sweep_refuses_a_stack_below_one(tmp_path):
+    out = CliRunner().invoke(main, ["sweep", "no_residual", "--profile", "smoke", "--stack", "0", f"results={tmp_path}"])
+    assert out.exit_code == 2 and "--stack" in out.output and "Traceback" not in out.output
 
 
 @pytest.mark.slow

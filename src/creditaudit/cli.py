@@ -211,14 +211,12 @@ def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[l
 
 
 def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0,
-               stack: int = 0, graph: bool = False) -> None:
+               stack: int = 1, graph: bool = False) -> None:
     """Train ``cfgs`` with one live progress line for the whole job — runs finished / total, failed,
     elapsed, and an ETA from the epochs trained so far — in a terminal; a plain line per run with
     the same counts when piped. Local worker processes, or Ray tasks when ``ray_address`` is given
-    ('' = $RAY_ADDRESS or a local Ray instance); ``stack`` runs of one kind per job at most (0: the
-    device's default, sweep/packing.py)."""
-    from creditaudit.sweep.packing import default_stack
-
+    ('' = $RAY_ADDRESS or a local Ray instance); ``stack`` runs of one kind per job at most
+    (sweep/packing.py)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from creditaudit.config import run_path
@@ -242,7 +240,6 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                                    + (f"  {escape(outcome.error.splitlines()[0])}" if outcome.error and outcome.status != "finished" else "")
                                    + escape(counts))
 
-        stack = stack or default_stack(cfgs[0].device)
         if ray_address is None:
             run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done)
         else:
@@ -283,10 +280,10 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
               "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
               "system every node sees at the same path.")
 @click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each task (a run or a stack) reserves (with device=cuda).")
-@click.option("--stack", default=0, show_default=True,
+@click.option("--stack", default=1, show_default=True,
               help="Train runs of one kind (same rule, architecture, sizes, data, schedule; other seeds or λ) as one "
-                   "program, at most N per stack; 1 = one run per process; 0 = the device's default (CPU 1, CUDA 16). "
-                   "Rules that cannot stack run alone (`creditaudit list` says which).")
+                   "program, at most N per stack (on a GPU: 16); 1 = a run per job. Rules that cannot stack run alone "
+                   "(`creditaudit list` says which).")
 @click.option("--graph", is_flag=True, help="On CUDA, replay each stack's step as a CUDA graph (one launch per step).")
 @click.option("--with-baselines", is_flag=True,
               help="Also train the frozen-blocks baseline (bp_frozen) each run's D3 needs, where the folder lacks it: taken "
@@ -321,8 +318,8 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
         for c in cfgs:
             console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
         return
-    if stack < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--stack")
+    if stack < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--stack")
     if backend == "ray":
         with friendly_errors():
             _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)

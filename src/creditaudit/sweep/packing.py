@@ -7,8 +7,8 @@ its own, trained as today. Jobs are ordered longest first, so that the last job 
 one (the classic LPT schedule), by an estimate of their work: optimizer steps × the rule's relative
 cost (EP relaxes T times per step) × how much of a stack's work grows with its size.
 
-A job's worker sizes its stack to the device's memory (``Stack.fits``) and trains what does not fit
-as a second stack after the first.
+A job's worker sizes its stack to the device's memory (``train.stack.max_stack``) and trains what
+does not fit as a second stack after the first.
 """
 from __future__ import annotations
 
@@ -16,25 +16,13 @@ import math
 
 from creditaudit.config import TrainConfig
 
-#: relative cost of a step per rule (measured on the CPU, docs/performance.md): EP's relaxation
-#: makes a step about 7 BP steps at the default T = 20; other rules within 2× of BP
+#: relative cost of a step per rule, BP = 1 (bench_study's per-kind step times: an EP step is about
+#: 6–7 BP steps at T = 20, sb about 2, cb about 3; the rest within 1.5×). Only the jobs' order uses it.
 RULE_COST = {"ep": 7.0, "sb": 2.0, "cb": 3.0}
-#: the growth of a stack's step time per added run, relative to one run (on a GPU a stack of 18 is
-#: about 1.1× one run eagerly: the card was idle; on a CPU it is about 1× per run)
+#: how a stack's step time grows per added run, relative to one run: about 0.1 on a GPU, which one
+#: run leaves mostly idle (a hand-written stack of 18 BP runs took 1.08× one run's step on an H200),
+#: about 1 on a CPU thread; it only orders jobs of different sizes
 STACK_GROWTH = 0.1
-
-
-def default_stack(device: str) -> int:
-    """``--stack 0``: runs per stack on this device. A CPU worker is one thread, so a stack runs
-    its runs one after another in effect: 1 (a run per process, as many processes as cores). A
-    GPU is filled by stacking: 16 (docs/performance.md)."""
-    from creditaudit.train.run import resolve_device
-
-    try:
-        kind = resolve_device(device).type
-    except Exception:
-        kind = "cpu"
-    return 16 if kind == "cuda" else 1
 
 
 def job_cost(job: list[TrainConfig]) -> float:
