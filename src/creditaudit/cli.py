@@ -272,7 +272,7 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
 @click.argument("args", nargs=-1)
 @click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke: data and epochs, never definitions (`creditaudit list`).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes on this machine; ray: one Ray task per run.")
+              help="local: worker processes on this machine; ray: one Ray task per job (a run, or a stack with --stack).")
 @click.option("--workers", default=0, show_default=True,
               help="local: parallel single-thread processes (0 = one per CPU core); ray without --address: "
                    "CPUs of the local Ray instance started (0 = all).")
@@ -282,9 +282,9 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
 @click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each task (a run or a stack) reserves (with device=cuda).")
 @click.option("--stack", default=1, show_default=True,
               help="Train runs of one kind (same rule, architecture, sizes, data, schedule; other seeds or λ) as one "
-                   "program, at most N per stack (on a GPU: 16); 1 = a run per job. Rules that cannot stack run alone "
-                   "(`creditaudit list` says which).")
-@click.option("--graph", is_flag=True, help="On CUDA, replay each stack's step as a CUDA graph (one launch per step).")
+                   "program, at most N per stack (on a GPU, where it fills the card: 16); 1 = a run per job. Rules that "
+                   "cannot stack run alone (`creditaudit list` says which; docs/performance.md).")
+@click.option("--graph", is_flag=True, help="On CUDA, replay each stack's step as a CUDA graph (one launch per step; not yet measured, hence off by default).")
 @click.option("--with-baselines", is_flag=True,
               help="Also train the frozen-blocks baseline (bp_frozen) each run's D3 needs, where the folder lacks it: taken "
                    "from frozen_baselines when the registry has it, else an added control in <results>/controls/.")
