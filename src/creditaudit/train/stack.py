@@ -120,9 +120,11 @@ class Stack:
         self.rule = copy.deepcopy(first.rule)
         self.step_count, self.total_steps = first.step, first.total_steps
 
-        self.params = {n: torch.stack([_named(r.model.named_parameters())[n].detach() for r in runs]).requires_grad_(p.requires_grad)
-                       for n, p in first.model.named_parameters()}
-        self.buffers = {n: torch.stack([_named(r.model.named_buffers())[n] for r in runs]) for n, _ in first.model.named_buffers()}
+        params = [dict(r.model.named_parameters()) for r in runs]
+        buffers = [dict(r.model.named_buffers()) for r in runs]
+        self.params = {n: torch.stack([own[n].detach() for own in params]).requires_grad_(p.requires_grad)
+                       for n, p in params[0].items()}
+        self.buffers = {n: torch.stack([own[n] for own in buffers]) for n in buffers[0]}
         self.optimizer = self._optimizer()
 
         # The rule's fixed tensors (its state_dict's tensor leaves), stacked; the rest is run 0's.
@@ -171,6 +173,7 @@ class Stack:
     def unstack(self) -> None:
         """Write every run's slice back into its own model, optimizer state and step count: each
         run is then what it would be alone (its checkpoint, probes and evaluation read it)."""
+        stacked = [p for g in self.optimizer.param_groups for p in g["params"]]
         with torch.no_grad():
             for r, run in enumerate(self.runs):
                 for n, p in run.model.named_parameters():
@@ -178,7 +181,6 @@ class Stack:
                 for n, b in run.model.named_buffers():
                     b.copy_(self.buffers[n][r])
                 own = [p for g in run.optimizer.param_groups for p in g["params"]]
-                stacked = [p for g in self.optimizer.param_groups for p in g["params"]]
                 for p, s in zip(own, stacked):
                     state = self.optimizer.state.get(s)
                     if state:
@@ -308,10 +310,6 @@ class Stack:
         return [(lo / n, co / n) for lo, co in zip(loss.tolist(), correct.tolist())]
 
 
-def _named(pairs) -> dict[str, Tensor]:
-    return dict(pairs)
-
-
 def _batchable_kernels() -> contextlib.AbstractContextManager:
     """Attention as its plain matrix products (the fused kernels have no run-axis rule in vmap,
     which would loop over the runs one by one)."""
@@ -338,7 +336,6 @@ class _SharedData:
 
     def __init__(self) -> None:
         self.datasets: list[TensorDataset] = []
-        self.rng: dict[int, tuple[Tensor, Tensor | None]] = {}
 
     def build(self, cfg: TrainConfig) -> Run:
         data = load_dataset(cfg.data, cfg.seed)
