@@ -42,39 +42,45 @@ def _outcome(cfg: TrainConfig, status: str, summary: dict | None, error: str | N
     return RunOutcome(_label(cfg), status, error, float((summary or {}).get("wall_s") or 0.0))
 
 
+def _config(cfg_dict: dict, threads: int) -> TrainConfig:
+    """A worker's config; ``threads`` applies when the config leaves the thread count to torch
+    (threads=0): train() and train_stack() apply it."""
+    cfg = C.from_dict(cfg_dict)
+    if not cfg.threads and threads:
+        cfg.threads = threads
+    return cfg
+
+
+def _failed(cfg: TrainConfig, exc: Exception) -> RunOutcome:
+    return RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+
+
 def _train_job(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutcome]:
     """Worker body for a job of one run or a stack: never raises (a failure is an outcome)."""
     if len(cfg_dicts) == 1:
         return [_train_one(cfg_dicts[0], threads)]
     from creditaudit.train.stack import train_stack
 
-    cfgs = [C.from_dict(d) for d in cfg_dicts]
-    for cfg in cfgs:
-        if not cfg.threads and threads:
-            cfg.threads = threads
+    cfgs = [_config(d, threads) for d in cfg_dicts]
     try:
         return [_outcome(r.cfg, r.status, r.summary, r.error) for r in train_stack(cfgs, graph=graph)]
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-        return [RunOutcome(_label(c), "failed", error) for c in cfgs]
+        return [_failed(c, exc) for c in cfgs]
 
 
 def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
-    """Worker body: never raises (a failure is an outcome). ``threads`` applies when the config
-    leaves the thread count to torch (threads=0)."""
+    """Worker body: never raises (a failure is an outcome)."""
     from creditaudit.runs.folder import RunLockedError
     from creditaudit.train.trainer import train
 
-    cfg = C.from_dict(cfg_dict)
-    if not cfg.threads and threads:
-        cfg.threads = threads  # train() applies it
+    cfg = _config(cfg_dict, threads)
     try:
         summary = train(cfg)
-        return RunOutcome(_label(cfg), summary["status"], summary.get("error"), float(summary.get("wall_s") or 0.0))
+        return _outcome(cfg, summary["status"], summary, summary.get("error"))
     except RunLockedError as exc:
         return RunOutcome(_label(cfg), "locked", str(exc))
     except Exception as exc:  # recorded in the run's summary by train(); reported here too
-        return RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+        return _failed(cfg, exc)
 
 
 # ---------------------------------------------------------------------------------------------
