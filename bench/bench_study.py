@@ -40,8 +40,8 @@ load on a shared machine). Other ``key=value`` items go to every run, as ``credi
 
 ``stack=N`` (``graph=1``) projects ``creditaudit sweep --stack N [--graph]``: the runs are packed
 into jobs as the sweep packs them (``sweep/packing.py``), and each (kind, stack size) that occurs is
-measured as a stack — its step and its evaluation for all the stack's runs at once, its probes and
-checkpoints per run — by every worker at once. A job's time is then its stack's; a run's share of
+measured as a stack — its step, its evaluation and its probes for all the stack's runs at once
+(each run's ρ_l its own), its checkpoints per run — by every worker at once. A job's time is then its stack's; a run's share of
 it is the job's time over its size. See docs/performance.md.
 """
 from __future__ import annotations
@@ -333,7 +333,14 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
     def probe(full: bool):
         def go() -> None:
             t0 = time.perf_counter()
-            diagnose(state["run"], full=full)
+            if "stack" in state:  # every run of the stack at once, then each run's own part
+                from creditaudit.train.stack import finish_probe
+
+                stack, diag = state["stack"], state["run"].cfg.diag
+                for r, (figures, rho) in zip(stack.runs, stack.probe(list(range(len(stack))), diag, full=full)):
+                    finish_probe(r, figures, rho, diag, full=full)
+            else:
+                diagnose(state["run"], full=full)
             _sync(device)
             out["full_s" if full else "cheap_s"] = time.perf_counter() - t0
         return go
@@ -472,8 +479,8 @@ def match_kinds(keys: set[str], medians: dict[str, dict]) -> dict[str, dict]:
 
 def job_seconds(job: list[TrainConfig], m: dict, warmup: int) -> dict[str, float]:
     """A job's projected seconds, by part: one run, or a stack of len(job) runs (whose step and
-    evaluation ``m`` measured for all of them at once; loading, building, probes and checkpoints
-    are each run's own)."""
+    evaluation and probes ``m`` measured for all of them at once; loading, building and
+    checkpoints are each run's own)."""
     cfg, size = job[0], len(job)
     n = counts(cfg)
     excess = max(0.0, m["warmup_s"] - warmup * m["step_s"])
@@ -481,7 +488,9 @@ def job_seconds(job: list[TrainConfig], m: dict, warmup: int) -> dict[str, float
         "start": size * (m["load_s"] + m["build_s"] + m["provenance_s"]) + excess,
         "steps": n["steps"] * m["step_s"],
         "eval": n["evals"] * m["eval_s"],
-        "probes": sum(counts(c)["cheap"] * m["cheap_s"] + counts(c)["full"] * m["full_s"] for c in job),
+        # a stack's probes are taken together (``m`` measured them for the whole stack), runs alone
+        "probes": (n["cheap"] * m["cheap_s"] + n["full"] * m["full_s"] if size > 1 else
+                   sum(counts(c)["cheap"] * m["cheap_s"] + counts(c)["full"] * m["full_s"] for c in job)),
         "ckpt": sum(counts(c)["ckpts"] for c in job) * m["ckpt_s"],
     }
     parts["total"] = sum(parts.values())

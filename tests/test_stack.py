@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from creditaudit.config import resolve_rule_options
 from creditaudit.models import ARCHS
@@ -180,21 +181,24 @@ def test_a_run_that_diverges_stops_and_its_neighbours_go_on(tmp_path):
     assert_same_metrics(alone, stacked[0])
 
 
+class NoHostSync(TorchDispatchMode):
+    """Records every op that reads a value back to the host or has a data-dependent shape."""
+
+    def __enter__(self):
+        self.seen: list[str] = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().split("::")[-1].split(".")[0] in ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"):
+            self.seen.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
 def test_a_stacked_step_never_waits_for_the_device(tmp_path):
     """No host synchronisation inside a step (what a CUDA graph needs): no op that reads a value
     back to the host (``.item()``, ``bool()``, data-dependent shapes) runs in the forward and
     backward pass of a stacked step, for any stackable rule and architecture. (The optimizer step
     is AdamW, capturable on CUDA; on the CPU it reads its step count, by design.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class NoHostSync(TorchDispatchMode):
-        seen: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.name().split("::")[-1].split(".")[0] in ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"):
-                self.seen.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     from creditaudit.train.run import build_run
     from creditaudit.data.loader import stacked_epoch
 
@@ -225,3 +229,80 @@ def test_a_graphed_stack_computes_what_the_eager_stack_computes(tmp_path, rule, 
     assert [r.status for r in train_stack(cfgs["graphed"][1:], graph=True)] == ["finished"]
     for a, b in zip(cfgs["eager"], cfgs["graphed"]):
         assert_same_metrics(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The probes of a stack, taken together
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", STACKABLE)
+def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
+    """The full probe (every figure, trajectories included) of two runs taken together under vmap
+    equals each run's probe alone, to float rounding (module docstring), and its shared part
+    never reads a value back to the host."""
+    from creditaudit.data.loader import stacked_epoch
+    from creditaudit.diagnostics.probe import probe
+    from creditaudit.train.run import build_run
+    from creditaudit.train.stack import finish_probe
+
+    extra = ("lam=0.01", "diag.trajectory=true", "diag.rho_n=120", "diag.stab_batch_size=40")
+    cfgs = [resolve_rule_options(_cfg(tmp_path, rule, arch, s, *extra)) for s in (1, 2)]
+    runs = [build_run(c) for c in cfgs]
+    stack = Stack(runs)
+    x, y = next(iter(stacked_epoch([r.loader for r in runs], 0)))
+    stack.train_step(x, y)  # away from the initialisation
+    stack.unstack()
+    with NoHostSync() as mode:
+        shared = stack.probe([0, 1], cfgs[0].diag, full=True)
+    assert mode.seen == [], mode.seen
+    for run, (figures, rho) in zip(runs, shared):
+        together = finish_probe(run, figures, rho, run.cfg.diag, full=True)
+        alone = probe(run.model, run.rule, run.data, run.cfg.diag, full=True, seed=run.cfg.seed)
+        assert set(together) == set(alone) and any(k.startswith("traj/") for k in alone) and "credit/rho_deep" in alone
+        for k, va in alone.items():
+            vb = together[k]
+            if not math.isfinite(va):
+                assert not math.isfinite(vb), (k, va, vb)
+            elif k.startswith(AMPLIFIED) or k == "diag/grad_stab":
+                assert vb == pytest.approx(va, rel=0.05, abs=5e-5), (k, va, vb)
+            else:
+                assert vb == pytest.approx(va, rel=2e-3, abs=1e-6), (k, va, vb)
+
+
+def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config(tmp_path, monkeypatch):
+    """No run of a stack is probed alone: runs whose diagnostics differ (here: trajectories for
+    one) are probed in a group each, and each run logs the keys it logs alone."""
+    import creditaudit.train.run as R
+
+    alone = [_cfg(tmp_path / "alone", "dfa", "resmlp", 1), _cfg(tmp_path / "alone", "dfa", "resmlp", 2, "diag.trajectory=true")]
+    for c in alone:
+        train(c)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run of a stack was probed alone")
+
+    monkeypatch.setattr(R, "diagnose", refuse)
+    stacked = [_cfg(tmp_path / "stack", "dfa", "resmlp", 1), _cfg(tmp_path / "stack", "dfa", "resmlp", 2, "diag.trajectory=true")]
+    assert len({stack_key(c) for c in stacked}) == 1
+    assert [r.status for r in train_stack(stacked)] == ["finished", "finished"]
+    for a, b in zip(alone, stacked):
+        assert_same_metrics(a, b)
+    assert all(r["time/diag_s"] > 0 for r in RunFolder(run_path(stacked[1])).read_metrics())
+
+
+def test_a_run_whose_own_probe_fails_fails_alone(tmp_path, monkeypatch):
+    """ρ_l is each run's own work: when it fails for one run, that run is recorded failed, and
+    the other runs of the stack finish."""
+    import creditaudit.train.stack as S
+
+    real = S.finish
+
+    def failing(figures, rho, model, model64, y, cfg, *, seed):
+        if seed == 2 and rho:
+            raise RuntimeError("planted")
+        return real(figures, rho, model, model64, y, cfg, seed=seed)
+
+    monkeypatch.setattr(S, "finish", failing)
+    stacked = [_cfg(tmp_path, "dfa", "resmlp", s) for s in (1, 2)]
+    results = train_stack(stacked)
+    assert [r.status for r in results] == ["finished", "failed"]
+    assert "planted" in RunFolder(run_path(stacked[1])).read_summary()["error"]

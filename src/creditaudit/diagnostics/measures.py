@@ -6,6 +6,10 @@ the median over the eval batch. Everything is computed in float64: a reference g
 cosine_similarity`` divides by max(‖a‖·‖b‖, eps) (eps = 1e-8), which, when ‖g‖ ≈ 1e-9, shrinks every
 cosine against g by a factor of ~10 and makes a degenerate reference look like "no alignment".
 A cosine with a zero vector is undefined and reported as NaN, never as 0.
+
+Every figure is a 0-d float64 tensor, and no function reads a value back to the host or branches on
+one: the probe runs them for one run, or under ``torch.func.vmap`` for a stack of runs
+(``train/stack.py``), and reads the figures once at the end.
 """
 from __future__ import annotations
 
@@ -35,12 +39,41 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(denom > 0, (a64 * b64).sum(1) / denom, torch.full_like(denom, math.nan))
 
 
-def median(t: Tensor) -> float:
+def nan_like(t: Tensor) -> Tensor:
+    """A 0-d float64 NaN on ``t``'s device."""
+    return torch.full((), math.nan, dtype=torch.float64, device=t.device)
+
+
+def median(t: Tensor) -> Tensor:
     """Median of a 1-D tensor, ignoring NaNs (NaN if all are)."""
-    return float(torch.nanmedian(t.double()).item()) if t.numel() else math.nan
+    return torch.nanmedian(t.double()) if t.numel() else nan_like(t)
 
 
-def scale_ratios(hs: list[Tensor]) -> list[float]:
+def nanmean(values: list[Tensor], like: Tensor) -> Tensor:
+    """Mean of 0-d tensors, ignoring NaNs (NaN if all are, or if there are none)."""
+    return torch.nanmean(torch.stack(values).double()) if values else nan_like(like)
+
+
+def nanmax(values: list[Tensor], like: Tensor) -> Tensor:
+    """Largest of 0-d tensors, ignoring NaNs (NaN if all are, or if there are none)."""
+    if not values:
+        return nan_like(like)
+    v = torch.stack(values).double()
+    known = ~torch.isnan(v)
+    return torch.where(known.any(), torch.where(known, v, -math.inf).max(), math.nan)
+
+
+def quantiles(t: Tensor, qs: tuple[float, ...]) -> Tensor:
+    """``torch.quantile(t, qs)`` (linear interpolation; NaN if any value is) for a 1-D tensor, as
+    sorting and gathering: ``torch.quantile`` has no run-axis rule in ``vmap``."""
+    s = torch.sort(t).values
+    ranks = torch.tensor(qs, dtype=t.dtype, device=t.device) * (t.shape[0] - 1)
+    below = ranks.floor()
+    lo, hi = s[below.long()], s[ranks.ceil().long()]
+    return torch.where(torch.isnan(s[-1]), math.nan, torch.lerp(lo, hi, ranks - below))
+
+
+def scale_ratios(hs: list[Tensor]) -> list[Tensor]:
     """D1's per-block figure: median over the batch of ‖h_l‖ / ‖h_{l-1}‖, l = 1..L."""
     out = []
     for prev, cur in zip(hs, hs[1:]):
@@ -49,9 +82,9 @@ def scale_ratios(hs: list[Tensor]) -> list[float]:
     return out
 
 
-def credit_cosines(credits: list[Tensor], grads: list[Tensor]) -> list[float]:
+def credit_cosines(credits: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
     """Γ_l = mean over the batch of cos(a_l, g_l), l = 0..L (NaN samples ignored)."""
-    return [float(torch.nanmean(cosine(a, g)).item()) for a, g in zip(credits, grads)]
+    return [torch.nanmean(cosine(a, g)) for a, g in zip(credits, grads)]
 
 
 def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:
@@ -61,7 +94,7 @@ def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:
 
 @torch.no_grad()
 def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, dirs: int, eps: float,
-                 generator: torch.Generator) -> float:
+                 generator: torch.Generator) -> Tensor:
     """ρ_l: Pearson correlation, over samples × ``dirs`` random unit directions v, between the
     predicted loss change ε⟨a_l, v⟩ and the actual change CE(h_l + εv) − CE(h_l). The forward passes
     run in the model's dtype (float64 when the changes can be tiny: see ``probe``), and so are the
@@ -84,14 +117,14 @@ def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, d
     return pearson(p, q)
 
 
-def pearson(p: Tensor, q: Tensor) -> float:
+def pearson(p: Tensor, q: Tensor) -> Tensor:
     p, q = p.double() - p.double().mean(), q.double() - q.double().mean()
     denom = p.norm() * q.norm()
-    return float((p @ q / denom).item()) if denom > 0 else math.nan
+    return torch.where(denom > 0, p @ q / denom, math.nan)
 
 
 @torch.no_grad()
-def nudge(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, eta: float, relative: bool) -> float:
+def nudge(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, eta: float, relative: bool) -> Tensor:
     """ΔL: change of the mean loss after moving h_l by η against a_l/‖a_l‖ (per sample; η scaled by
     ‖h_l‖ when ``relative``). Negative = the credit points downhill. Samples with a = 0 do not move."""
     h64 = h.double()
@@ -100,12 +133,12 @@ def nudge(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, eta: flo
     direction = torch.where(a_norm > 0, a_flat / a_norm, torch.zeros_like(a_flat))
     step = eta * (norms(h).unsqueeze(1) if relative else 1.0)
     moved = h64 - (step * direction).view_as(h64)
-    return float((per_sample_loss(model, l, moved, y) - per_sample_loss(model, l, h64, y)).mean().item())
+    return (per_sample_loss(model, l, moved, y) - per_sample_loss(model, l, h64, y)).mean()
 
 
-def gradient_stability(batch_grads: list[Tensor]) -> float:
-    """(c): mean pairwise cosine between the batch-mean gradients g (at one layer) of disjoint batches."""
+def gradient_stability(batch_grads: list[Tensor]) -> Tensor:
+    """(c): mean pairwise cosine between the batch-mean gradients g (at one layer) of disjoint
+    batches (pairs whose cosine is undefined ignored; NaN if all are)."""
     means = [flat64(g).mean(0, keepdim=True) for g in batch_grads]
-    cos = [cosine(means[i], means[j]).item() for i in range(len(means)) for j in range(i + 1, len(means))]
-    cos = [c for c in cos if not math.isnan(c)]
-    return sum(cos) / len(cos) if cos else math.nan
+    cos = [cosine(means[i], means[j])[0] for i in range(len(means)) for j in range(i + 1, len(means))]
+    return nanmean(cos, batch_grads[0])

@@ -18,15 +18,24 @@ Logged keys (namespaced, one JSON line per epoch in ``metrics.jsonl``):
 ρ_l (l = 1..L) and (c) are the expensive ones: they run after the last epoch and every
 ``full_every`` epochs; the rest every ``every`` epochs and at epoch 0 (before any update). The probe runs with the
 model in eval mode, never moves a parameter, a buffer or the training RNG.
+
+The probe has two parts. :func:`shared_figures` is everything but ρ_l: tensors in, 0-d tensors
+out, no value read back to the host — a stack of runs (``train/stack.py``) evaluates it for all its
+runs at once under ``torch.func.vmap``, as it does the training step. :func:`finish` reads the
+figures and measures ρ_l, one run at a time: its random directions are the run's own and its
+precision is chosen per run and layer (:data:`RHO_FLOAT32_MIN_CHANGE`), and each of its forward
+passes already stacks ``rho_dirs`` perturbed copies of the samples along the batch, which fills a
+device on its own.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from creditaudit.diagnostics import measures as M
@@ -67,7 +76,7 @@ def due(cfg: DiagConfig, epoch: int, last: int) -> tuple[bool, bool]:
     return cheap or full, full
 
 
-def _credits(model: CreditNet, rule: Any, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def _credits(model: CreditNet, rule: Any, x: Tensor, y: Tensor) -> list[Tensor]:
     with rule.local_forward(model):
         fwd = model.run(x, detach_inputs=True)
         return [a.detach() for a in rule.credits(model, x, y, fwd)]
@@ -76,41 +85,85 @@ def _credits(model: CreditNet, rule: Any, x: torch.Tensor, y: torch.Tensor) -> l
 TRAJECTORY_QUANTILES = (0.1, 0.5, 0.9)
 
 
-def trajectory_summaries(named: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+def trajectory_summaries(named: dict[str, list[Tensor]]) -> dict[str, Tensor]:
     """``traj/<name>_l<l>_p10|p50|p90|mean``: the spread of the per-sample norms of each layer's
     tensor (float64, so a collapsing ‖g_l‖ of 1e-10 is still resolved)."""
-    out: dict[str, float] = {}
+    out: dict[str, Tensor] = {}
     for name, tensors in named.items():
         for l, t in enumerate(tensors):
             norms = M.norms(t).double()
-            qs = torch.quantile(norms, torch.tensor(TRAJECTORY_QUANTILES, dtype=norms.dtype, device=norms.device))
-            for q, v in zip(TRAJECTORY_QUANTILES, qs.tolist()):
-                out[f"traj/{name}_l{l}_p{round(q * 100)}"] = v
-            out[f"traj/{name}_l{l}_mean"] = float(norms.mean())
+            qs = M.quantiles(norms, TRAJECTORY_QUANTILES)
+            for i, q in enumerate(TRAJECTORY_QUANTILES):
+                out[f"traj/{name}_l{l}_p{round(q * 100)}"] = qs[i]
+            out[f"traj/{name}_l{l}_mean"] = norms.mean()
     return out
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many examples each part of a probe reads (from the data's sizes and the config)."""
+
+    full: bool  # ρ_l and (c) too
+    n: int  # the eval batch: D1, D2, Γ_l, nudging, trajectories, the fixed training loss
+    m: int  # ρ_l's samples (n when the probe is not full)
+    stab: int  # (c)'s disjoint batches (0 when too few test examples for two)
+
+    @classmethod
+    def of(cls, data: Any, cfg: DiagConfig, *, full: bool) -> "Sizes":
+        n_test = data.x_test.shape[0]
+        k = min(cfg.stab_batches, n_test // cfg.stab_batch_size)
+        n = min(cfg.eval_n, n_test)
+        return cls(full=full, n=n, m=min(cfg.rho_n, n_test) if full else n, stab=k if full and k >= 2 else 0)
+
+
+def probe_inputs(data: Any, cfg: DiagConfig, sizes: Sizes) -> dict[str, Tensor]:
+    """The examples a probe reads: the first test examples (the reference batch, and (c)'s batches),
+    and the first training examples (the fixed training loss)."""
+    rows = max(sizes.n, sizes.m)
+    inputs = {"x": data.x_test[:rows], "y": data.y_test[:rows],
+              "x_train": data.x_train[:sizes.n], "y_train": data.y_train[:sizes.n]}
+    if sizes.stab:
+        bs = cfg.stab_batch_size
+        inputs["x_stab"] = data.x_test[:sizes.stab * bs].reshape(sizes.stab, bs, *data.x_test.shape[1:])
+        inputs["y_stab"] = data.y_test[:sizes.stab * bs].reshape(sizes.stab, bs)
+    return inputs
 
 
 def probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool, seed: int) -> dict[str, float]:
     """All figures for the current state of ``model`` trained by ``rule`` (see the module docstring)."""
-    was_training = model.training
-    model.eval()
-    rng_state = torch.get_rng_state()
-    try:
-        return _probe(model, rule, data, cfg, full=full, seed=seed)
-    finally:
-        torch.set_rng_state(rng_state)
-        model.train(was_training)
+    with probing(model):
+        sizes = Sizes.of(data, cfg, full=full)
+        inputs = probe_inputs(data, cfg, sizes)
+        model64 = copy.deepcopy(model).double()  # the reference in float64 (a copy: the model is untouched)
+        figures, rho_inputs = shared_figures(model, model64, rule, inputs, cfg, sizes)
+        return finish(figures, rho_inputs, model, lambda: model64, inputs["y"][:sizes.m], cfg, seed=seed)
 
 
-def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool, seed: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    n_test = data.x_test.shape[0]
-    n = min(cfg.eval_n, n_test)
-    m = min(cfg.rho_n, n_test) if full else n  # ρ_l wants its own sample count: one reference for both
-    x_all, y_all = data.x_test[:max(n, m)], data.y_test[:max(n, m)]
+class probing:
+    """The model in eval mode and the training RNG untouched, for the duration of a probe."""
+
+    def __init__(self, model: CreditNet):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+        self.rng_state = torch.get_rng_state()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_rng_state(self.rng_state)
+        self.model.train(self.was_training)
+
+
+def shared_figures(model: CreditNet, model64: CreditNet, rule: Any, inputs: dict[str, Tensor], cfg: DiagConfig,
+                   sizes: Sizes) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+    """Every figure but ρ_l, as 0-d tensors, and what ρ_l reads (``{}`` unless the probe is full):
+    the states h_l and credits a_l of its samples, and the median ‖g_l‖ that sets its precision.
+    ``model64`` is ``model`` in float64. Nothing here reads a value back or draws a random number."""
+    out: dict[str, Tensor] = {}
+    n, m = sizes.n, sizes.m
+    x_all, y_all = inputs["x"], inputs["y"]
     L = model.L
-    # The reference in float64 (a copy: the model itself is untouched).
-    model64 = copy.deepcopy(model).double()
     fwd64, gs_all = true_grads(model64, x_all.double(), y_all)
     credits_all = _credits(model, rule, x_all, y_all)
     y = y_all[:n]
@@ -119,7 +172,7 @@ def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: boo
     ratios = M.scale_ratios(hs)
     for l, r in enumerate(ratios, start=1):
         out[f"diag/ratio_l{l}"] = r
-    out["diag/d1"] = max(ratios) if ratios else math.nan
+    out["diag/d1"] = M.nanmax(ratios, like=hs[0])
     out["diag/h0_norm"] = M.median(M.norms(hs[0]))
     out["diag/hL_norm"] = M.median(M.norms(hs[-1]))
     out["diag/gL_norm"] = M.median(M.norms(gs[-1]))
@@ -128,47 +181,60 @@ def _probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: boo
         out.update(trajectory_summaries({"h": hs, "g": gs, "a": credits}))
 
     with torch.no_grad():
-        xt = data.x_train[:n]
-        out["diag/train_loss_fixed"] = float(F.cross_entropy(model(xt), data.y_train[:n]).item())
+        out["diag/train_loss_fixed"] = F.cross_entropy(model(inputs["x_train"]), inputs["y_train"]).double()
 
     gammas = M.credit_cosines(credits, gs)
     for l, g in enumerate(gammas):
         out[f"credit/cos_l{l}"] = g
     deep = range(1, L + 1)
-    out["credit/deep_cos"] = _mean(gammas[l] for l in deep)
+    out["credit/deep_cos"] = M.nanmean([gammas[l] for l in deep], like=hs[0])
     nudges = {l: M.nudge(model64, l, hs[l], credits[l], y, eta=cfg.nudge_eta, relative=cfg.nudge_relative) for l in deep}
     for l, v in nudges.items():
         out[f"credit/nudge_l{l}"] = v
-    out["credit/nudge"] = _mean(nudges.values())
+    out["credit/nudge"] = M.nanmean(list(nudges.values()), like=hs[0])
 
-    if full:
-        gen = torch.Generator().manual_seed(seed)
-        yr, hs_r, credits_r = y_all[:m], [h[:m] for h in fwd64.hs], [a[:m] for a in credits_all]
-        rhos = {}
-        for l in deep:
-            # float32 suffices when the loss changes ε‖g_l‖ are far above its rounding (~1e-7·CE);
-            # a collapsed reference (‖g‖ ~ 1e-9) is measured in float64.
-            big = cfg.rho_eps * M.median(M.norms(gs_all[l][:m])) >= RHO_FLOAT32_MIN_CHANGE
-            rhos[l] = M.predictivity(model if big else model64, l, hs_r[l], credits_r[l], yr, dirs=cfg.rho_dirs,
-                                     eps=cfg.rho_eps, generator=gen)
-        for l, v in rhos.items():
-            out[f"credit/rho_l{l}"] = v
-        out["credit/rho_deep"] = _mean(rhos[l] for l in deep)
-        out["diag/grad_stab"] = _grad_stability(model64, data, L, cfg)
+    rho_inputs: dict[str, list[Tensor]] = {}
+    if sizes.full:
+        rho_inputs = {"h": [h[:m] for h in fwd64.hs], "a": [a[:m] for a in credits_all],
+                      "g_median": [M.median(M.norms(g[:m])) for g in gs_all]}
+        out["diag/grad_stab"] = _grad_stability(model64, inputs, L) if sizes.stab else M.nan_like(hs[0])
+    return out, rho_inputs
+
+
+def finish(figures: dict[str, Tensor], rho_inputs: dict[str, list[Tensor]], model: CreditNet,
+           model64: Callable[[], CreditNet], y: Tensor, cfg: DiagConfig, *, seed: int) -> dict[str, float]:
+    """The figures read back, and ρ_l measured when the probe is full (``rho_inputs`` from
+    :func:`shared_figures`; ``y`` the labels of its samples; ``model64`` makes the float64 copy
+    when a layer's changes are too small for float32). One run's: its directions come from ``seed``."""
+    out = {k: float(v) for k, v in figures.items()}
+    if not rho_inputs:
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    deep = range(1, len(rho_inputs["h"]))
+    rhos = {}
+    made: list[CreditNet] = []
+
+    def in_float64() -> CreditNet:
+        if not made:
+            made.append(model64())
+        return made[0]
+
+    for l in deep:
+        # float32 suffices when the loss changes ε‖g_l‖ are far above its rounding (~1e-7·CE);
+        # a collapsed reference (‖g‖ ~ 1e-9) is measured in float64.
+        big = cfg.rho_eps * float(rho_inputs["g_median"][l]) >= RHO_FLOAT32_MIN_CHANGE
+        rhos[l] = float(M.predictivity(model if big else in_float64(), l, rho_inputs["h"][l], rho_inputs["a"][l], y,
+                                       dirs=cfg.rho_dirs, eps=cfg.rho_eps, generator=gen))
+    for l, v in rhos.items():
+        out[f"credit/rho_l{l}"] = v
+    out["credit/rho_deep"] = _mean(rhos[l] for l in deep)
     return out
 
 
-def _grad_stability(model64: CreditNet, data: Any, L: int, cfg: DiagConfig) -> float:
+def _grad_stability(model64: CreditNet, inputs: dict[str, Tensor], L: int) -> Tensor:
     layer = math.ceil(L / 2)
-    bs, k = cfg.stab_batch_size, cfg.stab_batches
-    k = min(k, data.x_test.shape[0] // bs)
-    if k < 2:
-        return math.nan
-    grads = []
-    for i in range(k):
-        xb, yb = data.x_test[i * bs:(i + 1) * bs], data.y_test[i * bs:(i + 1) * bs]
-        grads.append(true_grads(model64, xb.double(), yb)[1][layer])
-    return M.gradient_stability(grads)
+    x, y = inputs["x_stab"], inputs["y_stab"]
+    return M.gradient_stability([true_grads(model64, x[i].double(), y[i])[1][layer] for i in range(x.shape[0])])
 
 
 def _mean(values) -> float:

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from creditaudit import autodiff
 from creditaudit.registry import Registry
 from creditaudit.errors import ConfigError
 
@@ -255,10 +256,37 @@ def true_grads(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Te
     (BatchNorm in training mode) g_l is still the exact gradient of that loss w.r.t. the tensor h_l.
     Parameter gradients and buffers (BatchNorm's running statistics) are left untouched, so it can
     be called in the middle of a training step. Returns the forward pass (detached) and g_0..g_L.
+
+    Under a ``torch.func`` transform (a stack of runs, ``train/stack.py``), where autograd cannot
+    reach the states, g_l is the derivative with respect to a zero offset added to h_l: the same
+    tensor, by ``torch.func.vjp``.
     """
+    if autodiff.under_transform():
+        return _true_grads_transformed(model, x, y)
     with torch.enable_grad(), preserved_buffers(model):
         fwd = model.run(x)
         loss = nn.functional.cross_entropy(fwd.logits, y, reduction="sum")
         gs = torch.autograd.grad(loss, fwd.hs, allow_unused=False)
     detached = Forward(fwd.logits.detach(), [h.detach() for h in fwd.hs], [f.detach() for f in fwd.fs])
     return detached, [g.detach() for g in gs]
+
+
+def _true_grads_transformed(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Tensor]]:
+    def loss(*offsets: Tensor) -> tuple[Tensor, tuple[Tensor, list[Tensor], list[Tensor]]]:
+        h = model.embed(x) + offsets[0]
+        hs, fs = [h], []
+        for block, offset in zip(model.blocks, offsets[1:]):
+            h, f = block(h)
+            h = h + offset
+            hs.append(h)
+            fs.append(f)
+        logits = model.readout(h)
+        return nn.functional.cross_entropy(logits, y, reduction="sum"), (logits, hs, fs)
+
+    with torch.no_grad(), preserved_buffers(model):
+        shapes, _ = model.shapes(tuple(x.shape[1:]))
+        dtype = next(model.parameters()).dtype
+        zeros = [torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device) for shape in shapes]
+        out, pullback, (logits, hs, fs) = torch.func.vjp(loss, *zeros, has_aux=True)
+        gs = pullback(torch.ones_like(out))
+    return Forward(logits, hs, fs), list(gs)

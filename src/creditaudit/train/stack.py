@@ -20,7 +20,10 @@ draws (``data.loader.stacked_epoch``); a run that diverges stops (its folder say
 others go on. Each run keeps its folder, config, metrics, checkpoints, lock, resume and
 diagnostics: the stack writes its tensors back into each run (:meth:`Stack.unstack`) before the
 run's :class:`~creditaudit.train.trainer.RunSession` closes the epoch, so a checkpoint written in a
-stack resumes alone and the reverse. A run trained in a stack gives the metrics it gives alone, to
+stack resumes alone and the reverse. Evaluation and the per-epoch probe run on the batched path too:
+:meth:`Stack.evaluate`, and :meth:`Stack.probe` — the probe's shared part
+(``diagnostics.probe.shared_figures``) under ``vmap``, then each run's ρ_l on its own model
+(:func:`diagnose`). A run trained in a stack gives the metrics it gives alone, to
 float rounding (batched matrix products round differently): ``tests/test_stack.py``.
 
 On CUDA, ``graph=True`` captures a step of each batch shape in a CUDA graph after two eager steps
@@ -53,6 +56,8 @@ from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.data import TensorDataset, load_dataset
 from creditaudit.data.loader import stacked_epoch
+from creditaudit.diagnostics import due
+from creditaudit.diagnostics.probe import DiagConfig, Sizes, finish, probe_inputs, probing, shared_figures
 from creditaudit.rules.base import RULES, Rule, parse_rule_name
 from creditaudit.runs.folder import RunLockedError
 from creditaudit.train import run as R
@@ -66,6 +71,9 @@ GRAPH_WARMUP = 2
 #: gradients, the local pass and the rule's own work; EP's relaxation keeps a few more): an upper
 #: estimate, so that a stack sized by it fits
 ACTIVATION_FACTOR = 24
+#: memory of a probe's shared part, in multiples of its reference batch's states in float64 (states,
+#: reference gradients, credits, and the float64 pass that gives the gradients)
+PROBE_FACTOR = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +318,96 @@ class Stack:
         return [(lo / n, co / n) for lo, co in zip(loss.tolist(), correct.tolist())]
 
 
+    # ---- the diagnostics ---------------------------------------------------------------------
+    def probe(self, members: list[int], cfg: DiagConfig, *, full: bool) -> list[tuple[dict[str, Tensor], dict]]:
+        """The shared part of the per-epoch probe (:func:`~creditaudit.diagnostics.probe.shared_figures`)
+        of the runs ``members`` (positions in the stack; one :class:`DiagConfig`), under ``vmap``:
+        each member's figures and what its ρ_l reads. Taken from the stack's tensors (no need to
+        :meth:`unstack` first), in as many chunks of runs as the device's memory needs."""
+        runs = [self.runs[i] for i in members]
+        sizes = Sizes.of(runs[0].data, cfg, full=full)
+        shared = all(r.data is runs[0].data for r in runs)
+        inputs = (probe_inputs(runs[0].data, cfg, sizes) if shared else
+                  _stacked([probe_inputs(r.data, cfg, sizes) for r in runs]))
+        at = torch.tensor(members, device=self.device)
+        params = {n: p.detach()[at] for n, p in self.params.items()}
+        buffers = {n: b[at] for n, b in self.buffers.items()}
+        rule_tensors = [t[at] for t in self.rule_tensors]
+        model64 = copy.deepcopy(self.model).double()
+
+        def one(params, buffers, rule_tensors, inputs):
+            in64 = {n: t.double() if t.is_floating_point() else t for n, t in {**params, **buffers}.items()}
+            with self._bound(params, buffers, rule_tensors), _reparametrize_module(model64, in64):
+                return shared_figures(self.model, model64, self.rule, inputs, cfg, sizes)
+
+        chunk = probe_chunk(runs[0], sizes)
+        self.model.eval()
+        model64.eval()
+        try:
+            with _batchable_kernels():
+                figures, rho = vmap(one, in_dims=(0, 0, 0, None if shared else 0), randomness="error",
+                                    chunk_size=min(chunk, len(runs)))(params, buffers, rule_tensors, inputs)
+        finally:
+            self.model.train()
+        return [({k: v[r] for k, v in figures.items()}, pytree.tree_map(lambda t: t[r], rho)) for r in range(len(runs))]
+
+
+def _stacked(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def probe_chunk(run: Run, sizes: Sizes) -> int:
+    """How many runs' probes (:meth:`Stack.probe`) fit in the device's memory at once: half of the
+    free memory over an upper estimate of one run's (:data:`PROBE_FACTOR`), at least 1."""
+    shapes, _ = run.model.shapes(run.data.input_shape)
+    per_run = max(sizes.n, sizes.m) * sum(math.prod(s) for s in shapes) * 8 * PROBE_FACTOR
+    per_run += 2 * sum(p.numel() for p in run.model.parameters()) * 8
+    free = torch.cuda.mem_get_info(run.device)[0] if run.device.type == "cuda" else available_memory()
+    return max(1, int(free // 2 // per_run)) if free is not None else 1 << 30
+
+
+def diagnose(stack: Stack, sessions: list[RunSession], members: list[int], epoch: int,
+             per_run) -> dict[int, dict[str, float]]:
+    """The probes due at ``epoch`` of the runs ``members`` (positions in the stack), taken together:
+    the shared part for runs of one diagnostics config at once (:meth:`Stack.probe`), then each
+    run's ρ_l from its own model (:func:`~creditaudit.diagnostics.probe.finish`; the stack must be
+    unstacked). ``per_run(i, fn, ...)`` runs a member's own work (a failure fails that run only).
+    Each member's figures carry its ``time/diag_s``: its part of the shared time, and its own."""
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for i in members:
+        cfg = sessions[i].run.cfg
+        wanted, full = due(cfg.diag, epoch, cfg.epochs)
+        if wanted:
+            groups.setdefault((json.dumps(C.to_dict(cfg)["diag"], sort_keys=True), full), []).append(i)
+    out: dict[int, dict[str, float]] = {}
+    for (_, full), group in groups.items():
+        t0 = time.perf_counter()
+        diag_cfg = sessions[group[0]].run.cfg.diag
+        shared = stack.probe(group, diag_cfg, full=full)
+        share = (time.perf_counter() - t0) / len(group)
+        for i, (figures, rho) in zip(group, shared):
+            run = sessions[i].run
+
+            def own(run=run, figures=figures, rho=rho) -> dict[str, float]:
+                t1 = time.perf_counter()
+                got = finish_probe(run, figures, rho, diag_cfg, full=full)
+                return {**got, "time/diag_s": share + time.perf_counter() - t1}
+
+            got = per_run(i, own)
+            if got is not None:
+                out[i] = got
+    return out
+
+
+def finish_probe(run: Run, figures: dict[str, Tensor], rho: dict, cfg: DiagConfig, *, full: bool) -> dict[str, float]:
+    """One run's part of a stacked probe (:meth:`Stack.probe` gave ``figures`` and ``rho``): the
+    figures read back and its ρ_l measured on its own model (the stack unstacked)."""
+    with probing(run.model):
+        m = Sizes.of(run.data, cfg, full=full).m
+        return finish(figures, rho, run.model, lambda: copy.deepcopy(run.model).double(), run.data.y_test[:m], cfg,
+                      seed=run.cfg.seed)
+
+
 def _batchable_kernels() -> contextlib.AbstractContextManager:
     """Attention as its plain matrix products (the fused kernels have no run-axis rule in vmap,
     which would loop over the runs one by one)."""
@@ -454,13 +552,19 @@ def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | 
             done[i] = sessions[i].summary or {"status": "failed"}
             return None
 
+    stack = Stack([s.run for s in sessions], graph=graph)
+    try:
+        fresh = [i for i in range(len(sessions)) if sessions[i].run.epoch == 0]
+        first = diagnose(stack, sessions, fresh, 0, per_run)  # the epoch-0 probes, before any update
+    except Exception as exc:  # the shared probe failed: every run of the stack with it
+        return {i: sessions[i].write_summary("failed", error=f"{type(exc).__name__}: {exc}") for i in range(len(sessions))}
     for i in range(len(sessions)):
-        per_run(i, sessions[i].begin)
+        if i not in done:
+            per_run(i, sessions[i].begin, first.get(i))
     live = [i for i in range(len(sessions)) if i not in done]
     if not live:
         return done
     cfg = sessions[live[0]].run.cfg
-    stack = Stack([s.run for s in sessions], graph=graph)
     try:
         while live and sessions[live[0]].run.epoch < cfg.epochs:
             if stop_after is not None and sessions[live[0]].run.epoch >= stop_after:
@@ -474,8 +578,15 @@ def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | 
             tests = stack.evaluate(data.x_test, data.y_test, cfg.eval_batch_size)
             stack.unstack()
             share = (time.perf_counter() - t0) / len(live)  # each live run's part of the stack's time
+            finite = [i for i in live if math.isfinite(trained[i]["train/loss"])]
+            figures = diagnose(stack, sessions, finite, epoch + 1, per_run)
+            trained_together = len(live)
             for i in list(live):
-                ended = per_run(i, sessions[i].end_epoch, trained[i], share, test=tests[i], extra={"stack/runs": len(live)})
+                if i in done:  # its own probe failed
+                    live.remove(i)
+                    continue
+                ended = per_run(i, sessions[i].end_epoch, trained[i], share, test=tests[i], figures=figures.get(i),
+                                extra={"stack/runs": trained_together})
                 if i in done:
                     live.remove(i)
                 elif ended is not None:

@@ -124,23 +124,26 @@ class RunSession:
             self.summary = s
         return s
 
-    def begin(self) -> None:
-        """The epoch-0 diagnostics, before any update (when due and not yet logged)."""
+    def begin(self, figures: dict[str, float] | None = None) -> None:
+        """The epoch-0 diagnostics, before any update (when due and not yet logged); ``figures``
+        when they were taken already (a stack takes its runs' together, with ``time/diag_s``)."""
         cfg, run = self.run.cfg, self.run
         if run.epoch == 0 and due(cfg.diag, 0, cfg.epochs)[0]:
             t0 = time.perf_counter()
-            record0 = {"epoch": 0, **R.diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1])}
-            record0["time/diag_s"] = time.perf_counter() - t0
+            if figures is None:
+                figures = {**R.diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1]), "time/diag_s": time.perf_counter() - t0}
+            record0 = {"epoch": 0, **figures}
             self.folder.append_metrics(record0)
             self.tracker.log(record0, step=0)
 
     def end_epoch(self, trained: dict[str, float], t_train: float, *, test: tuple[float, float] | None = None,
-                  extra: dict[str, Any] | None = None) -> dict | None:
+                  figures: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> dict | None:
         """Close the epoch just trained (``run.epoch`` not yet advanced): evaluate (unless ``test``
-        gives (loss, acc) already), diagnose when due, append the record, checkpoint. Returns the
-        closing summary when the run diverged, else None."""
+        gives (loss, acc) already), diagnose when due (unless ``figures`` are the diagnostics taken
+        already, with their ``time/diag_s``), append the record, checkpoint. Returns the closing
+        summary when the run diverged, else None."""
         run, cfg = self.run, self.run.cfg
-        t0 = time.perf_counter() - t_train
+        t0 = time.perf_counter() - t_train - (figures or {}).get("time/diag_s", 0.0)
         record: dict[str, Any] = {"epoch": run.epoch + 1, **trained}
         run.epoch += 1
         record["test/loss"], record["test/acc"] = test or R.evaluate(run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size)
@@ -149,8 +152,9 @@ class RunSession:
         wanted, full = due(cfg.diag, run.epoch, cfg.epochs)
         if wanted and math.isfinite(record["train/loss"]):
             t1 = time.perf_counter()
-            record.update(R.diagnose(run, full=full))
-            record["time/diag_s"] = time.perf_counter() - t1
+            if figures is None:
+                figures = {**R.diagnose(run, full=full), "time/diag_s": time.perf_counter() - t1}
+            record.update(figures)
         record.update(extra or {})
         record["time/epoch_s"] = time.perf_counter() - t0
         run.wall_s += record["time/epoch_s"]
