@@ -21,6 +21,40 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, s
 err_console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
+# The exit status of every command (README, "Exit status"; `creditaudit --help`).
+OK = 0  # everything asked for was done: every run finished (now or before)
+RUNS_FAILED = 1  # some run failed, diverged, was interrupted or lost its worker; the rest were done, reports written
+USAGE = 2  # an error the user can fix (argument, config, folder, disk): one line on stderr, nothing computed lost
+RUNS_HELD = 3  # nothing failed, but some runs are being trained by another process (their folders are locked)
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): what was computed is kept; the same command resumes
+
+EXIT_STATUS_HELP = f"""Exit status: {OK} everything was done (every run finished); {RUNS_FAILED} some run failed, diverged,
+was interrupted or lost its worker (the others were trained and the reports written); {USAGE} an error you
+can fix, named in one line (nothing computed is lost); {RUNS_HELD} nothing failed, but some runs are held
+by another process training them (run the command again once it is done); {INTERRUPTED} interrupted
+(Ctrl-C): the same command resumes."""
+
+
+def runs_status(statuses: list[str]) -> int:
+    """The exit status of a command that trained runs with these outcomes."""
+    from creditaudit.sweep.progress import FAILED, HELD
+
+    if any(s in FAILED or s not in ("finished", HELD) for s in statuses):
+        return RUNS_FAILED
+    return RUNS_HELD if HELD in statuses else OK
+
+
+class Commands(click.Group):
+    """The command group: Ctrl-C anywhere is one line and status 130, not click's "Aborted!" (1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err_console.print("interrupted: what was computed is kept; run the same command again to resume")
+            sys.exit(INTERRUPTED)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from creditaudit.errors import ConfigError
     from creditaudit.data import DatasetMissingError
@@ -38,7 +72,7 @@ def friendly_errors():
         yield
     except user_errors() as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(USAGE)
 
 
 def config_help() -> str:
@@ -58,7 +92,7 @@ class FieldHelpCommand(click.Command):
         formatter.write("\n" + config_help() + "\n")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="creditaudit")
 def main() -> None:
     """Train networks with backprop and its alternatives, and audit whether each rule really
@@ -74,6 +108,9 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
 
     The run lives in RESULTS/SETTING/RULE__ARCH__sSEED/. A finished run is skipped; a killed one
     resumes from its last checkpoint.
+
+    Exit status: 0 the run finished; 1 it failed, diverged or was interrupted; 2 an error you can
+    fix (one line), e.g. its folder is held by another process.
     """
     from creditaudit.config import TrainConfig, apply_overrides
 
@@ -88,7 +125,7 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
     console.print(f"[{colour}]{status}[/]: {summary['run']} — {acc_text}{summary['epochs_done']} epochs, "
                   f"{summary['wall_s']:.1f} s — {cfg.results}/{cfg.setting}/{summary['run']}")
     if status not in ("finished",):
-        sys.exit(1)
+        sys.exit(RUNS_FAILED)
 
 
 def _train_with_progress(cfg, quiet: bool) -> dict:
@@ -157,6 +194,10 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
     report (Markdown, HTML with plots); `--profile mode1` trains bp, fa and dfa (and the baseline)
     where DFA's failure modes show on a CPU. With RESULTS_DIR: re-audits the finished runs found
     there, training nothing. key=value overrides go to every run (e.g. epochs=3 train_subset=5000).
+
+    Exit status: 0 every run finished and the report is written; 1 some run failed or diverged (the
+    report is written from the others); 2 an error you can fix (one line); 3 nothing failed but some
+    runs are held by another process; 130 interrupted.
     """
     from creditaudit import experiments as E
     from creditaudit.diagnostics.verdict import Thresholds
@@ -186,8 +227,10 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
             cfgs = E.audit_configs(rule_names, profile=profile, seeds=seed_list, overrides=overrides,
                                    baseline=None if own_baseline else E.BASELINE_RULE)
             root, setting = Path(cfgs[0].results), cfgs[0].setting
-            _train_all(cfgs, workers)
+            statuses = _train_all(cfgs, workers)
         _report(root, setting, th, own_baseline, out)
+    if not results_dir:
+        sys.exit(runs_status(statuses))
 
 
 def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
@@ -211,12 +254,12 @@ def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[l
 
 
 def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0,
-               stack: int = 1, graph: bool = False) -> None:
+               stack: int = 1, graph: bool = False) -> list[str]:
     """Train ``cfgs`` with one live progress line for the whole job — runs finished / total, failed,
     elapsed, and an ETA from the epochs trained so far — in a terminal; a plain line per run with
     the same counts when piped. Local worker processes, or Ray tasks when ``ray_address`` is given
     ('' = $RAY_ADDRESS or a local Ray instance); ``stack`` runs of one kind per job at most
-    (sweep/packing.py)."""
+    (sweep/packing.py). Returns every run's outcome status."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from creditaudit.config import run_path
@@ -231,23 +274,30 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                   TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("runs", total=len(cfgs), state=job.state())
 
+        statuses: list[str] = []
+
         def done(outcome, i, n):
+            statuses.append(outcome.status)
             job.update(outcome.run, outcome.status)
             progress.update(task, advance=1, state=job.state())
-            colour = "green" if outcome.status == "finished" else "red"
+            colour = {"finished": "green", "locked": "yellow"}.get(outcome.status, "red")
             counts = "" if console.is_terminal else f"  [{job.line()}]"
             progress.console.print(f"  [{colour}]{outcome.status:>9}[/] {outcome.run}  {outcome.wall_s:.0f} s"
                                    + (f"  {escape(outcome.error.splitlines()[0])}" if outcome.error and outcome.status != "finished" else "")
                                    + escape(counts))
 
+        def say(line: str) -> None:
+            progress.console.print(f"  [yellow]{escape(line)}[/]")
+
         if ray_address is None:
-            run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done)
+            run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done, say=say)
         else:
             from creditaudit.sweep.ray_backend import run_many_ray
 
             run_many_ray(cfgs, address=ray_address or None, num_cpus=workers or None,
                          gpus_per_run=gpus_per_run, stack=stack, graph=graph, on_done=done)
     console.print(job.line())
+    return statuses
 
 
 def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
@@ -294,8 +344,13 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
 
     Each setting of the study (`creditaudit list`) expands, under the profile, into its runs in
     <results>/<setting>/. Idempotent: finished runs are skipped and killed ones resume; a run another
-    process is training is left to it; a run that fails or diverges is recorded and the rest go on.
-    Use `all` for every setting.
+    process is training is left to it; a run that fails or diverges is recorded and the rest go on; a
+    worker process that dies (killed, out of memory) costs its own job only, which starts again once
+    in a fresh worker. Use `all` for every setting.
+
+    Exit status: 0 every run finished; 1 some run failed, diverged or lost its worker twice; 2 an
+    error you can fix (one line); 3 nothing failed but some runs are held by another process; 130
+    interrupted.
     """
     from creditaudit.config import run_path
     from creditaudit.experiments import baselines, expand, study_settings
@@ -322,9 +377,10 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
         raise click.BadParameter("must be >= 1", param_hint="--stack")
     if backend == "ray":
         with friendly_errors():
-            _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)
+            statuses = _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)
     else:
-        _train_all(cfgs, workers, stack=stack, graph=graph)
+        statuses = _train_all(cfgs, workers, stack=stack, graph=graph)
+    sys.exit(runs_status(statuses))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +410,9 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
     credits on its frozen features, reports Γ and ρ, then takes k = 1, 5, 20 local steps with inner,
     shift(η) and cosine and reports the real change of the held-out loss. Writes exploit.md (the
     memo's two tables) into the study's folder. Finished measurements are reused.
+
+    Exit status: 0 every snapshot and measurement finished; 1 some failed; 2 an error you can fix;
+    3 some are held by another process; 130 interrupted.
     """
     from creditaudit.exploit import protocol as P
 
@@ -390,8 +449,7 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
         path = P.ExploitFolder(folder).report_path
         console.print(path.read_text(), markup=False, soft_wrap=True)
         console.print(f"report: {path}")
-    if any(o.status != "finished" for o in outcomes):
-        sys.exit(1)
+    sys.exit(runs_status([o.status for o in outcomes]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +562,7 @@ def _require_results(results: str) -> None:
     if not Path(results).is_dir():
         err_console.print(f"[bold red]error:[/] no results folder {results!r}; train some runs first "
                           "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them", markup=True)
-        sys.exit(2)
+        sys.exit(USAGE)
 
 
 def _collect_or_fail(results: str):

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from creditaudit import config as C
@@ -110,23 +112,154 @@ def default_workers(per_run_bytes: int = RUN_MEMORY_BYTES, *, cores: int | None 
 
 R = TypeVar("R")
 
+#: how many times a job whose worker process died is started again in a fresh worker (its runs
+#: resume from their checkpoints), as Ray retries a task whose worker died
+RETRIES = 1
 
-def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: int = 0) -> Iterator[R]:
+
+def worker_death(exitcode: int | None) -> str:
+    """Why a worker process ended without its job's result, in words."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the out-of-memory killer sends it)" if -exitcode == signal.SIGKILL else ""
+        return f"its worker process was killed by {name}{hint}"
+    return f"its worker process exited with status {exitcode} before it finished"
+
+
+def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: int = 0,
+                 lost: Callable[[tuple[Any, ...], str], R] | None = None,
+                 say: Callable[[str], None] | None = None) -> Iterator[R]:
     """``fn(*job, threads)`` for every job, yielded as each finishes: in this process when
     ``workers`` is 1 or there is one job (``threads`` 0: as configured), else in ``workers``
     spawned processes of one thread each (0 = :func:`default_workers`: one per CPU core, as many as
     the available memory holds). ``fn`` must not raise: a failure is one of its results. The sweep's
-    runs and the exploit study's units both run through here."""
+    runs and the exploit study's units both run through here.
+
+    A worker that dies (killed by a signal — the out-of-memory killer —, or exiting) costs its own
+    job only: a fresh worker replaces it, the job starts again once (:data:`RETRIES`; its runs
+    resume from their checkpoints, a dead process's lock is taken over), and when it dies again
+    ``lost(job, why)`` is its result. ``say`` is told each death in one line."""
     workers = workers or default_workers()
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             yield fn(*job, 0)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        futures = [pool.submit(fn, *job, 1) for job in jobs]
-        for fut in as_completed(futures):
-            yield fut.result()
+    if lost is None:
+        raise TypeError("in_processes: with several workers, lost(job, why) must say what a job whose worker died gave")
+    yield from _Pool(fn, jobs, min(workers, len(jobs)), lost, say or (lambda line: None)).results()
+
+
+class _Worker:
+    """One spawned worker process and the pipe its jobs and results go through."""
+
+    def __init__(self, ctx: Any, fn: Callable[..., Any]):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, fn), name="creditaudit-worker")
+        self.process.start()
+        child.close()
+        self.job: int | None = None  # the index of the job it is running
+
+    def stop(self, timeout: float) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.conn.close()
+
+
+def _serve(conn: Any, fn: Callable[..., Any]) -> None:
+    """A worker's loop: a job in, its result out, until told to stop (``None``) or orphaned."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        i, job = message
+        conn.send((i, fn(*job, 1)))
+
+
+class _Pool:
+    """Workers that a dead one does not take down (``concurrent.futures``' pool breaks as a whole:
+    ``BrokenProcessPool``). Each worker has its own pipe, so a worker killed while it writes
+    corrupts nothing the others use."""
+
+    def __init__(self, fn: Callable[..., R], jobs: list[tuple[Any, ...]], size: int,
+                 lost: Callable[[tuple[Any, ...], str], R], say: Callable[[str], None]):
+        self.fn, self.jobs, self.size, self.lost, self.say = fn, jobs, size, lost, say
+        self.ctx = multiprocessing.get_context("spawn")
+        self.pending: deque[int] = deque(range(len(jobs)))
+        self.starts = [0] * len(jobs)
+        self.workers: list[_Worker] = []
+
+    def results(self) -> Iterator[R]:
+        left = len(self.jobs)
+        try:
+            while left:
+                self._assign()
+                ready = wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers])
+                for w in list(self.workers):
+                    if w.conn in ready or w.process.sentinel in ready:
+                        result = self._collect(w)
+                        if result is not _NOTHING:
+                            left -= 1
+                            yield result  # type: ignore[misc]
+        finally:
+            for w in self.workers:
+                w.stop(timeout=30)
+
+    def _assign(self) -> None:
+        """Give every idle worker a pending job; start workers (fresh ones for dead ones) as needed."""
+        while self.pending and len(self.workers) < self.size:
+            self.workers.append(_Worker(self.ctx, self.fn))
+        for w in self.workers:
+            if w.job is None and self.pending:
+                w.job = self.pending.popleft()
+                self.starts[w.job] += 1
+                w.conn.send((w.job, self.jobs[w.job]))
+
+    def _collect(self, w: _Worker) -> object:
+        """The result ``w`` sent, or, when it died, what its job comes to (a retry: nothing yet)."""
+        try:
+            if w.conn.poll():
+                i, result = w.conn.recv()
+                w.job = None
+                return result
+        except (EOFError, OSError):
+            pass  # it died writing
+        if w.process.is_alive():
+            return _NOTHING
+        w.process.join()
+        self.workers.remove(w)
+        w.conn.close()
+        if w.job is None:  # died idle
+            return _NOTHING
+        why = worker_death(w.process.exitcode)
+        job, w.job = w.job, None
+        if self.starts[job] <= RETRIES:
+            self.say(f"{why} (pid {w.process.pid}); its job starts again in a fresh worker, resuming from its checkpoints")
+            self.pending.appendleft(job)
+            return _NOTHING
+        self.say(f"{why} (pid {w.process.pid}) again; its job is given up")
+        return self.lost(self.jobs[job], f"{why}, {self.starts[job]} times")
+
+
+_NOTHING = object()
+
+
+def _lost_job(job: tuple[Any, ...], why: str) -> list[RunOutcome]:
+    """The outcomes of a job whose worker died each time it ran it."""
+    cfg_dicts, _graph = job
+    return [RunOutcome(_label(C.from_dict(d)), "failed", f"{why}; the sweep run again resumes it from its checkpoint")
+            for d in cfg_dicts]
 
 
 def run_many(
@@ -136,11 +269,13 @@ def run_many(
     stack: int = 1,
     graph: bool = False,
     on_done: Callable[[RunOutcome, int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[RunOutcome]:
     """Train every config; ``workers`` parallel processes (0 = :func:`default_workers`; 1 = in this
     process, threads as configured), each taking one job at a time: a run, or a stack of at most
-    ``stack`` runs of one kind (``graph``: CUDA-graphed steps). Returns one outcome per config, in
-    completion order."""
+    ``stack`` runs of one kind (``graph``: CUDA-graphed steps). A worker that dies costs its job
+    only (:func:`in_processes`: started again once, then ``failed``); ``say`` hears of each death.
+    Returns one outcome per config, in completion order."""
     from creditaudit.sweep.packing import pack
 
     configs = list(configs)
@@ -149,7 +284,7 @@ def run_many(
         C.validate(cfg)
     outcomes: list[RunOutcome] = []
     jobs = [([C.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
-    for done in in_processes(_train_job, jobs, workers=workers):
+    for done in in_processes(_train_job, jobs, workers=workers, lost=_lost_job, say=say):
         for outcome in done:
             outcomes.append(outcome)
             if on_done:

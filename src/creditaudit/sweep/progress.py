@@ -1,12 +1,16 @@
-"""Progress of a job of many runs: runs finished / total, failed, elapsed, and an ETA estimated
-from the epochs trained so far (runs found finished cost nothing and are left out of the rate)."""
+"""Progress of a job of many runs: runs finished / total, failed, held by another process, elapsed,
+and an ETA estimated from the epochs trained so far (runs found finished cost nothing and are left
+out of the rate)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-FAILED = ("failed", "diverged", "locked", "interrupted")
+#: outcomes that are failures: the run did not finish (a ``locked`` run is not one of them: another
+#: process is training it)
+FAILED = ("failed", "diverged", "interrupted")
+HELD = "locked"
 
 
 def clock(seconds: float) -> str:
@@ -26,6 +30,7 @@ class JobProgress:
     start: float = -1.0
     done: int = 0
     failed: int = 0
+    held: int = 0
     epochs_trained: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +48,7 @@ class JobProgress:
     def update(self, run: str, status: str) -> None:
         self.done += 1
         self.failed += status in FAILED
+        self.held += status == HELD
         if run not in self.already:
             self.epochs_trained += self.epochs.get(run, 0)
 
@@ -55,7 +61,8 @@ class JobProgress:
 
     def state(self) -> str:
         eta = self.eta_s()
-        return f"{self.failed} failed · ETA {clock(eta) if eta is not None else '–'}"
+        held = f", {self.held} held by another process" if self.held else ""
+        return f"{self.failed} failed{held} · ETA {clock(eta) if eta is not None else '–'}"
 
     def line(self) -> str:
         return f"{self.done}/{self.total} runs, {self.state()}, {clock(self.now() - self.start)} elapsed"
