@@ -91,6 +91,32 @@ def test_an_intact_real_run_is_collected(real_run):
     assert [r["epoch"] for r in rec.metrics] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("field, value", [("seed", 7), ("rule", "fa"), ("setting", "main_audit")])
+def test_a_run_whose_config_disagrees_with_its_folder_is_skipped_with_a_word(real_run, field, value):
+    """A config.json that no longer names its folder (edited, or the folder renamed) is not read as
+    that run's: the reports skip it and say why."""
+    import json
+
+    results, run = real_run
+    config = json.loads((run / "config.json").read_text())
+    config[field] = value
+    (run / "config.json").write_text(json.dumps(config))
+    col = collect(results)
+    assert col.runs == []
+    (problem,) = col.problems
+    assert problem.startswith(f"{run}: config.json says {field} {value!r} but the folder is named for {field} ")
+
+
+def test_audit_of_a_folder_of_unfinished_runs_says_so_and_exits_2(tmp_path):
+    from creditaudit.train.trainer import train
+
+    cfg = tiny_config(tmp_path, "rule=dfa", "epochs=3", "setting=main_audit")
+    assert train(cfg, stop_after=1)["status"] == "interrupted"
+    res = audit_cli(cfg.results)
+    assert res.exit_code == 2, res.output
+    assert "nothing to audit" in res.output and "1 interrupted" in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_real_finished_run_with_damaged_metrics_is_skipped(real_run, damage):
     results, run = real_run

@@ -108,6 +108,23 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert run_metrics(cut) == run_metrics(full)
 
 
+def test_a_resumed_run_whose_metrics_lost_a_line_logs_every_epoch(tmp_path, capfd):
+    """metrics.jsonl lost the record of the epoch its checkpoint holds (a torn last line): resuming
+    from the checkpoint would leave that epoch out for good, so the run trains again from epoch 0,
+    says so in one line, and ends with every epoch's record, equal to an uninterrupted run's."""
+    full = tiny_config(tmp_path / "full", "rule=dfa", "epochs=3")
+    train(full)
+    cut = tiny_config(tmp_path / "cut", "rule=dfa", "epochs=3")
+    assert train(cut, stop_after=2)["status"] == "interrupted"
+    folder = RunFolder(run_dir(cut.results, cut.setting, cut.rule, cut.arch, cut.seed))
+    lines = folder.metrics_path.read_text().splitlines(keepends=True)
+    folder.metrics_path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # epoch 2's line torn
+    assert train(cut)["status"] == "finished"
+    assert "lacks epoch(s) 2" in capfd.readouterr().err
+    assert [r["epoch"] for r in run_metrics(cut)] == [0, 1, 2, 3]
+    assert run_metrics(cut) == run_metrics(full)
+
+
 def test_changed_config_in_an_existing_folder_is_refused(tmp_path):
     train(tiny_config(tmp_path, "epochs=1"))
     with pytest.raises(RunConfigMismatch, match="epochs: 1 -> 2"):

@@ -196,8 +196,9 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
     there, training nothing. key=value overrides go to every run (e.g. epochs=3 train_subset=5000).
 
     Exit status: 0 every run finished and the report is written; 1 some run failed or diverged (the
-    report is written from the others); 2 an error you can fix (one line); 3 nothing failed but some
-    runs are held by another process; 130 interrupted.
+    report is written from the others); 2 an error you can fix (one line) — with RESULTS_DIR, also
+    when no run there has finished; 3 nothing failed but some runs are held by another process; 130
+    interrupted.
     """
     from creditaudit import experiments as E
     from creditaudit.diagnostics.verdict import Thresholds
@@ -228,9 +229,10 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
                                    baseline=None if own_baseline else E.BASELINE_RULE)
             root, setting = Path(cfgs[0].results), cfgs[0].setting
             statuses = _train_all(cfgs, workers)
-        _report(root, setting, th, own_baseline, out)
-    if not results_dir:
-        sys.exit(runs_status(statuses))
+        reported = _report(root, setting, th, own_baseline, out)
+    if results_dir:
+        sys.exit(OK if reported else USAGE)
+    sys.exit(runs_status(statuses))
 
 
 def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
@@ -300,7 +302,9 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
     return statuses
 
 
-def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
+def _report(root: Path, setting, th, own_baseline: bool, out: str) -> bool:
+    """Audit the finished runs under ``root`` (of ``setting``), print the tables and write the
+    reports; False (and one line on stderr) when no run has finished."""
     from creditaudit.reports.audit import write_reports
     from creditaudit.reports.collect import collect
     from creditaudit.reports.terminal import audit_table
@@ -308,13 +312,23 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> None:
     col = collect(root, [setting] if setting else None)
     if not col.runs:
         raise FileNotFoundError(f"no readable run folders under {root}" + "".join(f"\n  {p}" for p in col.problems))
-    for audit, paths in write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None):
+    written = write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None)
+    if not written:  # run folders, but none finished: nothing to audit, and no silence about it
+        from collections import Counter
+
+        counts = Counter(r.status for r in col.runs)
+        err_console.print(f"[bold red]error:[/] nothing to audit under {escape(str(root))}: no run has finished "
+                          f"({escape(', '.join(f'{n} {s}' for s, n in sorted(counts.items())))}); finish them with "
+                          "`creditaudit sweep SETTING` (killed runs resume) and audit again", markup=True, soft_wrap=True)
+        return False
+    for audit, paths in written:
         console.print(audit_table(audit, f"audit — {audit.setting}"))  # the folder is on the report line
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {p}")
         for p in audit.unevaluated():
             err_console.print(f"[yellow]D3 not evaluated:[/] {p}")
         console.print(f"report: {paths['markdown']} and {paths['html']}")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

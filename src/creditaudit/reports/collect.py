@@ -86,6 +86,12 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
                     missing = "config.json" if config is None else "summary.json"
                     out.problems.append(f"{run_dir}: no {missing} (a run that never started); skipped")
                     continue
+                disagree = _disagreement(config, setting_dir.name, rule, arch, seed)
+                if disagree:
+                    out.problems.append(f"{run_dir}: config.json {disagree}: the folder was renamed or its config "
+                                        "edited, so its figures cannot be trusted to be this run's; skipped (move it "
+                                        "back, or train the run again)")
+                    continue
                 if summary.get("status") == "finished":
                     metrics = read_finished_metrics(folder, config, summary)
                 else:
@@ -96,6 +102,18 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
                 continue
             out.runs.append(RunRecord(setting_dir.name, rule, arch, seed, run_dir, config, summary, metrics, gone))
     return out
+
+
+def _disagreement(config: dict, setting: str, rule: str, arch: str, seed: int) -> str:
+    """How a run's config.json disagrees with the folder it is in (its setting, rule, architecture
+    label and seed name the folder), or "" when it does not."""
+    named = {"setting": setting, "rule": rule, "arch": arch, "seed": seed}
+    recorded = {"setting": config.get("setting"), "rule": config.get("rule"),
+                "arch": config.get("arch_label") or config.get("arch"), "seed": config.get("seed")}
+    wrong = [f"{k} {recorded[k]!r}" for k in named if recorded[k] is not None and recorded[k] != named[k]]
+    if not wrong:
+        return ""
+    return f"says {', '.join(wrong)} but the folder is named for {', '.join(f'{k} {named[k]!r}' for k in named if recorded[k] != named[k])}"
 
 
 def owner_gone(folder: RunFolder) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -78,6 +79,19 @@ class Reporter:
 # ---------------------------------------------------------------------------------------------
 # A run's folder while it trains
 # ---------------------------------------------------------------------------------------------
+def _missing_epochs(cfg: TrainConfig, records: list[dict], epoch: int) -> list[int]:
+    """The epochs up to ``epoch`` that a run's records should hold and do not (epoch 0 when its
+    probe was due)."""
+    have = {r.get("epoch") for r in records}
+    first = 0 if due(cfg.diag, 0, cfg.epochs)[0] else 1
+    return [e for e in range(first, epoch + 1) if e not in have]
+
+
+def _say(message: str) -> None:
+    """One plain line to stderr for the person running the command."""
+    print(f"creditaudit: {message}", file=sys.stderr, flush=True)
+
+
 class RunSession:
     """The folder of a run this process holds the lock of: config written, resumed from its last
     checkpoint, a ``running`` summary; then one record per epoch and a closing status."""
@@ -86,12 +100,20 @@ class RunSession:
         self.run, self.folder, self.reporter = run, folder, reporter
         cfg = run.cfg
         resumed_from = None
-        if folder.last_checkpoint.exists():
-            state, meta = load_checkpoint(folder.last_checkpoint, device=run.device)
+        state, meta = load_checkpoint(folder.last_checkpoint, device=run.device) if folder.last_checkpoint.exists() else (None, None)
+        if meta is not None:
+            kept = [r for r in folder.read_metrics() if r["epoch"] <= int(meta["epoch"])]
+            missing = _missing_epochs(cfg, kept, int(meta["epoch"]))
+            if missing:  # a record the checkpoint is past was lost: only training again logs it
+                _say(f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its checkpoint "
+                     f"(epoch {meta['epoch']}) is past (a torn or lost line): training it again from epoch 0, "
+                     "so that every epoch is logged")
+                state = meta = None
+        if meta is not None:
             R.restore(run, state, meta)
             resumed_from = run.epoch
             # Drop metric lines written after the checkpoint (they are recomputed identically).
-            folder.rewrite_metrics([r for r in folder.read_metrics() if r["epoch"] <= run.epoch])
+            folder.rewrite_metrics(kept)
         else:
             folder.rewrite_metrics([])
         folder.write_config(C.to_dict(cfg))
