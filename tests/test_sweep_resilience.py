@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 from creditaudit.sweep.processes import in_processes, worker_death
@@ -28,22 +29,38 @@ def _job(kind: str, marker: str, threads: int) -> str:
 def test_a_dead_worker_costs_its_own_job_only(tmp_path):
     said: list[str] = []
     jobs = [("ok", ""), ("once", str(tmp_path / "m1")), ("ok", ""), ("always", ""), ("ok", ""), ("exit", ""), ("ok", "")]
-    results = list(in_processes(_job, jobs, workers=2, lost=lambda job, why: f"lost {job[0]}: {why}", say=said.append))
+    results = list(in_processes(_job, jobs, workers=2, lost=lambda job, why: f"lost {job[0]}: {why}",
+                                name=lambda job: f"job {job[0]}", say=said.append))
     assert len(results) == len(jobs)
     assert sorted(r.split(" ")[0] for r in results if not r.startswith("lost")) == ["ok", "ok", "ok", "ok", "once"]
     assert all("with 1 thread(s)" in r for r in results if not r.startswith("lost"))
     lost = sorted(r for r in results if r.startswith("lost"))
-    assert lost == ["lost always: its worker process was killed by SIGKILL (the out-of-memory killer sends it), 2 times",
-                    "lost exit: its worker process exited with status 3 before it finished, 2 times"]
-    # each death told in one line: once (retried), always (retried, given up), exit (retried, given up)
-    assert len(said) == 5 and all("\n" not in line for line in said)
-    assert sum("starts again" in line for line in said) == 3 and sum("given up" in line for line in said) == 2
+    assert lost == ["lost always: its worker was killed by SIGKILL (out of memory?), 2 times",
+                    "lost exit: its worker exited with status 3, 2 times"]
+    # each death told in one line, naming the job: once (retried), always and exit (retried, given up)
+    deaths = [line for line in said if ": its worker (pid " in line]
+    assert len(deaths) == 5 and all("\n" not in line for line in deaths)
+    assert sorted(line.split(":")[0] for line in deaths if "starting it again" in line) == ["job always", "job exit", "job once"]
+    assert sorted(line.split(":")[0] for line in deaths if line.endswith("again; given up")) == ["job always", "job exit"]
+
+
+def _chatty(text: str, threads: int) -> str:
+    print(text, file=sys.stderr)
+    return text
+
+
+def test_what_a_worker_writes_to_stderr_is_said_by_the_parent():
+    """Workers' stderr lines reach ``say`` (the sweep prints them above its progress bar) instead of
+    being written through the live display."""
+    said: list[str] = []
+    results = list(in_processes(_chatty, [("one",), ("two",)], workers=2, lost=lambda job, why: why, say=said.append))
+    assert sorted(results) == ["one", "two"] and sorted(said) == ["one", "two"]
 
 
 def test_worker_death_in_words():
-    assert worker_death(-signal.SIGKILL).startswith("its worker process was killed by SIGKILL")
-    assert worker_death(-signal.SIGTERM) == "its worker process was killed by SIGTERM"
-    assert worker_death(1) == "its worker process exited with status 1 before it finished"
+    assert worker_death(-signal.SIGKILL) == "was killed by SIGKILL (out of memory?)"
+    assert worker_death(-signal.SIGTERM) == "was killed by SIGTERM"
+    assert worker_death(1) == "exited with status 1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +110,9 @@ def test_a_sweep_whose_worker_is_killed_finishes_every_run(tmp_path):
     out, _ = sweep.communicate(timeout=600)
     assert victim is not None, out
     assert sweep.returncode == 0, out
-    assert "killed by SIGKILL" in out and "starts again in a fresh worker" in out, out
-    assert out.strip().splitlines()[-1].startswith("3/3 runs, 0 failed"), out
+    assert f"{victim.path.parent.name}/{victim.path.name}: its worker (pid" in out and "killed by SIGKILL" in out, out
+    assert "starting it again, from its checkpoint" in out, out
+    assert out.strip().splitlines()[-1].startswith("3/3 runs, 0 failed, 1 worker(s) died"), out
     for folder in _runs(results):
         assert folder.read_summary()["status"] == "finished", folder.path
         assert [r["epoch"] for r in folder.read_metrics()] == list(range(0, 26)), folder.path

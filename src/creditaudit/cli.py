@@ -288,11 +288,16 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                                    + (f"  {escape(outcome.error.splitlines()[0])}" if outcome.error and outcome.status != "finished" else "")
                                    + escape(counts))
 
-        def say(line: str) -> None:
+        def say(line: str) -> None:  # what a worker wrote to stderr, above the bar
+            progress.console.print(f"  {escape(line)}")
+
+        def died(line: str) -> None:
+            job.deaths += 1
+            progress.update(task, state=job.state())
             progress.console.print(f"  [yellow]{escape(line)}[/]")
 
         if ray_address is None:
-            run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done, say=say)
+            run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done, say=say, died=died)
         else:
             from creditaudit.sweep.ray_backend import run_many_ray
 

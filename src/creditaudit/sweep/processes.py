@@ -13,9 +13,12 @@ thread pools).
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -124,14 +127,15 @@ def worker_death(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        hint = " (the out-of-memory killer sends it)" if -exitcode == signal.SIGKILL else ""
-        return f"its worker process was killed by {name}{hint}"
-    return f"its worker process exited with status {exitcode} before it finished"
+        return f"was killed by {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
+    return f"exited with status {exitcode}"
 
 
 def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: int = 0,
                  lost: Callable[[tuple[Any, ...], str], R] | None = None,
-                 say: Callable[[str], None] | None = None) -> Iterator[R]:
+                 name: Callable[[tuple[Any, ...]], str] = lambda job: "a job",
+                 say: Callable[[str], None] | None = None,
+                 died: Callable[[str], None] | None = None) -> Iterator[R]:
     """``fn(*job, threads)`` for every job, yielded as each finishes: in this process when
     ``workers`` is 1 or there is one job (``threads`` 0: as configured), else in ``workers``
     spawned processes of one thread each (0 = :func:`default_workers`: one per CPU core, as many as
@@ -141,7 +145,9 @@ def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: 
     A worker that dies (killed by a signal — the out-of-memory killer —, or exiting) costs its own
     job only: a fresh worker replaces it, the job starts again once (:data:`RETRIES`; its runs
     resume from their checkpoints, a dead process's lock is taken over), and when it dies again
-    ``lost(job, why)`` is its result. ``say`` is told each death in one line."""
+    ``lost(job, why)`` is its result. ``died`` gets one line per death, naming the job by
+    ``name(job)`` (default: ``say``); ``say`` the lines the workers write to ``sys.stderr``, so that
+    whoever draws the screen prints them (default: this process's stderr)."""
     workers = workers or default_workers()
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
@@ -149,11 +155,16 @@ def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: 
         return
     if lost is None:
         raise TypeError("in_processes: with several workers, lost(job, why) must say what a job whose worker died gave")
-    yield from _Pool(fn, jobs, min(workers, len(jobs)), lost, say or (lambda line: None)).results()
+    say = say or _to_stderr
+    yield from _Pool(fn, jobs, min(workers, len(jobs)), lost, name, say, died or say).results()
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class _Worker:
-    """One spawned worker process and the pipe its jobs and results go through."""
+    """One spawned worker process and the pipe its jobs, results and stderr lines go through."""
 
     def __init__(self, ctx: Any, fn: Callable[..., Any]):
         self.conn, child = ctx.Pipe()
@@ -174,8 +185,30 @@ class _Worker:
         self.conn.close()
 
 
+class _Relay(io.TextIOBase):
+    """A worker's ``sys.stderr``: each line goes to the parent (``("say", line)``), which prints it
+    where the screen is drawn, instead of through a live progress bar."""
+
+    def __init__(self, conn: Any, lock: threading.Lock):
+        self.conn, self.lock, self.buffer = conn, lock, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            with self.lock:
+                self.conn.send(("say", line))
+        return len(text)
+
+
 def _serve(conn: Any, fn: Callable[..., Any]) -> None:
-    """A worker's loop: a job in, its result out, until told to stop (``None``) or orphaned."""
+    """A worker's loop: a job in, its result out (``("done", i, result)``), until told to stop
+    (``None``) or orphaned."""
+    lock = threading.Lock()
+    sys.stderr = _Relay(conn, lock)
     while True:
         try:
             message = conn.recv()
@@ -184,7 +217,10 @@ def _serve(conn: Any, fn: Callable[..., Any]) -> None:
         if message is None:
             return
         i, job = message
-        conn.send((i, fn(*job, 1)))
+        result = fn(*job, 1)
+        sys.stderr.flush()
+        with lock:
+            conn.send(("done", i, result))
 
 
 class _Pool:
@@ -193,8 +229,10 @@ class _Pool:
     corrupts nothing the others use."""
 
     def __init__(self, fn: Callable[..., R], jobs: list[tuple[Any, ...]], size: int,
-                 lost: Callable[[tuple[Any, ...], str], R], say: Callable[[str], None]):
-        self.fn, self.jobs, self.size, self.lost, self.say = fn, jobs, size, lost, say
+                 lost: Callable[[tuple[Any, ...], str], R], name: Callable[[tuple[Any, ...]], str],
+                 say: Callable[[str], None], died: Callable[[str], None]):
+        self.fn, self.jobs, self.size, self.lost, self.name = fn, jobs, size, lost, name
+        self.say, self.died = say, died
         self.ctx = multiprocessing.get_context("spawn")
         self.pending: deque[int] = deque(range(len(jobs)))
         self.starts = [0] * len(jobs)
@@ -208,10 +246,9 @@ class _Pool:
                 ready = wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers])
                 for w in list(self.workers):
                     if w.conn in ready or w.process.sentinel in ready:
-                        result = self._collect(w)
-                        if result is not _NOTHING:
+                        for result in self._collect(w):
                             left -= 1
-                            yield result  # type: ignore[misc]
+                            yield result
         finally:
             for w in self.workers:
                 w.stop(timeout=30)
@@ -226,33 +263,34 @@ class _Pool:
                 self.starts[w.job] += 1
                 w.conn.send((w.job, self.jobs[w.job]))
 
-    def _collect(self, w: _Worker) -> object:
-        """The result ``w`` sent, or, when it died, what its job comes to (a retry: nothing yet)."""
+    def _collect(self, w: _Worker) -> list[R]:
+        """What ``w`` sent (its stderr lines said, its result returned); when it died, what its job
+        comes to (nothing yet when it starts again)."""
         try:
-            if w.conn.poll():
-                i, result = w.conn.recv()
-                w.job = None
-                return result
+            while w.conn.poll():
+                message = w.conn.recv()
+                if message[0] == "say":
+                    self.say(message[1])
+                else:
+                    w.job = None
+                    return [message[2]]
         except (EOFError, OSError):
             pass  # it died writing
         if w.process.is_alive():
-            return _NOTHING
+            return []
         w.process.join()
         self.workers.remove(w)
         w.conn.close()
         if w.job is None:  # died idle
-            return _NOTHING
-        why = worker_death(w.process.exitcode)
+            return []
         job, w.job = w.job, None
+        why = f"{self.name(self.jobs[job])}: its worker (pid {w.process.pid}) {worker_death(w.process.exitcode)}"
         if self.starts[job] <= RETRIES:
-            self.say(f"{why} (pid {w.process.pid}); its job starts again in a fresh worker, resuming from its checkpoints")
+            self.died(f"{why}; starting it again, from its checkpoint")
             self.pending.appendleft(job)
-            return _NOTHING
-        self.say(f"{why} (pid {w.process.pid}) again; its job is given up")
-        return self.lost(self.jobs[job], f"{why}, {self.starts[job]} times")
-
-
-_NOTHING = object()
+            return []
+        self.died(f"{why}, again; given up")
+        return [self.lost(self.jobs[job], f"its worker {worker_death(w.process.exitcode)}, {self.starts[job]} times")]
 
 
 def _lost_job(job: tuple[Any, ...], why: str) -> list[RunOutcome]:
@@ -260,6 +298,13 @@ def _lost_job(job: tuple[Any, ...], why: str) -> list[RunOutcome]:
     cfg_dicts, _graph = job
     return [RunOutcome(_label(C.from_dict(d)), "failed", f"{why}; the sweep run again resumes it from its checkpoint")
             for d in cfg_dicts]
+
+
+def _job_name(job: tuple[Any, ...]) -> str:
+    """A job's runs, for a line: the run, or a stack's first run and how many more."""
+    cfg_dicts, _graph = job
+    first = _label(C.from_dict(cfg_dicts[0]))
+    return first if len(cfg_dicts) == 1 else f"{first} and {len(cfg_dicts) - 1} more run(s) of its stack"
 
 
 def run_many(
@@ -270,11 +315,13 @@ def run_many(
     graph: bool = False,
     on_done: Callable[[RunOutcome, int, int], None] | None = None,
     say: Callable[[str], None] | None = None,
+    died: Callable[[str], None] | None = None,
 ) -> list[RunOutcome]:
     """Train every config; ``workers`` parallel processes (0 = :func:`default_workers`; 1 = in this
     process, threads as configured), each taking one job at a time: a run, or a stack of at most
     ``stack`` runs of one kind (``graph``: CUDA-graphed steps). A worker that dies costs its job
-    only (:func:`in_processes`: started again once, then ``failed``); ``say`` hears of each death.
+    only (:func:`in_processes`: started again once, then ``failed``); ``died`` hears of each death,
+    ``say`` gets what the workers write to stderr.
     Returns one outcome per config, in completion order."""
     from creditaudit.sweep.packing import pack
 
@@ -284,7 +331,8 @@ def run_many(
         C.validate(cfg)
     outcomes: list[RunOutcome] = []
     jobs = [([C.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
-    for done in in_processes(_train_job, jobs, workers=workers, lost=_lost_job, say=say):
+    for done in in_processes(_train_job, jobs, workers=workers, lost=_lost_job, name=_job_name, say=say,
+                             died=died):
         for outcome in done:
             outcomes.append(outcome)
             if on_done:

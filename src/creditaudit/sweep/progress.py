@@ -31,6 +31,7 @@ class JobProgress:
     done: int = 0
     failed: int = 0
     held: int = 0
+    deaths: int = 0  # worker processes that died under a job (each job is started again once)
     epochs_trained: int = 0
 
     def __post_init__(self) -> None:
@@ -62,7 +63,8 @@ class JobProgress:
     def state(self) -> str:
         eta = self.eta_s()
         held = f", {self.held} held by another process" if self.held else ""
-        return f"{self.failed} failed{held} · ETA {clock(eta) if eta is not None else '–'}"
+        deaths = f", {self.deaths} worker(s) died" if self.deaths else ""
+        return f"{self.failed} failed{held}{deaths} · ETA {clock(eta) if eta is not None else '–'}"
 
     def line(self) -> str:
         return f"{self.done}/{self.total} runs, {self.state()}, {clock(self.now() - self.start)} elapsed"
