@@ -47,6 +47,7 @@ ELSEWHERE = {
     "data.dataset": "tests/test_data_*.py: every dataset loads",
     "diag.enabled": "test_diag_fields_are_honoured_or_refused",
     "save_epochs": "test_logging_fields_act_on_the_run_folder",
+    "data.mnist1d_signals": "tests/test_data_synthetic.py: sets mnist1d's size, refused on other datasets",
 }
 # One non-default value for every option of every built-in rule.
 RULE_OPTION_VALUES = {

@@ -83,7 +83,7 @@ def test_mnist1d_rebuilds_a_corrupt_cache(mnist1d_first_build, tmp_path, monkeyp
     built = {"x": first.x_train.numpy(), "y": first.y_train.numpy(), "x_test": first.x_test.numpy(),
              "y_test": first.y_test.numpy(), "args_json": np.array(mnist1d_module.generator_args()[1]),
              "mnist1d_version": np.array(mnist1d_module.package_version())}
-    monkeypatch.setattr(mnist1d_module, "build_mnist1d", lambda: built)  # skip the 3 s regeneration
+    monkeypatch.setattr(mnist1d_module, "build_mnist1d", lambda signals=5000: built)  # skip the 3 s regeneration
     with pytest.warns(UserWarning, match="unreadable"):
         load_dataset(DataConfig(dataset="mnist1d", data_dir=str(tmp_path)), seed=0)
     with np.load(cache, allow_pickle=False) as npz:
@@ -124,3 +124,26 @@ def test_student_labels_are_teacher_argmax_and_depend_on_alpha():
     linear = load_dataset(DataConfig(**{**vars(cfg), "student_alpha": 0.0}), seed=0)
     assert torch.equal(linear.x_train, ds.x_train)  # same inputs, same weights ...
     assert 0 < (linear.y_train != ds.y_train).float().mean() < 0.5  # ... only phi changed
+
+
+def test_mnist1d_signals_sets_its_size_and_is_cached_apart(mnist1d_first_build):
+    """data.mnist1d_signals=N generates N signals (80/20), cached next to the default dataset,
+    which stays as it was."""
+    data_dir, default, _, _ = mnist1d_first_build
+    ds = load_dataset(DataConfig(dataset="mnist1d", data_dir=str(data_dir), mnist1d_signals=1000), seed=0)
+    assert ds.x_train.shape == (800, 40) and ds.x_test.shape == (200, 40)
+    assert (data_dir / "mnist1d" / "mnist1d-1000.npz").is_file()
+    again = load_dataset(DataConfig(dataset="mnist1d", data_dir=str(data_dir)), seed=0)
+    assert torch.equal(again.x_train, default.x_train)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("dataset=digits", "mnist1d_signals=1000"), "has no effect on dataset 'digits'"),
+    (("dataset=mnist1d", "mnist1d_signals=50"), "must be >= 100"),
+])
+def test_mnist1d_signals_is_checked(overrides, message):
+    from creditaudit.config import TrainConfig, apply_overrides, validate
+    from creditaudit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate(apply_overrides(TrainConfig(), overrides))

@@ -223,6 +223,10 @@ def check_effective(cfg: TrainConfig) -> None:
             raise ConfigError(f"model.{name}={getattr(cfg.model, name)!r} has no effect on arch {cfg.arch!r} "
                               f"(read by {readers}); drop it")
     default_data = type(cfg.data)()
+    if cfg.data.dataset != "mnist1d" and cfg.data.mnist1d_signals != default_data.mnist1d_signals:
+        raise ConfigError(f"data.mnist1d_signals has no effect on dataset {cfg.data.dataset!r}: it sets mnist1d's size only")
+    if cfg.data.mnist1d_signals < 100:
+        raise ConfigError(f"data.mnist1d_signals must be >= 100 (ten per class and split at least), got {cfg.data.mnist1d_signals}")
     if cfg.data.dataset != "student":
         for f in dataclasses.fields(cfg.data):
             if f.name.startswith("student_") and getattr(cfg.data, f.name) != getattr(default_data, f.name):

@@ -76,6 +76,11 @@ class DataConfig:
         metadata={"help": "training augmentation: auto (crop_flip for cifar10, none otherwise) | none | "
                           "crop_flip (random crop with padding 4 + horizontal flip)"},
     )
+    mnist1d_signals: int = field(
+        default=5000,
+        metadata={"help": "mnist1d: signals generated, 80% for training and 20% for testing (5000 = the "
+                          "package's default; others are cached apart)"},
+    )
     student_alpha: float = field(
         default=0.5,
         metadata={"help": "student task: teacher activation phi(z) = (1-alpha) z + alpha tanh z, alpha in [0, 1]"},

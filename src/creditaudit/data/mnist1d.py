@@ -3,7 +3,10 @@
 The ``mnist1d`` package can download a pickle of the dataset; that path is never used here.
 Instead the dataset is regenerated with ``mnist1d.data.make_dataset(get_dataset_args())`` — the
 package defaults: 5000 signals of length 40, seed 42, a 4000/1000 train/test split — and cached
-as ``<data_dir>/mnist1d/mnist1d.npz`` (written atomically, read with ``allow_pickle=False``). The
+as ``<data_dir>/mnist1d/mnist1d.npz`` (written atomically, read with ``allow_pickle=False``).
+``data.mnist1d_signals=N`` generates N signals instead (the generator's ``num_samples``; every
+other argument the package's default, the same 80/20 split), cached as ``mnist1d-N.npz``: another dataset, not a superset of the default one (the generator
+draws every signal anew). The
 cache records the generator's arguments (JSON) and the mnist1d version; it is rebuilt when the
 installed version differs (its defaults define the dataset). Checking the version reads package
 metadata only, so a cached load never pays the package's slow import (~1 s), and a copied cache
@@ -27,11 +30,13 @@ import torch
 from creditaudit.data.base import DATASETS, SOURCES, DataConfig, DatasetMissingError, TensorDataset, atomic_write
 
 CACHE_NAME = "mnist1d.npz"
+DEFAULT_SIGNALS = 5000  # the package's num_samples
 ARRAYS = ("x", "y", "x_test", "y_test")
 
 
-def cache_path(data_dir: str) -> Path:
-    return Path(data_dir) / "mnist1d" / CACHE_NAME
+def cache_path(data_dir: str, signals: int = DEFAULT_SIGNALS) -> Path:
+    name = CACHE_NAME if signals == DEFAULT_SIGNALS else f"mnist1d-{signals}.npz"
+    return Path(data_dir) / "mnist1d" / name
 
 
 def package_version() -> str | None:
@@ -49,23 +54,26 @@ def _missing_package() -> DatasetMissingError:
     )
 
 
-def generator_args() -> tuple[object, str]:
-    """The package's default arguments (an attribute object) and their JSON (minus the URL)."""
+def generator_args(signals: int = DEFAULT_SIGNALS) -> tuple[object, str]:
+    """The package's default arguments with ``signals`` samples (an attribute object) and their
+    JSON (minus the URL)."""
     import mnist1d.data  # the third-party package (absolute import), not this module
 
     args = mnist1d.data.get_dataset_args()
+    args.num_samples = signals
     described = {k: v for k, v in sorted(vars(args).items()) if k != "url"}
     return args, json.dumps(described, sort_keys=True)
 
 
-def build_mnist1d() -> dict[str, np.ndarray]:
-    """Generate MNIST-1D in memory; the global ``random`` and ``numpy`` RNG states are left untouched."""
+def build_mnist1d(signals: int = DEFAULT_SIGNALS) -> dict[str, np.ndarray]:
+    """Generate MNIST-1D (``signals`` samples) in memory; the global ``random`` and ``numpy`` RNG
+    states are left untouched."""
     version = package_version()
     if version is None:
         raise _missing_package()
     import mnist1d.data
 
-    args, described = generator_args()
+    args, described = generator_args(signals)
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         raw = mnist1d.data.make_dataset(args)
@@ -73,18 +81,19 @@ def build_mnist1d() -> dict[str, np.ndarray]:
         random.setstate(py_state)
         np.random.set_state(np_state)
     return {
-        "x": raw["x"].astype(np.float32),  # (4000, 40)
-        "y": raw["y"].astype(np.int64),  # (4000,)
-        "x_test": raw["x_test"].astype(np.float32),  # (1000, 40)
-        "y_test": raw["y_test"].astype(np.int64),  # (1000,)
+        "x": raw["x"].astype(np.float32),  # (0.8·signals, 40)
+        "y": raw["y"].astype(np.int64),
+        "x_test": raw["x_test"].astype(np.float32),  # (0.2·signals, 40)
+        "y_test": raw["y_test"].astype(np.int64),
         # provenance as 0-d unicode arrays: they load without pickle
         "args_json": np.array(described),
         "mnist1d_version": np.array(version),
     }
 
 
-def _read_cache(path: Path, version: str | None) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None when the cache is absent, unreadable or from another package version."""
+def _read_cache(path: Path, version: str | None, signals: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the cache is absent, unreadable, from another package version
+    or of another size."""
     if not path.is_file():
         return None
     try:
@@ -98,31 +107,35 @@ def _read_cache(path: Path, version: str | None) -> dict[str, np.ndarray] | None
         warnings.warn(f"mnist1d cache {path} was built by mnist1d {cached}, installed is {version}; rebuilding it",
                       stacklevel=3)
         return None
+    if json.loads(str(arrays["args_json"])).get("num_samples", DEFAULT_SIGNALS) != signals:
+        warnings.warn(f"mnist1d cache {path} holds another number of signals than {signals}; rebuilding it", stacklevel=3)
+        return None
     return arrays
 
 
-def ensure_cache(data_dir: str) -> dict[str, np.ndarray]:
+def ensure_cache(data_dir: str, signals: int = DEFAULT_SIGNALS) -> dict[str, np.ndarray]:
     """Read the cache, building and writing it first when needed."""
-    path = cache_path(data_dir)
+    path = cache_path(data_dir, signals)
     version = package_version()
-    arrays = _read_cache(path, version)
+    arrays = _read_cache(path, version, signals)
     if arrays is None:
         if version is None:
             raise _missing_package()
-        arrays = build_mnist1d()
+        arrays = build_mnist1d(signals)
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)  # a file object: np.savez does not append ".npz" to the temp name
     return arrays
 
 
-@DATASETS.register("mnist1d", "MNIST-1D, 40-sample 1-D signals, 4000/1000, generated offline by the mnist1d package")
+@DATASETS.register("mnist1d", "MNIST-1D, 40-sample 1-D signals, 4000/1000 (data.mnist1d_signals: more), generated "
+                              "offline by the mnist1d package")
 def load_mnist1d(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
-    arrays = ensure_cache(data_dir)
+    arrays = ensure_cache(data_dir, cfg.mnist1d_signals)
     return TensorDataset(
         name="mnist1d",
-        x_train=torch.from_numpy(arrays["x"]),  # (4000, 40)
+        x_train=torch.from_numpy(arrays["x"]),  # (0.8·signals, 40)
         y_train=torch.from_numpy(arrays["y"]),
-        x_test=torch.from_numpy(arrays["x_test"]),  # (1000, 40)
+        x_test=torch.from_numpy(arrays["x_test"]),  # (0.2·signals, 40)
         y_test=torch.from_numpy(arrays["y_test"]),
         num_classes=10,
         input_shape=(40,),
