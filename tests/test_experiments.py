@@ -14,8 +14,10 @@ from creditaudit.experiments import PROFILES, SETTINGS, SWEEP, expand, profile_n
 @pytest.mark.parametrize("profile", profile_names(SWEEP))
 @pytest.mark.parametrize("name", SETTINGS.names())
 def test_every_setting_expands_to_valid_distinct_runs(name, profile):
+    """Every run of every setting, except the groups a profile leaves out (and says so)."""
     cfgs = expand(name, profile=profile)
-    assert len(cfgs) == SETTINGS.get(name).n_runs
+    skipped = dict(PROFILES.get(profile).left_out)
+    assert len(cfgs) == sum(len(g.rules) * len(g.seeds) for g in SETTINGS.get(name).groups if g.arch not in skipped)
     assert len({run_path(c) for c in cfgs}) == len(cfgs), "two runs of a setting share a folder"
     assert all(c.setting == name for c in cfgs)
 
@@ -170,7 +172,8 @@ def test_two_sweeps_sharing_a_results_folder_train_each_run_once(tmp_path):
            "--workers", "1", f"results={tmp_path}", "threads=1", "epochs=3"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    # a sweep that left a run to the other exits 3 (runs held by another process), else 0
+    assert all(p.returncode == (3 if "held by another process" in out else 0) for p, out in zip(procs, outs)), outs
     cfgs = [c for n in ("no_terminal_ln", "no_residual") for c in expand(n, profile="smoke", results=str(tmp_path), overrides=("epochs=3",))]
     for c in cfgs:
         folder = run_path(c)
@@ -192,8 +195,8 @@ def test_one_profile_registry_serves_every_command():
     from creditaudit import experiments as E
     from creditaudit.exploit import protocol as P
 
-    assert E.profile_names(E.SWEEP) == ["paper", "cpu", "smoke"]
-    assert E.profile_names(E.AUDIT) == ["paper", "default", "double", "mode1"]
+    assert E.profile_names(E.SWEEP) == ["paper", "cpu", "smoke", "mnist1d"]
+    assert E.profile_names(E.AUDIT) == ["paper", "default", "double", "mnist1d", "mode1"]
     assert E.profile_names(E.EXPLOIT) == ["paper", "smoke", "default"]
     with pytest.raises(Exception, match="not one of sweep's; choose one of paper, cpu, smoke"):
         expand("main_audit", profile="mode1")
@@ -206,3 +209,28 @@ def test_one_profile_registry_serves_every_command():
         text = CliRunner().invoke(main, [command, "--help"]).output.replace("\n", " ")
         for p in E.profile_names(name):
             assert p in text, (command, p)
+
+
+def test_the_mnist1d_profile_runs_the_resmlp_settings_and_says_what_it_leaves_out():
+    """The study's findings on a laptop: mnist1d at 20,000 signals and the study's epochs; the
+    image architectures' runs are left out, each group with its reason."""
+    from creditaudit.experiments import audit_configs, left_out
+
+    (main,) = {(c.data.dataset, c.data.mnist1d_signals, c.epochs) for c in expand("main_audit", profile="mnist1d")}
+    assert main == ("mnist1d", 20000, 100)
+    assert expand("cross_arch", profile="mnist1d") == []
+    lines = left_out("cross_arch", "mnist1d")
+    assert len(lines) == 2 and all("1-D" in line for line in lines)
+    assert left_out("main_audit", "mnist1d") == []
+    assert {(c.data.dataset, c.epochs) for c in audit_configs(["bp", "dfa"], profile="mnist1d")} == {("mnist1d", 100)}
+
+
+def test_a_sweep_of_what_a_profile_leaves_out_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from creditaudit.cli import main
+
+    res = CliRunner().invoke(main, ["sweep", "cross_arch", "--profile", "mnist1d", f"results={tmp_path}"])
+    assert res.exit_code == 2 and "leaves out every run of cross_arch" in res.output
+    res = CliRunner().invoke(main, ["sweep", "all", "--profile", "mnist1d", "--dry-run", f"results={tmp_path}"])
+    assert res.exit_code == 0 and res.output.count("left out under profile mnist1d") == 2

@@ -177,7 +177,8 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 @click.option("--rules", "rule_list", default="", help="Comma-separated rules to audit, or `all`: every registered rule "
               "(the study's six, the field's other families, your plugins).")
 @click.option("--profile", default="default", show_default=True,
-              help="default | double | paper | mode1 (bp, fa, dfa on a recipe where DFA shows Mode 1; see docs/audit.md).")
+              help="default | double | paper | mnist1d (the study's findings on a laptop) | mode1 (bp, fa, dfa on a recipe "
+                   "where DFA shows Mode 1; see docs/audit.md).")
 @click.option("--seeds", default="42,123,456", show_default=True, help="Comma-separated seeds.")
 @click.option("--workers", default=0, show_default=True, help="Parallel single-thread training processes (0 = one per CPU core).")
 @click.option("--out", default="", help="Where the reports go, one folder per setting (default: <results>/_reports).")
@@ -339,7 +340,8 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke: data and epochs, never definitions (`creditaudit list`).")
+@click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke | mnist1d: data and epochs, never "
+              "definitions (`creditaudit list`).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker processes on this machine; ray: one Ray task per job (a run, or a stack with --stack).")
 @click.option("--workers", default=0, show_default=True,
@@ -372,7 +374,8 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
     interrupted.
     """
     from creditaudit.config import run_path
-    from creditaudit.experiments import baselines, expand, study_settings
+    from creditaudit.errors import ConfigError
+    from creditaudit.experiments import baselines, expand, left_out, study_settings
     from creditaudit.runs.folder import RunFolder
 
     names = [a for a in args if "=" not in a]
@@ -384,6 +387,10 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
             names = study_settings()
         cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
         added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
+        for line in (line for n in names for line in left_out(n, profile)):
+            console.print(f"[yellow]{escape(line)}[/]")
+        if not cfgs:
+            raise ConfigError(f"profile {profile} leaves out every run of {', '.join(names)}; pick another profile")
     cfgs = added + cfgs  # baselines first: a report read mid-sweep can already evaluate D3
     done = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
     extra = f" (with {len(added)} baseline run(s))" if with_baselines else ""
@@ -477,7 +484,7 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
 @click.option("--out", default="", help="Where to write it (default: RESULTS/_reports/TRAINING_INVENTORY.md).")
 @click.option("--plan", is_flag=True, help="Print the counts the registry's settings would produce under --profile, "
               "training and reading nothing (check a plan against the study's inventory).")
-@click.option("--profile", default="paper", show_default=True, help="With --plan: paper | cpu | smoke.")
+@click.option("--profile", default="paper", show_default=True, help="With --plan: paper | cpu | smoke | mnist1d.")
 @click.option("--with-baselines", is_flag=True, help="With --plan: count the D3 baselines a sweep --with-baselines adds.")
 def inventory(results, out, plan, profile, with_baselines) -> None:
     """Write TRAINING_INVENTORY.md from a results folder alone: creditaudit inventory [RESULTS]
@@ -491,13 +498,15 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
     from creditaudit.runs.io import atomic_write_text
 
     if plan:
-        from creditaudit.experiments import baselines, expand, study_settings
+        from creditaudit.experiments import baselines, expand, left_out, study_settings
 
         with friendly_errors():
             cfgs = [c for n in study_settings() for c in expand(n, profile=profile, results=results)]
             if with_baselines:
                 cfgs += baselines(cfgs, profile=profile)
-        text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""))
+            skipped = [line for n in study_settings() for line in left_out(n, profile)]
+        text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""),
+                             left_out=skipped)
         if out:
             atomic_write_text(Path(out), text)
         console.print(text, markup=False, soft_wrap=True)

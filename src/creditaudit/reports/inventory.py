@@ -190,10 +190,12 @@ def planned_runs(cfgs: list) -> list[RunRecord]:
     return out
 
 
-def plan_markdown(cfgs: list, *, title: str) -> str:
-    """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the study."""
+def plan_markdown(cfgs: list, *, title: str, left_out: list[str] = ()) -> str:
+    """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the
+    study. ``left_out``: the runs the profile leaves out, one line each (listed, with why)."""
+    skipped = ["**Left out by the profile:**", "", *(f"- {line}" for line in left_out), ""] if left_out else []
     return "\n".join([f"# Training Inventory (plan): {title}", "", "Counts of the runs a sweep would train; nothing was trained.", "",
-                      *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
+                      *skipped, *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
 
 
 def _beyond_study(setting: str) -> bool:
