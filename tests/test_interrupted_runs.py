@@ -1,6 +1,6 @@
 """A run whose summary still says ``running`` after its process died (SIGKILL, out of memory, a lost
 node) is reported ``interrupted`` with the command that resumes it; reading changes no file. A run
-whose lock a live process holds — or a process on another machine, which cannot be proved dead —
+whose lock a live process holds — or a process on another machine whose lease has not run out —
 stays ``running``."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -134,15 +135,22 @@ def test_a_live_holder_keeps_its_run_running(tmp_path, holder):
     assert h.proc.wait(timeout=60) == 0 and not folder.lock_path.exists()
 
 
-def test_a_lock_from_another_machine_keeps_its_run_running(tmp_path):
+def test_a_lock_from_another_machine_keeps_its_run_running_while_its_lease_lasts(tmp_path):
     root = tmp_path / "results"
     folder = _sweep_run(root)
     folder.write_summary({"status": "running"})
-    # a dead pid, but on a host this one cannot look into: not provably stale
-    folder.lock_path.write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": "other", "scope": "other",
-                                            "token": "t", "flock": True, "started": "2020-01-01T00:00:00+00:00"}))
+    # a dead pid, but on a host this one cannot look into: only the lease tells
+    lock = {"pid": 2 ** 22 + 12345, "host": "other", "scope": "other", "token": "t", "flock": True,
+            "started": "2020-01-01T00:00:00+00:00", "lease_s": 300}
+    now = datetime.now(timezone.utc)
+    folder.lock_path.write_text(json.dumps({**lock, "renewed": (now - timedelta(seconds=10)).isoformat()}))
     (run,) = collect(root).runs
     assert run.status == "running"
+    folder.lock_path.write_text(json.dumps({**lock, "renewed": (now - timedelta(seconds=400)).isoformat()}))
+    (run,) = collect(root).runs  # its node was lost: the lease ran out
+    assert run.status == "interrupted" and run.gone.startswith(
+        f"its process {lock['pid']} on another machine (host id other) has not renewed its lease for 4")
+    assert resume_command(run) == ("sweep", f"creditaudit sweep main_audit --profile smoke results={root}")
 
 
 def test_a_running_summary_without_a_lock_is_interrupted(tmp_path):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -202,11 +203,12 @@ def test_stale_lock_with_reused_pid_is_taken_over_via_flock(tmp_path, capsys):
     ({"host": "other", "scope": "other"}, "another machine"),
 ])
 def test_lock_that_cannot_be_proved_stale_is_refused(tmp_path, fields, match):
+    """Not provably stale, and its lease (which decides then: tests/test_lock_lease.py) is fresh."""
     f = RunFolder(tmp_path / "run")
-    _write_lock(f, **fields)
+    _write_lock(f, renewed=datetime.now(timezone.utc).isoformat(), lease_s=300, **fields)
     with pytest.raises(RunLockedError, match=match) as err:
         f.lock().acquire()
-    assert f"delete {f.lock_path}" in str(err.value)
+    assert f"delete {f.lock_path}" in str(err.value) and "its lease runs out at" in str(err.value)
     assert json.loads(f.lock_path.read_text())["token"] == "old"  # untouched
 
 

@@ -9,11 +9,12 @@ not exist. A run still in progress (or interrupted) may end in a torn line: it i
 the trainer's own reads do.
 
 A run whose ``summary.json`` says ``running`` is running only while a process owns its folder: when
-its ``run.lock`` is absent or provably stale (its process is gone: killed, out of memory, a lost
-node; :func:`creditaudit.runs.lock.lock_state`), the run is reported ``interrupted`` — resumable,
-with the command that resumes it (:func:`resume_command`). A lock held by a live process, or by one
-on another machine (which cannot be proved dead), keeps it ``running``. Reading never writes: the
-files on disk are left as they are (the next training of the run rewrites its summary)."""
+its ``run.lock`` is absent or stale (its process is gone: killed, out of memory; or a lost node,
+whose lease ran out; :func:`creditaudit.runs.lock.lock_state`), the run is reported ``interrupted``
+— resumable, with the command that resumes it (:func:`resume_command`). A lock held by a live
+process, or by one on another machine whose lease has not run out, keeps it ``running``. Reading
+never writes: the files on disk are left as they are (the next training of the run rewrites its
+summary)."""
 from __future__ import annotations
 
 import functools
@@ -117,8 +118,9 @@ def _disagreement(config: dict, setting: str, rule: str, arch: str, seed: int) -
 
 
 def owner_gone(folder: RunFolder) -> str:
-    """Why no process owns ``folder`` any more — its ``run.lock`` is absent or provably stale — or
-    "" while one may (a live process here, or any process on another machine, container or boot).
+    """Why no process owns ``folder`` any more — its ``run.lock`` is absent or stale — or "" while
+    one may (a live process here, or a process on another machine, container or boot whose lease
+    has not run out).
 
     The lock is looked at on both sides of a second read of the summary, so a run that ends (its
     final summary written, then its lock released) or starts (its lock taken, then ``running``
