@@ -233,3 +233,63 @@ def test_a_failed_renewal_is_tried_again_not_raised(tmp_path, monkeypatch, capsy
     assert not f.lock_path.exists()
     assert capsys.readouterr().err == (f"creditaudit: could not renew the lease on {f.lock_path} (OSError: the file "
                                        "server went away); trying again every 0.02 s\n")
+
+
+def test_a_ray_retry_waits_for_a_lost_nodes_lease_and_resumes_the_run(tmp_path):
+    """After a lost node, Ray's retry (on another node) finds the dead node's lock with its lease
+    still running: the task waits for it to run out, takes the run over and resumes it. A holder
+    that keeps renewing is reported locked after that wait."""
+    from creditaudit.config import to_dict
+    from creditaudit.sweep import ray_backend
+
+    cfg = tiny_config(tmp_path, "epochs=2")
+    train(cfg, stop_after=1)
+    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
+    folder.write_summary({**folder.read_summary(), "status": "running"})
+    _foreign_lock(folder, renewed_ago=0, lease_s=1.5)  # the lost node renewed it just now
+    t0 = time.monotonic()
+    (outcome,) = ray_backend._train_job_on_a_cluster([to_dict(cfg)], False, 1)
+    assert outcome.status == "finished" and time.monotonic() - t0 >= 1.5
+    assert folder.read_summary()["resumed_from"] == 1
+
+    other = tiny_config(tmp_path, "epochs=2", "seed=7")
+    held = RunFolder(run_dir(other.results, other.setting, other.rule, other.arch, other.seed))
+    _foreign_lock(held, renewed_ago=0, lease_s=1.0)
+    stop = threading.Event()
+
+    def renew() -> None:  # a live holder on another node keeps its lease fresh
+        while not stop.is_set():
+            _foreign_lock(held, renewed_ago=0, lease_s=1.0)
+            time.sleep(0.1)
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        (outcome,) = ray_backend._train_job_on_a_cluster([to_dict(other)], False, 1)
+    finally:
+        stop.set()
+        renewer.join()
+    assert outcome.status == "locked"
+
+
+def test_a_run_whose_lock_was_taken_over_stops_writing(tmp_path, monkeypatch):
+    """A holder cut off for longer than its lease (paused, partitioned) finds its lock taken over:
+    it stops at the end of the epoch, writing nothing more into the folder (metrics, summary,
+    checkpoint), and leaves the new holder's lock alone."""
+    from creditaudit.train.trainer import Reporter, RunLockLost
+
+    monkeypatch.setenv(LEASE_ENV, "0.3")  # renewed every 0.03 s
+    cfg = tiny_config(tmp_path, "epochs=3")
+    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
+    taken: list[str] = []
+
+    def on_epoch(run, record) -> None:
+        if record["epoch"] == 1:  # another process takes the run over
+            taken.append(_foreign_lock(folder, renewed_ago=0))
+            time.sleep(0.2)
+
+    with pytest.raises(RunLockLost, match="no longer holds its lock"):
+        train(cfg, reporter=Reporter(on_epoch=on_epoch))
+    assert [r["epoch"] for r in folder.read_metrics()] == [0, 1]
+    assert folder.read_summary()["status"] == "running"
+    assert folder.lock_path.read_text() == taken[0]

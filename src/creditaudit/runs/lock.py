@@ -480,6 +480,18 @@ class LockState(NamedTuple):
     exists: bool
 
 
+def lease_left(path: str | os.PathLike[str]) -> float | None:
+    """Seconds until the lease of the lock file ``path`` runs out, when only its lease can tell
+    whether its holder lives (a process on another machine, container or boot); None when there is
+    no such lock (none, a stale one, or one whose holder this machine can see). Changes nothing."""
+    lock = RunLock(path)
+    info = lock._read()
+    if info is None or lock._stale_reason(info) is not None or not lock._lease_decides(info):
+        return None
+    lease = _lease(info, lock.lease_s)
+    return None if lease is None else max(0.0, lease.seconds - lease.age())
+
+
 def lock_state(path: str | os.PathLike[str]) -> LockState:
     """Who owns the lock file ``path`` (a run folder's ``run.lock``), by the takeover rules of
     :class:`RunLock` but changing nothing: nothing is written, created or removed."""

@@ -4,8 +4,9 @@ of runs of one kind (``--stack N``, ``sweep/packing.py``).
 The results folder is the meeting point: every task calls the same
 :func:`creditaudit.train.trainer.train` as the local backend, in the run's own folder, so a finished
 run is skipped, a killed one resumes (Ray retries a task whose worker died, and the retry resumes
-from the last checkpoint), a folder another sweep is training is refused by its lock and reported
-as ``locked``, and a run that fails or diverges is recorded while the other tasks go on.
+from the last checkpoint — after a lost node, once the dead node's lock lease has run out:
+:func:`_train_job_on_a_cluster`), a folder another sweep is training is refused by its lock and
+reported as ``locked``, and a run that fails or diverges is recorded while the other tasks go on.
 
 What a cluster needs: creditaudit importable on every node (the same version), and the results
 folder on a file system every node sees at the same path. Paths in the configs are made absolute
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any, Callable, Iterable
 
 from creditaudit import config as C
@@ -26,6 +28,28 @@ from creditaudit.sweep.processes import RunOutcome, _label, _train_job
 
 #: Ray retries a task whose worker process died (OOM kill, node lost); the retry resumes the run.
 MAX_RETRIES = 2
+#: after a lost node, how long past its lock's lease a task waits before its one more attempt
+LEASE_MARGIN_S = 5.0
+
+
+def _train_job_on_a_cluster(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutcome]:
+    """:func:`~creditaudit.sweep.processes._train_job`, and one more attempt for the runs refused
+    by a lock only its lease can vouch for (a holder on another node). When a node is lost, Ray
+    retries its task on another node while the dead node's lease still runs; the retry waits for
+    the lease to run out (at most one lease, default 5 min: ``$CREDITAUDIT_LOCK_LEASE_S``), then
+    takes the run over and resumes it. A live holder keeps renewing its lease, and the run is then
+    reported ``locked`` after that wait."""
+    from creditaudit.runs.lock import lease_left
+
+    outcomes = _train_job(cfg_dicts, graph, threads)
+    waits = {i: lease_left(C.run_path(C.from_dict(d)) / "run.lock")
+             for i, (d, o) in enumerate(zip(cfg_dicts, outcomes)) if o.status == "locked"}
+    waits = {i: w for i, w in waits.items() if w is not None}
+    if not waits:
+        return outcomes
+    time.sleep(max(waits.values()) + LEASE_MARGIN_S)
+    again = iter(_train_job([cfg_dicts[i] for i in sorted(waits)], graph, threads))
+    return [next(again) if i in waits else o for i, o in enumerate(outcomes)]
 
 
 def _import_ray():
@@ -113,7 +137,7 @@ def run_many_ray(
     ray = _import_ray()
     started = connect(address, num_cpus=num_cpus, temp_dir=temp_dir)
     try:
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(_train_job)
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(_train_job_on_a_cluster)
         pending = {task.remote([C.to_dict(c) for c in job], graph, 1): job for job in pack(configs, stack)}
         outcomes: list[RunOutcome] = []
         while pending:

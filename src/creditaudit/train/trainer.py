@@ -79,6 +79,14 @@ class Reporter:
 # ---------------------------------------------------------------------------------------------
 # A run's folder while it trains
 # ---------------------------------------------------------------------------------------------
+class RunLockLost(RuntimeError):
+    """This process lost the lock of the run folder it was training in (another took it over)."""
+
+    def __init__(self, path: Any, why: str):
+        super().__init__(f"stopped training in {path}: this process no longer holds its lock ({why}); "
+                         "the process that took it over trains the run")
+
+
 def _missing_epochs(cfg: TrainConfig, records: list[dict], epoch: int) -> list[int]:
     """The epochs up to ``epoch`` that a run's records should hold and do not (epoch 0 when its
     probe was due)."""
@@ -98,6 +106,7 @@ class RunSession:
 
     def __init__(self, run: Run, folder: RunFolder, reporter: Reporter, previous: dict | None):
         self.run, self.folder, self.reporter = run, folder, reporter
+        self.lock: Any = None  # the folder's RunLock (open_session sets it)
         cfg = run.cfg
         resumed_from = None
         state, meta = load_checkpoint(folder.last_checkpoint, device=run.device) if folder.last_checkpoint.exists() else (None, None)
@@ -136,7 +145,16 @@ class RunSession:
         self.write_summary("running")
         reporter.on_start(run, "resumed" if resumed_from else "started")
 
+    def check_lock(self) -> None:
+        """Raise :class:`RunLockLost` when this process no longer holds the folder's lock (its
+        lease ran out while it was paused or cut off, and another process took the run over):
+        from then on the folder is the other process's, and nothing more is written to it."""
+        if self.lock is not None and self.lock.lost:
+            raise RunLockLost(self.folder.path, self.lock.lost)
+
     def write_summary(self, status: str, **extra: Any) -> dict:
+        if self.lock is not None and self.lock.lost:  # the folder is another process's now
+            return {**self.base, "status": status, "epochs_done": self.run.epoch, **extra}
         records = self.folder.read_metrics()
         s = {**self.base, "status": status, "epochs_done": self.run.epoch, "wall_s": round(self.run.wall_s, 3),
              "final": records[-1] if records else None, **extra}
@@ -165,6 +183,7 @@ class RunSession:
         already, with their ``time/diag_s``), append the record, checkpoint. Returns the closing
         summary when the run diverged, else None."""
         run, cfg = self.run, self.run.cfg
+        self.check_lock()
         t0 = time.perf_counter() - t_train - (figures or {}).get("time/diag_s", 0.0)
         record: dict[str, Any] = {"epoch": run.epoch + 1, **trained}
         run.epoch += 1
@@ -218,14 +237,16 @@ def open_session(cfg: TrainConfig, reporter: Reporter, *, build: Callable[[Train
     run = build(cfg)
     folder = RunFolder(C.run_path(cfg))
     folder.path.mkdir(parents=True, exist_ok=True)
-    with folder.lock():
+    with folder.lock() as lock:
         _same_config(folder, cfg)  # raises when the folder holds another run
         summary = folder.read_summary()
         if summary is not None and summary.get("status") == "finished":  # finished meanwhile
             reporter.on_start(None, "skipped")
             yield summary
             return
-        yield RunSession(run, folder, reporter, summary)
+        session = RunSession(run, folder, reporter, summary)
+        session.lock = lock
+        yield session
 
 
 # ---------------------------------------------------------------------------------------------
