@@ -10,11 +10,14 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
 
+from creditaudit.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """An unknown registry name. ``str()`` is the full, user-facing message."""
+class UnknownNameError(UserError, KeyError):
+    """An unknown registry name (a :class:`~creditaudit.errors.UserError`). ``str()`` is the full,
+    user-facing message."""
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return self.args[0]

@@ -1,13 +1,16 @@
 """Typed configs from dataclasses: the one engine behind every config of creditaudit (a run's
 :class:`~creditaudit.config.TrainConfig`, the exploit protocol, the profiles), in the style of
-CleanRL's ``Args``. It imports nothing of creditaudit, so every layer may use it.
+CleanRL's ``Args``. It imports nothing of creditaudit but its errors (``errors.py``, which imports
+nothing), so every layer may use it.
 
 A config is a tree of dataclasses. Each leaf field carries ``metadata={"help": ...}`` (printed by
 ``--help``) and, for fields that never change what a run computes (where it runs, how it is shown,
 what its folder is called), ``semantic=False``. A ``key=value`` override names a field by its dotted
 path (``model.d=512``), by an alias, or by its leaf name when that is unambiguous (``d=512``); the
-text is parsed by the field's type. Configs round-trip through JSON-able dicts (:func:`to_dict`,
-:func:`from_dict`). No ``exec``.
+text is parsed by the field's type. A float is a finite number: ``inf`` and ``nan`` are refused
+(:func:`check_finite` also for configs built in Python), so every config round-trips through
+JSON-able dicts (:func:`to_dict`, :func:`from_dict`) and a run folder's ``config.json`` holds what
+the run used. No ``exec``.
 """
 from __future__ import annotations
 
@@ -19,10 +22,7 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Mapping
 
-
-class ConfigError(ValueError):
-    """A bad config key or value, or a combination a run cannot start with; the message says which
-    and what is allowed (the CLI prints it as one line and exits with status 2)."""
+from creditaudit.errors import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,20 +128,39 @@ def parse_value(text: str, tp: Any, key: str) -> Any:
                 return False
             raise ValueError
         if tp is int:
-            value = float(text)
+            try:
+                return int(text)  # exact, however large (a seed)
+            except ValueError:
+                value = float(text)  # "1e3"
             if not value.is_integer():
                 raise ValueError
             return int(value)
         if tp is float:
             value = float(text)
-            if math.isnan(value):
-                raise ValueError
-            return value
-        if tp is str:
+        elif tp is str:
             return text
     except ValueError:
         raise ConfigError(f"{key}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
+    if tp is float:
+        _need_finite(key, value)
+        return value
     raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _need_finite(key: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: expected a finite number (a run's config.json, which is JSON, "
+                          f"cannot record {value}); give a finite value")
+
+
+def check_finite(cfg: Any) -> None:
+    """Refuse a float field (or an item of a tuple of floats) holding inf or nan, e.g. in a config
+    built in Python: every value must round-trip through JSON, as a run folder stores it."""
+    for path, _, _ in iter_fields(type(cfg)):
+        value = get_path(cfg, path)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float):
+                _need_finite(path, item)
 
 
 # ---------------------------------------------------------------------------------------------

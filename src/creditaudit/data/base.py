@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from creditaudit.registry import Registry
-from creditaudit.errors import ConfigError
+from creditaudit.errors import ConfigError, UserError
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -156,7 +156,7 @@ class TensorDataset:
 # --------------------------------------------------------------------------------------------
 
 
-class DatasetMissingError(Exception):
+class DatasetMissingError(UserError):
     """Dataset files are absent, truncated, corrupt or cannot be fetched. ``str()`` names the fix."""
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -214,9 +215,17 @@ def unpack_state(tensors: Mapping[str, torch.Tensor], skeleton: Any,
 
 def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None) -> None:
-    """``safetensors.torch.save_file`` to a temporary sibling, fsync, rename over ``path``."""
+    """``safetensors.torch.save_file`` to a temporary sibling, fsync, rename over ``path``. An I/O
+    error of safetensors (its own exception type, ``... (os error 28)``) is raised as the
+    ``OSError`` it is, naming ``path`` (a full disk reads as one line on the command line)."""
     with atomic_replace(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        except safetensors.SafetensorError as exc:
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), os.fspath(path)) from exc
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any],

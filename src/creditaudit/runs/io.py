@@ -22,6 +22,11 @@ JSON conventions (one place, so summaries, configs and metrics agree): non-finit
 torch tensors (via ``.tolist()``), tuples and ``os.PathLike`` values are converted to their plain
 JSON equivalents. Anything else raises ``TypeError`` naming where in the object it sits.
 
+Errors: an ``OSError`` of a write (no space left, permission denied, a read-only file system) is
+re-raised naming the file written (``filename``), never its temporary sibling, so the CLI's one line
+for it names a path the user knows; the target keeps its old content. :class:`CorruptRunError` is a
+:class:`~creditaudit.errors.UserError`.
+
 File modes: every file written here gets the mode a plain ``open(path, "w")`` would give it,
 ``0o666 & ~umask`` (and the folder's default ACL, where it has one), so a results folder shared
 between users or the nodes of a cluster is readable by whom the umask allows. The temporary file of
@@ -43,6 +48,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from creditaudit.errors import UserError
+
 __all__ = [
     "CorruptRunError",
     "PARTIAL_SUFFIX",
@@ -52,6 +59,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
+    "naming",
     "partial_path",
     "read_jsonl",
     "read_jsonl_checked",
@@ -66,7 +74,7 @@ PARTIAL_SUFFIX = ".partial"
 _DEFAULT_FIX = "repair or delete the file; deleting the run folder reruns the run from scratch"
 
 
-class CorruptRunError(Exception):
+class CorruptRunError(UserError):
     """A run-folder file that exists but cannot be trusted (unparsable, truncated, wrong format).
 
     ``str(err)`` names the file (and line, for JSON lines), what is wrong, and how to fix it.
@@ -139,6 +147,18 @@ def _dumps_line(record: Mapping[str, Any]) -> str:
 # Atomic replace
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An ``OSError`` raised inside without a file name (``write`` and ``fsync`` on a full disk)
+    names ``path``, so the one line the CLI prints for it says which file (``errors.py``)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and exc.filename is None:
+            exc.filename = os.fspath(path)
+        raise
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """``fsync`` a directory so a rename in it is durable; a no-op where unsupported (Windows)."""
     try:
@@ -171,7 +191,7 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     After a crash at any point the target holds its old content (or does not exist, if it did not
     before) or the new content in full. On failure the temporary file is removed and the error
-    re-raised.
+    re-raised; an ``OSError`` (no space left, permission denied) names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +212,10 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, os.fspath(tmp)):
+            exc.filename = os.fspath(path)  # the file the user knows of, not its temporary sibling
         raise
     fsync_dir(path.parent)
 
@@ -251,16 +273,17 @@ def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Non
     """
     path = Path(path)
     line = (_dumps_line(record) + "\n").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end > 0:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":
-                _repair_torn_tail(f, end)
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end > 0:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    _repair_torn_tail(f, end)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _repair_torn_tail(f, end: int) -> None:

@@ -62,7 +62,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from .io import remove_partial_files
+from creditaudit.errors import UserError
+
+from .io import naming, remove_partial_files
 
 try:
     import fcntl
@@ -80,7 +82,7 @@ def _say(message: str) -> None:
     print(f"creditaudit: {message}", file=sys.stderr, flush=True)
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process owns the run folder. ``str(err)`` says who and how to clear a stale lock."""
 
     def __init__(self, lock_path: str | os.PathLike[str], detail: str):
@@ -334,7 +336,8 @@ class RunLock:
             info = {"pid": os.getpid(), "host": host, "scope": scope, "token": uuid.uuid4().hex,
                     "flock": flocked, "started": now.isoformat(timespec="seconds"),
                     "renewed": _stamp(now), "lease_s": self.lease_s}
-            _rewrite(fd, info)
+            with naming(self.path):  # a full disk: the one line names the lock file
+                _rewrite(fd, info)
         except BaseException:
             os.close(fd)
             self.path.unlink(missing_ok=True)

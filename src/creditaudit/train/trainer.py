@@ -25,6 +25,7 @@ from creditaudit import trackers
 from creditaudit import typedconfig as T
 from creditaudit.config import TrainConfig
 from creditaudit.diagnostics import due
+from creditaudit.errors import UserError
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.provenance import provenance
@@ -33,7 +34,7 @@ from creditaudit.train.allocator import keep_freed_memory
 from creditaudit.train.run import Run, StepCallback
 
 
-class RunConfigMismatch(RuntimeError):
+class RunConfigMismatch(UserError, RuntimeError):
     """The run folder already holds a run with a different configuration."""
 
 
