@@ -60,6 +60,10 @@ class TrainConfig:
     diag: DiagConfig = field(default_factory=DiagConfig)
 
 
+# A run seed is a signed 64-bit integer's non-negative half: torch's and numpy's generators take it,
+# and so do Parquet's int64 columns (creditaudit export); negative seeds would not name a folder.
+SEED_MAX = 2**63 - 1
+
 # Alternative names a researcher will type.
 ALIASES = {"width": "model.d", "depth": "model.L", "dataset": "data.dataset", "lr": "optim.lr", "wd": "optim.weight_decay"}
 HELP_HINT = "`creditaudit train --help` lists every field."
@@ -149,6 +153,7 @@ def validate(cfg: TrainConfig) -> None:
     from creditaudit.data import DATASETS
     from creditaudit.models import ARCHS
     from creditaudit.rules import parse_rule_name
+    from creditaudit.runs.folder import check_name
     from creditaudit.train.objective import parse_local_update
 
     def need(ok: bool, msg: str) -> None:
@@ -158,7 +163,7 @@ def validate(cfg: TrainConfig) -> None:
     parse_rule_name(cfg.rule)  # raises with the list of rules
     from creditaudit.rules import rule_options
 
-    rule_options(cfg.rule, cfg.rule_opts)  # raises on an unknown or badly typed option
+    T.check_finite(rule_options(cfg.rule, cfg.rule_opts))  # raises on an unknown, badly typed or non-finite option
     if cfg.arch not in ARCHS:
         raise ConfigError(ARCHS.unknown_message(cfg.arch))
     if cfg.data.dataset not in DATASETS:
@@ -183,10 +188,19 @@ def validate(cfg: TrainConfig) -> None:
     need(dg.stab_batches >= 2 and dg.stab_batch_size >= 1, "stab_batches must be >= 2 and stab_batch_size >= 1")
     need(cfg.model.L is None or cfg.model.L >= 0, f"L must be >= 0 (got {cfg.model.L})")
     need(cfg.model.d is None or cfg.model.d >= 1, f"d must be >= 1 (got {cfg.model.d})")
-    for name in ("setting", "arch_label"):
-        value = getattr(cfg, name)
-        need((bool(value) or name == "arch_label") and "/" not in value and "__" not in value,
-             f"{name} must be a name without '/' or '__' (got {value!r})")
+    need(0 <= cfg.seed <= SEED_MAX, f"seed={cfg.seed}: must lie in 0..{SEED_MAX} (a signed 64-bit integer, "
+         "what every random generator and the results table take; it also names the run folder)")
+    for name in ("results", "data.data_dir", "logger_dir"):
+        need("\x00" not in T.get_path(cfg, name), f"{name} holds a NUL character, which no path can hold")
+    need(bool(cfg.results.strip()), "results= is empty: name the results folder, e.g. results=results "
+         "(runs go to <results>/<setting>/<rule>__<arch>__s<seed>)")
+    need("__" not in cfg.setting, f"setting={cfg.setting!r}: a setting name must not contain '__' "
+         "(it separates the parts of a run folder's name); use '_' or '-'")
+    check_name("setting", cfg.setting)  # a valid folder name: not empty, no '/', not hidden, not too long
+    if cfg.arch_label:
+        check_name("arch_label", cfg.arch_label)
+    run_path(cfg)  # the run folder's name as a whole fits the file system
+    T.check_finite(cfg)  # inf and nan have no JSON form: config.json could not record them
     cfg.data.validate()
     from creditaudit.trackers import check_logger
 

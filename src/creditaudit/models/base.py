@@ -205,6 +205,18 @@ def build_model(name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_c
     return ARCHS.get(name).build(cfg, tuple(input_shape), num_classes)
 
 
+def parameter_count(name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> int | None:
+    """How many parameters ``build_model`` would give, counted on the meta device: nothing is
+    allocated and no random number drawn, whatever the sizes. None when the builder cannot run
+    there (a plugin's builder reading values of its tensors)."""
+    try:
+        with torch.device("meta"):
+            model = build_model(name, cfg, input_shape, num_classes)
+    except (NotImplementedError, RuntimeError):
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def flat_dim(input_shape: tuple[int, ...]) -> int:
     return math.prod(input_shape)
 

@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from creditaudit.errors import ConfigError
+
 from .io import CorruptRunError, append_jsonl, atomic_write_json, read_jsonl, rewrite_jsonl
 from .lock import RunLock, RunLockedError
 
@@ -31,6 +33,7 @@ __all__ = [
     "RunFolder",
     "RunLock",
     "RunLockedError",
+    "check_name",
     "parse_run_name",
     "run_dir",
     "run_name",
@@ -41,34 +44,53 @@ RUN_STATUSES = ("running", "finished", "failed", "diverged", "interrupted")
 
 _SEP = "__"
 _BAD_CHARS = re.compile(r"[/\\\x00-\x1f]")
+NAME_MAX = 255
+"""Bytes a file or folder name may have (ext4, XFS, btrfs; APFS and NTFS count 255 characters)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # names
 # ---------------------------------------------------------------------------------------------
 
-def _check_component(kind: str, value: Any, *, allow_sep: bool = False) -> str:
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:40] + "…")
+
+
+def check_name(kind: str, value: Any, *, allow_sep: bool = False) -> str:
+    """``value`` if it can name one folder (a setting, a rule, an architecture label), else a
+    :class:`~creditaudit.errors.ConfigError` (a ``ValueError``) naming ``kind`` and the fix."""
     if not isinstance(value, str):
-        raise ValueError(f"{kind} must be a str, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{kind} must be a str, got {type(value).__name__} {value!r}")
     if not value:
-        raise ValueError(f"{kind} must not be empty")
+        raise ConfigError(f"{kind} must not be empty: it names a folder")
     if _BAD_CHARS.search(value):
-        raise ValueError(f"{kind} {value!r} contains a path separator or control character")
+        raise ConfigError(f"{kind}={_shown(value)} contains a path separator or control character; "
+                          "it names one folder: use letters, digits, '_', '-', '.'")
     if value.startswith("."):
-        raise ValueError(f"{kind} {value!r} must not start with '.' (hidden / relative path)")
+        raise ConfigError(f"{kind}={_shown(value)} must not start with '.' (a hidden or relative folder); "
+                          "start it with a letter or digit")
     if not allow_sep and _SEP in value:
-        raise ValueError(f"{kind} {value!r} contains {_SEP!r}, which separates the parts of a run "
-                         "name; use a single '_' or '-'")
+        raise ConfigError(f"{kind}={_shown(value)} contains {_SEP!r}, which separates the parts of a run "
+                          "name; use a single '_' or '-'")
+    size = len(value.encode("utf-8"))
+    if size > NAME_MAX:
+        raise ConfigError(f"{kind}={_shown(value)} is {size} bytes long, but a folder name has at most "
+                          f"{NAME_MAX}: choose a shorter {kind}")
     return value
 
 
 def run_name(rule: str, arch: str, seed: int) -> str:
-    """``f"{rule}__{arch}__s{seed}"``, after checking each part (ValueError with the reason)."""
-    _check_component("rule", rule)
-    _check_component("arch", arch)
+    """``f"{rule}__{arch}__s{seed}"``, after checking each part (ConfigError, a ValueError, with the
+    reason)."""
+    check_name("rule", rule)
+    check_name("arch", arch)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return f"{rule}{_SEP}{arch}{_SEP}s{seed}"
+        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+    name = f"{rule}{_SEP}{arch}{_SEP}s{seed}"
+    if len(name.encode("utf-8")) > NAME_MAX:
+        raise ConfigError(f"the run folder's name {_shown(name)} would be {len(name.encode('utf-8'))} bytes long, "
+                          f"but a folder name has at most {NAME_MAX}: choose a shorter arch_label")
+    return name
 
 
 def parse_run_name(name: str) -> tuple[str, str, int]:
@@ -89,7 +111,7 @@ def parse_run_name(name: str) -> tuple[str, str, int]:
 def run_dir(results_dir: str | os.PathLike[str], setting: str, rule: str, arch: str,
             seed: int) -> Path:
     """``results_dir / setting / run_name(rule, arch, seed)``."""
-    _check_component("setting", setting, allow_sep=True)
+    check_name("setting", setting, allow_sep=True)
     return Path(results_dir) / setting / run_name(rule, arch, seed)
 
 
@@ -173,6 +195,9 @@ class RunFolder:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError as e:
+            raise CorruptRunError(path, f"not UTF-8 text ({e.reason} at byte {e.start}), so not the JSON creditaudit writes",
+                                  fix="repair it, or delete the run folder to rerun the run from scratch") from e
         try:
             obj = json.loads(text)
         except ValueError as e:

@@ -15,7 +15,8 @@ It applies on Linux with glibc, once per process; elsewhere it does nothing. Set
 variable ``CREDITAUDIT_MALLOC=system`` to leave the allocator as it is.
 
 :func:`available_memory` says how much memory new work can take (sweeps size their worker count
-and stacks their size by it).
+and stacks their size by it); :func:`device_memory` how much a device has at all (a model that
+cannot fit in it is refused before it is built).
 """
 from __future__ import annotations
 
@@ -47,6 +48,29 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _applied
+
+
+def device_memory(device) -> int | None:
+    """Bytes of memory of a ``torch.device``: a CUDA card's total, or the machine's physical memory
+    (within the cgroup's limit, in a container) for the CPU; None where unknown (MPS)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:  # cgroup v2; "max" when unlimited
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
 
 
 def available_memory() -> int | None:

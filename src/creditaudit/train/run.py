@@ -23,9 +23,15 @@ from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
 from creditaudit.diagnostics import probe
-from creditaudit.models.base import CreditNet, Forward, build_model
+from creditaudit.models.base import CreditNet, Forward, ModelConfig, arch_shape, build_model, parameter_count
 from creditaudit.rules.base import Rule, RuleContext, build_rule
+from creditaudit.train.allocator import device_memory
 from creditaudit.train.objective import LocalUpdate, local_objective, parse_local_update, penalty
+
+
+#: bytes of device memory each parameter takes while training, at least: its float32 value, its
+#: gradient and AdamW's two moments
+TRAINING_BYTES_PER_PARAMETER = 16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,6 +41,26 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise C.ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
     return device
+
+
+def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, data: TensorDataset, device: torch.device) -> None:
+    """Refuse a model whose parameters, with their gradients and AdamW's moments, exceed the device's
+    memory (``d=200000`` would ask for terabytes): counted before anything is allocated. A lower
+    bound of what training takes (activations, the data and a rule's own matrices come on top), so
+    it refuses no model that fits; the largest of the study's profiles needs about 130 MB."""
+    n = parameter_count(cfg.arch, model_cfg, data.input_shape, data.num_classes)
+    total = device_memory(device)
+    if n is None or total is None or n * TRAINING_BYTES_PER_PARAMETER <= total:
+        return
+    shape = arch_shape(cfg.arch, model_cfg)
+    raise C.ConfigError(
+        f"{cfg.arch} with d={shape.d}, L={shape.L} has {n:,} parameters: training needs at least "
+        f"{_gib(n * TRAINING_BYTES_PER_PARAMETER)} for them (values, gradients, AdamW's two moments), but the "
+        f"{device.type} device has {_gib(total)}; choose a smaller d or L")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +99,7 @@ def build_run(cfg: TrainConfig, *, device: torch.device | None = None, data: Ten
     model_cfg = C.copy_config(cfg.model)
     if variant == "shallow":
         model_cfg.L = 0
+    check_fits(cfg, model_cfg, data, device)
     # The model and then the rule's random state are drawn on the CPU from the run seed alone.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, model_cfg, data.input_shape, data.num_classes)
