@@ -1,10 +1,15 @@
 """Typed config: overrides, parsing, validation, help, round trip."""
 from __future__ import annotations
 
+import math
+import re
+import typing
+
 import pytest
 
-from creditaudit.config import ConfigError, TrainConfig, apply_overrides, from_dict, help_rows, to_dict
-from creditaudit.typedconfig import iter_fields
+from creditaudit.config import ConfigError, TrainConfig, apply_overrides, from_dict, help_rows, to_dict, validate
+from creditaudit.runs.folder import RunFolder
+from creditaudit.typedconfig import iter_fields, set_path
 from creditaudit.registry import UnknownNameError
 
 
@@ -84,3 +89,41 @@ def test_rule_options_by_prefix_or_leaf(monkeypatch):
         apply_overrides(TrainConfig(), ["toy.beta=0.5"])
     with pytest.raises(ConfigError, match="unknown config key 'gamma'"):
         apply_overrides(TrainConfig(), ["rule=toy", "gamma=1"])
+
+
+# Every float field of a run's config, nested ones included (``float | None`` too).
+FLOAT_FIELDS = [path for path, _, tp in iter_fields(TrainConfig) if tp is float or float in typing.get_args(tp)]
+
+
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+def test_every_float_field_round_trips_through_config_json(path, tmp_path):
+    """What a run folder's config.json records is what the run used: any finite value of every float
+    field is read back equal; inf and nan, which JSON cannot hold, are refused with the field named."""
+    folder = RunFolder(tmp_path / "run")
+    for value in (1 / 3, -2.5e-300, 1.7976931348623157e308, 0.0):
+        cfg = TrainConfig()
+        set_path(cfg, path, value)
+        folder.write_config(to_dict(cfg))
+        assert from_dict(folder.read_config()) == cfg, (path, value)
+    for text in ("inf", "-inf", "nan", "1e999"):
+        with pytest.raises(ConfigError, match=re.escape(path) + ".*expected a finite number"):
+            apply_overrides(TrainConfig(), [f"{path}={text}"])
+    cfg = TrainConfig()
+    set_path(cfg, path, math.inf)  # built in Python, not parsed: validation refuses it too
+    with pytest.raises(ConfigError, match=re.escape(path) + "=inf: expected a finite number"):
+        validate(cfg)
+
+
+def test_a_non_finite_rule_option_is_refused():
+    with pytest.raises(ConfigError, match="finite"):
+        apply_overrides(TrainConfig(), ["rule=ep", "ep.beta=inf"])
+
+
+def test_lr_inf_is_refused_by_the_command_line_with_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from creditaudit.cli import main
+
+    result = CliRunner().invoke(main, ["train", "lr=inf", f"results={tmp_path / 'r'}"], catch_exceptions=False)
+    assert result.exit_code == 2 and "optim.lr=inf: expected a finite number" in result.stderr
+    assert not (tmp_path / "r").exists()

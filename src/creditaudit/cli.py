@@ -1,8 +1,17 @@
 """The ``creditaudit`` command line: ``train``, ``list``, ``data``, ``audit``, ``sweep``, ``tables``,
-``inventory`` and ``exploit``. Each command parses its arguments, calls the package and prints.
+``inventory``, ``export`` and ``exploit``. Each command parses its arguments, calls the package and
+prints.
 
-Every command turns the errors a user can act on (an unknown name, a bad value, a missing dataset,
-a run folder that disagrees with the config) into one line naming the fix, and exit status 2.
+Errors a user can act on are one line on stderr naming the fix, exit status 2, never a traceback.
+The command group wraps every command, from its first argument to its last report, in
+:func:`friendly_errors`, which prints (``errors.user_message``) every
+:class:`~creditaudit.errors.UserError` — a bad value or name, a missing dataset or folder, a run
+folder held by another process, holding another config or corrupt, a model too large for the
+device — and the operating system's errors about a path: permission denied, no space left, a
+read-only file system, a file where a folder belongs or the reverse, a name too long, a file that
+is not UTF-8. click's own usage errors (a bad option value) are one line too. Anything else is a
+bug and keeps its traceback. Run folders and reports are written atomically, so such an error
+loses nothing already computed.
 """
 from __future__ import annotations
 
@@ -14,6 +23,8 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from creditaudit.errors import MissingPathError, UserError, user_message
 
 # Off a terminal (logs, CI, a pipe) a line is a line: never wrapped, so a path or an error stays
 # whole for grep, whatever its length; tables get 160 columns there instead of rich's default 80.
@@ -45,34 +56,61 @@ def runs_status(statuses: list[str]) -> int:
 
 
 class Commands(click.Group):
-    """The command group: Ctrl-C anywhere is one line and status 130, not click's "Aborted!" (1)."""
+    """The command group: every command runs inside :func:`friendly_errors`; a usage error (a bad
+    option value) is one line, not click's usage block; Ctrl-C anywhere is one line and status
+    130, not click's "Aborted!" (1)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with friendly_errors():
+                return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a group named alone: its help
+        except click.UsageError as exc:
+            where = f" (`{exc.ctx.command_path} --help` shows the usage)" if exc.ctx is not None else ""
+            _error_line(f"{exc.format_message()}{where}")
         except KeyboardInterrupt:
             err_console.print("interrupted: what was computed is kept; run the same command again to resume")
             sys.exit(INTERRUPTED)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from creditaudit.errors import ConfigError
-    from creditaudit.data import DatasetMissingError
-    from creditaudit.registry import UnknownNameError
-    from creditaudit.runs.folder import RunLockedError
-    from creditaudit.runs.io import CorruptRunError
-    from creditaudit.train.trainer import RunConfigMismatch
-
-    return (ConfigError, UnknownNameError, DatasetMissingError, RunConfigMismatch, RunLockedError, CorruptRunError, FileNotFoundError)
+def _error_line(text: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(text)}", markup=True, soft_wrap=True)
+    sys.exit(USAGE)
 
 
 @contextmanager
 def friendly_errors():
+    """An error the user can act on (``errors.user_message``: a :class:`~creditaudit.errors.UserError`,
+    the operating system's errors about a path, a file that is not UTF-8) becomes one line on stderr
+    and exit status 2; anything else goes on, with its traceback."""
     try:
         yield
-    except user_errors() as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
-        sys.exit(USAGE)
+    except (UserError, OSError, UnicodeDecodeError) as exc:
+        line = user_message(exc)
+        if line is None:
+            raise
+        _error_line(line)
+
+
+class SeedList(click.ParamType):
+    """Comma-separated run seeds, e.g. ``42,123,456``: integers in 0..SEED_MAX ("" gives ())."""
+
+    name = "seeds"
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        from creditaudit.config import SEED_MAX
+
+        try:
+            seeds = tuple(int(s) for s in str(value).split(",") if s.strip())
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated integers, e.g. 42,123,456", param, ctx)
+        for s in seeds:
+            if not 0 <= s <= SEED_MAX:
+                self.fail(f"seed {s} is outside 0..{SEED_MAX}", param, ctx)
+        return seeds
 
 
 def config_help() -> str:
@@ -114,9 +152,8 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
     """
     from creditaudit.config import TrainConfig, apply_overrides
 
-    with friendly_errors():
-        cfg = apply_overrides(TrainConfig(), overrides)
-        summary = _train_with_progress(cfg, quiet)
+    cfg = apply_overrides(TrainConfig(), overrides)
+    summary = _train_with_progress(cfg, quiet)
     status = summary["status"]
     final = summary.get("final") or {}
     colour = {"finished": "green", "diverged": "yellow"}.get(status, "red")
@@ -179,8 +216,9 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 @click.option("--profile", default="default", show_default=True,
               help="default | double | paper | mnist1d (the study's findings on a laptop) | mode1 (bp, fa, dfa on a recipe "
                    "where DFA shows Mode 1; see docs/audit.md).")
-@click.option("--seeds", default="42,123,456", show_default=True, help="Comma-separated seeds.")
-@click.option("--workers", default=0, show_default=True, help="Parallel single-thread training processes (0 = one per CPU core).")
+@click.option("--seeds", type=SeedList(), default="42,123,456", show_default=True, help="Comma-separated seeds.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Parallel single-thread training processes (0 = one per CPU core).")
 @click.option("--out", default="", help="Where the reports go, one folder per setting (default: <results>/_reports).")
 @click.option("--own-baseline", is_flag=True, help="D3 against each rule's own <rule>_frozen instead of bp_frozen.")
 @click.option("--d1", type=float, default=50.0, show_default=True, help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.")
@@ -209,28 +247,26 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
     if len(results_dir) > 1:
         raise click.UsageError(f"at most one RESULTS_DIR, got {', '.join(results_dir)}")
     th = Thresholds(d1_ratio=d1, d2_norm=d2, d3_pp=d3, mode2_cos=mode2)
-    with friendly_errors():
-        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-        if results_dir:
-            root, setting = Path(results_dir[0]), None
-            if not root.is_dir():
-                raise FileNotFoundError(f"no results folder {root}")
-        else:
-            if rule_list.strip() == "all":
-                from creditaudit.rules import RULES
+    if results_dir:
+        root, setting = _require_results(results_dir[0]), None
+    else:
+        if not seeds:
+            raise click.BadParameter("name at least one seed, e.g. 42,123,456", param_hint="--seeds")
+        if rule_list.strip() == "all":
+            from creditaudit.rules import RULES
 
-                rules = (*rules, *RULES.names())
-            elif rule_list:
-                rules = (*rules, *(r.strip() for r in rule_list.split(",") if r.strip()))
-            rules = tuple(dict.fromkeys(rules))
-            rule_names, overrides = _resolve_rule_files(list(rules) or list(E.get_profile(profile, E.AUDIT).audit_rules), overrides)
-            if own_baseline:
-                rule_names += [f"{r}_frozen" for r in rule_names if not r.endswith("_frozen")]
-            cfgs = E.audit_configs(rule_names, profile=profile, seeds=seed_list, overrides=overrides,
-                                   baseline=None if own_baseline else E.BASELINE_RULE)
-            root, setting = Path(cfgs[0].results), cfgs[0].setting
-            statuses = _train_all(cfgs, workers)
-        reported = _report(root, setting, th, own_baseline, out)
+            rules = (*rules, *RULES.names())
+        elif rule_list:
+            rules = (*rules, *(r.strip() for r in rule_list.split(",") if r.strip()))
+        rules = tuple(dict.fromkeys(rules))
+        rule_names, overrides = _resolve_rule_files(list(rules) or list(E.get_profile(profile, E.AUDIT).audit_rules), overrides)
+        if own_baseline:
+            rule_names += [f"{r}_frozen" for r in rule_names if not r.endswith("_frozen")]
+        cfgs = E.audit_configs(rule_names, profile=profile, seeds=seeds, overrides=overrides,
+                               baseline=None if own_baseline else E.BASELINE_RULE)
+        root, setting = Path(cfgs[0].results), cfgs[0].setting
+        statuses = _train_all(cfgs, workers)
+    reported = _report(root, setting, th, own_baseline, out)
     if results_dir:
         sys.exit(OK if reported else USAGE)
     sys.exit(runs_status(statuses))
@@ -317,7 +353,9 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> bool:
 
     col = collect(root, [setting] if setting else None)
     if not col.runs:
-        raise FileNotFoundError(f"no readable run folders under {root}" + "".join(f"\n  {p}" for p in col.problems))
+        for problem in col.problems:
+            console.print(f"  [yellow]skipped[/] {escape(problem)}")
+        raise MissingPathError(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped, listed above)" if col.problems else ""))
     written = write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None)
     if not written:  # run folders, but none finished: nothing to audit, and no silence about it
         from collections import Counter
@@ -344,14 +382,14 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> bool:
               "definitions (`creditaudit list`).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker processes on this machine; ray: one Ray task per job (a run, or a stack with --stack).")
-@click.option("--workers", default=0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="local: parallel single-thread processes (0 = one per CPU core); ray without --address: "
                    "CPUs of the local Ray instance started (0 = all).")
 @click.option("--address", default=None, help="ray: the cluster to use (host:port, ray://host:port or auto; "
               "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
               "system every node sees at the same path.")
 @click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each task (a run or a stack) reserves (with device=cuda).")
-@click.option("--stack", default=1, show_default=True,
+@click.option("--stack", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train runs of one kind (same rule, architecture, sizes, data, schedule; other seeds or λ) as one "
                    "program, at most N per stack (on a GPU, where it fills the card: 16); 1 = a run per job. Rules that "
                    "cannot stack run alone (`creditaudit list` says which; docs/performance.md).")
@@ -382,15 +420,14 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
     overrides = tuple(a for a in args if "=" in a)
     if not names:
         raise click.UsageError("name at least one setting (see `creditaudit list`), or `all`")
-    with friendly_errors():
-        if names == ["all"]:
-            names = study_settings()
-        cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
-        added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
-        for line in (line for n in names for line in left_out(n, profile)):
-            console.print(f"[yellow]{escape(line)}[/]")
-        if not cfgs:
-            raise ConfigError(f"profile {profile} leaves out every run of {', '.join(names)}; pick another profile")
+    if names == ["all"]:
+        names = study_settings()
+    cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
+    added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
+    for line in (line for n in names for line in left_out(n, profile)):
+        console.print(f"[yellow]{escape(line)}[/]")
+    if not cfgs:
+        raise ConfigError(f"profile {profile} leaves out every run of {', '.join(names)}; pick another profile")
     cfgs = added + cfgs  # baselines first: a report read mid-sweep can already evaluate D3
     done = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
     extra = f" (with {len(added)} baseline run(s))" if with_baselines else ""
@@ -399,11 +436,8 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
         for c in cfgs:
             console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
         return
-    if stack < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--stack")
     if backend == "ray":
-        with friendly_errors():
-            statuses = _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)
+        statuses = _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)
     else:
         statuses = _train_all(cfgs, workers, stack=stack, graph=graph)
     sys.exit(runs_status(statuses))
@@ -422,12 +456,13 @@ class ProtocolHelpCommand(click.Command):
 @main.command(cls=ProtocolHelpCommand, context_settings={"ignore_unknown_options": True})
 @click.argument("overrides", nargs=-1)
 @click.option("--profile", default="default", show_default=True, help="smoke | default | paper (docs/exploit.md).")
-@click.option("--seeds", default="", help="Comma-separated seeds (default: the profile's; 42,123,456).")
+@click.option("--seeds", type=SeedList(), default="", help="Comma-separated seeds (default: the profile's; 42,123,456).")
 @click.option("--results", default="results", show_default=True, help="Results folder; the study goes to RESULTS/_exploit/PROFILE/.")
 @click.option("--out", default="", help="The study's folder instead (it holds one protocol).")
 @click.option("--snapshot", default="", help="A finished run folder (or a checkpoint in it) to measure instead of training BP snapshots.")
 @click.option("--render", "render_dir", default="", help="Re-render DIR/exploit.md from DIR alone: trains and measures nothing.")
-@click.option("--workers", default=0, show_default=True, help="Parallel single-thread processes (0 = one per CPU core).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Parallel single-thread processes (0 = one per CPU core).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, workers, device) -> None:
     """Snapshot exploitability: creditaudit exploit [--profile default] [key=value ...]
@@ -442,39 +477,37 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
     """
     from creditaudit.exploit import protocol as P
 
-    with friendly_errors():
-        if render_dir:
-            from creditaudit.exploit.report import write_report
+    if render_dir:
+        from creditaudit.exploit.report import write_report
 
-            if overrides or snapshot:
-                raise click.UsageError("--render takes no overrides and no --snapshot: it only re-renders DIR")
-            if not Path(render_dir).is_dir():
-                raise FileNotFoundError(f"--render {render_dir}: no such folder")
-            path = write_report(render_dir)
-            console.print(path.read_text(), markup=False, soft_wrap=True)
-            console.print(f"report: {path}")
-            return
-        from creditaudit.exploit.runner import default_out, given_snapshot, run_exploit
-
-        p = P.apply_overrides(P.profile(profile), overrides)
-        if snapshot:
-            p = given_snapshot(p, snapshot)
-        try:
-            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip()) if seeds else P.profile_seeds(profile)
-        except ValueError:
-            raise click.UsageError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 42,123,456") from None
-        folder = Path(out) if out else default_out(p, results)
-        console.print(f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> {folder}; finished measurements are reused")
-
-        def done(o) -> None:
-            colour = "green" if o.status == "finished" else "red"
-            console.print(f"  [{colour}]{o.status:>9}[/] {o.unit}  {o.wall_s:.0f} s"
-                          + (f"  {o.error.splitlines()[0]}" if o.error and o.status != "finished" else ""))
-
-        outcomes = run_exploit(p, seed_list, folder, workers=workers, device=device, on_done=done)
-        path = P.ExploitFolder(folder).report_path
-        console.print(path.read_text(), markup=False, soft_wrap=True)
+        if overrides or snapshot:
+            raise click.UsageError("--render takes no overrides and no --snapshot: it only re-renders DIR")
+        if not Path(render_dir).is_dir():
+            raise MissingPathError(f"--render {render_dir}: no such folder")
+        path = write_report(render_dir)
+        console.print(path.read_text(encoding="utf-8"), markup=False, soft_wrap=True)
         console.print(f"report: {path}")
+        return
+    from creditaudit.exploit.runner import default_out, given_snapshot, run_exploit
+
+    if not out and not results.strip():
+        raise click.BadParameter("is empty: name the results folder (or give --out DIR)", param_hint="--results")
+    p = P.apply_overrides(P.profile(profile), overrides)
+    if snapshot:
+        p = given_snapshot(p, snapshot)
+    seed_list = seeds or P.profile_seeds(profile)
+    folder = Path(out) if out else default_out(p, results)
+    console.print(f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> {folder}; finished measurements are reused")
+
+    def done(o) -> None:
+        colour = "green" if o.status == "finished" else "red"
+        console.print(f"  [{colour}]{o.status:>9}[/] {o.unit}  {o.wall_s:.0f} s"
+                      + (f"  {o.error.splitlines()[0]}" if o.error and o.status != "finished" else ""))
+
+    outcomes = run_exploit(p, seed_list, folder, workers=workers, device=device, on_done=done)
+    path = P.ExploitFolder(folder).report_path
+    console.print(path.read_text(encoding="utf-8"), markup=False, soft_wrap=True)
+    console.print(f"report: {path}")
     sys.exit(runs_status([o.status for o in outcomes]))
 
 
@@ -500,11 +533,10 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
     if plan:
         from creditaudit.experiments import baselines, expand, left_out, study_settings
 
-        with friendly_errors():
-            cfgs = [c for n in study_settings() for c in expand(n, profile=profile, results=results)]
-            if with_baselines:
-                cfgs += baselines(cfgs, profile=profile)
-            skipped = [line for n in study_settings() for line in left_out(n, profile)]
+        cfgs = [c for n in study_settings() for c in expand(n, profile=profile, results=results)]
+        if with_baselines:
+            cfgs += baselines(cfgs, profile=profile)
+        skipped = [line for n in study_settings() for line in left_out(n, profile)]
         text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""),
                              left_out=skipped)
         if out:
@@ -578,19 +610,20 @@ def export(results, fmt, out, settings) -> None:
     from creditaudit.results import export as write
 
     _require_results(results)
-    with friendly_errors():
-        path, n, problems = write(results, Path(out) if out else Path(results) / "_reports" / f"runs.{fmt}", fmt,
-                                  list(settings) or None)
+    path, n, problems = write(results, Path(out) if out else Path(results) / "_reports" / f"runs.{fmt}", fmt,
+                              list(settings) or None)
     console.print(f"{n} rows ({fmt}) -> {path}")
     for problem in problems:
         err_console.print(f"[yellow]skipped:[/] {problem}")
 
 
-def _require_results(results: str) -> None:
+def _require_results(results: str) -> Path:
+    """The results folder ``results`` names; a missing one is one line naming the fix."""
     if not Path(results).is_dir():
-        err_console.print(f"[bold red]error:[/] no results folder {results!r}; train some runs first "
-                          "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them", markup=True)
-        sys.exit(USAGE)
+        what = " (that is a file)" if Path(results).exists() else ""
+        raise MissingPathError(f"no results folder {results!r}{what}; train some runs first "
+                               "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them")
+    return Path(results)
 
 
 def _collect_or_fail(results: str):
@@ -661,9 +694,8 @@ def check(name: str, data_dir: str) -> None:
     """Exit 0 when dataset NAME is present, 1 when it is missing."""
     from creditaudit.data import DATASETS, check_dataset
 
-    with friendly_errors():
-        DATASETS.get(name)
-        where = check_dataset(name, data_dir)
+    DATASETS.get(name)
+    where = check_dataset(name, data_dir)
     if where is None:
         console.print(f"{name}: missing (run `creditaudit data fetch {name}`)")
         sys.exit(1)
@@ -677,9 +709,8 @@ def fetch(name: str, data_dir: str) -> None:
     """Make dataset NAME present: found locally, or downloaded and checksum-verified."""
     from creditaudit.data import DATASETS, fetch_dataset
 
-    with friendly_errors():
-        DATASETS.get(name)
-        where = fetch_dataset(name, data_dir)
+    DATASETS.get(name)
+    where = fetch_dataset(name, data_dir)
     console.print(f"{name}: {where}")
 
 

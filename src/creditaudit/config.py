@@ -160,10 +160,11 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    parse_rule_name(cfg.rule)  # raises with the list of rules
+    T.check_finite(cfg)  # inf and nan have no JSON form: config.json could not record them
+    base, _ = parse_rule_name(cfg.rule)  # raises with the list of rules
     from creditaudit.rules import rule_options
 
-    T.check_finite(rule_options(cfg.rule, cfg.rule_opts))  # raises on an unknown, badly typed or non-finite option
+    T.check_finite(rule_options(cfg.rule, cfg.rule_opts), f"{base}.")  # raises on an unknown, badly typed or non-finite option
     if cfg.arch not in ARCHS:
         raise ConfigError(ARCHS.unknown_message(cfg.arch))
     if cfg.data.dataset not in DATASETS:
@@ -200,7 +201,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.arch_label:
         check_name("arch_label", cfg.arch_label)
     run_path(cfg)  # the run folder's name as a whole fits the file system
-    T.check_finite(cfg)  # inf and nan have no JSON form: config.json could not record them
     cfg.data.validate()
     from creditaudit.trackers import check_logger
 

@@ -50,6 +50,7 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
     errno.ENAMETOOLONG: ("a name in this path is too long for the file system",
                          "use shorter names (results=, setting=, arch_label=, --out)"),
     errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.EEXIST: ("exists already, where a folder is to be made", "move it or name another path"),
 }
 if hasattr(errno, "EDQUOT"):  # not on Windows
     _OS_ERRORS[errno.EDQUOT] = ("the disk quota is used up", f"free some space there {_WRITE_ELSEWHERE}")

@@ -12,7 +12,8 @@ its resolved config flattened to ``config.<dotted.path>`` columns (``config.mode
 run did not log that epoch is missing). The run folders stay the source of truth: this reads them
 through the same reader as the reports (unreadable folders are skipped; ``problems`` says why).
 
-``creditaudit export RESULTS --format parquet|csv`` writes the same table to a file.
+``creditaudit export RESULTS --format parquet|csv`` writes the same table to a file (atomically: a failed
+write leaves the previous file whole).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from creditaudit.errors import ConfigError
+from creditaudit.runs.io import atomic_replace
 
 ID_COLUMNS = ("setting", "run", "rule", "arch", "seed", "status", "path", "epoch")
 INSTALL_HINT = "pip install 'creditaudit[data]'"
@@ -92,15 +94,16 @@ def export(results: str | Path, out: str | Path, fmt: str = "parquet", settings:
     """Write :func:`load`'s table to ``out`` (``parquet`` or ``csv``); returns (path, rows, problems)."""
     if fmt not in ("parquet", "csv"):
         raise ConfigError(f"--format {fmt!r}: expected parquet or csv")
-    df = _uniform(load(results, settings))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise ConfigError(f"writing Parquet needs pyarrow: {INSTALL_HINT} (or use --format csv)") from None
-        df.to_parquet(out, index=False)
-    else:
-        df.to_csv(out, index=False)
+    df = _uniform(load(results, settings))
+    out = Path(out)
+    with atomic_replace(out) as tmp:  # a full disk leaves the previous export whole, and names ``out``
+        if fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return out, len(df), list(df.attrs.get("problems", []))

@@ -153,11 +153,15 @@ def _need_finite(key: str, value: float) -> None:
                           f"cannot record {value}); give a finite value")
 
 
-def check_finite(cfg: Any) -> None:
+def check_finite(cfg: Any, prefix: str = "") -> None:
     """Refuse a float field (or an item of a tuple of floats) holding inf or nan, e.g. in a config
-    built in Python: every value must round-trip through JSON, as a run folder stores it."""
-    for path, _, _ in iter_fields(type(cfg)):
-        value = get_path(cfg, path)
+    built in Python: every value must round-trip through JSON, as a run folder stores it. Fields
+    are named ``prefix`` + their dotted path."""
+    for f in dataclasses.fields(cfg):
+        value, path = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_finite(value, path + ".")
+            continue
         for item in value if isinstance(value, tuple) else (value,):
             if isinstance(item, float):
                 _need_finite(path, item)

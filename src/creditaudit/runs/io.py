@@ -215,7 +215,7 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, os.fspath(tmp)):
-            exc.filename = os.fspath(path)  # the file the user knows of, not its temporary sibling
+            exc.filename, exc.filename2 = os.fspath(path), None  # the file the user knows of, not its temporary sibling
         raise
     fsync_dir(path.parent)
 
