@@ -4,7 +4,10 @@ A :class:`TrainConfig` is a tree of dataclasses; every field carries a one-line 
 metadata, which ``creditaudit train --help`` prints. An override names a field by its dotted path
 (``model.d=512``) or, when unambiguous, by its leaf name (``d=512``); values are parsed by the
 field's type. The resolved config is written into every run folder as JSON and read back with
-:func:`from_dict`. No ``exec``-style configs.
+:func:`from_dict`; :func:`validate` refuses what a run cannot start with, each in one line naming the
+field (a :class:`~creditaudit.errors.ConfigError`): among others a number that is not finite (JSON
+has no inf or nan), a seed outside 0..:data:`SEED_MAX`, a ``setting`` or ``arch_label`` that cannot
+name a folder, an empty ``results``. No ``exec``-style configs.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class TrainConfig:
     rule: str = field(default="bp", metadata={"help": "credit-assignment rule (see `creditaudit list`); suffix _frozen or _shallow for the baselines; or the path of a .py file registering your own rule"})
     plugins: tuple[str, ...] = field(default=(), metadata={"help": "Python files to import first, each registering rules of your own (absolute paths are stored)"})
     arch: str = field(default="resmlp", metadata={"help": "architecture (see `creditaudit list`)"})
-    seed: int = field(default=42, metadata={"help": "seed of the model init, the rule's random matrices, data order and augmentation"})
+    seed: int = field(default=42, metadata={"help": "seed of the model init, the rule's random matrices, data order and augmentation (0..2**63-1)"})
     epochs: int = field(default=100, metadata={"help": "training epochs (the study: 100 for the audit, 30 for penalty studies)"})
     batch_size: int = field(default=128, metadata={"help": "training mini-batch size"})
     lam: float = field(default=0.0, metadata={"help": "per-block penalty lam·mean_b||f_l||² on each residual branch output, for every rule (bp: autograd of CE + penalty); refused for the _frozen/_shallow baselines, whose blocks do not train"})
