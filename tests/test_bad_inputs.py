@@ -90,6 +90,17 @@ def disk_full(monkeypatch, root: Path) -> None:
     monkeypatch.setattr(os, "fsync", fsync)
 
 
+def disk_full_at_checkpoint(monkeypatch, root: Path) -> None:
+    """The checkpoint after the first epoch finds the disk full, as safetensors reports it."""
+    import safetensors
+    import safetensors.torch
+
+    def save_file(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
 def _refuse_writes(code: int) -> Callable:
     """Every write, file creation or new folder under the results folder fails with ``code``."""
     def fault(monkeypatch, root: Path) -> None:
@@ -147,6 +158,8 @@ CASES = [
     Case("lr-not-a-number", ("train", *TINY, "lr=abc"), "optim.lr='abc': expected float"),
     # the disk full (defect 5)
     Case("train-disk-full", ("train", *TINY), "no space left on the device", fault=disk_full),
+    Case("train-disk-full-at-checkpoint", ("train", *TINY), "checkpoints/last.safetensors: no space left",
+         fault=disk_full_at_checkpoint),
     Case("audit-disk-full", ("audit", "results"), "no space left on the device", _study, disk_full),
     Case("tables-disk-full", ("tables", "results"), "results/_reports/tables.md: no space left", _study, disk_full),
     Case("inventory-disk-full", ("inventory", "results"), "TRAINING_INVENTORY.md: no space left", _study, disk_full),
@@ -296,3 +309,10 @@ def test_the_memory_check_counts_before_allocating(monkeypatch):
     with pytest.raises(ConfigError, match=r"resmlp with d=200000, L=4 has 320,162,600,010 parameters.*1\.0 GiB"):
         R.check_fits(cfg, cfg.model, _data(cfg), torch.device("cpu"))
     R.check_fits(cfg, apply_overrides(TrainConfig(), ["d=2000"]).model, _data(cfg), torch.device("cpu"))  # 34M parameters: 0.5 GiB
+
+
+def test_the_cpu_has_memory():
+    from creditaudit.train.allocator import device_memory
+
+    assert device_memory(torch.device("cpu")) > 2**28
+    assert device_memory(torch.device("meta")) is None  # unknown: the check refuses nothing
