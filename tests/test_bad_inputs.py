@@ -197,6 +197,8 @@ CASES = [
     Case("seed-not-an-integer", ("train", *TINY, "seed=1.5"), "seed='1.5': expected int"),
     Case("audit-seeds-not-integers", ("audit", "--seeds", "1,x", *TINY), "'1,x': expected comma-separated integers"),
     Case("audit-seed-out-of-range", ("audit", "--seeds", "-5", *TINY), "seed -5 is outside"),
+    Case("audit-threshold-inf", ("audit", "results", "--d1", "inf"), "'inf': expected a finite number", _study),
+    Case("audit-threshold-nan", ("audit", "results", "--d3", "nan"), "'nan': expected a finite number", _study),
     Case("exploit-seeds-not-integers", ("exploit", "--seeds", "x"), "expected comma-separated integers"),
     # a model that cannot fit in memory
     Case("model-too-large", ("train", *TINY[:1], "d=200000", "threads=1"), "has 320,0"),

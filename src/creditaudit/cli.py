@@ -113,6 +113,24 @@ class SeedList(click.ParamType):
         return seeds
 
 
+class Threshold(click.ParamType):
+    """A verdict threshold: a finite number (an infinite or NaN one would make a check that can
+    never fire, or always does)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx) -> float:
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r}: expected a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r}: expected a finite number", param, ctx)
+        return number
+
+
 def config_help() -> str:
     from creditaudit.config import help_rows
 
@@ -221,10 +239,10 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
               help="Parallel single-thread training processes (0 = one per CPU core).")
 @click.option("--out", default="", help="Where the reports go, one folder per setting (default: <results>/_reports).")
 @click.option("--own-baseline", is_flag=True, help="D3 against each rule's own <rule>_frozen instead of bp_frozen.")
-@click.option("--d1", type=float, default=50.0, show_default=True, help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.")
-@click.option("--d2", type=float, default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖.")
-@click.option("--d3", type=float, default=2.0, show_default=True, help="D3 threshold on depth utility, percentage points.")
-@click.option("--mode2", type=float, default=0.1, show_default=True, help="Mode 2 threshold on |deep cos|.")
+@click.option("--d1", type=Threshold(), default=50.0, show_default=True, help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.")
+@click.option("--d2", type=Threshold(), default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖.")
+@click.option("--d3", type=Threshold(), default=2.0, show_default=True, help="D3 threshold on depth utility, percentage points.")
+@click.option("--mode2", type=Threshold(), default=0.1, show_default=True, help="Mode 2 threshold on |deep cos|.")
 def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2) -> None:
     """Train and audit: creditaudit audit [RESULTS_DIR] [key=value ...]
 
