@@ -30,6 +30,7 @@ device on its own.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -212,13 +213,7 @@ def finish(figures: dict[str, Tensor], rho_inputs: dict[str, list[Tensor]], mode
     gen = torch.Generator().manual_seed(seed)
     deep = range(1, len(rho_inputs["h"]))
     rhos = {}
-    made: list[CreditNet] = []
-
-    def in_float64() -> CreditNet:
-        if not made:
-            made.append(model64())
-        return made[0]
-
+    in_float64 = functools.cache(model64)  # made at most once, and only when a layer needs it
     for l in deep:
         # float32 suffices when the loss changes ε‖g_l‖ are far above its rounding (~1e-7·CE);
         # a collapsed reference (‖g‖ ~ 1e-9) is measured in float64.

@@ -76,7 +76,7 @@ DEFAULT_LEASE_S = 300.0
 RENEWALS_PER_LEASE = 10  # a holder renews every lease / 10: it must miss nine renewals to lose it
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     """One plain line to stderr for the person running the command (not a warning: no source
     line or code in front of them)."""
     print(f"creditaudit: {message}", file=sys.stderr, flush=True)
@@ -308,7 +308,7 @@ class RunLock:
             if info is not None and info.get("token") == self._token:
                 self.path.unlink(missing_ok=True)
             elif self.lost is None:  # the renewal has said it already otherwise
-                _say(f"left {self.path} alone: it was removed or replaced while this process "
+                say(f"left {self.path} alone: it was removed or replaced while this process "
                      f"(pid {os.getpid()}) held it, so another process may own run folder "
                      f"{self.path.parent} now")
         finally:
@@ -373,7 +373,7 @@ class RunLock:
                 if not isinstance(current, dict) or current.get("token") != info["token"]:
                     self.lost = (f"its {self.path.name} was removed or replaced by another process "
                                  f"while this process (pid {os.getpid()}) held it")
-                    _say(f"lost run folder {self.path.parent}: {self.lost} (taken over, perhaps, "
+                    say(f"lost run folder {self.path.parent}: {self.lost} (taken over, perhaps, "
                          f"after this process was stopped or cut off for longer than its lease of "
                          f"{self.lease_s:g} s); another process may own it now")
                     return
@@ -382,7 +382,7 @@ class RunLock:
                 failing = False
             except Exception as exc:  # e.g. a file server away for a while: said once, tried again
                 if not failing:
-                    _say(f"could not renew the lease on {self.path} ({type(exc).__name__}: {exc}); "
+                    say(f"could not renew the lease on {self.path} ({type(exc).__name__}: {exc}); "
                          f"trying again every {every:g} s")
                 failing = True
 
@@ -443,7 +443,7 @@ class RunLock:
                 reason = self._stale_reason(current)
                 if reason is not None:
                     self.path.unlink(missing_ok=True)
-                    _say(f"took over run folder {self.path.parent}: {reason}")
+                    say(f"took over run folder {self.path.parent}: {reason}")
         finally:
             os.rmdir(guard)
 

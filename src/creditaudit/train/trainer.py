@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -28,6 +27,7 @@ from creditaudit.diagnostics import due
 from creditaudit.errors import UserError
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
+from creditaudit.runs.lock import say
 from creditaudit.runs.provenance import provenance
 from creditaudit.train import run as R
 from creditaudit.train.allocator import keep_freed_memory
@@ -96,11 +96,6 @@ def _missing_epochs(cfg: TrainConfig, records: list[dict], epoch: int) -> list[i
     return [e for e in range(first, epoch + 1) if e not in have]
 
 
-def _say(message: str) -> None:
-    """One plain line to stderr for the person running the command."""
-    print(f"creditaudit: {message}", file=sys.stderr, flush=True)
-
-
 class RunSession:
     """The folder of a run this process holds the lock of: config written, resumed from its last
     checkpoint, a ``running`` summary; then one record per epoch and a closing status."""
@@ -115,7 +110,7 @@ class RunSession:
             kept = [r for r in folder.read_metrics() if r["epoch"] <= int(meta["epoch"])]
             missing = _missing_epochs(cfg, kept, int(meta["epoch"]))
             if missing:  # a record the checkpoint is past was lost: only training again logs it
-                _say(f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its checkpoint "
+                say(f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its checkpoint "
                      f"(epoch {meta['epoch']}) is past (a torn or lost line): training it again from epoch 0, "
                      "so that every epoch is logged")
                 state = meta = None
