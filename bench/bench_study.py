@@ -98,6 +98,9 @@ SHAPES = {
 def shape_of(data: DataConfig) -> Shape:
     if data.dataset == "student":
         return Shape((data.student_dim,), data.student_classes, data.student_train, data.student_test, "none")
+    if data.dataset == "mnist1d":  # the generator's 80/20 split of data.mnist1d_signals
+        n_test = data.mnist1d_signals - int(0.8 * data.mnist1d_signals)
+        return dataclasses.replace(SHAPES["mnist1d"], n_train=data.mnist1d_signals - n_test, n_test=n_test)
     return SHAPES[data.dataset]
 
 

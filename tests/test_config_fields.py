@@ -80,8 +80,8 @@ def _config(*items: str, arch: str = "resmlp") -> TrainConfig:
     """A tiny run on digits; blocks L=2 where the architecture and the rule have a choice."""
     shallow = any(i.startswith("rule=") and i.endswith("_shallow") for i in items)
     base = ["dataset=digits", f"arch={arch}", "d=16", "epochs=2", "batch_size=32", "threads=1", "progress=false",
-            "train_subset=300", "L=2" if arch != "smallcnn" and not shallow else "",
-            "channels=4,6,8" if arch == "smallcnn" else "", "heads=4" if arch == "vit_mini" else ""]
+            "train_subset=300", "L=2" if not arch.startswith("smallcnn") and not shallow else "",
+            "channels=4,6,8" if arch.startswith("smallcnn") else "", "heads=4" if arch.startswith("vit_mini") else ""]
     return apply_overrides(TrainConfig(), [i for i in (*base, *items) if i])
 
 
@@ -162,7 +162,7 @@ def test_refusals_say_why():
         _config("rule=dfa_frozen", "lam=0.01")
     with pytest.raises(ConfigError, match="no blocks"):
         _config("rule=bp_shallow", "L=3")
-    with pytest.raises(ConfigError, match=r"model.heads=2 has no effect on arch 'resmlp' \(read by vit_mini\)"):
+    with pytest.raises(ConfigError, match=r"model.heads=2 has no effect on arch 'resmlp' \(read by vit_mini, vit_mini1d\)"):
         _config("heads=2")
     with pytest.raises(ConfigError, match="student task only"):
         _config("student_dim=12")

@@ -14,10 +14,11 @@ from creditaudit.experiments import PROFILES, SETTINGS, SWEEP, expand, profile_n
 @pytest.mark.parametrize("profile", profile_names(SWEEP))
 @pytest.mark.parametrize("name", SETTINGS.names())
 def test_every_setting_expands_to_valid_distinct_runs(name, profile):
-    """Every run of every setting, except the groups a profile leaves out (and says so)."""
+    """Every run of every setting, on the profile's reading of each architecture."""
     cfgs = expand(name, profile=profile)
-    skipped = dict(PROFILES.get(profile).left_out)
-    assert len(cfgs) == sum(len(g.rules) * len(g.seeds) for g in SETTINGS.get(name).groups if g.arch not in skipped)
+    assert len(cfgs) == SETTINGS.get(name).n_runs
+    prof = PROFILES.get(profile)
+    assert sorted(c.arch for c in cfgs) == sorted(prof.arch(g.arch) for g in SETTINGS.get(name).groups for _ in g.rules for _ in g.seeds)
     assert len({run_path(c) for c in cfgs}) == len(cfgs), "two runs of a setting share a folder"
     assert all(c.setting == name for c in cfgs)
 
@@ -211,26 +212,30 @@ def test_one_profile_registry_serves_every_command():
             assert p in text, (command, p)
 
 
-def test_the_mnist1d_profile_runs_the_resmlp_settings_and_says_what_it_leaves_out():
+def test_the_mnist1d_profile_trains_the_1d_readings_of_the_image_architectures_and_says_so():
     """The study's findings on a laptop: mnist1d at 20,000 signals and the study's epochs; the
-    image architectures' runs are left out, each group with its reason."""
-    from creditaudit.experiments import audit_configs, left_out
+    cross-architecture setting trains smallcnn1d and vit_mini1d, each group's line saying why."""
+    from creditaudit.experiments import audit_configs, profile_notes
 
     (main,) = {(c.data.dataset, c.data.mnist1d_signals, c.epochs) for c in expand("main_audit", profile="mnist1d")}
     assert main == ("mnist1d", 20000, 100)
-    assert expand("cross_arch", profile="mnist1d") == []
-    lines = left_out("cross_arch", "mnist1d")
+    cross = expand("cross_arch", profile="mnist1d")
+    assert {(c.arch, c.arch_label) for c in cross} == {("smallcnn1d", "smallcnn1d"), ("vit_mini1d", "vit_mini1d")}
+    assert {c.data.dataset for c in cross} == {"mnist1d"}
+    lines = profile_notes("cross_arch", "mnist1d")
     assert len(lines) == 2 and all("1-D" in line for line in lines)
-    assert left_out("main_audit", "mnist1d") == []
+    assert "train as smallcnn1d" in lines[0] and "train as vit_mini1d" in lines[1]
+    assert profile_notes("main_audit", "mnist1d") == [] and profile_notes("cross_arch", "cpu") == []
     assert {(c.data.dataset, c.epochs) for c in audit_configs(["bp", "dfa"], profile="mnist1d")} == {("mnist1d", 100)}
 
 
-def test_a_sweep_of_what_a_profile_leaves_out_is_refused_in_one_line(tmp_path):
+def test_a_sweep_and_a_plan_say_how_the_profile_reads_an_architecture(tmp_path):
     from click.testing import CliRunner
 
     from creditaudit.cli import main
 
-    res = CliRunner().invoke(main, ["sweep", "cross_arch", "--profile", "mnist1d", f"results={tmp_path}"])
-    assert res.exit_code == 2 and "leaves out every run of cross_arch" in res.output
-    res = CliRunner().invoke(main, ["sweep", "all", "--profile", "mnist1d", "--dry-run", f"results={tmp_path}"])
-    assert res.exit_code == 0 and res.output.count("left out under profile mnist1d") == 2
+    res = CliRunner().invoke(main, ["sweep", "all", "--profile", "mnist1d", "--with-baselines", "--dry-run", f"results={tmp_path}"])
+    assert res.exit_code == 0 and res.output.count("under profile mnist1d") == 2
+    assert "bp_frozen__smallcnn1d-ep100__s42" in res.output and "bp_frozen__vit_mini1d-ep100__s42" in res.output
+    res = CliRunner().invoke(main, ["inventory", "--plan", "--profile", "mnist1d", "--with-baselines"])
+    assert res.exit_code == 0 and "Read otherwise by the profile" in res.output and "smallcnn1d" in res.output

@@ -223,15 +223,17 @@ def test_fa_layers_use_feedback_for_the_input_and_exact_weight_gradients():
         torch.testing.assert_close(dw, dw_ref)
         torch.testing.assert_close(db, db_ref)
         for conv in (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
-                     nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect")):
-            x = torch.randn(2, 4, 7, 7)
+                     nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+                     nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+                     nn.Conv1d(4, 6, 3, padding="same", padding_mode="reflect")):
+            x = torch.randn(2, 4, *(7,) * len(conv.kernel_size))
             dy = torch.randn_like(conv(x))
             B = torch.randn_like(conv.weight)
             (dx, dw, db), (_, dw_ref, db_ref) = _layer_grads(conv, x, dy, B)
             # reference: the input gradient of the same convolution with B as its weight
             xi = x.clone().requires_grad_(True)
-            conv_b = nn.Conv2d(4, 6, 3, stride=conv.stride, padding=conv.padding, groups=conv.groups,
-                               padding_mode=conv.padding_mode, bias=False)
+            conv_b = type(conv)(4, 6, 3, stride=conv.stride, padding=conv.padding, groups=conv.groups,
+                                padding_mode=conv.padding_mode, bias=False)
             conv_b.weight.data.copy_(B)
             conv_b(xi).backward(dy)
             torch.testing.assert_close(dx, xi.grad)

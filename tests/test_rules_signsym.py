@@ -69,7 +69,7 @@ def _local_step(rule, model, opt, x, y) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 def _hand_backward(model, h0: torch.Tensor, y: torch.Tensor, B: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """d(Σ_i CE_i)/d h_l, l = 0..L, of a non-residual net, written layer by layer: a Linear sends
-    dy·B back, a Conv2d (stride 1) the transposed convolution of dy with B; every other layer
+    dy·B back, a convolution (stride 1) the transposed convolution of dy with B; every other layer
     (activations, BatchNorm in train mode, pooling, flatten, the terminal norm) its exact
     vector-Jacobian product."""
     stages, h = [], h0
@@ -87,9 +87,10 @@ def _hand_backward(model, h0: torch.Tensor, y: torch.Tensor, B: dict[str, torch.
     for name, mod, x, l in reversed(stages):
         if isinstance(mod, nn.Linear):
             dh = dh @ B[name]
-        elif isinstance(mod, nn.Conv2d):
-            assert mod.stride == (1, 1)
-            dh = F.conv_transpose2d(dh, B[name], padding=mod.padding)
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            assert set(mod.stride) == {1}
+            transpose = F.conv_transpose2d if isinstance(mod, nn.Conv2d) else F.conv_transpose1d
+            dh = transpose(dh, B[name], padding=mod.padding)
         else:
             xi = x.detach().requires_grad_(True)
             (dh,) = torch.autograd.grad(mod(xi), xi, dh)
@@ -98,7 +99,7 @@ def _hand_backward(model, h0: torch.Tensor, y: torch.Tensor, B: dict[str, torch.
     return [c.detach() for c in credits]
 
 
-@pytest.mark.parametrize("arch", ["mlp", "smallcnn"])
+@pytest.mark.parametrize("arch", ["mlp", "smallcnn", "smallcnn1d"])
 @pytest.mark.parametrize("rule_name", SIGN_RULES)
 def test_sign_feedback_credits_equal_a_hand_written_backward(arch, rule_name):
     """Before and after three AdamW steps (signs of W flip; s stays the std of W's init): the credits

@@ -430,8 +430,7 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
     interrupted.
     """
     from creditaudit.config import run_path
-    from creditaudit.errors import ConfigError
-    from creditaudit.experiments import baselines, expand, left_out, study_settings
+    from creditaudit.experiments import baselines, expand, profile_notes, study_settings
     from creditaudit.runs.folder import RunFolder
 
     names = [a for a in args if "=" not in a]
@@ -442,10 +441,8 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
         names = study_settings()
     cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
     added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
-    for line in (line for n in names for line in left_out(n, profile)):
-        console.print(f"[yellow]{escape(line)}[/]")
-    if not cfgs:
-        raise ConfigError(f"profile {profile} leaves out every run of {', '.join(names)}; pick another profile")
+    for line in (line for n in names for line in profile_notes(n, profile)):
+        console.print(escape(line))
     cfgs = added + cfgs  # baselines first: a report read mid-sweep can already evaluate D3
     done = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
     extra = f" (with {len(added)} baseline run(s))" if with_baselines else ""
@@ -549,14 +546,14 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
     from creditaudit.runs.io import atomic_write_text
 
     if plan:
-        from creditaudit.experiments import baselines, expand, left_out, study_settings
+        from creditaudit.experiments import baselines, expand, profile_notes, study_settings
 
         cfgs = [c for n in study_settings() for c in expand(n, profile=profile, results=results)]
         if with_baselines:
             cfgs += baselines(cfgs, profile=profile)
-        skipped = [line for n in study_settings() for line in left_out(n, profile)]
+        notes = [line for n in study_settings() for line in profile_notes(n, profile)]
         text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""),
-                             left_out=skipped)
+                             notes=notes)
         if out:
             atomic_write_text(Path(out), text)
         console.print(text, markup=False, soft_wrap=True)

@@ -230,6 +230,32 @@ def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]
     return input_shape  # type: ignore[return-value]
 
 
+def signal_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(C, T): the channels and length of the sequence a 1-D architecture reads. A signal (T,) is one
+    channel; (C, T) is read as it is; an image (C, H, W) as its raster sequence (C, H·W), row by row
+    (the reading of sequential MNIST)."""
+    if len(input_shape) == 1:
+        return 1, input_shape[0]
+    if len(input_shape) in (2, 3):
+        return input_shape[0], math.prod(input_shape[1:])
+    raise ConfigError(f"architecture {arch!r} reads signals (T,) or (C, T), or images as their raster sequence; "
+                      f"the dataset gives shape {tuple(input_shape)}")
+
+
+class AsSignal(nn.Module):
+    """(B, *input_shape) -> (B, C, T), the reading of :func:`signal_shape` (a view, no copy)."""
+
+    def __init__(self, channels: int, length: int):
+        super().__init__()
+        self.channels, self.length = channels, length
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], self.channels, self.length)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, length={self.length}"
+
+
 def arch_shape(arch: str, cfg: ModelConfig) -> ArchShape:
     """``arch`` under ``cfg``, defaults filled in (models are built from it, reports name it)."""
     base = ARCHS.get(arch).defaults  # an unknown name fails here, naming the known ones

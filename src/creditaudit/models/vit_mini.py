@@ -7,27 +7,37 @@
     o   = H(z)
 
 Defaults: d=128, L=4, 4 heads, patch 4, MLP ratio 2.
+
+``vit_mini1d`` is the same transformer on 1-D signals: the tokens are patches of ``patch`` samples
+of the sequence (a Conv1d of that kernel and stride), so MNIST-1D's 40 samples give 10 patches and a
+cls token; an input (T,) is one channel, an image is read as its raster sequence
+(``models.base.signal_shape``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, image_shape
+from creditaudit.models.base import AsSignal, Block, CreditNet, ModelConfig, arch_shape, architecture, image_shape, signal_shape
 from creditaudit.errors import ConfigError
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, channels: int, size: tuple[int, int], patch: int, d: int):
+    """Non-overlapping patches of an image (two spatial axes) or a sequence (one), each projected to
+    d, behind a cls token, plus learned positions: (B, C, *size) -> (B, 1+P, d)."""
+
+    def __init__(self, channels: int, size: tuple[int, ...], patch: int, d: int):
         super().__init__()
-        h, w = size
-        self.proj = nn.Conv2d(channels, d, kernel_size=patch, stride=patch)
-        n_patches = (h // patch) * (w // patch)
+        conv = nn.Conv2d if len(size) == 2 else nn.Conv1d
+        self.proj = conv(channels, d, kernel_size=patch, stride=patch)
+        n_patches = math.prod(n // patch for n in size)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.pos = nn.Parameter(torch.randn(1, 1 + n_patches, d) * 0.02)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1+P, d)
+    def forward(self, x: Tensor) -> Tensor:
         p = self.proj(x).flatten(2).transpose(1, 2)
         cls = self.cls.expand(p.shape[0], -1, -1)
         return torch.cat([cls, p], dim=1) + self.pos
@@ -76,17 +86,34 @@ class ClsNorm(nn.Module):
         return self.ln(h[:, 0])
 
 
+_SMALL = {"d": 16, "L": 2, "heads": 2, "patch": 4}
+
+
 @architecture("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls",
-              d=128, L=4, out_ln=True, residual=True, reads=("heads", "patch"),
-              small={"d": 16, "L": 2, "heads": 2, "patch": 4})
+              d=128, L=4, out_ln=True, residual=True, reads=("heads", "patch"), small=_SMALL)
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
-    shape = arch_shape("vit_mini", cfg)
+    return _build("vit_mini", cfg, c, (h, w), None, num_classes)
+
+
+@architecture("vit_mini1d", "vit_mini on 1-D signals: tokens are patches of the sequence (patch samples each), cls token, terminal LN",
+              d=128, L=4, out_ln=True, residual=True, reads=("heads", "patch"), small=_SMALL)
+def vit_mini1d(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
+    c, t = signal_shape("vit_mini1d", input_shape)
+    return _build("vit_mini1d", cfg, c, (t,), AsSignal(c, t), num_classes)
+
+
+def _build(arch: str, cfg: ModelConfig, c: int, size: tuple[int, ...], reader: nn.Module | None, num_classes: int) -> CreditNet:
+    """The transformer on inputs of ``c`` channels and spatial ``size`` (one or two axes); ``reader``,
+    if any, brings the dataset's inputs into the (B, c, *size) layout first."""
+    shape = arch_shape(arch, cfg)
     d, L = shape.d, shape.L
-    if h % cfg.patch or w % cfg.patch:
-        raise ConfigError(f"vit_mini: patch={cfg.patch} must divide the image size {h}x{w}")
+    if any(n % cfg.patch for n in size):
+        raise ConfigError(f"{arch}: patch={cfg.patch} must divide the input size {'x'.join(map(str, size))}")
     if d % cfg.heads:
-        raise ConfigError(f"vit_mini: heads={cfg.heads} must divide d={d}")
-    embed = PatchEmbed(c, (h, w), cfg.patch, d)
+        raise ConfigError(f"{arch}: heads={cfg.heads} must divide d={d}")
+    embed = PatchEmbed(c, size, cfg.patch, d)
+    if reader is not None:
+        embed = nn.Sequential(reader, embed)
     blocks = [Block(TransformerBranch(d, cfg.heads), residual=shape.residual) for _ in range(L)]
     return CreditNet(embed, blocks, ClsNorm(d, shape.out_ln), nn.Linear(d, num_classes))

@@ -190,12 +190,12 @@ def planned_runs(cfgs: list) -> list[RunRecord]:
     return out
 
 
-def plan_markdown(cfgs: list, *, title: str, left_out: list[str] = ()) -> str:
+def plan_markdown(cfgs: list, *, title: str, notes: list[str] = ()) -> str:
     """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the
-    study. ``left_out``: the runs the profile leaves out, one line each (listed, with why)."""
-    skipped = ["**Left out by the profile:**", "", *(f"- {line}" for line in left_out), ""] if left_out else []
+    study. ``notes``: what the profile trains otherwise than the study, one line each, with why."""
+    said = ["**Read otherwise by the profile:**", "", *(f"- {line}" for line in notes), ""] if notes else []
     return "\n".join([f"# Training Inventory (plan): {title}", "", "Counts of the runs a sweep would train; nothing was trained.", "",
-                      *skipped, *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
+                      *said, *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
 
 
 def _beyond_study(setting: str) -> bool:

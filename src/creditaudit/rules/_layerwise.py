@@ -1,11 +1,11 @@
 """Pieces shared by the layerwise feedback rules (``fa_layerwise``, ``usf``, ``frsf``, ``brsf``, ``kp``):
 a matrix B (W's shape) in place of every weight transpose inside the blocks and of the head's.
 
-* :class:`FALinearFn`, :class:`FAConv2dFn`, :func:`fa_forward`: an ``nn.Linear`` / ``nn.Conv2d``
-  forward whose backward sends ``Bᵀ dL/dy`` (conv: the input gradient of the same convolution with B
+* :class:`FALinearFn`, :class:`FAConvFn`, :func:`fa_forward`: an ``nn.Linear`` / ``nn.Conv1d`` /
+  ``nn.Conv2d`` forward whose backward sends ``Bᵀ dL/dy`` (conv: the input gradient of the same convolution with B
   as its weight) to the input, while dL/dW and dL/db stay exact;
-* :func:`feedback_layers`: the layers that get a B — the blocks' ``nn.Linear``/``nn.Conv2d`` and the
-  head — and a one-line refusal of any other weight-matrix layer inside a block (it would be
+* :func:`feedback_layers`: the layers that get a B — the blocks' ``nn.Linear``/``nn.Conv{1,2}d`` and
+  the head — and a one-line refusal of any other weight-matrix layer inside a block (it would be
   backpropagated exactly, silently);
 * :class:`LayerwiseFeedbackRule`: the rule skeleton. A subclass says which B a layer uses *now*
   (:meth:`~LayerwiseFeedbackRule.feedback_for`); the skeleton patches the blocks' layers during the
@@ -57,8 +57,14 @@ class FALinearFn(torch.autograd.Function):
         return dx, dw, db, None
 
 
-class FAConv2dFn(torch.autograd.Function):
-    """y = conv2d(x, W, b); backward: dx = conv2d's input gradient with B in place of W, dW and db exact."""
+_CONV = {1: (F.conv1d, torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+         2: (F.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)}
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
+
+
+class FAConvFn(torch.autograd.Function):
+    """y = conv(x, W, b) over one or two spatial axes; backward: dx = the convolution's input gradient
+    with B in place of W, dW and db exact."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
@@ -66,31 +72,32 @@ class FAConv2dFn(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups)
         ctx.weight_shape = weight.shape
         ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _CONV[weight.dim() - 2][0](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, B = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
+        _, conv_input, conv_weight = _CONV[len(ctx.weight_shape) - 2]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.nn.grad.conv2d_input(x.shape, B.to(dy.dtype), dy, stride, padding, dilation, groups)
+            dx = conv_input(x.shape, B.to(dy.dtype), dy, stride, padding, dilation, groups)
         if ctx.needs_input_grad[1]:
-            dw = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, dy, stride, padding, dilation, groups)
+            dw = conv_weight(x, ctx.weight_shape, dy, stride, padding, dilation, groups)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
+            db = dy.sum((0, *range(2, dy.dim())))
         return dx, dw, db, None, None, None, None, None
 
 
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+def _conv_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     """The (symmetric) zero padding of ``m`` as numbers (``padding='same'``/``'valid'`` resolved)."""
     if m.padding == "valid":
-        return (0, 0)
+        return (0,) * len(m.kernel_size)
     if m.padding == "same":
         total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
         if any(t % 2 for t in total):
             raise NotImplementedError(f"layerwise feedback: padding='same' with an even kernel ({m}) is asymmetric; use explicit padding")
-        return (total[0] // 2, total[1] // 2)
+        return tuple(t // 2 for t in total)
     return m.padding  # type: ignore[return-value]
 
 
@@ -102,28 +109,28 @@ def fa_forward(m: nn.Module, x: Tensor, B: Tensor, detach_weights: bool) -> Tens
         w, b = w.detach(), (b.detach() if b is not None else None)
     if isinstance(m, nn.Linear):
         return FALinearFn.apply(x, w, b, B)
-    assert isinstance(m, nn.Conv2d)
+    assert isinstance(m, CONV_LAYERS)
     padding = _conv_padding(m)
-    if m.padding_mode != "zeros":  # pad outside the Function, exactly as nn.Conv2d does
+    if m.padding_mode != "zeros":  # pad outside the Function, exactly as the layer does
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-        padding = (0, 0)
-    return FAConv2dFn.apply(x, w, b, B, m.stride, padding, m.dilation, m.groups)
+        padding = (0,) * len(m.kernel_size)
+    return FAConvFn.apply(x, w, b, B, m.stride, padding, m.dilation, m.groups)
 
 
 def feedback_layers(model: CreditNet, rule: str = "fa_layerwise") -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer whose transpose gets a feedback matrix: the ``nn.Linear`` and
-    ``nn.Conv2d`` layers of the blocks, and the head, in module order. Refuses other weight-matrix
-    layers in blocks (``rule`` names the rule in the message)."""
+    ``nn.Conv1d``/``nn.Conv2d`` layers of the blocks, and the head, in module order. Refuses other
+    weight-matrix layers in blocks (``rule`` names the rule in the message)."""
     out = []
     for name, m in model.named_modules():
         in_blocks = name.startswith("blocks.")
-        if name == "head" or (in_blocks and isinstance(m, (nn.Linear, nn.Conv2d))):
-            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if name == "head" or (in_blocks and isinstance(m, (nn.Linear, *CONV_LAYERS))):
+            if not isinstance(m, (nn.Linear, *CONV_LAYERS)):
                 raise NotImplementedError(f"{rule}: the head is a {type(m).__name__}, not nn.Linear")
             out.append((name, m))
         elif in_blocks and any(p.dim() >= 2 for p in m.parameters(recurse=False)):
             raise NotImplementedError(
-                f"{rule} replaces the weight transposes of nn.Linear and nn.Conv2d only; {name} is a "
+                f"{rule} replaces the weight transposes of nn.Linear, nn.Conv1d and nn.Conv2d only; {name} is a "
                 f"{type(m).__name__} whose matrices would be backpropagated exactly"
             )
     return out

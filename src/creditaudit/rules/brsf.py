@@ -2,7 +2,7 @@
 et al. 2018): in place of every weight transpose inside the blocks and of the head's, a random
 magnitude, redrawn after every update of the weights, times the sign of the current weights.
 
-Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read as a linear map):
+Backward of each patched layer y = W x + b (``nn.Linear``, or a convolution read as a linear map):
          dL/dx = Bᵀ dL/dy,   B_t = |R_t| ∘ sign(W_t)    W_t the current weights, R_t this step's draw
          dL/dW, dL/db        exact (the layer's own local gradients)
 Credit:  a_l = "d(Σ_i CE_i)/d h_l" under this backward (per sample, not divided by B): a forward

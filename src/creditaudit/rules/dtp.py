@@ -23,8 +23,9 @@ Inverses: one g_l per block, h_l's shape -> h_{l−1}'s, g_l(h) = s·h + Out(tan
             tokens (T, d)    In, Out Linear on each token, and a learned T×T token mixing between
                              them (starting at I) so that credit can leave the cls token
             maps (c, H, W)   In a 1×1 conv, Out a transposed conv with stride = the upsampling factor
-                             (smallcnn's conv+pool stages; sizes that pooling floored are restored
-                             by output padding)
+            or (c, T)        (smallcnn's and smallcnn1d's conv+pool stages; sizes that pooling
+                             floored are restored by output padding); a (T, d) state of the same
+                             shape as the one below it is read as tokens
           a one-hidden-layer, tanh mirror of each block (Lee et al.'s g = tanh(V h + c), with a
           linear read-out because the states here are not tanh-bounded). Other shape changes are
           refused when the rule is set up, naming the shapes.
@@ -86,10 +87,11 @@ class Inverse(nn.Module):
             T, d = shape
             self.inp, self.out = nn.Linear(d, d), nn.Linear(d, d)
             self.mix = nn.Parameter(torch.eye(T))
-        elif len(shape) == 3 and len(target) == 3 and _upsampling(shape, target) is not None:  # maps
+        elif len(shape) in (2, 3) and len(target) == len(shape) and _upsampling(shape, target) is not None:  # maps (C, T) or (C, H, W)
             stride, pad = _upsampling(shape, target)
-            self.inp = nn.Conv2d(shape[0], shape[0], 1)
-            self.out = nn.ConvTranspose2d(shape[0], target[0], stride, stride=stride, output_padding=pad)
+            conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if len(shape) == 2 else (nn.Conv2d, nn.ConvTranspose2d)
+            self.inp = conv(shape[0], shape[0], 1)
+            self.out = transposed(shape[0], target[0], stride, stride=stride, output_padding=pad)
         else:
             raise ConfigError(f"dtp: no inverse for a block from states of shape {tuple(target)} to {tuple(shape)} "
                               "(dtp inverts vectors, token grids of one shape, and feature maps upsampled by an integer factor)")
@@ -113,12 +115,13 @@ class Inverse(nn.Module):
         return delta + d if self.skip else d
 
 
-def _upsampling(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, tuple[int, int]] | None:
-    """(stride, output padding) of a transposed conv from (c, H, W) to (c', H', W'), or None."""
+def _upsampling(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
+    """(stride, output padding) of a transposed conv from (c, *size) to (c', *size'), every spatial
+    axis upsampled by the same integer stride, or None."""
     stride = target[1] // shape[1]
-    if stride < 1 or target[2] // shape[2] != stride:
+    if stride < 1 or any(t // n != stride for n, t in zip(shape[1:], target[1:])):
         return None
-    pad = (target[1] - stride * shape[1], target[2] - stride * shape[2])
+    pad = tuple(t - stride * n for n, t in zip(shape[1:], target[1:]))
     return (stride, pad) if all(0 <= p < stride for p in pad) else None
 
 

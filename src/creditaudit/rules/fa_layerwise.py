@@ -3,7 +3,7 @@ of every weight transpose inside the blocks and of the head's transpose; everyth
 identity path of residual blocks, norms, activations, BatchNorm, attention's softmax) is
 backpropagated exactly.
 
-Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read as a linear map):
+Backward of each patched layer y = W x + b (``nn.Linear``, or a convolution read as a linear map):
          dL/dx = Bᵀ dL/dy     B fixed random, W's shape, in place of W
          dL/dW, dL/db         exact (the layer's own local gradients)
 Credit:  a_l = "d(Σ_i CE_i)/d h_l" under this backward (per sample, not divided by B): a forward
@@ -15,7 +15,7 @@ Update:  the shared local update (docs/science.md §1), with the blocks' layers 
          The head is patched in the credit pass only (B_H carries e_T into h_L), not in the local
          pass, so terminal norm and head keep their exact CE gradient as docs/science.md §1 requires
          (patching it there would send B_H's signal into the terminal norm's parameters).
-Matrices: one B per ``nn.Linear``/``nn.Conv2d`` of the blocks and the head, drawn in ``setup`` from
+Matrices: one B per ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` of the blocks and the head, drawn in ``setup`` from
          torch's global CPU RNG (seeded from the run seed right before the model) in the model's
          module order. ``init=uniform, scale=1``: U(±scale/√fan_in), fan_in = W[0].numel() — the
          distribution of PyTorch's default init of the layer it shadows; ``init=normal``: the same

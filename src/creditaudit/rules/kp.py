@@ -2,7 +2,7 @@
 place of every weight transpose inside the blocks and of the head's, which receive their layer's
 weight update and the same weight decay, so that B → W over training.
 
-Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read as a linear map):
+Backward of each patched layer y = W x + b (``nn.Linear``, or a convolution read as a linear map):
          dL/dx = Bᵀ dL/dy     B learned, W's shape, in place of W
          dL/dW, dL/db         exact (the layer's own local gradients)
 Credit:  a_l = "d(Σ_i CE_i)/d h_l" under this backward (per sample, not divided by B): a forward

@@ -2,7 +2,7 @@
 al. 2018): in place of every weight transpose inside the blocks and of the head's, the sign of the
 current weights times one number per layer.
 
-Backward of each patched layer y = W x + b (``nn.Linear``, or ``nn.Conv2d`` read as a linear map):
+Backward of each patched layer y = W x + b (``nn.Linear``, or a convolution read as a linear map):
          dL/dx = Bᵀ dL/dy,   B = s · sign(W)    W the layer's *current* weights
          dL/dW, dL/db        exact (the layer's own local gradients)
          s = scale · std(W_init), the std of the layer's initial weights (read once in ``setup``:
