@@ -9,9 +9,10 @@ products and convolutions, which sum in another order: after one step the parame
 rounding (checked to 1e-3 of each tensor's scale). Training then carries the difference along like any
 perturbation of that size: after two or three epochs the figures agree to 1e-5–1e-3 relative (the
 most on EP over SmallCNN's BatchNorm, measured), checked to 2e-3. Figures that are differences of
-nearly equal numbers amplify it further: the finite-difference diagnostics (ρ, nudging) and EP's
-relaxation residual (``rule/relax_ratio``, the norm of a gradient near its zero), checked to 5% or
-5e-5. Accuracies agree to two examples.
+nearly equal numbers amplify it further: the finite-difference diagnostics (ρ, nudging), the
+gradient stability of (c) (cosines of batch means of per-sample gradients; 0.7% apart after two
+epochs of EP over smallcnn1d) and EP's relaxation residual (``rule/relax_ratio``, the norm of a gradient near its zero), checked to 5% or
+1e-4 (measured: 5.3e-5 apart on a ρ of 6e-4, DRTP over smallcnn1d). Accuracies agree to two examples.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from tests.conftest import run_metrics, small_overrides, tiny_config
 
 STACKABLE = [n for n in RULES.names() if RULES.get(n).stack_refusal is None]
 REFUSED = [n for n in RULES.names() if RULES.get(n).stack_refusal is not None]
-AMPLIFIED = ("credit/rho", "credit/nudge", "rule/relax_ratio")  # differences of nearly equal numbers
+# differences of nearly equal numbers: finite differences, a residual near zero, cosines of batch means
+# of per-sample gradients that mostly cancel
+AMPLIFIED = ("credit/rho", "credit/nudge", "rule/relax_ratio", "diag/grad_stab")
 
 
 def _cfg(root, rule: str, arch: str, seed: int, *extra: str):
@@ -55,7 +58,7 @@ def assert_same_metrics(alone, stacked) -> None:
             elif k.endswith("/acc"):
                 assert abs(va - vb) <= examples + 1e-12, (ra["epoch"], k, va, vb)
             elif k.startswith(AMPLIFIED):
-                assert vb == pytest.approx(va, rel=0.05, abs=5e-5), (ra["epoch"], k, va, vb)
+                assert vb == pytest.approx(va, rel=0.05, abs=1e-4), (ra["epoch"], k, va, vb)
             else:
                 assert vb == pytest.approx(va, rel=2e-3, abs=1e-6), (ra["epoch"], k, va, vb)
 
@@ -262,8 +265,8 @@ def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
             vb = together[k]
             if not math.isfinite(va):
                 assert not math.isfinite(vb), (k, va, vb)
-            elif k.startswith(AMPLIFIED) or k == "diag/grad_stab":
-                assert vb == pytest.approx(va, rel=0.05, abs=5e-5), (k, va, vb)
+            elif k.startswith(AMPLIFIED):
+                assert vb == pytest.approx(va, rel=0.05, abs=1e-4), (k, va, vb)
             else:
                 assert vb == pytest.approx(va, rel=2e-3, abs=1e-6), (k, va, vb)
 
