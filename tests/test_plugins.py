@@ -151,3 +151,41 @@ def test_an_architecture_is_one_file(tmp_path):
         stored = json.loads((run_path(cfg) / "config.json").read_text())
         assert stored["plugins"] == [str(path)] and stored["model"]["out_ln"] is True
     assert arch_shape("toy_res", ModelConfig()) == arch_shape("toy_res", ModelConfig(d=12, L=2, out_ln=True, residual=True))
+
+
+def test_the_registry_gives_a_rule_its_name_once():
+    """A rule's name is written once, in its registration: the class gets it (``Rule.name``), a class
+    registered under two names, or a non-rule, is refused."""
+    from creditaudit.rules.base import Rule, RuleRegistry
+
+    registry = RuleRegistry("rule")
+
+    @registry.register("mine", "a test rule")
+    class Mine(Rule):
+        pass
+
+    assert Mine.name == "mine" and Rule.name == ""
+    with pytest.raises(ValueError, match="one class, one name"):
+        registry.add("other", Mine)
+    with pytest.raises(TypeError, match="subclass of creditaudit.rules.Rule"):
+        registry.add("fn", lambda: None)
+    assert all(RULES.get(n).name == n for n in RULES.names())
+
+
+def test_an_options_class_names_its_option_and_the_registry_names_the_rule():
+    from dataclasses import dataclass, field
+
+    from creditaudit.rules.base import rule_options
+    from creditaudit.rules.options import OptionError, check_positive
+
+    @dataclass
+    class Opts:
+        scale: float = field(default=1.0, metadata={"help": "a scale"})
+
+        def __post_init__(self) -> None:
+            check_positive("scale", self.scale)
+
+    with pytest.raises(OptionError, match=r"^scale=-1: expected a finite number > 0$"):
+        Opts(scale=-1)
+    with pytest.raises(ConfigError, match=r"^ep\.beta=0\.0: expected a finite number > 0$"):
+        rule_options("ep_frozen", {"beta": "0"})

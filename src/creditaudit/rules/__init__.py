@@ -6,7 +6,7 @@ import pkgutil
 from creditaudit.rules.base import RULES, VARIANTS, NoOptions, Rule, RuleContext, build_rule, parse_rule_name, rule_options
 
 for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_") and _module.name not in ("base", "plugins"):
+    if not _module.name.startswith("_") and _module.name not in ("base", "options", "plugins"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from creditaudit.rules.plugins import load_entry_point_rules, load_rule_file  # noqa: E402

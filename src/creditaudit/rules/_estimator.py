@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules._options import check_at_least, check_choice, check_positive
+from creditaudit.rules.options import check_at_least, check_choice, check_positive
 from creditaudit.rules.base import Rule, RuleContext
 
 CODES = ("error", "label")
@@ -45,19 +45,18 @@ CODES = ("error", "label")
 
 @dataclass
 class EstimatorOptions:
-    """Options every learned estimator has (``rule``: the registry name, for messages)."""
+    """Options every learned estimator has."""
 
-    rule: ClassVar[str] = "estimator"
     est_lr: float = field(default=1e-3, metadata={"help": "learning rate of the estimator's own AdamW (weight decay 0.01, constant schedule)"})
     width: int = field(default=128, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width"})
     depth: int = field(default=1, metadata={"help": "hidden Linear(width, width) layers of the shared trunk (GELU between)"})
     code: str = field(default="error", metadata={"help": "terminal conditioning code s: error (e_T = softmax(o) - onehot(y)) | label (onehot(y))"})
 
     def __post_init__(self) -> None:
-        check_choice(self.rule, "code", self.code, CODES)
-        check_positive(self.rule, "est_lr", self.est_lr)
-        check_at_least(self.rule, "width", self.width, 1)
-        check_at_least(self.rule, "depth", self.depth, 0)
+        check_choice("code", self.code, CODES)
+        check_positive("est_lr", self.est_lr)
+        check_at_least("width", self.width, 1)
+        check_at_least("depth", self.depth, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +176,6 @@ class EstimatorRule(Rule):
     """
 
     Options = EstimatorOptions
-    name: ClassVar[str] = "estimator"  # the registry name, for messages
     stack_refusal = "trains an estimator of its own, with its own optimizer, in every step"
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:

@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from creditaudit.models.base import preserved_buffers  # noqa: F401  (re-exported for the rules)
-from creditaudit.rules._options import check_choice, check_positive  # noqa: F401  (the rules' option checks)
 
 INITS = ("normal", "uniform")
 

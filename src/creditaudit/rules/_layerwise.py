@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import INITS, check_choice, check_positive, preserved_buffers, random_matrix
+from creditaudit.rules._feedback import INITS, preserved_buffers, random_matrix
+from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules.base import Rule, RuleContext
 
 
@@ -151,7 +152,6 @@ class LayerwiseFeedbackRule(Rule):
     Subclasses implement :meth:`setup` (their per-layer state), :meth:`feedback_for` and the
     checkpoint methods; ``name`` is the registered name, used in error messages."""
 
-    name: ClassVar[str] = "layerwise"
     stack_refusal = "patches the model's layers with custom autograd functions, which have no run-axis (vmap) rule yet"
 
     def __init__(self, options: Any = None):
@@ -269,15 +269,14 @@ class SignConcordantRule(LayerwiseFeedbackRule):
 @dataclass
 class RandomMagnitudeOptions:
     """Distribution of the random magnitudes |R| in B = |R| ∘ sign(W) (``frsf``: R drawn once;
-    ``brsf``: redrawn after every update). Subclasses name their rule in ``rule``."""
+    ``brsf``: redrawn after every update)."""
 
-    rule: ClassVar[str] = ""
     init: str = field(default="normal", metadata={"help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"})
     scale: float = field(default=1.0, metadata={"help": "R has std scale·s (1: |B| has the spread of the layer's init)"})
 
     def __post_init__(self) -> None:
-        check_choice(self.rule, "init", self.init, INITS)
-        check_positive(self.rule, "scale", self.scale)
+        check_choice("init", self.init, INITS)
+        check_positive("scale", self.scale)
 
 
 class RandomMagnitudeRule(SignConcordantRule):

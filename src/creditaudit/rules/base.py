@@ -32,6 +32,7 @@ from torch import Tensor
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.registry import Registry, UnknownNameError
+from creditaudit.rules.options import OptionError
 from creditaudit.typedconfig import parse_value
 
 VARIANTS = ("frozen", "shallow")
@@ -63,6 +64,8 @@ class Rule:
     resolved, in the run's config under ``rule_opts``.
     """
 
+    #: the registry name, set by ``@RULES.register(name, ...)`` (never written by the rule itself)
+    name: ClassVar[str] = ""
     #: trained end to end by autograd on CE (BP); otherwise through the local update
     end_to_end: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
@@ -123,7 +126,20 @@ class Rule:
             raise ValueError(f"{type(self).__name__} has no state but a checkpoint holds {sorted(state)}")
 
 
-RULES: Registry[type[Rule]] = Registry("rule")
+class RuleRegistry(Registry[type[Rule]]):
+    """The rule registry: registering a class under a name also gives the class that name
+    (``Rule.name``, for its messages), so a rule's name is written once, in its registration."""
+
+    def add(self, name: str, obj: type[Rule], summary: str = "") -> None:
+        if not (isinstance(obj, type) and issubclass(obj, Rule)):
+            raise TypeError(f"rule {name!r}: register a subclass of creditaudit.rules.Rule, not {obj!r}")
+        if "name" in vars(obj) and obj.name not in ("", name):
+            raise ValueError(f"rule class {obj.__name__} is registered as {obj.name!r} and as {name!r}: one class, one name")
+        super().add(name, obj, summary)
+        obj.name = name
+
+
+RULES = RuleRegistry("rule")
 
 
 def parse_rule_name(name: str) -> tuple[str, str | None]:
@@ -156,7 +172,10 @@ def rule_options(name: str, given: dict[str, Any] | None = None) -> Any:
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OptionError as e:  # the Options class names the option; the rule's name is added here
+        raise e.for_rule(base) from None
 
 
 def build_rule(name: str, options: dict[str, Any] | None = None) -> tuple[Rule, str | None]:

@@ -45,13 +45,10 @@ class BRSFOptions(RandomMagnitudeOptions):
     """Distribution of brSF's per-step magnitudes |R_t| in B_t = |R_t| ∘ sign(W_t) (R_t redrawn
     after every update, from the same distribution)."""
 
-    rule = "brsf"
-
 
 @RULES.register("brsf", "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every weight transpose, R_t redrawn each step")
 class BRSF(RandomMagnitudeRule):
     Options = BRSFOptions
-    name = "brsf"
     stack_refusal = "redraws its feedback magnitudes in every step from its own generator, and patches the model's layers"
 
     def __init__(self, options: BRSFOptions | None = None):

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +50,7 @@ from creditaudit.models.base import CreditNet, Forward
 from creditaudit.errors import ConfigError
 from creditaudit.rules import _estimator as E
 from creditaudit.rules._feedback import random_matrix
-from creditaudit.rules._options import check_at_least, check_choice, check_fraction, check_nonnegative, check_positive
+from creditaudit.rules.options import check_at_least, check_choice, check_fraction, check_nonnegative, check_positive
 from creditaudit.rules.base import RULES
 
 NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})·ξ
@@ -70,17 +69,16 @@ class CBOptions(E.EstimatorOptions):
     terminal_w: float = field(default=1.0, metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"})
     dfa_warmup: bool = field(default=False, metadata={"help": "use DFA credits a_l = B_lᵀ e_T (fixed random B_l) during the first warmup_frac of training"})
     warmup_frac: float = field(default=0.2, metadata={"help": "fraction of all training steps covered by the DFA warm-up (with dfa_warmup=true)"})
-    rule: ClassVar[str] = "cb"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_at_least("cb", "K", self.K, 1)
-        check_nonnegative("cb", "sigma", self.sigma)
-        check_choice("cb", "noise", self.noise, NOISE)
-        check_positive("cb", "temp", self.temp)
-        check_fraction("cb", "ema", self.ema)
-        check_nonnegative("cb", "terminal_w", self.terminal_w)
-        check_fraction("cb", "warmup_frac", self.warmup_frac)
+        check_at_least("K", self.K, 1)
+        check_nonnegative("sigma", self.sigma)
+        check_choice("noise", self.noise, NOISE)
+        check_positive("temp", self.temp)
+        check_fraction("ema", self.ema)
+        check_nonnegative("terminal_w", self.terminal_w)
+        check_fraction("warmup_frac", self.warmup_frac)
         if not self.dfa_warmup and self.warmup_frac != 0.2:
             raise ConfigError(f"cb.warmup_frac={self.warmup_frac} has no effect without cb.dfa_warmup=true; set both, or drop it")
 
@@ -88,7 +86,6 @@ class CBOptions(E.EstimatorOptions):
 @RULES.register("cb", "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching")
 class CreditBridge(E.EstimatorRule):
     Options = CBOptions
-    name = "cb"
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import INITS, check_choice, check_positive, feedback_generator, output_error, random_matrix
+from creditaudit.rules._feedback import INITS, feedback_generator, output_error, random_matrix
+from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules.base import RULES, Rule, RuleContext
 
 
@@ -35,8 +36,8 @@ class DFAOptions:
     scale: float = field(default=1.0, metadata={"help": "entries of B_l have variance scale²/C (default: N(0, 1/C))"})
 
     def __post_init__(self) -> None:
-        check_choice("dfa", "init", self.init, INITS)
-        check_positive("dfa", "scale", self.scale)
+        check_choice("init", self.init, INITS)
+        check_positive("scale", self.scale)
 
 
 class DirectProjectionRule(Rule):
@@ -90,7 +91,6 @@ class DirectProjectionRule(Rule):
 @RULES.register("dfa", "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L")
 class DFA(DirectProjectionRule):
     Options = DFAOptions
-    name = "dfa"
 
     def fan(self, n_l: int, C: int) -> int:
         return C  # variance scale²/C

@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from creditaudit.models.base import Forward
-from creditaudit.rules._feedback import INITS, check_choice, check_positive
+from creditaudit.rules._feedback import INITS
+from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules.base import RULES
 from creditaudit.rules.dfa import DirectProjectionRule
 
@@ -47,14 +48,13 @@ class DRTPOptions:
     scale: float = field(default=math.sqrt(2.0), metadata={"help": "entries of B_l have variance scale²/n_l, n_l = size of h_l (default √2: He-uniform U(±√(6/n_l)), as the paper)"})
 
     def __post_init__(self) -> None:
-        check_choice("drtp", "init", self.init, INITS)
-        check_positive("drtp", "scale", self.scale)
+        check_choice("init", self.init, INITS)
+        check_positive("scale", self.scale)
 
 
 @RULES.register("drtp", "direct random target projection: a_l = B_l(−onehot y) with fixed random B_l; no error, no backward pass")
 class DRTP(DirectProjectionRule):
     Options = DRTPOptions
-    name = "drtp"
 
     def fan(self, n_l: int, C: int) -> int:
         return n_l  # variance scale²/n_l: He-uniform for scale √2

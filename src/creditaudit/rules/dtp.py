@@ -56,7 +56,8 @@ from torch.nn import functional as F
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
 from creditaudit.rules._estimator import terminal_loss_and_grad
-from creditaudit.rules._feedback import check_positive, feedback_generator
+from creditaudit.rules._feedback import feedback_generator
+from creditaudit.rules.options import check_positive
 from creditaudit.rules.base import RULES, Rule, RuleContext
 
 
@@ -70,7 +71,7 @@ class DTPOptions:
 
     def __post_init__(self) -> None:
         for name in ("target_step", "sigma", "fb_lr"):
-            check_positive("dtp", name, getattr(self, name))
+            check_positive(name, getattr(self, name))
 
 
 class Inverse(nn.Module):

@@ -68,7 +68,7 @@ from torch.nn import functional as F
 
 from creditaudit import autodiff
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
-from creditaudit.rules._options import check, check_choice, check_positive
+from creditaudit.rules.options import check, check_choice, check_positive
 from creditaudit.rules.base import RULES, Rule
 
 CREDITS = ("displacement", "error")
@@ -85,10 +85,10 @@ class EPOptions:
     credit: str = field(default="displacement", metadata={"help": "displacement: a_l = −(s_l^β − s_l^0)/β | error: a_l = −ε_l(s^β)/β (→ g_l exactly as β → 0)"})
 
     def __post_init__(self) -> None:
-        check_positive("ep", "beta", self.beta)
-        check("ep", "T", self.T, isinstance(self.T, int) and not isinstance(self.T, bool) and self.T >= 1, "an integer >= 1")
-        check_positive("ep", "alpha", self.alpha)
-        check_choice("ep", "credit", self.credit, CREDITS)
+        check_positive("beta", self.beta)
+        check("T", self.T, isinstance(self.T, int) and not isinstance(self.T, bool) and self.T >= 1, "an integer >= 1")
+        check_positive("alpha", self.alpha)
+        check_choice("credit", self.credit, CREDITS)
 
 
 @dataclass

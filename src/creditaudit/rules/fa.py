@@ -41,9 +41,9 @@ from torch import Tensor
 from creditaudit import autodiff
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import (INITS, check_choice, check_positive, output_error,
-                                         feedback_generator, preserved_buffers, random_matrix)
+from creditaudit.rules._feedback import INITS, feedback_generator, output_error, preserved_buffers, random_matrix
 from creditaudit.rules.base import RULES, Rule, RuleContext
+from creditaudit.rules.options import check_choice, check_positive
 
 STRUCTURES = ("auto", "dense", "kron")
 
@@ -58,9 +58,9 @@ class FAOptions:
     structure: str = field(default="auto", metadata={"help": "block maps B_l: dense (one matrix on flattened states) | kron (one matrix per axis, e.g. T×T tokens ⊗ d×d) | auto (dense when shapes differ, kron when equal)"})
 
     def __post_init__(self) -> None:
-        check_choice("fa", "init", self.init, INITS)
-        check_positive("fa", "scale", self.scale)
-        check_choice("fa", "structure", self.structure, STRUCTURES)
+        check_choice("init", self.init, INITS)
+        check_positive("scale", self.scale)
+        check_choice("structure", self.structure, STRUCTURES)
 
 
 def apply_map(factors: list[Tensor], a: Tensor, out_shape: tuple[int, ...]) -> Tensor:

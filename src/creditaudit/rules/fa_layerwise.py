@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules._feedback import check_choice, check_positive
+from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules._layerwise import (FEEDBACK_INITS, LayerwiseFeedbackRule, fa_forward, feedback_layers,  # noqa: F401  (re-exported)
                                           initial_feedback)
 from creditaudit.rules.base import RULES, RuleContext
@@ -49,8 +49,8 @@ class FALayerwiseOptions:
     scale: float = field(default=1.0, metadata={"help": "multiplies the bound/std of B (uniform, normal); 1 = the spread of PyTorch's default init of the layer"})
 
     def __post_init__(self) -> None:
-        check_choice("fa_layerwise", "init", self.init, FEEDBACK_INITS)
-        check_positive("fa_layerwise", "scale", self.scale)
+        check_choice("init", self.init, FEEDBACK_INITS)
+        check_positive("scale", self.scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +59,6 @@ class FALayerwiseOptions:
 @RULES.register("fa_layerwise", "textbook feedback alignment: fixed random B in place of every weight transpose (blocks, head)")
 class FALayerwise(LayerwiseFeedbackRule):
     Options = FALayerwiseOptions
-    name = "fa_layerwise"
 
     def __init__(self, options: FALayerwiseOptions | None = None):
         super().__init__(options)

@@ -36,13 +36,10 @@ from creditaudit.rules.base import RULES, RuleContext
 class FRSFOptions(RandomMagnitudeOptions):
     """Distribution of frSF's fixed magnitudes |R| in B = |R| ∘ sign(W)."""
 
-    rule = "frsf"
-
 
 @RULES.register("frsf", "fixed random-magnitude sign-concordant feedback: |R|∘sign(W) in place of every weight transpose, R drawn once")
 class FRSF(RandomMagnitudeRule):
     Options = FRSFOptions
-    name = "frsf"
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         super().setup(model, ctx)

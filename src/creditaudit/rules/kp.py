@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import check_choice, check_positive, feedback_generator
+from creditaudit.rules._feedback import feedback_generator
+from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules._layerwise import FEEDBACK_INITS, LayerwiseFeedbackRule, alignment, initial_feedback
 from creditaudit.rules.base import RULES, RuleContext
 
@@ -57,8 +58,8 @@ class KPOptions:
     scale: float = field(default=1.0, metadata={"help": "multiplies the bound/std of B_0 (uniform, normal); 1 = the spread of PyTorch's default init of the layer"})
 
     def __post_init__(self) -> None:
-        check_choice("kp", "init", self.init, FEEDBACK_INITS)
-        check_positive("kp", "scale", self.scale)
+        check_choice("init", self.init, FEEDBACK_INITS)
+        check_positive("scale", self.scale)
 
 
 def decay_factor(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
@@ -90,7 +91,6 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
 @RULES.register("kp", "Kolen-Pollack: learned B in place of every weight transpose, given W's update and decay (B -> W)")
 class KP(LayerwiseFeedbackRule):
     Options = KPOptions
-    name = "kp"
     stack_refusal = "its feedback matrices change in every step (optimizer hooks), and it patches the model's layers"
 
     def __init__(self, options: KPOptions | None = None):

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
-from creditaudit.rules._feedback import check_positive, feedback_generator, output_error, random_matrix
+from creditaudit.rules._feedback import feedback_generator, output_error, random_matrix
+from creditaudit.rules.options import check_positive
 from creditaudit.rules.base import RULES, Rule, RuleContext
 
 
@@ -66,7 +67,7 @@ class PEPITAOptions:
     F_scale: float = field(default=0.05, metadata={"help": "entries of F are U(±F_scale·√(6/n_in)), n_in = input size per sample (paper: 0.05, i.e. 0.05 × He-uniform)"})
 
     def __post_init__(self) -> None:
-        check_positive("pepita", "F_scale", self.F_scale)
+        check_positive("F_scale", self.F_scale)
 
 
 @RULES.register("pepita", "PEPITA: second forward pass on x + F e_T (fixed random F); a_l = h_l − h_l(modulated)")

@@ -21,7 +21,6 @@ Defaults: est_lr 1e-3, width 128, depth 1, code=error (s = e_T = softmax(o) − 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,13 +37,11 @@ class SBOptions(E.EstimatorOptions):
 
     exact_terminal: bool = field(default=False, metadata={"help": "a_L = g_L exactly (through the current head and norm) instead of through the bridge"})
     rms_out: bool = field(default=False, metadata={"help": "multiply the bridge output by rms(h_l), so that ĥ_L follows the scale of the stream (default: G sees LN(h_l) only)"})
-    rule: ClassVar[str] = "sb"
 
 
 @RULES.register("sb", "State Bridge: learned G(h_l, τ(l), e_T) ≈ h_L; a_l = ∇_{h_l} CE(H(N(G)))")
 class StateBridge(E.EstimatorRule):
     Options = SBOptions
-    name = "sb"
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]

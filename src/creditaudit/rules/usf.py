@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules._feedback import check_positive
+from creditaudit.rules.options import check_positive
 from creditaudit.rules._layerwise import SignConcordantRule
 from creditaudit.rules.base import RULES, RuleContext
 
@@ -42,13 +42,12 @@ class USFOptions:
     scale: float = field(default=1.0, metadata={"help": "s = scale · std of the layer's initial weights (1: B has the spread of the layer's init)"})
 
     def __post_init__(self) -> None:
-        check_positive("usf", "scale", self.scale)
+        check_positive("scale", self.scale)
 
 
 @RULES.register("usf", "uniform sign-concordant feedback: s·sign(W) in place of every weight transpose, s = the std of W's init")
 class USF(SignConcordantRule):
     Options = USFOptions
-    name = "usf"
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         super().setup(model, ctx)

@@ -32,7 +32,6 @@ Defaults: est_lr 1e-3, width 128, depth 1, code=error, M 4, eps 1e-2 (relative),
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +39,7 @@ from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules import _estimator as E
-from creditaudit.rules._options import check_at_least, check_positive
+from creditaudit.rules.options import check_at_least, check_positive
 from creditaudit.rules.base import RULES
 
 
@@ -52,19 +51,17 @@ class VecOptions(E.EstimatorOptions):
     eps: float = field(default=1e-2, metadata={"help": "finite-difference step, relative: δ = eps·‖h_l‖ per sample"})
     terminal: bool = field(default=True, metadata={"help": "also match a_L to the true g_L directly (normalised squared error)"})
     fd_layers: int = field(default=1, metadata={"help": "layers probed by finite differences per step, taken round robin over 0..L (0 = all L+1 every step); probing layer l costs 2M forward passes of blocks l+1..L"})
-    rule: ClassVar[str] = "vec"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_at_least("vec", "M", self.M, 1)
-        check_positive("vec", "eps", self.eps)
-        check_at_least("vec", "fd_layers", self.fd_layers, 0, " (0 = all layers)")
+        check_at_least("M", self.M, 1)
+        check_positive("eps", self.eps)
+        check_at_least("fd_layers", self.fd_layers, 0, " (0 = all layers)")
 
 
 @RULES.register("vec", "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 random directions (Vec_M4)")
 class VectorField(E.EstimatorRule):
     Options = VecOptions
-    name = "vec"
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
