@@ -170,7 +170,7 @@ def test_dtp_with_exact_inverses_targets_the_negative_gradient():
             block.branch[0].weight.copy_(q)
             block.branch[0].bias.zero_()
     rule = _rule("dtp", model, (20,))
-    rule.inverses = nn.ModuleList(ExactInverse(b.branch[0]) for b in model.blocks)
+    rule.net = nn.ModuleList(ExactInverse(b.branch[0]) for b in model.blocks)
     x, y = 0.1 * torch.randn(32, 20), torch.randint(0, 5, (32,))
     fwd, credits = _credits(rule, model, x, y)
     _, gs = true_grads(model, x, y)

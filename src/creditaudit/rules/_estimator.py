@@ -173,6 +173,7 @@ class EstimatorRule(Rule):
     the first batch (:meth:`ready`), with the same result. The rule's own random stream
     (``self.gen``, on ``ctx.device``; noise and random directions) comes from the same seed.
     ``state_dict`` holds the shapes, the estimator, its optimizer, the generator and a step count.
+    ``dtp``'s inverse maps live in this skeleton too (with an optimizer of their own, :meth:`optimizer`).
     """
 
     Options = EstimatorOptions
@@ -210,8 +211,13 @@ class EstimatorRule(Rule):
             torch.manual_seed(self.seed)
             net = self.build(self.shapes)
             self.net = net.to(self.ctx.device)
-            self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.opts.est_lr, weight_decay=0.01)
+            self.opt = self.optimizer(list(self.net.parameters()))
             self.after_build()
+
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        """The estimator's own optimizer (None when it has nothing to train): AdamW at ``est_lr``,
+        weight decay 0.01, constant schedule."""
+        return torch.optim.AdamW(params, lr=self.opts.est_lr, weight_decay=0.01)
 
     def train_on(self, loss: Tensor) -> None:
         """One optimizer step of the estimator on ``loss``."""
@@ -230,7 +236,7 @@ class EstimatorRule(Rule):
         state: dict[str, Any] = {"seed": self.seed, "steps": self.steps, "gen": self.gen.get_state()}
         if self.net is not None:
             state.update(shapes=[list(s) for s in self.shapes], net=self.net.state_dict(),
-                         opt=self.opt.state_dict(), **self.extra_state())
+                         opt=self.opt.state_dict() if self.opt is not None else {}, **self.extra_state())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -239,7 +245,8 @@ class EstimatorRule(Rule):
         if "shapes" in state:
             self._build([tuple(s) for s in state["shapes"]])
             self.net.load_state_dict(state["net"])
-            self.opt.load_state_dict(state["opt"])
+            if self.opt is not None:
+                self.opt.load_state_dict(state["opt"])
             self.load_extra_state(state)
 
 

@@ -55,10 +55,9 @@ from torch.nn import functional as F
 
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
-from creditaudit.rules._estimator import terminal_loss_and_grad
-from creditaudit.rules._feedback import feedback_generator
+from creditaudit.rules._estimator import EstimatorRule, terminal_loss_and_grad
+from creditaudit.rules.base import RULES, RuleContext
 from creditaudit.rules.options import check_positive
-from creditaudit.rules.base import RULES, Rule, RuleContext
 
 
 @dataclass
@@ -127,42 +126,23 @@ def _upsampling(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, t
 
 
 @RULES.register("dtp", "difference target propagation: learned inverses g_l carry τ_L = h_L − η̂ g_L down; a_l = (h_l − τ_l)/η̂")
-class DTP(Rule):
+class DTP(EstimatorRule):
+    """The inverses g_1..g_L are the estimator (``self.net``; ``net[l-1]`` maps h_l -> h_{l−1}),
+    built, trained and checkpointed by the :class:`EstimatorRule` skeleton, with Adam at ``fb_lr``."""
+
     Options = DTPOptions
     stack_refusal = "trains its inverse maps, with their own optimizer, in every step"
 
-    def __init__(self, options: DTPOptions | None = None):
-        super().__init__(options)
-        self.seed: int | None = None
-        self.steps = 0  # inverse updates taken
-        self.inverses: nn.ModuleList | None = None  # g_1..g_L (inverses[l-1] maps h_l -> h_{l-1})
-        self.opt: torch.optim.Optimizer | None = None
-
     # -- building --------------------------------------------------------------------------------
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
-        self.device = ctx.device
         self.residual = [bool(b.residual) for b in model.blocks]
-        self.seed, _ = feedback_generator()  # one draw from the run's seeded global RNG
-        self.gen = torch.Generator(device=ctx.device).manual_seed(self.seed + 1)  # the reconstruction noise
-        self.shapes: list[tuple[int, ...]] | None = None
-        if ctx.state_shapes:
-            self._build(list(ctx.state_shapes))
+        super().setup(model, ctx)
 
-    def _build(self, shapes: list[tuple[int, ...]]) -> None:
-        """The inverses for per-sample state shapes h_0..h_L, drawn from ``seed`` alone, on the CPU."""
-        if self.seed is None:
-            raise RuntimeError("dtp: call setup(model, ctx) before using the rule")
-        self.shapes = [tuple(int(n) for n in s) for s in shapes]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            inverses = nn.ModuleList(Inverse(self.shapes[l], self.shapes[l - 1], self.residual[l - 1])
-                                     for l in range(1, len(self.shapes)))
-        self.inverses = inverses.to(self.device)
-        self.opt = torch.optim.Adam(self.inverses.parameters(), lr=self.opts.fb_lr) if len(self.inverses) else None
+    def build(self, shapes: list[tuple[int, ...]]) -> nn.ModuleList:
+        return nn.ModuleList(Inverse(shapes[l], shapes[l - 1], self.residual[l - 1]) for l in range(1, len(shapes)))
 
-    def _ready(self, hs: list[Tensor]) -> None:
-        if self.inverses is None:  # a context without state shapes: build from the first batch (same result)
-            self._build([tuple(h.shape[1:]) for h in hs])
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        return torch.optim.Adam(params, lr=self.opts.fb_lr) if params else None  # L = 0: nothing to invert
 
     # -- credits ---------------------------------------------------------------------------------
     def displacements(self, model: CreditNet, hs: list[Tensor], y: Tensor) -> list[Tensor]:
@@ -172,44 +152,29 @@ class DTP(Rule):
         deltas = [-eta * g_L.float()]
         with torch.no_grad():
             for l in range(len(hs) - 1, 0, -1):  # δ_{l−1} = g_l(h_l + δ_l) − g_l(h_l)
-                deltas.insert(0, self.inverses[l - 1].difference(hs[l].float(), deltas[0]))
+                deltas.insert(0, self.net[l - 1].difference(hs[l].float(), deltas[0]))
         return deltas
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         hs = [h.detach() for h in fwd.hs]
-        self._ready(hs)
+        self.ready(hs)
         deltas = self.displacements(model, hs, y)
         return [(-d / self.opts.target_step).to(h.dtype) for d, h in zip(deltas, hs)]
 
     # -- training the inverses -------------------------------------------------------------------
     def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
         hs = [h.detach().float() for h in fwd.hs]
-        self._ready(hs)
+        self.ready(hs)
         if self.opt is None:  # no blocks (L = 0): nothing to invert
             return {}
         noisy = [h + self.opts.sigma * torch.randn(h.shape, generator=self.gen, device=h.device) for h in hs[:-1]]
         with torch.no_grad(), preserved_buffers(model):
             outs = [block(u.to(fwd.hs[l].dtype))[0].float() for l, (block, u) in enumerate(zip(model.blocks, noisy))]
-        per_block = torch.stack([F.mse_loss(g(o), u) for g, o, u in zip(self.inverses, outs, noisy)])
-        self.opt.zero_grad(set_to_none=True)
-        per_block.sum().backward()
-        self.opt.step()
-        self.steps += 1
+        per_block = torch.stack([F.mse_loss(g(o), u) for g, o, u in zip(self.net, outs, noisy)])
+        self.train_on(per_block.sum())
         return {"rec_loss": per_block.mean().detach()}
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"seed": self.seed, "steps": self.steps, "gen": self.gen.get_state()}
-        if self.inverses is not None:
-            state.update(shapes=[list(s) for s in self.shapes], inverses=self.inverses.state_dict(),
-                         opt=self.opt.state_dict() if self.opt is not None else {})
-        return state
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.steps = int(state["seed"]), int(state["steps"])
-        self.gen.set_state(state["gen"].to("cpu", torch.uint8))
-        if "shapes" in state:
-            self._build([tuple(s) for s in state["shapes"]])
-            self.inverses.load_state_dict(state["inverses"])
-            if self.opt is not None:
-                self.opt.load_state_dict(state["opt"])
+        if "inverses" in state:  # a checkpoint written before the inverses lived in the estimator skeleton
+            state = {**state, "net": state["inverses"]}
+        super().load_state_dict(state)
