@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
         ratios(argv[0])
         return
     from creditaudit.experiments import audit_configs
-    from creditaudit.sweep import run_many
+    from creditaudit.jobs import run_many
 
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = audit_configs(["bp", "dfa"], seeds=(42,), baseline=None, results=tmp)

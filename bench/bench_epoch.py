@@ -7,7 +7,7 @@ timed. Prints seconds per epoch for each and their ratio (target: creditaudit / 
     python bench/bench_epoch.py [dataset=fashion_mnist] [d=256] [L=4] [threads=2] [repeats=3] [device=auto]
                                 [stack=1] [graph=0] [rule=bp]
 
-``stack=R`` compares a stack of R runs (``train/stack.py``: one program with a run axis) with the
+``stack=R`` compares a stack of R runs (``training/stack.py``: one program with a run axis) with the
 hand-written loop stacked the same way (``torch.func.stack_module_state`` + ``vmap``, one AdamW over
 the stacked parameters); ``graph=1`` replays each one's step as a CUDA graph (capturable AdamW,
 learning rate on the device). Both modes print the time per run-step (an epoch's time / (steps ×
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from creditaudit.config import TrainConfig, apply_overrides
-from creditaudit.train.run import build_run, train_epoch
+from creditaudit.training.run import build_run, train_epoch
 
 
 class HandResMLP(nn.Module):
@@ -66,7 +66,7 @@ def sync(device: torch.device) -> None:
 
 class HandStack:
     """R hand-written resmlp runs stacked on a leading axis, one AdamW; optionally CUDA-graphed
-    after two eager steps per batch shape (the recipe train/stack.py follows)."""
+    after two eager steps per batch shape (the recipe training/stack.py follows)."""
 
     def __init__(self, models: list[nn.Module], lr: float, wd: float, graph: bool):
         from torch.func import functional_call, stack_module_state, vmap
@@ -125,7 +125,7 @@ class HandStack:
 
 def stacked(argv_opts: dict, repeats: int, threads: int) -> None:
     """stack=R / graph=1: a stack of R creditaudit runs against R hand-written runs stacked alike."""
-    from creditaudit.train.stack import Stack
+    from creditaudit.training.stack import Stack
 
     R, graph = int(argv_opts.pop("stack", 1)), argv_opts.pop("graph", "0") in ("1", "true")
     rule = argv_opts.pop("rule", "bp")

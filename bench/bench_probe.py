@@ -20,8 +20,8 @@ import torch
 
 from creditaudit.config import TrainConfig, apply_overrides, resolve_rule_options
 from creditaudit.diagnostics.probe import probe
-from creditaudit.train.run import resolve_device
-from creditaudit.train.stack import Stack, _SharedData, finish_probe, why_not_stacked
+from creditaudit.training.run import resolve_device
+from creditaudit.training.stack import Stack, _SharedData, finish_probe, why_not_stacked
 
 
 def sync(device: torch.device) -> None:

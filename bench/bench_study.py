@@ -39,7 +39,7 @@ without measuring; of several files, per kind and figure the smallest (the least
 load on a shared machine). Other ``key=value`` items go to every run, as ``creditaudit sweep``'s do (``epochs=1``).
 
 ``stack=N`` (``graph=1``) projects ``creditaudit sweep --stack N [--graph]``: the runs are packed
-into jobs as the sweep packs them (``sweep/packing.py``), and each (kind, stack size) that occurs is
+into jobs as the sweep packs them (``jobs/packing.py``), and each (kind, stack size) that occurs is
 measured as a stack — its step, its evaluation and its probes for all the stack's runs at once
 (each run's ρ_l its own), its checkpoints per run — by every worker at once. A job's time is then its stack's; a run's share of
 it is the job's time over its size. See docs/performance.md.
@@ -69,7 +69,7 @@ from creditaudit.config import TrainConfig
 from creditaudit.data.base import DATASETS, DataConfig, TensorDataset
 from creditaudit.data.pipeline import load_dataset
 from creditaudit.diagnostics import due
-from creditaudit.train.run import train_step
+from creditaudit.training.run import train_step
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic data of the study's shapes
@@ -222,8 +222,8 @@ def _init_worker(barrier, threads: int, prime: list[dict], device_name: str) -> 
     _BARRIER = barrier
     if threads:
         torch.set_num_threads(threads)
-    from creditaudit.train.allocator import keep_freed_memory
-    from creditaudit.train.run import build_run, diagnose, resolve_device
+    from creditaudit.training.allocator import keep_freed_memory
+    from creditaudit.training.run import build_run, diagnose, resolve_device
 
     keep_freed_memory()  # as train() does in a sweep worker
 
@@ -276,7 +276,7 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
     phase) whatever happens, so a failure never blocks the others."""
     from creditaudit.runs.checkpoint import save_checkpoint
     from creditaudit.runs.provenance import provenance
-    from creditaudit.train.run import build_run, diagnose, evaluate, resolve_device, run_state, train_step
+    from creditaudit.training.run import build_run, diagnose, evaluate, resolve_device, run_state, train_step
 
     started = time.time()
     out: dict[str, Any] = {"pid": os.getpid(), "started": started, "since_pool": started - start_wall}
@@ -302,7 +302,7 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
         out["provenance_s"] = time.perf_counter() - t0
         state["run"] = run
         if size > 1:
-            from creditaudit.train.stack import Stack
+            from creditaudit.training.stack import Stack
 
             runs = [run] + [build_run(dataclasses.replace(cfg, seed=cfg.seed + i), device=device, data=run.data) for i in range(1, size)]
             state["stack"] = Stack(runs, graph=graph)
@@ -337,7 +337,7 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
         def go() -> None:
             t0 = time.perf_counter()
             if "stack" in state:  # every run of the stack at once, then each run's own part
-                from creditaudit.train.stack import finish_probe
+                from creditaudit.training.stack import finish_probe
 
                 stack, diag = state["stack"], state["run"].cfg.diag
                 for r, (figures, rho) in zip(stack.runs, stack.probe(list(range(len(stack))), diag, full=full)):
@@ -620,9 +620,9 @@ def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, 
 
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
-    from creditaudit.sweep.packing import pack
-    from creditaudit.sweep.processes import default_workers
-    from creditaudit.train.allocator import available_memory
+    from creditaudit.jobs.packing import pack
+    from creditaudit.jobs.processes import default_workers
+    from creditaudit.training.allocator import available_memory
 
     own = {"profile", "workers", "device", "steps", "warmup", "with_baselines", "settings", "json", "from", "stack", "graph"}
     if any("=" not in a for a in argv):

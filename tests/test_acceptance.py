@@ -5,7 +5,7 @@ import pytest
 
 from creditaudit.config import TrainConfig, apply_overrides
 from creditaudit.data import check_dataset
-from creditaudit.train.trainer import train
+from creditaudit.training.trainer import train
 
 needs_fashion_mnist = pytest.mark.skipif(check_dataset("fashion_mnist") is None, reason="Fashion-MNIST is not installed (make setup fetches it)")
 

@@ -286,7 +286,7 @@ def test_the_memory_check_refuses_no_configuration_of_the_studys_profiles(monkey
     """Every run of every setting (and its baselines) under every profile, and every audit profile's
     runs, passes the check on a device of 1 GiB: it can refuse only what could never train."""
     from creditaudit import experiments as E
-    from creditaudit.train import run as R
+    from creditaudit.training import run as R
 
     monkeypatch.setattr(R, "device_memory", lambda device: 2**30)
     cfgs = []
@@ -304,7 +304,7 @@ def test_the_memory_check_refuses_no_configuration_of_the_studys_profiles(monkey
 def test_the_memory_check_counts_before_allocating(monkeypatch):
     from creditaudit.config import TrainConfig, apply_overrides
     from creditaudit.errors import ConfigError
-    from creditaudit.train import run as R
+    from creditaudit.training import run as R
 
     monkeypatch.setattr(R, "device_memory", lambda device: 2**30)
     cfg = apply_overrides(TrainConfig(), ["d=200000"])
@@ -314,7 +314,7 @@ def test_the_memory_check_counts_before_allocating(monkeypatch):
 
 
 def test_the_cpu_has_memory():
-    from creditaudit.train.allocator import device_memory
+    from creditaudit.training.allocator import device_memory
 
     assert device_memory(torch.device("cpu")) > 2**28
     assert device_memory(torch.device("meta")) is None  # unknown: the check refuses nothing

@@ -66,7 +66,7 @@ def audit_cli(*args: str):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     cfg = tiny_config(tmp_path_factory.mktemp("trained"), "rule=bp")
     summary = train(cfg)
@@ -108,7 +108,7 @@ def test_a_run_whose_config_disagrees_with_its_folder_is_skipped_with_a_word(rea
 
 
 def test_audit_of_a_folder_of_unfinished_runs_says_so_and_exits_2(tmp_path):
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     cfg = tiny_config(tmp_path, "rule=dfa", "epochs=3", "setting=main_audit")
     assert train(cfg, stop_after=1)["status"] == "interrupted"

@@ -15,7 +15,7 @@ from creditaudit.models import ARCHS
 from creditaudit.models.base import ARCH_SPECIFIC_FIELDS, arch_fields
 from creditaudit.rules import RULES
 from creditaudit.rules.base import VARIANTS
-from creditaudit.train.run import build_run, train_step
+from creditaudit.training.run import build_run, train_step
 
 ALL_RULES = [r for base in RULES.names() for r in (base, *(f"{base}_{v}" for v in VARIANTS))]
 
@@ -234,7 +234,7 @@ def test_diag_fields_are_honoured_or_refused():
 def test_logging_fields_act_on_the_run_folder(tmp_path):
     from creditaudit.config import run_path
     from creditaudit.runs.folder import RunFolder
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     cfg = _config("rule=dfa", f"results={tmp_path}", "save_epochs=1", "trajectory=true")
     train(cfg)

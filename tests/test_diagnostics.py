@@ -121,7 +121,7 @@ def test_trajectory_summaries_are_the_quantiles_of_per_sample_norms():
 
 @pytest.mark.slow
 def test_snapshot_evolution_runs_log_every_layers_trajectory_each_epoch(tmp_path):
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
     from tests.conftest import run_metrics, tiny_config
 
     cfg = tiny_config(tmp_path, "rule=dfa", "trajectory=true", "L=2")

@@ -147,7 +147,7 @@ def test_sweep_is_idempotent_and_isolates_a_failure(tmp_path, monkeypatch):
     assert {c.seed: (run_path(c) / "metrics.jsonl").stat().st_mtime_ns for c in cfgs} == stamp  # nothing retrained
 
     # A run that crashes is recorded as failed and the others still train.
-    import creditaudit.train.run as T
+    import creditaudit.training.run as T
 
     real = T.train_epoch
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from creditaudit.rules import RULES
-from creditaudit.train.run import build_run, train_step
+from creditaudit.training.run import build_run, train_step
 from tests.conftest import tiny_config
 
 GOLDEN = Path(__file__).parent / "golden" / "first_losses.json"

@@ -87,8 +87,8 @@ def test_layers_keep_their_distance():
     def reaches(src_prefix: str, dst_prefix: str) -> list[tuple[str, str]]:
         return [(m, d) for m, deps in graph.items() if m.startswith(src_prefix) for d in deps if d.startswith(dst_prefix)]
 
-    assert reaches("creditaudit.reports", "creditaudit.train") == []
+    assert reaches("creditaudit.reports", "creditaudit.training") == []
     assert reaches("creditaudit.rules", "creditaudit.reports") == []
-    assert reaches("creditaudit.rules", "creditaudit.train.trainer") == []
+    assert reaches("creditaudit.rules", "creditaudit.training.trainer") == []
     assert graph["creditaudit.typedconfig"] <= {"creditaudit.errors"}
     assert graph["creditaudit.errors"] == set()

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from creditaudit.models import build_model, true_grads
-from creditaudit.train.objective import LocalUpdate, local_objective, parse_local_update
+from creditaudit.training.objective import LocalUpdate, local_objective, parse_local_update
 from tests.conftest import SMALL_ARCHS
 
 
@@ -100,7 +100,7 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
     import copy
 
     from creditaudit.models import build_model
-    from creditaudit.train.objective import local_objective, parse_local_update
+    from creditaudit.training.objective import local_objective, parse_local_update
 
     cfg, shape = SMALL_ARCHS["resmlp"]
     base = build_model("resmlp", cfg, shape, 10)
@@ -127,7 +127,7 @@ def test_bp_with_penalty_is_autograd_of_ce_plus_penalty(tmp_path):
     (parameter for parameter) and differs from the step without penalty."""
     import copy
 
-    from creditaudit.train.run import build_run, train_step
+    from creditaudit.training.run import build_run, train_step
     from tests.conftest import tiny_config
 
     lam = 1e-2

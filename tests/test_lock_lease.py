@@ -16,7 +16,7 @@ import pytest
 from creditaudit.runs import lock as lmod
 from creditaudit.runs.folder import RunFolder, RunLock, RunLockedError, run_dir
 from creditaudit.runs.lock import lock_state
-from creditaudit.train.trainer import train
+from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 
 LEASE_ENV = "CREDITAUDIT_LOCK_LEASE_S"
@@ -240,7 +240,7 @@ def test_a_ray_retry_waits_for_a_lost_nodes_lease_and_resumes_the_run(tmp_path):
     still running: the task waits for it to run out, takes the run over and resumes it. A holder
     that keeps renewing is reported locked after that wait."""
     from creditaudit.config import to_dict
-    from creditaudit.sweep import ray_backend
+    from creditaudit.jobs import ray_backend
 
     cfg = tiny_config(tmp_path, "epochs=2")
     train(cfg, stop_after=1)
@@ -276,7 +276,7 @@ def test_a_run_whose_lock_was_taken_over_stops_writing(tmp_path, monkeypatch):
     """A holder cut off for longer than its lease (paused, partitioned) finds its lock taken over:
     it stops at the end of the epoch, writing nothing more into the folder (metrics, summary,
     checkpoint), and leaves the new holder's lock alone."""
-    from creditaudit.train.trainer import Reporter, RunLockLost
+    from creditaudit.training.trainer import Reporter, RunLockLost
 
     monkeypatch.setenv(LEASE_ENV, "0.3")  # renewed every 0.03 s
     cfg = tiny_config(tmp_path, "epochs=3")

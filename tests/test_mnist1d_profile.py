@@ -22,7 +22,7 @@ import pytest
 from creditaudit.data import load_dataset
 from creditaudit.experiments import audit_configs
 from creditaudit.reports.collect import collect
-from creditaudit.sweep import run_many
+from creditaudit.jobs import run_many
 
 
 @pytest.mark.slow

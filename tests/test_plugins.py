@@ -9,7 +9,7 @@ import pytest
 
 from creditaudit.errors import ConfigError
 from creditaudit.rules import RULES, build_rule, plugins
-from creditaudit.train.trainer import train
+from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 
 MY_RULE = '''
@@ -140,7 +140,7 @@ def test_an_architecture_is_one_file(tmp_path):
     from creditaudit.config import run_path
     from creditaudit.models.base import arch_shape
     from creditaudit.models import ModelConfig
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     path = tmp_path / "toy_arch.py"
     path.write_text(TOY_ARCH)

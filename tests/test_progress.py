@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from creditaudit.cli import main
-from creditaudit.sweep.progress import JobProgress, clock
+from creditaudit.jobs.progress import JobProgress, clock
 
 
 def test_eta_counts_only_the_epochs_trained_in_this_job():

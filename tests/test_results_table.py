@@ -10,7 +10,7 @@ import pytest
 pd = pytest.importorskip("pandas")
 
 from creditaudit import results as R  # noqa: E402
-from creditaudit.train.trainer import train  # noqa: E402
+from creditaudit.training.trainer import train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.results_factory import make_run  # noqa: E402
 

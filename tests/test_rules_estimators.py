@@ -19,8 +19,8 @@ from creditaudit.rules import RuleContext, build_rule
 from creditaudit.rules import _estimator as E
 from creditaudit.runs.checkpoint import pack_state, unpack_state
 from creditaudit.runs.folder import RunFolder, run_dir
-from creditaudit.train.run import build_run, train_step
-from creditaudit.train.trainer import train
+from creditaudit.training.run import build_run, train_step
+from creditaudit.training.trainer import train
 from tests.conftest import SMALL_ARCHS, tiny_config
 
 ESTIMATORS = ("sb", "cb", "vec")

@@ -19,9 +19,9 @@ from creditaudit.rules import RuleContext, build_rule, rule_options
 from creditaudit.rules.fa import apply_map
 from creditaudit.rules.fa_layerwise import FALayerwise, fa_forward
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
-from creditaudit.train.objective import LocalUpdate, local_objective
-from creditaudit.train.run import build_run
-from creditaudit.train.trainer import train
+from creditaudit.training.objective import LocalUpdate, local_objective
+from creditaudit.training.run import build_run
+from creditaudit.training.trainer import train
 from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 
 FEEDBACK_RULES = ("dfa", "fa", "fa_layerwise")

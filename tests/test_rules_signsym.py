@@ -20,9 +20,9 @@ from creditaudit.rules import RuleContext, build_rule, rule_options
 from creditaudit.rules._layerwise import alignment
 from creditaudit.rules.kp import decay_factor
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
-from creditaudit.train.objective import LocalUpdate, local_objective
-from creditaudit.train.run import build_run, train_step
-from creditaudit.train.trainer import train
+from creditaudit.training.objective import LocalUpdate, local_objective
+from creditaudit.training.run import build_run, train_step
+from creditaudit.training.trainer import train
 from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 
 SIGN_RULES = ("usf", "frsf", "brsf")

@@ -19,8 +19,8 @@ from creditaudit.models.base import Block, CreditNet
 from creditaudit.rules import RuleContext, build_rule
 from creditaudit.rules.fwdgrad import _stream_seed, couples_samples
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
-from creditaudit.train.objective import LocalUpdate, local_objective
-from creditaudit.train.run import build_run, restore, run_meta, run_state, train_step
+from creditaudit.training.objective import LocalUpdate, local_objective
+from creditaudit.training.run import build_run, restore, run_meta, run_state, train_step
 from tests.conftest import SMALL_ARCHS, tiny_config
 
 RULES_HERE = ("drtp", "pepita", "dtp", "fwdgrad")

@@ -14,8 +14,8 @@ from torch.nn import functional as F
 
 from creditaudit.config import apply_overrides, TrainConfig
 from creditaudit.models.base import build_model
-from creditaudit.sweep.processes import run_many
-from creditaudit.train.trainer import train
+from creditaudit.jobs.processes import run_many
+from creditaudit.training.trainer import train
 from tests.conftest import run_metrics, tiny_config
 
 
@@ -50,7 +50,7 @@ def test_smallcnn_checkpoint_round_trip_keeps_the_layout(tmp_path):
 
 
 def _allocator_state(env: dict) -> str:
-    code = "from creditaudit.train.allocator import keep_freed_memory; print(keep_freed_memory())"
+    code = "from creditaudit.training.allocator import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

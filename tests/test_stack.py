@@ -1,4 +1,4 @@
-"""Runs trained in a stack (``train/stack.py``) give the metrics they give alone.
+"""Runs trained in a stack (``training/stack.py``) give the metrics they give alone.
 
 Walks the registries: every rule × every architecture either stacks — and then one stacked step
 moves every run's parameters as its own step does, and every epoch's every figure of every run
@@ -28,8 +28,8 @@ from creditaudit.rules import RULES
 from creditaudit.runs.checkpoint import load_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.config import run_path
-from creditaudit.train.stack import Stack, stack_key, train_stack, why_not_stacked
-from creditaudit.train.trainer import train
+from creditaudit.training.stack import Stack, stack_key, train_stack, why_not_stacked
+from creditaudit.training.trainer import train
 from tests.conftest import run_metrics, small_overrides, tiny_config
 
 STACKABLE = [n for n in RULES.names() if RULES.get(n).stack_refusal is None]
@@ -73,7 +73,7 @@ def test_one_stacked_step_is_each_runs_own_step(tmp_path, rule, arch):
     (measured: up to 6e-5). Adam's first step is lr·sign(g): an element whose gradient is below rounding may move the
     other way, hence the parameters' absolute tolerance of 2·lr."""
     from creditaudit.data.loader import stacked_epoch
-    from creditaudit.train.run import build_run, train_step
+    from creditaudit.training.run import build_run, train_step
 
     cfgs = [resolve_rule_options(_cfg(tmp_path, rule, arch, s, lam)) for s, lam in ((1, "lam=0.001"), (2, "lam=0.1"))]
     alone, stacked = [build_run(c) for c in cfgs], [build_run(c) for c in cfgs]
@@ -202,7 +202,7 @@ def test_a_stacked_step_never_waits_for_the_device(tmp_path):
     back to the host (``.item()``, ``bool()``, data-dependent shapes) runs in the forward and
     backward pass of a stacked step, for any stackable rule and architecture. (The optimizer step
     is AdamW, capturable on CUDA; on the CPU it reads its step count, by design.)"""
-    from creditaudit.train.run import build_run
+    from creditaudit.training.run import build_run
     from creditaudit.data.loader import stacked_epoch
 
     for rule in STACKABLE:
@@ -244,8 +244,8 @@ def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
     never reads a value back to the host."""
     from creditaudit.data.loader import stacked_epoch
     from creditaudit.diagnostics.probe import probe
-    from creditaudit.train.run import build_run
-    from creditaudit.train.stack import finish_probe
+    from creditaudit.training.run import build_run
+    from creditaudit.training.stack import finish_probe
 
     extra = ("lam=0.01", "diag.trajectory=true", "diag.rho_n=120", "diag.stab_batch_size=40")
     cfgs = [resolve_rule_options(_cfg(tmp_path, rule, arch, s, *extra)) for s in (1, 2)]
@@ -274,7 +274,7 @@ def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
 def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config(tmp_path, monkeypatch):
     """No run of a stack is probed alone: runs whose diagnostics differ (here: trajectories for
     one) are probed in a group each, and each run logs the keys it logs alone."""
-    import creditaudit.train.run as R
+    import creditaudit.training.run as R
 
     alone = [_cfg(tmp_path / "alone", "dfa", "resmlp", 1), _cfg(tmp_path / "alone", "dfa", "resmlp", 2, "diag.trajectory=true")]
     for c in alone:
@@ -295,7 +295,7 @@ def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config
 def test_a_run_whose_own_probe_fails_fails_alone(tmp_path, monkeypatch):
     """ρ_l is each run's own work: when it fails for one run, that run is recorded failed, and
     the other runs of the stack finish."""
-    import creditaudit.train.stack as S
+    import creditaudit.training.stack as S
 
     real = S.finish
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from creditaudit.cli import main
 from creditaudit.config import run_path
 from creditaudit.experiments import expand
-from creditaudit.sweep.ray_backend import portable, run_many_ray
+from creditaudit.jobs.ray_backend import portable, run_many_ray
 from tests.conftest import tiny_config
 
 # A rule whose every step crashes: the run it trains must fail alone.

@@ -1,6 +1,6 @@
 """A sweep outlives its workers: a worker process that dies costs its own job only.
 
-The pool (``sweep/processes.py``) replaces a dead worker, starts the dead one's job again once (its
+The pool (``jobs/processes.py``) replaces a dead worker, starts the dead one's job again once (its
 runs resume from their checkpoints) and gives it up when it dies again; the other jobs never notice.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from creditaudit.sweep.processes import in_processes, worker_death
+from creditaudit.jobs.processes import in_processes, worker_death
 
 
 def _job(kind: str, marker: str, threads: int) -> str:

@@ -1,4 +1,4 @@
-"""`creditaudit sweep --stack N`: runs of one kind packed into stacks (sweep/packing.py), the
+"""`creditaudit sweep --stack N`: runs of one kind packed into stacks (jobs/packing.py), the
 longest first, each run still in its own folder with the metrics it gives alone."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from creditaudit.cli import main
 from creditaudit.config import run_path
 from creditaudit.experiments import expand
-from creditaudit.sweep.packing import job_cost, pack
-from creditaudit.train.stack import stack_key
+from creditaudit.jobs.packing import job_cost, pack
+from creditaudit.training.stack import stack_key
 from tests.conftest import run_metrics, tiny_config
 from tests.test_stack import assert_same_metrics
 

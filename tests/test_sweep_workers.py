@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from creditaudit.runs.folder import RunFolder, run_dir
-from creditaudit.sweep import processes
-from creditaudit.sweep.processes import RUN_MEMORY_BYTES, available_memory, default_workers, in_processes
-from creditaudit.train.run import build_run
-from creditaudit.train.trainer import train
+from creditaudit.jobs import processes
+from creditaudit.jobs.processes import RUN_MEMORY_BYTES, available_memory, default_workers, in_processes
+from creditaudit.training.run import build_run
+from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 
 GiB = 2**30

@@ -15,8 +15,8 @@ from creditaudit.cli import main as cli_main
 from creditaudit.config import ConfigError, TrainConfig, apply_overrides, run_path
 from creditaudit.reports.collect import collect
 from creditaudit.runs.folder import RunFolder
-from creditaudit.sweep import run_many
-from creditaudit.train.trainer import train
+from creditaudit.jobs import run_many
+from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 
 LOGGERS = ["tensorboard", "mlflow"]

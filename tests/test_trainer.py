@@ -15,8 +15,8 @@ import torch
 from creditaudit.config import resolve_rule_options, to_dict
 from creditaudit.runs.checkpoint import load_checkpoint
 from creditaudit.runs.folder import RunFolder, run_dir
-from creditaudit.train.run import build_run
-from creditaudit.train.trainer import RunConfigMismatch, train
+from creditaudit.training.run import build_run
+from creditaudit.training.trainer import RunConfigMismatch, train
 from tests.conftest import run_metrics, tiny_config
 
 def _folder(cfg) -> RunFolder:
@@ -146,7 +146,7 @@ class NanCredit(Rule):
 
 
 def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-    from creditaudit.sweep import run_many
+    from creditaudit.jobs import run_many
 
     rule_file = tmp_path / "nan_rule.py"
     rule_file.write_text(NAN_RULE)
@@ -163,7 +163,7 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_crash_is_recorded_and_nothing_is_lost(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "epochs=3")
     train(cfg, stop_after=1)
-    import creditaudit.train.run as T
+    import creditaudit.training.run as T
 
     calls = {"n": 0}
     real = T.train_step

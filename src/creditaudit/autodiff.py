@@ -1,5 +1,5 @@
 """Derivatives with respect to states, for rules that take them inside ``credits``: one call that
-works for one run and for a stack of runs (``train/stack.py``, where ``torch.func.vmap`` adds a run
+works for one run and for a stack of runs (``training/stack.py``, where ``torch.func.vmap`` adds a run
 axis around the rule's code and ``torch.autograd.grad`` cannot reach the batched tensors).
 
 :func:`vjp` is ``torch.func.vjp`` under a ``torch.func`` transform, and plain autograd otherwise:

@@ -48,7 +48,7 @@ by another process training them (run the command again once it is done); {INTER
 
 def runs_status(statuses: list[str]) -> int:
     """The exit status of a command that trained runs with these outcomes."""
-    from creditaudit.sweep.progress import FAILED, HELD
+    from creditaudit.jobs.progress import FAILED, HELD
 
     if any(s in FAILED or s not in ("finished", HELD) for s in statuses):
         return RUNS_FAILED
@@ -186,7 +186,7 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
 def _train_with_progress(cfg, quiet: bool) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from creditaudit.train.trainer import Reporter, train
+    from creditaudit.training.trainer import Reporter, train
 
     show_bar = cfg.progress and not quiet and console.is_terminal
     progress = Progress(
@@ -316,12 +316,12 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
     elapsed, and an ETA from the epochs trained so far — in a terminal; a plain line per run with
     the same counts when piped. Local worker processes, or Ray tasks when ``ray_address`` is given
     ('' = $RAY_ADDRESS or a local Ray instance); ``stack`` runs of one kind per job at most
-    (sweep/packing.py). Returns every run's outcome status."""
+    (jobs/packing.py). Returns every run's outcome status."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from creditaudit.config import run_path
     from creditaudit.runs.folder import RunFolder
-    from creditaudit.sweep import JobProgress, run_many
+    from creditaudit.jobs import JobProgress, run_many
 
     finished = {f"{run_path(c).parent.name}/{run_path(c).name}" for c in cfgs if RunFolder(run_path(c)).status() == "finished"}
     epochs = {f"{run_path(c).parent.name}/{run_path(c).name}": c.epochs for c in cfgs}
@@ -354,7 +354,7 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
         if ray_address is None:
             run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done, say=say, died=died)
         else:
-            from creditaudit.sweep.ray_backend import run_many_ray
+            from creditaudit.jobs.ray_backend import run_many_ray
 
             run_many_ray(cfgs, address=ray_address or None, num_cpus=workers or None,
                          gpus_per_run=gpus_per_run, stack=stack, graph=graph, on_done=done)

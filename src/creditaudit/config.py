@@ -157,7 +157,7 @@ def validate(cfg: TrainConfig) -> None:
     from creditaudit.models import ARCHS
     from creditaudit.rules import parse_rule_name
     from creditaudit.runs.folder import check_name
-    from creditaudit.train.objective import parse_local_update
+    from creditaudit.training.objective import parse_local_update
 
     def need(ok: bool, msg: str) -> None:
         if not ok:

@@ -170,7 +170,7 @@ def check_options(rule: str) -> None:
 
 def check_step(rule: str, arch: str = "resmlp", variant: str = "") -> None:
     """One training step through the trainer's own path (see the module docstring)."""
-    from creditaudit.train.run import build_run, train_step
+    from creditaudit.training.run import build_run, train_step
 
     name = rule + variant
     where = f"{name} on {arch}"
@@ -229,7 +229,7 @@ def _check_credits(run, x, y, where: str) -> None:
 
 def check_same_seed(rule: str, arch: str = "resmlp") -> None:
     """Two runs of one config log the same metrics, bit for bit."""
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp, _one_thread_seeded():
         cfgs = [tiny_config(Path(tmp) / side, rule, arch, "epochs=1") for side in ("a", "b")]
@@ -244,7 +244,7 @@ def check_same_seed(rule: str, arch: str = "resmlp") -> None:
 
 def check_resume(rule: str, arch: str = "resmlp") -> None:
     """A run stopped after one epoch and resumed logs what an uninterrupted run logs."""
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp, _one_thread_seeded():
         full, cut = tiny_config(Path(tmp) / "full", rule, arch), tiny_config(Path(tmp) / "cut", rule, arch)
@@ -265,8 +265,8 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
     from creditaudit.config import resolve_rule_options
     from creditaudit.data.loader import stacked_epoch
     from creditaudit.rules import RULES
-    from creditaudit.train.run import build_run, train_step
-    from creditaudit.train.stack import Stack
+    from creditaudit.training.run import build_run, train_step
+    from creditaudit.training.stack import Stack
 
     refusal = RULES.get(rule).stack_refusal
     if refusal is not None:

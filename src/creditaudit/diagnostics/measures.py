@@ -9,7 +9,7 @@ A cosine with a zero vector is undefined and reported as NaN, never as 0.
 
 Every figure is a 0-d float64 tensor, and no function reads a value back to the host or branches on
 one: the probe runs them for one run, or under ``torch.func.vmap`` for a stack of runs
-(``train/stack.py``), and reads the figures once at the end.
+(``training/stack.py``), and reads the figures once at the end.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Logged keys (namespaced, one JSON line per epoch in ``metrics.jsonl``):
 model in eval mode, never moves a parameter, a buffer or the training RNG.
 
 The probe has two parts. :func:`shared_figures` is everything but ρ_l: tensors in, 0-d tensors
-out, no value read back to the host — a stack of runs (``train/stack.py``) evaluates it for all its
+out, no value read back to the host — a stack of runs (``training/stack.py``) evaluates it for all its
 runs at once under ``torch.func.vmap``, as it does the training step. :func:`finish` reads the
 figures and measures ρ_l, one run at a time: its random directions are the run's own and its
 precision is chosen per run and layer (:data:`RHO_FLOAT32_MIN_CHANGE`), and each of its forward

@@ -295,7 +295,7 @@ def true_grads(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Te
     Parameter gradients and buffers (BatchNorm's running statistics) are left untouched, so it can
     be called in the middle of a training step. Returns the forward pass (detached) and g_0..g_L.
 
-    Under a ``torch.func`` transform (a stack of runs, ``train/stack.py``), where autograd cannot
+    Under a ``torch.func`` transform (a stack of runs, ``training/stack.py``), where autograd cannot
     reach the states, g_l is the derivative with respect to a zero offset added to h_l: the same
     tensor, by ``torch.func.vjp``.
     """

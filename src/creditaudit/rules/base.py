@@ -1,7 +1,7 @@
 """The interface every credit-assignment rule implements, and the rule registry.
 
 A rule turns a batch into credits a_0..a_L (``a_l ≈ g_l = d CE_i / d h_l``, the shape of h_l).
-The trainer feeds them through the shared local update (docs/science.md §1, ``creditaudit.train.objective``);
+The trainer feeds them through the shared local update (docs/science.md §1, ``creditaudit.training.objective``);
 only ``end_to_end`` rules (plain BP) are instead trained by autograd on the CE loss.
 
 To add a rule: subclass :class:`Rule`, implement :meth:`Rule.credits` (and :meth:`Rule.step` when the
@@ -11,7 +11,7 @@ the blocks at their random init (only embedding, terminal norm and head learn, t
 rule's own credit a_0) and ``<rule>_shallow`` uses L=0.
 
 Stacks. Several runs of one rule can train as one program with a leading run axis
-(``creditaudit.train.stack``): the rule's code stays written for one run and ``torch.func.vmap``
+(``creditaudit.training.stack``): the rule's code stays written for one run and ``torch.func.vmap``
 adds the axis around it. A rule stacks when ``credits`` is a function of the model, the batch and
 the rule's fixed state (tensors set in ``setup``, returned by ``state_dict``): derivatives taken with
 ``torch.func`` (``vjp``, ``grad``, ``jvp``) rather than ``torch.autograd.grad``, no random draw,

@@ -25,8 +25,8 @@ from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
 from creditaudit.diagnostics import probe
 from creditaudit.models.base import CreditNet, Forward, ModelConfig, arch_shape, build_model, parameter_count
 from creditaudit.rules.base import Rule, RuleContext, build_rule
-from creditaudit.train.allocator import device_memory
-from creditaudit.train.objective import LocalUpdate, local_objective, parse_local_update, penalty
+from creditaudit.training.allocator import device_memory
+from creditaudit.training.objective import LocalUpdate, local_objective, parse_local_update, penalty
 
 
 #: bytes of device memory each parameter takes while training, at least: its float32 value, its
@@ -148,7 +148,7 @@ class StepObjective:
 def step_objective(model: CreditNet, rule: Rule, x: Tensor, y: Tensor, *, lam: float | Tensor,
                    local_rule: LocalUpdate, train_blocks: bool) -> StepObjective:
     """The training objective of one step (docs/science.md §1), written for one run: a stack
-    (``train/stack.py``) evaluates this same function for every run of the stack at once.
+    (``training/stack.py``) evaluates this same function for every run of the stack at once.
 
     End-to-end rules (BP): CE (+ lam·Σ_l mean_b ||f_l||², the capacity-cost control). Every other
     rule: CE of the readout plus the shared local update fed with the rule's credits. Called

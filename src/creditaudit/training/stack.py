@@ -6,7 +6,7 @@ data and schedule — differ only in numbers (seed, penalty λ, random labels), 
 every kernel: each parameter, buffer, optimizer state and fixed rule tensor of the R runs is
 stacked on a new leading axis, and one step
 
-1. evaluates :func:`creditaudit.train.run.step_objective` — the same function, written for one run,
+1. evaluates :func:`creditaudit.training.run.step_objective` — the same function, written for one run,
    that a run alone calls — under ``torch.func.vmap`` over that axis, with the template model and
    rule reparametrised by each run's tensors (the rule's code never sees the run axis);
 2. sums the R objectives and backpropagates once: the runs share no parameter, so each run's
@@ -19,7 +19,7 @@ the objective are per run under vmap; each run's batches come from its own order
 draws (``data.loader.stacked_epoch``); a run that diverges stops (its folder says so) while the
 others go on. Each run keeps its folder, config, metrics, checkpoints, lock, resume and
 diagnostics: the stack writes its tensors back into each run (:meth:`Stack.unstack`) before the
-run's :class:`~creditaudit.train.trainer.RunSession` closes the epoch, so a checkpoint written in a
+run's :class:`~creditaudit.training.trainer.RunSession` closes the epoch, so a checkpoint written in a
 stack resumes alone and the reverse. Evaluation and the per-epoch probe run on the batched path too:
 :meth:`Stack.evaluate`, and :meth:`Stack.probe` — the probe's shared part
 (``diagnostics.probe.shared_figures``) under ``vmap``, then each run's ρ_l on its own model
@@ -60,10 +60,10 @@ from creditaudit.diagnostics import due
 from creditaudit.diagnostics.probe import DiagConfig, Sizes, finish, probe_inputs, probing, shared_figures
 from creditaudit.rules.base import RULES, Rule, parse_rule_name
 from creditaudit.runs.folder import RunLockedError
-from creditaudit.train import run as R
-from creditaudit.train.allocator import available_memory, keep_freed_memory
-from creditaudit.train.run import Run, step_objective
-from creditaudit.train.trainer import Reporter, RunSession, open_session, prepare
+from creditaudit.training import run as R
+from creditaudit.training.allocator import available_memory, keep_freed_memory
+from creditaudit.training.run import Run, step_objective
+from creditaudit.training.trainer import Reporter, RunSession, open_session, prepare
 
 #: eager steps of a batch shape before its step is captured in a CUDA graph (graph=True)
 GRAPH_WARMUP = 2
@@ -298,7 +298,7 @@ class Stack:
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, batch_size: int) -> list[tuple[float, float]]:
         """Every run's mean CE and accuracy on (x, y), shared test data, in eval mode: the run
-        axis over :func:`~creditaudit.train.run.evaluate`'s computation."""
+        axis over :func:`~creditaudit.training.run.evaluate`'s computation."""
         self.model.eval()
 
         def one(params, buffers, xb, yb):

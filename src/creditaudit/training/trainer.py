@@ -7,7 +7,7 @@ diverged or crashed run with its status, and appends one JSON line of metrics pe
 
 The folder's side of a run is a :class:`RunSession` — opened (skipped, or locked and resumed),
 fed one record per epoch, closed with a status — so that one run (``train`` below) and a stack of
-runs trained as one program (``train/stack.py``) keep their folders the same way.
+runs trained as one program (``training/stack.py``) keep their folders the same way.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.lock import say
 from creditaudit.runs.provenance import provenance
-from creditaudit.train import run as R
-from creditaudit.train.allocator import keep_freed_memory
-from creditaudit.train.run import Run, StepCallback
+from creditaudit.training import run as R
+from creditaudit.training.allocator import keep_freed_memory
+from creditaudit.training.run import Run, StepCallback
 
 
 class RunConfigMismatch(UserError, RuntimeError):
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop_after: int
     reporter = reporter or Reporter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    keep_freed_memory()  # large CPU tensors reuse freed pages (train/allocator.py)
+    keep_freed_memory()  # large CPU tensors reuse freed pages (training/allocator.py)
     with open_session(cfg, reporter) as session:
         if not isinstance(session, RunSession):
             return session  # finished already

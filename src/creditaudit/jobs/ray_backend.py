@@ -1,8 +1,8 @@
 """Run many training runs on a Ray cluster, one job per task (docs/science.md §8): a run, or a stack
-of runs of one kind (``--stack N``, ``sweep/packing.py``).
+of runs of one kind (``--stack N``, ``jobs/packing.py``).
 
 The results folder is the meeting point: every task calls the same
-:func:`creditaudit.train.trainer.train` as the local backend, in the run's own folder, so a finished
+:func:`creditaudit.training.trainer.train` as the local backend, in the run's own folder, so a finished
 run is skipped, a killed one resumes (Ray retries a task whose worker died, and the retry resumes
 from the last checkpoint — after a lost node, once the dead node's lock lease has run out:
 :func:`_train_job_on_a_cluster`), a folder another sweep is training is refused by its lock and
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.errors import ConfigError
-from creditaudit.sweep.processes import RunOutcome, _label, _train_job
+from creditaudit.jobs.processes import RunOutcome, _label, _train_job
 
 #: Ray retries a task whose worker process died (OOM kill, node lost); the retry resumes the run.
 MAX_RETRIES = 2
@@ -33,7 +33,7 @@ LEASE_MARGIN_S = 5.0
 
 
 def _train_job_on_a_cluster(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutcome]:
-    """:func:`~creditaudit.sweep.processes._train_job`, and one more attempt for the runs refused
+    """:func:`~creditaudit.jobs.processes._train_job`, and one more attempt for the runs refused
     by a lock only its lease can vouch for (a holder on another node). When a node is lost, Ray
     retries its task on another node while the dead node's lease still runs; the retry waits for
     the lease to run out (at most one lease, default 5 min: ``$CREDITAUDIT_LOCK_LEASE_S``), then
@@ -126,7 +126,7 @@ def run_many_ray(
     """Train every config in Ray tasks of one job each (one CPU, ``gpus_per_run`` GPUs, one torch
     thread): a run, or a stack of at most ``stack`` runs of one kind. Returns one outcome per
     config, in completion order; never raises for a run's failure."""
-    from creditaudit.sweep.packing import pack
+    from creditaudit.jobs.packing import pack
 
     configs = [portable(c) for c in configs]
     for cfg in configs:

@@ -1,8 +1,8 @@
 """Run many training runs on one machine as parallel single-thread worker processes.
 
-A job is one run, trained by :func:`creditaudit.train.trainer.train` in its own run folder, or a
-stack of runs of one kind (``--stack N``, ``sweep/packing.py``), trained by
-:func:`creditaudit.train.stack.train_stack`, each still in its own folder; so the pool
+A job is one run, trained by :func:`creditaudit.training.trainer.train` in its own run folder, or a
+stack of runs of one kind (``--stack N``, ``jobs/packing.py``), trained by
+:func:`creditaudit.training.stack.train_stack`, each still in its own folder; so the pool
 inherits everything a run guarantees: a finished run is skipped, a killed one resumes, a folder
 another process is training is refused by its lock (reported here as ``locked``, not retried), and
 a run that crashes or diverges is recorded with its status while the others go on.
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
-from creditaudit.train.allocator import available_memory
+from creditaudit.training.allocator import available_memory
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _train_job(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutc
     """Worker body for a job of one run or a stack: never raises (a failure is an outcome)."""
     if len(cfg_dicts) == 1:
         return [_train_one(cfg_dicts[0], threads)]
-    from creditaudit.train.stack import train_stack
+    from creditaudit.training.stack import train_stack
 
     cfgs = [_config(d, threads) for d in cfg_dicts]
     try:
@@ -76,7 +76,7 @@ def _train_job(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutc
 def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
     """Worker body: never raises (a failure is an outcome)."""
     from creditaudit.runs.folder import RunLockedError
-    from creditaudit.train.trainer import train
+    from creditaudit.training.trainer import train
 
     cfg = _config(cfg_dict, threads)
     try:
@@ -93,7 +93,7 @@ def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
 # ---------------------------------------------------------------------------------------------
 # The resident set a worker reaches while training its runs, rounded up: torch itself ~0.3 GiB, the
 # dataset and its loading transients, model, optimizer and the probes (vit_mini's full probe is the
-# largest; a worker keeps the peak of its earlier runs, and train/allocator.py keeps freed memory in
+# largest; a worker keeps the peak of its earlier runs, and training/allocator.py keeps freed memory in
 # the process). Measured with bench/bench_study.py on the cpu profile (docs/performance.md): under
 # 1 GiB for resmlp runs, about 2 for smallcnn, 5.7 for a worker that trained vit_mini. One figure
 # for every run keeps the choice simple; --workers N decides otherwise.
@@ -323,7 +323,7 @@ def run_many(
     only (:func:`in_processes`: started again once, then ``failed``); ``died`` hears of each death,
     ``say`` gets what the workers write to stderr.
     Returns one outcome per config, in completion order."""
-    from creditaudit.sweep.packing import pack
+    from creditaudit.jobs.packing import pack
 
     configs = list(configs)
     for cfg in configs:

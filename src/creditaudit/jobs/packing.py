@@ -1,7 +1,7 @@
 """How a sweep's runs become jobs: stacks of runs of one kind, the longest first.
 
-``--stack N`` groups the planned runs that can share a stack (``train/stack.py``: the same
-:func:`~creditaudit.train.stack.stack_key`, a rule that stacks) into stacks of at most N runs, of
+``--stack N`` groups the planned runs that can share a stack (``training/stack.py``: the same
+:func:`~creditaudit.training.stack.stack_key`, a rule that stacks) into stacks of at most N runs, of
 near-equal sizes (a group of 20 with N=16 gives 10 + 10, not 16 + 4); every other run is a job of
 its own, trained as today. Jobs are ordered longest first, so that the last job to start is a short
 one (the classic LPT schedule), by an estimate of their work: optimizer steps × the rule's relative
@@ -38,7 +38,7 @@ def job_cost(job: list[TrainConfig]) -> float:
 def pack(cfgs: list[TrainConfig], stack: int) -> list[list[TrainConfig]]:
     """The sweep's jobs: lists of configs, one stack each (a single run when ``stack`` is 1 or the
     run cannot stack), longest first; configs keep their order within a job."""
-    from creditaudit.train.stack import stack_key, why_not_stacked
+    from creditaudit.training.stack import stack_key, why_not_stacked
 
     if stack < 1:
         raise ValueError(f"--stack must be >= 1, got {stack}")

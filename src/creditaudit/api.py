@@ -1,0 +1,338 @@
+"""The Python API: the verbs of the command line as functions, with the same defaults and the same
+results on disk (``creditaudit.training``, ``creditaudit.audit``, ``creditaudit.jobs``,
+``creditaudit.tables``, ``creditaudit.inventory``, ``creditaudit.load``). The CLI is a thin layer
+over these: it parses, calls, prints.
+
+    import creditaudit
+
+    run = creditaudit.training(rule="dfa", dataset="digits", epochs=3)        # or train(cfg), train("rule=dfa", …)
+    run.status, run.final["test/acc"], run.path
+
+    result = creditaudit.audit(rules=["bp", "dfa"], dataset="digits", epochs=3, workers=2)
+    result.table()            # one dict per rule: verdict, claim, figures (mean, std, n)
+    result.to_frame()         # the same as a pandas DataFrame
+
+Configuration comes as a :class:`~creditaudit.config.TrainConfig`, as ``"key=value"`` strings (the
+command line's overrides) or as keyword arguments (``epochs=3``, ``diag__every=2`` for ``diag.every``
+— or pass ``"diag.every=2"``); later ones win. Errors a user can act on raise
+:class:`creditaudit.errors.UserError` (a bad value, a missing folder), never ``SystemExit``; a run
+that fails or diverges is an outcome (``status``), not an exception, as on the command line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from creditaudit.errors import ConfigError, MissingPathError
+
+SEEDS = (42, 123, 456)
+
+
+def _items(overrides: Iterable[str] = (), fields: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """``"key=value"`` items from overrides and keyword fields (``a__b=1`` is ``a.b=1``; a tuple or
+    list is comma-separated; booleans are ``true``/``false``)."""
+    items = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"{item!r} is not a key=value override (e.g. \"epochs=3\")")
+        items.append(item)
+    for key, value in (fields or {}).items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (tuple, list)):
+            value = ",".join(map(str, value))
+        items.append(f"{key.replace('__', '.')}={value}")
+    return tuple(items)
+
+
+def make_config(*overrides: str, base=None, **fields: Any):
+    """A validated :class:`~creditaudit.config.TrainConfig`: ``base`` (default: every field's
+    default) with the overrides applied, as ``creditaudit train`` builds it."""
+    from creditaudit.config import TrainConfig, apply_overrides, copy_config
+
+    start = copy_config(base) if base is not None else TrainConfig()
+    return apply_overrides(start, list(_items(overrides, fields)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What a training run ended as (its folder holds everything else)."""
+
+    run: str  # the folder's name, rule__arch__sSEED
+    status: str  # finished | diverged | failed | interrupted | skipped (already finished) | locked
+    path: Path
+    epochs_done: int
+    wall_s: float
+    final: dict[str, float]  # the last epoch's logged figures (test/acc, diag/…)
+    summary: dict[str, Any]  # summary.json as written
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every logged epoch of the run (metrics.jsonl), epoch 0 first."""
+        from creditaudit.runs.folder import RunFolder
+
+        return RunFolder(self.path).read_metrics()
+
+
+def train(cfg=None, /, *overrides: str, on_epoch: Callable[[Any, dict], None] | None = None, **fields: Any) -> RunResult:
+    """Train one run (or resume it, or skip it when finished), as ``creditaudit train``: its folder
+    is ``<results>/<setting>/<rule>__<arch>__s<seed>/``. ``cfg`` is a TrainConfig or the first
+    ``"key=value"`` item; ``on_epoch(run, record)`` hears of each epoch."""
+    from creditaudit.config import TrainConfig, run_path
+    from creditaudit.training.trainer import Reporter, train as train_run
+
+    if isinstance(cfg, str):
+        overrides, cfg = (cfg, *overrides), None
+    elif cfg is not None and not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"train() takes a TrainConfig or key=value overrides, not {type(cfg).__name__}")
+    c = make_config(*overrides, base=cfg, **fields)
+    summary = train_run(c, reporter=Reporter(on_epoch=on_epoch) if on_epoch else Reporter())
+    return RunResult(summary.get("run", run_path(c).name), summary["status"], run_path(c), int(summary.get("epochs_done", 0)),
+                     float(summary.get("wall_s", 0.0)), dict(summary.get("final") or {}), summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many runs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """The runs a sweep (or an audit) trained: each config, and each run's outcome."""
+
+    configs: list
+    outcomes: list = field(default_factory=list)  # creditaudit.jobs.RunOutcome, in completion order
+
+    @property
+    def statuses(self) -> list[str]:
+        return [o.status for o in self.outcomes]
+
+    @property
+    def failed(self) -> list:
+        """The outcomes of runs that did not finish (failed, diverged, interrupted, held)."""
+        return [o for o in self.outcomes if o.status != "finished"]
+
+
+def train_many(configs: list, *, workers: int = 0, backend: str = "local", address: str | None = None,
+               gpus_per_run: float = 0.0, stack: int = 1, graph: bool = False,
+               on_done: Callable | None = None, say: Callable[[str], None] | None = None,
+               died: Callable[[str], None] | None = None) -> SweepResult:
+    """Train ``configs`` in parallel: ``workers`` single-thread processes on this machine
+    (``backend="local"``; 0 = one per core) or one Ray task per job (``backend="ray"``; ``address``
+    the cluster, default $RAY_ADDRESS or a local instance). Finished runs are reused, killed ones
+    resume; a run's failure is its outcome, never an exception. ``on_done(outcome, i, n)`` hears of
+    each run; ``say`` gets the workers' stderr lines; ``died`` each lost worker."""
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"backend {backend!r}: choose local or ray")
+    if backend == "local":
+        from creditaudit.jobs import run_many
+
+        outcomes = run_many(configs, workers=workers, stack=stack, graph=graph, on_done=on_done, say=say, died=died)
+    else:
+        from creditaudit.jobs.ray_backend import run_many_ray
+
+        outcomes = run_many_ray(configs, address=address or None, num_cpus=workers or None, gpus_per_run=gpus_per_run,
+                                stack=stack, graph=graph, on_done=on_done)
+    return SweepResult(list(configs), list(outcomes))
+
+
+def plan(*settings: str, profile: str = "cpu", with_baselines: bool = False, overrides: Iterable[str] = (), **fields: Any) -> list:
+    """The run configs ``creditaudit sweep SETTING... --profile P`` trains (``"all"``: every setting
+    of the study), baselines first; nothing is trained."""
+    from creditaudit.experiments import baselines, expand, study_settings
+
+    if not settings:
+        raise ConfigError("name at least one setting (see `creditaudit list`), or \"all\"")
+    names = study_settings() if list(settings) == ["all"] else list(settings)
+    items = _items(overrides, fields)
+    cfgs = [c for n in names for c in expand(n, profile=profile, overrides=items)]
+    added = baselines(cfgs, profile=profile, overrides=items) if with_baselines else []
+    return added + cfgs
+
+
+def sweep(*settings: str, profile: str = "cpu", with_baselines: bool = False, overrides: Iterable[str] = (),
+          workers: int = 0, backend: str = "local", address: str | None = None, gpus_per_run: float = 0.0,
+          stack: int = 1, graph: bool = False, on_done: Callable | None = None, **fields: Any) -> SweepResult:
+    """Train settings of the study, as ``creditaudit sweep``: :func:`plan`, then :func:`train_many`."""
+    cfgs = plan(*settings, profile=profile, with_baselines=with_baselines, overrides=overrides, **fields)
+    return train_many(cfgs, workers=workers, backend=backend, address=address, gpus_per_run=gpus_per_run,
+                      stack=stack, graph=graph, on_done=on_done)
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AuditResult:
+    """One audit per setting audited (``creditaudit.reports.audit.Audit``), the reports written,
+    and the runs trained for it (empty when an existing folder was audited)."""
+
+    audits: list
+    reports: list[dict[str, Path]]
+    trained: SweepResult | None = None
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per setting and rule: the verdict, the claim, how often each detector fired,
+        and every figure as ``<figure>`` (mean), ``<figure>_std`` (ddof=1) and ``<figure>_n``."""
+        rows = []
+        for audit in self.audits:
+            for ra in audit.rules:
+                row: dict[str, Any] = {"setting": audit.setting, "rule": ra.rule, "n": ra.verdict.n,
+                                       "verdict": ra.verdict.label, "claim": ra.verdict.claim}
+                for d in ("D1", "D2", "D3"):
+                    row[f"{d}_fired"] = sum(e is not None for e in ra.fire_epochs(d))
+                for m, count in ra.verdict.modes.items():
+                    row[m] = count
+                for key, (mean, std, n) in ra.stats.items():
+                    row[key], row[f"{key}_std"], row[f"{key}_n"] = mean, std, n
+                rows.append(row)
+        return rows
+
+    def to_frame(self):
+        """:meth:`table` as a pandas DataFrame (``pip install 'creditaudit[data]'``)."""
+        from creditaudit.results import _pandas
+
+        return _pandas().DataFrame(self.table())
+
+
+def audit(results: str | Path | None = None, /, *overrides: str, rules: Iterable[str] | None = None,
+          profile: str = "default", seeds: Iterable[int] = SEEDS, workers: int = 0, own_baseline: bool = False,
+          thresholds=None, out: str | Path | None = None, on_done: Callable | None = None, **fields: Any) -> AuditResult:
+    """Train and audit, as ``creditaudit audit``: without ``results``, the profile's rules (or
+    ``rules``: names, rule files, or ``["all"]``) × ``seeds`` and the ``bp_frozen`` baseline (each
+    rule's own ``<rule>_frozen`` with ``own_baseline``) are trained — finished runs reused — and
+    audited; with ``results``, the finished runs there are re-audited, training nothing. The
+    reports (Markdown, HTML, plots) go to ``out`` (default ``<results>/_reports/<setting>/``).
+    ``thresholds``: a :class:`~creditaudit.diagnostics.verdict.Thresholds`. When no run trained
+    here finished, there is nothing to audit: the result holds no audit, and ``trained.failed`` why."""
+    from creditaudit import experiments as E
+    from creditaudit.reports.audit import write_reports
+    from creditaudit.reports.collect import collect
+
+    trained = None
+    if results is not None:
+        if overrides or fields or rules is not None:
+            raise ConfigError("audit(results) re-audits a folder: it takes no rules and no overrides")
+        root, setting = require_results(results), None
+    else:
+        seeds = tuple(seeds)
+        if not seeds:
+            raise ConfigError("name at least one seed, e.g. seeds=(42, 123, 456)")
+        names = list(rules) if rules is not None else list(E.get_profile(profile, E.AUDIT).audit_rules)
+        if names == ["all"]:
+            from creditaudit.rules import RULES
+
+            names = RULES.names()
+        names, items = resolve_rule_files(list(dict.fromkeys(names)), _items(overrides, fields))
+        if own_baseline:
+            names += [f"{r}_frozen" for r in names if not r.endswith("_frozen")]
+        cfgs = E.audit_configs(names, profile=profile, seeds=seeds, overrides=items,
+                               baseline=None if own_baseline else E.BASELINE_RULE)
+        root, setting = Path(cfgs[0].results), cfgs[0].setting
+        trained = train_many(cfgs, workers=workers, on_done=on_done)
+    col = collect(root, [setting] if setting else None)
+    if trained is not None and not any(o.status == "finished" for o in trained.outcomes):
+        return AuditResult([], [], trained)  # nothing to audit: trained.failed says why
+    if not col.runs:
+        raise MissingPathError(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped)" if col.problems else ""))
+    written = write_reports(col, root, setting=setting, thresholds=thresholds, own_baseline=own_baseline, out=out)
+    return AuditResult([a for a, _ in written], [p for _, p in written], trained)
+
+
+def resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """``my_rule.py`` -> the rule's registered name, with the file added to ``plugins``."""
+    from creditaudit.rules import load_rule_file
+
+    names, files = [], []
+    for r in rules:
+        if r.endswith(".py"):
+            registered = load_rule_file(r)
+            if len(registered) != 1:
+                raise ConfigError(f"{r} registers several rules ({', '.join(registered)}): name one and pass plugins={r}")
+            names.append(registered[0])
+            files.append(str(Path(r).resolve()))
+        else:
+            names.append(r)
+    if files:
+        overrides = (*overrides, f"plugins={','.join(files)}")
+    return names, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports from a results folder (training nothing)
+# ---------------------------------------------------------------------------------------------
+def require_results(results: str | Path) -> Path:
+    """The results folder ``results`` names; a missing one is one line naming the fix."""
+    if not Path(results).is_dir():
+        what = " (that is a file)" if Path(results).exists() else ""
+        raise MissingPathError(f"no results folder {str(results)!r}{what}; train some runs first "
+                               "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them")
+    return Path(results)
+
+
+@dataclass
+class TablesResult:
+    """The study's tables (``creditaudit.reports.tables.Table``: title, header, rows, notes) and
+    the Markdown file written."""
+
+    tables: list
+    path: Path
+
+    def __getitem__(self, key: str):
+        for t in self.tables:
+            if t.key == key:
+                return t
+        raise KeyError(f"no table {key!r}; these were built: {', '.join(t.key for t in self.tables)}")
+
+
+def tables(results: str | Path = "results", *, names: Iterable[str] = (), out: str | Path | None = None,
+           triangulate: str | None = None, thresholds=None) -> TablesResult:
+    """The study's tables from a results folder alone, as ``creditaudit tables``: Table 1, FA vs
+    DFA, penalty sweep, depth sweep, cross-architecture, functional triangulation (``names``: some
+    of them), written to ``out`` (default ``<results>/_reports/tables.md``)."""
+    from creditaudit.diagnostics.verdict import Thresholds
+    from creditaudit.reports import tables as T
+    from creditaudit.reports.collect import collect
+    from creditaudit.runs.io import atomic_write_text
+
+    names = list(names)
+    unknown = [n for n in names if n not in T.TABLES]
+    if unknown:
+        raise ConfigError(f"unknown table {unknown[0]!r}; choose from {', '.join(T.TABLES)}")
+    col = collect(require_results(results))
+    th = thresholds or Thresholds()
+    chosen = [T.triangulation(col, th, triangulate or None) if n == "triangulation" else T.TABLES[n](col, th)
+              for n in (names or T.TABLES)]
+    path = Path(out) if out else Path(results) / "_reports" / "tables.md"
+    atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
+    return TablesResult(chosen, path)
+
+
+def inventory(results: str | Path = "results", *, out: str | Path | None = None) -> Path:
+    """Write TRAINING_INVENTORY.md from a results folder alone, as ``creditaudit inventory``
+    (default ``<results>/_reports/TRAINING_INVENTORY.md``); returns its path."""
+    from creditaudit.reports.collect import collect
+    from creditaudit.reports.inventory import inventory_markdown
+    from creditaudit.runs.io import atomic_write_text
+
+    col = collect(require_results(results))
+    path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"
+    atomic_write_text(path, inventory_markdown(col, str(results)))
+    return path
+
+
+def load(results: str | Path = "results", settings: Iterable[str] | None = None):
+    """Every run × logged epoch of a results folder as one pandas DataFrame (``creditaudit.results.load``)."""
+    from creditaudit.results import load as load_results
+
+    require_results(results)
+    return load_results(results, list(settings) if settings is not None else None)
+
+
+__all__ = ["AuditResult", "RunResult", "SweepResult", "TablesResult", "audit", "inventory", "load", "make_config", "plan",
+           "sweep", "tables", "train", "train_many"]
