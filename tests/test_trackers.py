@@ -1,11 +1,14 @@
-"""logger=tensorboard and logger=mlflow: every epoch's metrics and the resolved config reach the
-tracker, read back with the tracker's own reader (TensorBoard's EventAccumulator, MLflow's
-MlflowClient) and compared with the run folder, which stays the record."""
+"""logger=tensorboard, logger=mlflow and logger=wandb: every epoch's metrics and the resolved config
+reach the tracker, read back with the tracker's own reader (TensorBoard's EventAccumulator, MLflow's
+MlflowClient, W&B's transaction-log inspector on an offline run's files) and compared with the run
+folder, which stays the record."""
 from __future__ import annotations
 
 import builtins
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from creditaudit.jobs import run_many
 from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 
-LOGGERS = ["tensorboard", "mlflow"]
+LOGGERS = ["tensorboard", "mlflow", "wandb"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +32,24 @@ def _no_mlflow_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     yield
     os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)  # set by the tracker; monkeypatch restores a developer's own
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch, tmp_path):
+    """W&B offline, its settings, cache and credentials in the test's folder (no login, no network);
+    its service process, settings and exit hooks gone with the test."""
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "wandb_home"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name, sub in [("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")]:
+        monkeypatch.setenv(name, str(home / sub))
+    monkeypatch.setenv("NETRC", str(home / "netrc"))  # (absent: not the developer's ~/.netrc)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # wandb.init wraps both for good
+    monkeypatch.setattr(sys, "exit", sys.exit)
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()  # ends its wandb-core process; the next test sets it up anew
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +90,44 @@ def read_mlflow(results: Path) -> dict[str, tuple[dict, dict, str]]:
     return out
 
 
-READ = {"tensorboard": read_tensorboard, "mlflow": read_mlflow}
-FINISHED = {"tensorboard": "STATUS_SUCCESS", "mlflow": "FINISHED"}
+def read_wandb(results: Path) -> dict[str, tuple[dict, dict, str]]:
+    """Every offline run's .wandb transaction log, in time order, through ``wandb leet inspect
+    --json``; the logs of one run id (a resumed run writes a new one) merged as ``wandb sync`` would."""
+    pytest.importorskip("wandb")
+    runs: dict[str, dict] = {}
+    for log in sorted((results / "_wandb" / "wandb").glob("offline-run-*/run-*.wandb")):  # (run-<time>-<id>)
+        inspected = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+                                   capture_output=True, text=True, timeout=120, check=True)
+        records = [json.loads(line) for line in inspected.stdout.splitlines()]
+        (run,) = [r["run"] for r in records if r["type"] == "run"]
+        seen = run["run_id"] in runs
+        assert run.get("resume", False) == seen  # a later log of an id continues it
+        got = runs.setdefault(run["run_id"], {"name": run["display_name"], "metrics": {}, "config": {}, "summary": {}})
+        assert got["name"] == run["display_name"] and run["run_group"] == run["display_name"].split("/")[0]
+        got["config"].update(run["config"]["update"])
+        for r in records:
+            if r["type"] == "config":
+                got["config"].update(r["config"].get("update", {}))
+            elif r["type"] == "history":
+                for key, value in r["history"]["item"].items():
+                    if not key.startswith("_"):
+                        got["metrics"].setdefault(key, {})[r["history"]["step"]["num"]] = value
+            elif r["type"] == "summary":
+                got["summary"].update(r["summary"].get("update", {}))
+            elif r["type"] == "exit":
+                got["exit_code"] = r["exit"].get("exit_code", 0)
+    out = {}
+    for run in runs.values():
+        assert run["name"] not in out, f"two W&B runs named {run['name']}"
+        status = run["summary"]["creditaudit.status"]
+        assert (run["exit_code"] == 0) == (status == "finished")
+        assert Path(run["summary"]["creditaudit.run_dir"]) == results / run["name"]
+        out[run["name"]] = (run["metrics"], {k: v for k, v in run["config"].items() if k != "_wandb"}, status)
+    return out
+
+
+READ = {"tensorboard": read_tensorboard, "mlflow": read_mlflow, "wandb": read_wandb}
+FINISHED = {"tensorboard": "STATUS_SUCCESS", "mlflow": "FINISHED", "wandb": "finished"}
 
 
 def records_of(cfg: TrainConfig) -> list[dict]:
@@ -110,6 +167,9 @@ def test_every_epoch_and_the_config_reach_the_tracker_across_a_resume(tmp_path, 
     if logger == "mlflow":
         assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # set by the tracker for the local store
         assert not (results / "mlruns").exists() and not Path("mlruns").exists()
+    if logger == "wandb":
+        assert len(list((results / "_wandb" / "wandb").glob("offline-run-*"))) == 2  # the first attempt, its resume
+        assert not Path("wandb").exists()
     # A finished run is skipped and logs nothing.
     files = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     assert train(cfg)["status"] == "finished"
@@ -139,7 +199,7 @@ def test_a_sweep_logs_one_tracker_run_per_training_run(tmp_path, logger):
         metrics, hparams, _ = tracked[f"sweep_t/{run_path(cfg).name}"]
         assert float(hparams["seed"]) == cfg.seed
         assert metrics["test/acc"] == pytest.approx({r["epoch"]: r["test/acc"] for r in records_of(cfg) if "test/acc" in r}, rel=1e-6)
-    # The tracker's folder (_tensorboard, _mlruns) is not taken for a setting by the results reader.
+    # The tracker's folder (_tensorboard, _mlruns, _wandb) is not taken for a setting by the results reader.
     collected = collect(cfgs[0].results)
     assert sorted(r.path.name for r in collected.runs) == ["bp__resmlp__s1", "bp__resmlp__s2"] and not collected.problems
 
@@ -155,7 +215,7 @@ def test_logger_dir_places_the_tracker(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Refusals, failures
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+@pytest.mark.parametrize("logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")])
 def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, monkeypatch, logger, module):
     real_import = builtins.__import__
 
@@ -164,14 +224,15 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, monkeypatc
             raise ModuleNotFoundError(f"No module named '{module}'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_extra)
-    with pytest.raises(ConfigError) as err:
-        apply_overrides(TrainConfig(), ["dataset=digits", f"logger={logger}"])
+    results = tmp_path / "results"
+    with monkeypatch.context() as patch:  # (undone before the fixtures' teardown, which imports wandb)
+        patch.setattr(builtins, "__import__", no_extra)
+        with pytest.raises(ConfigError) as err:
+            apply_overrides(TrainConfig(), ["dataset=digits", f"logger={logger}"])
+        # The CLI says it in one line, before any run starts.
+        out = CliRunner().invoke(cli_main, ["train", "dataset=digits", f"logger={logger}", f"results={results}"])
     message = str(err.value)
     assert "\n" not in message and f"pip install 'creditaudit[{logger}]'" in message
-    # The CLI says it in one line, before any run starts.
-    results = tmp_path / "results"
-    out = CliRunner().invoke(cli_main, ["train", "dataset=digits", f"logger={logger}", f"results={results}"])
     assert out.exit_code == 2 and "pip install 'creditaudit" in out.output
     assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
     assert not results.exists()
@@ -191,7 +252,7 @@ def test_the_cli_prints_the_extra_in_brackets(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("logger=wandb", "logger must be one of none | tensorboard | mlflow"),
+    ("logger=comet", "logger must be one of none | tensorboard | mlflow | wandb"),
     ("logger_dir=somewhere", "logger_dir=somewhere has no effect with logger=none"),
 ])
 def test_logger_values_are_checked(item, message):
@@ -204,7 +265,7 @@ def test_logger_values_are_checked(item, message):
 def test_a_failing_tracker_does_not_lose_the_run(tmp_path, monkeypatch, capsys, logger, where):
     from creditaudit import trackers
 
-    cls = {"tensorboard": trackers.TensorBoardTracker, "mlflow": trackers.MLflowTracker}[logger]
+    cls = {"tensorboard": trackers.TensorBoardTracker, "mlflow": trackers.MLflowTracker, "wandb": trackers.WandbTracker}[logger]
 
     def broken(self, *args, **kwargs):
         raise OSError("disk full\nsecond line")
@@ -217,3 +278,26 @@ def test_a_failing_tracker_does_not_lose_the_run(tmp_path, monkeypatch, capsys, 
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("creditaudit:")]
     assert lines == [f"creditaudit: logger={logger} failed at {'epoch 0' if where == 'log' else where} "
                      "(OSError: disk full second line); going on without it (the run folder has every metric)"]
+
+
+def test_wandb_online_without_credentials_is_one_line_not_a_prompt(tmp_path, monkeypatch, capfd):
+    """No `wandb login` and no WANDB_API_KEY: the tracker says so in its one line (W&B would ask
+    for a key at a terminal, holding the run) and the run goes on; W&B itself prints nothing."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg = tiny_config(tmp_path, "rule=bp", "epochs=1", "logger=wandb")
+    assert train(cfg)["status"] == "finished"
+    said = [line for line in capfd.readouterr().err.splitlines() if "wandb" in line.lower()]
+    assert said == [("creditaudit: logger=wandb failed at start (RuntimeError: no W&B credentials: run `wandb login` "
+                     "(or set WANDB_API_KEY), or set WANDB_MODE=offline and `wandb sync` the tracker dir later); "
+                     "going on without it (the run folder has every metric)")]
+
+
+def test_wandb_prints_nothing(tmp_path, capfd):
+    """Offline, W&B's console capture off and its messages silent: the terminal stays creditaudit's."""
+    pytest.importorskip("wandb")
+    cfg = tiny_config(tmp_path, "rule=bp", "epochs=1", "logger=wandb")
+    assert train(cfg)["status"] == "finished"
+    out = capfd.readouterr()
+    assert "wandb" not in (out.out + out.err).lower()
+    assert list(read_wandb(Path(cfg.results))) == ["adhoc/bp__resmlp__s42"]

@@ -1,10 +1,10 @@
-"""Experiment trackers: stream a run's metrics and config to TensorBoard or MLflow (``logger=``).
+"""Experiment trackers: stream a run's metrics and config to TensorBoard, MLflow or Weights & Biases (``logger=``).
 
 The run folder stays the record (config.json, metrics.jsonl, summary.json); a tracker is a view
 on it that researchers already have open. ``logger=tensorboard`` needs ``pip install
 'creditaudit[tensorboard]'``, ``logger=mlflow`` needs ``pip install 'creditaudit[mlflow]'``
-(mlflow-skinny); :func:`check_logger` refuses a missing extra when the config is validated,
-before any run starts.
+(mlflow-skinny), ``logger=wandb`` needs ``pip install 'creditaudit[wandb]'``; :func:`check_logger`
+refuses a missing extra when the config is validated, before any run starts.
 
 One tracker run per training run, named like its folder: ``<setting>/<rule>__<arch>__s<seed>``.
 Its hyper-parameters are the resolved config flattened to dotted keys (``model.d``,
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,10 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from creditaudit.errors import ConfigError
 
-LOGGERS = ("none", "tensorboard", "mlflow")
-EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> creditaudit extra
+LOGGERS = ("none", "tensorboard", "mlflow", "wandb")
+EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> creditaudit extra
 MLFLOW_EXPERIMENT = "creditaudit"  # unless $MLFLOW_EXPERIMENT_NAME names another
+WANDB_PROJECT = "creditaudit"  # unless $WANDB_PROJECT names another
 PARAM_MAX = 500  # characters of an MLflow param value (MLflow allows 6000; a config value is short)
 
 
@@ -69,6 +71,8 @@ def _import_backend(logger: str) -> None:
         import torch.utils.tensorboard  # noqa: F401  (raises without the tensorboard package)
     elif logger == "mlflow":
         import mlflow.tracking  # noqa: F401
+    elif logger == "wandb":
+        import wandb  # noqa: F401
 
 
 def check_logger(logger: str, logger_dir: str = "") -> None:
@@ -77,7 +81,7 @@ def check_logger(logger: str, logger_dir: str = "") -> None:
         raise ConfigError(f"logger must be one of {' | '.join(LOGGERS)} (got {logger!r})")
     if logger == "none":
         if logger_dir:
-            raise ConfigError(f"logger_dir={logger_dir} has no effect with logger=none: drop it or set logger=tensorboard or logger=mlflow")
+            raise ConfigError(f"logger_dir={logger_dir} has no effect with logger=none: drop it or set logger=tensorboard, mlflow or wandb")
         return
     try:
         _import_backend(logger)
@@ -311,6 +315,74 @@ class MLflowTracker:
 
 
 # ---------------------------------------------------------------------------------------------
+# Weights & Biases
+# ---------------------------------------------------------------------------------------------
+def _wandb_id_prefix(run_name: str) -> str:
+    """The start of a training run's W&B run ids: its name, / and the other characters W&B refuses
+    in an id (``:;,#?/'``) as -."""
+    return re.sub(r"[^\w.-]", "-", run_name)[:100]
+
+
+class WandbTracker:
+    """One W&B run per training run, named ``<setting>/<rule>__<arch>__s<seed>`` and grouped by
+    setting, in the project ``creditaudit`` (or ``$WANDB_PROJECT``; the entity is W&B's default or
+    ``$WANDB_ENTITY``). Config: the flattened config; metrics at step = epoch; summary keys
+    ``creditaudit.status`` and ``creditaudit.run_dir``; exit code 0 when the run finished, else 1
+    (W&B says failed; creditaudit.status says which end).
+
+    W&B keeps its local files (``wandb/[offline-]run-<time>-<id>/run-<id>.wandb``) under the tracker
+    dir, default ``<results>/_wandb``. A run's id is its name with / as -, then 8 random hex digits:
+    a fresh start takes a new one, and a resumed training run continues (``resume="allow"``) the
+    newest id of its name found there. ``WANDB_MODE=offline`` (or ``wandb offline``) writes the
+    local files only, for ``wandb sync`` later. Online without credentials (no ``wandb login``, no
+    ``$WANDB_API_KEY``) the tracker fails at start instead of prompting in the middle of a sweep.
+    W&B's console capture is off and its messages silent (the terminal stays creditaudit's), and each
+    tracker has its own W&B run (``reinit="create_new"``), so the runs of a stack log side by side.
+    """
+
+    def __init__(self, root: str | os.PathLike, run_dir: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser()
+        self.run_dir = run_dir
+        self.run = None
+
+    def _newest_id(self, prefix: str) -> str | None:
+        """The id of the newest local W&B run of this name (``latest-run`` and other ids skipped)."""
+        pattern = re.compile(rf"(?:offline-)?run-(\d{{8}}_\d{{6}})-({re.escape(prefix)}-[0-9a-f]{{8}})")
+        found = [(m.group(1), m.group(2)) for d in self.root.glob("*wandb/*run-*") if (m := pattern.fullmatch(d.name))]
+        return max(found)[1] if found else None
+
+    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
+        import wandb
+
+        mode = wandb.setup().settings.mode  # $WANDB_MODE, else `wandb offline|online`, else online
+        if mode not in ("offline", "dryrun", "disabled") and not wandb.login(prompt=False):
+            raise RuntimeError("no W&B credentials: run `wandb login` (or set WANDB_API_KEY), "
+                               "or set WANDB_MODE=offline and `wandb sync` the tracker dir later")
+        self.root.mkdir(parents=True, exist_ok=True)  # (missing, it costs a warning that silent does not silence)
+        prefix = _wandb_id_prefix(run_name)
+        existing = self._newest_id(prefix) if resumed_from is not None else None
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, dir=self.root,
+            id=existing or f"{prefix}-{secrets.token_hex(4)}", resume="allow" if existing else None,
+            name=run_name, group=run_name.rsplit("/", 1)[0], config=dict(hparams),
+            settings=wandb.Settings(console="off", silent=True), reinit="create_new")
+        self.run.summary["creditaudit.status"] = "running"
+        if self.run_dir is not None:
+            self.run.summary["creditaudit.run_dir"] = str(self.run_dir)
+        return existing is not None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.run.log(numeric_metrics(metrics), step=step)
+
+    def finish(self, status: str) -> None:
+        if self.run is None:
+            return
+        self.run.summary["creditaudit.status"] = status
+        self.run.finish(exit_code=0 if status == "finished" else 1)
+        self.run = None
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer's entry point
 # ---------------------------------------------------------------------------------------------
 class Guarded:
@@ -349,6 +421,8 @@ def make_tracker(logger: str, logger_dir: str, results: str | os.PathLike, run_d
     if logger == "mlflow":
         uri = logger_dir or os.environ.get("MLFLOW_TRACKING_URI") or str(Path(results) / "_mlruns")
         return MLflowTracker(uri, run_dir)
+    if logger == "wandb":
+        return WandbTracker(logger_dir or Path(results) / "_wandb", run_dir)
     return NoTracker()
 
 
