@@ -301,3 +301,14 @@ def test_wandb_prints_nothing(tmp_path, capfd):
     out = capfd.readouterr()
     assert "wandb" not in (out.out + out.err).lower()
     assert list(read_wandb(Path(cfg.results))) == ["adhoc/bp__resmlp__s42"]
+
+
+def test_wandb_runs_of_a_stack_log_side_by_side(tmp_path):
+    """The runs of a stack train in one process at once: each has its own W&B run (reinit="create_new")."""
+    cfgs = [tiny_config(tmp_path, "rule=dfa", f"seed={s}", "setting=stack_t", "logger=wandb") for s in (1, 2)]
+    outcomes = run_many(cfgs, workers=1, stack=2)
+    assert sorted(o.status for o in outcomes) == ["finished", "finished"]
+    tracked = read_wandb(Path(cfgs[0].results))
+    assert sorted(tracked) == ["stack_t/dfa__resmlp__s1", "stack_t/dfa__resmlp__s2"]
+    for cfg in cfgs:
+        assert_streams_the_folder(tracked[f"stack_t/{run_path(cfg).name}"], cfg, "wandb")
