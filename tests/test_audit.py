@@ -36,7 +36,7 @@ def test_a_healthy_run_passes():
 def test_fire_epochs_are_the_first_crossing():
     v = run_verdict(log([0.85, 0.87, 0.88], d1=[1, 2, 60, 800], gL=[1e-2, 1e-5, 1e-8, 1e-10]), BASE, TH)
     assert v.fired == {"D1": 2, "D2": 2, "D3": None}
-    assert v.label == "FAIL(D1+D2)" and v.modes == ["Mode 1(a)", "Mode 1(b)"]
+    assert v.label == "FAIL(D1 1/1 + D2 1/1)" and v.modes == ["Mode 1(a)", "Mode 1(b)"]
 
 
 def test_d3_uses_the_final_depth_utility_and_dates_the_last_crossing():

@@ -91,3 +91,29 @@ def test_incompatible_arch_and_data_fail_before_any_file_is_written(cli, tmp_pat
     result = cli("train", "arch=smallcnn", "dataset=mnist1d", f"data_dir={tmp_path / 'd'}", f"results={tmp_path / 'r'}")
     assert result.exit_code == 2 and "image inputs" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_audit_prints_a_legend_unless_told_not_to(cli, tmp_path):
+    from tests.results_factory import study
+
+    root = study(tmp_path / "results")
+    shown = cli("audit", str(root), "--out", str(tmp_path / "reports"), "--d3", "4")
+    assert shown.exit_code == 0, shown.output
+    assert "fired@ep" in shown.output and "needs walk-back" in shown.output and "D3 fires below 4" in shown.output
+    assert shown.output.count("D3 fires below") == 1  # once, under the last setting's table
+    hidden = cli("audit", str(root), "--out", str(tmp_path / "reports"), "--no-legend")
+    assert hidden.exit_code == 0 and "D3 fires below" not in hidden.output
+
+
+def test_finished_runs_are_reused_and_said_so_once(cli, tmp_path, capsys):
+    from creditaudit import cli as commands
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "epochs=1", "d=16", "L=1")
+    assert cli("train", "-q", *(f"{k}={v}" for k, v in (("dataset", "digits"), ("d", 16), ("L", 1), ("epochs", 1),
+                                                          ("batch_size", 64), ("threads", 1), ("results", cfg.results),
+                                                          ("data_dir", cfg.data.data_dir)))).exit_code == 0
+    capsys.readouterr()
+    assert commands._train_all([cfg], workers=1) == ["finished"]
+    out = capsys.readouterr().out
+    assert out.strip() == "nothing to train: 1 finished run reused (delete a run's folder to train it again)"

@@ -35,7 +35,7 @@ def test_without_a_baseline_no_run_passes(tmp_path):
         make_run(tmp_path, "main_audit", "dfa", seed)  # D1 and D2 fire
     audit = _audit(tmp_path)
     fa, dfa = audit.rules
-    assert all(r.verdict.label == NOT_EVALUATED and "--with-baselines" in r.verdict.d3_missing for r in fa.runs)
+    assert all(r.verdict.label == f"{NOT_EVALUATED} (1/1)" and "--with-baselines" in r.verdict.d3_missing for r in fa.runs)
     assert fa.verdict.label == f"{NOT_EVALUATED} (3/3)" and fa.verdict.claim == "undetermined"
     assert dfa.verdict.label.startswith("FAIL(D1 3/3 + D2 3/3") and dfa.verdict.claim == "needs walk-back"
     text = markdown(audit)

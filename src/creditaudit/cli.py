@@ -15,6 +15,7 @@ loses nothing already computed.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +27,19 @@ from rich.table import Table
 
 from creditaudit.errors import MissingPathError, UserError, user_message
 
-# Off a terminal (logs, CI, a pipe) a line is a line: never wrapped, so a path or an error stays
-# whole for grep, whatever its length; tables get 160 columns there instead of rich's default 80.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+
+def _pipe_width() -> int | None:
+    """Off a terminal (logs, CI, a pipe) tables get $COLUMNS columns when it is set, else 160 instead
+    of rich's default 80; in a terminal rich measures it (None)."""
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "").strip()
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 160
+
+
+# Off a terminal a line is a line: never wrapped, so a path or an error stays whole for grep,
+# whatever its length.
+console = Console(highlight=False, width=_pipe_width(), soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
@@ -72,6 +83,16 @@ class Commands(click.Group):
         except KeyboardInterrupt:
             err_console.print("interrupted: what was computed is kept; run the same command again to resume")
             sys.exit(INTERRUPTED)
+
+
+def show(renderable) -> None:
+    """Print a table; off a terminal without the spaces rich pads its lines' ends with."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    console.out("\n".join(line.rstrip() for line in captured.get().splitlines()), highlight=False)
 
 
 def _error_line(text: str) -> None:
@@ -243,7 +264,9 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
 @click.option("--d2", type=Threshold(), default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖.")
 @click.option("--d3", type=Threshold(), default=2.0, show_default=True, help="D3 threshold on depth utility, percentage points.")
 @click.option("--mode2", type=Threshold(), default=0.1, show_default=True, help="Mode 2 threshold on |deep cos|.")
-def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2) -> None:
+@click.option("--no-legend", "legend", is_flag=True, flag_value=False, default=True,
+              help="Leave out the legend under the audit table (what its columns, verdicts and claims mean).")
+def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2, legend) -> None:
     """Train and audit: creditaudit audit [RESULTS_DIR] [key=value ...]
 
     Without RESULTS_DIR: trains the main audit (bp, fa, dfa, ep, sb, cb × 3 seeds and the bp_frozen
@@ -284,7 +307,7 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
                                baseline=None if own_baseline else E.BASELINE_RULE)
         root, setting = Path(cfgs[0].results), cfgs[0].setting
         statuses = _train_all(cfgs, workers)
-    reported = _report(root, setting, th, own_baseline, out)
+    reported = _report(root, setting, th, own_baseline, out, legend)
     if results_dir:
         sys.exit(OK if reported else USAGE)
     sys.exit(runs_status(statuses))
@@ -323,15 +346,24 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
     from creditaudit.runs.folder import RunFolder
     from creditaudit.jobs import JobProgress, run_many
 
-    finished = {f"{run_path(c).parent.name}/{run_path(c).name}" for c in cfgs if RunFolder(run_path(c)).status() == "finished"}
-    epochs = {f"{run_path(c).parent.name}/{run_path(c).name}": c.epochs for c in cfgs}
-    job = JobProgress(epochs, already=finished)
-    console.print(f"training {len(cfgs)} runs ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each; finished runs are reused)")
+    def label(c) -> str:
+        return f"{run_path(c).parent.name}/{run_path(c).name}"
+
+    # Runs finished before: reused, said once, never handed to a worker (nor listed with old times).
+    reused = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
+    cfgs = [c for c in cfgs if c not in reused]
+    what = f"{len(reused)} finished run{'' if len(reused) == 1 else 's'} reused (delete a run's folder to train it again)"
+    if not cfgs:
+        console.print(f"nothing to train: {what}")
+        return ["finished"] * len(reused)
+    job = JobProgress({label(c): c.epochs for c in cfgs})
+    console.print(f"training {len(cfgs)} runs ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each)"
+                  + (f"; {what}" if reused else ""))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
                   TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("runs", total=len(cfgs), state=job.state())
 
-        statuses: list[str] = []
+        statuses: list[str] = ["finished"] * len(reused)
 
         def done(outcome, i, n):
             statuses.append(outcome.status)
@@ -362,12 +394,12 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
     return statuses
 
 
-def _report(root: Path, setting, th, own_baseline: bool, out: str) -> bool:
+def _report(root: Path, setting, th, own_baseline: bool, out: str, legend: bool = True) -> bool:
     """Audit the finished runs under ``root`` (of ``setting``), print the tables and write the
     reports; False (and one line on stderr) when no run has finished."""
     from creditaudit.reports.audit import write_reports
     from creditaudit.reports.collect import collect
-    from creditaudit.reports.terminal import audit_table
+    from creditaudit.reports.terminal import audit_legend, audit_table
 
     col = collect(root, [setting] if setting else None)
     if not col.runs:
@@ -384,12 +416,14 @@ def _report(root: Path, setting, th, own_baseline: bool, out: str) -> bool:
                           "`creditaudit sweep SETTING` (killed runs resume) and audit again", markup=True, soft_wrap=True)
         return False
     for audit, paths in written:
-        console.print(audit_table(audit, f"audit — {audit.setting}"))  # the folder is on the report line
+        show(audit_table(audit, f"audit — {audit.setting}"))  # the folder is on the report line
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {p}")
         for p in audit.unevaluated():
             err_console.print(f"[yellow]D3 not evaluated:[/] {p}")
         console.print(f"report: {paths['markdown']} and {paths['html']}")
+    if legend:  # once, under the last table (the thresholds are the same for every setting)
+        show(audit_legend(written[-1][0]))
     return True
 
 
@@ -575,7 +609,9 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
 @click.option("--table", "names", multiple=True,
               help="Only these tables (repeatable): table1, fa_vs_dfa, penalty_sweep, depth_sweep, cross_arch, triangulation.")
 @click.option("--triangulate", default="", help="Setting for the functional triangulation (default: penalty_rescue, else main_audit).")
-def tables(results, out, names, triangulate) -> None:
+@click.option("--no-legend", "legend", is_flag=True, flag_value=False, default=True,
+              help="Leave out the legend under the audit table (what its columns, verdicts and claims mean).")
+def tables(results, out, names, triangulate, legend) -> None:
     """Write the study's tables from a results folder alone: creditaudit tables [RESULTS]
 
     Table 1 (main audit), FA vs DFA, penalty sweep, depth sweep, cross-architecture and the
@@ -584,7 +620,7 @@ def tables(results, out, names, triangulate) -> None:
     from creditaudit.diagnostics.verdict import Thresholds
     from creditaudit.reports import tables as T
     from creditaudit.reports.audit import build_audit
-    from creditaudit.reports.terminal import audit_table, plain, study_table
+    from creditaudit.reports.terminal import audit_legend, audit_table, plain, study_table
     from creditaudit.runs.io import atomic_write_text
 
     unknown = [n for n in names if n not in T.TABLES]
@@ -599,7 +635,12 @@ def tables(results, out, names, triangulate) -> None:
             table = audit_table(build_audit(col, setting="main_audit", thresholds=th), t.title)
         else:
             table = study_table(t.title, t.header, t.rows, t.terminal)
-        console.print(table if t.rows else f"[bold]{t.title}[/]: no finished runs for this table")
+        if t.rows:
+            show(table)
+        else:
+            console.print(f"[bold]{t.title}[/]: no finished runs for this table")
+        if t.key == "table1" and t.rows and legend:
+            show(audit_legend(build_audit(col, setting="main_audit", thresholds=th)))
         for note in t.notes:
             console.print(f"  {plain(note)}", markup=False)
         console.print()
@@ -704,7 +745,7 @@ def list_(options: bool) -> None:
                 for f in dataclasses.fields(entry.obj.Options):
                     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                     table.add_row("", f"[dim]{entry.name}.{f.name}={default}  {f.metadata.get('help', '')}[/]")
-        console.print(table)
+        show(table)
         if registry is RULES:
             console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
                           + ("" if options else "; `creditaudit list --options` shows each rule's options"))
@@ -718,7 +759,7 @@ def list_(options: bool) -> None:
             for entry in RULES.entries():
                 if entry.obj.stack_refusal:
                     stacking.add_row(entry.name, f"alone: {entry.obj.stack_refusal}")
-            console.print(stacking)
+            show(stacking)
         console.print()
     profiles = Table(title="profiles (--profile NAME, for the commands named)", title_justify="left", show_header=False,
                      box=None, pad_edge=False)
@@ -727,7 +768,7 @@ def list_(options: bool) -> None:
     profiles.add_column()
     for entry in PROFILES.entries():
         profiles.add_row(entry.name, ", ".join(sorted(entry.obj.commands)), entry.summary)
-    console.print(profiles)
+    show(profiles)
 
 
 # ---------------------------------------------------------------------------------------------

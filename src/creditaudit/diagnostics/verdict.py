@@ -10,9 +10,10 @@ per rule over seeds. Pure functions of metrics logs — nothing here trains or l
 - Mode 1(a) = D1 fired; Mode 1(b) = D2 fired; Mode 2 (aggregation collapse) = D2 never fired but
   the final |deep cos| < ``mode2_cos``.
 
-A run is FAIL(D1+D2+…) when any detector fired; otherwise PASS only when D3 was evaluated (a
-baseline of the same experiment exists): a run without one reads "D3 not evaluated", never PASS. A
-rule over seeds is PASS when every seed passes; its claim "learns with genuine credit" is
+A verdict is written one way in every report and terminal: ``FAIL(D1 3/3 + D3 3/3)`` names the
+detectors that fired and in how many of the n seeds (a single run is n = 1: ``FAIL(D3 1/1)``);
+otherwise PASS only when D3 was evaluated (a baseline of the same experiment exists): a run without
+one reads "D3 not evaluated (1/1)", never PASS. A rule over seeds is PASS when every seed passes; its claim "learns with genuine credit" is
 *trustworthy* when it passes and no seed shows Mode 2, *needs walk-back* when a detector fired or
 Mode 2 shows, and *undetermined* when nothing fired but D3 could not be evaluated for some seed.
 """
@@ -50,9 +51,17 @@ class RunVerdict:
 
     @property
     def label(self) -> str:
-        if self.failed:
-            return f"FAIL({'+'.join(self.failed)})"
-        return NOT_EVALUATED if self.d3_missing else "PASS"
+        """The verdict in the rule's form with n = 1: ``FAIL(D1 1/1 + D3 1/1)``, ``PASS``, ``D3 not evaluated (1/1)``."""
+        return verdict_label({d: int(d in self.failed) for d in DETECTORS}, 1, int(self.d3_missing is not None))
+
+
+def verdict_label(failed_counts: dict[str, int], n: int, unevaluated: int = 0) -> str:
+    """The one written form of a verdict over n seeds: ``FAIL(D1 3/3 + D3 3/3)`` (detectors that
+    fired, in how many seeds), else ``D3 not evaluated (1/3)`` (seeds without a baseline), else ``PASS``."""
+    failed = [f"{d} {c}/{n}" for d, c in failed_counts.items() if c]
+    if failed:
+        return f"FAIL({' + '.join(failed)})"
+    return f"{NOT_EVALUATED} ({unevaluated}/{n})" if unevaluated else "PASS"
 
 
 def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -132,10 +141,7 @@ class RuleVerdict:
 
     @property
     def label(self) -> str:
-        failed = [f"{d} {c}/{self.n}" for d, c in self.failed_counts.items() if c]
-        if failed:
-            return f"FAIL({' + '.join(failed)})"
-        return f"{NOT_EVALUATED} ({self.unevaluated}/{self.n})" if self.unevaluated else "PASS"
+        return verdict_label(self.failed_counts, self.n, self.unevaluated)
 
     @property
     def trustworthy(self) -> bool:

@@ -47,22 +47,14 @@ def _exp(x: float, digits: int = 1) -> str:
 
 
 def fired(ra: RuleAudit) -> str:
-    """``D1 3/3@1 D2 2/3@4``: detectors that fired, in how many seeds, first epoch among them."""
+    """``D1@1 D2@4``: the first epoch at which each detector that fired did, over the seeds in which
+    it fired (how many those are, the verdict says)."""
     parts = []
     for d in ("D1", "D2", "D3"):
         epochs = [e for e in ra.fire_epochs(d) if e is not None]
         if epochs:
-            parts.append(f"{d} {len(epochs)}/{ra.verdict.n}@{min(epochs)}")
+            parts.append(f"{d}@{min(epochs)}")
     return " ".join(parts) or "–"
-
-
-def verdict_text(label: str) -> str:
-    """``FAIL(D1 3/3 + D2 3/3)`` -> ``FAIL D1 D2`` (the counts are in the fired column); the
-    claim in parentheses, when a table carries it, is kept."""
-    if label.startswith("FAIL"):
-        verdict, _, claim = label.partition(") (")
-        return "FAIL " + " ".join(re.findall(r"D\d", verdict)) + (f" ({claim}" if claim else "")
-    return label
 
 
 def colour(label: str) -> str:
@@ -73,7 +65,7 @@ def audit_table(audit: Audit, title: str) -> RichTable:
     """One row per rule: verdict, claim, n, acc, D3 pp, deep cos, ‖h_L‖, ‖g_L‖, fired."""
     ns = {ra.verdict.n for ra in audit.rules}
     same_n = len(ns) == 1  # then n goes to the title, and the figures get its room
-    rows = [[ra.rule, verdict_text(ra.verdict.label), ra.verdict.claim, *([] if same_n else [str(ra.verdict.n)]),
+    rows = [[ra.rule, ra.verdict.label, ra.verdict.claim, *([] if same_n else [str(ra.verdict.n)]),
              compact(ra.stats["test_acc"]), compact(ra.stats["depth_pp"], signed=True), compact(ra.stats["deep_cos"], digits=2),
              compact(_mean_only(ra.stats["hL_norm"]), log=True), compact(_mean_only(ra.stats["gL_norm"]), log=True), fired(ra)]
             for ra in audit.rules]
@@ -85,9 +77,55 @@ def audit_table(audit: Audit, title: str) -> RichTable:
     return _table(title, header, rows, numeric, shown=shown)
 
 
+def audit_legend(audit: Audit) -> RichTable:
+    """What :func:`audit_table`'s columns and words mean, with the thresholds in force: a few
+    lines under the table (``--no-legend`` leaves it out)."""
+    th, base = audit.thresholds, audit.baseline_rule
+    rows = [
+        ("verdict", f"PASS, or FAIL(the detectors that fired, in how many seeds); {NOT_EVALUATED} (never PASS) "
+                    "where a seed has no frozen-blocks baseline"),
+        ("claim", '"learns with genuine credit": trustworthy when every seed passes and none shows Mode 2; '
+                  "undetermined when nothing fired but D3 was not evaluated; else needs walk-back"),
+        *([("n", "seeds audited")] if len({ra.verdict.n for ra in audit.rules}) > 1 else []),
+        ("acc", "final test accuracy"),
+        ("D3 pp", f"acc minus the frozen-blocks baseline's ({base}), percentage points; D3 fires below {th.d3_pp:g}"),
+        ("cos", f"deep cos: mean cosine between credit and the true gradient over blocks; Mode 2 when "
+                f"|cos| < {th.mode2_cos:g} and D2 did not fire"),
+        ("‖h_L‖", f"norm of the last residual-stream state; D1 fires when some ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}"),
+        ("‖g_L‖", f"norm of the reference gradient dCE/dh_L; D2 fires below {th.d2_norm:g}"),
+        ("fired@ep", "each detector that fired, and the first epoch it did"),
+    ]
+    legend = RichTable.grid(padding=(0, 1, 0, 0))
+    legend.add_column(style="bold", no_wrap=True)
+    legend.add_column(style="dim")
+    for name, text in rows:
+        legend.add_row(name, text)
+    return legend
+
+
 def _mean_only(stat: tuple[float, float, int]) -> tuple[float, float, int]:
     """‖h_L‖ and ‖g_L‖ span orders of magnitude: the terminal shows their mean (the reports the std)."""
     return stat[0], math.nan, stat[2]
+
+
+class _Table(RichTable):
+    """rich's table, kept within the terminal wherever its text columns can still give way. rich
+    shrinks the widest text columns evenly, then widens each back to its ``min_width``, which can
+    leave the table a column wider than the terminal and its last column cut off (``D2@`` for
+    ``D2@3``); the excess is taken here from the widest text columns above their minimum."""
+
+    def _calculate_column_widths(self, console, options) -> list[int]:
+        widths = super()._calculate_column_widths(console, options)
+        excess = sum(widths) - options.max_width
+        while excess > 0:
+            room = [i for i, c in enumerate(self.columns)
+                    if not c.no_wrap and widths[i] > (c.min_width or 1) + self._get_padding_width(i)]
+            if not room:
+                break
+            widest = max(room, key=lambda i: widths[i])
+            widths[widest] -= 1
+            excess -= 1
+        return widths
 
 
 def _table(title: str, header: list[str], rows: list[list[str]], numeric: list[bool],
@@ -95,7 +133,7 @@ def _table(title: str, header: list[str], rows: list[list[str]], numeric: list[b
     """Number columns never wrap; a text column is never narrower than its longest word (up to 8;
     12 for the claim),
     so words break only at spaces when the terminal is narrow. ``shown``: the cells with markup."""
-    table = RichTable(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
+    table = _Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
     for j, h in enumerate(SHORT.get(h, h) for h in header):
         if numeric[j]:
             table.add_column(h, no_wrap=True, justify="right")
@@ -122,8 +160,6 @@ def study_table(title: str, header: list[str], rows: list[list[str]], keep: list
 
 
 def _study_cell(text: str, column: str) -> str:
-    if column == "verdict":
-        return verdict_text(text)
     return _compact_cell(text, pp="D3" in column, mean_only="‖" in column)
 
 
