@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import math
+import re
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,39 +150,68 @@ def table_rows(audit: Audit) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | None = None, plots: dict[str, str] | None = None) -> str:
+def thresholds_text(audit: Audit) -> str:
+    """Where each detector fires, and Mode 2 (Markdown, one line)."""
     th = audit.thresholds
-    lines = [f"# {title}", ""]
-    for k, v in (context or {}).items():
-        lines.append(f"- **{k}**: {v}")
-    lines += [
-        f"- **thresholds**: D1 fires when max_l ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}; D2 when ‖g_L‖ < {th.d2_norm:g}; "
-        f"D3 when depth utility < {th.d3_pp:g} pp against `{audit.baseline_rule}`; Mode 2 when D2 passes and |deep cos| < {th.mode2_cos:g}",
-        "",
-        "## Audit table", "",
-        "Mean ± std (ddof=1) over seeds, with n. Fire epochs: seeds in which the diagnostic fired, and the first epoch it did.", "",
-    ]
-    header, rows = table_rows(audit)
-    lines += [md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]
-    if audit.baseline:
-        accs = mean_std([summarise(b.metrics)["test_acc"] for b in audit.baseline])
-        lines += ["", f"Frozen-blocks baseline `{audit.baseline_rule}`: test acc {fmt(accs, 'test_acc')}."]
-    lines += ["", "## Per run", "", md_row(["run", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict", "modes"]),
-              md_row(["---"] * 8)]
+    return (f"D1 fires when max_l ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}; D2 when ‖g_L‖ < {th.d2_norm:g}; "
+            f"D3 when depth utility < {th.d3_pp:g} pp against `{audit.baseline_rule}`; "
+            f"Mode 2 when D2 passes and |deep cos| < {th.mode2_cos:g}")
+
+
+TABLE_NOTE = "Mean ± std (ddof=1) over seeds, with n."
+FIRE_NOTE = "Fire epochs: seeds in which the diagnostic fired, and the first epoch it did."
+
+
+def baseline_text(audit: Audit) -> str | None:
+    """The frozen-blocks baseline's accuracy (Markdown, one line), when the audit used one."""
+    if not audit.baseline:
+        return None
+    accs = mean_std([summarise(b.metrics)["test_acc"] for b in audit.baseline])
+    return f"Frozen-blocks baseline `{audit.baseline_rule}`: test acc {fmt(accs, 'test_acc')}."
+
+
+PER_RUN_HEADER = ["run", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict", "modes"]
+
+
+def per_run_rows(audit: Audit) -> list[list[str]]:
+    rows = []
     for ra in audit.rules:
         for r in ra.runs:
             f = r.figures
-            lines.append(md_row([r.run.path.name, _num(f["test_acc"]), _num(f["depth_pp"]), _num(f["deep_cos"]),
-                                  _num(f["hL_norm"], True), _num(f["gL_norm"], True), r.verdict.label, ", ".join(r.verdict.modes) or "–"]))
+            rows.append([r.run.path.name, _num(f["test_acc"]), _num(f["depth_pp"]), _num(f["deep_cos"]),
+                         _num(f["hL_norm"], True), _num(f["gL_norm"], True), r.verdict.label, ", ".join(r.verdict.modes) or "–"])
+    return rows
+
+
+# Plot name -> its heading in both reports.
+PLOT_TITLES = {"norms": "Norms against the D1 and D2 thresholds", "cosines": "Credit cosine per block over epochs",
+               "accuracy": "Test accuracy against the frozen-blocks baseline"}
+
+
+def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | None = None, plots: dict[str, str] | None = None) -> str:
+    lines = [f"# {title}", ""]
+    for k, v in (context or {}).items():
+        lines.append(f"- **{k}**: {v}")
+    lines += [f"- **thresholds**: {thresholds_text(audit)}", "", "## Audit table", "", f"{TABLE_NOTE} {FIRE_NOTE}", ""]
+    header, rows = table_rows(audit)
+    lines += [md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]
+    if baseline_text(audit):
+        lines += ["", baseline_text(audit)]
+    lines += ["", "## Per run", "", md_row(PER_RUN_HEADER), md_row(["---"] * len(PER_RUN_HEADER))]
+    lines += [md_row(r) for r in per_run_rows(audit)]
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
+        lines += ["", "## Plots"]
+        for name, path in plots.items():
+            lines += ["", f"### {PLOT_TITLES.get(name, name)}", "", f"![{PLOT_TITLES.get(name, name)}]({path})"]
     lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
-    lines += ["- **verdict**: PASS, or FAIL(…) naming the detectors (D1, D2, D3) that fired, with the seeds in which they did; "
-              "\"D3 not evaluated\" (never PASS) when nothing fired but a run has no frozen-blocks baseline of its experiment.",
+    lines += ["- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that fired, each with the k of n "
+              "seeds in which it did (a run alone: n = 1); \"D3 not evaluated (k/n)\" (never PASS) when nothing fired but "
+              "k seeds have no frozen-blocks baseline of their experiment.",
               "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient collapsed). "
               "**Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse).",
               "- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, "
-              "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*."]
+              "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*: a detector fired or "
+              "Mode 2 shows, so the claim has to be withdrawn or narrowed."]
     if audit.unevaluated():
         lines += ["", "## D3 not evaluated", "", "These runs read \"D3 not evaluated\" instead of PASS:", ""]
         lines += [f"- {p}" for p in audit.unevaluated()]
@@ -238,10 +268,10 @@ def plots(audit: Audit) -> dict[str, bytes]:
         band(axes[0], ra, "diag/hL_norm")
         band(axes[1], ra, "diag/gL_norm")
         band(axes[2], ra, "diag/d1")
-    axes[0].set(title="‖h_L‖ (median over the eval batch)", yscale="log", xlabel="epoch")
-    axes[1].set(title="‖g_L‖ — D2", yscale="log", xlabel="epoch")
+    axes[0].set(title="‖$h_L$‖ (median over the eval batch)", yscale="log", xlabel="epoch")
+    axes[1].set(title="‖$g_L$‖ — D2", yscale="log", xlabel="epoch")
     axes[1].axhline(th.d2_norm, color="red", ls="--", lw=1, label=f"D2 threshold {th.d2_norm:g}")
-    axes[2].set(title="max_l ‖h_l‖/‖h_(l-1)‖ — D1", yscale="log", xlabel="epoch")
+    axes[2].set(title="max$_l$ ‖$h_l$‖/‖$h_{l-1}$‖ — D1", yscale="log", xlabel="epoch")
     axes[2].axhline(th.d1_ratio, color="red", ls="--", lw=1, label=f"D1 threshold {th.d1_ratio:g}")
     for ax in axes:
         _legend(ax, 7)
@@ -257,9 +287,9 @@ def plots(audit: Audit) -> dict[str, bytes]:
         for k in keys:
             c = _curves(ra, k)
             ep = sorted(c)
-            ax.plot(ep, [mean_std(c[e])[0] for e in ep], label=f"Γ_{k.rsplit('l', 1)[1]}")
+            ax.plot(ep, [mean_std(c[e])[0] for e in ep], label=f"$\\Gamma_{{{k.rsplit('l', 1)[1]}}}$")
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set(title=f"{ra.rule}: cos(a_l, g_l)", xlabel="epoch", ylim=(-1.05, 1.05))
+        ax.set(title=f"{ra.rule}: cos($a_l$, $g_l$) per block $l$", xlabel="epoch", ylim=(-1.05, 1.05))
         _legend(ax, 6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -297,31 +327,68 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", context: dict[str, Any] | None = None) -> str:
-    """A self-contained page: the tables, the plots inline (base64), the definitions. Text written as
-    Markdown for the report (definitions, resume commands) is rendered by a Markdown parser
-    (markdown-it-py, CommonMark, raw HTML escaped), so no ``**`` or backtick reaches the reader."""
+# The HTML audit table in two halves, each within a 1400-pixel page with no figure wrapped: the
+# verdict and what decided it, then the credit and scale figures.
+HTML_SPLIT = ("Verdicts", ["test_acc", "depth_pp"], "Credit and scale figures",
+              ["deep_cos", "rho_deep", "nudge", "train_loss_decrease", "hL_norm", "gL_norm", "d1_max", "grad_stab"])
+N_SUFFIX = re.compile(r" \(n=(\d+)\)$")
 
-    header, rows = table_rows(audit)
+CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}"
+       ".wide{overflow-x:auto}table{border-collapse:collapse;font-size:13px;margin-bottom:.5em}"
+       "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}th{background:#f0f0f0}"
+       "td.num{white-space:nowrap;text-align:right;font-variant-numeric:tabular-nums}td.nowrap{white-space:nowrap}"
+       "code{background:#f4f4f4;padding:0 3px}.PASS{color:#070}.FAIL{color:#b00}img{max-width:100%}")
+
+
+def _html_table(header: list[str], rows: list[list[str]], *, nowrap: set[str] = frozenset()) -> str:
+    """A table whose figures (and the ``nowrap`` columns) never wrap; verdicts coloured."""
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}"
-             "code{background:#f4f4f4;padding:0 3px}"
-             ".PASS{color:#070}.FAIL{color:#b00}img{max-width:100%}</style></head><body>",
-             f"<h1>{esc(title)}</h1><ul>"]
-    parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
-    parts.append("</ul><h2>Audit table</h2><p>Mean ± std (ddof=1) over seeds, with n.</p><table><tr>")
-    parts += [f"<th>{esc(h)}</th>" for h in header] + ["</tr>"]
+    out = ["<div class='wide'><table><tr>", *(f"<th>{esc(h)}</th>" for h in header), "</tr>"]
     for row in rows:
         cells = []
         for h, c in zip(header, row):
-            cls = " class='PASS'" if c == "PASS" else (" class='FAIL'" if c.startswith("FAIL") else "")
-            cells.append(f"<td{cls}>{esc(c)}</td>")
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</table>")
+            cls = ["num"] if _FIGURE.match(c) else (["nowrap"] if h in nowrap else [])
+            cls += ["PASS"] if c == "PASS" else (["FAIL"] if c.startswith("FAIL") else [])
+            cells.append(f"<td class='{' '.join(cls)}'>{esc(c)}</td>" if cls else f"<td>{esc(c)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</table></div>"
+
+
+_FIGURE = re.compile(r"^[+\-]?(\d|\.\d)")
+
+
+def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", context: dict[str, Any] | None = None) -> str:
+    """A self-contained page with everything audit.md has: the thresholds, the audit table, the
+    frozen baseline's accuracy, the per-run table, the plots inline (base64), the definitions. Text
+    written as Markdown for the report (definitions, resume commands) is rendered by a Markdown
+    parser (markdown-it-py, CommonMark, raw HTML escaped), so no ``**`` or backtick reaches the reader."""
+    esc = html.escape
+    header, rows = table_rows(audit)
+    ns = {m.group(1) for r in rows for c in r if (m := N_SUFFIX.search(c))}
+    note = TABLE_NOTE
+    if len(ns) == 1:  # every figure over the same n seeds: said once, and the cells get its room
+        rows = [[N_SUFFIX.sub("", c) for c in r] for r in rows]
+        note = f"Mean ± std (ddof=1) over n={ns.pop()} seeds."
+    col = {h: i for i, h in enumerate(header)}
+    first_title, first, second_title, second = HTML_SPLIT
+    verdict_cols = ["rule"] + [FIGURES[k][0] for k in first] + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+    figure_cols = ["rule"] + [FIGURES[k][0] for k in second]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{esc(title)}</h1><ul>"]
+    parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
+    parts.append(f"<li><b>thresholds</b>: {_markdown_inline(thresholds_text(audit))}</li></ul>")
+    parts.append(f"<h2>Audit table</h2><p>{esc(note)} {esc(FIRE_NOTE)}</p>")
+    for name, cols in ((first_title, verdict_cols), (second_title, figure_cols)):
+        parts.append(f"<h3>{esc(name)}</h3>" + _html_table(cols, [[r[col[h]] for h in cols] for r in rows],
+                                                         nowrap={"D1 fires", "D2 fires", "D3 fires", "claim"}))
+    if baseline_text(audit):
+        parts.append(f"<p>{_markdown_inline(baseline_text(audit))}</p>")
+    parts.append("<h2>Per run</h2>" + _html_table(PER_RUN_HEADER, per_run_rows(audit)))
+    if pngs:
+        parts.append("<h2>Plots</h2>")
     for name, png in pngs.items():
-        parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        heading = PLOT_TITLES.get(name, name)
+        parts.append(f"<h3>{esc(heading)}</h3><img alt='{esc(heading)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     md = markdown(audit, title=title, context=context)
     parts.append("<h2>Definitions</h2>" + _markdown_html(_md_section(md, "Definitions")))
     unevaluated = [r for ra in audit.rules for r in ra.runs if r.verdict.d3_missing]  # as Audit.unevaluated()
