@@ -152,21 +152,26 @@ class Threshold(click.ParamType):
         return number
 
 
-def config_help() -> str:
-    from creditaudit.config import help_rows
+def config_rows() -> list[tuple[str, str]]:
+    """(key, help) for every config field: its dotted path (``diag.every``, ``data.dataset``), so no
+    key reads as if it stood alone; the help ends with its type and default."""
+    from creditaudit.config import TrainConfig, help_rows
+    from creditaudit.typedconfig import iter_fields
 
-    lines = ["Overrides are key=value; a key is a field name below (or its dotted path).", ""]
-    width = max(len(k) for k, *_ in help_rows())
-    for key, tname, default, text in help_rows():
-        lines.append(f"  {key:<{width}}  {text} [{tname}, default {default}]")
-    return "\n".join(lines)
+    paths = [path for path, *_ in iter_fields(TrainConfig)]
+    return [(path, f"{text} [{tname}, default {default}]") for path, (_, tname, default, text) in zip(paths, help_rows())]
 
 
 class FieldHelpCommand(click.Command):
-    """A command whose --help ends with every config field and its doc, unwrapped."""
+    """A command whose --help ends with every config field and its doc, wrapped to the terminal as
+    click wraps the options."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        formatter.write("\n" + config_help() + "\n")
+        with formatter.section("Overrides (key=value)"):
+            formatter.write_text("A key is a field's dotted path below; a nested field may also be named by its "
+                                 "last part where that is unambiguous (dataset=digits, d=64, lr=0.01).")
+            formatter.write_paragraph()
+            formatter.write_dl(config_rows())
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
