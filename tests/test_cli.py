@@ -118,3 +118,59 @@ def test_finished_runs_are_reused_and_said_so_once(cli, tmp_path, capsys):
     assert commands._train_all([cfg], workers=1) == ["finished"]
     out = capsys.readouterr().out
     assert out.strip() == "nothing to train: 1 finished run reused (delete a run's folder to train it again)"
+
+
+@pytest.mark.parametrize("command", ["audit", "sweep", "exploit"])
+def test_an_unknown_profile_lists_only_the_profiles_the_command_takes(cli, command):
+    from creditaudit.experiments import PROFILES, profile_names
+
+    args = {"sweep": ("sweep", "main_audit"), "audit": ("audit",), "exploit": ("exploit",)}[command]
+    result = cli(*args, "--profile", "nosuch")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("error: unknown profile 'nosuch'")
+    listed = result.output.split("one of ", 1)[1]
+    takes = profile_names(command)
+    assert all(n in listed for n in takes)
+    assert not any(f" {n}," in f" {listed}" or f" {n} " in f" {listed}" for n in PROFILES.names() if n not in takes)
+
+
+@pytest.mark.parametrize("args", [("--nosuch",), ("nosuchcmd",), ("data", "nosuch")])
+def test_usage_errors_read_error_in_lower_case_everywhere(cli, args):
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and "Error:" not in result.output and "Usage:" not in result.output
+
+
+def test_inventory_plan_renders_in_a_terminal_and_stays_markdown_in_a_pipe(cli, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from creditaudit import cli as commands
+
+    piped = cli("inventory", "--plan", "--profile", "cpu").output
+    assert piped.startswith("# Training Inventory") and "| --- |" in piped  # for a file or a diff
+    screen = io.StringIO()
+    monkeypatch.setattr(commands, "console", Console(file=screen, force_terminal=True, width=80, color_system=None))
+    assert cli("inventory", "--plan", "--profile", "cpu").exit_code == 0
+    lines = screen.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = screen.getvalue()
+    assert "# " not in text and "| --- |" not in text and "**" not in text
+    words = set(piped.replace("|", " ").replace("*", " ").split())
+    shown = [w for w in text.split() if w.isalpha() and len(w) > 3]
+    assert shown and all(w in words for w in shown)  # no word broken across lines
+
+
+def test_piped_tables_take_columns_and_end_without_spaces(cli, monkeypatch):
+    from creditaudit import cli as commands
+
+    import io
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # a pipe, whatever runs the tests
+    monkeypatch.setenv("COLUMNS", "100")
+    assert commands._pipe_width() == 100
+    monkeypatch.delenv("COLUMNS")
+    assert commands._pipe_width() == 160
+    out = cli("list").output
+    assert out and not any(line != line.rstrip() for line in out.splitlines())

@@ -71,6 +71,17 @@ class Commands(click.Group):
     option value) is one line, not click's usage block; Ctrl-C anywhere is one line and status
     130, not click's "Aborted!" (1)."""
 
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        """The group's own options and command name (``creditaudit --nosuch``) are refused in the
+        same one ``error:`` line as a command's, not click's ``Error:`` block."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            where = f" (`{exc.ctx.command_path} --help` shows the usage)" if exc.ctx is not None else ""
+            _error_line(f"{exc.format_message()}{where}")
+
     def invoke(self, ctx: click.Context):
         try:
             with friendly_errors():
@@ -595,7 +606,12 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
                              notes=notes)
         if out:
             atomic_write_text(Path(out), text)
-        console.print(text, markup=False, soft_wrap=True)
+        if console.is_terminal:  # rendered: headings, and tables whose cells wrap at spaces
+            from rich.markdown import Markdown
+
+            console.print(Markdown(text))
+        else:  # the Markdown itself, for a file or a diff
+            console.print(text, markup=False, soft_wrap=True)
         return
 
     col = _collect_or_fail(results)
@@ -753,7 +769,8 @@ def list_(options: bool) -> None:
         show(table)
         if registry is RULES:
             console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
-                          + ("" if options else "; `creditaudit list --options` shows each rule's options"))
+                          + ("" if options else "; `creditaudit list --options` shows each rule's options"),
+                          soft_wrap=False)  # a listing's prose: wrapped to the width, piped or not
             console.print()
             stacking = Table(title="stacks (sweep --stack N: runs of one kind as one program)", title_justify="left",
                              show_header=False, box=None, pad_edge=False)

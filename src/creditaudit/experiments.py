@@ -139,10 +139,13 @@ for _p in (
 
 
 def get_profile(name: str, command: str = SWEEP) -> Profile:
-    """The profile ``name``, which must serve ``command`` (sweep, audit or exploit)."""
+    """The profile ``name``, which must serve ``command`` (sweep, audit or exploit); an unknown or
+    another command's name is refused with the names ``command`` takes, and no others."""
+    names = profile_names(command)
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; {command} takes one of {', '.join(names)} (see `creditaudit list`)")
     p = PROFILES.get(name)
     if command not in p.commands:
-        names = [n for n in PROFILES.in_order() if command in PROFILES.get(n).commands]
         raise ConfigError(f"profile {name!r} is not one of {command}'s; choose one of {', '.join(names)}")
     return p
 
