@@ -99,3 +99,13 @@ def test_the_legend_names_every_column_and_the_thresholds_in_force(results, widt
     for word in ("verdict", "claim", "acc", "D3 pp", "cos", "‖h_L‖", "‖g_L‖", "fired@ep", "needs walk-back", "trustworthy"):
         assert word in text, word
     assert "below 3.5" in text and "< 0.2" in text and "> 50" in text and "below 1e-07" in text
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_a_verdict_keeps_each_detector_with_its_count(results, width):
+    audit = build_audit(collect(results), setting="main_audit")
+    lines = _render(audit_table(audit, "audit — results/main_audit"), width)
+    assert max(len(line) for line in lines) <= width
+    for ra in audit.rules:
+        for chunk in ra.verdict.label.replace(" + ", " \n+ ").split(" \n"):  # "FAIL(D1 3/3", "+ D2 3/3)"
+            assert any(chunk in line for line in lines), (width, chunk, "\n".join(lines))

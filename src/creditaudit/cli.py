@@ -373,7 +373,7 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
         console.print(f"nothing to train: {what}")
         return ["finished"] * len(reused)
     job = JobProgress({label(c): c.epochs for c in cfgs})
-    console.print(f"training {len(cfgs)} runs ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each)"
+    console.print(f"training {len(cfgs)} run{'' if len(cfgs) == 1 else 's'} ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each)"
                   + (f"; {what}" if reused else ""))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
                   TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:

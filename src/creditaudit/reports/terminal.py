@@ -111,35 +111,46 @@ def _mean_only(stat: tuple[float, float, int]) -> tuple[float, float, int]:
 class _Table(RichTable):
     """rich's table, kept within the terminal wherever its text columns can still give way. rich
     shrinks the widest text columns evenly, then widens each back to its ``min_width``, which can
-    leave the table a column wider than the terminal and its last column cut off (``D2@`` for
-    ``D2@3``); the excess is taken here from the widest text columns above their minimum."""
+    leave the table wider than the terminal and its last column cut off (``D2@`` for ``D2@3``).
+    The excess is taken here from the widest text columns: first down to their ``min_width``, then,
+    where that is not enough, down to ``floors`` (column -> its longest word)."""
+
+    floors: dict[int, int]
 
     def _calculate_column_widths(self, console, options) -> list[int]:
         widths = super()._calculate_column_widths(console, options)
         excess = sum(widths) - options.max_width
-        while excess > 0:
-            room = [i for i, c in enumerate(self.columns)
-                    if not c.no_wrap and widths[i] > (c.min_width or 1) + self._get_padding_width(i)]
-            if not room:
-                break
-            widest = max(room, key=lambda i: widths[i])
-            widths[widest] -= 1
-            excess -= 1
+        for least in (lambda i, c: c.min_width or 1, lambda i, c: self.floors.get(i, c.min_width or 1)):
+            while excess > 0:
+                room = [i for i, c in enumerate(self.columns)
+                        if not c.no_wrap and widths[i] > least(i, c) + self._get_padding_width(i)]
+                if not room:
+                    break
+                widest = max(room, key=lambda i: widths[i])
+                widths[widest] -= 1
+                excess -= 1
         return widths
 
 
 def _table(title: str, header: list[str], rows: list[list[str]], numeric: list[bool],
            shown: list[list[str]] | None = None) -> RichTable:
     """Number columns never wrap; a text column is never narrower than its longest word (up to 8;
-    12 for the claim),
-    so words break only at spaces when the terminal is narrow. ``shown``: the cells with markup."""
+    12 for the claim), so words break only at spaces when the terminal is narrow. A verdict keeps
+    each detector with its count (``FAIL(D1 3/3`` / ``+ D2 3/3)``) while the terminal allows.
+    ``shown``: the cells with markup."""
     table = _Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
+    table.floors = {}
     for j, h in enumerate(SHORT.get(h, h) for h in header):
         if numeric[j]:
             table.add_column(h, no_wrap=True, justify="right")
-        else:
-            words = [w for r in rows for w in r[j].split()] + h.split()
-            table.add_column(h, overflow="fold", min_width=min(max((len(w) for w in words), default=1), 12 if h == "claim" else 8))
+            continue
+        words = [w for r in rows for w in r[j].split()] + h.split()
+        floor = min(max((len(w) for w in words), default=1), 12 if h == "claim" else 8)
+        if h == "verdict":  # "FAIL(D1 3/3 + D2 3/3)" in chunks "FAIL(D1 3/3", "+ D2 3/3)"
+            chunks = [c for r in rows for c in r[j].replace(" + ", " \n+ ").split(" \n")]
+            table.floors[j] = floor
+            floor = max(floor, min(max((len(c) for c in chunks), default=1), 14))
+        table.add_column(h, overflow="fold", min_width=floor)
     for r in shown or rows:
         table.add_row(*r)
     return table
