@@ -660,10 +660,10 @@ def tables(results, out, names, triangulate, legend) -> None:
             show(table)
         else:
             console.print(f"[bold]{t.title}[/]: no finished runs for this table")
-        if t.key == "table1" and t.rows and legend:
-            show(audit_legend(build_audit(col, setting="main_audit", thresholds=th)))
         for note in t.notes:
             console.print(f"  {plain(note)}", markup=False)
+        if t.key == "table1" and t.rows and legend:
+            show(audit_legend(build_audit(col, setting="main_audit", thresholds=th)))
         console.print()
     path = Path(out) if out else Path(results) / "_reports" / "tables.md"
     atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))

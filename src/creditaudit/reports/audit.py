@@ -204,14 +204,14 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
         for name, path in plots.items():
             lines += ["", f"### {PLOT_TITLES.get(name, name)}", "", f"![{PLOT_TITLES.get(name, name)}]({path})"]
     lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
-    lines += ["- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that fired, each with the k of n "
-              "seeds in which it did (a run alone: n = 1); \"D3 not evaluated (k/n)\" (never PASS) when nothing fired but "
-              "k seeds have no frozen-blocks baseline of their experiment.",
-              "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient collapsed). "
-              "**Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse).",
-              "- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, "
-              "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*: a detector fired or "
-              "Mode 2 shows, so the claim has to be withdrawn or narrowed."]
+    lines += [("- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that fired, each with the k of n "
+               "seeds in which it did (a run alone: n = 1); \"D3 not evaluated (k/n)\" (never PASS) when nothing fired but "
+               "k seeds have no frozen-blocks baseline of their experiment."),
+              ("- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient "
+               "collapsed). **Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse)."),
+              ("- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, "
+               "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*: a detector fired or "
+               "Mode 2 shows, so the claim has to be withdrawn or narrowed.")]
     if audit.unevaluated():
         lines += ["", "## D3 not evaluated", "", "These runs read \"D3 not evaluated\" instead of PASS:", ""]
         lines += [f"- {p}" for p in audit.unevaluated()]

@@ -82,15 +82,15 @@ def audit_legend(audit: Audit) -> RichTable:
     lines under the table (``--no-legend`` leaves it out)."""
     th, base = audit.thresholds, audit.baseline_rule
     rows = [
-        ("verdict", f"PASS, or FAIL(the detectors that fired, in how many seeds); {NOT_EVALUATED} (never PASS) "
-                    "where a seed has no frozen-blocks baseline"),
-        ("claim", '"learns with genuine credit": trustworthy when every seed passes and none shows Mode 2; '
-                  "undetermined when nothing fired but D3 was not evaluated; else needs walk-back"),
+        ("verdict", (f"PASS, or FAIL(the detectors that fired, in how many seeds); {NOT_EVALUATED} (never PASS) "
+                     "where a seed has no frozen-blocks baseline")),
+        ("claim", ('"learns with genuine credit": trustworthy when every seed passes and none shows Mode 2; '
+                   "undetermined when nothing fired but D3 was not evaluated; else needs walk-back")),
         *([("n", "seeds audited")] if len({ra.verdict.n for ra in audit.rules}) > 1 else []),
         ("acc", "final test accuracy"),
         ("D3 pp", f"acc minus the frozen-blocks baseline's ({base}), percentage points; D3 fires below {th.d3_pp:g}"),
-        ("cos", f"deep cos: mean cosine between credit and the true gradient over blocks; Mode 2 when "
-                f"|cos| < {th.mode2_cos:g} and D2 did not fire"),
+        ("cos", (f"deep cos: mean cosine between credit and the true gradient over blocks; Mode 2 when "
+                 f"|cos| < {th.mode2_cos:g} and D2 did not fire")),
         ("‖h_L‖", f"norm of the last residual-stream state; D1 fires when some ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}"),
         ("‖g_L‖", f"norm of the reference gradient dCE/dh_L; D2 fires below {th.d2_norm:g}"),
         ("fired@ep", "each detector that fired, and the first epoch it did"),
