@@ -13,7 +13,7 @@ conformance kit for a rule of your own is ``creditaudit.testing.check_rule``.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from creditaudit._version import __version__
 
 _API = ("train", "train_many", "audit", "sweep", "plan", "tables", "inventory", "load", "make_config",
         "RunResult", "AuditResult", "SweepResult", "TablesResult")

@@ -30,9 +30,7 @@ _GIT_TIMEOUT_S = 5.0
 
 def package_dir() -> Path:
     """The folder of the imported ``creditaudit`` package."""
-    import creditaudit
-
-    return Path(creditaudit.__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]
 
 
 def _git(directory: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
@@ -81,8 +79,9 @@ def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
     ``device_name`` and ``cuda_version`` / ``cudnn_version`` (CUDA devices only),
     ``git_commit``, ``git_dirty``, ``timestamp`` (UTC, ISO 8601, seconds).
     """
-    import creditaudit
     import safetensors
+
+    from creditaudit._version import __version__
 
     dev = torch.device(device) if device is not None else None
     device_name = cuda_version = cudnn_version = None
@@ -95,7 +94,7 @@ def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
             pass
     commit, dirty = git_state()
     return {
-        "creditaudit_version": getattr(creditaudit, "__version__", None),
+        "creditaudit_version": __version__,
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "torch": torch.__version__,
