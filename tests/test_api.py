@@ -39,7 +39,7 @@ def test_overrides_and_keyword_fields_compose():
                                           channels=(4, 6, 8), arch="smallcnn"))
     assert (cfg.rule, cfg.epochs, cfg.diag.every, cfg.rule_opts["beta"], cfg.data.random_labels, cfg.model.channels) == \
         ("ep", 4, 3, 0.2, True, (4, 6, 8))
-    with pytest.raises(ConfigError, match="not a key=value override"):
+    with pytest.raises(ConfigError, match="expected key=value"):
         api.make_config("epochs")
     with pytest.raises(ConfigError, match="TrainConfig or key=value"):
         api.train(3)
@@ -69,7 +69,8 @@ def test_reports_from_a_folder_and_the_plan(tmp_path):
     api.train("rule=bp", results=str(tmp_path), setting="main_audit", **TINY)
     t = api.tables(tmp_path, names=["table1"])
     assert t.path == tmp_path / "_reports" / "tables.md" and t["table1"].rows
-    assert api.inventory(tmp_path).name == "TRAINING_INVENTORY.md"
+    made = api.inventory(tmp_path)
+    assert made.path.name == "TRAINING_INVENTORY.md" and made.runs == made.finished == 1 and made.problems == []
     cfgs = api.plan("main_audit", profile="smoke", with_baselines=True, results=str(tmp_path))
     assert len(cfgs) == 18 + 3 and cfgs[0].rule == "bp_frozen"
     cli = CliRunner().invoke(main, ["sweep", "main_audit", "--profile", "smoke", "--with-baselines", "--dry-run", f"results={tmp_path}"])

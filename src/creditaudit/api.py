@@ -33,8 +33,8 @@ def _items(overrides: Iterable[str] = (), fields: dict[str, Any] | None = None) 
     """``"key=value"`` items from overrides and keyword fields (``a__b=1`` is ``a.b=1``; a tuple or
     list is comma-separated; booleans are ``true``/``false``)."""
     items = []
-    for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
+    for item in overrides:  # the form of each item is checked where it is applied (config.apply_overrides)
+        if not isinstance(item, str):
             raise ConfigError(f"{item!r} is not a key=value override (e.g. \"epochs=3\")")
         items.append(item)
     for key, value in (fields or {}).items():
@@ -81,10 +81,12 @@ class RunResult:
         return RunFolder(self.path).read_metrics()
 
 
-def train(cfg=None, /, *overrides: str, on_epoch: Callable[[Any, dict], None] | None = None, **fields: Any) -> RunResult:
+def train(cfg=None, /, *overrides: str, on_epoch: Callable[[Any, dict], None] | None = None, reporter=None,
+          **fields: Any) -> RunResult:
     """Train one run (or resume it, or skip it when finished), as ``creditaudit train``: its folder
     is ``<results>/<setting>/<rule>__<arch>__s<seed>/``. ``cfg`` is a TrainConfig or the first
-    ``"key=value"`` item; ``on_epoch(run, record)`` hears of each epoch."""
+    ``"key=value"`` item; ``on_epoch(run, record)`` hears of each epoch (``reporter``: a
+    :class:`creditaudit.training.trainer.Reporter` for every event, as the CLI's progress bar)."""
     from creditaudit.config import TrainConfig, run_path
     from creditaudit.training.trainer import Reporter, train as train_run
 
@@ -93,7 +95,7 @@ def train(cfg=None, /, *overrides: str, on_epoch: Callable[[Any, dict], None] | 
     elif cfg is not None and not isinstance(cfg, TrainConfig):
         raise ConfigError(f"train() takes a TrainConfig or key=value overrides, not {type(cfg).__name__}")
     c = make_config(*overrides, base=cfg, **fields)
-    summary = train_run(c, reporter=Reporter(on_epoch=on_epoch) if on_epoch else Reporter())
+    summary = train_run(c, reporter=reporter or (Reporter(on_epoch=on_epoch) if on_epoch else Reporter()))
     return RunResult(summary.get("run", run_path(c).name), summary["status"], run_path(c), int(summary.get("epochs_done", 0)),
                      float(summary.get("wall_s", 0.0)), dict(summary.get("final") or {}), summary)
 
@@ -107,10 +109,12 @@ class SweepResult:
 
     configs: list
     outcomes: list = field(default_factory=list)  # creditaudit.jobs.RunOutcome, in completion order
+    reused: list = field(default_factory=list)  # the configs whose runs had finished before: not trained again
 
     @property
     def statuses(self) -> list[str]:
-        return [o.status for o in self.outcomes]
+        """Every run's status, ``finished`` for the reused ones."""
+        return ["finished"] * len(self.reused) + [o.status for o in self.outcomes]
 
     @property
     def failed(self) -> list:
@@ -126,19 +130,32 @@ def train_many(configs: list, *, workers: int = 0, backend: str = "local", addre
     (``backend="local"``; 0 = one per core) or one Ray task per job (``backend="ray"``; ``address``
     the cluster, default $RAY_ADDRESS or a local instance). Finished runs are reused, killed ones
     resume; a run's failure is its outcome, never an exception. ``on_done(outcome, i, n)`` hears of
-    each run; ``say`` gets the workers' stderr lines; ``died`` each lost worker."""
+    each run trained; ``say`` gets the workers' stderr lines; ``died`` each lost worker."""
     if backend not in ("local", "ray"):
         raise ConfigError(f"backend {backend!r}: choose local or ray")
-    if backend == "local":
+    todo, reused = split_finished(configs)
+    outcomes: list = []
+    if todo and backend == "local":
         from creditaudit.jobs import run_many
 
-        outcomes = run_many(configs, workers=workers, stack=stack, graph=graph, on_done=on_done, say=say, died=died)
-    else:
+        outcomes = run_many(todo, workers=workers, stack=stack, graph=graph, on_done=on_done, say=say, died=died)
+    elif todo:
         from creditaudit.jobs.ray_backend import run_many_ray
 
-        outcomes = run_many_ray(configs, address=address or None, num_cpus=workers or None, gpus_per_run=gpus_per_run,
+        outcomes = run_many_ray(todo, address=address or None, num_cpus=workers or None, gpus_per_run=gpus_per_run,
                                 stack=stack, graph=graph, on_done=on_done)
-    return SweepResult(list(configs), list(outcomes))
+    return SweepResult(list(configs), list(outcomes), reused)
+
+
+def split_finished(configs: Iterable) -> tuple[list, list]:
+    """(the configs whose runs are still to train, those whose runs have finished)."""
+    from creditaudit.config import run_path
+    from creditaudit.runs.folder import RunFolder
+
+    todo, done = [], []
+    for c in configs:
+        (done if RunFolder(run_path(c)).status() == "finished" else todo).append(c)
+    return todo, done
 
 
 def plan(*settings: str, profile: str = "cpu", with_baselines: bool = False, overrides: Iterable[str] = (), **fields: Any) -> list:
@@ -175,6 +192,7 @@ class AuditResult:
     audits: list
     reports: list[dict[str, Path]]
     trained: SweepResult | None = None
+    problems: list[str] = field(default_factory=list)  # run folders that could not be read, and why
 
     def table(self) -> list[dict[str, Any]]:
         """One row per setting and rule: the verdict, the claim, how often each detector fired,
@@ -210,38 +228,63 @@ def audit(results: str | Path | None = None, /, *overrides: str, rules: Iterable
     reports (Markdown, HTML, plots) go to ``out`` (default ``<results>/_reports/<setting>/``).
     ``thresholds``: a :class:`~creditaudit.diagnostics.verdict.Thresholds`. When no run trained
     here finished, there is nothing to audit: the result holds no audit, and ``trained.failed`` why."""
-    from creditaudit import experiments as E
-    from creditaudit.reports.audit import write_reports
-    from creditaudit.reports.collect import collect
-
-    trained = None
     if results is not None:
         if overrides or fields or rules is not None:
             raise ConfigError("audit(results) re-audits a folder: it takes no rules and no overrides")
-        root, setting = require_results(results), None
-    else:
-        seeds = tuple(seeds)
-        if not seeds:
-            raise ConfigError("name at least one seed, e.g. seeds=(42, 123, 456)")
-        names = list(rules) if rules is not None else list(E.get_profile(profile, E.AUDIT).audit_rules)
-        if names == ["all"]:
-            from creditaudit.rules import RULES
-
-            names = RULES.names()
-        names, items = resolve_rule_files(list(dict.fromkeys(names)), _items(overrides, fields))
-        if own_baseline:
-            names += [f"{r}_frozen" for r in names if not r.endswith("_frozen")]
-        cfgs = E.audit_configs(names, profile=profile, seeds=seeds, overrides=items,
-                               baseline=None if own_baseline else E.BASELINE_RULE)
-        root, setting = Path(cfgs[0].results), cfgs[0].setting
-        trained = train_many(cfgs, workers=workers, on_done=on_done)
-    col = collect(root, [setting] if setting else None)
-    if trained is not None and not any(o.status == "finished" for o in trained.outcomes):
+        return report(results, thresholds=thresholds, own_baseline=own_baseline, out=out)
+    seeds = tuple(seeds)
+    if not seeds:
+        raise ConfigError("name at least one seed, e.g. seeds=(42, 123, 456)")
+    cfgs = audit_configs(rules, profile=profile, seeds=seeds, own_baseline=own_baseline, overrides=overrides, **fields)
+    trained = train_many(cfgs, workers=workers, on_done=on_done)
+    if not any(s == "finished" for s in trained.statuses):
         return AuditResult([], [], trained)  # nothing to audit: trained.failed says why
+    result = report(cfgs[0].results, setting=cfgs[0].setting, thresholds=thresholds, own_baseline=own_baseline, out=out)
+    result.trained = trained
+    return result
+
+
+def audit_configs(rules: Iterable[str] | None = None, *, profile: str = "default", seeds: Iterable[int] = SEEDS,
+                  own_baseline: bool = False, overrides: Iterable[str] = (), **fields: Any) -> list:
+    """The runs :func:`audit` trains: ``rules`` (names, rule files, or ``["all"]``; default the
+    profile's) × ``seeds`` and the baseline × ``seeds``, under ``profile``."""
+    from creditaudit import experiments as E
+
+    names = list(rules) if rules is not None else list(E.get_profile(profile, E.AUDIT).audit_rules)
+    if names == ["all"]:
+        from creditaudit.rules import RULES
+
+        names = RULES.names()
+    names, items = resolve_rule_files(list(dict.fromkeys(names)), _items(overrides, fields))
+    if own_baseline:
+        names += [f"{r}_frozen" for r in names if not r.endswith("_frozen")]
+    return E.audit_configs(names, profile=profile, seeds=tuple(seeds), overrides=items,
+                           baseline=None if own_baseline else E.BASELINE_RULE)
+
+
+class NothingToAudit(MissingPathError):
+    """Run folders, but not one finished run among them."""
+
+
+def report(results: str | Path, *, setting: str | None = None, thresholds=None, own_baseline: bool = False,
+           out: str | Path | None = None) -> AuditResult:
+    """Audit the finished runs under ``results`` (of one ``setting``, or of every one) and write
+    their reports, training nothing: :func:`audit` of a folder."""
+    from collections import Counter
+
+    from creditaudit.reports.audit import write_reports
+    from creditaudit.reports.collect import collect
+
+    root = require_results(results)
+    col = collect(root, [setting] if setting else None)
     if not col.runs:
         raise MissingPathError(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped)" if col.problems else ""))
     written = write_reports(col, root, setting=setting, thresholds=thresholds, own_baseline=own_baseline, out=out)
-    return AuditResult([a for a, _ in written], [p for _, p in written], trained)
+    if not written:
+        counts = Counter(r.status for r in col.runs)
+        raise NothingToAudit(f"nothing to audit under {root}: no run has finished ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+                             "finish them with `creditaudit sweep SETTING` (killed runs resume) and audit again")
+    return AuditResult([a for a, _ in written], [p for _, p in written], None, col.problems)
 
 
 def resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
@@ -282,6 +325,8 @@ class TablesResult:
 
     tables: list
     path: Path
+    collection: Any = None  # the results folder as read (creditaudit.reports.collect.Collection)
+    skipped: list[str] = field(default_factory=list)  # run folders left out of every table, and why
 
     def __getitem__(self, key: str):
         for t in self.tables:
@@ -310,12 +355,22 @@ def tables(results: str | Path = "results", *, names: Iterable[str] = (), out: s
               for n in (names or T.TABLES)]
     path = Path(out) if out else Path(results) / "_reports" / "tables.md"
     atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
-    return TablesResult(chosen, path)
+    return TablesResult(chosen, path, col, T.skipped(col))
 
 
-def inventory(results: str | Path = "results", *, out: str | Path | None = None) -> Path:
+@dataclass
+class InventoryResult:
+    """Where TRAINING_INVENTORY.md was written, and what the folder held."""
+
+    path: Path
+    runs: int
+    finished: int
+    problems: list[str] = field(default_factory=list)  # run folders that could not be read, and why
+
+
+def inventory(results: str | Path = "results", *, out: str | Path | None = None) -> InventoryResult:
     """Write TRAINING_INVENTORY.md from a results folder alone, as ``creditaudit inventory``
-    (default ``<results>/_reports/TRAINING_INVENTORY.md``); returns its path."""
+    (default ``<results>/_reports/TRAINING_INVENTORY.md``)."""
     from creditaudit.reports.collect import collect
     from creditaudit.reports.inventory import inventory_markdown
     from creditaudit.runs.io import atomic_write_text
@@ -323,7 +378,7 @@ def inventory(results: str | Path = "results", *, out: str | Path | None = None)
     col = collect(require_results(results))
     path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"
     atomic_write_text(path, inventory_markdown(col, str(results)))
-    return path
+    return InventoryResult(path, len(col.runs), sum(r.status == "finished" for r in col.runs), list(col.problems))
 
 
 def load(results: str | Path = "results", settings: Iterable[str] | None = None):
@@ -334,5 +389,5 @@ def load(results: str | Path = "results", settings: Iterable[str] | None = None)
     return load_results(results, list(settings) if settings is not None else None)
 
 
-__all__ = ["AuditResult", "RunResult", "SweepResult", "TablesResult", "audit", "inventory", "load", "make_config", "plan",
-           "sweep", "tables", "train", "train_many"]
+__all__ = ["AuditResult", "InventoryResult", "NothingToAudit", "RunResult", "SweepResult", "TablesResult", "audit", "audit_configs",
+           "inventory", "load", "make_config", "plan", "report", "sweep", "tables", "train", "train_many"]

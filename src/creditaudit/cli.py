@@ -205,25 +205,24 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
     Exit status: 0 the run finished; 1 it failed, diverged or was interrupted; 2 an error you can
     fix (one line), e.g. its folder is held by another process.
     """
-    from creditaudit.config import TrainConfig, apply_overrides
+    from creditaudit import api
 
-    cfg = apply_overrides(TrainConfig(), overrides)
-    summary = _train_with_progress(cfg, quiet)
-    status = summary["status"]
-    final = summary.get("final") or {}
-    colour = {"finished": "green", "diverged": "yellow"}.get(status, "red")
-    acc = final.get("test/acc")
+    cfg = api.make_config(*overrides)
+    run = _train_with_progress(cfg, quiet)
+    colour = {"finished": "green", "diverged": "yellow"}.get(run.status, "red")
+    acc = run.final.get("test/acc")
     acc_text = f"test acc {acc:.4f}, " if acc is not None else ""
-    console.print(f"[{colour}]{status}[/]: {summary['run']} — {acc_text}{summary['epochs_done']} epochs, "
-                  f"{summary['wall_s']:.1f} s — {cfg.results}/{cfg.setting}/{summary['run']}")
-    if status not in ("finished",):
+    console.print(f"[{colour}]{run.status}[/]: {run.run} — {acc_text}{run.epochs_done} epochs, "
+                  f"{run.wall_s:.1f} s — {cfg.results}/{cfg.setting}/{run.run}")
+    if run.status != "finished":
         sys.exit(RUNS_FAILED)
 
 
-def _train_with_progress(cfg, quiet: bool) -> dict:
+def _train_with_progress(cfg, quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from creditaudit.training.trainer import Reporter, train
+    from creditaudit import api
+    from creditaudit.training.trainer import Reporter
 
     show_bar = cfg.progress and not quiet and console.is_terminal
     progress = Progress(
@@ -259,7 +258,7 @@ def _train_with_progress(cfg, quiet: bool) -> dict:
             )
 
     with progress:
-        return train(cfg, reporter=Reporter(on_start=on_start, on_step=on_step if show_bar else None, on_epoch=on_epoch))
+        return api.train(cfg, reporter=Reporter(on_start=on_start, on_step=on_step if show_bar else None, on_epoch=on_epoch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +295,7 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
     when no run there has finished; 3 nothing failed but some runs are held by another process; 130
     interrupted.
     """
-    from creditaudit import experiments as E
+    from creditaudit import api
     from creditaudit.diagnostics.verdict import Thresholds
 
     results_dir = [a for a in args if "=" not in a]
@@ -305,48 +304,22 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
         raise click.UsageError(f"at most one RESULTS_DIR, got {', '.join(results_dir)}")
     th = Thresholds(d1_ratio=d1, d2_norm=d2, d3_pp=d3, mode2_cos=mode2)
     if results_dir:
-        root, setting = _require_results(results_dir[0]), None
-    else:
-        if not seeds:
-            raise click.BadParameter("name at least one seed, e.g. 42,123,456", param_hint="--seeds")
-        if rule_list.strip() == "all":
-            from creditaudit.rules import RULES
-
-            rules = (*rules, *RULES.names())
-        elif rule_list:
-            rules = (*rules, *(r.strip() for r in rule_list.split(",") if r.strip()))
-        rules = tuple(dict.fromkeys(rules))
-        rule_names, overrides = _resolve_rule_files(list(rules) or list(E.get_profile(profile, E.AUDIT).audit_rules), overrides)
-        if own_baseline:
-            rule_names += [f"{r}_frozen" for r in rule_names if not r.endswith("_frozen")]
-        cfgs = E.audit_configs(rule_names, profile=profile, seeds=seeds, overrides=overrides,
-                               baseline=None if own_baseline else E.BASELINE_RULE)
-        root, setting = Path(cfgs[0].results), cfgs[0].setting
-        statuses = _train_all(cfgs, workers)
-    reported = _report(root, setting, th, own_baseline, out, legend)
-    if results_dir:
-        sys.exit(OK if reported else USAGE)
+        _show_audit(api.report(results_dir[0], thresholds=th, own_baseline=own_baseline, out=out or None), legend)
+        sys.exit(OK)
+    if not seeds:
+        raise click.BadParameter("name at least one seed, e.g. 42,123,456", param_hint="--seeds")
+    if rule_list.strip() == "all":
+        rules = (*rules, "all")
+    elif rule_list:
+        rules = (*rules, *(r.strip() for r in rule_list.split(",") if r.strip()))
+    cfgs = api.audit_configs(rules or None, profile=profile, seeds=seeds, own_baseline=own_baseline, overrides=overrides)
+    statuses = _train_all(cfgs, workers)
+    try:
+        _show_audit(api.report(cfgs[0].results, setting=cfgs[0].setting, thresholds=th, own_baseline=own_baseline,
+                               out=out or None), legend)
+    except api.NothingToAudit as e:  # every run failed: said above, run by run, and here once
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
     sys.exit(runs_status(statuses))
-
-
-def _resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
-    """``--rule my_rule.py`` -> the rule's registered name, with the file added to ``plugins``."""
-    from creditaudit.errors import ConfigError
-    from creditaudit.rules import load_rule_file
-
-    names, files = [], []
-    for r in rules:
-        if r.endswith(".py"):
-            registered = load_rule_file(r)
-            if len(registered) != 1:
-                raise ConfigError(f"{r} registers several rules ({', '.join(registered)}): pass --rule NAME and plugins={r}")
-            names.append(registered[0])
-            files.append(str(Path(r).resolve()))
-        else:
-            names.append(r)
-    if files:
-        overrides = (*overrides, f"plugins={','.join(files)}")
-    return names, overrides
 
 
 def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0,
@@ -358,31 +331,27 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
     (jobs/packing.py). Returns every run's outcome status."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from creditaudit import api
     from creditaudit.config import run_path
-    from creditaudit.runs.folder import RunFolder
-    from creditaudit.jobs import JobProgress, run_many
+    from creditaudit.jobs import JobProgress
 
     def label(c) -> str:
         return f"{run_path(c).parent.name}/{run_path(c).name}"
 
     # Runs finished before: reused, said once, never handed to a worker (nor listed with old times).
-    reused = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
-    cfgs = [c for c in cfgs if c not in reused]
+    todo, reused = api.split_finished(cfgs)
     what = f"{len(reused)} finished run{'' if len(reused) == 1 else 's'} reused (delete a run's folder to train it again)"
-    if not cfgs:
+    if not todo:
         console.print(f"nothing to train: {what}")
         return ["finished"] * len(reused)
-    job = JobProgress({label(c): c.epochs for c in cfgs})
-    console.print(f"training {len(cfgs)} run{'' if len(cfgs) == 1 else 's'} ({cfgs[0].data.dataset}, {cfgs[0].epochs} epochs each)"
+    job = JobProgress({label(c): c.epochs for c in todo})
+    console.print(f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({todo[0].data.dataset}, {todo[0].epochs} epochs each)"
                   + (f"; {what}" if reused else ""))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
                   TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("runs", total=len(cfgs), state=job.state())
-
-        statuses: list[str] = ["finished"] * len(reused)
+        task = progress.add_task("runs", total=len(todo), state=job.state())
 
         def done(outcome, i, n):
-            statuses.append(outcome.status)
             job.update(outcome.run, outcome.status)
             progress.update(task, advance=1, state=job.state())
             colour = {"finished": "green", "locked": "yellow"}.get(outcome.status, "red")
@@ -399,48 +368,27 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
             progress.update(task, state=job.state())
             progress.console.print(f"  [yellow]{escape(line)}[/]")
 
-        if ray_address is None:
-            run_many(cfgs, workers=workers, stack=stack, graph=graph, on_done=done, say=say, died=died)
-        else:
-            from creditaudit.jobs.ray_backend import run_many_ray
-
-            run_many_ray(cfgs, address=ray_address or None, num_cpus=workers or None,
-                         gpus_per_run=gpus_per_run, stack=stack, graph=graph, on_done=done)
+        result = api.train_many(todo, workers=workers, backend="local" if ray_address is None else "ray",
+                                address=ray_address or None, gpus_per_run=gpus_per_run, stack=stack, graph=graph,
+                                on_done=done, say=say, died=died)
     console.print(job.line())
-    return statuses
+    return ["finished"] * len(reused) + result.statuses
 
 
-def _report(root: Path, setting, th, own_baseline: bool, out: str, legend: bool = True) -> bool:
-    """Audit the finished runs under ``root`` (of ``setting``), print the tables and write the
-    reports; False (and one line on stderr) when no run has finished."""
-    from creditaudit.reports.audit import write_reports
-    from creditaudit.reports.collect import collect
+def _show_audit(result, legend: bool = True) -> None:
+    """Print an audit's tables (one per setting), what was skipped, where the reports are, and the
+    legend once under the last table (the thresholds are the same for every setting)."""
     from creditaudit.reports.terminal import audit_legend, audit_table
 
-    col = collect(root, [setting] if setting else None)
-    if not col.runs:
-        for problem in col.problems:
-            console.print(f"  [yellow]skipped[/] {escape(problem)}")
-        raise MissingPathError(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped, listed above)" if col.problems else ""))
-    written = write_reports(col, root, setting=setting, thresholds=th, own_baseline=own_baseline, out=out or None)
-    if not written:  # run folders, but none finished: nothing to audit, and no silence about it
-        from collections import Counter
-
-        counts = Counter(r.status for r in col.runs)
-        err_console.print(f"[bold red]error:[/] nothing to audit under {escape(str(root))}: no run has finished "
-                          f"({escape(', '.join(f'{n} {s}' for s, n in sorted(counts.items())))}); finish them with "
-                          "`creditaudit sweep SETTING` (killed runs resume) and audit again", markup=True, soft_wrap=True)
-        return False
-    for audit, paths in written:
+    for audit, paths in zip(result.audits, result.reports):
         show(audit_table(audit, f"audit — {audit.setting}"))  # the folder is on the report line
         for p in audit.problems:
-            err_console.print(f"[yellow]skipped:[/] {p}")
+            err_console.print(f"[yellow]skipped:[/] {escape(p)}")
         for p in audit.unevaluated():
-            err_console.print(f"[yellow]D3 not evaluated:[/] {p}")
+            err_console.print(f"[yellow]D3 not evaluated:[/] {escape(p)}")
         console.print(f"report: {paths['markdown']} and {paths['html']}")
-    if legend:  # once, under the last table (the thresholds are the same for every setting)
-        show(audit_legend(written[-1][0]))
-    return True
+    if legend and result.audits:
+        show(audit_legend(result.audits[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,9 +427,9 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
     error you can fix (one line); 3 nothing failed but some runs are held by another process; 130
     interrupted.
     """
+    from creditaudit import api
     from creditaudit.config import run_path
-    from creditaudit.experiments import baselines, expand, profile_notes, study_settings
-    from creditaudit.runs.folder import RunFolder
+    from creditaudit.experiments import profile_notes, study_settings
 
     names = [a for a in args if "=" not in a]
     overrides = tuple(a for a in args if "=" in a)
@@ -489,13 +437,12 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
         raise click.UsageError("name at least one setting (see `creditaudit list`), or `all`")
     if names == ["all"]:
         names = study_settings()
-    cfgs = [c for n in names for c in expand(n, profile=profile, overrides=overrides)]
-    added = baselines(cfgs, profile=profile, overrides=overrides) if with_baselines else []
+    cfgs = api.plan(*names, profile=profile, with_baselines=with_baselines, overrides=overrides)  # baselines first
     for line in (line for n in names for line in profile_notes(n, profile)):
         console.print(escape(line))
-    cfgs = added + cfgs  # baselines first: a report read mid-sweep can already evaluate D3
-    done = [c for c in cfgs if RunFolder(run_path(c)).status() == "finished"]
-    extra = f" (with {len(added)} baseline run(s))" if with_baselines else ""
+    _, done = api.split_finished(cfgs)
+    added = sum(c.setting not in names for c in cfgs)
+    extra = f" (with {added} baseline run(s))" if with_baselines else ""
     console.print(f"{len(cfgs)} runs{extra} in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train")
     if dry_run:
         for c in cfgs:
@@ -592,15 +539,14 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
     nothing; unreadable or unfinished run folders are listed, never fatal. With --plan, the counts
     of every setting of the registry under --profile instead, from the registry alone.
     """
-    from creditaudit.reports.inventory import inventory_markdown, plan_markdown
-    from creditaudit.runs.io import atomic_write_text
+    from creditaudit import api
 
     if plan:
-        from creditaudit.experiments import baselines, expand, profile_notes, study_settings
+        from creditaudit.experiments import profile_notes, study_settings
+        from creditaudit.reports.inventory import plan_markdown
+        from creditaudit.runs.io import atomic_write_text
 
-        cfgs = [c for n in study_settings() for c in expand(n, profile=profile, results=results)]
-        if with_baselines:
-            cfgs += baselines(cfgs, profile=profile)
+        cfgs = api.plan("all", profile=profile, with_baselines=with_baselines, results=results)
         notes = [line for n in study_settings() for line in profile_notes(n, profile)]
         text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""),
                              notes=notes)
@@ -614,14 +560,11 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
             console.print(text, markup=False, soft_wrap=True)
         return
 
-    col = _collect_or_fail(results)
-    path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"
-    atomic_write_text(path, inventory_markdown(col, results))
-    finished = sum(r.status == "finished" for r in col.runs)
-    console.print(f"{len(col.runs)} runs ({finished} finished) in {results}; {len(col.problems)} folder(s) skipped")
-    for problem in col.problems:
-        console.print(f"  [yellow]skipped[/] {problem}")
-    console.print(f"inventory: {path}")
+    made = api.inventory(results, out=out or None)
+    console.print(f"{made.runs} runs ({made.finished} finished) in {results}; {len(made.problems)} folder(s) skipped")
+    for problem in made.problems:
+        console.print(f"  [yellow]skipped[/] {escape(problem)}")
+    console.print(f"inventory: {made.path}")
 
 
 @main.command()
@@ -638,38 +581,27 @@ def tables(results, out, names, triangulate, legend) -> None:
     Table 1 (main audit), FA vs DFA, penalty sweep, depth sweep, cross-architecture and the
     functional triangulation, each mean ± std (ddof=1) with n. Trains nothing.
     """
+    from creditaudit import api
     from creditaudit.diagnostics.verdict import Thresholds
-    from creditaudit.reports import tables as T
     from creditaudit.reports.audit import build_audit
     from creditaudit.reports.terminal import audit_legend, audit_table, plain, study_table
-    from creditaudit.runs.io import atomic_write_text
 
-    unknown = [n for n in names if n not in T.TABLES]
-    if unknown:
-        raise click.BadParameter(f"unknown table {unknown[0]!r}; choose from {', '.join(T.TABLES)}", param_hint="--table")
-    col = _collect_or_fail(results)
     th = Thresholds()
-    chosen = [T.triangulation(col, th, triangulate or None) if n == "triangulation" else T.TABLES[n](col, th)
-              for n in (names or T.TABLES)]
-    for t in chosen:
-        if t.key == "table1" and t.rows:
-            table = audit_table(build_audit(col, setting="main_audit", thresholds=th), t.title)
-        else:
-            table = study_table(t.title, t.header, t.rows, t.terminal)
+    made = api.tables(results, names=names, out=out or None, triangulate=triangulate or None, thresholds=th)
+    for t in made.tables:
+        main_audit = build_audit(made.collection, setting="main_audit", thresholds=th) if t.key == "table1" and t.rows else None
         if t.rows:
-            show(table)
+            show(audit_table(main_audit, t.title) if main_audit else study_table(t.title, t.header, t.rows, t.terminal))
         else:
             console.print(f"[bold]{t.title}[/]: no finished runs for this table")
         for note in t.notes:
             console.print(f"  {plain(note)}", markup=False)
-        if t.key == "table1" and t.rows and legend:
-            show(audit_legend(build_audit(col, setting="main_audit", thresholds=th)))
+        if main_audit and legend:
+            show(audit_legend(main_audit))
         console.print()
-    path = Path(out) if out else Path(results) / "_reports" / "tables.md"
-    atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
-    for problem in T.skipped(col):
-        console.print(f"  [yellow]skipped[/] {problem}")
-    console.print(f"tables: {path}")
+    for problem in made.skipped:
+        console.print(f"  [yellow]skipped[/] {escape(problem)}")
+    console.print(f"tables: {made.path}")
 
 
 @main.command()
@@ -695,19 +627,9 @@ def export(results, fmt, out, settings) -> None:
 
 
 def _require_results(results: str) -> Path:
-    """The results folder ``results`` names; a missing one is one line naming the fix."""
-    if not Path(results).is_dir():
-        what = " (that is a file)" if Path(results).exists() else ""
-        raise MissingPathError(f"no results folder {results!r}{what}; train some runs first "
-                               "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them")
-    return Path(results)
+    from creditaudit.api import require_results
 
-
-def _collect_or_fail(results: str):
-    from creditaudit.reports.collect import collect
-
-    _require_results(results)
-    return collect(results)
+    return require_results(results)
 
 
 # ---------------------------------------------------------------------------------------------
