@@ -2,6 +2,13 @@
 # Set up everything creditaudit needs, idempotently: a virtualenv in .venv with pinned packages,
 # and the default dataset (Fashion-MNIST). Safe to run again; each step is skipped once done.
 #
+#   scripts/setup.sh                what `creditaudit audit` needs: the package and its dependencies
+#   scripts/setup.sh EXTRA...       and these extras of pyproject.toml: test (the test suite; it holds
+#                                   every other extra), docs, notebook, data, ray, tensorboard, mlflow
+#
+# The venv keeps what it has: it is never downgraded to fewer extras (`make test` then `make audit`
+# installs nothing), only upgraded (`make audit` then `make test` adds the test extras).
+#
 #   CREDITAUDIT_PYTHON=python3.12   interpreter to build the venv with (default: python3)
 #   CREDITAUDIT_VENV=path           where the venv lives (default: .venv in the repository)
 #   CREDITAUDIT_SYSTEM_TORCH=1      build the venv with --system-site-packages and keep the torch found
@@ -16,9 +23,19 @@ TORCH_PIN="torch==2.13.0"
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 command -v "$PY" >/dev/null || die "no $PY on PATH; install Python >= 3.10 or set CREDITAUDIT_PYTHON"
 
+# The stamp: line 1 the checksum of what pins the packages, line 2 the extras installed.
 stamp="$VENV/.creditaudit-setup"
 want=$(cat pyproject.toml requirements/constraints.txt scripts/setup.sh | cksum)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+have=""; have_extras=""
+[ -f "$stamp" ] && { have=$(sed -n 1p "$stamp"); have_extras=$(sed -n 2p "$stamp"); }
+missing=""
+for extra in "$@"; do
+  grep -q "^$extra = \[" pyproject.toml || die "no extra '$extra' in pyproject.toml [project.optional-dependencies]"
+  case " $have_extras " in *" $extra "* | *" test "*) ;; *) missing="$missing $extra" ;; esac
+done
+if [ "$have" != "$want" ] || [ -n "$missing" ]; then
+  # What was installed stays (a re-pin reinstalls it too), plus what is asked for now.
+  extras=$(printf '%s\n' $have_extras "$@" | sort -u | tr '\n' ' ' | sed 's/ *$//')
   if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating virtualenv $VENV"
     if [ "${CREDITAUDIT_SYSTEM_TORCH:-0}" = 1 ]; then
@@ -35,9 +52,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing $TORCH_PIN"
     "${pip[@]}" install "$TORCH_PIN" || die "could not install $TORCH_PIN (offline? set CREDITAUDIT_SYSTEM_TORCH=1 to use an installed torch)"
   fi
-  echo "setup: installing creditaudit and pinned dependencies"
-  "${pip[@]}" install -c requirements/constraints.txt -e '.[test]' || die "pip could not install the pinned dependencies (see above)"
-  echo "$want" > "$stamp"
+  target="."; [ -n "$extras" ] && target=".[${extras// /,}]"
+  echo "setup: installing creditaudit${extras:+ with [$extras]} and pinned dependencies"
+  "${pip[@]}" install -c requirements/constraints.txt -e "$target" || die "pip could not install the pinned dependencies (see above)"
+  printf '%s\n%s\n' "$want" "$extras" > "$stamp"
 fi
 
 if [ "${CREDITAUDIT_SKIP_DATA:-0}" != 1 ]; then
