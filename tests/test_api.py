@@ -1,4 +1,4 @@
-"""The Python API (``creditaudit.api``, re-exported as ``creditaudit.training`` …): the CLI's verbs with
+"""The Python API (``creditaudit.api``, re-exported as ``creditaudit.train`` …): the CLI's verbs with
 its defaults and the same results on disk; user errors raise ``UserError``, never ``SystemExit``."""
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The Python API: the verbs of the command line as functions, with the same defaults and the same
-results on disk (``creditaudit.training``, ``creditaudit.audit``, ``creditaudit.jobs``,
+results on disk (``creditaudit.train``, ``creditaudit.audit``, ``creditaudit.sweep``,
 ``creditaudit.tables``, ``creditaudit.inventory``, ``creditaudit.load``). The CLI is a thin layer
 over these: it parses, calls, prints.
 
     import creditaudit
 
-    run = creditaudit.training(rule="dfa", dataset="digits", epochs=3)        # or train(cfg), train("rule=dfa", …)
+    run = creditaudit.train(rule="dfa", dataset="digits", epochs=3)   # or train(cfg), train("rule=dfa", …)
     run.status, run.final["test/acc"], run.path
 
     result = creditaudit.audit(rules=["bp", "dfa"], dataset="digits", epochs=3, workers=2)
