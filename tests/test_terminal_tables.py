@@ -40,6 +40,8 @@ def test_compact_figures():
     assert compact((2.7e9, 1.1e9, 3), log=True) == "2.7e9±1e9"
     assert compact((-7.46, 3.71, 3), signed=True) == "-7.5±3.7"
     assert compact((0.5, float("nan"), 1)) == ".500" and compact((float("nan"), float("nan"), 0)) == "–"
+    assert compact((0.99999, 1.1e-16, 3)) == "1.000±0"  # float rounding of the mean is no spread
+    assert compact((0.004, 0.0003, 3)) == ".004±3e-4"  # a real spread below the digits shown is kept
     assert _compact_cell("1.23e+03 ± 4.5e+02 (n=3)") == "1.2e3±4e2" and _compact_cell("PASS") == "PASS"
 
 

@@ -29,8 +29,9 @@ def compact(stat: tuple[float, float, int], *, log: bool = False, signed: bool =
         body = _exp(mean) + (f"±{_exp(std, 0)}" if has_std else "")
     elif signed:
         body = f"{mean:+.1f}" + (f"±{std:.1f}" if has_std else "")
-    else:
-        body = _frac(mean, digits) + (f"±{_frac(std, digits)}" if has_std else "")
+    else:  # a spread that is float rounding of the mean (cos 1.000 ± 1e-16) is none
+        spread = "0" if has_std and std <= 1e-9 * abs(mean) else _frac(std, digits) if has_std else ""
+        body = _frac(mean, digits) + (f"±{spread}" if has_std else "")
     return body
 
 
