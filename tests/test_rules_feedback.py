@@ -311,8 +311,8 @@ def test_fa_layerwise_feedback_drawn_like_pytorch_default_init():
 def test_fa_layerwise_refuses_layers_it_cannot_patch():
     model = build_model("resmlp", ModelConfig(d=8, L=1), (4,), 3)
     ctx = _ctx(model, (4,))
-    model.blocks[0].branch.fc1 = nn.Conv1d(8, 8, 1)
-    with pytest.raises(NotImplementedError, match="Conv1d"):
+    model.blocks[0].branch.fc1 = nn.ConvTranspose1d(8, 8, 1)
+    with pytest.raises(NotImplementedError, match="ConvTranspose1d"):
         FALayerwise().setup(model, ctx)
 
 

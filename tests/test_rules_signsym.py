@@ -376,7 +376,7 @@ def test_options_are_checked_and_parsed():
 def test_refuses_layers_it_cannot_patch():
     model = build_model("resmlp", SMALL_ARCHS["resmlp"][0], (4,), 3)
     ctx = _ctx(model, (4,))
-    model.blocks[0].branch.fc1 = nn.Conv1d(16, 16, 1)
+    model.blocks[0].branch.fc1 = nn.ConvTranspose1d(16, 16, 1)
     for name in RULES:
-        with pytest.raises(NotImplementedError, match=f"{name} replaces .*Conv1d"):
+        with pytest.raises(NotImplementedError, match=f"{name} replaces .*ConvTranspose1d"):
             build_rule(name)[0].setup(model, ctx)

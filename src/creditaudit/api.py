@@ -263,7 +263,12 @@ def audit_configs(rules: Iterable[str] | None = None, *, profile: str = "default
 
 
 class NothingToAudit(MissingPathError):
-    """Run folders, but not one finished run among them."""
+    """No finished run to audit: no readable run folder, or not one finished run among them.
+    ``problems``: the folders that could not be read, and why."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 def report(results: str | Path, *, setting: str | None = None, thresholds=None, own_baseline: bool = False,
@@ -278,12 +283,13 @@ def report(results: str | Path, *, setting: str | None = None, thresholds=None, 
     root = require_results(results)
     col = collect(root, [setting] if setting else None)
     if not col.runs:
-        raise MissingPathError(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped)" if col.problems else ""))
+        raise NothingToAudit(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped)" if col.problems else ""),
+                             col.problems)
     written = write_reports(col, root, setting=setting, thresholds=thresholds, own_baseline=own_baseline, out=out)
     if not written:
         counts = Counter(r.status for r in col.runs)
         raise NothingToAudit(f"nothing to audit under {root}: no run has finished ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-                             "finish them with `creditaudit sweep SETTING` (killed runs resume) and audit again")
+                             "finish them with `creditaudit sweep SETTING` (killed runs resume) and audit again", col.problems)
     return AuditResult([a for a, _ in written], [p for _, p in written], None, col.problems)
 
 

@@ -304,7 +304,12 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
         raise click.UsageError(f"at most one RESULTS_DIR, got {', '.join(results_dir)}")
     th = Thresholds(d1_ratio=d1, d2_norm=d2, d3_pp=d3, mode2_cos=mode2)
     if results_dir:
-        _show_audit(api.report(results_dir[0], thresholds=th, own_baseline=own_baseline, out=out or None), legend)
+        try:
+            result = api.report(results_dir[0], thresholds=th, own_baseline=own_baseline, out=out or None)
+        except api.NothingToAudit as e:
+            _say_skipped(e.problems)
+            raise  # one error line, exit status 2
+        _show_audit(result, legend)
         sys.exit(OK)
     if not seeds:
         raise click.BadParameter("name at least one seed, e.g. 42,123,456", param_hint="--seeds")
@@ -318,6 +323,7 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
         _show_audit(api.report(cfgs[0].results, setting=cfgs[0].setting, thresholds=th, own_baseline=own_baseline,
                                out=out or None), legend)
     except api.NothingToAudit as e:  # every run failed: said above, run by run, and here once
+        _say_skipped(e.problems)
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
     sys.exit(runs_status(statuses))
 
@@ -373,6 +379,11 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                                 on_done=done, say=say, died=died)
     console.print(job.line())
     return ["finished"] * len(reused) + result.statuses
+
+
+def _say_skipped(problems: list[str]) -> None:
+    for problem in problems:
+        console.print(f"  [yellow]skipped[/] {escape(problem)}")
 
 
 def _show_audit(result, legend: bool = True) -> None:
