@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from creditaudit.errors import ConfigError, MissingPathError
+from creditaudit.experiments import SEEDS3
 
-SEEDS = (42, 123, 456)
 
 
 def _items(overrides: Iterable[str] = (), fields: dict[str, Any] | None = None) -> tuple[str, ...]:
@@ -124,16 +124,19 @@ class SweepResult:
 
 def train_many(configs: list, *, workers: int = 0, backend: str = "local", address: str | None = None,
                gpus_per_run: float = 0.0, stack: int = 1, graph: bool = False,
-               on_done: Callable | None = None, say: Callable[[str], None] | None = None,
-               died: Callable[[str], None] | None = None) -> SweepResult:
+               on_start: Callable[[list, list], None] | None = None, on_done: Callable | None = None,
+               say: Callable[[str], None] | None = None, died: Callable[[str], None] | None = None) -> SweepResult:
     """Train ``configs`` in parallel: ``workers`` single-thread processes on this machine
     (``backend="local"``; 0 = one per core) or one Ray task per job (``backend="ray"``; ``address``
     the cluster, default $RAY_ADDRESS or a local instance). Finished runs are reused, killed ones
-    resume; a run's failure is its outcome, never an exception. ``on_done(outcome, i, n)`` hears of
-    each run trained; ``say`` gets the workers' stderr lines; ``died`` each lost worker."""
+    resume; a run's failure is its outcome, never an exception. ``on_start(todo, reused)`` hears
+    which configs will train and which finished before, ahead of any training; ``on_done(outcome, i,
+    n)`` of each run trained; ``say`` gets the workers' stderr lines; ``died`` each lost worker."""
     if backend not in ("local", "ray"):
         raise ConfigError(f"backend {backend!r}: choose local or ray")
     todo, reused = split_finished(configs)
+    if on_start:
+        on_start(todo, reused)
     outcomes: list = []
     if todo and backend == "local":
         from creditaudit.jobs import run_many
@@ -219,7 +222,7 @@ class AuditResult:
 
 
 def audit(results: str | Path | None = None, /, *overrides: str, rules: Iterable[str] | None = None,
-          profile: str = "default", seeds: Iterable[int] = SEEDS, workers: int = 0, own_baseline: bool = False,
+          profile: str = "default", seeds: Iterable[int] = SEEDS3, workers: int = 0, own_baseline: bool = False,
           thresholds=None, out: str | Path | None = None, on_done: Callable | None = None, **fields: Any) -> AuditResult:
     """Train and audit, as ``creditaudit audit``: without ``results``, the profile's rules (or
     ``rules``: names, rule files, or ``["all"]``) × ``seeds`` and the ``bp_frozen`` baseline (each
@@ -244,7 +247,7 @@ def audit(results: str | Path | None = None, /, *overrides: str, rules: Iterable
     return result
 
 
-def audit_configs(rules: Iterable[str] | None = None, *, profile: str = "default", seeds: Iterable[int] = SEEDS,
+def audit_configs(rules: Iterable[str] | None = None, *, profile: str = "default", seeds: Iterable[int] = SEEDS3,
                   own_baseline: bool = False, overrides: Iterable[str] = (), **fields: Any) -> list:
     """The runs :func:`audit` trains: ``rules`` (names, rule files, or ``["all"]``; default the
     profile's) × ``seeds`` and the baseline × ``seeds``, under ``profile``."""

@@ -345,17 +345,20 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
         return f"{run_path(c).parent.name}/{run_path(c).name}"
 
     # Runs finished before: reused, said once, never handed to a worker (nor listed with old times).
-    todo, reused = api.split_finished(cfgs)
-    what = f"{len(reused)} finished run{'' if len(reused) == 1 else 's'} reused (delete a run's folder to train it again)"
-    if not todo:
-        console.print(f"nothing to train: {what}")
-        return ["finished"] * len(reused)
-    job = JobProgress({label(c): c.epochs for c in todo})
-    console.print(f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({todo[0].data.dataset}, {todo[0].epochs} epochs each)"
-                  + (f"; {what}" if reused else ""))
+    job = JobProgress({})
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
                   TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("runs", total=len(todo), state=job.state())
+        task = progress.add_task("runs", total=None, state="", visible=False)
+
+        def start(todo, reused) -> None:
+            what = f"{len(reused)} finished run{'' if len(reused) == 1 else 's'} reused (delete a run's folder to train it again)"
+            if not todo:
+                progress.console.print(f"nothing to train: {what}")
+                return
+            job.epochs.update({label(c): c.epochs for c in todo})
+            progress.console.print(f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({todo[0].data.dataset}, "
+                                   f"{todo[0].epochs} epochs each)" + (f"; {what}" if reused else ""))
+            progress.update(task, total=len(todo), state=job.state(), visible=True)
 
         def done(outcome, i, n):
             job.update(outcome.run, outcome.status)
@@ -374,11 +377,13 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
             progress.update(task, state=job.state())
             progress.console.print(f"  [yellow]{escape(line)}[/]")
 
-        result = api.train_many(todo, workers=workers, backend="local" if ray_address is None else "ray",
+        result = api.train_many(cfgs, workers=workers, backend="local" if ray_address is None else "ray",
                                 address=ray_address or None, gpus_per_run=gpus_per_run, stack=stack, graph=graph,
-                                on_done=done, say=say, died=died)
-    console.print(job.line())
-    return ["finished"] * len(reused) + result.statuses
+                                on_start=start, on_done=done, say=say, died=died)
+    if result.outcomes:
+        console.print(job.line())
+    return result.statuses
+
 
 
 def _say_skipped(problems: list[str]) -> None:
