@@ -6,6 +6,7 @@ import torch
 
 from creditaudit.config import TrainConfig, apply_overrides
 from creditaudit.models import ARCHS, ModelConfig
+from creditaudit.testing import run_metrics, small_overrides  # noqa: F401  (the tests' helpers are the kit's)
 
 # A small instance of every registered architecture (its own registration declares it), on 1×8×8
 # inputs: a new architecture is tested by every test that walks ARCHS without an entry here.
@@ -13,12 +14,6 @@ SMALL_INPUT = (1, 8, 8)
 SMALL_ARCHS: dict[str, tuple[ModelConfig, tuple[int, ...]]] = {
     name: (ModelConfig(**ARCHS.get(name).small), SMALL_INPUT) for name in ARCHS.names()
 }
-
-
-def small_overrides(arch: str, *, shallow: bool = False) -> list[str]:
-    """``key=value`` items for the small instance of ``arch`` (without L for a _shallow variant)."""
-    return [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in ARCHS.get(arch).small.items()
-            if not (shallow and k == "L")]
 
 
 @pytest.fixture(params=ARCHS.names())
@@ -58,10 +53,3 @@ def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), [*base, *overrides])
 
 
-def run_metrics(cfg: TrainConfig) -> list[dict]:
-    """A run's metrics.jsonl records without the wall-clock timings (everything else is a
-    deterministic function of the config)."""
-    from creditaudit.runs.folder import RunFolder, run_dir
-
-    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in folder.read_metrics()]

@@ -18,10 +18,9 @@ from creditaudit.models import build_model, true_grads
 from creditaudit.rules import RuleContext, build_rule
 from creditaudit.rules import _estimator as E
 from creditaudit.runs.checkpoint import pack_state, unpack_state
-from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.training.run import build_run, train_step
 from creditaudit.training.trainer import train
-from tests.conftest import SMALL_ARCHS, tiny_config
+from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 
 ESTIMATORS = ("sb", "cb", "vec")
 CPU = torch.device("cpu")
@@ -329,11 +328,6 @@ def test_checkpoint_round_trip_continues_exactly(name, opts):
         assert torch.equal(final_a[k], final_b[k]), k
 
 
-def _metrics(cfg) -> list[dict]:
-    folder = RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in folder.read_metrics()]
-
-
 @pytest.mark.parametrize("name,opts", [("sb", []), ("cb", ["cb.dfa_warmup=true", "cb.warmup_frac=0.7"]), ("vec", [])])
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name, opts):
     """Through the trainer's own checkpoint file: estimator, optimizer, EMA target, generator and
@@ -343,7 +337,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name, opts):
     train(full)
     train(cut, stop_after=1)
     assert train(cut)["resumed_from"] == 1
-    assert _metrics(cut) == _metrics(full)
+    assert run_metrics(cut) == run_metrics(full)
 
 
 @pytest.mark.parametrize("name, option, value", [

@@ -93,14 +93,19 @@ def tiny_config(root: str | Path, rule: str, arch: str = "resmlp", *overrides: s
     """A seconds-long run of ``rule`` on the bundled digits (1×8×8, 1,437 / 360), the small instance
     of ``arch``, two epochs of batch 64, one thread, in ``root``."""
     from creditaudit.config import TrainConfig, apply_overrides
-    from creditaudit.models import ARCHS
 
-    shallow = rule.endswith("_shallow")
-    small = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in ARCHS.get(arch).small.items()
-             if not (shallow and k == "L")]
-    base = ["dataset=digits", f"arch={arch}", *small, "epochs=2", "batch_size=64", "threads=1", "progress=false",
+    base = ["dataset=digits", f"arch={arch}", *small_overrides(arch, shallow=rule.endswith("_shallow")), "epochs=2", "batch_size=64", "threads=1", "progress=false",
             f"results={Path(root) / 'results'}", f"data_dir={Path(root) / 'data'}", f"rule={rule}"]
     return apply_overrides(TrainConfig(), [*base, *overrides])
+
+
+def small_overrides(arch: str, *, shallow: bool = False) -> list[str]:
+    """``key=value`` items for the small instance of ``arch`` its registration declares (without L
+    for a ``_shallow`` variant, which has none)."""
+    from creditaudit.models import ARCHS
+
+    return [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in ARCHS.get(arch).small.items()
+            if not (shallow and k == "L")]
 
 
 @contextlib.contextmanager
@@ -115,8 +120,9 @@ def _one_thread_seeded() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _metrics(cfg) -> list[dict]:
-    """A run's logged records without wall-clock timings."""
+def run_metrics(cfg) -> list[dict]:
+    """A run's metrics.jsonl records without the wall-clock timings (everything else is a
+    deterministic function of the config)."""
     from creditaudit.config import run_path
     from creditaudit.runs.folder import RunFolder
 
@@ -235,7 +241,7 @@ def check_same_seed(rule: str, arch: str = "resmlp") -> None:
         cfgs = [tiny_config(Path(tmp) / side, rule, arch, "epochs=1") for side in ("a", "b")]
         for cfg in cfgs:
             train(cfg)
-        diff = _first_difference(*(_metrics(c) for c in cfgs))
+        diff = _first_difference(*(run_metrics(c) for c in cfgs))
     if diff:
         _fail(f"{rule} on {arch}: two runs of one seed differ ({diff})",
               "draw every random number in setup() from torch's global RNG (seeded from the run seed) or from a "
@@ -251,7 +257,7 @@ def check_resume(rule: str, arch: str = "resmlp") -> None:
         train(full)
         train(cut, stop_after=1)
         resumed = train(cut).get("resumed_from")
-        diff = _first_difference(_metrics(full), _metrics(cut))
+        diff = _first_difference(run_metrics(full), run_metrics(cut))
     if resumed != 1:
         _fail(f"{rule} on {arch}: the run did not resume from its checkpoint (resumed_from={resumed})", "see the run's log")
     if diff:
