@@ -7,6 +7,7 @@ default cadence).
 Both the probe (``time/diag_s``, epoch 0 included) and the training (``time/train_s``) are timed in
 the same processes, so the ratio is not disturbed by what else the machine does in between.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,7 +34,9 @@ def ratios(results: str) -> None:
         total[0] += d
         total[1] += t
         print(f"{rule:<14}{d:>15.1f}{t:>12.1f}{d / t:>9.1%}")
-    print(f"{'all runs':<14}{total[0]:>15.1f}{total[1]:>12.1f}{total[0] / total[1]:>9.1%}  (target <= 10%)")
+    print(
+        f"{'all runs':<14}{total[0]:>15.1f}{total[1]:>12.1f}{total[0] / total[1]:>9.1%}  (target <= 10%)"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -45,8 +48,10 @@ def main(argv: list[str]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = audit_configs(["bp", "dfa"], seeds=(42,), baseline=None, results=tmp)
-        print(f"training bp and dfa at the default audit profile ({cfgs[0].data.dataset}, "
-              f"{cfgs[0].data.train_subset or 'all'} examples, {cfgs[0].epochs} epochs), one thread each")
+        print(
+            f"training bp and dfa at the default audit profile ({cfgs[0].data.dataset}, "
+            f"{cfgs[0].data.train_subset or 'all'} examples, {cfgs[0].epochs} epochs), one thread each"
+        )
         run_many(cfgs, workers=1)
         ratios(tmp)
 

@@ -14,6 +14,7 @@ learning rate on the device). Both modes print the time per run-step (an epoch's
 R)) and the ratio (target <= 1.2). ``rule=`` trains another stackable rule on creditaudit's side
 (the hand-written loop is BP).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,10 @@ class HandResMLP(nn.Module):
     def __init__(self, d_in: int, d: int, L: int, classes: int):
         super().__init__()
         self.embed = nn.Linear(d_in, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d)) for _ in range(L))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            for _ in range(L)
+        )
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, classes))
 
     def forward(self, x):
@@ -77,7 +81,13 @@ class HandStack:
         device = next(iter(self.params.values())).device
         self.graph = graph and device.type == "cuda"
         lr_arg = torch.tensor(lr, device=device) if self.graph else lr
-        self.opt = torch.optim.AdamW(list(self.params.values()), lr=lr_arg, weight_decay=wd, foreach=True, capturable=self.graph)
+        self.opt = torch.optim.AdamW(
+            list(self.params.values()),
+            lr=lr_arg,
+            weight_decay=wd,
+            foreach=True,
+            capturable=self.graph,
+        )
         self.total = torch.zeros((), device=device)
         self.graphs: dict = {}
         self.seen: dict = {}
@@ -116,7 +126,9 @@ class HandStack:
             g.replay()
 
     def epoch(self, x, y, batch: int, R: int, gen: torch.Generator) -> float:
-        perms = torch.stack([torch.randperm(x.shape[0], generator=gen) for _ in range(R)]).to(x.device)  # (R, N)
+        perms = torch.stack([torch.randperm(x.shape[0], generator=gen) for _ in range(R)]).to(
+            x.device
+        )  # (R, N)
         for i in range(0, x.shape[0], batch):
             idx = perms[:, i : i + batch]
             self.step(x[idx], y[idx])
@@ -129,17 +141,41 @@ def stacked(argv_opts: dict, repeats: int, threads: int) -> None:
 
     R, graph = int(argv_opts.pop("stack", 1)), argv_opts.pop("graph", "0") in ("1", "true")
     rule = argv_opts.pop("rule", "bp")
-    cfgs = [apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in {
-        "rule": rule, "dataset": "fashion_mnist", "d": 256, "L": 4, "epochs": repeats + 2, "progress": "false", "seed": s,
-        "augment": "none", **argv_opts}.items()]) for s in range(R)]
+    cfgs = [
+        apply_overrides(
+            TrainConfig(),
+            [
+                f"{k}={v}"
+                for k, v in {
+                    "rule": rule,
+                    "dataset": "fashion_mnist",
+                    "d": 256,
+                    "L": 4,
+                    "epochs": repeats + 2,
+                    "progress": "false",
+                    "seed": s,
+                    "augment": "none",
+                    **argv_opts,
+                }.items()
+            ],
+        )
+        for s in range(R)
+    ]
     runs = [build_run(cfgs[0])]
     runs += [build_run(c, data=runs[0].data) for c in cfgs[1:]]
     stack = Stack(runs, graph=graph)
     x, y = runs[0].data.x_train, runs[0].data.y_train
     cfg = cfgs[0]
     d, L = cfg.model.d or 256, 4 if cfg.model.L is None else cfg.model.L
-    hand = HandStack([HandResMLP(x[0].numel(), d, L, runs[0].data.num_classes).to(runs[0].device) for _ in range(R)],
-                     cfg.optim.lr, cfg.optim.weight_decay, graph)
+    hand = HandStack(
+        [
+            HandResMLP(x[0].numel(), d, L, runs[0].data.num_classes).to(runs[0].device)
+            for _ in range(R)
+        ],
+        cfg.optim.lr,
+        cfg.optim.weight_decay,
+        graph,
+    )
     gen = torch.Generator().manual_seed(0)
     device = runs[0].device
     # Warm-up: one whole epoch each (graphs are captured in it), untimed.
@@ -148,15 +184,27 @@ def stacked(argv_opts: dict, repeats: int, threads: int) -> None:
     sync(device)
     t_lib, t_hand = [], []
     for r in range(repeats):
-        t0 = time.perf_counter(); stack.train_epoch(r + 1); sync(device); t_lib.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); hand.epoch(x, y, cfg.batch_size, R, gen); sync(device); t_hand.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        stack.train_epoch(r + 1)
+        sync(device)
+        t_lib.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hand.epoch(x, y, cfg.batch_size, R, gen)
+        sync(device)
+        t_hand.append(time.perf_counter() - t0)
     steps = len(runs[0].loader)
     lib, ref = statistics.median(t_lib), statistics.median(t_hand)
     mode = ("graphed" if graph and device.type == "cuda" else "eager") + f", stack of {R}"
-    print(f"device {device}, threads {threads}, dataset {cfg.data.dataset} ({x.shape[0]} train), resmlp d={d} L={L}, "
-          f"batch {cfg.batch_size}, {mode}, {repeats} epochs each")
-    print(f"creditaudit {rule} epoch : {lib:7.3f} s = {lib / steps / R * 1e3:.3f} ms per run-step  (runs: {', '.join(f'{t:.3f}' for t in t_lib)})")
-    print(f"hand-written BP epoch : {ref:7.3f} s = {ref / steps / R * 1e3:.3f} ms per run-step  (runs: {', '.join(f'{t:.3f}' for t in t_hand)})")
+    print(
+        f"device {device}, threads {threads}, dataset {cfg.data.dataset} ({x.shape[0]} train), resmlp d={d} L={L}, "
+        f"batch {cfg.batch_size}, {mode}, {repeats} epochs each"
+    )
+    print(
+        f"creditaudit {rule} epoch : {lib:7.3f} s = {lib / steps / R * 1e3:.3f} ms per run-step  (runs: {', '.join(f'{t:.3f}' for t in t_lib)})"
+    )
+    print(
+        f"hand-written BP epoch : {ref:7.3f} s = {ref / steps / R * 1e3:.3f} ms per run-step  (runs: {', '.join(f'{t:.3f}' for t in t_hand)})"
+    )
     print(f"ratio creditaudit / hand-written: {lib / ref:.3f}  (target <= 1.2 in the same mode)")
 
 
@@ -169,13 +217,33 @@ def main(argv: list[str]) -> None:
         return stacked(opts, repeats, threads)
     opts.pop("stack", None)
     opts.pop("graph", None)
-    cfg = apply_overrides(TrainConfig(), [f"{k}={v}" for k, v in {
-        "rule": "bp", "dataset": "fashion_mnist", "d": 256, "L": 4, "epochs": repeats + 1, "progress": "false",
-        "augment": "none", **opts}.items()])
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            f"{k}={v}"
+            for k, v in {
+                "rule": "bp",
+                "dataset": "fashion_mnist",
+                "d": 256,
+                "L": 4,
+                "epochs": repeats + 1,
+                "progress": "false",
+                "augment": "none",
+                **opts,
+            }.items()
+        ],
+    )
     run = build_run(cfg)
     x, y = run.data.x_train, run.data.y_train
-    hand = HandResMLP(x[0].numel(), cfg.model.d or 256, 4 if cfg.model.L is None else cfg.model.L, run.data.num_classes).to(run.device)
-    hand_opt = torch.optim.AdamW(hand.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    hand = HandResMLP(
+        x[0].numel(),
+        cfg.model.d or 256,
+        4 if cfg.model.L is None else cfg.model.L,
+        run.data.num_classes,
+    ).to(run.device)
+    hand_opt = torch.optim.AdamW(
+        hand.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     gen = torch.Generator().manual_seed(0)
 
     # Warm-up (allocator, kernels, first-touch): 20 steps each, untimed.
@@ -188,11 +256,20 @@ def main(argv: list[str]) -> None:
 
     t_lib, t_hand = [], []
     for r in range(repeats):
-        t0 = time.perf_counter(); train_epoch(run); run.epoch += 1; sync(run.device); t_lib.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); hand_epoch(hand, hand_opt, x, y, cfg.batch_size, gen); sync(run.device); t_hand.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        train_epoch(run)
+        run.epoch += 1
+        sync(run.device)
+        t_lib.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hand_epoch(hand, hand_opt, x, y, cfg.batch_size, gen)
+        sync(run.device)
+        t_hand.append(time.perf_counter() - t0)
     lib, ref = statistics.median(t_lib), statistics.median(t_hand)
-    print(f"device {run.device}, threads {threads}, dataset {cfg.data.dataset} ({x.shape[0]} train), "
-          f"resmlp d={cfg.model.d or 256} L={4 if cfg.model.L is None else cfg.model.L}, batch {cfg.batch_size}, {repeats} epochs each")
+    print(
+        f"device {run.device}, threads {threads}, dataset {cfg.data.dataset} ({x.shape[0]} train), "
+        f"resmlp d={cfg.model.d or 256} L={4 if cfg.model.L is None else cfg.model.L}, batch {cfg.batch_size}, {repeats} epochs each"
+    )
     print(f"creditaudit BP epoch : {lib:7.3f} s  (runs: {', '.join(f'{t:.3f}' for t in t_lib)})")
     print(f"hand-written epoch   : {ref:7.3f} s  (runs: {', '.join(f'{t:.3f}' for t in t_hand)})")
     print(f"ratio creditaudit / hand-written: {lib / ref:.3f}  (target <= 1.10)")

@@ -10,6 +10,7 @@ run's ``finish_probe``: what a stack does). ``full=1`` times the full probe (ρ_
 the last epoch), ``full=0`` the cheap one (every epoch). Prints the seconds per run for each and their
 ratio. The figures are the same either way (``tests/test_stack.py``).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -30,7 +31,15 @@ def sync(device: torch.device) -> None:
 
 
 def main(argv: list[str]) -> None:
-    opts = {"rule": "dfa", "arch": "resmlp", "stack": "8", "full": "0", "repeats": "3", "device": "auto", "threads": "0"}
+    opts = {
+        "rule": "dfa",
+        "arch": "resmlp",
+        "stack": "8",
+        "full": "0",
+        "repeats": "3",
+        "device": "auto",
+        "threads": "0",
+    }
     overrides = []
     for a in argv:
         k, _, v = a.partition("=")
@@ -41,7 +50,10 @@ def main(argv: list[str]) -> None:
             overrides.append(a)
     R, full, repeats = int(opts["stack"]), opts["full"] == "1", int(opts["repeats"])
     base = [f"rule={opts['rule']}", f"arch={opts['arch']}", "progress=false", *overrides]
-    cfgs = [resolve_rule_options(apply_overrides(TrainConfig(), [*base, f"seed={s}"])) for s in range(1, R + 1)]
+    cfgs = [
+        resolve_rule_options(apply_overrides(TrainConfig(), [*base, f"seed={s}"]))
+        for s in range(1, R + 1)
+    ]
     reason = why_not_stacked(cfgs[0])
     if reason:
         sys.exit(reason)
@@ -61,8 +73,10 @@ def main(argv: list[str]) -> None:
         for run, (figures, rho) in zip(runs, stack.probe(list(range(R)), diag, full=full)):
             finish_probe(run, figures, rho, diag, full=full)
 
-    print(f"{opts['rule']} on {opts['arch']} ({cfgs[0].data.dataset}), {R} runs, {'full' if full else 'cheap'} probe, "
-          f"device {device}, {torch.get_num_threads()} threads")
+    print(
+        f"{opts['rule']} on {opts['arch']} ({cfgs[0].data.dataset}), {R} runs, {'full' if full else 'cheap'} probe, "
+        f"device {device}, {torch.get_num_threads()} threads"
+    )
     times: dict[str, list[float]] = {"alone": [], "stacked": []}
     for i in range(repeats + 1):
         for name, fn in (("alone", alone), ("stacked", together)):

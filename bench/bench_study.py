@@ -44,6 +44,7 @@ measured as a stack — its step, its evaluation and its probes for all the stac
 (each run's ρ_l its own), its checkpoints per run — by every worker at once. A job's time is then its stack's; a run's share of
 it is the job's time over its size. See docs/performance.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,10 +98,14 @@ SHAPES = {
 
 def shape_of(data: DataConfig) -> Shape:
     if data.dataset == "student":
-        return Shape((data.student_dim,), data.student_classes, data.student_train, data.student_test, "none")
+        return Shape(
+            (data.student_dim,), data.student_classes, data.student_train, data.student_test, "none"
+        )
     if data.dataset == "mnist1d":  # the generator's 80/20 split of data.mnist1d_signals
         n_test = data.mnist1d_signals - int(0.8 * data.mnist1d_signals)
-        return dataclasses.replace(SHAPES["mnist1d"], n_train=data.mnist1d_signals - n_test, n_test=n_test)
+        return dataclasses.replace(
+            SHAPES["mnist1d"], n_train=data.mnist1d_signals - n_test, n_test=n_test
+        )
     return SHAPES[data.dataset]
 
 
@@ -128,14 +133,28 @@ def _synthetic_raw(shape: Shape):
                     raw = rng.integers(0, 256, numel, dtype=np.uint8)
                     raw[rng.random(numel) < 0.5] = 0
                     _GZ_PAYLOAD[numel] = gzip.compress(raw.tobytes(), compresslevel=1)
-                pixels = np.frombuffer(gzip.decompress(_GZ_PAYLOAD[numel]), dtype=np.uint8).reshape(n, *shape.input_shape)
+                pixels = np.frombuffer(gzip.decompress(_GZ_PAYLOAD[numel]), dtype=np.uint8).reshape(
+                    n, *shape.input_shape
+                )
                 x = torch.from_numpy(pixels.copy()).float().div_(255.0)
             else:
-                x = torch.randint(0, 256, (n, *shape.input_shape), generator=g, dtype=torch.uint8).float().div_(255.0)
+                x = (
+                    torch.randint(0, 256, (n, *shape.input_shape), generator=g, dtype=torch.uint8)
+                    .float()
+                    .div_(255.0)
+                )
             y = torch.randint(0, shape.classes, (n,), generator=g)
             splits.append((x, y))
-        return TensorDataset("synthetic", splits[0][0], splits[0][1], splits[1][0], splits[1][1],
-                             shape.classes, shape.input_shape, shape.augment)
+        return TensorDataset(
+            "synthetic",
+            splits[0][0],
+            splits[0][1],
+            splits[1][0],
+            splits[1][1],
+            shape.classes,
+            shape.input_shape,
+            shape.augment,
+        )
 
     return load
 
@@ -156,12 +175,18 @@ def kind_key(cfg: TrainConfig) -> str:
     """What decides the cost of a step and of a probe (not seeds, epochs, folders or penalty values)."""
     from creditaudit import typedconfig as T
 
-    d = T.semantic_dict(cfg)  # without where a run runs, how it is shown and what its folder is called
+    d = T.semantic_dict(
+        cfg
+    )  # without where a run runs, how it is shown and what its folder is called
     d["eval_batch_size"] = cfg.eval_batch_size  # not semantic, but the evaluation's cost
     for k in ("seed", "epochs", "save_epochs"):
         d.pop(k)
     d["lam"] = bool(d["lam"])
-    d["data"] = {"dataset": cfg.data.dataset, "sizes": split_sizes(cfg.data), "augment": cfg.data.augment}
+    d["data"] = {
+        "dataset": cfg.data.dataset,
+        "sizes": split_sizes(cfg.data),
+        "augment": cfg.data.augment,
+    }
     d["diag"].pop("full_every")
     d["diag"].pop("every")
     return json.dumps(d, sort_keys=True)
@@ -175,8 +200,16 @@ def job_kind(job: list[TrainConfig]) -> str:
 def kind_label(cfg: TrainConfig) -> str:
     m = cfg.model
     parts = [cfg.arch] + [f"{k}{v}" for k, v in (("d", m.d), ("L", m.L)) if v is not None]
-    parts += [n for n, v in (("noLN", m.out_ln is False), ("noskip", m.residual is False), ("pen", cfg.lam > 0),
-                             ("traj", cfg.diag.trajectory)) if v]
+    parts += [
+        n
+        for n, v in (
+            ("noLN", m.out_ln is False),
+            ("noskip", m.residual is False),
+            ("pen", cfg.lam > 0),
+            ("traj", cfg.diag.trajectory),
+        )
+        if v
+    ]
     return f"{cfg.rule} {'-'.join(parts)}"
 
 
@@ -191,12 +224,18 @@ def counts(cfg: TrainConfig) -> dict[str, int]:
             full += is_full
             cheap += not is_full
     extra_ckpt = len([e for e in cfg.save_epochs if 1 <= e <= cfg.epochs])
-    return {"steps": cfg.epochs * steps_per_epoch, "evals": cfg.epochs, "cheap": cheap, "full": full,
-            "ckpts": cfg.epochs + extra_ckpt}
+    return {
+        "steps": cfg.epochs * steps_per_epoch,
+        "evals": cfg.epochs,
+        "cheap": cheap,
+        "full": full,
+        "ckpts": cfg.epochs + extra_ckpt,
+    }
 
 
-def plan(profile: str, settings: list[str], with_baselines: bool,
-         overrides: tuple[str, ...] = ()) -> tuple[list[TrainConfig], int]:
+def plan(
+    profile: str, settings: list[str], with_baselines: bool, overrides: tuple[str, ...] = ()
+) -> tuple[list[TrainConfig], int]:
     """The runs ``creditaudit sweep SETTINGS [key=value ...]`` trains, in its order (baselines
     first), and how many are baselines."""
     from creditaudit.experiments import baselines, expand, study_settings
@@ -235,9 +274,16 @@ def _init_worker(barrier, threads: int, prime: list[dict], device_name: str) -> 
         shape = shape_of(cfg.data)
         if shape.gz:
             _synthetic_raw(shape)(cfg.data, "", 0)  # fills _GZ_PAYLOAD
-        tiny = TensorDataset("prime", torch.randn(64, *shape.input_shape), torch.randint(0, shape.classes, (64,)),
-                             torch.randn(64, *shape.input_shape), torch.randint(0, shape.classes, (64,)),
-                             shape.classes, shape.input_shape, shape.augment)
+        tiny = TensorDataset(
+            "prime",
+            torch.randn(64, *shape.input_shape),
+            torch.randint(0, shape.classes, (64,)),
+            torch.randn(64, *shape.input_shape),
+            torch.randint(0, shape.classes, (64,)),
+            shape.classes,
+            shape.input_shape,
+            shape.augment,
+        )
         run = build_run(cfg, device=device, data=tiny)
         x, y = next(iter(run.loader.epoch(0)))
         train_step(run, x, y)
@@ -269,17 +315,35 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, start_wall: float,
-                 size: int = 1, graph: bool = False) -> dict[str, Any]:
+def measure_kind(
+    cfg_dict: dict,
+    steps: int,
+    warmup: int,
+    device_name: str,
+    start_wall: float,
+    size: int = 1,
+    graph: bool = False,
+) -> dict[str, Any]:
     """Time one kind's pieces (see the module docstring); ``size`` > 1: as a stack of that many
     runs (``graph``: CUDA-graphed). Every worker passes the same barriers (before each timed
     phase) whatever happens, so a failure never blocks the others."""
     from creditaudit.runs.checkpoint import save_checkpoint
     from creditaudit.runs.provenance import provenance
-    from creditaudit.training.run import build_run, diagnose, evaluate, resolve_device, run_state, train_step
+    from creditaudit.training.run import (
+        build_run,
+        diagnose,
+        evaluate,
+        resolve_device,
+        run_state,
+        train_step,
+    )
 
     started = time.time()
-    out: dict[str, Any] = {"pid": os.getpid(), "started": started, "since_pool": started - start_wall}
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "started": started,
+        "since_pool": started - start_wall,
+    }
     per_kind_peak = _reset_peak_rss()
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -304,7 +368,10 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
         if size > 1:
             from creditaudit.training.stack import Stack
 
-            runs = [run] + [build_run(dataclasses.replace(cfg, seed=cfg.seed + i), device=device, data=run.data) for i in range(1, size)]
+            runs = [run] + [
+                build_run(dataclasses.replace(cfg, seed=cfg.seed + i), device=device, data=run.data)
+                for i in range(1, size)
+            ]
             state["stack"] = Stack(runs, graph=graph)
             state["batches"] = _stacked_batches(runs)
         else:
@@ -340,22 +407,37 @@ def measure_kind(cfg_dict: dict, steps: int, warmup: int, device_name: str, star
                 from creditaudit.training.stack import finish_probe
 
                 stack, diag = state["stack"], state["run"].cfg.diag
-                for r, (figures, rho) in zip(stack.runs, stack.probe(list(range(len(stack))), diag, full=full)):
+                for r, (figures, rho) in zip(
+                    stack.runs, stack.probe(list(range(len(stack))), diag, full=full)
+                ):
                     finish_probe(r, figures, rho, diag, full=full)
             else:
                 diagnose(state["run"], full=full)
             _sync(device)
             out["full_s" if full else "cheap_s"] = time.perf_counter() - t0
+
         return go
 
     def checkpoint() -> None:
         run = state["run"]
         with tempfile.TemporaryDirectory(prefix="bench_study_") as tmp:
             t0 = time.perf_counter()
-            save_checkpoint(os.path.join(tmp, "last.safetensors"), run_state(run), {"epoch": 1, "step": run.step, "wall_s": 0.0})
+            save_checkpoint(
+                os.path.join(tmp, "last.safetensors"),
+                run_state(run),
+                {"epoch": 1, "step": run.step, "wall_s": 0.0},
+            )
             out["ckpt_s"] = time.perf_counter() - t0
 
-    for phase in (setup, train_steps, evaluation, probe(False), probe(True), train_steps, checkpoint):
+    for phase in (
+        setup,
+        train_steps,
+        evaluation,
+        probe(False),
+        probe(True),
+        train_steps,
+        checkpoint,
+    ):
         try:
             _BARRIER.wait(timeout=3600)
         except Exception as exc:  # a broken barrier: time alone rather than hang
@@ -405,25 +487,48 @@ def _step(run, state: dict) -> None:
         state[k] = state.get(k, 0.0) + v.detach()
 
 
-def measure(kinds: dict[str, tuple[TrainConfig, int]], *, workers: int, steps: int, warmup: int, device: str,
-            graph: bool = False, on_kind=None) -> tuple[dict[str, dict], list[dict], float]:
+def measure(
+    kinds: dict[str, tuple[TrainConfig, int]],
+    *,
+    workers: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    graph: bool = False,
+    on_kind=None,
+) -> tuple[dict[str, dict], list[dict], float]:
     """Every kind (a config and its stack size) measured by all ``workers`` at once; returns
     (kind -> median figures, raw records, the workers' start-up: seconds from the pool's creation
     to a worker's first job)."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(workers)
-    threads = 1 if workers > 1 else 0  # as sweep.processes: one thread per worker; alone, torch's default
+    threads = (
+        1 if workers > 1 else 0
+    )  # as sweep.processes: one thread per worker; alone, torch's default
     pool_start = time.time()
     records: list[dict] = []
     medians: dict[str, dict] = {}
     first = next(iter(kinds.values()))[0]
-    prime = [C.to_dict(first)] + [C.to_dict(c) for c in {c.data.dataset: c for c, _ in kinds.values()}.values()
-                                  if c.data.dataset != first.data.dataset]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(barrier, threads, prime, device)) as pool:
-        futures = {key: [pool.submit(measure_kind, C.to_dict(cfg), steps, warmup, device, pool_start, size, graph)
-                         for _ in range(workers)]
-                   for key, (cfg, size) in kinds.items()}  # kind-major: the `workers` copies of a kind run together
+    prime = [C.to_dict(first)] + [
+        C.to_dict(c)
+        for c in {c.data.dataset: c for c, _ in kinds.values()}.values()
+        if c.data.dataset != first.data.dataset
+    ]
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(barrier, threads, prime, device),
+    ) as pool:
+        futures = {
+            key: [
+                pool.submit(
+                    measure_kind, C.to_dict(cfg), steps, warmup, device, pool_start, size, graph
+                )
+                for _ in range(workers)
+            ]
+            for key, (cfg, size) in kinds.items()
+        }  # kind-major: the `workers` copies of a kind run together
         for key, futs in futures.items():
             recs = [f.result() for f in futs]
             for r in recs:
@@ -433,10 +538,23 @@ def measure(kinds: dict[str, tuple[TrainConfig, int]], *, workers: int, steps: i
             if errors:
                 medians[key] = {"error": errors[0]}
             else:
-                medians[key] = {k: statistics.median(r[k] for r in recs) for k in
-                                ("load_s", "build_s", "provenance_s", "warmup_s", "eval_s", "cheap_s", "full_s",
-                                 "ckpt_s", "peak_rss_mib")}
-                medians[key]["step_s"] = statistics.median(w for r in recs for w in r["step_windows_s"])
+                medians[key] = {
+                    k: statistics.median(r[k] for r in recs)
+                    for k in (
+                        "load_s",
+                        "build_s",
+                        "provenance_s",
+                        "warmup_s",
+                        "eval_s",
+                        "cheap_s",
+                        "full_s",
+                        "ckpt_s",
+                        "peak_rss_mib",
+                    )
+                }
+                medians[key]["step_s"] = statistics.median(
+                    w for r in recs for w in r["step_windows_s"]
+                )
                 if "cuda_peak_mib" in recs[0]:
                     medians[key]["cuda_peak_mib"] = max(r["cuda_peak_mib"] for r in recs)
             if on_kind:
@@ -492,8 +610,13 @@ def job_seconds(job: list[TrainConfig], m: dict, warmup: int) -> dict[str, float
         "steps": n["steps"] * m["step_s"],
         "eval": n["evals"] * m["eval_s"],
         # a stack's probes are taken together (``m`` measured them for the whole stack), runs alone
-        "probes": (n["cheap"] * m["cheap_s"] + n["full"] * m["full_s"] if size > 1 else
-                   sum(counts(c)["cheap"] * m["cheap_s"] + counts(c)["full"] * m["full_s"] for c in job)),
+        "probes": (
+            n["cheap"] * m["cheap_s"] + n["full"] * m["full_s"]
+            if size > 1
+            else sum(
+                counts(c)["cheap"] * m["cheap_s"] + counts(c)["full"] * m["full_s"] for c in job
+            )
+        ),
         "ckpt": sum(counts(c)["ckpts"] for c in job) * m["ckpt_s"],
     }
     parts["total"] = sum(parts.values())
@@ -509,12 +632,16 @@ def schedule(durations: list[float], workers: int, start: float) -> float:
     return max(free) if durations else 0.0
 
 
-def walls(durations: list[float], workers: int, worker_start: float, parent_start: float) -> tuple[float, float]:
+def walls(
+    durations: list[float], workers: int, worker_start: float, parent_start: float
+) -> tuple[float, float]:
     """(sweep order, longest first) wall time, the parent's and the workers' start-up included.
     One run, or one worker: the sweep trains in its own process (no worker start-up)."""
     ws = 0.0 if workers == 1 or len(durations) <= 1 else worker_start
-    return (parent_start + schedule(durations, workers, ws),
-            parent_start + schedule(sorted(durations, reverse=True), workers, ws))
+    return (
+        parent_start + schedule(durations, workers, ws),
+        parent_start + schedule(sorted(durations, reverse=True), workers, ws),
+    )
 
 
 def fmt_s(s: float) -> str:
@@ -537,25 +664,41 @@ def _parent_start_s() -> float:
         return 0.0
 
 
-def report(jobs: list[list[TrainConfig]], n_baselines: int, medians: dict[str, dict], *, workers: int, warmup: int,
-           worker_start: float, parent_start: float) -> dict[str, Any]:
+def report(
+    jobs: list[list[TrainConfig]],
+    n_baselines: int,
+    medians: dict[str, dict],
+    *,
+    workers: int,
+    warmup: int,
+    worker_start: float,
+    parent_start: float,
+) -> dict[str, Any]:
     from creditaudit.experiments import SETTINGS  # noqa: F401  (registry loaded)
 
     keys = [job_kind(j) for j in jobs]
     medians = match_kinds(set(keys), medians)
     bad = {k for k in set(keys) if "error" in medians.get(k, {"error": "not measured"})}
     for k in bad:
-        print(f"  NOT MEASURED: {kind_label(jobs[keys.index(k)][0])}: {medians.get(k, {}).get('error', 'not measured')}")
-    per_job = [job_seconds(j, medians[k], warmup) if k not in bad else None for j, k in zip(jobs, keys)]
+        print(
+            f"  NOT MEASURED: {kind_label(jobs[keys.index(k)][0])}: {medians.get(k, {}).get('error', 'not measured')}"
+        )
+    per_job = [
+        job_seconds(j, medians[k], warmup) if k not in bad else None for j, k in zip(jobs, keys)
+    ]
     ok_jobs = [(j, p) for j, p in zip(jobs, per_job) if p is not None]
     # each run's share of its job
     ok = [(c, {k: v / len(j) for k, v in p.items()}) for j, p in ok_jobs for c in j]
     durations = [p["total"] for _, p in ok_jobs]
     stacked = sum(len(j) for j, _ in ok_jobs if len(j) > 1)
 
-    print(f"\nprojection per setting ({workers} worker(s); 'alone' = `creditaudit sweep SETTING` by itself, start-ups included;"
-          f" a stacked run counts its share of its stack)")
-    print(f"  {'setting':<22}{'runs':>5}{'epochs':>7}{'worker time':>13}{'alone, sweep order':>20}{'alone, LPT':>12}")
+    print(
+        f"\nprojection per setting ({workers} worker(s); 'alone' = `creditaudit sweep SETTING` by itself, start-ups included;"
+        f" a stacked run counts its share of its stack)"
+    )
+    print(
+        f"  {'setting':<22}{'runs':>5}{'epochs':>7}{'worker time':>13}{'alone, sweep order':>20}{'alone, LPT':>12}"
+    )
     by_setting: dict[str, list[float]] = defaultdict(list)
     epochs: dict[str, int] = {}
     for c, p in ok:
@@ -564,8 +707,15 @@ def report(jobs: list[list[TrainConfig]], n_baselines: int, medians: dict[str, d
     settings_out = {}
     for s, ds in by_setting.items():
         w_sweep, w_lpt = walls(ds, workers, worker_start, parent_start)
-        settings_out[s] = {"runs": len(ds), "worker_s": sum(ds), "wall_sweep_order_s": w_sweep, "wall_lpt_s": w_lpt}
-        print(f"  {s:<22}{len(ds):>5}{epochs[s]:>7}{fmt_s(sum(ds)):>13}{fmt_s(w_sweep):>20}{fmt_s(w_lpt):>12}")
+        settings_out[s] = {
+            "runs": len(ds),
+            "worker_s": sum(ds),
+            "wall_sweep_order_s": w_sweep,
+            "wall_lpt_s": w_lpt,
+        }
+        print(
+            f"  {s:<22}{len(ds):>5}{epochs[s]:>7}{fmt_s(sum(ds)):>13}{fmt_s(w_sweep):>20}{fmt_s(w_lpt):>12}"
+        )
 
     print("\ntop ten (rule, architecture) costs, summed over their runs")
     by_pair: dict[str, list[float]] = defaultdict(list)
@@ -579,18 +729,30 @@ def report(jobs: list[list[TrainConfig]], n_baselines: int, medians: dict[str, d
     top = sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:10]
     print(f"  {'rule architecture':<34}{'runs':>5}{'per run':>11}{'total':>11}{'share':>8}")
     for label, ds in top:
-        print(f"  {label:<34}{len(ds):>5}{fmt_s(statistics.mean(ds)):>11}{fmt_s(sum(ds)):>11}{sum(ds) / total:>8.1%}")
+        print(
+            f"  {label:<34}{len(ds):>5}{fmt_s(statistics.mean(ds)):>11}{fmt_s(sum(ds)):>11}{sum(ds) / total:>8.1%}"
+        )
 
     # the sweep's order is the packing's (longest job first) when it stacks; else the plan's
     w_sweep, w_lpt = walls(durations, workers, worker_start, parent_start)
-    print(f"\nwhole plan: {len(ok)} runs ({n_baselines} baselines) in {len(ok_jobs)} jobs ({stacked} runs in stacks), "
-          f"{fmt_s(total)} of worker time ({', '.join(f'{k} {v / total:.0%}' for k, v in parts_sum.items())})")
+    print(
+        f"\nwhole plan: {len(ok)} runs ({n_baselines} baselines) in {len(ok_jobs)} jobs ({stacked} runs in stacks), "
+        f"{fmt_s(total)} of worker time ({', '.join(f'{k} {v / total:.0%}' for k, v in parts_sum.items())})"
+    )
     print(f"  start-up: parent {parent_start:.1f} s, workers {worker_start:.1f} s")
-    print(f"  projected wall time on {workers} worker(s): {fmt_s(w_sweep)} in the sweep's order, {fmt_s(w_lpt)} longest-first (LPT);"
-          f" lower bound {fmt_s(total / workers)}")
-    return {"settings": settings_out, "total_worker_s": total, "wall_sweep_order_s": w_sweep, "wall_lpt_s": w_lpt,
-            "parts_s": dict(parts_sum), "top10": [(l, len(d), sum(d)) for l, d in top],
-            "runs": [{"run": f"{c.setting}/{C.run_path(c).name}", **p} for c, p in ok]}
+    print(
+        f"  projected wall time on {workers} worker(s): {fmt_s(w_sweep)} in the sweep's order, {fmt_s(w_lpt)} longest-first (LPT);"
+        f" lower bound {fmt_s(total / workers)}"
+    )
+    return {
+        "settings": settings_out,
+        "total_worker_s": total,
+        "wall_sweep_order_s": w_sweep,
+        "wall_lpt_s": w_lpt,
+        "parts_s": dict(parts_sum),
+        "top10": [(l, len(d), sum(d)) for l, d in top],
+        "runs": [{"run": f"{c.setting}/{C.run_path(c).name}", **p} for c, p in ok],
+    }
 
 
 def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, int]:
@@ -602,8 +764,10 @@ def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, 
     for p, s in zip(paths, saved):
         what = ("profile", "device", "workers", "warmup")
         if any(s[k] != first[k] for k in what):
-            sys.exit(f"{p}: measured with {', '.join(f'{k} {s[k]}' for k in what)}; {paths[0]}: "
-                     f"{', '.join(f'{k} {first[k]}' for k in what)} — combine like with like")
+            sys.exit(
+                f"{p}: measured with {', '.join(f'{k} {s[k]}' for k in what)}; {paths[0]}: "
+                f"{', '.join(f'{k} {first[k]}' for k in what)} — combine like with like"
+            )
     medians: dict[str, dict] = {}
     for s in saved:
         for key, m in s["medians"].items():
@@ -611,11 +775,23 @@ def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, 
             if old is None or "error" in old:
                 medians[key] = dict(m)
             elif "error" not in m:
-                medians[key] = {k: min(v, m.get(k, v)) if k != "peak_rss_mib" else max(v, m.get(k, v)) for k, v in old.items()}
-    print(f"measurements from {', '.join(paths)} ({first['workers']} workers, {first['device']}"
-          + ("; per kind and figure the smallest" if len(paths) > 1 else "") + ")")
-    return (medians, min(s["worker_start_s"] for s in saved), min(s["parent_start_s"] for s in saved),
-            [r for s in saved for r in s.get("records", [])], first["workers"], first["warmup"])
+                medians[key] = {
+                    k: min(v, m.get(k, v)) if k != "peak_rss_mib" else max(v, m.get(k, v))
+                    for k, v in old.items()
+                }
+    print(
+        f"measurements from {', '.join(paths)} ({first['workers']} workers, {first['device']}"
+        + ("; per kind and figure the smallest" if len(paths) > 1 else "")
+        + ")"
+    )
+    return (
+        medians,
+        min(s["worker_start_s"] for s in saved),
+        min(s["parent_start_s"] for s in saved),
+        [r for s in saved for r in s.get("records", [])],
+        first["workers"],
+        first["warmup"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,41 +800,77 @@ def main(argv: list[str]) -> None:
     from creditaudit.jobs.processes import default_workers
     from creditaudit.training.allocator import available_memory
 
-    own = {"profile", "workers", "device", "steps", "warmup", "with_baselines", "settings", "json", "from", "stack", "graph"}
+    own = {
+        "profile",
+        "workers",
+        "device",
+        "steps",
+        "warmup",
+        "with_baselines",
+        "settings",
+        "json",
+        "from",
+        "stack",
+        "graph",
+    }
     if any("=" not in a for a in argv):
         sys.exit(f"options are key=value; python {sys.argv[0]} --help")
     opts = {k: v for k, v in (a.split("=", 1) for a in argv) if k in own}
-    overrides = tuple(a for a in argv if a.split("=", 1)[0] not in own)  # to every run, as `creditaudit sweep` passes them
-    saved = json.load(open(opts["from"].split(",")[0])) if "from" in opts else {}  # re-projecting: its profile, device, steps
+    overrides = tuple(
+        a for a in argv if a.split("=", 1)[0] not in own
+    )  # to every run, as `creditaudit sweep` passes them
+    saved = (
+        json.load(open(opts["from"].split(",")[0])) if "from" in opts else {}
+    )  # re-projecting: its profile, device, steps
     profile = opts.get("profile", saved.get("profile", "cpu"))
     if saved and profile != saved["profile"]:
-        sys.exit(f"from={opts['from']} holds measurements of profile {saved['profile']}, not {profile}")
+        sys.exit(
+            f"from={opts['from']} holds measurements of profile {saved['profile']}, not {profile}"
+        )
     with_baselines = opts.get("with_baselines", "0").lower() in ("1", "true", "yes")
     settings = opts.get("settings", "all").split(",")
     steps, warmup = int(opts.get("steps", saved.get("steps", 20))), int(opts.get("warmup", 3))
     device = opts.get("device", saved.get("device", "cpu"))
     cfgs, n_base = plan(profile, settings, with_baselines, overrides)
     stack, graph = int(opts.get("stack", 1)), opts.get("graph", "0").lower() in ("1", "true", "yes")
-    jobs = pack(cfgs, stack) if stack > 1 else [[c] for c in cfgs]  # --stack 1: the sweep's own order
+    jobs = (
+        pack(cfgs, stack) if stack > 1 else [[c] for c in cfgs]
+    )  # --stack 1: the sweep's own order
     workers = int(opts.get("workers", 0)) or default_workers()
     kinds: dict[str, tuple[TrainConfig, int]] = {}
     for j in jobs:
         kinds.setdefault(job_kind(j), (j[0], len(j)))
     parent_start = _parent_start_s()
     avail = available_memory()
-    print(f"bench_study: profile {profile}, settings {','.join(settings)}{''.join(' ' + o for o in overrides)}, device {device}, {workers} worker(s) × "
-          f"{'1 thread' if workers > 1 else f'{torch.get_num_threads()} threads'}; {len(cfgs)} runs ({n_base} baselines), "
-          f"{len(kinds)} kinds; {steps} timed steps per kind after {warmup} warm-up steps"
-          + (f"; stacks of at most {stack}{', CUDA-graphed' if graph else ''}: {len(jobs)} jobs" if stack > 1 else ""))
-    print((f"machine: {os.cpu_count()} cores, {avail / 2**30:.1f} GiB available" if avail else f"machine: {os.cpu_count()} cores")
-          + f"; load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"bench_study: profile {profile}, settings {','.join(settings)}{''.join(' ' + o for o in overrides)}, device {device}, {workers} worker(s) × "
+        f"{'1 thread' if workers > 1 else f'{torch.get_num_threads()} threads'}; {len(cfgs)} runs ({n_base} baselines), "
+        f"{len(kinds)} kinds; {steps} timed steps per kind after {warmup} warm-up steps"
+        + (
+            f"; stacks of at most {stack}{', CUDA-graphed' if graph else ''}: {len(jobs)} jobs"
+            if stack > 1
+            else ""
+        )
+    )
+    print(
+        (
+            f"machine: {os.cpu_count()} cores, {avail / 2**30:.1f} GiB available"
+            if avail
+            else f"machine: {os.cpu_count()} cores"
+        )
+        + f"; load average {os.getloadavg()[0]:.2f} at start"
+    )
 
     if "from" in opts:
-        medians, startup, parent_start, records, workers, warmup = load_measurements(opts["from"].split(","))
+        medians, startup, parent_start, records, workers, warmup = load_measurements(
+            opts["from"].split(",")
+        )
     else:
         t0 = time.perf_counter()
-        print(f"\n  {'kind':<34}{'step ms':>8}{'eval s':>8}{'cheap s':>8}{'full s':>8}{'ckpt s':>8}{'load s':>8}"
-              f"{'build s':>8}{'warm+ s':>8}{'peak RSS':>10}")
+        print(
+            f"\n  {'kind':<34}{'step ms':>8}{'eval s':>8}{'cheap s':>8}{'full s':>8}{'ckpt s':>8}{'load s':>8}"
+            f"{'build s':>8}{'warm+ s':>8}{'peak RSS':>10}"
+        )
 
         def show(key: str, m: dict) -> None:
             cfg, size = kinds[key]
@@ -666,30 +878,72 @@ def main(argv: list[str]) -> None:
             if "error" in m:
                 print(f"  {label:<34}FAILED {m['error']}")
                 return
-            print(f"  {label:<34}{m['step_s'] * 1e3:>8.2f}{m['eval_s']:>8.2f}{m['cheap_s']:>8.2f}{m['full_s']:>8.2f}"
-                  f"{m['ckpt_s']:>8.3f}{m['load_s']:>8.2f}{m['build_s']:>8.2f}{max(0, m['warmup_s'] - warmup * m['step_s']):>8.2f}"
-                  f"{m['peak_rss_mib']:>6.0f} MiB" + (f"  cuda {m['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in m else ""),
-                  flush=True)
+            print(
+                f"  {label:<34}{m['step_s'] * 1e3:>8.2f}{m['eval_s']:>8.2f}{m['cheap_s']:>8.2f}{m['full_s']:>8.2f}"
+                f"{m['ckpt_s']:>8.3f}{m['load_s']:>8.2f}{m['build_s']:>8.2f}{max(0, m['warmup_s'] - warmup * m['step_s']):>8.2f}"
+                f"{m['peak_rss_mib']:>6.0f} MiB"
+                + (f"  cuda {m['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in m else ""),
+                flush=True,
+            )
 
-        medians, records, startup = measure(kinds, workers=workers, steps=steps, warmup=warmup, device=device, graph=graph,
-                                            on_kind=show)
-        print(f"measured in {fmt_s(time.perf_counter() - t0)}; load average {os.getloadavg()[0]:.2f} at the end")
+        medians, records, startup = measure(
+            kinds,
+            workers=workers,
+            steps=steps,
+            warmup=warmup,
+            device=device,
+            graph=graph,
+            on_kind=show,
+        )
+        print(
+            f"measured in {fmt_s(time.perf_counter() - t0)}; load average {os.getloadavg()[0]:.2f} at the end"
+        )
 
-    print("\npeak memory per worker (resident set over all its kinds" + (", CUDA max allocated" if device != "cpu" else "") + ")")
+    print(
+        "\npeak memory per worker (resident set over all its kinds"
+        + (", CUDA max allocated" if device != "cpu" else "")
+        + ")"
+    )
     per_worker: dict[int, dict] = {}
     for r in records:
         w = per_worker.setdefault(r["pid"], {"rss": 0.0, "cuda": 0.0})
         w["rss"] = max(w["rss"], r.get("worker_max_rss_mib", 0.0))
         w["cuda"] = max(w["cuda"], r.get("cuda_peak_mib", 0.0))
     for i, (pid, w) in enumerate(sorted(per_worker.items())):
-        print(f"  worker {i} (pid {pid}): {w['rss']:.0f} MiB" + (f", CUDA {w['cuda']:.0f} MiB" if w["cuda"] else ""))
-    projection = report(jobs, n_base, medians, workers=workers, warmup=warmup, worker_start=startup, parent_start=parent_start)
+        print(
+            f"  worker {i} (pid {pid}): {w['rss']:.0f} MiB"
+            + (f", CUDA {w['cuda']:.0f} MiB" if w["cuda"] else "")
+        )
+    projection = report(
+        jobs,
+        n_base,
+        medians,
+        workers=workers,
+        warmup=warmup,
+        worker_start=startup,
+        parent_start=parent_start,
+    )
     if "json" in opts:
         with open(opts["json"], "w") as f:
-            json.dump({"profile": profile, "device": device, "workers": workers, "steps": steps, "warmup": warmup,
-                       "stack": stack, "graph": graph,
-                       "worker_start_s": startup, "parent_start_s": parent_start, "medians": medians,
-                       "records": records, "projection": projection}, f, indent=1, default=str)
+            json.dump(
+                {
+                    "profile": profile,
+                    "device": device,
+                    "workers": workers,
+                    "steps": steps,
+                    "warmup": warmup,
+                    "stack": stack,
+                    "graph": graph,
+                    "worker_start_s": startup,
+                    "parent_start_s": parent_start,
+                    "medians": medians,
+                    "records": records,
+                    "projection": projection,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
         print(f"\nwrote {opts['json']}")
 
 

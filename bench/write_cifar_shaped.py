@@ -7,6 +7,7 @@ each: 1 label byte, 3,072 pixel bytes), which ``creditaudit`` reads as ``dataset
 ``data_dir=DATA_DIR``. For benchmarks and timing sweeps on a machine without the dataset: what a
 run computes on it means nothing, what it costs is the real dataset's.
 """
+
 from __future__ import annotations
 
 import sys

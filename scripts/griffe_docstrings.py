@@ -10,6 +10,7 @@ Two conventions of the code that griffe does not know:
   (what ``creditaudit train --help`` prints); that help becomes the field's docstring, and its
   default the value shown.
 """
+
 from __future__ import annotations
 
 import ast
@@ -58,8 +59,11 @@ def field_help(value: str) -> tuple[str, str] | None:
     meta = kw.get("metadata")
     if not isinstance(meta, ast.Dict):
         return None
-    helps = [v.value for k, v in zip(meta.keys, meta.values)
-             if isinstance(k, ast.Constant) and k.value == "help" and isinstance(v, ast.Constant)]
+    helps = [
+        v.value
+        for k, v in zip(meta.keys, meta.values)
+        if isinstance(k, ast.Constant) and k.value == "help" and isinstance(v, ast.Constant)
+    ]
     if not helps:
         return None
     if "default" in kw:
@@ -73,7 +77,12 @@ def field_help(value: str) -> tuple[str, str] | None:
 
 class CreditauditDocstrings(griffe.Extension):
     def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-        if obj.is_attribute and obj.parent is not None and obj.parent.is_class and obj.value is not None:
+        if (
+            obj.is_attribute
+            and obj.parent is not None
+            and obj.parent.is_class
+            and obj.value is not None
+        ):
             found = field_help(str(obj.value))
             if found:
                 text, default = found

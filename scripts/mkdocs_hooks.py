@@ -7,6 +7,7 @@
   inventory``, never edited by hand) are wide tables of numbers: they get the whole width (no table
   of contents beside them) and a class that keeps each cell on one line (docs/stylesheets/extra.css).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,9 @@ def home_page(readme: str) -> str:
 
 
 def on_files(files, config):
-    files.append(File.generated(config, "index.md", content=home_page(README.read_text(encoding="utf-8"))))
+    files.append(
+        File.generated(config, "index.md", content=home_page(README.read_text(encoding="utf-8")))
+    )
     return files
 
 

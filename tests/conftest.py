@@ -1,4 +1,5 @@
 """Shared fixtures: small architectures for every registered name, and tiny training configs."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,11 +46,19 @@ def _consoles_off_a_terminal(monkeypatch):
 
 def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
     """A seconds-long run on the bundled digits data, one thread (bit-reproducible)."""
-    shallow = any(o.startswith("rule=") and o.endswith("_shallow") for o in overrides)  # L=0: no depth to set
+    shallow = any(
+        o.startswith("rule=") and o.endswith("_shallow") for o in overrides
+    )  # L=0: no depth to set
     base = [
-        "dataset=digits", "arch=resmlp", "d=32", *([] if shallow else ["L=2"]), "epochs=2", "batch_size=64", "threads=1",
-        "progress=false", f"results={tmp_path / 'results'}", f"data_dir={tmp_path / 'data'}",
+        "dataset=digits",
+        "arch=resmlp",
+        "d=32",
+        *([] if shallow else ["L=2"]),
+        "epochs=2",
+        "batch_size=64",
+        "threads=1",
+        "progress=false",
+        f"results={tmp_path / 'results'}",
+        f"data_dir={tmp_path / 'data'}",
     ]
     return apply_overrides(TrainConfig(), [*base, *overrides])
-
-

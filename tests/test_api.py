@@ -1,5 +1,6 @@
 """The Python API (``creditaudit.api``, re-exported as ``creditaudit.train`` …): the CLI's verbs with
 its defaults and the same results on disk; user errors raise ``UserError``, never ``SystemExit``."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,21 +25,40 @@ def test_train_writes_what_the_cli_writes(tmp_path):
     res = CliRunner().invoke(main, ["train", "rule=dfa", f"results={tmp_path / 'cli'}", *args])
     assert res.exit_code == 0, res.output
     assert by_api.status == "finished" and by_api.finished and by_api.run == "dfa__resmlp__s42"
-    assert by_api.path == tmp_path / "api" / "adhoc" / "dfa__resmlp__s42" and by_api.epochs_done == 2
+    assert (
+        by_api.path == tmp_path / "api" / "adhoc" / "dfa__resmlp__s42" and by_api.epochs_done == 2
+    )
     cli_cfg = api.make_config("rule=dfa", f"results={tmp_path / 'cli'}", *args)
     assert _strip(by_api.metrics()) == run_metrics(cli_cfg)
     assert by_api.final["test/acc"] == by_api.metrics()[-1]["test/acc"]
-    again = api.train(api.make_config("rule=dfa", results=str(tmp_path / "api"), **TINY))  # a TrainConfig; finished: skipped
+    again = api.train(
+        api.make_config("rule=dfa", results=str(tmp_path / "api"), **TINY)
+    )  # a TrainConfig; finished: skipped
     assert again.status in ("skipped", "finished") and again.path == by_api.path
 
 
 def test_overrides_and_keyword_fields_compose():
     from creditaudit.config import resolve_rule_options
 
-    cfg = resolve_rule_options(api.make_config("rule=ep", "diag.every=3", epochs=4, ep__beta=0.2, random_labels=True,
-                                          channels=(4, 6, 8), arch="smallcnn"))
-    assert (cfg.rule, cfg.epochs, cfg.diag.every, cfg.rule_opts["beta"], cfg.data.random_labels, cfg.model.channels) == \
-        ("ep", 4, 3, 0.2, True, (4, 6, 8))
+    cfg = resolve_rule_options(
+        api.make_config(
+            "rule=ep",
+            "diag.every=3",
+            epochs=4,
+            ep__beta=0.2,
+            random_labels=True,
+            channels=(4, 6, 8),
+            arch="smallcnn",
+        )
+    )
+    assert (
+        cfg.rule,
+        cfg.epochs,
+        cfg.diag.every,
+        cfg.rule_opts["beta"],
+        cfg.data.random_labels,
+        cfg.model.channels,
+    ) == ("ep", 4, 3, 0.2, True, (4, 6, 8))
     with pytest.raises(ConfigError, match="expected key=value"):
         api.make_config("epochs")
     with pytest.raises(ConfigError, match="TrainConfig or key=value"):
@@ -60,7 +80,15 @@ def test_audit_returns_a_table_with_verdicts_and_writes_the_reports(tmp_path):
 
 
 def test_an_audit_whose_runs_all_fail_holds_no_audit_and_says_why(tmp_path):
-    result = api.audit(rules=["bp"], seeds=(1,), workers=1, results=str(tmp_path), dataset="digits", epochs=1, threads=1)
+    result = api.audit(
+        rules=["bp"],
+        seeds=(1,),
+        workers=1,
+        results=str(tmp_path),
+        dataset="digits",
+        epochs=1,
+        threads=1,
+    )
     assert result.audits == [] and result.trained.failed
     assert "train_subset=20000 exceeds the 1437 train examples" in result.trained.failed[0].error
 
@@ -70,22 +98,40 @@ def test_reports_from_a_folder_and_the_plan(tmp_path):
     t = api.tables(tmp_path, names=["table1"])
     assert t.path == tmp_path / "_reports" / "tables.md" and t["table1"].rows
     made = api.inventory(tmp_path)
-    assert made.path.name == "TRAINING_INVENTORY.md" and made.runs == made.finished == 1 and made.problems == []
+    assert (
+        made.path.name == "TRAINING_INVENTORY.md"
+        and made.runs == made.finished == 1
+        and made.problems == []
+    )
     cfgs = api.plan("main_audit", profile="smoke", with_baselines=True, results=str(tmp_path))
     assert len(cfgs) == 18 + 3 and cfgs[0].rule == "bp_frozen"
-    cli = CliRunner().invoke(main, ["sweep", "main_audit", "--profile", "smoke", "--with-baselines", "--dry-run", f"results={tmp_path}"])
+    cli = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "main_audit",
+            "--profile",
+            "smoke",
+            "--with-baselines",
+            "--dry-run",
+            f"results={tmp_path}",
+        ],
+    )
     assert "21 runs" in cli.output
 
 
-@pytest.mark.parametrize("call, error", [
-    (lambda tmp: api.audit(tmp / "nothing"), MissingPathError),
-    (lambda tmp: api.tables(tmp / "nothing"), MissingPathError),
-    (lambda tmp: api.tables(tmp, names=["nosuch"]), ConfigError),
-    (lambda tmp: api.train("rule=nosuch"), UserError),
-    (lambda tmp: api.plan(), ConfigError),
-    (lambda tmp: api.audit(rules=["bp"], seeds=()), ConfigError),
-    (lambda tmp: api.sweep("main_audit", backend="slurm"), ConfigError),
-])
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda tmp: api.audit(tmp / "nothing"), MissingPathError),
+        (lambda tmp: api.tables(tmp / "nothing"), MissingPathError),
+        (lambda tmp: api.tables(tmp, names=["nosuch"]), ConfigError),
+        (lambda tmp: api.train("rule=nosuch"), UserError),
+        (lambda tmp: api.plan(), ConfigError),
+        (lambda tmp: api.audit(rules=["bp"], seeds=()), ConfigError),
+        (lambda tmp: api.sweep("main_audit", backend="slurm"), ConfigError),
+    ],
+)
 def test_user_errors_raise_user_error_not_system_exit(tmp_path, call, error):
     with pytest.raises(error):
         call(tmp_path)

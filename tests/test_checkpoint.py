@@ -1,6 +1,7 @@
 """Checkpoints: every piece of training state survives pack/unpack and a safetensors file exactly
 (dtypes, int keys, tuples, RNG states), an optimizer resumed from one takes the very same next
 step, and a damaged file is reported as CorruptRunError."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ import torch
 
 from creditaudit.runs import checkpoint as ck
 from creditaudit.runs.io import CorruptRunError
-from creditaudit.runs.checkpoint import (load_checkpoint, load_tensors, pack_state,
-                                         save_checkpoint, save_tensors, unpack_state)
+from creditaudit.runs.checkpoint import (
+    load_checkpoint,
+    load_tensors,
+    pack_state,
+    save_checkpoint,
+    save_tensors,
+    unpack_state,
+)
 
 
 def assert_same(a, b, where="state"):
@@ -50,16 +57,26 @@ def roundtrip(obj):
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.GELU(),
-                               torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8),
+        torch.nn.LayerNorm(8),
+        torch.nn.GELU(),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Linear(8, 3),
+    )
 
 
 def _adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                              {"params": no_decay, "weight_decay": 0.0, "lr": 3e-4}],
-                             lr=1e-3, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": 0.01},
+            {"params": no_decay, "weight_decay": 0.0, "lr": 3e-4},
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+    )
 
 
 def _step(model, opt, seed):
@@ -73,6 +90,7 @@ def _step(model, opt, seed):
 # ---------------------------------------------------------------------------------------------
 # pack / unpack
 # ---------------------------------------------------------------------------------------------
+
 
 def test_module_state_dict_roundtrip_keeps_ordered_dict_and_metadata():
     sd = _model().state_dict()
@@ -104,11 +122,11 @@ def test_rng_states_roundtrip():
     random.seed(2)
     np.random.seed(3)
     state = {
-        "torch": torch.get_rng_state(),                                  # ByteTensor
+        "torch": torch.get_rng_state(),  # ByteTensor
         "generator": torch.Generator().manual_seed(5).get_state(),
-        "numpy": np.random.get_state(),             # ('MT19937', uint32 ndarray, int, int, float)
+        "numpy": np.random.get_state(),  # ('MT19937', uint32 ndarray, int, int, float)
         "numpy_generator": np.random.default_rng(7).bit_generator.state,  # dict with 128-bit ints
-        "python": random.getstate(),                                     # (3, tuple of ints, None)
+        "python": random.getstate(),  # (3, tuple of ints, None)
     }
     back = roundtrip(state)
     assert_same(state, back)
@@ -122,21 +140,37 @@ def test_rng_states_roundtrip():
     assert random.random() == expect[1] and np.random.rand() == expect[2]
     g = torch.Generator()
     g.set_state(back["generator"])
-    assert torch.equal(torch.rand(4, generator=g),
-                       torch.rand(4, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(5))
+    )
 
 
 def test_scalars_dtypes_and_edge_values_roundtrip():
     obj = {
-        "none": None, "flag": True, "i": -3, "big": 2**100, "f": 0.1, "nan": float("nan"),
-        "inf": float("inf"), "ninf": float("-inf"), "s": "x/y", 3: "int key", "3": "str key",
+        "none": None,
+        "flag": True,
+        "i": -3,
+        "big": 2**100,
+        "f": 0.1,
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "ninf": float("-inf"),
+        "s": "x/y",
+        3: "int key",
+        "3": "str key",
         "nested": [{"__tensor__": "user data that looks like a tag"}, (), (1, (2.5, None))],
-        "np_f32": np.float32(1.5), "np_i64": np.int64(-7), "np_bool": np.bool_(True),
-        "arr_be": np.arange(5, dtype=">i4"), "arr_2d": np.eye(2, dtype=np.float16),
+        "np_f32": np.float32(1.5),
+        "np_i64": np.int64(-7),
+        "np_bool": np.bool_(True),
+        "arr_be": np.arange(5, dtype=">i4"),
+        "arr_2d": np.eye(2, dtype=np.float16),
         "arr_empty": np.zeros((0, 3)),
-        "t_bf16": torch.randn(3, 2).to(torch.bfloat16), "t_bool": torch.tensor([True, False]),
-        "t_scalar": torch.tensor(4.0), "t_empty": torch.zeros(0, 5, dtype=torch.int64),
-        "t_i8": torch.tensor([-1, 2], dtype=torch.int8), "size": torch.Size([2, 3]),
+        "t_bf16": torch.randn(3, 2).to(torch.bfloat16),
+        "t_bool": torch.tensor([True, False]),
+        "t_scalar": torch.tensor(4.0),
+        "t_empty": torch.zeros(0, 5, dtype=torch.int64),
+        "t_i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "size": torch.Size([2, 3]),
     }
     back = roundtrip(obj)
     back["size"] = torch.Size(back["size"])  # tuple subclasses come back as tuples, by design
@@ -151,15 +185,22 @@ def test_pack_makes_independent_contiguous_cpu_copies():
     assert len(tensors) == 3
     ptrs = {t.untyped_storage().data_ptr() for t in tensors.values()}
     assert len(ptrs) == 3 and base.untyped_storage().data_ptr() not in ptrs
-    assert all(t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad
-               for t in tensors.values())
+    assert all(
+        t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad
+        for t in tensors.values()
+    )
     back = unpack_state(tensors, skeleton)
     assert torch.equal(back["v"], view) and torch.equal(back["tied"], base.detach())
 
 
 def test_flat_keys_are_readable_and_unique():
-    tensors, _ = pack_state({"model": {"a.b": torch.zeros(1)}, "model/a.b": torch.ones(1),
-                             "opt": {"state": {0: {"exp_avg": torch.zeros(2)}}}})
+    tensors, _ = pack_state(
+        {
+            "model": {"a.b": torch.zeros(1)},
+            "model/a.b": torch.ones(1),
+            "opt": {"state": {0: {"exp_avg": torch.zeros(2)}}},
+        }
+    )
     assert set(tensors) == {"model/a.b", "model/a.b~1", "opt/state/0/exp_avg"}
 
 
@@ -182,14 +223,22 @@ def test_unpack_maps_to_device():
 # files
 # ---------------------------------------------------------------------------------------------
 
+
 def test_checkpoint_file_roundtrip_and_is_plain_safetensors(tmp_path):
     model = _model()
     opt = _adamw(model)
     _step(model, opt, 0)
-    state = {"epoch": 3, "model": model.state_dict(), "optimizer": opt.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                     "python": random.getstate()},
-             "rule": {"B": [torch.randn(8, 3), torch.randn(8, 3)]}}
+    state = {
+        "epoch": 3,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+        "rule": {"B": [torch.randn(8, 3), torch.randn(8, 3)]},
+    }
     meta = {"epoch": 3, "best": float("nan"), "note": "ü"}
     path = tmp_path / "checkpoints" / "last.safetensors"
     save_checkpoint(path, state, meta)
@@ -215,8 +264,14 @@ def test_resumed_adamw_takes_the_same_next_step(tmp_path):
         _step(model, opt, i)
         sched.step()
     path = tmp_path / "last.safetensors"
-    save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict()})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+        },
+    )
 
     _step(model, opt, 99)  # the original run's next step
     sched.step()
@@ -252,8 +307,12 @@ def test_damaged_checkpoint_raises_corrupt_run_error(tmp_path, damage):
     path = tmp_path / "last.safetensors"
     save_checkpoint(path, {"w": torch.randn(64), "step": 5})
     data = path.read_bytes()
-    damaged = {"truncate_data": data[:-7], "truncate_header": data[:20],
-               "garbage": b"\x93NUMPY not a checkpoint" * 4, "empty": b""}[damage]
+    damaged = {
+        "truncate_data": data[:-7],
+        "truncate_header": data[:20],
+        "garbage": b"\x93NUMPY not a checkpoint" * 4,
+        "empty": b"",
+    }[damage]
     path.write_bytes(damaged)
     with pytest.raises(CorruptRunError) as err:
         load_checkpoint(path)
@@ -271,8 +330,11 @@ def test_missing_or_foreign_checkpoint_raises_corrupt_run_error(tmp_path):
 
 def test_save_and_load_tensors(tmp_path):
     lin = torch.nn.Linear(4, 4)
-    weights = {"emb.weight": lin.weight, "head.weight": lin.weight,  # tied
-               "t": torch.arange(6.0).view(2, 3).t()}
+    weights = {
+        "emb.weight": lin.weight,
+        "head.weight": lin.weight,  # tied
+        "t": torch.arange(6.0).view(2, 3).t(),
+    }
     path = tmp_path / "model.safetensors"
     save_tensors(path, weights, metadata={"arch": "resmlp"})
     back = load_tensors(path)

@@ -1,4 +1,5 @@
 """The command line: help, list, train, data, and one clear error per user mistake."""
+
 from __future__ import annotations
 
 import json
@@ -42,17 +43,22 @@ def test_list_shows_every_registered_name(cli):
 
     for name in [*SETTINGS.names(), *PROFILES.names()]:
         assert name in out
-    assert any(line.split()[:3] == ["paper", "audit,", "exploit,"] for line in out.splitlines())  # a profile's commands
+    assert any(
+        line.split()[:3] == ["paper", "audit,", "exploit,"] for line in out.splitlines()
+    )  # a profile's commands
 
 
-@pytest.mark.parametrize("args, message", [
-    (("rule=bq",), "unknown rule 'bq'"),
-    (("arch=resnet50",), "unknown architecture 'resnet50'"),
-    (("dataset=imagenet",), "unknown dataset 'imagenet'"),
-    (("epochs=-3",), "epochs must be >= 1"),
-    (("batch_size=big",), "expected int"),
-    (("nonsense=1",), "unknown config key 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("rule=bq",), "unknown rule 'bq'"),
+        (("arch=resnet50",), "unknown architecture 'resnet50'"),
+        (("dataset=imagenet",), "unknown dataset 'imagenet'"),
+        (("epochs=-3",), "epochs must be >= 1"),
+        (("batch_size=big",), "expected int"),
+        (("nonsense=1",), "unknown config key 'nonsense'"),
+    ],
+)
 def test_train_user_errors_are_one_line_and_exit_2(cli, args, message):
     result = cli("train", *args)
     assert result.exit_code == 2
@@ -67,8 +73,17 @@ def test_missing_dataset_names_the_fix(cli, tmp_path):
 
 
 def test_train_writes_a_run_and_skips_it_next_time(cli, tmp_path):
-    args = ("train", "-q", "dataset=digits", "d=16", "L=1", "epochs=1", "threads=1",
-            f"results={tmp_path / 'r'}", f"data_dir={tmp_path / 'd'}")
+    args = (
+        "train",
+        "-q",
+        "dataset=digits",
+        "d=16",
+        "L=1",
+        "epochs=1",
+        "threads=1",
+        f"results={tmp_path / 'r'}",
+        f"data_dir={tmp_path / 'd'}",
+    )
     first = cli(*args)
     assert first.exit_code == 0, first.output
     assert "finished" in first.output
@@ -78,7 +93,9 @@ def test_train_writes_a_run_and_skips_it_next_time(cli, tmp_path):
     stamps = {f.name: f.stat().st_mtime_ns for f in folder.rglob("*") if f.is_file()}
     second = cli(*args)
     assert second.exit_code == 0 and "finished" in second.output
-    assert {f.name: f.stat().st_mtime_ns for f in folder.rglob("*") if f.is_file()} == stamps  # nothing rewritten
+    assert {
+        f.name: f.stat().st_mtime_ns for f in folder.rglob("*") if f.is_file()
+    } == stamps  # nothing rewritten
 
 
 def test_data_check_and_fetch(cli, tmp_path):
@@ -89,7 +106,13 @@ def test_data_check_and_fetch(cli, tmp_path):
 
 
 def test_incompatible_arch_and_data_fail_before_any_file_is_written(cli, tmp_path):
-    result = cli("train", "arch=smallcnn", "dataset=mnist1d", f"data_dir={tmp_path / 'd'}", f"results={tmp_path / 'r'}")
+    result = cli(
+        "train",
+        "arch=smallcnn",
+        "dataset=mnist1d",
+        f"data_dir={tmp_path / 'd'}",
+        f"results={tmp_path / 'r'}",
+    )
     assert result.exit_code == 2 and "image inputs" in result.output
     assert not (tmp_path / "r").exists()
 
@@ -100,7 +123,11 @@ def test_audit_prints_a_legend_unless_told_not_to(cli, tmp_path):
     root = study(tmp_path / "results")
     shown = cli("audit", str(root), "--out", str(tmp_path / "reports"), "--d3", "4")
     assert shown.exit_code == 0, shown.output
-    assert "fired@ep" in shown.output and "needs walk-back" in shown.output and "D3 fires below 4" in shown.output
+    assert (
+        "fired@ep" in shown.output
+        and "needs walk-back" in shown.output
+        and "D3 fires below 4" in shown.output
+    )
     assert shown.output.count("D3 fires below") == 1  # once, under the last setting's table
     hidden = cli("audit", str(root), "--out", str(tmp_path / "reports"), "--no-legend")
     assert hidden.exit_code == 0 and "D3 fires below" not in hidden.output
@@ -111,13 +138,33 @@ def test_finished_runs_are_reused_and_said_so_once(cli, tmp_path, capsys):
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path, "epochs=1", "d=16", "L=1")
-    assert cli("train", "-q", *(f"{k}={v}" for k, v in (("dataset", "digits"), ("d", 16), ("L", 1), ("epochs", 1),
-                                                          ("batch_size", 64), ("threads", 1), ("results", cfg.results),
-                                                          ("data_dir", cfg.data.data_dir)))).exit_code == 0
+    assert (
+        cli(
+            "train",
+            "-q",
+            *(
+                f"{k}={v}"
+                for k, v in (
+                    ("dataset", "digits"),
+                    ("d", 16),
+                    ("L", 1),
+                    ("epochs", 1),
+                    ("batch_size", 64),
+                    ("threads", 1),
+                    ("results", cfg.results),
+                    ("data_dir", cfg.data.data_dir),
+                )
+            ),
+        ).exit_code
+        == 0
+    )
     capsys.readouterr()
     assert commands._train_all([cfg], workers=1) == ["finished"]
     out = capsys.readouterr().out
-    assert out.strip() == "nothing to train: 1 finished run reused (delete a run's folder to train it again)"
+    assert (
+        out.strip()
+        == "nothing to train: 1 finished run reused (delete a run's folder to train it again)"
+    )
 
 
 @pytest.mark.parametrize("command", ["audit", "sweep", "exploit"])
@@ -131,14 +178,22 @@ def test_an_unknown_profile_lists_only_the_profiles_the_command_takes(cli, comma
     listed = result.output.split("one of ", 1)[1]
     takes = profile_names(command)
     assert all(n in listed for n in takes)
-    assert not any(f" {n}," in f" {listed}" or f" {n} " in f" {listed}" for n in PROFILES.names() if n not in takes)
+    assert not any(
+        f" {n}," in f" {listed}" or f" {n} " in f" {listed}"
+        for n in PROFILES.names()
+        if n not in takes
+    )
 
 
 @pytest.mark.parametrize("args", [("--nosuch",), ("nosuchcmd",), ("data", "nosuch")])
 def test_usage_errors_read_error_in_lower_case_everywhere(cli, args):
     result = cli(*args)
     assert result.exit_code == 2
-    assert result.output.startswith("error: ") and "Error:" not in result.output and "Usage:" not in result.output
+    assert (
+        result.output.startswith("error: ")
+        and "Error:" not in result.output
+        and "Usage:" not in result.output
+    )
 
 
 def test_inventory_plan_renders_in_a_terminal_and_stays_markdown_in_a_pipe(cli, monkeypatch):
@@ -151,7 +206,9 @@ def test_inventory_plan_renders_in_a_terminal_and_stays_markdown_in_a_pipe(cli, 
     piped = cli("inventory", "--plan", "--profile", "cpu").output
     assert piped.startswith("# Training Inventory") and "| --- |" in piped  # for a file or a diff
     screen = io.StringIO()
-    monkeypatch.setattr(commands, "console", Console(file=screen, force_terminal=True, width=80, color_system=None))
+    monkeypatch.setattr(
+        commands, "console", Console(file=screen, force_terminal=True, width=80, color_system=None)
+    )
     assert cli("inventory", "--plan", "--profile", "cpu").exit_code == 0
     lines = screen.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80

@@ -1,6 +1,7 @@
 """A finished run is audited only from complete metrics: collect() skips, with the reason, a
 finished run whose metrics.jsonl is torn, empty, short of its last epoch or missing, and neither
 the audit nor ``creditaudit audit RESULTS`` lists it, counts it in n or gives it a verdict."""
+
 from __future__ import annotations
 
 import re
@@ -92,7 +93,9 @@ def test_an_intact_real_run_is_collected(real_run):
 
 
 @pytest.mark.parametrize("field, value", [("seed", 7), ("rule", "fa"), ("setting", "main_audit")])
-def test_a_run_whose_config_disagrees_with_its_folder_is_skipped_with_a_word(real_run, field, value):
+def test_a_run_whose_config_disagrees_with_its_folder_is_skipped_with_a_word(
+    real_run, field, value
+):
     """A config.json that no longer names its folder (edited, or the folder renamed) is not read as
     that run's: the reports skip it and say why."""
     import json
@@ -104,7 +107,9 @@ def test_a_run_whose_config_disagrees_with_its_folder_is_skipped_with_a_word(rea
     col = collect(results)
     assert col.runs == []
     (problem,) = col.problems
-    assert problem.startswith(f"{run}: config.json says {field} {value!r} but the folder is named for {field} ")
+    assert problem.startswith(
+        f"{run}: config.json says {field} {value!r} but the folder is named for {field} "
+    )
 
 
 def test_audit_of_a_folder_of_unfinished_runs_says_so_and_exits_2(tmp_path):
@@ -114,7 +119,11 @@ def test_audit_of_a_folder_of_unfinished_runs_says_so_and_exits_2(tmp_path):
     assert train(cfg, stop_after=1)["status"] == "interrupted"
     res = audit_cli(cfg.results)
     assert res.exit_code == 2, res.output
-    assert "nothing to audit" in res.output and "1 interrupted" in res.output and "Traceback" not in res.output
+    assert (
+        "nothing to audit" in res.output
+        and "1 interrupted" in res.output
+        and "Traceback" not in res.output
+    )
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -155,7 +164,9 @@ def _terminal_n(output: str, rule: str) -> str:
     if m:
         assert any(line.split()[:1] == [rule] for line in output.splitlines()), output
         return m.group(1)
-    header = next(line.split() for line in output.splitlines() if line.split()[:2] == ["rule", "verdict"])
+    header = next(
+        line.split() for line in output.splitlines() if line.split()[:2] == ["rule", "verdict"]
+    )
     rows = [line.split() for line in output.splitlines() if line.split()[:1] == [rule]]
     assert len(rows) == 1, output
     return rows[0][header.index("n")]
@@ -166,11 +177,15 @@ def test_the_terminal_output_does_not_depend_on_the_folders_path(study, tmp_path
     """The same study under a short and a long path prints the same lines but for the path itself:
     a path's length never moves a line break (a fresh clone's temporary folder once broke a test)."""
     results, _ = study
-    moved = tmp_path_factory.mktemp("moved").joinpath(*["a_rather_long_folder_name_" + "x" * 30] * depth, "results")
+    moved = tmp_path_factory.mktemp("moved").joinpath(
+        *["a_rather_long_folder_name_" + "x" * 30] * depth, "results"
+    )
     shutil.copytree(results, moved)
     outputs = [audit_cli(str(root)) for root in (results, moved)]
     assert [o.exit_code for o in outputs] == [0, 0], [o.output for o in outputs]
-    short, long = (o.output.replace(str(root), "RESULTS") for o, root in zip(outputs, (results, moved)))
+    short, long = (
+        o.output.replace(str(root), "RESULTS") for o, root in zip(outputs, (results, moved))
+    )
     assert short == long
     (report,) = [line for line in short.splitlines() if line.startswith("report:")]
     assert "RESULTS/_reports/main_audit/audit.md" in report  # one line, whole

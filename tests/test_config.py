@@ -1,4 +1,5 @@
 """Typed config: overrides, parsing, validation, help, round trip."""
+
 from __future__ import annotations
 
 import math
@@ -7,36 +8,63 @@ import typing
 
 import pytest
 
-from creditaudit.config import ConfigError, TrainConfig, apply_overrides, from_dict, help_rows, to_dict, validate
+from creditaudit.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    help_rows,
+    to_dict,
+    validate,
+)
 from creditaudit.runs.folder import RunFolder
 from creditaudit.typedconfig import iter_fields, set_path
 from creditaudit.registry import UnknownNameError
 
 
 def test_overrides_by_leaf_dotted_path_and_alias():
-    cfg = apply_overrides(TrainConfig(), ["rule=bp", "d=512", "model.L=8", "dataset=digits", "lr=3e-4",
-                                          "out_ln=false", "save_epochs=1,2,5", "width=128"])
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "rule=bp",
+            "d=512",
+            "model.L=8",
+            "dataset=digits",
+            "lr=3e-4",
+            "out_ln=false",
+            "save_epochs=1,2,5",
+            "width=128",
+        ],
+    )
     assert cfg.model.d == 128 and cfg.model.L == 8 and cfg.data.dataset == "digits"
     assert cfg.optim.lr == 3e-4 and cfg.model.out_ln is False and cfg.save_epochs == (1, 2, 5)
 
 
 def test_defaults_are_the_studys_recipe():
     cfg = TrainConfig()
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule, cfg.batch_size) == (1e-3, 0.01, "cosine", 128)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule, cfg.batch_size) == (
+        1e-3,
+        0.01,
+        "cosine",
+        128,
+    )
     assert cfg.data.dataset == "fashion_mnist" and cfg.arch == "resmlp"
 
 
-@pytest.mark.parametrize("item, message", [
-    ("epochs=abc", "expected int"),
-    ("epochs=0", "epochs must be >= 1"),
-    ("lr=-1", "lr must be > 0"),
-    ("out_ln=maybe", "expected bool"),
-    ("colour=red", "unknown config key 'colour'"),
-    ("epochz=3", "Did you mean epochs"),
-    ("epochs", "expected key=value"),
-    ("schedule=linear", "cosine or constant"),
-    ("local_rule=shift(0)", "shift\\(eta\\)"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("epochs=abc", "expected int"),
+        ("epochs=0", "epochs must be >= 1"),
+        ("lr=-1", "lr must be > 0"),
+        ("out_ln=maybe", "expected bool"),
+        ("colour=red", "unknown config key 'colour'"),
+        ("epochz=3", "Did you mean epochs"),
+        ("epochs", "expected key=value"),
+        ("schedule=linear", "cosine or constant"),
+        ("local_rule=shift(0)", "shift\\(eta\\)"),
+    ],
+)
 def test_bad_values_get_one_clear_error(item, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(TrainConfig(), [item])
@@ -74,6 +102,7 @@ def test_rule_options_by_prefix_or_leaf(monkeypatch):
 
     class Toy(Rule):
         """a toy rule with options"""
+
         Options = Opts
 
     monkeypatch.setitem(RULES._entries, "toy", type(RULES.entries()[0])("toy", Toy, "toy"))
@@ -92,7 +121,9 @@ def test_rule_options_by_prefix_or_leaf(monkeypatch):
 
 
 # Every float field of a run's config, nested ones included (``float | None`` too).
-FLOAT_FIELDS = [path for path, _, tp in iter_fields(TrainConfig) if tp is float or float in typing.get_args(tp)]
+FLOAT_FIELDS = [
+    path for path, _, tp in iter_fields(TrainConfig) if tp is float or float in typing.get_args(tp)
+]
 
 
 @pytest.mark.parametrize("path", FLOAT_FIELDS)
@@ -124,6 +155,8 @@ def test_lr_inf_is_refused_by_the_command_line_with_exit_2(tmp_path):
 
     from creditaudit.cli import main
 
-    result = CliRunner().invoke(main, ["train", "lr=inf", f"results={tmp_path / 'r'}"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["train", "lr=inf", f"results={tmp_path / 'r'}"], catch_exceptions=False
+    )
     assert result.exit_code == 2 and "optim.lr=inf: expected a finite number" in result.stderr
     assert not (tmp_path / "r").exists()

@@ -2,6 +2,7 @@
 variants) is either honoured — the run computes something different from the default config's — or
 refused with one ConfigError line that says why. The tables below classify every field of
 TrainConfig and every rule option; a field added without a row here fails this test."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,26 +23,73 @@ ALL_RULES = [r for base in RULES.names() for r in (base, *(f"{base}_{v}" for v i
 # Fields whose effect is on training (parameters, rule state) or on the data a run sees, with a
 # non-default value: checked on every rule.
 TRAINING = {
-    "seed": "7", "epochs": "3", "batch_size": "24", "lam": "0.05", "local_rule": "cosine",
-    "optim.lr": "3e-3", "optim.weight_decay": "0.2", "optim.beta1": "0.5", "optim.beta2": "0.9", "optim.schedule": "constant",
-    "model.d": "24", "model.L": "3", "model.out_ln": "false", "model.residual": "false",
-    "data.train_subset": "600", "data.test_subset": "100", "data.random_labels": "true", "data.augment": "crop_flip",
+    "seed": "7",
+    "epochs": "3",
+    "batch_size": "24",
+    "lam": "0.05",
+    "local_rule": "cosine",
+    "optim.lr": "3e-3",
+    "optim.weight_decay": "0.2",
+    "optim.beta1": "0.5",
+    "optim.beta2": "0.9",
+    "optim.schedule": "constant",
+    "model.d": "24",
+    "model.L": "3",
+    "model.out_ln": "false",
+    "model.residual": "false",
+    "data.train_subset": "600",
+    "data.test_subset": "100",
+    "data.random_labels": "true",
+    "data.augment": "crop_flip",
 }
 # Architecture-specific model fields: honoured by the architectures that read them, refused by the others.
-ARCH_FIELD_VALUES = {"w2_std": "0.5", "activation": "gelu", "heads": "2", "patch": "2", "channels": "4,6,10"}
+ARCH_FIELD_VALUES = {
+    "w2_std": "0.5",
+    "activation": "gelu",
+    "heads": "2",
+    "patch": "2",
+    "channels": "4,6,10",
+}
 # Fields of the student task: honoured with dataset=student, refused with any other dataset.
-STUDENT = {"data.student_alpha": "1.0", "data.student_dim": "12", "data.student_width": "16",
-           "data.student_classes": "4", "data.student_train": "300", "data.student_test": "50"}
+STUDENT = {
+    "data.student_alpha": "1.0",
+    "data.student_dim": "12",
+    "data.student_width": "16",
+    "data.student_classes": "4",
+    "data.student_train": "300",
+    "data.student_test": "50",
+}
 # Diagnostics: honoured by the probe (its output changes), refused with diag.enabled=false.
-DIAG = {"diag.eval_n": "64", "diag.every": "2", "diag.full_every": "1", "diag.rho_dirs": "4", "diag.rho_n": "64",
-        "diag.rho_eps": "1e-2", "diag.nudge_eta": "0.05", "diag.nudge_relative": "true", "diag.stab_batches": "3",
-        "diag.stab_batch_size": "32", "diag.trajectory": "true"}
+DIAG = {
+    "diag.eval_n": "64",
+    "diag.every": "2",
+    "diag.full_every": "1",
+    "diag.rho_dirs": "4",
+    "diag.rho_n": "64",
+    "diag.rho_eps": "1e-2",
+    "diag.nudge_eta": "0.05",
+    "diag.nudge_relative": "true",
+    "diag.stab_batches": "3",
+    "diag.stab_batch_size": "32",
+    "diag.trajectory": "true",
+}
 # Fields that never change what a run computes, by design (the run folder is reused across them),
 # or that change only its name or where it lives; and those tested where they act.
-NOT_SEMANTIC = {"progress", "results", "threads", "device", "eval_batch_size", "data.data_dir", "arch_label", "setting",
-                "logger", "logger_dir"}
+NOT_SEMANTIC = {
+    "progress",
+    "results",
+    "threads",
+    "device",
+    "eval_batch_size",
+    "data.data_dir",
+    "arch_label",
+    "setting",
+    "logger",
+    "logger_dir",
+}
 ELSEWHERE = {
-    "rule": "every test here walks it", "arch": "test_architecture_fields_are_honoured_where_read_and_refused_elsewhere",
+    "rule": "every test here walks it",
+    "arch": "test_architecture_fields_are_honoured_where_read_and_refused_elsewhere",
     "plugins": "tests/test_plugins.py: a rule file registers and trains",
     "rule_opts": "RULE_OPTION_VALUES below",
     "data.dataset": "tests/test_data_*.py: every dataset loads",
@@ -56,11 +104,38 @@ RULE_OPTION_VALUES = {
     "fa_layerwise": {"init": "normal", "scale": "2.0"},
     "dfa": {"init": "uniform", "scale": "2.0"},
     "ep": {"beta": "0.2", "T": "21", "alpha": "0.05", "symmetric": "true", "credit": "error"},
-    "sb": {"est_lr": "3e-3", "width": "24", "depth": "2", "code": "label", "exact_terminal": "true", "rms_out": "true"},
-    "cb": {"est_lr": "3e-3", "width": "24", "depth": "2", "code": "label", "K": "3", "sigma": "0.3", "noise": "relative",
-           "temp": "0.3", "ema": "0.9", "terminal_w": "2.0", "dfa_warmup": "true", "warmup_frac": "0.9"},
-    "vec": {"est_lr": "3e-3", "width": "24", "depth": "2", "code": "label", "M": "2", "eps": "0.05", "terminal": "false",
-            "fd_layers": "0"},
+    "sb": {
+        "est_lr": "3e-3",
+        "width": "24",
+        "depth": "2",
+        "code": "label",
+        "exact_terminal": "true",
+        "rms_out": "true",
+    },
+    "cb": {
+        "est_lr": "3e-3",
+        "width": "24",
+        "depth": "2",
+        "code": "label",
+        "K": "3",
+        "sigma": "0.3",
+        "noise": "relative",
+        "temp": "0.3",
+        "ema": "0.9",
+        "terminal_w": "2.0",
+        "dfa_warmup": "true",
+        "warmup_frac": "0.9",
+    },
+    "vec": {
+        "est_lr": "3e-3",
+        "width": "24",
+        "depth": "2",
+        "code": "label",
+        "M": "2",
+        "eps": "0.05",
+        "terminal": "false",
+        "fd_layers": "0",
+    },
     "usf": {"scale": "2.0"},
     "frsf": {"init": "uniform", "scale": "2.0"},
     "brsf": {"init": "uniform", "scale": "2.0"},
@@ -79,9 +154,19 @@ OPTION_NEEDS = {("cb", "warmup_frac"): ("dfa_warmup=true",)}
 def _config(*items: str, arch: str = "resmlp") -> TrainConfig:
     """A tiny run on digits; blocks L=2 where the architecture and the rule have a choice."""
     shallow = any(i.startswith("rule=") and i.endswith("_shallow") for i in items)
-    base = ["dataset=digits", f"arch={arch}", "d=16", "epochs=2", "batch_size=32", "threads=1", "progress=false",
-            "train_subset=300", "L=2" if not arch.startswith("smallcnn") and not shallow else "",
-            "channels=4,6,8" if arch.startswith("smallcnn") else "", "heads=4" if arch.startswith("vit_mini") else ""]
+    base = [
+        "dataset=digits",
+        f"arch={arch}",
+        "d=16",
+        "epochs=2",
+        "batch_size=32",
+        "threads=1",
+        "progress=false",
+        "train_subset=300",
+        "L=2" if not arch.startswith("smallcnn") and not shallow else "",
+        "channels=4,6,8" if arch.startswith("smallcnn") else "",
+        "heads=4" if arch.startswith("vit_mini") else "",
+    ]
     return apply_overrides(TrainConfig(), [i for i in (*base, *items) if i])
 
 
@@ -108,7 +193,9 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) != len(b) or any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) != len(b) or any(
+        x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b)
+    )
 
 
 def _honoured_or_refused(rule: str, item: str, *, arch: str = "resmlp", reference=None) -> str:
@@ -119,30 +206,54 @@ def _honoured_or_refused(rule: str, item: str, *, arch: str = "resmlp", referenc
     except ConfigError as exc:
         assert "\n" not in str(exc) and str(exc), f"{rule} {item}: refusal must be one line"
         return "refused"
-    reference = reference if reference is not None else _signature(_config(f"rule={rule}", arch=arch))
-    assert _differs(changed, reference), f"{rule} on {arch}: {item} is accepted but changes nothing (silently ignored)"
+    reference = (
+        reference if reference is not None else _signature(_config(f"rule={rule}", arch=arch))
+    )
+    assert _differs(changed, reference), (
+        f"{rule} on {arch}: {item} is accepted but changes nothing (silently ignored)"
+    )
     return "honoured"
 
 
 def test_the_tables_classify_every_field_and_option():
-    covered = set(TRAINING) | {f"model.{k}" for k in ARCH_FIELD_VALUES} | set(STUDENT) | set(DIAG) | NOT_SEMANTIC | set(ELSEWHERE)
+    covered = (
+        set(TRAINING)
+        | {f"model.{k}" for k in ARCH_FIELD_VALUES}
+        | set(STUDENT)
+        | set(DIAG)
+        | NOT_SEMANTIC
+        | set(ELSEWHERE)
+    )
     fields = {path for path, _, _ in iter_fields(TrainConfig)}
     assert fields - covered == set(), "classify these config fields in tests/test_config_fields.py"
     assert set(ARCH_FIELD_VALUES) == set(ARCH_SPECIFIC_FIELDS)
     for rule in RULES.names():
         options = {f.name for f in dataclasses.fields(RULES.get(rule).Options)}
-        assert set(RULE_OPTION_VALUES.get(rule, {})) == options, f"give every option of rule {rule!r} a value here"
+        assert set(RULE_OPTION_VALUES.get(rule, {})) == options, (
+            f"give every option of rule {rule!r} a value here"
+        )
 
 
 @pytest.mark.parametrize("rule", ALL_RULES)
 def test_training_fields_are_honoured_or_refused(rule):
     reference = _signature(_config(f"rule={rule}"))
-    outcome = {key: _honoured_or_refused(rule, f"{key}={value}", reference=reference) for key, value in TRAINING.items()}
+    outcome = {
+        key: _honoured_or_refused(rule, f"{key}={value}", reference=reference)
+        for key, value in TRAINING.items()
+    }
     variant = rule.rpartition("_")[2] if rule.rpartition("_")[2] in VARIANTS else None
     end_to_end = RULES.get(rule.removesuffix(f"_{variant}") if variant else rule).end_to_end
     # The refusals are exactly the ones the field docs promise; everything else is honoured.
-    expected = {k for k, applies in (("lam", variant is not None), ("local_rule", end_to_end),
-                                      ("model.L", variant == "shallow"), ("model.residual", variant == "shallow")) if applies}
+    expected = {
+        k
+        for k, applies in (
+            ("lam", variant is not None),
+            ("local_rule", end_to_end),
+            ("model.L", variant == "shallow"),
+            ("model.residual", variant == "shallow"),
+        )
+        if applies
+    }
     assert {k for k, v in outcome.items() if v == "refused"} == expected
 
 
@@ -162,7 +273,10 @@ def test_refusals_say_why():
         _config("rule=dfa_frozen", "lam=0.01")
     with pytest.raises(ConfigError, match="no blocks"):
         _config("rule=bp_shallow", "L=3")
-    with pytest.raises(ConfigError, match=r"model.heads=2 has no effect on arch 'resmlp' \(read by vit_mini, vit_mini1d\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.heads=2 has no effect on arch 'resmlp' \(read by vit_mini, vit_mini1d\)",
+    ):
         _config("heads=2")
     with pytest.raises(ConfigError, match="student task only"):
         _config("student_dim=12")
@@ -175,7 +289,9 @@ def test_student_fields_are_honoured_on_the_student_task_and_refused_elsewhere()
     for key, value in STUDENT.items():
         assert _honoured_or_refused("bp", f"{key}={value}") == "refused"
         changed = _signature(apply_overrides(_config(), ["dataset=student", f"{key}={value}"]))
-        assert _differs(changed, reference), f"{key} is accepted on the student task but changes nothing"
+        assert _differs(changed, reference), (
+            f"{key} is accepted on the student task but changes nothing"
+        )
 
 
 @pytest.mark.parametrize("rule", RULES.names())
@@ -184,7 +300,9 @@ def test_rule_options_are_honoured_or_refused(rule):
     reference = _signature(_config(f"rule={rule}"), steps=steps)
     for option, value in RULE_OPTION_VALUES[rule].items():
         items = [f"{rule}.{option}={value}", *OPTION_NEEDS.get((rule, option), ())]
-        base = _signature(_config(f"rule={rule}", *items[1:]), steps=steps) if items[1:] else reference
+        base = (
+            _signature(_config(f"rule={rule}", *items[1:]), steps=steps) if items[1:] else reference
+        )
         try:
             changed = _signature(_config(f"rule={rule}", *items), steps=steps)
         except ConfigError as exc:
@@ -200,20 +318,32 @@ def test_rule_options_are_honoured_or_refused(rule):
 
 def test_fa_structure_acts_on_multi_axis_states_and_is_refused_where_it_cannot():
     reference = _signature(_config("rule=fa", arch="vit_mini"))
-    assert _differs(_signature(_config("rule=fa", "fa.structure=dense", arch="vit_mini")), reference)
+    assert _differs(
+        _signature(_config("rule=fa", "fa.structure=dense", arch="vit_mini")), reference
+    )
     with pytest.raises(ConfigError, match="fa.structure=kron has no effect here"):
-        _signature(_config("rule=fa", "fa.structure=kron", arch="vit_mini"))  # auto is kron on equal token×d shapes
+        _signature(
+            _config("rule=fa", "fa.structure=kron", arch="vit_mini")
+        )  # auto is kron on equal token×d shapes
     with pytest.raises(ConfigError, match="fa.structure=dense has no effect here"):
-        _signature(_config("rule=fa", "fa.structure=dense"))  # vector states: one map whatever the structure
+        _signature(
+            _config("rule=fa", "fa.structure=dense")
+        )  # vector states: one map whatever the structure
 
 
 def test_diag_fields_are_honoured_or_refused():
     from creditaudit.diagnostics import probe
 
     def probed(*items: str) -> dict:
-        run = build_run(_config("rule=dfa", "diag.stab_batch_size=32", *items))  # digits' 360 test examples: 11 batches
-        return {"full": probe(run.model, run.rule, run.data, run.cfg.diag, full=True, seed=run.cfg.seed),
-                "due": [e for e in range(3) if run.cfg.diag.every and e % run.cfg.diag.every == 0]}
+        run = build_run(
+            _config("rule=dfa", "diag.stab_batch_size=32", *items)
+        )  # digits' 360 test examples: 11 batches
+        return {
+            "full": probe(
+                run.model, run.rule, run.data, run.cfg.diag, full=True, seed=run.cfg.seed
+            ),
+            "due": [e for e in range(3) if run.cfg.diag.every and e % run.cfg.diag.every == 0],
+        }
 
     reference = probed()
     for key, value in DIAG.items():
@@ -228,7 +358,9 @@ def test_diag_fields_are_honoured_or_refused():
             default = _config().diag
             assert [due(cfg, e, 4) for e in range(5)] != [due(default, e, 4) for e in range(5)], key
             continue
-        assert probed(f"{key}={value}") != reference, f"{key}={value} is accepted but the probe is unchanged"
+        assert probed(f"{key}={value}") != reference, (
+            f"{key}={value} is accepted but the probe is unchanged"
+        )
 
 
 def test_logging_fields_act_on_the_run_folder(tmp_path):

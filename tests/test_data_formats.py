@@ -4,6 +4,7 @@ Every test writes small files in the real on-disk formats under tmp_path and rea
 the real ``load_dataset`` path with ``data_dir=tmp_path``. The network is never touched:
 ``fetch.download_url`` is replaced by a local copy.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -18,7 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from creditaudit.data import DATASETS, DataConfig, DatasetMissingError, check_dataset, fetch_dataset, load_dataset
+from creditaudit.data import (
+    DATASETS,
+    DataConfig,
+    DatasetMissingError,
+    check_dataset,
+    fetch_dataset,
+    load_dataset,
+)
 from creditaudit.data import cifar, fetch, idx
 from creditaudit.data.fetch import RemoteFile
 
@@ -26,12 +34,20 @@ from creditaudit.data.fetch import RemoteFile
 # Writers for the real formats
 # --------------------------------------------------------------------------------------------
 
-IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
-             np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+IDX_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(">i2"): 0x0B,
+    np.dtype(">i4"): 0x0C,
+    np.dtype(">f4"): 0x0D,
+    np.dtype(">f8"): 0x0E,
+}
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
-    header = bytes([0, 0, IDX_CODES[arr.dtype], arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
+    header = (
+        bytes([0, 0, IDX_CODES[arr.dtype], arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
+    )
     return header + arr.tobytes()
 
 
@@ -52,14 +68,20 @@ def make_idx_split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nda
     return images, labels
 
 
-def write_idx_dataset(folder: Path, *, gz_images: bool = True, gz_labels: bool = False, seed: int = 0) -> dict:
+def write_idx_dataset(
+    folder: Path, *, gz_images: bool = True, gz_labels: bool = False, seed: int = 0
+) -> dict:
     """Four IDX files (30 train, 20 test examples); returns the arrays written."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, stem, n in (("train", "train", 30), ("test", "t10k", 20)):
         images, labels = make_idx_split(rng, n)
-        write_bytes(folder / f"{stem}-images-idx3-ubyte{'.gz' if gz_images else ''}", idx_bytes(images))
-        write_bytes(folder / f"{stem}-labels-idx1-ubyte{'.gz' if gz_labels else ''}", idx_bytes(labels))
+        write_bytes(
+            folder / f"{stem}-images-idx3-ubyte{'.gz' if gz_images else ''}", idx_bytes(images)
+        )
+        write_bytes(
+            folder / f"{stem}-labels-idx1-ubyte{'.gz' if gz_labels else ''}", idx_bytes(labels)
+        )
         arrays[split] = (images, labels)
     return arrays
 
@@ -135,7 +157,10 @@ def test_idx_round_trip_through_load_dataset(tmp_path, name, gz_images, gz_label
     ref_te = normalised(x_te[:, None], x_tr[:, None])  # test split uses the TRAIN statistics
     np.testing.assert_allclose(ds.x_train.numpy(), ref_tr, atol=1e-5)
     np.testing.assert_allclose(ds.x_test.numpy(), ref_te, atol=1e-5)
-    assert abs(ds.x_train.mean().item()) < 1e-5 and abs(ds.x_train.std(unbiased=False).item() - 1) < 1e-5
+    assert (
+        abs(ds.x_train.mean().item()) < 1e-5
+        and abs(ds.x_train.std(unbiased=False).item() - 1) < 1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, ">i2", ">i4", ">f4", ">f8"])
@@ -220,7 +245,9 @@ def test_fetch_bad_checksum_leaves_nothing(tmp_path, monkeypatch, no_system_dirs
     src = tmp_path / "served"
     write_idx_dataset(src, gz_images=True, gz_labels=True)
     calls: list[str] = []
-    monkeypatch.setattr(fetch, "download_url", fake_downloader({p.name: p for p in src.iterdir()}, calls))
+    monkeypatch.setattr(
+        fetch, "download_url", fake_downloader({p.name: p for p in src.iterdir()}, calls)
+    )
     data_dir = tmp_path / "data"
     with pytest.raises(DatasetMissingError, match="checksum mismatch") as err:
         fetch_dataset("mnist", str(data_dir), quiet=True)  # the real published md5s cannot match
@@ -234,7 +261,9 @@ def test_fetch_good_checksum_puts_files_in_place(tmp_path, monkeypatch, no_syste
     remote = [RemoteFile(f.name, f.url, md5(src / f.name), "md5") for f in idx.MNIST.remote]
     monkeypatch.setattr(idx.MNIST, "remote", remote)
     calls: list[str] = []
-    monkeypatch.setattr(fetch, "download_url", fake_downloader({p.name: p for p in src.iterdir()}, calls))
+    monkeypatch.setattr(
+        fetch, "download_url", fake_downloader({p.name: p for p in src.iterdir()}, calls)
+    )
     data_dir = tmp_path / "data"
 
     where = fetch_dataset("mnist", str(data_dir), quiet=True)
@@ -256,7 +285,10 @@ def test_fetch_offline_says_which_files_go_where(tmp_path, monkeypatch, no_syste
         fetch_dataset("fashion_mnist", str(tmp_path), quiet=True)
     msg = str(err.value)
     assert f"Place these files in {tmp_path / 'fashion_mnist'}/" in msg
-    assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz" in msg
+    assert (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz"
+        in msg
+    )
     assert "apt-get install dataset-fashion-mnist" in msg
     assert list((tmp_path / "fashion_mnist").iterdir()) == []
 
@@ -273,7 +305,9 @@ def test_cifar_folder_layout_and_labels(tmp_path):
     x_tr, y_tr = arrays["train"]
     assert raw.x_train.shape == (20, 3, 32, 32) and raw.x_test.shape == (6, 3, 32, 32)
     # channel 0 is the first plane of each record (R), and rows are contiguous 32-byte runs
-    first_record = (tmp_path / "cifar10" / cifar.FOLDER / "data_batch_1.bin").read_bytes()[:cifar.RECORD_BYTES]
+    first_record = (tmp_path / "cifar10" / cifar.FOLDER / "data_batch_1.bin").read_bytes()[
+        : cifar.RECORD_BYTES
+    ]
     assert first_record[0] == y_tr[0]
     red = np.frombuffer(first_record[1:1025], dtype=np.uint8).reshape(32, 32)
     np.testing.assert_allclose(raw.x_train[0, 0].numpy(), red / 255, atol=1e-7)
@@ -284,7 +318,12 @@ def test_cifar_folder_layout_and_labels(tmp_path):
     ds = load_dataset(cfg, seed=0)
     assert ds.augment == "crop_flip"  # cifar10's default under augment="auto"
     np.testing.assert_allclose(ds.x_test.numpy(), normalised(arrays["test"][0], x_tr), atol=1e-5)
-    assert load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path), augment="none"), 0).augment == "none"
+    assert (
+        load_dataset(
+            DataConfig(dataset="cifar10", data_dir=str(tmp_path), augment="none"), 0
+        ).augment
+        == "none"
+    )
 
 
 def test_cifar_tarball_is_extracted_and_equal(tmp_path):
@@ -301,7 +340,9 @@ def test_cifar_tarball_is_extracted_and_equal(tmp_path):
     assert torch.equal(ds.y_train, torch.from_numpy(arrays["train"][1].astype(np.int64)))
 
 
-@pytest.mark.parametrize("member", ["../evil.bin", "/tmp/evil.bin", "cifar-10-batches-bin/../../evil.bin"])
+@pytest.mark.parametrize(
+    "member", ["../evil.bin", "/tmp/evil.bin", "cifar-10-batches-bin/../../evil.bin"]
+)
 def test_cifar_tarball_rejects_unsafe_members(tmp_path, member):
     write_cifar_folder(tmp_path / "src" / cifar.FOLDER)
     root = tmp_path / "data" / "cifar10"
@@ -317,7 +358,9 @@ def test_cifar_truncated_batch(tmp_path):
     write_cifar_folder(folder)
     bad = folder / "data_batch_3.bin"
     bad.write_bytes(bad.read_bytes()[:-100])
-    with pytest.raises(DatasetMissingError, match=r"data_batch_3\.bin.*not a positive multiple of 3073"):
+    with pytest.raises(
+        DatasetMissingError, match=r"data_batch_3\.bin.*not a positive multiple of 3073"
+    ):
         load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), seed=0)
 
 
@@ -332,10 +375,16 @@ def test_cifar_fetch_verifies_and_extracts(tmp_path, monkeypatch):
         fetch_dataset("cifar10", str(data_dir), quiet=True)
     assert list((data_dir / "cifar10").iterdir()) == []
 
-    monkeypatch.setattr(cifar, "TARBALL", RemoteFile(cifar.TARBALL.name, cifar.TARBALL.url, md5(tarball), "md5"))
-    assert fetch_dataset("cifar10", str(data_dir), quiet=True) == str(data_dir / "cifar10" / cifar.FOLDER)
+    monkeypatch.setattr(
+        cifar, "TARBALL", RemoteFile(cifar.TARBALL.name, cifar.TARBALL.url, md5(tarball), "md5")
+    )
+    assert fetch_dataset("cifar10", str(data_dir), quiet=True) == str(
+        data_dir / "cifar10" / cifar.FOLDER
+    )
     assert len(calls) == 2
-    assert load_dataset(DataConfig(dataset="cifar10", data_dir=str(data_dir)), seed=0).x_train.shape == (20, 3, 32, 32)
+    assert load_dataset(
+        DataConfig(dataset="cifar10", data_dir=str(data_dir)), seed=0
+    ).x_train.shape == (20, 3, 32, 32)
 
 
 # --------------------------------------------------------------------------------------------

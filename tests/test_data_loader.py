@@ -1,4 +1,5 @@
 """DeviceLoader and crop_flip: coverage, determinism in (seed, epoch) only, and a real crop/flip."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,9 @@ def collect(loader: DeviceLoader, epoch: int) -> list[tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("drop_last,expected_len", [(False, 4), (True, 3)])
 def test_len_and_every_sample_once(drop_last, expected_len):
-    x = torch.arange(10, dtype=torch.float32)[:, None] * torch.ones(1, 5)  # (10, 5), row i filled with i
+    x = torch.arange(10, dtype=torch.float32)[:, None] * torch.ones(
+        1, 5
+    )  # (10, 5), row i filled with i
     y = torch.arange(10)
     loader = DeviceLoader(x, y, batch_size=3, seed=7, drop_last=drop_last)
     assert len(loader) == expected_len
@@ -75,7 +78,9 @@ def test_crop_flip_matches_manual_reference():
             ref = ref.flip(-1)
         assert torch.equal(out[b], ref)
     assert torch.equal(out[3], x[3])  # centre crop, no flip: the identity
-    assert (out[0, :, :4, :4] == 0).all() and torch.equal(out[0, :, 4:, 4:], x[0, :, :4, :4])  # top-left shift
+    assert (out[0, :, :4, :4] == 0).all() and torch.equal(
+        out[0, :, 4:, 4:], x[0, :, :4, :4]
+    )  # top-left shift
 
 
 def test_loader_augmentation_is_a_real_crop_flip():

@@ -1,4 +1,5 @@
 """load_dataset's recipe (subsets, random labels, normalisation, augmentation) and the registry walk."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,14 @@ def test_every_dataset_has_summary_and_source(name):
 
 
 def test_expected_names():
-    assert set(DATASETS.names()) == {"fashion_mnist", "mnist", "cifar10", "digits", "mnist1d", "student"}
+    assert set(DATASETS.names()) == {
+        "fashion_mnist",
+        "mnist",
+        "cifar10",
+        "digits",
+        "mnist1d",
+        "student",
+    }
 
 
 @pytest.mark.parametrize("name", OFFLINE)
@@ -44,9 +52,11 @@ def test_offline_datasets_always_available(name, tmp_path):
 
 
 def test_unknown_name_is_loud(tmp_path):
-    for call in (lambda: load_dataset(DataConfig(dataset="cifar100"), 0),
-                 lambda: check_dataset("cifar100", str(tmp_path)),
-                 lambda: fetch_dataset("cifar100", str(tmp_path))):
+    for call in (
+        lambda: load_dataset(DataConfig(dataset="cifar100"), 0),
+        lambda: check_dataset("cifar100", str(tmp_path)),
+        lambda: fetch_dataset("cifar100", str(tmp_path)),
+    ):
         with pytest.raises(UnknownNameError, match="Did you mean 'cifar10'"):
             call()
 
@@ -84,7 +94,11 @@ def test_stratified_subset_exact_size_and_unique():
     y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
     idx = stratified_subset(y, 11, 3, seed=5)
     assert len(idx) == 11 and len(set(idx.tolist())) == 11 and torch.equal(idx, idx.sort().values)
-    assert torch.bincount(y[idx], minlength=3).tolist() == [6, 3, 2]  # 5.5, 3.3, 2.2 -> largest remainder
+    assert torch.bincount(y[idx], minlength=3).tolist() == [
+        6,
+        3,
+        2,
+    ]  # 5.5, 3.3, 2.2 -> largest remainder
     assert torch.equal(idx, stratified_subset(y, 11, 3, seed=5))
 
 
@@ -101,7 +115,11 @@ def test_subset_too_large_is_a_value_error():
 def test_random_labels_depend_on_seed_and_spare_the_test_split():
     true = load_dataset(DataConfig(dataset="digits"), seed=0)
     cfg = DataConfig(dataset="digits", random_labels=True)
-    r0, r0_again, r1 = load_dataset(cfg, seed=0), load_dataset(cfg, seed=0), load_dataset(cfg, seed=1)
+    r0, r0_again, r1 = (
+        load_dataset(cfg, seed=0),
+        load_dataset(cfg, seed=0),
+        load_dataset(cfg, seed=1),
+    )
     assert torch.equal(r0.y_train, r0_again.y_train)  # deterministic
     assert not torch.equal(r0.y_train, r1.y_train)  # drawn from the run seed
     assert (r0.y_train == true.y_train).float().mean() < 0.2  # ~1/10 agree by chance
@@ -134,12 +152,16 @@ def test_augment_resolution():
     assert load_dataset(DataConfig(dataset="digits"), 0).augment == "none"
     assert load_dataset(DataConfig(dataset="digits", augment="crop_flip"), 0).augment == "crop_flip"
     with pytest.raises(ValueError, match="needs image inputs"):
-        load_dataset(DataConfig(dataset="student", student_train=10, student_test=10, augment="crop_flip"), 0)
+        load_dataset(
+            DataConfig(dataset="student", student_train=10, student_test=10, augment="crop_flip"), 0
+        )
     with pytest.raises(ValueError, match="data.augment"):
         load_dataset(DataConfig(dataset="digits", augment="mixup"), 0)
 
 
-@pytest.mark.parametrize("field,value", [("train_subset", -1), ("student_alpha", 1.5), ("student_classes", 1)])
+@pytest.mark.parametrize(
+    "field,value", [("train_subset", -1), ("student_alpha", 1.5), ("student_classes", 1)]
+)
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         load_dataset(DataConfig(dataset="student", **{field: value}), 0)
@@ -148,7 +170,11 @@ def test_config_validation(field, value):
 def test_tensor_dataset_to_and_checks():
     ds = load_dataset(DataConfig(dataset="digits", train_subset=20, test_subset=10), 0)
     moved = ds.to("cpu")
-    assert moved is not ds and moved.input_shape == ds.input_shape and torch.equal(moved.x_train, ds.x_train)
+    assert (
+        moved is not ds
+        and moved.input_shape == ds.input_shape
+        and torch.equal(moved.x_train, ds.x_train)
+    )
     with pytest.raises(ValueError, match="do not match"):
         dataclasses.replace(ds, y_train=ds.y_train[:-1])
     with pytest.raises(TypeError, match="float32"):

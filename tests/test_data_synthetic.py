@@ -1,4 +1,5 @@
 """The offline datasets: digits (bundled), mnist1d (generated + cached), student (teacher-student)."""
+
 from __future__ import annotations
 
 import random
@@ -21,7 +22,9 @@ def test_digits_fixed_stratified_split():
     b = load_dataset(DataConfig(dataset="digits"), seed=123)
     assert a.x_train.shape == (1437, 1, 8, 8) and a.x_test.shape == (360, 1, 8, 8)
     assert a.input_shape == (1, 8, 8) and a.num_classes == 10 and a.augment == "none"
-    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)  # same split for every seed
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(
+        a.y_test, b.y_test
+    )  # same split for every seed
     counts = torch.bincount(a.y_test, minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
     assert check_dataset("digits")
@@ -49,7 +52,10 @@ def test_mnist1d_shapes(mnist1d_first_build):
     assert ds.x_train.shape == (4000, 40) and ds.x_test.shape == (1000, 40)
     assert ds.input_shape == (40,) and ds.num_classes == 10 and ds.augment == "none"
     assert torch.bincount(ds.y_train, minlength=10).min() > 350
-    assert abs(ds.x_train.mean().item()) < 1e-5 and abs(ds.x_train.std(unbiased=False).item() - 1) < 1e-5
+    assert (
+        abs(ds.x_train.mean().item()) < 1e-5
+        and abs(ds.x_train.std(unbiased=False).item() - 1) < 1e-5
+    )
 
 
 def test_mnist1d_leaves_global_rng_untouched(mnist1d_first_build):
@@ -80,10 +86,17 @@ def test_mnist1d_rebuilds_a_corrupt_cache(mnist1d_first_build, tmp_path, monkeyp
     cache = tmp_path / "mnist1d" / "mnist1d.npz"
     cache.parent.mkdir()
     cache.write_bytes(b"not a zip file")
-    built = {"x": first.x_train.numpy(), "y": first.y_train.numpy(), "x_test": first.x_test.numpy(),
-             "y_test": first.y_test.numpy(), "args_json": np.array(mnist1d_module.generator_args()[1]),
-             "mnist1d_version": np.array(mnist1d_module.package_version())}
-    monkeypatch.setattr(mnist1d_module, "build_mnist1d", lambda signals=5000: built)  # skip the 3 s regeneration
+    built = {
+        "x": first.x_train.numpy(),
+        "y": first.y_train.numpy(),
+        "x_test": first.x_test.numpy(),
+        "y_test": first.y_test.numpy(),
+        "args_json": np.array(mnist1d_module.generator_args()[1]),
+        "mnist1d_version": np.array(mnist1d_module.package_version()),
+    }
+    monkeypatch.setattr(
+        mnist1d_module, "build_mnist1d", lambda signals=5000: built
+    )  # skip the 3 s regeneration
     with pytest.warns(UserWarning, match="unreadable"):
         load_dataset(DataConfig(dataset="mnist1d", data_dir=str(tmp_path)), seed=0)
     with np.load(cache, allow_pickle=False) as npz:
@@ -101,7 +114,9 @@ def test_student_classes_not_degenerate(alpha):
     assert ds.x_train.shape == (20000, 64) and ds.x_test.shape == (5000, 64)
     assert ds.input_shape == (64,) and ds.num_classes == 10
     share = torch.bincount(ds.y_train, minlength=10).double() / len(ds.y_train)
-    print(f"alpha={alpha}: class shares {[round(s, 3) for s in share.tolist()]}")  # shown with pytest -s
+    print(
+        f"alpha={alpha}: class shares {[round(s, 3) for s in share.tolist()]}"
+    )  # shown with pytest -s
     assert share.min() >= 0.01
 
 
@@ -115,8 +130,15 @@ def test_student_task_is_fixed_by_config_not_seed():
 
 
 def test_student_labels_are_teacher_argmax_and_depend_on_alpha():
-    cfg = DataConfig(dataset="student", student_train=2000, student_test=10, student_dim=16,
-                     student_width=32, student_classes=5, student_alpha=1.0)
+    cfg = DataConfig(
+        dataset="student",
+        student_train=2000,
+        student_test=10,
+        student_dim=16,
+        student_width=32,
+        student_classes=5,
+        student_alpha=1.0,
+    )
     ds = load_dataset(cfg, seed=0)
     x = student_module.student_inputs(16, 2000, "train")  # raw inputs, before normalisation
     assert torch.equal(student_module.teacher_logits(x, cfg).argmax(1), ds.y_train)
@@ -130,17 +152,22 @@ def test_mnist1d_signals_sets_its_size_and_is_cached_apart(mnist1d_first_build):
     """data.mnist1d_signals=N generates N signals (80/20), cached next to the default dataset,
     which stays as it was."""
     data_dir, default, _, _ = mnist1d_first_build
-    ds = load_dataset(DataConfig(dataset="mnist1d", data_dir=str(data_dir), mnist1d_signals=1000), seed=0)
+    ds = load_dataset(
+        DataConfig(dataset="mnist1d", data_dir=str(data_dir), mnist1d_signals=1000), seed=0
+    )
     assert ds.x_train.shape == (800, 40) and ds.x_test.shape == (200, 40)
     assert (data_dir / "mnist1d" / "mnist1d-1000.npz").is_file()
     again = load_dataset(DataConfig(dataset="mnist1d", data_dir=str(data_dir)), seed=0)
     assert torch.equal(again.x_train, default.x_train)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("dataset=digits", "mnist1d_signals=1000"), "has no effect on dataset 'digits'"),
-    (("dataset=mnist1d", "mnist1d_signals=50"), "must be >= 100"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("dataset=digits", "mnist1d_signals=1000"), "has no effect on dataset 'digits'"),
+        (("dataset=mnist1d", "mnist1d_signals=50"), "must be >= 100"),
+    ],
+)
 def test_mnist1d_signals_is_checked(overrides, message):
     from creditaudit.config import TrainConfig, apply_overrides, validate
     from creditaudit.errors import ConfigError

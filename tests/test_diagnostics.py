@@ -1,4 +1,5 @@
 """Diagnostics: the eps-free cosine, each measure on cases with known answers, the probe's keys."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ def test_eps_free_cosine_differs_from_torch_when_g_is_tiny():
     true = (a * g).sum(1) / (a.norm(dim=1) * g.norm(dim=1))
     torch.testing.assert_close(ours, true)
     assert (ours > 0.99).all()
-    assert (clamped < 0.9 * ours).all(), "torch's clamped cosine should shrink: the reason for the eps-free one"
+    assert (clamped < 0.9 * ours).all(), (
+        "torch's clamped cosine should shrink: the reason for the eps-free one"
+    )
 
 
 def test_cosine_is_float64_and_nan_for_a_zero_vector():
@@ -92,31 +95,54 @@ def test_probe_for_bp_gives_perfect_credit_and_leaves_the_model_alone(arch):
     cfg, shape = SMALL_ARCHS[arch]
     torch.manual_seed(0)
     model = build_model(arch, cfg, shape, 4)
-    data = SimpleNamespace(x_test=torch.randn(40, *shape), y_test=torch.randint(0, 4, (40,)),
-                           x_train=torch.randn(40, *shape), y_train=torch.randint(0, 4, (40,)))
+    data = SimpleNamespace(
+        x_test=torch.randn(40, *shape),
+        y_test=torch.randint(0, 4, (40,)),
+        x_train=torch.randn(40, *shape),
+        y_train=torch.randint(0, 4, (40,)),
+    )
     rule, _ = build_rule("bp")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    out = probe(model, rule, data, DiagConfig(eval_n=32, rho_n=32, rho_dirs=4, stab_batches=2, stab_batch_size=16), full=True, seed=0)
+    out = probe(
+        model,
+        rule,
+        data,
+        DiagConfig(eval_n=32, rho_n=32, rho_dirs=4, stab_batches=2, stab_batch_size=16),
+        full=True,
+        seed=0,
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
     for l in range(model.L + 1):
         assert out[f"credit/cos_l{l}"] == pytest.approx(1.0, abs=1e-5)
     if model.L:
         assert out["credit/rho_deep"] > 0.99 and out["credit/nudge"] < 0
-    for key in ("diag/d1", "diag/gL_norm", "diag/hL_norm", "diag/grad_stab", "diag/train_loss_fixed"):
+    for key in (
+        "diag/d1",
+        "diag/gL_norm",
+        "diag/hL_norm",
+        "diag/grad_stab",
+        "diag/train_loss_fixed",
+    ):
         assert key in out
 
 
 def test_trajectory_summaries_are_the_quantiles_of_per_sample_norms():
     from creditaudit.diagnostics.probe import trajectory_summaries
 
-    h = torch.arange(1, 11, dtype=torch.float32).view(10, 1) * torch.tensor([[3.0, 4.0]])  # norms 5, 10, ..., 50
+    h = torch.arange(1, 11, dtype=torch.float32).view(10, 1) * torch.tensor(
+        [[3.0, 4.0]]
+    )  # norms 5, 10, ..., 50
     g = torch.full((10, 3), 1e-11, dtype=torch.float64)
     out = trajectory_summaries({"h": [h], "g": [g]})
-    assert out["traj/h_l0_p50"] == pytest.approx(27.5) and out["traj/h_l0_mean"] == pytest.approx(27.5)
-    assert out["traj/h_l0_p10"] == pytest.approx(9.5) and out["traj/h_l0_p90"] == pytest.approx(45.5)
-    assert out["traj/g_l0_p50"] == pytest.approx(1e-11 * 3 ** 0.5, rel=1e-12)  # resolved in float64
+    assert out["traj/h_l0_p50"] == pytest.approx(27.5) and out["traj/h_l0_mean"] == pytest.approx(
+        27.5
+    )
+    assert out["traj/h_l0_p10"] == pytest.approx(9.5) and out["traj/h_l0_p90"] == pytest.approx(
+        45.5
+    )
+    assert out["traj/g_l0_p50"] == pytest.approx(1e-11 * 3**0.5, rel=1e-12)  # resolved in float64
 
 
 @pytest.mark.slow
@@ -131,7 +157,11 @@ def test_snapshot_evolution_runs_log_every_layers_trajectory_each_epoch(tmp_path
     for r in records:
         for name in "hga":
             for l in range(3):
-                assert r[f"traj/{name}_l{l}_p10"] <= r[f"traj/{name}_l{l}_p50"] <= r[f"traj/{name}_l{l}_p90"]
+                assert (
+                    r[f"traj/{name}_l{l}_p10"]
+                    <= r[f"traj/{name}_l{l}_p50"]
+                    <= r[f"traj/{name}_l{l}_p90"]
+                )
         # diag/* take the lower median of 256 norms, traj/* the interpolated one: equal up to a step
         assert r["traj/h_l2_p50"] == pytest.approx(r["diag/hL_norm"], rel=0.02)
         assert r["traj/g_l2_p50"] == pytest.approx(r["diag/gL_norm"], rel=0.05)

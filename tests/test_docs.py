@@ -1,6 +1,7 @@
 """The science lives in the project: every `docs/science.md §N` the code, the tests and the docs cite
 is a heading of that page, no other section sign is left unexplained in the code, and nothing points
 to a document outside the repository."""
+
 from __future__ import annotations
 
 import re
@@ -11,12 +12,20 @@ SCIENCE = ROOT / "docs" / "science.md"
 
 
 def _sources() -> list[Path]:
-    files = [p for d in ("src", "tests", "docs", "bench", "scripts") for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md")]
+    files = [
+        p
+        for d in ("src", "tests", "docs", "bench", "scripts")
+        for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".md")
+    ]
     return files + [ROOT / "README.md"]
 
 
 def _headings() -> set[str]:
-    return {m.group(1) for m in re.finditer(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", SCIENCE.read_text(), flags=re.M)}
+    return {
+        m.group(1)
+        for m in re.finditer(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", SCIENCE.read_text(), flags=re.M)
+    }
 
 
 def test_every_cited_section_is_a_heading_of_the_science_reference():
@@ -45,5 +54,9 @@ def test_no_section_sign_in_the_code_points_elsewhere():
 
 
 def test_nothing_points_outside_the_repository():
-    offenders = [p.relative_to(ROOT).as_posix() for p in _sources() if re.search(r"\bDESIGN\b|\.\./shared", p.read_text(errors="replace"))]
+    offenders = [
+        p.relative_to(ROOT).as_posix()
+        for p in _sources()
+        if re.search(r"\bDESIGN\b|\.\./shared", p.read_text(errors="replace"))
+    ]
     assert offenders == [p for p in offenders if p == "tests/test_docs.py"]

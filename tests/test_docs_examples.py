@@ -1,5 +1,6 @@
 """Every Python example of the README and the docs runs as written (in order, one namespace per
 file, in a fresh folder): an example that stops working fails the build."""
+
 from __future__ import annotations
 
 import re
@@ -28,5 +29,10 @@ def test_the_python_examples_run(doc, tmp_path, monkeypatch):
 
 def test_the_readme_shows_the_api():
     code = "\n".join(examples(ROOT / "README.md"))
-    for verb in ("creditaudit.train(", "creditaudit.audit(", "creditaudit.tables(", "creditaudit.load("):
+    for verb in (
+        "creditaudit.train(",
+        "creditaudit.audit(",
+        "creditaudit.tables(",
+        "creditaudit.load(",
+    ):
         assert verb in code, verb

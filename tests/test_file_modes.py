@@ -2,6 +2,7 @@
 summary, metrics, run.lock, checkpoints (safetensors writes 0o600 files of its own) and reports
 written by atomic writes — so a shared results folder (a Ray cluster's meeting point) is readable by
 the users and nodes the umask lets in."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,13 @@ import torch
 
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint, save_tensors
 from creditaudit.runs.folder import RunFolder
-from creditaudit.runs.io import (append_jsonl, atomic_replace, atomic_write_bytes, atomic_write_json,
-                                atomic_write_text)
+from creditaudit.runs.io import (
+    append_jsonl,
+    atomic_replace,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda m: f"umask{m:03o}")
@@ -26,7 +32,11 @@ def umask(request):
 
 
 def _modes(root) -> dict[str, int]:
-    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_every_run_file_follows_the_umask(tmp_path, umask):
@@ -50,9 +60,18 @@ def test_every_run_file_follows_the_umask(tmp_path, umask):
     modes.update(_modes(tmp_path))
 
     want = 0o666 & ~umask
-    assert set(modes) >= {"setting/dfa__resmlp__s42/" + n for n in (
-        "config.json", "summary.json", "metrics.jsonl", "run.lock", "weights.safetensors",
-        "checkpoints/last.safetensors", "checkpoints/epoch_0001.safetensors")}
+    assert set(modes) >= {
+        "setting/dfa__resmlp__s42/" + n
+        for n in (
+            "config.json",
+            "summary.json",
+            "metrics.jsonl",
+            "run.lock",
+            "weights.safetensors",
+            "checkpoints/last.safetensors",
+            "checkpoints/epoch_0001.safetensors",
+        )
+    }
     assert {name: oct(m) for name, m in modes.items() if m != want} == {}, f"want {oct(want)}"
     assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))  # no debris left
     state, meta = load_checkpoint(f.last_checkpoint)

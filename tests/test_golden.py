@@ -6,6 +6,7 @@ intended, regenerate with
 
 and say why in the commit message.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ from tests.conftest import tiny_config
 
 GOLDEN = Path(__file__).parent / "golden" / "first_losses.json"
 STEPS = 5
-BUILTIN_RULES = [e.name for e in RULES.entries() if e.obj.__module__.startswith("creditaudit.rules.")]
+BUILTIN_RULES = [
+    e.name for e in RULES.entries() if e.obj.__module__.startswith("creditaudit.rules.")
+]
 
 
 def first_losses(tmp_path, rule: str) -> list[float]:
@@ -46,7 +49,9 @@ def test_first_losses_match_the_stored_values(tmp_path, rule):
         stored[rule] = got
         GOLDEN.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
         pytest.skip(f"regenerated golden numbers for {rule}")
-    assert rule in stored, f"no golden numbers for rule {rule!r}: regenerate them (see this module's docstring)"
+    assert rule in stored, (
+        f"no golden numbers for rule {rule!r}: regenerate them (see this module's docstring)"
+    )
     # float32 on CPU: identical on one platform; the tolerance allows for other BLAS builds.
     assert got == pytest.approx(stored[rule], rel=1e-4, abs=1e-6)
 

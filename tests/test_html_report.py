@@ -1,5 +1,6 @@
 """The HTML audit page renders its own Markdown: the reader sees bold, italics and code, never the
 ``**``, backticks or link syntax of the Markdown it was written in."""
+
 from __future__ import annotations
 
 from html.parser import HTMLParser
@@ -35,7 +36,9 @@ class _Text(HTMLParser):
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     root = study(tmp_path_factory.mktemp("study") / "results")
-    audit = build_audit(collect(root))  # every setting: D3-not-evaluated runs, a failed and an interrupted run
+    audit = build_audit(
+        collect(root)
+    )  # every setting: D3-not-evaluated runs, a failed and an interrupted run
     assert audit.unevaluated() and audit.not_finished
     parser = _Text()
     parser.feed(html_page(audit, {}, title="Audit", context={"results": str(root)}))
@@ -46,7 +49,9 @@ def page(tmp_path_factory):
 def test_no_raw_markdown_reaches_the_text(page):
     text = "".join(page.text)
     for syntax in ("**", "`", "]("):
-        assert syntax not in text, f"{syntax!r} in: {text[max(0, text.find(syntax) - 80):text.find(syntax) + 80]!r}"
+        assert syntax not in text, (
+            f"{syntax!r} in: {text[max(0, text.find(syntax) - 80) : text.find(syntax) + 80]!r}"
+        )
     assert "Definitions" in text and "D3 not evaluated" in text and "Skipped" in text
 
 
@@ -56,7 +61,9 @@ def test_markdown_is_rendered(page):
     assert "deep cos: mean over blocks" in text  # a definition: its term bold, then the text
     assert "creditaudit sweep cross_arch --with-baselines" in text  # a D3 reason's command, as code
     assert "resume with creditaudit train rule=dfa" in text  # the interrupted run's command
-    assert "Definitions" in text and text.index("Definitions") < text.index("D3 not evaluated")  # no longer mixed in
+    assert "Definitions" in text and text.index("Definitions") < text.index(
+        "D3 not evaluated"
+    )  # no longer mixed in
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +85,15 @@ def test_the_page_has_everything_the_markdown_report_has(main_audit):
     parser.feed(page)
     text = " ".join("".join(parser.text).split())
     th = audit.thresholds
-    assert f"D3 when depth utility < {th.d3_pp:g} pp" in text and f"|deep cos| < {th.mode2_cos:g}" in text
-    assert FIRE_NOTE in text and "Frozen-blocks baseline bp_frozen: test acc" in text and "Per run" in text
+    assert (
+        f"D3 when depth utility < {th.d3_pp:g} pp" in text
+        and f"|deep cos| < {th.mode2_cos:g}" in text
+    )
+    assert (
+        FIRE_NOTE in text
+        and "Frozen-blocks baseline bp_frozen: test acc" in text
+        and "Per run" in text
+    )
     for row in per_run_rows(audit):
         assert row[0] in text and row[6] in text
     assert "needs walk-back: a detector fired or Mode 2 shows" in text

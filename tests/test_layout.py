@@ -2,6 +2,7 @@
 (counting imports inside functions too: a lazy import is still a dependency), and the layers keep
 their distance — reports never import the trainer, rules never import reports, and the generic
 config engine imports nothing of creditaudit but its errors, which import nothing."""
+
 from __future__ import annotations
 
 import ast
@@ -85,7 +86,13 @@ def test_layers_keep_their_distance():
     graph = import_graph()
 
     def reaches(src_prefix: str, dst_prefix: str) -> list[tuple[str, str]]:
-        return [(m, d) for m, deps in graph.items() if m.startswith(src_prefix) for d in deps if d.startswith(dst_prefix)]
+        return [
+            (m, d)
+            for m, deps in graph.items()
+            if m.startswith(src_prefix)
+            for d in deps
+            if d.startswith(dst_prefix)
+        ]
 
     assert reaches("creditaudit.reports", "creditaudit.training") == []
     assert reaches("creditaudit.rules", "creditaudit.reports") == []

@@ -1,5 +1,6 @@
 """The local update of docs/science.md §1: with a_l = g_l and lam = 0 it equals autograd, for every
 architecture, parameter for parameter; the alternative local rules and the penalty."""
+
 from __future__ import annotations
 
 import torch
@@ -11,13 +12,19 @@ from tests.conftest import SMALL_ARCHS
 
 
 def _grads(model):
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
 
 
 def _local_grads(model, x, y, credits, rule=LocalUpdate("inner"), lam=0.0):
     model.zero_grad(set_to_none=True)
     fwd = model.run(x, detach_inputs=True)
-    (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=rule, lam=lam, train_blocks=True)).backward()
+    (
+        F.cross_entropy(fwd.logits, y)
+        + local_objective(fwd, credits, rule=rule, lam=lam, train_blocks=True)
+    ).backward()
     return _grads(model)
 
 
@@ -34,7 +41,9 @@ def test_local_update_with_true_credit_equals_autograd(arch):
     local = _local_grads(model, x, y, gs)
     assert set(local) == set(reference)
     for name in reference:
-        torch.testing.assert_close(local[name], reference[name], rtol=1e-9, atol=1e-12, msg=f"{arch}: {name}")
+        torch.testing.assert_close(
+            local[name], reference[name], rtol=1e-9, atol=1e-12, msg=f"{arch}: {name}"
+        )
 
 
 def test_shift_rule_first_step_is_a_normalised_inner_step():
@@ -110,13 +119,20 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
         fwd = model.run(x, detach_inputs=True)
-        credits = [torch.randn_like(h, generator=torch.Generator().manual_seed(l)) for l, h in enumerate(fwd.hs)]
-        local_objective(fwd, credits, rule=parse_local_update(f"shift({eta})"), lam=lam, train_blocks=True).backward()
+        credits = [
+            torch.randn_like(h, generator=torch.Generator().manual_seed(l))
+            for l, h in enumerate(fwd.hs)
+        ]
+        local_objective(
+            fwd, credits, rule=parse_local_update(f"shift({eta})"), lam=lam, train_blocks=True
+        ).backward()
         opt.step()
         return [p.detach().clone() for p in model.blocks.parameters()]
 
     def gap(lam: float) -> float:  # largest parameter difference, in units of the learning rate
-        return max(float((a - b).abs().max()) for a, b in zip(step(0.1, lam), step(1.0, lam))) / 1e-2
+        return (
+            max(float((a - b).abs().max()) for a, b in zip(step(0.1, lam), step(1.0, lam))) / 1e-2
+        )
 
     assert gap(0.0) < 0.05  # eps's share only; AdamW's first step moves every parameter by ~lr
     assert gap(1.0) > 0.5
@@ -142,7 +158,9 @@ def test_bp_with_penalty_is_autograd_of_ce_plus_penalty(tmp_path):
         penalty = sum(f.flatten(1).pow(2).sum(1).mean() for f in fwd.fs)
         (F.cross_entropy(fwd.logits, y) + value * penalty).backward()
         for n, p in model.named_parameters():
-            torch.testing.assert_close(grads[value][n], p.grad, rtol=1e-5, atol=1e-7, msg=f"lam={value}: {n}")
+            torch.testing.assert_close(
+                grads[value][n], p.grad, rtol=1e-5, atol=1e-7, msg=f"lam={value}: {n}"
+            )
     block = [n for n in grads[lam] if n.startswith("blocks.0.branch")]
     embed = [n for n in grads[lam] if n.startswith("embed")]
     assert block and embed

@@ -2,6 +2,7 @@
 node, a killed container) is taken over once its holder has stopped renewing it for a lease, and
 refused before; the holder renews its own, stops on release, and never writes over a lock that is
 no longer its own. Leases here are a fraction of a second ($CREDITAUDIT_LOCK_LEASE_S)."""
+
 from __future__ import annotations
 
 import json
@@ -20,18 +21,26 @@ from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 
 LEASE_ENV = "CREDITAUDIT_LOCK_LEASE_S"
-FOREIGN_PID = 2 ** 22 + 12345  # a pid on a machine this one cannot look into
+FOREIGN_PID = 2**22 + 12345  # a pid on a machine this one cannot look into
 
 
 def _ago(seconds: float) -> str:
     return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat()
 
 
-def _foreign_lock(f: RunFolder, *, renewed_ago: float | None, lease_s: float = 300, **fields) -> str:
+def _foreign_lock(
+    f: RunFolder, *, renewed_ago: float | None, lease_s: float = 300, **fields
+) -> str:
     """Write the lock of a process on another machine, last renewed ``renewed_ago`` seconds ago
     (None: a lock from before leases, with ``started`` only). Returns the file's text."""
-    info = {"pid": FOREIGN_PID, "host": "other", "scope": "other", "token": "theirs", "flock": True,
-            "started": "2020-01-01T00:00:00+00:00"}
+    info = {
+        "pid": FOREIGN_PID,
+        "host": "other",
+        "scope": "other",
+        "token": "theirs",
+        "flock": True,
+        "started": "2020-01-01T00:00:00+00:00",
+    }
     if renewed_ago is not None:
         info.update(renewed=_ago(renewed_ago), lease_s=lease_s)
     info.update(fields)
@@ -56,6 +65,7 @@ def _wait_for(condition, timeout: float = 5.0) -> None:
 # A lock from another machine
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_lost_nodes_lock_is_taken_over_and_its_run_trained(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "epochs=2")
     train(cfg, stop_after=1)
@@ -66,23 +76,38 @@ def test_a_lost_nodes_lock_is_taken_over_and_its_run_trained(tmp_path, capsys):
     _foreign_lock(folder, renewed_ago=400)
     capsys.readouterr()
     summary = train(cfg)
-    assert summary["status"] == "finished" and summary["epochs_done"] == 2 and summary["resumed_from"] == 1
+    assert (
+        summary["status"] == "finished"
+        and summary["epochs_done"] == 2
+        and summary["resumed_from"] == 1
+    )
     assert not folder.lock_path.exists()
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"creditaudit: took over run folder {re.escape(str(folder.path))}: its process "
-                        rf"{FOREIGN_PID} on another machine \(host id other\) has not renewed its lease for "
-                        r"40\d s \(lease 300 s\)\n", err), err
+    assert re.fullmatch(
+        rf"creditaudit: took over run folder {re.escape(str(folder.path))}: its process "
+        rf"{FOREIGN_PID} on another machine \(host id other\) has not renewed its lease for "
+        r"40\d s \(lease 300 s\)\n",
+        err,
+    ), err
 
 
-@pytest.mark.parametrize("renewed_ago, lease_s, left", [
-    (100, 300, r"2\d\d"),   # renewed 100 s ago: 200 s left
-    (400, 3600, r"3\d\d\d"),  # its holder's own lease counts, not this process's 300 s
-])
-def test_a_foreign_lock_with_a_fresh_lease_is_refused_until_it_runs_out(tmp_path, renewed_ago, lease_s, left):
+@pytest.mark.parametrize(
+    "renewed_ago, lease_s, left",
+    [
+        (100, 300, r"2\d\d"),  # renewed 100 s ago: 200 s left
+        (400, 3600, r"3\d\d\d"),  # its holder's own lease counts, not this process's 300 s
+    ],
+)
+def test_a_foreign_lock_with_a_fresh_lease_is_refused_until_it_runs_out(
+    tmp_path, renewed_ago, lease_s, left
+):
     f = RunFolder(tmp_path / "run")
     text = _foreign_lock(f, renewed_ago=renewed_ago, lease_s=lease_s)
-    with pytest.raises(RunLockedError, match=rf"pid {FOREIGN_PID} on another machine \(host id other\) since "
-                                             rf".*; its lease runs out at .* UTC \(in {left} s\)") as err:
+    with pytest.raises(
+        RunLockedError,
+        match=rf"pid {FOREIGN_PID} on another machine \(host id other\) since "
+        rf".*; its lease runs out at .* UTC \(in {left} s\)",
+    ) as err:
         f.lock().acquire()
     assert f"delete {f.lock_path}" in str(err.value)
     assert f.lock_path.read_text() == text  # untouched
@@ -97,9 +122,11 @@ def test_a_lock_from_another_container_takes_the_same_lease(tmp_path, capsys):
     _foreign_lock(f, renewed_ago=301, host=host)
     with f.lock():
         pass
-    assert re.fullmatch(rf"creditaudit: took over run folder .*: its process {FOREIGN_PID} on this host, another "
-                        r"container or boot has not renewed its lease for 30\d s \(lease 300 s\)\n",
-                        capsys.readouterr().err)
+    assert re.fullmatch(
+        rf"creditaudit: took over run folder .*: its process {FOREIGN_PID} on this host, another "
+        r"container or boot has not renewed its lease for 30\d s \(lease 300 s\)\n",
+        capsys.readouterr().err,
+    )
 
 
 def test_a_lock_from_before_leases_counts_from_its_start(tmp_path, capsys):
@@ -107,15 +134,22 @@ def test_a_lock_from_before_leases_counts_from_its_start(tmp_path, capsys):
     _foreign_lock(f, renewed_ago=None, started=_ago(100))
     with pytest.raises(RunLockedError, match=r"its lease runs out at .* \(in 2\d\d s\)"):
         f.lock().acquire()
-    _foreign_lock(f, renewed_ago=None, started=None)  # no time at all: never taken over automatically
+    _foreign_lock(
+        f, renewed_ago=None, started=None
+    )  # no time at all: never taken over automatically
     with pytest.raises(RunLockedError, match="with no time of renewal"):
         f.lock().acquire()
     _foreign_lock(f, renewed_ago=None, started=_ago(400))
     with f.lock():
         pass
     err = capsys.readouterr().err
-    assert err.endswith("has not renewed its lease for 400 s (lease 300 s, counted from its start: a lock from "
-                        "before leases)\n") and err.count("\n") == 1
+    assert (
+        err.endswith(
+            "has not renewed its lease for 400 s (lease 300 s, counted from its start: a lock from "
+            "before leases)\n"
+        )
+        and err.count("\n") == 1
+    )
 
 
 def test_lock_state_judges_a_foreign_lock_by_its_lease(tmp_path, capsys):
@@ -126,8 +160,11 @@ def test_lock_state_judges_a_foreign_lock_by_its_lease(tmp_path, capsys):
     _foreign_lock(f, renewed_ago=400)
     state = lock_state(f.lock_path)
     assert not state.owned and state.exists
-    assert re.fullmatch(rf"its process {FOREIGN_PID} on another machine \(host id other\) has not renewed its "
-                        r"lease for 40\d s \(lease 300 s\)", state.detail)
+    assert re.fullmatch(
+        rf"its process {FOREIGN_PID} on another machine \(host id other\) has not renewed its "
+        r"lease for 40\d s \(lease 300 s\)",
+        state.detail,
+    )
     assert json.loads(f.lock_path.read_text())["token"] == "theirs"  # looking takes nothing
     with f.lock():  # and taking agrees, saying the same
         pass
@@ -158,6 +195,7 @@ def test_a_bad_lease_setting_is_named(monkeypatch, tmp_path):
 # The holder's renewal
 # ---------------------------------------------------------------------------------------------
 
+
 def test_the_holder_renews_its_lease_while_it_holds_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv(LEASE_ENV, "0.6")  # renewed every 0.06 s
     f = RunFolder(tmp_path / "run")
@@ -174,7 +212,9 @@ def test_the_holder_renews_its_lease_while_it_holds_the_lock(tmp_path, monkeypat
             f.lock().acquire()
         last = json.loads(f.lock_path.read_text())
     assert last["token"] == first["token"] and len(last["renewed"]) == len(first["renewed"])
-    assert datetime.fromisoformat(last["renewed"]) - datetime.fromisoformat(first["renewed"]) > timedelta(seconds=1)
+    assert datetime.fromisoformat(last["renewed"]) - datetime.fromisoformat(
+        first["renewed"]
+    ) > timedelta(seconds=1)
 
 
 def test_renewal_stops_on_release(tmp_path, monkeypatch):
@@ -193,7 +233,9 @@ def test_renewal_stops_on_release(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["removed", "replaced", "rewritten in place"])
-def test_a_holder_that_lost_its_lock_notices_and_never_writes_over_it(tmp_path, monkeypatch, capsys, how):
+def test_a_holder_that_lost_its_lock_notices_and_never_writes_over_it(
+    tmp_path, monkeypatch, capsys, how
+):
     monkeypatch.setenv(LEASE_ENV, "0.2")
     f = RunFolder(tmp_path / "run")
     lk = f.lock()
@@ -210,8 +252,12 @@ def test_a_holder_that_lost_its_lock_notices_and_never_writes_over_it(tmp_path, 
     lk.release()
     assert (f.lock_path.read_text() if f.lock_path.exists() else None) == text
     err = capsys.readouterr().err
-    assert err.startswith(f"creditaudit: lost run folder {f.path}: its run.lock was removed or replaced") \
-        and err.count("\n") == 1, err
+    assert (
+        err.startswith(
+            f"creditaudit: lost run folder {f.path}: its run.lock was removed or replaced"
+        )
+        and err.count("\n") == 1
+    ), err
 
 
 def test_a_failed_renewal_is_tried_again_not_raised(tmp_path, monkeypatch, capsys):
@@ -231,8 +277,10 @@ def test_a_failed_renewal_is_tried_again_not_raised(tmp_path, monkeypatch, capsy
         _wait_for(lambda: _renewed(f) > first)
         assert lk.lost is None and not failures
     assert not f.lock_path.exists()
-    assert capsys.readouterr().err == (f"creditaudit: could not renew the lease on {f.lock_path} (OSError: the file "
-                                       "server went away); trying again every 0.02 s\n")
+    assert capsys.readouterr().err == (
+        f"creditaudit: could not renew the lease on {f.lock_path} (OSError: the file "
+        "server went away); trying again every 0.02 s\n"
+    )
 
 
 def test_a_ray_retry_waits_for_a_lost_nodes_lease_and_resumes_the_run(tmp_path):

@@ -13,6 +13,7 @@ cosine over DFA's (0.16, DFA's std 0.055; asserted 0.05), DFA's residual stream 
 the closest seeds, asserted 3×). Frozen over DFA (14 pp ± 10) and D1 firing (DFA's ratio 86–423
 against the threshold 50) are not wide enough at this size to hold a build on.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,8 +29,15 @@ from creditaudit.jobs import run_many
 @pytest.mark.slow
 def test_the_mnist1d_profile_shows_the_studys_ordering(tmp_path):
     overrides = ("epochs=30", f"data_dir={tmp_path / 'data'}")
-    cfgs = audit_configs(["bp", "fa", "dfa"], profile="mnist1d", results=str(tmp_path / "results"), overrides=overrides)
-    assert {(c.data.dataset, c.data.mnist1d_signals) for c in cfgs} == {("mnist1d", 20000)} and len(cfgs) == 12
+    cfgs = audit_configs(
+        ["bp", "fa", "dfa"],
+        profile="mnist1d",
+        results=str(tmp_path / "results"),
+        overrides=overrides,
+    )
+    assert {(c.data.dataset, c.data.mnist1d_signals) for c in cfgs} == {("mnist1d", 20000)} and len(
+        cfgs
+    ) == 12
     load_dataset(cfgs[0].data, cfgs[0].seed)  # generated once here, not by both workers at once
     outcomes = run_many(cfgs, workers=2)
     assert [o.status for o in outcomes] == ["finished"] * 12, [(o.run, o.error) for o in outcomes]
@@ -45,4 +53,6 @@ def test_the_mnist1d_profile_shows_the_studys_ordering(tmp_path):
     assert acc["bp"] - acc["fa"] > 0.10, acc
     assert acc["fa"] - acc["bp_frozen"] > 0.05, acc
     assert mean("fa", "credit/deep_cos") - mean("dfa", "credit/deep_cos") > 0.05
-    assert min(r["diag/hL_norm"] for r in final["dfa"]) > 3 * max(r["diag/hL_norm"] for r in final["fa"])
+    assert min(r["diag/hL_norm"] for r in final["dfa"]) > 3 * max(
+        r["diag/hL_norm"] for r in final["fa"]
+    )

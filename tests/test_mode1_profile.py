@@ -7,6 +7,7 @@ minutes on two cores), so it is marked ``mode1``, which pyproject deselects by d
 
     .venv/bin/python -m pytest -m mode1 tests/test_mode1_profile.py
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,13 +19,27 @@ from creditaudit.reports.collect import collect
 
 
 def test_the_profile_trains_bp_fa_dfa_and_the_baseline_in_its_own_setting(tmp_path):
-    cfgs = E.audit_configs(list(E.get_profile("mode1", E.AUDIT).audit_rules), profile="mode1", results=str(tmp_path))
+    cfgs = E.audit_configs(
+        list(E.get_profile("mode1", E.AUDIT).audit_rules), profile="mode1", results=str(tmp_path)
+    )
     assert sorted({c.rule for c in cfgs}) == ["bp", "bp_frozen", "dfa", "fa"] and len(cfgs) == 12
     c = cfgs[0]
-    assert c.setting == "mode1" and c.data.dataset == "fashion_mnist" and c.data.train_subset == 20000
-    assert (c.batch_size, c.optim.lr, c.optim.schedule, c.optim.weight_decay) == (16, 1e-2, "constant", 0.0)
+    assert (
+        c.setting == "mode1" and c.data.dataset == "fashion_mnist" and c.data.train_subset == 20000
+    )
+    assert (c.batch_size, c.optim.lr, c.optim.schedule, c.optim.weight_decay) == (
+        16,
+        1e-2,
+        "constant",
+        0.0,
+    )
     # the user's overrides still come last
-    assert E.audit_configs(["dfa"], profile="mode1", results=str(tmp_path), overrides=("epochs=3",))[0].epochs == 3
+    assert (
+        E.audit_configs(["dfa"], profile="mode1", results=str(tmp_path), overrides=("epochs=3",))[
+            0
+        ].epochs
+        == 3
+    )
 
 
 @pytest.mark.mode1
@@ -36,7 +51,9 @@ def test_dfa_fires_mode_1a_and_1b_in_every_seed_and_bp_fires_neither(tmp_path):
 
     if check_dataset("fashion_mnist") is None:
         pytest.skip("Fashion-MNIST is not available (creditaudit data fetch fashion_mnist)")
-    res = CliRunner().invoke(main, ["audit", "--profile", "mode1", f"results={tmp_path}"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main, ["audit", "--profile", "mode1", f"results={tmp_path}"], catch_exceptions=False
+    )
     assert res.exit_code == 0, res.output
     audit = build_audit(collect(tmp_path), setting="mode1")
     rules = {ra.rule: ra for ra in audit.rules}

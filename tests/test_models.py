@@ -1,4 +1,5 @@
 """Every architecture: the shared model shape, states, and its registry entry."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,9 @@ def test_detached_forward_is_local(arch):
     for l in range(1, model.L + 1):
         model.zero_grad(set_to_none=True)
         fwd.hs[l].sum().backward(retain_graph=True)
-        touched = {".".join(n.split(".")[:2]) for n, p in model.named_parameters() if p.grad is not None}
+        touched = {
+            ".".join(n.split(".")[:2]) for n, p in model.named_parameters() if p.grad is not None
+        }
         assert touched == {f"blocks.{l - 1}"}, (arch, l, touched)
 
 
@@ -63,7 +66,9 @@ def test_resmlp_definition():
     assert w2.bias.abs().max() == 0
     assert 0.005 < w2.weight.std().item() < 0.015
     assert isinstance(model.norm, torch.nn.LayerNorm)
-    assert isinstance(build_model("resmlp", ModelConfig(out_ln=False), (10,), 4).norm, torch.nn.Identity)
+    assert isinstance(
+        build_model("resmlp", ModelConfig(out_ln=False), (10,), 4).norm, torch.nn.Identity
+    )
     assert not build_model("resmlp", ModelConfig(residual=False), (10,), 4).blocks[0].residual
 
 

@@ -1,5 +1,6 @@
 """One pairing rule for D3 in every report: a run's bp_frozen baseline is found wherever it lives in
 the results folder, and a run without one reads "D3 not evaluated" (with the reason), never PASS."""
+
 from __future__ import annotations
 
 from creditaudit.diagnostics.verdict import NOT_EVALUATED
@@ -35,9 +36,15 @@ def test_without_a_baseline_no_run_passes(tmp_path):
         make_run(tmp_path, "main_audit", "dfa", seed)  # D1 and D2 fire
     audit = _audit(tmp_path)
     fa, dfa = audit.rules
-    assert all(r.verdict.label == f"{NOT_EVALUATED} (1/1)" and "--with-baselines" in r.verdict.d3_missing for r in fa.runs)
+    assert all(
+        r.verdict.label == f"{NOT_EVALUATED} (1/1)" and "--with-baselines" in r.verdict.d3_missing
+        for r in fa.runs
+    )
     assert fa.verdict.label == f"{NOT_EVALUATED} (3/3)" and fa.verdict.claim == "undetermined"
-    assert dfa.verdict.label.startswith("FAIL(D1 3/3 + D2 3/3") and dfa.verdict.claim == "needs walk-back"
+    assert (
+        dfa.verdict.label.startswith("FAIL(D1 3/3 + D2 3/3")
+        and dfa.verdict.claim == "needs walk-back"
+    )
     text = markdown(audit)
     assert "## D3 not evaluated" in text and "| PASS |" not in text
     tables = {t.key: t for t in all_tables(collect(tmp_path))}
@@ -47,8 +54,19 @@ def test_without_a_baseline_no_run_passes(tmp_path):
 
 
 def test_pairing_ignores_credit_and_logging_fields_but_not_the_experiment(tmp_path):
-    run = make_run(tmp_path, "early_checkpoints", "dfa", 42, overrides=("lam=1e-2", "save_epochs=1,2", "trajectory=true",
-                                                                       "local_rule=cosine", "full_every=1"))
+    run = make_run(
+        tmp_path,
+        "early_checkpoints",
+        "dfa",
+        42,
+        overrides=(
+            "lam=1e-2",
+            "save_epochs=1,2",
+            "trajectory=true",
+            "local_rule=cosine",
+            "full_every=1",
+        ),
+    )
     same = make_run(tmp_path, "controls", "bp_frozen", 42, arch_label="resmlp-ep3")
     other_epochs = make_run(tmp_path, "controls", "bp_frozen", 123, epochs=5)
     from creditaudit.config import to_dict
@@ -78,7 +96,10 @@ def test_the_inventory_counts_added_controls_and_runs_beyond_the_study_apart(tmp
     make_run(tmp_path, "controls", "bp_frozen", 123, arch_label="resmlp-ep3")
     make_run(tmp_path, "extended_rules", "kp", 42)
     text = inventory_markdown(collect(tmp_path), tmp_path)
-    assert "| Study runs + **added controls** (D3 baselines, `controls/`) + runs beyond the study | 2 + **2** + 1 |" in text
+    assert (
+        "| Study runs + **added controls** (D3 baselines, `controls/`) + runs beyond the study | 2 + **2** + 1 |"
+        in text
+    )
     # a method's and an architecture's rows say how many of their runs are added controls
     assert "| bp_frozen | 3 (of which 2 added controls) |" in text
     assert "| fa | 1 |" in text

@@ -1,4 +1,5 @@
 """A researcher's own rule, from a file or an installed package, gets what built-in rules get."""
+
 from __future__ import annotations
 
 import json
@@ -74,10 +75,13 @@ def test_plugins_field_then_rule_name(tmp_path):
     assert type(rule).__name__ == "SignDFA" and variant == "frozen"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("raise RuntimeError('boom')", "importing rule file .* failed: RuntimeError: boom"),
-    ("x = 1", "registered no rule"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("raise RuntimeError('boom')", "importing rule file .* failed: RuntimeError: boom"),
+        ("x = 1", "registered no rule"),
+    ],
+)
 def test_broken_rule_files_get_one_clear_error(tmp_path, content, message):
     path = tmp_path / "bad_rule.py"
     path.write_text(content)
@@ -110,13 +114,15 @@ def test_a_broken_entry_point_warns_and_is_skipped(tmp_path, monkeypatch):
     dist = site / "broken-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("[creditaudit.rules]\nbroken = no_such_module_xyz\n"))
+    (dist / "entry_points.txt").write_text(
+        textwrap.dedent("[creditaudit.rules]\nbroken = no_such_module_xyz\n")
+    )
     monkeypatch.syspath_prepend(str(site))
     with pytest.warns(RuntimeWarning, match="rule plugin 'broken'"):
         plugins.load_entry_point_rules()
 
 
-TOY_ARCH = '''
+TOY_ARCH = """
 from torch import nn
 
 from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, flat_dim
@@ -130,7 +136,7 @@ def toy_res(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet
     blocks = [Block(nn.Sequential(nn.LayerNorm(shape.d), nn.Linear(shape.d, shape.d)), residual=shape.residual)
               for _ in range(shape.L)]
     return CreditNet(embed, blocks, nn.LayerNorm(shape.d) if shape.out_ln else nn.Identity(), nn.Linear(shape.d, num_classes))
-'''
+"""
 
 
 def test_an_architecture_is_one_file(tmp_path):
@@ -150,7 +156,9 @@ def test_an_architecture_is_one_file(tmp_path):
         assert summary["status"] == "finished"
         stored = json.loads((run_path(cfg) / "config.json").read_text())
         assert stored["plugins"] == [str(path)] and stored["model"]["out_ln"] is True
-    assert arch_shape("toy_res", ModelConfig()) == arch_shape("toy_res", ModelConfig(d=12, L=2, out_ln=True, residual=True))
+    assert arch_shape("toy_res", ModelConfig()) == arch_shape(
+        "toy_res", ModelConfig(d=12, L=2, out_ln=True, residual=True)
+    )
 
 
 def test_the_registry_gives_a_rule_its_name_once():

@@ -1,5 +1,6 @@
 """One progress line for a whole job: runs finished / total, failed, elapsed, ETA from the epochs
 trained so far; plain lines with the same counts when the output is piped."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,9 @@ from creditaudit.jobs.progress import JobProgress, clock
 
 def test_eta_counts_only_the_epochs_trained_in_this_job():
     t = [100.0]
-    job = JobProgress({"s/a": 10, "s/b": 10, "s/c": 20, "s/d": 5}, already={"s/d"}, now=lambda: t[0])
+    job = JobProgress(
+        {"s/a": 10, "s/b": 10, "s/c": 20, "s/d": 5}, already={"s/d"}, now=lambda: t[0]
+    )
     assert job.eta_s() is None and job.state() == "0 failed · ETA –"
     job.update("s/d", "finished")  # found finished: no time spent, no epochs in the rate
     t[0] = 160.0
@@ -25,11 +28,30 @@ def test_eta_counts_only_the_epochs_trained_in_this_job():
 
 
 def test_a_piped_sweep_prints_the_counts_with_every_run(tmp_path):
-    res = CliRunner().invoke(main, ["sweep", "no_terminal_ln", "--profile", "smoke", "--workers", "1",
-                                    f"results={tmp_path}", "threads=1"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "no_terminal_ln",
+            "--profile",
+            "smoke",
+            "--workers",
+            "1",
+            f"results={tmp_path}",
+            "threads=1",
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
-    lines = [line for line in res.output.splitlines() if "finished" in line and "no_terminal_ln/" in line]
+    lines = [
+        line for line in res.output.splitlines() if "finished" in line and "no_terminal_ln/" in line
+    ]
     assert len(lines) == 3
     assert "[1/3 runs, 0 failed · ETA" in lines[0] and "[3/3 runs, 0 failed · ETA 0:00" in lines[2]
     assert res.output.strip().splitlines()[-1].startswith("3/3 runs, 0 failed")
-    assert json.loads((tmp_path / "no_terminal_ln" / "dfa__resmlp-noLN__s42" / "summary.json").read_text())["status"] == "finished"
+    assert (
+        json.loads(
+            (tmp_path / "no_terminal_ln" / "dfa__resmlp-noLN__s42" / "summary.json").read_text()
+        )["status"]
+        == "finished"
+    )

@@ -1,5 +1,6 @@
 """`creditaudit inventory` and `creditaudit tables` on a results folder with known content: every
 count and every mean ± std (ddof=1) is checked against values computed here, independently."""
+
 from __future__ import annotations
 
 import statistics
@@ -40,13 +41,18 @@ def test_inventory_counts(results):
         return next(line for line in lines if line.startswith(f"| {first} |"))
 
     # 21 main audit + 9 penalty + 2 depth + 3 cross-arch (one failed) + 1 interrupted (its summary says running, but no process holds its lock); 1 corrupt folder skipped.
-    assert row("**Total training runs**") == "| **Total training runs** | **36** (1 failed, 34 finished, 1 interrupted) |"
+    assert (
+        row("**Total training runs**")
+        == "| **Total training runs** | **36** (1 failed, 34 finished, 1 interrupted) |"
+    )
     assert row("**Unique models** (method × arch × seed × setting)").endswith("| **36** |")
     # 34 finished × 3 epochs + the failed and the interrupted run with 2 epochs done each.
     assert row("**Total training epochs**").endswith("| **106** |")
     cpu_h = (21 * 360 + 9 * 120 + 2 * 720 + 100) / 3600
     cuda_h = (2 * 1800 + 60) / 3600
-    assert f"**{cpu_h + cuda_h:.2f} hours** ({cpu_h:.2f} h cpu, {cuda_h:.2f} h cuda)" in row("**Estimated total device time** (logged wall time)")
+    assert f"**{cpu_h + cuda_h:.2f} hours** ({cpu_h:.2f} h cpu, {cuda_h:.2f} h cuda)" in row(
+        "**Estimated total device time** (logged wall time)"
+    )
     assert "**7** (6 primary + 1 frozen/shallow variants)" in row("**Training methods**")
     assert row("**Architectures**").endswith("| **5** |")
     assert row("**Experiment settings**").endswith("| **5** |")
@@ -59,22 +65,38 @@ def test_inventory_counts(results):
         assert row(rule).startswith(f"| {rule} | 3 |")
     assert row("sb").startswith("| sb | 6 |") and row("cb").startswith("| cb | 6 |")
 
-    assert row("resmlp d=256 L=4 + terminal LN").startswith("| resmlp d=256 L=4 + terminal LN | 30 |")
+    assert row("resmlp d=256 L=4 + terminal LN").startswith(
+        "| resmlp d=256 L=4 + terminal LN | 30 |"
+    )
     assert row("smallcnn d=256 L=3").startswith("| smallcnn d=256 L=3 | 3 (2 finished; 1 failed) |")
-    assert row("resmlp d=512 L=2 + terminal LN").startswith("| resmlp d=512 L=2 + terminal LN | 1 |")
-    assert row("resmlp d=256 L=4 + terminal LN no residual").startswith("| resmlp d=256 L=4 + terminal LN no residual | 1 (0 finished; 1 interrupted) |")
+    assert row("resmlp d=512 L=2 + terminal LN").startswith(
+        "| resmlp d=512 L=2 + terminal LN | 1 |"
+    )
+    assert row("resmlp d=256 L=4 + terminal LN no residual").startswith(
+        "| resmlp d=256 L=4 + terminal LN no residual | 1 (0 finished; 1 interrupted) |"
+    )
 
     assert row("main_audit").startswith(f"| main_audit | 21 | 3 | {21 * 360 / 3600:.2f} |")
     assert row("penalty_rescue").startswith(f"| penalty_rescue | 9 | 3 | {9 * 120 / 3600:.2f} |")
-    assert row("cross_arch").startswith(f"| cross_arch | 3 (2 finished; 1 failed) | 3 | {(2 * 1800 + 60) / 3600:.2f} |")
-    assert row("fashion_mnist").startswith("| fashion_mnist | 36 (34 finished; 1 failed, 1 interrupted) |")
+    assert row("cross_arch").startswith(
+        f"| cross_arch | 3 (2 finished; 1 failed) | 3 | {(2 * 1800 + 60) / 3600:.2f} |"
+    )
+    assert row("fashion_mnist").startswith(
+        "| fashion_mnist | 36 (34 finished; 1 failed, 1 interrupted) |"
+    )
 
     assert f"- `{results}/main_audit/` — 21 runs: bp, bp_frozen, fa, dfa, ep, sb, cb" in text
     assert f"- `{results}/depth_sweep/` — 2 runs: dfa" in text
-    skipped = text[text.index("## Skipped or unfinished"):]
+    skipped = text[text.index("## Skipped or unfinished") :]
     assert "dfa__resmlp-noskip__s123" in skipped and "not valid JSON" in skipped
-    assert "bp__smallcnn__s42: status failed" in skipped and (f"dfa__resmlp-noskip__s42: interrupted (its process is gone and left no run.lock): resume with "
-                                                                 f"`creditaudit train rule=dfa arch=resmlp seed=42 setting=no_residual results={results} ") in skipped
+    assert (
+        "bp__smallcnn__s42: status failed" in skipped
+        and (
+            f"dfa__resmlp-noskip__s42: interrupted (its process is gone and left no run.lock): resume with "
+            f"`creditaudit train rule=dfa arch=resmlp seed=42 setting=no_residual results={results} "
+        )
+        in skipped
+    )
     assert "### FA vs DFA" in text and "### Functional triangulation" in text
 
 
@@ -97,9 +119,15 @@ def test_table1_and_fa_vs_dfa_figures(results):
 
     fvd = rows_by_first(T.fa_vs_dfa(col, th))
     assert T.fa_vs_dfa(col, th).header[1:] == ["FA (3 runs in all)", "DFA (10 runs in all)"]
-    assert fvd["test acc (main audit)"][1:] == [ms([figures(r, "main_audit", s)["test/acc"] for s in SEEDS]) for r in ("fa", "dfa")]
-    assert fvd["‖g_L‖"][2] == ms([figures("dfa", "main_audit", s)["diag/gL_norm"] for s in SEEDS], sci=True)
-    assert fvd["deep cos"][1] == ms([figures("fa", "main_audit", s)["credit/deep_cos"] for s in SEEDS])
+    assert fvd["test acc (main audit)"][1:] == [
+        ms([figures(r, "main_audit", s)["test/acc"] for s in SEEDS]) for r in ("fa", "dfa")
+    ]
+    assert fvd["‖g_L‖"][2] == ms(
+        [figures("dfa", "main_audit", s)["diag/gL_norm"] for s in SEEDS], sci=True
+    )
+    assert fvd["deep cos"][1] == ms(
+        [figures("fa", "main_audit", s)["credit/deep_cos"] for s in SEEDS]
+    )
     assert fvd["Mode 1(b): D2 fires"][1:] == ["–", "3/3 at ep 3,3,3"]
 
 
@@ -107,19 +135,26 @@ def test_sweeps_and_cross_arch(results):
     col = collect(results)
     th = Thresholds()
     pen = T.penalty_sweep(col, th)
-    assert [(r[0], r[1], r[2], r[3], r[4]) for r in pen.rows] == [(r, "0.01", "3", "penalty_rescue", "3") for r in ("dfa", "sb", "cb")]
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in pen.rows] == [
+        (r, "0.01", "3", "penalty_rescue", "3") for r in ("dfa", "sb", "cb")
+    ]
     acc = pen.header.index("test acc")
     for r in pen.rows:
         assert r[acc] == ms([figures(r[0], "penalty_rescue", s)["test/acc"] for s in SEEDS])
 
     depth = T.depth_sweep(col, th)
-    assert [(r[0], r[1], r[2], r[3]) for r in depth.rows] == [("dfa", "2", "512", "1"), ("dfa", "6", "512", "1")]
+    assert [(r[0], r[1], r[2], r[3]) for r in depth.rows] == [
+        ("dfa", "2", "512", "1"),
+        ("dfa", "6", "512", "1"),
+    ]
     assert depth.rows[0][depth.header.index("test acc")] == "0.400 (n=1)"  # one seed: no std
 
     cross = T.cross_arch(col, th)
     cnn = [r for r in cross.rows if r[0].startswith("smallcnn")]
     assert [(r[1], r[3]) for r in cnn] == [("dfa", "2")]  # the failed bp run is not averaged
-    assert cnn[0][cross.header.index("test acc")] == ms([figures("dfa", "cross_arch", s)["test/acc"] for s in SEEDS[:2]])
+    assert cnn[0][cross.header.index("test acc")] == ms(
+        [figures("dfa", "cross_arch", s)["test/acc"] for s in SEEDS[:2]]
+    )
     assert sum(r[0].startswith("resmlp d=256 L=4 + terminal LN") for r in cross.rows) == 6
 
 
@@ -127,16 +162,24 @@ def test_triangulation_orderings_and_agreement(results):
     tri = T.triangulation(collect(results), Thresholds())
     assert tri.header == ["metric", "dfa", "sb", "cb", "ordering"]
     rows = rows_by_first(tri)
-    drop = {r: [-figures(r, "penalty_rescue", s)["diag/train_loss_fixed_drop"] for s in SEEDS] for r in ("dfa", "sb", "cb")}
+    drop = {
+        r: [-figures(r, "penalty_rescue", s)["diag/train_loss_fixed_drop"] for s in SEEDS]
+        for r in ("dfa", "sb", "cb")
+    }
     assert rows["training-loss decrease"][1:4] == [ms(drop[r]) for r in ("dfa", "sb", "cb")]
     assert rows["accuracy"][-1] == "sb > cb > dfa"
     assert rows["nudging ΔL"][-1] == "sb > cb > dfa"
     assert rows["deep cos"][-1] == "cb > sb > dfa"
-    assert "accuracy, nudging ΔL, training-loss decrease agree; deep cos disagrees (cb vs sb)" in " ".join(tri.notes)
+    assert (
+        "accuracy, nudging ΔL, training-loss decrease agree; deep cos disagrees (cb vs sb)"
+        in " ".join(tri.notes)
+    )
 
 
 def test_orderings_call_overlapping_rules_even():
-    o = T.ordering({"a": (0.50, 0.02, 3), "b": (0.49, 0.02, 3), "c": (0.30, 0.01, 3)}, higher_better=True)
+    o = T.ordering(
+        {"a": (0.50, 0.02, 3), "b": (0.49, 0.02, 3), "c": (0.30, 0.01, 3)}, higher_better=True
+    )
     assert T.render_ordering(o) == "a ≈ b > c"
     low = T.ordering({"a": (-1e-3, 1e-4, 3), "b": (-1e-5, 1e-6, 3)}, higher_better=False)
     assert T.render_ordering(low) == "a > b"
@@ -144,10 +187,19 @@ def test_orderings_call_overlapping_rules_even():
 
 def test_cli_writes_both_reports_and_survives_corrupt_folders(results, tmp_path):
     runner = CliRunner()
-    out = runner.invoke(main, ["tables", str(results), "--out", str(tmp_path / "tables.md")], catch_exceptions=False)
+    out = runner.invoke(
+        main, ["tables", str(results), "--out", str(tmp_path / "tables.md")], catch_exceptions=False
+    )
     assert out.exit_code == 0, out.output
     md = (tmp_path / "tables.md").read_text()
-    for title in ("Table 1: main audit", "FA vs DFA", "Penalty sweep", "Depth sweep", "Cross-architecture", "Functional triangulation"):
+    for title in (
+        "Table 1: main audit",
+        "FA vs DFA",
+        "Penalty sweep",
+        "Depth sweep",
+        "Cross-architecture",
+        "Functional triangulation",
+    ):
         assert f"## {title}" in md
     assert "not valid JSON" in md and "skipped" in out.output
     inv = runner.invoke(main, ["inventory", str(results)], catch_exceptions=False)

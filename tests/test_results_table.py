@@ -1,5 +1,6 @@
 """A results folder as one table: creditaudit.results.load (pandas) and the Parquet/CSV export,
 read back with DuckDB and pandas and checked against the run folders."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ from tests.results_factory import make_run  # noqa: E402
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("res")
     for rule in ("bp", "dfa"):
-        cfg = tiny_config(root, f"rule={rule}", "epochs=2", f"results={root / 'results'}", "setting=main_audit")
+        cfg = tiny_config(
+            root, f"rule={rule}", "epochs=2", f"results={root / 'results'}", "setting=main_audit"
+        )
         assert train(cfg)["status"] == "finished"
     make_run(root / "results", "penalty_rescue", "cb", 42, overrides=("lam=1e-2",))
     bad = root / "results" / "main_audit" / "fa__resmlp__s42"
@@ -44,7 +47,9 @@ def _folder_rows(results):
 def test_load_gives_one_row_per_run_and_epoch_with_config_and_metrics(folder):
     df = R.load(folder)
     expected = _folder_rows(folder)
-    assert len(df) == len(expected) == 3 + 3 + 4  # two real 2-epoch runs (epochs 0..2) and a planted 3-epoch one
+    assert (
+        len(df) == len(expected) == 3 + 3 + 4
+    )  # two real 2-epoch runs (epochs 0..2) and a planted 3-epoch one
     for _, row in df.iterrows():
         rec = expected[(row["setting"], row["run"], row["epoch"])]
         for key, value in rec.items():
@@ -54,9 +59,15 @@ def test_load_gives_one_row_per_run_and_epoch_with_config_and_metrics(folder):
             else:
                 assert got == value, (row["run"], key)
     bp = df[(df.rule == "bp") & (df.epoch == 2)].iloc[0]
-    assert bp["config.data.dataset"] == "digits" and bp["config.model.d"] == 32 and bp["status"] == "finished"
+    assert (
+        bp["config.data.dataset"] == "digits"
+        and bp["config.model.d"] == 32
+        and bp["status"] == "finished"
+    )
     assert df[df.rule == "cb"]["config.lam"].unique().tolist() == [0.01]
-    assert any("fa__resmlp__s42" in p for p in df.attrs["problems"])  # the corrupt folder is reported, not fatal
+    assert any(
+        "fa__resmlp__s42" in p for p in df.attrs["problems"]
+    )  # the corrupt folder is reported, not fatal
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -68,8 +79,15 @@ def test_export_reads_back_with_duckdb_and_pandas(folder, tmp_path, fmt):
     assert len(back) == n and {"test/acc", "config.model.d", "diag/gL_norm"} <= set(back.columns)
     reader = "read_parquet" if fmt == "parquet" else "read_csv_auto"
     con = duckdb.connect()
-    acc = con.execute(f'select avg("test/acc") from {reader}(?) where rule = \'bp\' and epoch = 2', [str(out)]).fetchone()[0]
-    truth = [json.loads(line) for line in (folder / "main_audit" / "bp__resmlp__s42" / "metrics.jsonl").read_text().splitlines()][-1]
+    acc = con.execute(
+        f"select avg(\"test/acc\") from {reader}(?) where rule = 'bp' and epoch = 2", [str(out)]
+    ).fetchone()[0]
+    truth = [
+        json.loads(line)
+        for line in (folder / "main_audit" / "bp__resmlp__s42" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ][-1]
     assert acc == pytest.approx(truth["test/acc"])
     rows = con.execute(f"select count(*) from {reader}(?)", [str(out)]).fetchone()[0]
     assert rows == n

@@ -1,5 +1,6 @@
 """``ep``: credit quality at init, the β → 0 limits (error credit → g, displacement → its linear
 response Σ_k J J^T g, a_0 → g_0), one local step on every architecture, reproducibility, options."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,6 @@ from creditaudit.models import ARCHS, ModelConfig, build_model, true_grads
 from creditaudit.models.base import preserved_buffers
 from creditaudit.rules import build_rule, rule_options
 from tests.conftest import SMALL_ARCHS
-
-
 
 
 def _ep(**opts):
@@ -48,7 +47,11 @@ def test_cosine_to_true_gradient_at_init_on_resmlp():
     displacement credit up to 2e-3 (measured: all >= 0.999 here)."""
     model, x, y, fwd, gs = _resmlp(d=64, L=4, B=64)
     cosines = {}
-    for name, opts in {"displacement": {}, "symmetric": {"symmetric": True}, "error": {"credit": "error"}}.items():
+    for name, opts in {
+        "displacement": {},
+        "symmetric": {"symmetric": True},
+        "error": {"credit": "error"},
+    }.items():
         credits = _ep(beta=0.1, T=20, **opts).credits(model, x, y, fwd)
         cosines[name] = [_cos(a, g) for a, g in zip(credits, gs)]
     for name, cs in cosines.items():
@@ -63,11 +66,16 @@ def _plain_relaxation(model, hs, y, beta, T, alpha):
     for _ in range(T):
         free = [v.detach().requires_grad_(True) for v in s[1:]]
         st = [s[0], *free]
-        energy = sum(0.5 * (st[l] - model.blocks[l - 1](st[l - 1])[0]).pow(2).sum() for l in range(1, model.L + 1))
+        energy = sum(
+            0.5 * (st[l] - model.blocks[l - 1](st[l - 1])[0]).pow(2).sum()
+            for l in range(1, model.L + 1)
+        )
         cost = energy + beta * F.cross_entropy(model.readout(st[-1]), y, reduction="sum")
         s = [s[0]] + [v.detach() - alpha * g for v, g in zip(free, torch.autograd.grad(cost, free))]
     s0 = s[0].detach().requires_grad_(True)
-    errors = [s[1] - model.blocks[0](s0)[0]] + [s[l] - model.blocks[l - 1](s[l - 1])[0] for l in range(2, model.L + 1)]
+    errors = [s[1] - model.blocks[0](s0)[0]] + [
+        s[l] - model.blocks[l - 1](s[l - 1])[0] for l in range(2, model.L + 1)
+    ]
     (d_s0,) = torch.autograd.grad(0.5 * errors[0].pow(2).sum(), s0)
     return s, [e.detach() for e in errors], d_s0
 
@@ -88,12 +96,19 @@ def test_relaxation_matches_plain_gradient_descent_on_the_energy(arch):
     expected = {
         "displacement": [plus[2] / beta] + [-(s - h) / beta for s, h in zip(plus[0][1:], hs[1:])],
         "error": [plus[2] / beta] + [-e / beta for e in plus[1]],
-        "symmetric": [(plus[2] - minus[2]) / (2 * beta)] + [-(p - m) / (2 * beta) for p, m in zip(plus[0][1:], minus[0][1:])],
+        "symmetric": [(plus[2] - minus[2]) / (2 * beta)]
+        + [-(p - m) / (2 * beta) for p, m in zip(plus[0][1:], minus[0][1:])],
     }
-    for name, opts in {"displacement": {}, "error": {"credit": "error"}, "symmetric": {"symmetric": True}}.items():
+    for name, opts in {
+        "displacement": {},
+        "error": {"credit": "error"},
+        "symmetric": {"symmetric": True},
+    }.items():
         credits = _ep(beta=beta, T=T, alpha=alpha, **opts).credits(model, x, y, fwd)
         for l, (a, e) in enumerate(zip(credits, expected[name])):
-            torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-9 * e.abs().max().item(), msg=f"{arch} {name} a_{l}")
+            torch.testing.assert_close(
+                a, e, rtol=1e-7, atol=1e-9 * e.abs().max().item(), msg=f"{arch} {name} a_{l}"
+            )
 
 
 def _linear_response(model, hs, gs):
@@ -116,12 +131,17 @@ def test_ep_tends_to_bp_as_beta_shrinks():
     converged = {"T": 150, "alpha": 0.35}
     limits = {"error": gs, "displacement": [gs[0]] + _linear_response(model, fwd.hs, gs)}
     betas = (0.5, 0.1, 0.02)
-    credits = {(credit, beta): _ep(beta=beta, credit=credit, **converged).credits(model, x, y, fwd)
-               for credit in limits for beta in betas}
+    credits = {
+        (credit, beta): _ep(beta=beta, credit=credit, **converged).credits(model, x, y, fwd)
+        for credit in limits
+        for beta in betas
+    }
     for credit, limit in limits.items():
         for l in range(model.L + 1):
             e = [_rel_err(credits[credit, beta][l], limit[l]) for beta in betas]
-            assert e[0] > e[1] > 3 * e[2], f"{credit}, layer {l}: relative error {e} does not shrink like β"
+            assert e[0] > e[1] > 3 * e[2], (
+                f"{credit}, layer {l}: relative error {e} does not shrink like β"
+            )
             assert e[2] < 0.05, f"{credit}, layer {l}: relative error {e[2]:.3g} at β = 0.02"
     # The displacement's norm grows like l·‖g_l‖ through a near-identity residual stack (docs/science.md §3).
     for l in range(1, model.L + 1):
@@ -166,21 +186,36 @@ def test_credits_leave_gradients_and_buffers_alone():
 # ---------------------------------------------------------------------------------------------
 def test_defaults_and_cli_options():
     opts = rule_options("ep")
-    assert (opts.beta, opts.T, opts.alpha, opts.symmetric, opts.credit) == (0.1, 20, 0.1, False, "displacement")
-    cfg = apply_overrides(TrainConfig(), ["rule=ep", "ep.beta=0.05", "T=7", "symmetric=true", "credit=error"])
+    assert (opts.beta, opts.T, opts.alpha, opts.symmetric, opts.credit) == (
+        0.1,
+        20,
+        0.1,
+        False,
+        "displacement",
+    )
+    cfg = apply_overrides(
+        TrainConfig(), ["rule=ep", "ep.beta=0.05", "T=7", "symmetric=true", "credit=error"]
+    )
     opts = rule_options("ep", cfg.rule_opts)
     assert (opts.beta, opts.T, opts.symmetric, opts.credit) == (0.05, 7, True, "error")
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("beta", "0", "ep.beta=0.0: expected a finite number > 0"),
-    ("beta", "-0.1", "ep.beta=-0.1: expected a finite number > 0"),
-    ("beta", "inf", "ep.beta=inf: expected a finite number"),  # refused by the general check first
-    ("T", "0", "ep.T=0: expected an integer >= 1"),
-    ("alpha", "0", "ep.alpha=0.0: expected a finite number > 0"),
-    ("alpha", "-1", "ep.alpha=-1.0: expected a finite number > 0"),
-    ("credit", "grad", "ep.credit='grad': expected one of displacement, error"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("beta", "0", "ep.beta=0.0: expected a finite number > 0"),
+        ("beta", "-0.1", "ep.beta=-0.1: expected a finite number > 0"),
+        (
+            "beta",
+            "inf",
+            "ep.beta=inf: expected a finite number",
+        ),  # refused by the general check first
+        ("T", "0", "ep.T=0: expected an integer >= 1"),
+        ("alpha", "0", "ep.alpha=0.0: expected a finite number > 0"),
+        ("alpha", "-1", "ep.alpha=-1.0: expected a finite number > 0"),
+        ("credit", "grad", "ep.credit='grad': expected one of displacement, error"),
+    ],
+)
 def test_bad_options_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         rule_options("ep", {key: value})

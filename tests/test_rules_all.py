@@ -6,13 +6,20 @@ that should move do and frozen ones do not, no layer left patched); typed, docum
 options; the same seed gives the same metrics; a checkpoint resumes bit for bit; a rule that says
 it stacks does. This is the one place these properties are tested for every rule; the rule files'
 own tests pin their math."""
+
 from __future__ import annotations
 
 import pytest
 
 from creditaudit.rules import RULES
 from creditaudit.rules.base import VARIANTS
-from creditaudit.testing import check_options, check_resume, check_same_seed, check_stack, check_step
+from creditaudit.testing import (
+    check_options,
+    check_resume,
+    check_same_seed,
+    check_stack,
+    check_step,
+)
 
 
 @pytest.fixture(params=RULES.names())

@@ -2,6 +2,7 @@
 learns on a fixed model, cb's terminal matching aligns ∇V with g_L, the finite-difference targets
 are the true directional derivatives, every rule × architecture takes a trainer step, checkpoints
 resume exactly, and a seeded run is reproducible."""
+
 from __future__ import annotations
 
 import copy
@@ -28,10 +29,10 @@ CPU = torch.device("cpu")
 SMALL_OPTS = {"width": "32", "est_lr": "3e-3"}
 
 
-
-
 def _ctx(num_classes: int = 5, total_steps: int = 1000) -> RuleContext:
-    return RuleContext(device=CPU, num_classes=num_classes, steps_per_epoch=10, total_steps=total_steps, seed=0)
+    return RuleContext(
+        device=CPU, num_classes=num_classes, steps_per_epoch=10, total_steps=total_steps, seed=0
+    )
 
 
 def _fixed_task(arch: str = "resmlp", n: int = 1024, C: int = 5):
@@ -173,14 +174,19 @@ def test_cb_consistency_noise_is_absolute_by_default(noise):
     rule = _rule("cb", model, opts)
     fwd = model.run(x, detach_inputs=True)
     big = dataclasses.replace(fwd, hs=[100.0 * h for h in fwd.hs])
-    base, scaled = _cb_consistency_noise(rule, model, y, fwd), _cb_consistency_noise(rule, model, y, big)
+    base, scaled = (
+        _cb_consistency_noise(rule, model, y, fwd),
+        _cb_consistency_noise(rule, model, y, big),
+    )
     for n, m, h in zip(base, scaled, fwd.hs[1:]):
         if noise == "absolute":
             torch.testing.assert_close(m, n, rtol=0, atol=1e-3)  # the same ξ: ‖h‖ plays no part
             assert abs(float(n.std()) - rule.opts.sigma) < 0.01, float(n.std())
         else:
             torch.testing.assert_close(m, 100.0 * n, rtol=1e-3, atol=1e-3)
-            ratio = n.flatten(2).std(2) / E.rms(h.detach())  # (K, B): σ per sample, in units of rms(h)
+            ratio = n.flatten(2).std(2) / E.rms(
+                h.detach()
+            )  # (K, B): σ per sample, in units of rms(h)
             assert abs(float(ratio.mean()) - rule.opts.sigma) < 0.02, float(ratio.mean())
 
 
@@ -277,8 +283,15 @@ def test_bad_options_are_config_errors():
 # Every rule × every architecture through the trainer
 # ---------------------------------------------------------------------------------------------
 def _small_run(tmp_path, rule: str, arch: str):
-    cfg = tiny_config(tmp_path, f"rule={rule}", f"arch={arch}", *[f"{rule.split('_')[0]}.{k}={v}" for k, v in SMALL_OPTS.items()])
-    cfg.model = copy.deepcopy(SMALL_ARCHS[arch][0])  # the digits images (1, 8, 8) fit every small arch
+    cfg = tiny_config(
+        tmp_path,
+        f"rule={rule}",
+        f"arch={arch}",
+        *[f"{rule.split('_')[0]}.{k}={v}" for k, v in SMALL_OPTS.items()],
+    )
+    cfg.model = copy.deepcopy(
+        SMALL_ARCHS[arch][0]
+    )  # the digits images (1, 8, 8) fit every small arch
     return build_run(cfg)
 
 
@@ -303,7 +316,9 @@ def test_the_estimator_learns_in_step(tmp_path, name):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and reproducibility
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,opts", [("sb", {}), ("cb", {"dfa_warmup": "true"}), ("vec", {"fd_layers": "1"})])
+@pytest.mark.parametrize(
+    "name,opts", [("sb", {}), ("cb", {"dfa_warmup": "true"}), ("vec", {"fd_layers": "1"})]
+)
 def test_checkpoint_round_trip_continues_exactly(name, opts):
     model, x, y = _fixed_task(arch="smallcnn")
     rule = _rule(name, model, opts, total_steps=6)
@@ -328,7 +343,9 @@ def test_checkpoint_round_trip_continues_exactly(name, opts):
         assert torch.equal(final_a[k], final_b[k]), k
 
 
-@pytest.mark.parametrize("name,opts", [("sb", []), ("cb", ["cb.dfa_warmup=true", "cb.warmup_frac=0.7"]), ("vec", [])])
+@pytest.mark.parametrize(
+    "name,opts", [("sb", []), ("cb", ["cb.dfa_warmup=true", "cb.warmup_frac=0.7"]), ("vec", [])]
+)
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name, opts):
     """Through the trainer's own checkpoint file: estimator, optimizer, EMA target, generator and
     step counter all come back (cb's warm-up ends in the second epoch, after the resume)."""
@@ -340,10 +357,20 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, name, opts):
     assert run_metrics(cut) == run_metrics(full)
 
 
-@pytest.mark.parametrize("name, option, value", [
-    ("cb", "K", "0"), ("cb", "sigma", "-1"), ("cb", "noise", "gaussian"), ("cb", "ema", "1.5"), ("cb", "temp", "0"),
-    ("sb", "width", "0"), ("vec", "M", "0"), ("vec", "eps", "0"), ("vec", "code", "onehot"),
-])
+@pytest.mark.parametrize(
+    "name, option, value",
+    [
+        ("cb", "K", "0"),
+        ("cb", "sigma", "-1"),
+        ("cb", "noise", "gaussian"),
+        ("cb", "ema", "1.5"),
+        ("cb", "temp", "0"),
+        ("sb", "width", "0"),
+        ("vec", "M", "0"),
+        ("vec", "eps", "0"),
+        ("vec", "code", "onehot"),
+    ],
+)
 def test_bad_estimator_options_are_refused_at_validation(name, option, value):
     """Checked when the config is validated, like every rule's options: no run is started with them."""
     from creditaudit.config import ConfigError, TrainConfig, apply_overrides

@@ -2,6 +2,7 @@
 architecture (and the ``_frozen`` variant), the credit formulas pinned by hand, ``fa_layerwise`` with
 B = W equal to BP, feedback matrices reproducible from the run seed alone, checkpoints, and
 seed-for-seed identical tiny runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,6 @@ from tests.conftest import SMALL_ARCHS, run_metrics, tiny_config
 FEEDBACK_RULES = ("dfa", "fa", "fa_layerwise")
 
 
-
-
 def _cfg(tmp_path, rule: str, arch: str, *overrides: str):
     cfg = tiny_config(tmp_path, f"rule={rule}", f"arch={arch}", *overrides)
     cfg.model = dataclasses.replace(SMALL_ARCHS[arch][0])
@@ -37,8 +36,15 @@ def _cfg(tmp_path, rule: str, arch: str, *overrides: str):
 
 def _ctx(model, input_shape: tuple[int, ...], seed: int = 0) -> RuleContext:
     state_shapes, norm_shape = model.shapes(input_shape)
-    return RuleContext(device=torch.device("cpu"), num_classes=model.num_classes, steps_per_epoch=1, total_steps=1,
-                       seed=seed, state_shapes=tuple(state_shapes), norm_shape=norm_shape)
+    return RuleContext(
+        device=torch.device("cpu"),
+        num_classes=model.num_classes,
+        steps_per_epoch=1,
+        total_steps=1,
+        seed=seed,
+        state_shapes=tuple(state_shapes),
+        norm_shape=norm_shape,
+    )
 
 
 def _batch(run, epoch: int = 0):
@@ -64,12 +70,16 @@ def _tensors(state) -> list[torch.Tensor]:
 
 def _same(a, b) -> bool:
     ta, tb = _tensors(a), _tensors(b)
-    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb))
+    return len(ta) == len(tb) and all(
+        x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb)
+    )
 
 
 def _materialized(run, epoch: int = 0) -> dict:
     x, y = _batch(run, epoch)
-    _credits(run.rule, run.model, x, y)  # (the matrices are drawn in setup; a batch must not change them)
+    _credits(
+        run.rule, run.model, x, y
+    )  # (the matrices are drawn in setup; a batch must not change them)
     return run.rule.state_dict()
 
 
@@ -92,7 +102,9 @@ def test_dfa_credit_by_hand():
     rule.load_state_dict({"seed": 0, "B": [B0, B1]})
     fwd, y = _hand_forward([(2,), (2,)])
     a0, a1 = rule.credits(model, None, y, fwd)
-    torch.testing.assert_close(a0, torch.tensor([[0.75, 0.75]], dtype=torch.float64))  # (1·-3/4 + 2·3/4, 3·-3/4 + 4·3/4)
+    torch.testing.assert_close(
+        a0, torch.tensor([[0.75, 0.75]], dtype=torch.float64)
+    )  # (1·-3/4 + 2·3/4, 3·-3/4 + 4·3/4)
     torch.testing.assert_close(a1, torch.tensor([[-1.5, -0.75]], dtype=torch.float64))
     # token-shaped states: B_l e_T is reshaped to (T, d)
     fwd, y = _hand_forward([(2, 1), (1, 2)])
@@ -185,7 +197,9 @@ def test_fa_block_maps_per_architecture():
     rule.setup(model, _ctx(model, shape))
     fwd, _ = _credits(rule, model, torch.randn(4, *shape), torch.randint(0, 5, (4,)))
     n = [h[0].numel() for h in fwd.hs]
-    assert [[tuple(f.shape) for f in fs] for fs in rule.blocks] == [[(n[l - 1], n[l])] for l in range(1, 4)]
+    assert [[tuple(f.shape) for f in fs] for fs in rule.blocks] == [
+        [(n[l - 1], n[l])] for l in range(1, 4)
+    ]
 
 
 def test_fa_default_scale_keeps_credit_norms_about_constant():
@@ -222,18 +236,28 @@ def test_fa_layers_use_feedback_for_the_input_and_exact_weight_gradients():
         torch.testing.assert_close(dx, dy @ B)
         torch.testing.assert_close(dw, dw_ref)
         torch.testing.assert_close(db, db_ref)
-        for conv in (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
-                     nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
-                     nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
-                     nn.Conv1d(4, 6, 3, padding="same", padding_mode="reflect")):
+        for conv in (
+            nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+            nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+            nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+            nn.Conv1d(4, 6, 3, padding="same", padding_mode="reflect"),
+        ):
             x = torch.randn(2, 4, *(7,) * len(conv.kernel_size))
             dy = torch.randn_like(conv(x))
             B = torch.randn_like(conv.weight)
             (dx, dw, db), (_, dw_ref, db_ref) = _layer_grads(conv, x, dy, B)
             # reference: the input gradient of the same convolution with B as its weight
             xi = x.clone().requires_grad_(True)
-            conv_b = type(conv)(4, 6, 3, stride=conv.stride, padding=conv.padding, groups=conv.groups,
-                                padding_mode=conv.padding_mode, bias=False)
+            conv_b = type(conv)(
+                4,
+                6,
+                3,
+                stride=conv.stride,
+                padding=conv.padding,
+                groups=conv.groups,
+                padding_mode=conv.padding_mode,
+                bias=False,
+            )
             conv_b.weight.data.copy_(B)
             conv_b(xi).backward(dy)
             torch.testing.assert_close(dx, xi.grad)
@@ -244,7 +268,10 @@ def test_fa_layers_use_feedback_for_the_input_and_exact_weight_gradients():
 
 
 def _grads(model):
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
 
 
 def _local_step_grads(rule, model, x, y):
@@ -252,7 +279,10 @@ def _local_step_grads(rule, model, x, y):
     with rule.local_forward(model):
         fwd = model.run(x, detach_inputs=True)
         credits = rule.credits(model, x, y, fwd)
-        (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)).backward()
+        (
+            F.cross_entropy(fwd.logits, y)
+            + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)
+        ).backward()
     return credits, _grads(model)
 
 
@@ -273,7 +303,9 @@ def test_fa_layerwise_with_feedback_equal_to_weights_is_bp(arch):
         torch.testing.assert_close(a, g, rtol=1e-9, atol=1e-12, msg=f"{arch}: a_{l}")
     assert set(local) == set(reference)
     for name in reference:
-        torch.testing.assert_close(local[name], reference[name], rtol=1e-9, atol=1e-12, msg=f"{arch}: {name}")
+        torch.testing.assert_close(
+            local[name], reference[name], rtol=1e-9, atol=1e-12, msg=f"{arch}: {name}"
+        )
 
 
 def test_fa_layerwise_random_feedback_changes_block_updates_not_the_readout():
@@ -283,7 +315,8 @@ def test_fa_layerwise_random_feedback_changes_block_updates_not_the_readout():
     rule = FALayerwise()
     rule.setup(model, _ctx(model, shape))
     assert sorted(rule.feedback) == sorted(
-        [f"blocks.{l}.branch.{fc}" for l in range(model.L) for fc in ("fc1", "fc2")] + ["head"])
+        [f"blocks.{l}.branch.{fc}" for l in range(model.L) for fc in ("fc1", "fc2")] + ["head"]
+    )
     _, gs = true_grads(model, x, y)
     credits, local = _local_step_grads(rule, model, x, y)
     model.zero_grad(set_to_none=True)
@@ -293,7 +326,9 @@ def test_fa_layerwise_random_feedback_changes_block_updates_not_the_readout():
         if name.startswith(("norm.", "head.")):
             torch.testing.assert_close(local[name], reference[name])  # always the exact CE gradient
     assert not torch.allclose(credits[-1], gs[-1])  # a_L = J_Nᵀ B_Hᵀ e_T, not g_L
-    assert not torch.allclose(local["blocks.0.branch.fc1.weight"], reference["blocks.0.branch.fc1.weight"])
+    assert not torch.allclose(
+        local["blocks.0.branch.fc1.weight"], reference["blocks.0.branch.fc1.weight"]
+    )
 
 
 def test_fa_layerwise_feedback_drawn_like_pytorch_default_init():
@@ -324,7 +359,10 @@ def test_feedback_matrices_are_a_function_of_the_seed_alone(tmp_path, rule):
     a = _materialized(build_run(_cfg(tmp_path / "a", rule, "vit_mini", "seed=7")))
     torch.rand(100)  # whatever happened to the global RNG in between does not matter
     # other data order, batch size, learning rate, first batch: same seed -> same matrices
-    b = _materialized(build_run(_cfg(tmp_path / "b", rule, "vit_mini", "seed=7", "batch_size=32", "lr=0.1")), epoch=3)
+    b = _materialized(
+        build_run(_cfg(tmp_path / "b", rule, "vit_mini", "seed=7", "batch_size=32", "lr=0.1")),
+        epoch=3,
+    )
     c = _materialized(build_run(_cfg(tmp_path / "c", rule, "vit_mini", "seed=8")))
     assert _tensors(a) and _same(a, b)
     assert not any(torch.equal(x, y) for x, y in zip(_tensors(a), _tensors(c)))
@@ -345,7 +383,9 @@ def test_checkpoint_round_trip_restores_the_matrices(tmp_path, rule):
     fresh_state = run.rule.state_dict()  # dfa/fa: only the seed, before the first batch
     x, y = _batch(run)
     _, credits = _credits(run.rule, run.model, x, y)
-    save_checkpoint(tmp_path / "ck.safetensors", {"rule": run.rule.state_dict(), "fresh": fresh_state})
+    save_checkpoint(
+        tmp_path / "ck.safetensors", {"rule": run.rule.state_dict(), "fresh": fresh_state}
+    )
     state, _ = load_checkpoint(tmp_path / "ck.safetensors")
     for key in ("rule", "fresh"):
         other = build_run(_cfg(tmp_path / key, rule, "smallcnn", "seed=4"))
@@ -363,7 +403,9 @@ def test_resumed_run_reads_its_feedback_matrices_from_the_checkpoint(tmp_path, r
     b = tiny_config(tmp_path / "b", f"rule={rule}", "epochs=2")
     train(a)
     assert train(b, stop_after=1)["status"] == "interrupted"
-    assert train(b)["resumed_from"] == 1  # the second epoch runs on matrices read from the checkpoint
+    assert (
+        train(b)["resumed_from"] == 1
+    )  # the second epoch runs on matrices read from the checkpoint
     assert run_metrics(a) == run_metrics(b)
     assert math.isfinite(run_metrics(a)[-1]["train/loss"])
 
@@ -371,7 +413,11 @@ def test_resumed_run_reads_its_feedback_matrices_from_the_checkpoint(tmp_path, r
 def test_options_are_checked_and_parsed():
     assert rule_options("fa", {"identity": "true", "structure": "kron"}).identity is True
     assert rule_options("dfa", {"init": "uniform", "scale": "0.5"}).scale == 0.5
-    for name, opts in (("dfa", {"init": "gaussian"}), ("fa", {"structure": "sparse"}),
-                       ("fa_layerwise", {"scale": "0"}), ("fa", {"scale": "-1"})):
+    for name, opts in (
+        ("dfa", {"init": "gaussian"}),
+        ("fa", {"structure": "sparse"}),
+        ("fa_layerwise", {"scale": "0"}),
+        ("fa", {"scale": "-1"}),
+    ):
         with pytest.raises(ConfigError, match=name):
             rule_options(name, opts)

@@ -3,6 +3,7 @@ place of every weight transpose, ``rules/_layerwise.py``): credits against a han
 sign concordance at every step, brsf's per-step draws (seeded, resumable), frsf's fixed magnitudes,
 kp = BP when B_0 = W_0, kp's decay of B − W and its falling angle on a small task, checkpoints.
 ``tests/test_rules_all.py`` gives each of them the one-step test on every architecture."""
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,15 @@ RULES = (*SIGN_RULES, "kp")
 
 def _ctx(model, input_shape: tuple[int, ...]) -> RuleContext:
     state_shapes, norm_shape = model.shapes(input_shape)
-    return RuleContext(device=torch.device("cpu"), num_classes=model.num_classes, steps_per_epoch=1, total_steps=1,
-                       seed=0, state_shapes=tuple(state_shapes), norm_shape=norm_shape)
+    return RuleContext(
+        device=torch.device("cpu"),
+        num_classes=model.num_classes,
+        steps_per_epoch=1,
+        total_steps=1,
+        seed=0,
+        state_shapes=tuple(state_shapes),
+        norm_shape=norm_shape,
+    )
 
 
 def _cfg(tmp_path, rule: str, arch: str = "resmlp", *overrides: str):
@@ -58,7 +66,10 @@ def _local_step(rule, model, opt, x, y) -> list[torch.Tensor]:
     with rule.local_forward(model):
         fwd = model.run(x, detach_inputs=True)
         credits = rule.credits(model, x, y, fwd)
-        (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)).backward()
+        (
+            F.cross_entropy(fwd.logits, y)
+            + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)
+        ).backward()
     opt.step()
     rule.step(model, x, y, fwd)
     return credits
@@ -67,7 +78,9 @@ def _local_step(rule, model, opt, x, y) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # credits against a hand-written backward
 # ---------------------------------------------------------------------------------------------
-def _hand_backward(model, h0: torch.Tensor, y: torch.Tensor, B: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def _hand_backward(
+    model, h0: torch.Tensor, y: torch.Tensor, B: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
     """d(Σ_i CE_i)/d h_l, l = 0..L, of a non-residual net, written layer by layer: a Linear sends
     dy·B back, a convolution (stride 1) the transposed convolution of dy with B; every other layer
     (activations, BatchNorm in train mode, pooling, flatten, the terminal norm) its exact
@@ -116,17 +129,28 @@ def test_sign_feedback_credits_equal_a_hand_written_backward(arch, rule_name):
     for step in range(4):
         names = [n for n, _ in rule.layers(model)]
         if rule_name == "usf":
-            B = {n: init[f"{n}.weight"].std() * torch.sign(model.get_submodule(n).weight.detach()) for n in names}
+            B = {
+                n: init[f"{n}.weight"].std() * torch.sign(model.get_submodule(n).weight.detach())
+                for n in names
+            }
         else:
-            B = {n: rule.magnitude[n].double() * torch.sign(model.get_submodule(n).weight.detach()) for n in names}
+            B = {
+                n: rule.magnitude[n].double() * torch.sign(model.get_submodule(n).weight.detach())
+                for n in names
+            }
         fwd, credits = _credits(rule, model, x, y)
         expected = _hand_backward(model, fwd.hs[0].detach(), y, B)
         assert len(credits) == len(expected) == model.L + 1
         for l, (a, b) in enumerate(zip(credits, expected)):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{rule_name}/{arch} step {step}: a_{l}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-10, atol=1e-12, msg=f"{rule_name}/{arch} step {step}: a_{l}"
+            )
         before = {n: torch.sign(model.get_submodule(n).weight.detach()) for n in names}
         _local_step(rule, model, opt, x, y)
-        flips += sum(int((torch.sign(model.get_submodule(n).weight.detach()) != before[n]).sum()) for n in names)
+        flips += sum(
+            int((torch.sign(model.get_submodule(n).weight.detach()) != before[n]).sum())
+            for n in names
+        )
     assert flips > 0  # the steps did flip signs, so "the current W" was really tested
 
 
@@ -163,7 +187,9 @@ def test_usf_scale_is_the_std_of_the_initial_weights():
     rule.setup(model, _ctx(model, (64,)))
     s = {n: float(m.weight.detach().std()) for n, m in rule.layers(model)}
     assert rule.init_std == pytest.approx(s)
-    assert rule.init_std["blocks.0.branch.fc2"] == pytest.approx(0.01, rel=0.2)  # resmlp's W2 ~ N(0, 0.01²)
+    assert rule.init_std["blocks.0.branch.fc2"] == pytest.approx(
+        0.01, rel=0.2
+    )  # resmlp's W2 ~ N(0, 0.01²)
     Bs = _feedback(rule, model)
     assert float(Bs["head"].abs().max()) == pytest.approx(s["head"])
 
@@ -195,11 +221,16 @@ def _magnitudes_over_steps(run, steps: int) -> list[dict[str, torch.Tensor]]:
 def test_brsf_draws_are_a_function_of_the_seed_and_resume(tmp_path):
     a = _magnitudes_over_steps(build_run(_cfg(tmp_path / "a", "brsf", "smallcnn", "seed=7")), 3)
     torch.rand(100)  # whatever happened to the global RNG in between does not matter
-    b = _magnitudes_over_steps(build_run(_cfg(tmp_path / "b", "brsf", "smallcnn", "seed=7", "batch_size=32", "lr=0.1")), 3)
+    b = _magnitudes_over_steps(
+        build_run(_cfg(tmp_path / "b", "brsf", "smallcnn", "seed=7", "batch_size=32", "lr=0.1")), 3
+    )
     c = _magnitudes_over_steps(build_run(_cfg(tmp_path / "c", "brsf", "smallcnn", "seed=8")), 3)
     for t, (ma, mb, mc) in enumerate(zip(a, b, c)):
         for n in ma:
-            assert torch.equal(ma[n], mb[n]), (t, n)  # same seed: the same draws, whatever the data and lr
+            assert torch.equal(ma[n], mb[n]), (
+                t,
+                n,
+            )  # same seed: the same draws, whatever the data and lr
             assert not torch.equal(ma[n], mc[n]), (t, n)
             if t:
                 assert not torch.equal(ma[n], a[t - 1][n])  # a fresh draw every step
@@ -264,7 +295,10 @@ def test_random_feedback_is_a_function_of_the_seed_alone(tmp_path, rule_name):
 # kp: B receives W's update and decay
 # ---------------------------------------------------------------------------------------------
 def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
 
 
 def test_kp_with_feedback_initialised_to_weights_is_bp_step_after_step(arch):
@@ -282,10 +316,14 @@ def test_kp_with_feedback_initialised_to_weights_is_bp_step_after_step(arch):
         _, gs = true_grads(reference, x, y)
         credits = _local_step(rule, model, opt, x, y)
         for l, (a, g) in enumerate(zip(credits, gs)):
-            torch.testing.assert_close(a, g, rtol=1e-9, atol=1e-12, msg=f"{arch} step {step}: a_{l}")
+            torch.testing.assert_close(
+                a, g, rtol=1e-9, atol=1e-12, msg=f"{arch} step {step}: a_{l}"
+            )
         local, exact = _grads(model), _grads(reference)
         for n in exact:
-            torch.testing.assert_close(local[n], exact[n], rtol=1e-9, atol=1e-12, msg=f"{arch} step {step}: {n}")
+            torch.testing.assert_close(
+                local[n], exact[n], rtol=1e-9, atol=1e-12, msg=f"{arch} step {step}: {n}"
+            )
         for n, m in rule.layers(model):
             assert torch.equal(rule.feedback[n], m.weight.detach()), (step, n)
 
@@ -305,7 +343,9 @@ def test_kp_difference_decays_like_the_weights(tmp_path):
         factor *= 1.0 - run.optimizer.param_groups[0]["lr"] * 0.5
     assert factor < 0.96
     for n, m in layers:
-        torch.testing.assert_close(run.rule.feedback[n] - m.weight.detach(), factor * D0[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(
+            run.rule.feedback[n] - m.weight.detach(), factor * D0[n], rtol=1e-4, atol=1e-6, msg=n
+        )
 
     frozen = build_run(_cfg(tmp_path / "b", "kp_frozen", "resmlp", "weight_decay=0.5", "lr=0.01"))
     B0 = {n: B.clone() for n, B in frozen.rule.feedback.items()}
@@ -335,7 +375,10 @@ def test_kp_angle_between_feedback_and_weights_falls_on_a_small_task(tmp_path):
     layers = run.rule.layers(run.model)
 
     def angles() -> list[float]:
-        return [math.degrees(math.acos(float(alignment(run.rule.feedback[n], m.weight)))) for n, m in layers]
+        return [
+            math.degrees(math.acos(float(alignment(run.rule.feedback[n], m.weight))))
+            for n, m in layers
+        ]
 
     curve = [angles()]
     for epoch in range(6):
@@ -358,7 +401,10 @@ def test_kp_decay_factor_per_optimizer():
     assert decay_factor(sgd, sgd.param_groups[0]) == pytest.approx(1 - 1e-3)
     no_decay = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     assert decay_factor(no_decay, no_decay.param_groups[0]) == 1.0
-    for opt in (torch.optim.Adam([p], lr=0.1, weight_decay=0.01), torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)):
+    for opt in (
+        torch.optim.Adam([p], lr=0.1, weight_decay=0.01),
+        torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01),
+    ):
         with pytest.raises(NotImplementedError, match="kp: "):
             decay_factor(opt, opt.param_groups[0])
 
@@ -367,8 +413,13 @@ def test_options_are_checked_and_parsed():
     assert rule_options("usf", {"scale": "2"}).scale == 2.0
     assert rule_options("brsf", {"init": "uniform"}).init == "uniform"
     assert rule_options("kp", {"init": "weights"}).init == "weights"
-    for name, opts in (("usf", {"scale": "0"}), ("frsf", {"init": "weights"}), ("brsf", {"scale": "-1"}),
-                       ("kp", {"init": "sign"}), ("kp", {"scale": "nan"})):
+    for name, opts in (
+        ("usf", {"scale": "0"}),
+        ("frsf", {"init": "weights"}),
+        ("brsf", {"scale": "-1"}),
+        ("kp", {"init": "sign"}),
+        ("kp", {"scale": "nan"}),
+    ):
         with pytest.raises(ConfigError, match=name):
             rule_options(name, opts)
 

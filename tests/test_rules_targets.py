@@ -4,6 +4,7 @@ and ignores the output; PEPITA's update is the paper's, written out by hand on a
 MLP; DTP with exact inverses points its targets down the gradient; the forward gradient is unbiased
 and its per-direction Γ is the analytic one), and every one of them resumable from a checkpoint.
 (One training step on every architecture and variant: tests/test_rules_all.py.)"""
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,15 @@ RULES_HERE = ("drtp", "pepita", "dtp", "fwdgrad")
 
 def _ctx(model, input_shape: tuple[int, ...]) -> RuleContext:
     state_shapes, norm_shape = model.shapes(input_shape)
-    return RuleContext(device=torch.device("cpu"), num_classes=model.num_classes, steps_per_epoch=1, total_steps=1,
-                       seed=0, state_shapes=tuple(state_shapes), norm_shape=norm_shape)
+    return RuleContext(
+        device=torch.device("cpu"),
+        num_classes=model.num_classes,
+        steps_per_epoch=1,
+        total_steps=1,
+        seed=0,
+        state_shapes=tuple(state_shapes),
+        norm_shape=norm_shape,
+    )
 
 
 def _rule(name: str, model, input_shape, **options):
@@ -77,7 +85,9 @@ def test_drtp_matrices_are_the_papers_he_uniform():
         assert B.abs().max() <= math.sqrt(6 / n) and abs(B.var().item() * n / 2 - 1) < 0.1
     torch.manual_seed(0)
     again = _rule("drtp", build_model("resmlp", ModelConfig(d=256, L=1), (1, 8, 8), 10), (1, 8, 8))
-    assert all(torch.equal(a, b) for a, b in zip(rule.B, again.B))  # a function of the run seed alone
+    assert all(
+        torch.equal(a, b) for a, b in zip(rule.B, again.B)
+    )  # a function of the run seed alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,16 +97,24 @@ def _pepita_updates(F_scale: float):
     """(this rule's weight gradients, the paper's ΔW written out by hand) for W1, W2 and the head."""
     torch.manual_seed(0)
     n_in, d, C, B = 64, 32, 10, 64
-    model = CreditNet(nn.Sequential(nn.Linear(n_in, d, bias=False), nn.ReLU()),
-                      [Block(nn.Sequential(nn.Linear(d, d, bias=False), nn.ReLU()), residual=False)],
-                      nn.Identity(), nn.Linear(d, C, bias=False))
+    model = CreditNet(
+        nn.Sequential(nn.Linear(n_in, d, bias=False), nn.ReLU()),
+        [Block(nn.Sequential(nn.Linear(d, d, bias=False), nn.ReLU()), residual=False)],
+        nn.Identity(),
+        nn.Linear(d, C, bias=False),
+    )
     rule = _rule("pepita", model, (n_in,), F_scale=F_scale)
     x, y = torch.rand(B, n_in), torch.randint(0, C, (B,))  # image-like inputs in [0, 1]
     fwd, credits = _credits(rule, model, x, y)
     # the trainer's objective: exact CE for the readout + the local update with these credits
-    (F.cross_entropy(fwd.logits, y) + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)).backward()
+    (
+        F.cross_entropy(fwd.logits, y)
+        + local_objective(fwd, credits, rule=LocalUpdate("inner"), lam=0.0, train_blocks=True)
+    ).backward()
     W1, W2, W3 = model.embed[0].weight, model.blocks[0].branch[0].weight, model.head.weight
-    with torch.no_grad():  # Dellaferrera & Kreiman 2022, Algorithm 1 (and its reference code's output layer)
+    with (
+        torch.no_grad()
+    ):  # Dellaferrera & Kreiman 2022, Algorithm 1 (and its reference code's output layer)
         h1 = F.relu(x @ W1.T)
         h2 = F.relu(h1 @ W2.T)
         e = (h2 @ W3.T).softmax(1) - F.one_hot(y, C)
@@ -131,7 +149,9 @@ def test_pepita_modulates_the_input_by_the_projected_error_and_keeps_batchnorm_s
     reference.run(x)  # one forward pass moves BatchNorm's running statistics once
     fwd, credits = _credits(rule, model, x, y)  # the trainer's pass, then the rule's second one
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), reference.buffers()))
-    assert rule.F.shape == (math.prod(shape), 5) and rule.F.abs().max() <= 0.05 * math.sqrt(6 / math.prod(shape))
+    assert rule.F.shape == (math.prod(shape), 5) and rule.F.abs().max() <= 0.05 * math.sqrt(
+        6 / math.prod(shape)
+    )
     with torch.no_grad():
         e = fwd.logits.softmax(1) - F.one_hot(y, 5)
         modulated = model.run(x + (e @ rule.F.T).view_as(x))
@@ -211,7 +231,9 @@ def test_fwdgrad_credit_is_the_directional_derivative_times_the_direction(arch, 
         coupled.append(couples_samples(model, l))
         gv = (g * v).flatten(1).sum(1)  # (B,)
         scalar = gv.sum().expand_as(gv) if coupled[-1] else gv
-        torch.testing.assert_close(a, scalar.view(-1, *[1] * (v.dim() - 1)) * v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            a, scalar.view(-1, *[1] * (v.dim() - 1)) * v, rtol=1e-4, atol=1e-6
+        )
     assert any(coupled) == (arch.startswith("smallcnn") and mode == "train")
 
 
@@ -241,7 +263,12 @@ def test_fwdgrad_gamma_per_direction_is_the_analytic_one(arch_name):
         D = a[0].numel()
         expected = math.exp(math.lgamma(D / 2) - math.lgamma((D + 1) / 2)) / math.sqrt(math.pi)
         c = _cos(a, g)
-        assert abs(c.mean().item() - expected) <= 5 * c.std().item() / math.sqrt(len(c)), (l, D, c.mean().item(), expected)
+        assert abs(c.mean().item() - expected) <= 5 * c.std().item() / math.sqrt(len(c)), (
+            l,
+            D,
+            c.mean().item(),
+            expected,
+        )
 
 
 def test_fwdgrad_directions_are_fresh_each_step_and_not_consumed_by_a_probe():

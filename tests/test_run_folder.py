@@ -1,6 +1,7 @@
 """Run folders: names from the sweep axes, file layout, status from the summary, and a lock that
 excludes a second owner (in this process or another), survives nothing of a dead owner, and is
 released on exceptions."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,15 @@ import pytest
 
 from creditaudit.runs import folder as fmod
 from creditaudit.runs import lock as lmod
-from creditaudit.runs.folder import (RUN_STATUSES, RunFolder, RunLock, RunLockedError,
-                                     parse_run_name, run_dir, run_name)
+from creditaudit.runs.folder import (
+    RUN_STATUSES,
+    RunFolder,
+    RunLock,
+    RunLockedError,
+    parse_run_name,
+    run_dir,
+    run_name,
+)
 from creditaudit.runs.io import CorruptRunError
 
 SRC = str(Path(fmod.__file__).resolve().parents[2])  # the `src` folder, for child processes
@@ -27,26 +35,32 @@ SRC = str(Path(fmod.__file__).resolve().parents[2])  # the `src` folder, for chi
 # names and layout
 # ---------------------------------------------------------------------------------------------
 
+
 def test_run_name_and_dir(tmp_path):
     assert run_name("dfa", "resmlp", 42) == "dfa__resmlp__s42"
     assert run_name("bp_frozen", "vit_mini", 0) == "bp_frozen__vit_mini__s0"
-    assert run_dir(tmp_path, "main_audit", "ep", "resmlp", 123) == \
-        tmp_path / "main_audit" / "ep__resmlp__s123"
+    assert (
+        run_dir(tmp_path, "main_audit", "ep", "resmlp", 123)
+        == tmp_path / "main_audit" / "ep__resmlp__s123"
+    )
     assert parse_run_name("sb_shallow__resmlp__s456") == ("sb_shallow", "resmlp", 456)
     assert RunFolder.for_run(tmp_path, "x", "bp", "mlp", 1).path == tmp_path / "x" / "bp__mlp__s1"
 
 
-@pytest.mark.parametrize("rule, arch, seed, match", [
-    ("", "resmlp", 1, "rule must not be empty"),
-    ("dfa", "res/mlp", 1, "path separator"),
-    ("dfa", "res\\mlp", 1, "path separator"),
-    ("dfa__x", "resmlp", 1, "'__'"),
-    ("dfa", "..", 1, "must not start with '.'"),
-    ("dfa", "resmlp", -1, "non-negative int"),
-    ("dfa", "resmlp", True, "non-negative int"),
-    ("dfa", "resmlp", "42", "non-negative int"),
-    (3, "resmlp", 1, "rule must be a str"),
-])
+@pytest.mark.parametrize(
+    "rule, arch, seed, match",
+    [
+        ("", "resmlp", 1, "rule must not be empty"),
+        ("dfa", "res/mlp", 1, "path separator"),
+        ("dfa", "res\\mlp", 1, "path separator"),
+        ("dfa__x", "resmlp", 1, "'__'"),
+        ("dfa", "..", 1, "must not start with '.'"),
+        ("dfa", "resmlp", -1, "non-negative int"),
+        ("dfa", "resmlp", True, "non-negative int"),
+        ("dfa", "resmlp", "42", "non-negative int"),
+        (3, "resmlp", 1, "rule must be a str"),
+    ],
+)
 def test_run_name_rejects_bad_components(rule, arch, seed, match):
     with pytest.raises(ValueError, match=match):
         run_name(rule, arch, seed)
@@ -59,8 +73,9 @@ def test_run_dir_validates_setting(tmp_path):
             run_dir(tmp_path, bad, "dfa", "resmlp", 1)
 
 
-@pytest.mark.parametrize("name", ["dfa__resmlp", "dfa__resmlp__42", "dfa__resmlp__s042",
-                                  "a__b__c__s1", "__resmlp__s1"])
+@pytest.mark.parametrize(
+    "name", ["dfa__resmlp", "dfa__resmlp__42", "dfa__resmlp__s042", "a__b__c__s1", "__resmlp__s1"]
+)
 def test_parse_run_name_rejects(name):
     with pytest.raises(ValueError, match="not a run name"):
         parse_run_name(name)
@@ -87,6 +102,7 @@ def test_paths(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # contents and status
 # ---------------------------------------------------------------------------------------------
+
 
 def test_status_transitions_and_files(tmp_path):
     f = RunFolder(tmp_path / "main" / "dfa__resmlp__s42")
@@ -127,6 +143,7 @@ def test_bad_summaries(tmp_path):
 # lock
 # ---------------------------------------------------------------------------------------------
 
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()  # reaped: the pid no longer exists
@@ -135,8 +152,14 @@ def _dead_pid() -> int:
 
 def _write_lock(f: RunFolder, **fields) -> None:
     host, scope = lmod._identity()
-    info = {"pid": _dead_pid(), "host": host, "scope": scope, "token": "old", "flock": True,
-            "started": "2020-01-01T00:00:00+00:00"}
+    info = {
+        "pid": _dead_pid(),
+        "host": host,
+        "scope": scope,
+        "token": "old",
+        "flock": True,
+        "started": "2020-01-01T00:00:00+00:00",
+    }
     info.update(fields)
     f.path.mkdir(parents=True, exist_ok=True)
     f.lock_path.write_text(json.dumps(info))
@@ -179,8 +202,10 @@ def test_stale_lock_with_dead_pid_is_taken_over(tmp_path, capsys):
     assert not f.lock_path.exists()
     err = capsys.readouterr().err
     # one plain line: the folder and the dead process, no warning's source path or code line
-    assert err == (f"creditaudit: took over run folder {f.path}: its process {dead} on this machine "
-                   "no longer exists\n")
+    assert err == (
+        f"creditaudit: took over run folder {f.path}: its process {dead} on this machine "
+        "no longer exists\n"
+    )
 
 
 def test_stale_lock_with_reused_pid_is_taken_over_via_flock(tmp_path, capsys):
@@ -193,15 +218,23 @@ def test_stale_lock_with_reused_pid_is_taken_over_via_flock(tmp_path, capsys):
     with f.lock():
         pass
     err = capsys.readouterr().err
-    assert err.startswith(f"creditaudit: took over run folder {f.path}: its process {os.getpid()} "
-                          "on this machine no longer holds its flock") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            f"creditaudit: took over run folder {f.path}: its process {os.getpid()} "
+            "on this machine no longer holds its flock"
+        )
+        and err.count("\n") == 1
+    )
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({"pid": 1, "flock": False}, "on this machine"),              # live pid, no flock to check
-    ({"scope": "elsewhere"}, "this host, another container"),      # dead here, but other scope
-    ({"host": "other", "scope": "other"}, "another machine"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"pid": 1, "flock": False}, "on this machine"),  # live pid, no flock to check
+        ({"scope": "elsewhere"}, "this host, another container"),  # dead here, but other scope
+        ({"host": "other", "scope": "other"}, "another machine"),
+    ],
+)
 def test_lock_that_cannot_be_proved_stale_is_refused(tmp_path, fields, match):
     """Not provably stale, and its lease (which decides then: tests/test_lock_lease.py) is fresh."""
     f = RunFolder(tmp_path / "run")
@@ -228,15 +261,22 @@ def test_lock_across_processes_and_after_a_crash(tmp_path, capsys):
     """A child holds the lock -> the parent is refused; the child is SIGKILLed -> taken over."""
     f = RunFolder(tmp_path / "run")
     child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys
             sys.path.insert(0, {SRC!r})
             from creditaudit.runs.lock import RunLock
             RunLock({str(f.lock_path)!r}).acquire()
             print("locked", flush=True)
             sys.stdin.read()  # hold until killed
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=rf"pid {child.pid} on this machine"):
@@ -248,8 +288,10 @@ def test_lock_across_processes_and_after_a_crash(tmp_path, capsys):
         child.stdout.close()
     with f.lock():
         pass
-    assert capsys.readouterr().err == (f"creditaudit: took over run folder {f.path}: its process "
-                                       f"{child.pid} on this machine no longer exists\n")
+    assert capsys.readouterr().err == (
+        f"creditaudit: took over run folder {f.path}: its process "
+        f"{child.pid} on this machine no longer exists\n"
+    )
 
 
 def test_lock_clears_partial_write_debris(tmp_path):
@@ -271,8 +313,10 @@ def test_release_leaves_a_replaced_lock_alone(tmp_path, capsys):
     f.lock_path.write_text(json.dumps({"pid": 1, "token": "someone else"}))
     lk.release()
     err = capsys.readouterr().err
-    assert err.startswith(f"creditaudit: left {f.lock_path} alone: it was removed or replaced") \
+    assert (
+        err.startswith(f"creditaudit: left {f.lock_path} alone: it was removed or replaced")
         and err.count("\n") == 1
+    )
     assert json.loads(f.lock_path.read_text())["token"] == "someone else"
 
 

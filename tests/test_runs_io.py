@@ -1,5 +1,6 @@
 """Crash-safe run-folder I/O: atomic writes never leave a partial target, JSON lines survive a
 torn last line and name a corrupt middle line, and provenance never crashes on git."""
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,16 @@ import torch
 
 from creditaudit.runs import io as rio
 from creditaudit.runs import provenance as prov
-from creditaudit.runs.io import (CorruptRunError, append_jsonl, atomic_write_bytes,
-                                 atomic_write_json, atomic_write_text, read_jsonl,
-                                 read_jsonl_checked, rewrite_jsonl)
+from creditaudit.runs.io import (
+    CorruptRunError,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    read_jsonl_checked,
+    rewrite_jsonl,
+)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -27,6 +35,7 @@ def _leftovers(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------
+
 
 def test_atomic_writes_replace_content(tmp_path):
     target = tmp_path / "sub" / "a.txt"  # parent is created
@@ -38,11 +47,14 @@ def test_atomic_writes_replace_content(tmp_path):
     assert _leftovers(target.parent) == []
 
 
-@pytest.mark.parametrize("writer, payload", [
-    (atomic_write_text, "new content"),
-    (atomic_write_bytes, b"new content"),
-    (atomic_write_json, {"new": 1}),
-])
+@pytest.mark.parametrize(
+    "writer, payload",
+    [
+        (atomic_write_text, "new content"),
+        (atomic_write_bytes, b"new content"),
+        (atomic_write_json, {"new": 1}),
+    ],
+)
 def test_failed_replace_keeps_old_file_and_leaks_no_temp(tmp_path, monkeypatch, writer, payload):
     target = tmp_path / "summary.json"
     target.write_text("old content")
@@ -66,17 +78,31 @@ def test_failed_write_of_new_file_leaves_nothing(tmp_path, monkeypatch):
 
 def test_atomic_write_json_is_strict_sorted_and_converts(tmp_path):
     target = tmp_path / "s.json"
-    obj = {"b": float("nan"), "a": [1.5, float("inf"), -float("inf")], "np": np.float32(0.25),
-           "arr": np.arange(3), "t": torch.tensor([1, 2]), "tup": (1, "x"), "p": Path("/r/x"),
-           "nested": {"z": np.int64(7), "ok": True, "none": None}}
+    obj = {
+        "b": float("nan"),
+        "a": [1.5, float("inf"), -float("inf")],
+        "np": np.float32(0.25),
+        "arr": np.arange(3),
+        "t": torch.tensor([1, 2]),
+        "tup": (1, "x"),
+        "p": Path("/r/x"),
+        "nested": {"z": np.int64(7), "ok": True, "none": None},
+    }
     atomic_write_json(target, obj)
     text = target.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert text.endswith("\n") and text.index('"a"') < text.index('"b"')  # sorted, indented
     back = json.loads(text)
-    assert back == {"a": [1.5, None, None], "arr": [0, 1, 2], "b": None,
-                    "nested": {"none": None, "ok": True, "z": 7}, "np": 0.25, "p": "/r/x",
-                    "t": [1, 2], "tup": [1, "x"]}
+    assert back == {
+        "a": [1.5, None, None],
+        "arr": [0, 1, 2],
+        "b": None,
+        "nested": {"none": None, "ok": True, "z": 7},
+        "np": 0.25,
+        "p": "/r/x",
+        "t": [1, 2],
+        "tup": [1, "x"],
+    }
 
 
 def test_to_jsonable_names_the_offending_location():
@@ -97,10 +123,12 @@ def test_remove_partial_files(tmp_path):
 # JSON lines
 # ---------------------------------------------------------------------------------------------
 
+
 def test_append_and_read_jsonl(tmp_path):
     path = tmp_path / "m" / "metrics.jsonl"
-    records = [{"epoch": i, "train/loss": 1.0 / (i + 1), "diag/hL_norm": float("nan")}
-               for i in range(3)]
+    records = [
+        {"epoch": i, "train/loss": 1.0 / (i + 1), "diag/hL_norm": float("nan")} for i in range(3)
+    ]
     for r in records:
         append_jsonl(path, r)
     lines = path.read_text().splitlines()
@@ -181,9 +209,21 @@ def test_corrupt_run_error_reduces():
 # provenance
 # ---------------------------------------------------------------------------------------------
 
-PROVENANCE_KEYS = {"creditaudit_version", "python", "torch", "numpy", "platform", "machine",
-                   "torch_threads", "device", "device_name", "cuda_version", "git_commit",
-                   "git_dirty", "timestamp"}
+PROVENANCE_KEYS = {
+    "creditaudit_version",
+    "python",
+    "torch",
+    "numpy",
+    "platform",
+    "machine",
+    "torch_threads",
+    "device",
+    "device_name",
+    "cuda_version",
+    "git_commit",
+    "git_dirty",
+    "timestamp",
+}
 
 
 def test_provenance_keys_and_privacy():
@@ -206,13 +246,27 @@ def test_provenance_keys_and_privacy():
 
 
 def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t",
-                    "-c", "init.defaultBranch=main", *args],
-                   cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+            *args,
+        ],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
 
 
-@pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
-                    reason="git not installed")
+@pytest.mark.skipif(
+    subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
+    reason="git not installed",
+)
 def test_git_state_inside_and_outside_a_repo(tmp_path, monkeypatch):
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -228,8 +282,9 @@ def test_git_state_inside_and_outside_a_repo(tmp_path, monkeypatch):
     assert prov.git_state(pkg) == (None, True)  # no commit yet, untracked files
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "init")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert prov.git_state(pkg) == (head, False)
     (pkg / "__init__.py").write_text("x = 2\n")
     assert prov.git_state(pkg) == (head, True)

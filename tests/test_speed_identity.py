@@ -1,6 +1,7 @@
 """The speed-ups change no result: SmallCNN's channels-last layout computes what the NCHW model
 computes, the allocator setting is per process and can be turned off, and a run trained in a worker
 process packed with other runs gives exactly the metrics it gives when trained alone."""
+
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,9 @@ def test_smallcnn_states_are_channels_last_with_the_nchw_values():
     assert fwd.hs[0].is_contiguous(memory_format=torch.channels_last)
     for h, h_ref in zip(fwd.hs, fwd_ref.hs):
         assert h.shape == h_ref.shape
-        torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-5)  # float rounding of other kernels
+        torch.testing.assert_close(
+            h, h_ref, rtol=1e-4, atol=1e-5
+        )  # float rounding of other kernels
     F.cross_entropy(fwd.logits, y).backward()
     F.cross_entropy(fwd_ref.logits, y).backward()
     for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
@@ -50,8 +53,16 @@ def test_smallcnn_checkpoint_round_trip_keeps_the_layout(tmp_path):
 
 
 def _allocator_state(env: dict) -> str:
-    code = "from creditaudit.training.allocator import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    code = (
+        "from creditaudit.training.allocator import keep_freed_memory; print(keep_freed_memory())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -65,8 +76,10 @@ def test_a_run_packed_with_others_in_a_worker_gives_its_metrics_alone(tmp_path):
     """Two worker processes train four runs of different rules and seeds side by side; each run's
     metrics (every loss, accuracy, diagnostic, per epoch) equal those of the same run trained by
     itself in this process."""
-    packed = [tiny_config(tmp_path / "packed", f"rule={r}", f"seed={s}")
-              for r, s in (("bp", 1), ("dfa", 1), ("ep", 2), ("dfa", 3))]
+    packed = [
+        tiny_config(tmp_path / "packed", f"rule={r}", f"seed={s}")
+        for r, s in (("bp", 1), ("dfa", 1), ("ep", 2), ("dfa", 3))
+    ]
     outcomes = run_many(packed, workers=2)
     assert sorted(o.status for o in outcomes) == ["finished"] * 4
     for cfg in packed[1:3]:

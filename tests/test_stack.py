@@ -14,6 +14,7 @@ gradient stability of (c) (cosines of batch means of per-sample gradients; 0.7% 
 epochs of EP over smallcnn1d) and EP's relaxation residual (``rule/relax_ratio``, the norm of a gradient near its zero), checked to 5% or
 1e-4 (measured: 5.3e-5 apart on a ρ of 6e-4, DRTP over smallcnn1d). Accuracies agree to two examples.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,15 @@ AMPLIFIED = ("credit/rho", "credit/nudge", "rule/relax_ratio", "diag/grad_stab")
 
 
 def _cfg(root, rule: str, arch: str, seed: int, *extra: str):
-    return tiny_config(root, f"rule={rule}", f"arch={arch}", *small_overrides(arch, shallow=rule.endswith("_shallow")),
-                       f"seed={seed}", "batch_size=64", *extra)
+    return tiny_config(
+        root,
+        f"rule={rule}",
+        f"arch={arch}",
+        *small_overrides(arch, shallow=rule.endswith("_shallow")),
+        f"seed={seed}",
+        "batch_size=64",
+        *extra,
+    )
 
 
 def assert_same_metrics(alone, stacked) -> None:
@@ -75,7 +83,10 @@ def test_one_stacked_step_is_each_runs_own_step(tmp_path, rule, arch):
     from creditaudit.data.loader import stacked_epoch
     from creditaudit.training.run import build_run, train_step
 
-    cfgs = [resolve_rule_options(_cfg(tmp_path, rule, arch, s, lam)) for s, lam in ((1, "lam=0.001"), (2, "lam=0.1"))]
+    cfgs = [
+        resolve_rule_options(_cfg(tmp_path, rule, arch, s, lam))
+        for s, lam in ((1, "lam=0.001"), (2, "lam=0.1"))
+    ]
     alone, stacked = [build_run(c) for c in cfgs], [build_run(c) for c in cfgs]
     stack = Stack(stacked)
     x, y = next(iter(stacked_epoch([r.loader for r in stacked], 0)))
@@ -93,7 +104,9 @@ def test_one_stacked_step_is_each_runs_own_step(tmp_path, rule, arch):
         for i, state in run.optimizer.state_dict()["state"].items():
             for k, v in state.items():
                 scale = float(v.abs().max()) if v.numel() > 1 else float(v)
-                torch.testing.assert_close(mine[i][k], v, rtol=0, atol=1e-3 * scale + 1e-30, msg=f"{where}: state {i} {k}")
+                torch.testing.assert_close(
+                    mine[i][k], v, rtol=0, atol=1e-3 * scale + 1e-30, msg=f"{where}: state {i} {k}"
+                )
 
 
 @pytest.mark.slow
@@ -134,10 +147,18 @@ def test_a_rule_that_cannot_stack_says_why_and_is_refused(tmp_path, rule):
 
 def test_only_runs_of_one_kind_share_a_key(tmp_path):
     base = _cfg(tmp_path, "dfa", "resmlp", 1)
-    same = [_cfg(tmp_path, "dfa", "resmlp", 2), _cfg(tmp_path, "dfa", "resmlp", 3, "setting=other", "random_labels=true")]
-    other = [_cfg(tmp_path, "fa", "resmlp", 1), _cfg(tmp_path, "dfa", "resmlp", 1, "d=64"), _cfg(tmp_path, "dfa", "resmlp", 1, "lr=0.01"),
-             _cfg(tmp_path, "dfa", "resmlp", 1, "epochs=3"), _cfg(tmp_path, "dfa", "resmlp", 1, "lam=0.01"),
-             _cfg(tmp_path, "dfa", "resmlp", 1, "dfa.scale=2")]
+    same = [
+        _cfg(tmp_path, "dfa", "resmlp", 2),
+        _cfg(tmp_path, "dfa", "resmlp", 3, "setting=other", "random_labels=true"),
+    ]
+    other = [
+        _cfg(tmp_path, "fa", "resmlp", 1),
+        _cfg(tmp_path, "dfa", "resmlp", 1, "d=64"),
+        _cfg(tmp_path, "dfa", "resmlp", 1, "lr=0.01"),
+        _cfg(tmp_path, "dfa", "resmlp", 1, "epochs=3"),
+        _cfg(tmp_path, "dfa", "resmlp", 1, "lam=0.01"),
+        _cfg(tmp_path, "dfa", "resmlp", 1, "dfa.scale=2"),
+    ]
     assert all(stack_key(c) == stack_key(base) for c in same)
     assert all(stack_key(c) != stack_key(base) for c in other)
     with pytest.raises(ValueError, match="one kind"):
@@ -155,7 +176,9 @@ def test_resuming_crosses_between_a_stack_and_a_run_alone(tmp_path):
     assert [r.status for r in train_stack(cut, stop_after=1)] == ["interrupted"] * 2
     assert train(cut[0])["status"] == "finished"  # the stack's checkpoint, resumed alone
     assert train(cut[1], stop_after=2)["status"] == "interrupted"
-    results = train_stack(cut)  # cut[0] finished: skipped; cut[1] resumed at epoch 2 in a stack of one
+    results = train_stack(
+        cut
+    )  # cut[0] finished: skipped; cut[1] resumed at epoch 2 in a stack of one
     assert [r.status for r in results] == ["finished", "finished"]
     for a, b in zip(full, cut):
         assert_same_metrics(a, b)
@@ -192,7 +215,13 @@ class NoHostSync(TorchDispatchMode):
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.name().split("::")[-1].split(".")[0] in ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"):
+        if func.name().split("::")[-1].split(".")[0] in (
+            "_local_scalar_dense",
+            "nonzero",
+            "masked_select",
+            "unique",
+            "_unique2",
+        ):
             self.seen.append(func.name())
         return func(*args, **(kwargs or {}))
 
@@ -207,7 +236,10 @@ def test_a_stacked_step_never_waits_for_the_device(tmp_path):
 
     for rule in STACKABLE:
         for arch in ARCHS.names():
-            runs = [build_run(resolve_rule_options(_cfg(tmp_path, rule, arch, s, "lam=0.01"))) for s in (1, 2)]
+            runs = [
+                build_run(resolve_rule_options(_cfg(tmp_path, rule, arch, s, "lam=0.01")))
+                for s in (1, 2)
+            ]
             stack = Stack(runs)
             x, y = next(iter(stacked_epoch([r.loader for r in runs], 0)))
             with NoHostSync() as mode:
@@ -219,15 +251,24 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @CUDA
-@pytest.mark.parametrize("rule,arch", [("dfa", "resmlp"), ("ep", "resmlp"), ("fa", "vit_mini"), ("bp", "smallcnn")])
+@pytest.mark.parametrize(
+    "rule,arch", [("dfa", "resmlp"), ("ep", "resmlp"), ("fa", "vit_mini"), ("bp", "smallcnn")]
+)
 def test_a_graphed_stack_computes_what_the_eager_stack_computes(tmp_path, rule, arch):
     """CUDA graphs replay the eager step: the same figures to float rounding, every epoch (the
     last, partial batch of an epoch has a graph of its own), and a graphed stack's checkpoint
     resumes alone."""
-    cfgs = {mode: [_cfg(tmp_path / mode, rule, arch, s, "epochs=4", "device=cuda", "batch_size=32") for s in (1, 2)]
-            for mode in ("eager", "graphed")}
+    cfgs = {
+        mode: [
+            _cfg(tmp_path / mode, rule, arch, s, "epochs=4", "device=cuda", "batch_size=32")
+            for s in (1, 2)
+        ]
+        for mode in ("eager", "graphed")
+    }
     assert [r.status for r in train_stack(cfgs["eager"])] == ["finished"] * 2
-    assert [r.status for r in train_stack(cfgs["graphed"], graph=True, stop_after=3)] == ["interrupted"] * 2
+    assert [r.status for r in train_stack(cfgs["graphed"], graph=True, stop_after=3)] == [
+        "interrupted"
+    ] * 2
     assert train(cfgs["graphed"][0])["status"] == "finished"  # resumed alone
     assert [r.status for r in train_stack(cfgs["graphed"][1:], graph=True)] == ["finished"]
     for a, b in zip(cfgs["eager"], cfgs["graphed"]):
@@ -260,7 +301,11 @@ def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
     for run, (figures, rho) in zip(runs, shared):
         together = finish_probe(run, figures, rho, run.cfg.diag, full=True)
         alone = probe(run.model, run.rule, run.data, run.cfg.diag, full=True, seed=run.cfg.seed)
-        assert set(together) == set(alone) and any(k.startswith("traj/") for k in alone) and "credit/rho_deep" in alone
+        assert (
+            set(together) == set(alone)
+            and any(k.startswith("traj/") for k in alone)
+            and "credit/rho_deep" in alone
+        )
         for k, va in alone.items():
             vb = together[k]
             if not math.isfinite(va):
@@ -271,12 +316,17 @@ def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
                 assert vb == pytest.approx(va, rel=2e-3, abs=1e-6), (k, va, vb)
 
 
-def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config(tmp_path, monkeypatch):
+def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config(
+    tmp_path, monkeypatch
+):
     """No run of a stack is probed alone: runs whose diagnostics differ (here: trajectories for
     one) are probed in a group each, and each run logs the keys it logs alone."""
     import creditaudit.training.run as R
 
-    alone = [_cfg(tmp_path / "alone", "dfa", "resmlp", 1), _cfg(tmp_path / "alone", "dfa", "resmlp", 2, "diag.trajectory=true")]
+    alone = [
+        _cfg(tmp_path / "alone", "dfa", "resmlp", 1),
+        _cfg(tmp_path / "alone", "dfa", "resmlp", 2, "diag.trajectory=true"),
+    ]
     for c in alone:
         train(c)
 
@@ -284,7 +334,10 @@ def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config
         raise AssertionError("a run of a stack was probed alone")
 
     monkeypatch.setattr(R, "diagnose", refuse)
-    stacked = [_cfg(tmp_path / "stack", "dfa", "resmlp", 1), _cfg(tmp_path / "stack", "dfa", "resmlp", 2, "diag.trajectory=true")]
+    stacked = [
+        _cfg(tmp_path / "stack", "dfa", "resmlp", 1),
+        _cfg(tmp_path / "stack", "dfa", "resmlp", 2, "diag.trajectory=true"),
+    ]
     assert len({stack_key(c) for c in stacked}) == 1
     assert [r.status for r in train_stack(stacked)] == ["finished", "finished"]
     for a, b in zip(alone, stacked):

@@ -1,5 +1,6 @@
 """`creditaudit sweep --backend ray` against a local Ray cluster: one job (a run, or a stack of
 runs) per task, the results folder as the meeting point, failures isolated, nothing trained twice."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from creditaudit.jobs.ray_backend import portable, run_many_ray
 from tests.conftest import tiny_config
 
 # A rule whose every step crashes: the run it trains must fail alone.
-BROKEN_RULE = '''
+BROKEN_RULE = """
 from creditaudit.rules import RULES
 from creditaudit.rules.bp import BP
 
@@ -29,7 +30,7 @@ from creditaudit.rules.bp import BP
 class Broken(BP):
     def credits(self, model, x, y, fwd):
         raise RuntimeError("simulated crash in a Ray task")
-'''
+"""
 
 
 def _free_port() -> int:
@@ -54,8 +55,16 @@ def ray_cluster(ray_env):
     """A separate local Ray head node, as `ray start --head` makes one; stopped after."""
     port = _free_port()
     ray_bin = Path(sys.executable).with_name("ray")
-    start = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             f"--temp-dir={ray_env}", "--disable-usage-stats"]
+    start = [
+        str(ray_bin),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--temp-dir={ray_env}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, check=True, capture_output=True, text=True, timeout=180)
     try:
         yield f"127.0.0.1:{port}"
@@ -67,7 +76,9 @@ def test_portable_configs_carry_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path, "results=rel/results", "data_dir=rel/data")
     out = portable(cfg)
-    assert out.results == str(tmp_path / "rel/results") and out.data.data_dir == str(tmp_path / "rel/data")
+    assert out.results == str(tmp_path / "rel/results") and out.data.data_dir == str(
+        tmp_path / "rel/data"
+    )
     assert cfg.results == "rel/results"  # the caller's config is left alone
 
 
@@ -101,7 +112,10 @@ def test_ray_backend_trains_each_run_once_and_isolates_a_failure(tmp_path, ray_e
     assert len(by_run) == 4
     for c in cfgs:
         summary = json.loads((run_path(c) / "summary.json").read_text())
-        assert summary["status"] == "finished" and by_run[f"no_terminal_ln/{run_path(c).name}"].status == "finished"
+        assert (
+            summary["status"] == "finished"
+            and by_run[f"no_terminal_ln/{run_path(c).name}"].status == "finished"
+        )
     failed = by_run[f"broken/{run_path(broken).name}"]
     assert failed.status == "failed" and "simulated crash in a Ray task" in failed.error
     assert json.loads((run_path(broken) / "summary.json").read_text())["status"] == "failed"
@@ -109,22 +123,44 @@ def test_ray_backend_trains_each_run_once_and_isolates_a_failure(tmp_path, ray_e
     stamps = {c.seed: (run_path(c) / "metrics.jsonl").stat().st_mtime_ns for c in cfgs}
     again = run_many_ray(cfgs, num_cpus=2, temp_dir=ray_env)
     assert {o.status for o in again} == {"finished"}
-    assert {c.seed: (run_path(c) / "metrics.jsonl").stat().st_mtime_ns for c in cfgs} == stamps  # nothing retrained
+    assert {
+        c.seed: (run_path(c) / "metrics.jsonl").stat().st_mtime_ns for c in cfgs
+    } == stamps  # nothing retrained
 
 
 @pytest.mark.slow
 def test_sweep_cli_on_an_existing_ray_cluster(tmp_path, ray_cluster):
     """Three runs of one kind with --stack 2: a task trains a stack of two, another the third."""
     results = tmp_path / "results"
-    args = ["sweep", "no_residual", "--profile", "smoke", "--backend", "ray", "--address", ray_cluster,
-            "--stack", "2", f"results={results}"]
+    args = [
+        "sweep",
+        "no_residual",
+        "--profile",
+        "smoke",
+        "--backend",
+        "ray",
+        "--address",
+        ray_cluster,
+        "--stack",
+        "2",
+        f"results={results}",
+    ]
     out = CliRunner().invoke(main, args, catch_exceptions=False)
     assert out.exit_code == 0, out.output
     cfgs = expand("no_residual", profile="smoke", results=str(results))
-    assert all(json.loads((run_path(c) / "summary.json").read_text())["status"] == "finished" for c in cfgs)
-    stacks = sorted(json.loads((run_path(c) / "metrics.jsonl").read_text().splitlines()[-1]).get("stack/runs", 1) for c in cfgs)
+    assert all(
+        json.loads((run_path(c) / "summary.json").read_text())["status"] == "finished" for c in cfgs
+    )
+    stacks = sorted(
+        json.loads((run_path(c) / "metrics.jsonl").read_text().splitlines()[-1]).get(
+            "stack/runs", 1
+        )
+        for c in cfgs
+    )
     assert stacks == [1, 2, 2]
-    reported = [line.split() for line in out.output.splitlines() if line.strip().startswith("finished")]
+    reported = [
+        line.split() for line in out.output.splitlines() if line.strip().startswith("finished")
+    ]
     assert sorted(r[1] for r in reported) == sorted(f"no_residual/{run_path(c).name}" for c in cfgs)
     dry = CliRunner().invoke(main, [*args, "--dry-run"], catch_exceptions=False)
     assert f"{len(cfgs)} finished, 0 to train" in dry.output
@@ -132,7 +168,19 @@ def test_sweep_cli_on_an_existing_ray_cluster(tmp_path, ray_cluster):
 
 def test_sweep_cli_names_an_unreachable_cluster(tmp_path, ray_env):
     port = _free_port()  # nothing listens there
-    out = CliRunner().invoke(main, ["sweep", "no_residual", "--profile", "smoke", "--backend", "ray",
-                                    "--address", f"127.0.0.1:{port}", f"results={tmp_path}"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "no_residual",
+            "--profile",
+            "smoke",
+            "--backend",
+            "ray",
+            "--address",
+            f"127.0.0.1:{port}",
+            f"results={tmp_path}",
+        ],
+    )
     assert out.exit_code == 2, out.output
     assert "could not connect to the Ray cluster" in out.output

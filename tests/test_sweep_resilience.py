@@ -3,6 +3,7 @@
 The pool (``jobs/processes.py``) replaces a dead worker, starts the dead one's job again once (its
 runs resume from their checkpoints) and gives it up when it dies again; the other jobs never notice.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,20 +29,51 @@ def _job(kind: str, marker: str, threads: int) -> str:
 
 def test_a_dead_worker_costs_its_own_job_only(tmp_path):
     said: list[str] = []
-    jobs = [("ok", ""), ("once", str(tmp_path / "m1")), ("ok", ""), ("always", ""), ("ok", ""), ("exit", ""), ("ok", "")]
-    results = list(in_processes(_job, jobs, workers=2, lost=lambda job, why: f"lost {job[0]}: {why}",
-                                name=lambda job: f"job {job[0]}", say=said.append))
+    jobs = [
+        ("ok", ""),
+        ("once", str(tmp_path / "m1")),
+        ("ok", ""),
+        ("always", ""),
+        ("ok", ""),
+        ("exit", ""),
+        ("ok", ""),
+    ]
+    results = list(
+        in_processes(
+            _job,
+            jobs,
+            workers=2,
+            lost=lambda job, why: f"lost {job[0]}: {why}",
+            name=lambda job: f"job {job[0]}",
+            say=said.append,
+        )
+    )
     assert len(results) == len(jobs)
-    assert sorted(r.split(" ")[0] for r in results if not r.startswith("lost")) == ["ok", "ok", "ok", "ok", "once"]
+    assert sorted(r.split(" ")[0] for r in results if not r.startswith("lost")) == [
+        "ok",
+        "ok",
+        "ok",
+        "ok",
+        "once",
+    ]
     assert all("with 1 thread(s)" in r for r in results if not r.startswith("lost"))
     lost = sorted(r for r in results if r.startswith("lost"))
-    assert lost == ["lost always: its worker was killed by SIGKILL (out of memory?), 2 times",
-                    "lost exit: its worker exited with status 3, 2 times"]
+    assert lost == [
+        "lost always: its worker was killed by SIGKILL (out of memory?), 2 times",
+        "lost exit: its worker exited with status 3, 2 times",
+    ]
     # each death told in one line, naming the job: once (retried), always and exit (retried, given up)
     deaths = [line for line in said if ": its worker (pid " in line]
     assert len(deaths) == 5 and all("\n" not in line for line in deaths)
-    assert sorted(line.split(":")[0] for line in deaths if "starting it again" in line) == ["job always", "job exit", "job once"]
-    assert sorted(line.split(":")[0] for line in deaths if line.endswith("again; given up")) == ["job always", "job exit"]
+    assert sorted(line.split(":")[0] for line in deaths if "starting it again" in line) == [
+        "job always",
+        "job exit",
+        "job once",
+    ]
+    assert sorted(line.split(":")[0] for line in deaths if line.endswith("again; given up")) == [
+        "job always",
+        "job exit",
+    ]
 
 
 def _chatty(text: str, threads: int) -> str:
@@ -53,7 +85,11 @@ def test_what_a_worker_writes_to_stderr_is_said_by_the_parent():
     """Workers' stderr lines reach ``say`` (the sweep prints them above its progress bar) instead of
     being written through the live display."""
     said: list[str] = []
-    results = list(in_processes(_chatty, [("one",), ("two",)], workers=2, lost=lambda job, why: why, say=said.append))
+    results = list(
+        in_processes(
+            _chatty, [("one",), ("two",)], workers=2, lost=lambda job, why: why, say=said.append
+        )
+    )
     assert sorted(results) == ["one", "two"] and sorted(said) == ["one", "two"]
 
 
@@ -79,8 +115,22 @@ CLI = [sys.executable, "-c", "from creditaudit.cli import main; main()"]
 
 
 def _sweep(results: Path, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, "sweep", "no_terminal_ln", "--profile", "smoke", f"results={results}", "threads=1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [
+            *CLI,
+            "sweep",
+            "no_terminal_ln",
+            "--profile",
+            "smoke",
+            f"results={results}",
+            "threads=1",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def _runs(results: Path) -> list[RunFolder]:
@@ -110,7 +160,10 @@ def test_a_sweep_whose_worker_is_killed_finishes_every_run(tmp_path):
     out, _ = sweep.communicate(timeout=600)
     assert victim is not None, out
     assert sweep.returncode == 0, out
-    assert f"{victim.path.parent.name}/{victim.path.name}: its worker (pid" in out and "killed by SIGKILL" in out, out
+    assert (
+        f"{victim.path.parent.name}/{victim.path.name}: its worker (pid" in out
+        and "killed by SIGKILL" in out
+    ), out
     assert "starting it again, from its checkpoint" in out, out
     assert out.strip().splitlines()[-1].startswith("3/3 runs, 0 failed, 1 worker(s) died"), out
     for folder in _runs(results):
@@ -120,8 +173,23 @@ def test_a_sweep_whose_worker_is_killed_finishes_every_run(tmp_path):
 
 
 def test_a_sweep_whose_runs_all_diverge_exits_1(tmp_path):
-    res = subprocess.run([*CLI, "sweep", "no_terminal_ln", "--profile", "smoke", "--workers", "1", f"results={tmp_path}",
-                          "threads=1", "lr=1e3"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            *CLI,
+            "sweep",
+            "no_terminal_ln",
+            "--profile",
+            "smoke",
+            "--workers",
+            "1",
+            f"results={tmp_path}",
+            "threads=1",
+            "lr=1e3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     assert res.stdout.strip().splitlines()[-1].startswith("3/3 runs, 3 failed"), res.stdout
 
@@ -134,26 +202,54 @@ def test_a_sweep_whose_run_another_process_holds_exits_3_and_counts_it_as_held(t
 
     cfg = expand("no_terminal_ln", profile="smoke", overrides=(f"results={tmp_path}",))[0]
     folder = run_path(cfg)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom creditaudit.runs.folder import RunFolder\n"
-                               "folder = RunFolder(sys.argv[1]); folder.path.mkdir(parents=True, exist_ok=True)\n"
-                               "with folder.lock():\n    print('held', flush=True); time.sleep(120)", str(folder)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom creditaudit.runs.folder import RunFolder\n"
+            "folder = RunFolder(sys.argv[1]); folder.path.mkdir(parents=True, exist_ok=True)\n"
+            "with folder.lock():\n    print('held', flush=True); time.sleep(120)",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        res = subprocess.run([*CLI, "sweep", "no_terminal_ln", "--profile", "smoke", "--workers", "1", f"results={tmp_path}",
-                              "threads=1"], capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                *CLI,
+                "sweep",
+                "no_terminal_ln",
+                "--profile",
+                "smoke",
+                "--workers",
+                "1",
+                f"results={tmp_path}",
+                "threads=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         holder.kill()
         holder.wait()
     assert res.returncode == 3, res.stdout + res.stderr
-    assert res.stdout.strip().splitlines()[-1].startswith("3/3 runs, 0 failed, 1 held by another process"), res.stdout
+    assert (
+        res.stdout.strip()
+        .splitlines()[-1]
+        .startswith("3/3 runs, 0 failed, 1 held by another process")
+    ), res.stdout
 
 
 def test_an_interrupted_sweep_says_so_in_one_line_and_exits_130(tmp_path):
     sweep = _sweep(tmp_path, "--workers", "1", "epochs=200")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
-            f.read_metrics() for f in (_runs(tmp_path) if (tmp_path / "no_terminal_ln").is_dir() else [])):
+        f.read_metrics()
+        for f in (_runs(tmp_path) if (tmp_path / "no_terminal_ln").is_dir() else [])
+    ):
         time.sleep(0.05)
     sweep.send_signal(signal.SIGINT)
     out, _ = sweep.communicate(timeout=120)
@@ -162,6 +258,10 @@ def test_an_interrupted_sweep_says_so_in_one_line_and_exits_130(tmp_path):
 
 
 def test_a_usage_error_exits_2(tmp_path):
-    res = subprocess.run([*CLI, "sweep", "no_terminal_ln", "--stack", "0", f"results={tmp_path}"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [*CLI, "sweep", "no_terminal_ln", "--stack", "0", f"results={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "--stack" in res.stderr and "Traceback" not in res.stderr

@@ -1,5 +1,6 @@
 """`creditaudit sweep --stack N`: runs of one kind packed into stacks (jobs/packing.py), the
 longest first, each run still in its own folder with the metrics it gives alone."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def test_stacks_are_of_one_kind_near_equal_and_no_larger_than_asked(tmp_path):
 
 
 def test_the_sweep_refuses_a_stack_below_one(tmp_path):
-    out = CliRunner().invoke(main, ["sweep", "no_residual", "--profile", "smoke", "--stack", "0", f"results={tmp_path}"])
+    out = CliRunner().invoke(
+        main, ["sweep", "no_residual", "--profile", "smoke", "--stack", "0", f"results={tmp_path}"]
+    )
     assert out.exit_code == 2 and "--stack" in out.output and "Traceback" not in out.output
 
 
@@ -50,11 +53,18 @@ def test_a_stacked_sweep_trains_every_run_as_it_trains_alone(tmp_path):
     same sweep with --stack 1."""
     runner = CliRunner()
     args = ["sweep", "penalty_rescue", "--profile", "smoke", "--workers", "2", "threads=1"]
-    stacked = runner.invoke(main, [*args, "--stack", "3", f"results={tmp_path / 'stacked'}"], catch_exceptions=False)
+    stacked = runner.invoke(
+        main, [*args, "--stack", "3", f"results={tmp_path / 'stacked'}"], catch_exceptions=False
+    )
     assert stacked.exit_code == 0, stacked.output
-    alone = runner.invoke(main, [*args, "--stack", "1", f"results={tmp_path / 'alone'}"], catch_exceptions=False)
+    alone = runner.invoke(
+        main, [*args, "--stack", "1", f"results={tmp_path / 'alone'}"], catch_exceptions=False
+    )
     assert alone.exit_code == 0, alone.output
-    cfgs = {root: expand("penalty_rescue", profile="smoke", results=str(tmp_path / root)) for root in ("stacked", "alone")}
+    cfgs = {
+        root: expand("penalty_rescue", profile="smoke", results=str(tmp_path / root))
+        for root in ("stacked", "alone")
+    }
     for a, b in zip(cfgs["alone"], cfgs["stacked"]):
         assert json.loads((run_path(b) / "summary.json").read_text())["status"] == "finished"
         records = run_metrics(b)
@@ -64,5 +74,9 @@ def test_a_stacked_sweep_trains_every_run_as_it_trains_alone(tmp_path):
             assert records[-1]["stack/runs"] == 3
         assert_same_metrics(a, b)
     assert "0 failed" in stacked.output.strip().splitlines()[-1]
-    again = runner.invoke(main, [*args, "--stack", "3", f"results={tmp_path / 'stacked'}", "--dry-run"], catch_exceptions=False)
+    again = runner.invoke(
+        main,
+        [*args, "--stack", "3", f"results={tmp_path / 'stacked'}", "--dry-run"],
+        catch_exceptions=False,
+    )
     assert "12 finished, 0 to train" in again.output

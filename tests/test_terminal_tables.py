@@ -1,6 +1,7 @@
 """The audit's and the study tables' terminal output fits 80 and 100 columns without ever
 splitting a figure: rendered to consoles of those widths, every figure of every row appears whole
 on one line."""
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,14 @@ from creditaudit.reports.audit import build_audit
 from creditaudit.reports.collect import collect
 from creditaudit.reports.tables import all_tables
 from creditaudit.reports.audit import html_page, markdown
-from creditaudit.reports.terminal import _compact_cell, _study_cell, audit_legend, audit_table, compact, study_table
+from creditaudit.reports.terminal import (
+    _compact_cell,
+    _study_cell,
+    audit_legend,
+    audit_table,
+    compact,
+    study_table,
+)
 from tests.results_factory import SEEDS, make_run, study
 
 
@@ -39,10 +47,17 @@ def test_compact_figures():
     assert compact((0.8512, 0.0021, 3)) == ".851±.002"
     assert compact((2.7e9, 1.1e9, 3), log=True) == "2.7e9±1e9"
     assert compact((-7.46, 3.71, 3), signed=True) == "-7.5±3.7"
-    assert compact((0.5, float("nan"), 1)) == ".500" and compact((float("nan"), float("nan"), 0)) == "–"
+    assert (
+        compact((0.5, float("nan"), 1)) == ".500"
+        and compact((float("nan"), float("nan"), 0)) == "–"
+    )
     assert compact((0.99999, 1.1e-16, 3)) == "1.000±0"  # float rounding of the mean is no spread
-    assert compact((0.004, 0.0003, 3)) == ".004±3e-4"  # a real spread below the digits shown is kept
-    assert _compact_cell("1.23e+03 ± 4.5e+02 (n=3)") == "1.2e3±4e2" and _compact_cell("PASS") == "PASS"
+    assert (
+        compact((0.004, 0.0003, 3)) == ".004±3e-4"
+    )  # a real spread below the digits shown is kept
+    assert (
+        _compact_cell("1.23e+03 ± 4.5e+02 (n=3)") == "1.2e3±4e2" and _compact_cell("PASS") == "PASS"
+    )
 
 
 @pytest.mark.parametrize("width", [80, 100])
@@ -53,9 +68,13 @@ def test_the_audit_table_fits_and_never_splits_a_figure(results, width):
     assert max(len(line) for line in lines) <= width
     text = "\n".join(lines)
     for ra in audit.rules:
-        cells = [compact(ra.stats["test_acc"]), compact(ra.stats["depth_pp"], signed=True), compact(ra.stats["deep_cos"], digits=2),
-                 compact(ra.stats["hL_norm"][:1] + (float("nan"), 1), log=True),
-                 compact(ra.stats["gL_norm"][:1] + (float("nan"), 1), log=True)]
+        cells = [
+            compact(ra.stats["test_acc"]),
+            compact(ra.stats["depth_pp"], signed=True),
+            compact(ra.stats["deep_cos"], digits=2),
+            compact(ra.stats["hL_norm"][:1] + (float("nan"), 1), log=True),
+            compact(ra.stats["gL_norm"][:1] + (float("nan"), 1), log=True),
+        ]
         for cell in _numbers(cells):
             assert any(cell in line for line in lines), (width, ra.rule, cell, text)
         assert any(line.lstrip().startswith(ra.rule) for line in lines)
@@ -86,19 +105,36 @@ def test_a_verdict_reads_the_same_in_the_terminal_and_both_reports(results):
     assert any(label.startswith("FAIL(") for label in labels)
     for label in labels:
         assert label in terminal and f"| {label} |" in md and f">{label}<" in page, label
-    for run in (r for ra in audit.rules for r in ra.runs if r.verdict.failed):  # a run is the form with n = 1
-        assert run.verdict.label == "FAIL(" + " + ".join(f"{d} 1/1" for d in run.verdict.failed) + ")"
+    for run in (
+        r for ra in audit.rules for r in ra.runs if r.verdict.failed
+    ):  # a run is the form with n = 1
+        assert (
+            run.verdict.label == "FAIL(" + " + ".join(f"{d} 1/1" for d in run.verdict.failed) + ")"
+        )
 
 
 @pytest.mark.parametrize("width", [80, 100])
 def test_the_legend_names_every_column_and_the_thresholds_in_force(results, width):
     from creditaudit.diagnostics.verdict import Thresholds
 
-    audit = build_audit(collect(results), setting="main_audit", thresholds=Thresholds(d3_pp=3.5, mode2_cos=0.2))
+    audit = build_audit(
+        collect(results), setting="main_audit", thresholds=Thresholds(d3_pp=3.5, mode2_cos=0.2)
+    )
     lines = _render(audit_legend(audit), width)
     assert max(len(line) for line in lines) <= width
     text = " ".join(" ".join(lines).split())
-    for word in ("verdict", "claim", "acc", "D3 pp", "cos", "‖h_L‖", "‖g_L‖", "fired@ep", "needs walk-back", "trustworthy"):
+    for word in (
+        "verdict",
+        "claim",
+        "acc",
+        "D3 pp",
+        "cos",
+        "‖h_L‖",
+        "‖g_L‖",
+        "fired@ep",
+        "needs walk-back",
+        "trustworthy",
+    ):
         assert word in text, word
     assert "below 3.5" in text and "< 0.2" in text and "> 50" in text and "below 1e-07" in text
 
@@ -109,5 +145,7 @@ def test_a_verdict_keeps_each_detector_with_its_count(results, width):
     lines = _render(audit_table(audit, "audit — results/main_audit"), width)
     assert max(len(line) for line in lines) <= width
     for ra in audit.rules:
-        for chunk in ra.verdict.label.replace(" + ", " \n+ ").split(" \n"):  # "FAIL(D1 3/3", "+ D2 3/3)"
+        for chunk in ra.verdict.label.replace(" + ", " \n+ ").split(
+            " \n"
+        ):  # "FAIL(D1 3/3", "+ D2 3/3)"
             assert any(chunk in line for line in lines), (width, chunk, "\n".join(lines))

@@ -2,6 +2,7 @@
 reach the tracker, read back with the tracker's own reader (TensorBoard's EventAccumulator, MLflow's
 MlflowClient, W&B's transaction-log inspector on an offline run's files) and compared with the run
 folder, which stays the record."""
+
 from __future__ import annotations
 
 import builtins
@@ -31,7 +32,9 @@ def _no_mlflow_environment(monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE"):
         monkeypatch.delenv(name, raising=False)
     yield
-    os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)  # set by the tracker; monkeypatch restores a developer's own
+    os.environ.pop(
+        "MLFLOW_ALLOW_FILE_STORE", None
+    )  # set by the tracker; monkeypatch restores a developer's own
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +45,21 @@ def _offline_wandb(monkeypatch, tmp_path):
         monkeypatch.delenv(name)
     home = tmp_path / "wandb_home"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    for name, sub in [("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")]:
+    for name, sub in [
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ]:
         monkeypatch.setenv(name, str(home / sub))
     monkeypatch.setenv("NETRC", str(home / "netrc"))  # (absent: not the developer's ~/.netrc)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # wandb.init wraps both for good
     monkeypatch.setattr(sys, "exit", sys.exit)
     yield
     if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()  # ends its wandb-core process; the next test sets it up anew
+        sys.modules[
+            "wandb"
+        ].teardown()  # ends its wandb-core process; the next test sets it up anew
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,9 +76,13 @@ def read_tensorboard(results: Path) -> dict[str, tuple[dict, dict, str]]:
     for events in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        metrics = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+        metrics = {
+            tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
+        }
         content = acc.PluginTagToContent("hparams")
-        start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        start = HParamsPluginData.FromString(
+            content["_hparams_/session_start_info"]
+        ).session_start_info
         hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
         end = HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
         assert "config" in acc.Tags()["tensors"][0]  # the config as a text summary too
@@ -85,7 +99,10 @@ def read_mlflow(results: Path) -> dict[str, tuple[dict, dict, str]]:
     out = {}
     for run in client.search_runs([experiment.experiment_id]):
         assert run.info.run_name not in out, f"two MLflow runs named {run.info.run_name}"
-        metrics = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics}
+        metrics = {
+            key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            for key in run.data.metrics
+        }
         out[run.info.run_name] = (metrics, run.data.params, run.info.status)
     return out
 
@@ -95,15 +112,27 @@ def read_wandb(results: Path) -> dict[str, tuple[dict, dict, str]]:
     --json``; the logs of one run id (a resumed run writes a new one) merged as ``wandb sync`` would."""
     pytest.importorskip("wandb")
     runs: dict[str, dict] = {}
-    for log in sorted((results / "_wandb" / "wandb").glob("offline-run-*/run-*.wandb")):  # (run-<time>-<id>)
-        inspected = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-                                   capture_output=True, text=True, timeout=120, check=True)
+    for log in sorted(
+        (results / "_wandb" / "wandb").glob("offline-run-*/run-*.wandb")
+    ):  # (run-<time>-<id>)
+        inspected = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         records = [json.loads(line) for line in inspected.stdout.splitlines()]
         (run,) = [r["run"] for r in records if r["type"] == "run"]
         seen = run["run_id"] in runs
         assert run.get("resume", False) == seen  # a later log of an id continues it
-        got = runs.setdefault(run["run_id"], {"name": run["display_name"], "metrics": {}, "config": {}, "summary": {}})
-        assert got["name"] == run["display_name"] and run["run_group"] == run["display_name"].split("/")[0]
+        got = runs.setdefault(
+            run["run_id"], {"name": run["display_name"], "metrics": {}, "config": {}, "summary": {}}
+        )
+        assert (
+            got["name"] == run["display_name"]
+            and run["run_group"] == run["display_name"].split("/")[0]
+        )
         got["config"].update(run["config"]["update"])
         for r in records:
             if r["type"] == "config":
@@ -122,7 +151,11 @@ def read_wandb(results: Path) -> dict[str, tuple[dict, dict, str]]:
         status = run["summary"]["creditaudit.status"]
         assert (run["exit_code"] == 0) == (status == "finished")
         assert Path(run["summary"]["creditaudit.run_dir"]) == results / run["name"]
-        out[run["name"]] = (run["metrics"], {k: v for k, v in run["config"].items() if k != "_wandb"}, status)
+        out[run["name"]] = (
+            run["metrics"],
+            {k: v for k, v in run["config"].items() if k != "_wandb"},
+            status,
+        )
     return out
 
 
@@ -134,7 +167,9 @@ def records_of(cfg: TrainConfig) -> list[dict]:
     return RunFolder(run_path(cfg)).read_metrics()
 
 
-def assert_streams_the_folder(tracked: tuple[dict, dict, str], cfg: TrainConfig, logger: str) -> None:
+def assert_streams_the_folder(
+    tracked: tuple[dict, dict, str], cfg: TrainConfig, logger: str
+) -> None:
     metrics, hparams, status = tracked
     records = records_of(cfg)
     assert [r["epoch"] for r in records] == [0, 1, 2]
@@ -142,11 +177,20 @@ def assert_streams_the_folder(tracked: tuple[dict, dict, str], cfg: TrainConfig,
         expected = {r["epoch"]: r[key] for r in records if key in r}
         assert set(expected) == {1, 2}
         assert metrics[key] == pytest.approx(expected, rel=1e-6)  # TensorBoard keeps float32
-    every_numeric = {k for r in records for k, v in r.items() if k != "epoch" and isinstance(v, (int, float)) and v == v}
+    every_numeric = {
+        k
+        for r in records
+        for k, v in r.items()
+        if k != "epoch" and isinstance(v, (int, float)) and v == v
+    }
     assert set(metrics) == every_numeric and {"credit/deep_cos", "diag/d1"} <= every_numeric
-    assert metrics["credit/deep_cos"] == pytest.approx({r["epoch"]: r["credit/deep_cos"] for r in records}, rel=1e-6)
+    assert metrics["credit/deep_cos"] == pytest.approx(
+        {r["epoch"]: r["credit/deep_cos"] for r in records}, rel=1e-6
+    )
     text = {k: str(v) for k, v in hparams.items()}
-    assert text["rule"] == "dfa" and float(text["model.d"]) == 32 and text["data.dataset"] == "digits"
+    assert (
+        text["rule"] == "dfa" and float(text["model.d"]) == 32 and text["data.dataset"] == "digits"
+    )
     assert text["logger"] == logger and text["save_epochs"] == "[]"
     assert "rule_opts.init" in text  # the resolved config: every option of the rule
     assert status == FINISHED[logger]
@@ -165,10 +209,14 @@ def test_every_epoch_and_the_config_reach_the_tracker_across_a_resume(tmp_path, 
     assert list(tracked) == ["adhoc/dfa__resmlp__s42"]
     assert_streams_the_folder(tracked["adhoc/dfa__resmlp__s42"], cfg, logger)
     if logger == "mlflow":
-        assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # set by the tracker for the local store
+        assert (
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
+        )  # set by the tracker for the local store
         assert not (results / "mlruns").exists() and not Path("mlruns").exists()
     if logger == "wandb":
-        assert len(list((results / "_wandb" / "wandb").glob("offline-run-*"))) == 2  # the first attempt, its resume
+        assert (
+            len(list((results / "_wandb" / "wandb").glob("offline-run-*"))) == 2
+        )  # the first attempt, its resume
         assert not Path("wandb").exists()
     # A finished run is skipped and logs nothing.
     files = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
@@ -190,18 +238,31 @@ def test_a_run_resumed_with_a_logger_replays_the_epochs_it_missed(tmp_path, logg
 
 @pytest.mark.parametrize("logger", LOGGERS)
 def test_a_sweep_logs_one_tracker_run_per_training_run(tmp_path, logger):
-    cfgs = [tiny_config(tmp_path, "rule=bp", "epochs=1", f"seed={s}", "setting=sweep_t", f"logger={logger}") for s in (1, 2)]
+    cfgs = [
+        tiny_config(
+            tmp_path, "rule=bp", "epochs=1", f"seed={s}", "setting=sweep_t", f"logger={logger}"
+        )
+        for s in (1, 2)
+    ]
     outcomes = run_many(cfgs, workers=1)
     assert sorted(o.status for o in outcomes) == ["finished", "finished"]
     tracked = READ[logger](Path(cfgs[0].results))
-    assert sorted(tracked) == ["sweep_t/bp__resmlp__s1", "sweep_t/bp__resmlp__s2"]  # named like the run folders
+    assert sorted(tracked) == [
+        "sweep_t/bp__resmlp__s1",
+        "sweep_t/bp__resmlp__s2",
+    ]  # named like the run folders
     for cfg in cfgs:
         metrics, hparams, _ = tracked[f"sweep_t/{run_path(cfg).name}"]
         assert float(hparams["seed"]) == cfg.seed
-        assert metrics["test/acc"] == pytest.approx({r["epoch"]: r["test/acc"] for r in records_of(cfg) if "test/acc" in r}, rel=1e-6)
+        assert metrics["test/acc"] == pytest.approx(
+            {r["epoch"]: r["test/acc"] for r in records_of(cfg) if "test/acc" in r}, rel=1e-6
+        )
     # The tracker's folder (_tensorboard, _mlruns, _wandb) is not taken for a setting by the results reader.
     collected = collect(cfgs[0].results)
-    assert sorted(r.path.name for r in collected.runs) == ["bp__resmlp__s1", "bp__resmlp__s2"] and not collected.problems
+    assert (
+        sorted(r.path.name for r in collected.runs) == ["bp__resmlp__s1", "bp__resmlp__s2"]
+        and not collected.problems
+    )
 
 
 def test_logger_dir_places_the_tracker(tmp_path):
@@ -215,7 +276,9 @@ def test_logger_dir_places_the_tracker(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Refusals, failures
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")])
+@pytest.mark.parametrize(
+    "logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")]
+)
 def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, monkeypatch, logger, module):
     real_import = builtins.__import__
 
@@ -225,12 +288,16 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, monkeypatc
         return real_import(name, *args, **kwargs)
 
     results = tmp_path / "results"
-    with monkeypatch.context() as patch:  # (undone before the fixtures' teardown, which imports wandb)
+    with (
+        monkeypatch.context() as patch
+    ):  # (undone before the fixtures' teardown, which imports wandb)
         patch.setattr(builtins, "__import__", no_extra)
         with pytest.raises(ConfigError) as err:
             apply_overrides(TrainConfig(), ["dataset=digits", f"logger={logger}"])
         # The CLI says it in one line, before any run starts.
-        out = CliRunner().invoke(cli_main, ["train", "dataset=digits", f"logger={logger}", f"results={results}"])
+        out = CliRunner().invoke(
+            cli_main, ["train", "dataset=digits", f"logger={logger}", f"results={results}"]
+        )
     message = str(err.value)
     assert "\n" not in message and f"pip install 'creditaudit[{logger}]'" in message
     assert out.exit_code == 2 and "pip install 'creditaudit" in out.output
@@ -247,14 +314,19 @@ def test_the_cli_prints_the_extra_in_brackets(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_mlflow)
-    out = CliRunner().invoke(cli_main, ["train", "dataset=digits", "logger=mlflow", f"results={tmp_path / 'results'}"])
+    out = CliRunner().invoke(
+        cli_main, ["train", "dataset=digits", "logger=mlflow", f"results={tmp_path / 'results'}"]
+    )
     assert "pip install 'creditaudit[mlflow]'" in out.output
 
 
-@pytest.mark.parametrize("item, message", [
-    ("logger=comet", "logger must be one of none | tensorboard | mlflow | wandb"),
-    ("logger_dir=somewhere", "logger_dir=somewhere has no effect with logger=none"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("logger=comet", "logger must be one of none | tensorboard | mlflow | wandb"),
+        ("logger_dir=somewhere", "logger_dir=somewhere has no effect with logger=none"),
+    ],
+)
 def test_logger_values_are_checked(item, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(TrainConfig(), [item])
@@ -265,7 +337,11 @@ def test_logger_values_are_checked(item, message):
 def test_a_failing_tracker_does_not_lose_the_run(tmp_path, monkeypatch, capsys, logger, where):
     from creditaudit import trackers
 
-    cls = {"tensorboard": trackers.TensorBoardTracker, "mlflow": trackers.MLflowTracker, "wandb": trackers.WandbTracker}[logger]
+    cls = {
+        "tensorboard": trackers.TensorBoardTracker,
+        "mlflow": trackers.MLflowTracker,
+        "wandb": trackers.WandbTracker,
+    }[logger]
 
     def broken(self, *args, **kwargs):
         raise OSError("disk full\nsecond line")
@@ -275,9 +351,13 @@ def test_a_failing_tracker_does_not_lose_the_run(tmp_path, monkeypatch, capsys, 
     summary = train(cfg)
     assert summary["status"] == "finished" and summary["epochs_done"] == 1
     assert [r["epoch"] for r in records_of(cfg)] == [0, 1]  # the run recorded everything
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("creditaudit:")]
-    assert lines == [f"creditaudit: logger={logger} failed at {'epoch 0' if where == 'log' else where} "
-                     "(OSError: disk full second line); going on without it (the run folder has every metric)"]
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("creditaudit:")
+    ]
+    assert lines == [
+        f"creditaudit: logger={logger} failed at {'epoch 0' if where == 'log' else where} "
+        "(OSError: disk full second line); going on without it (the run folder has every metric)"
+    ]
 
 
 def test_wandb_online_without_credentials_is_one_line_not_a_prompt(tmp_path, monkeypatch, capfd):
@@ -288,9 +368,13 @@ def test_wandb_online_without_credentials_is_one_line_not_a_prompt(tmp_path, mon
     cfg = tiny_config(tmp_path, "rule=bp", "epochs=1", "logger=wandb")
     assert train(cfg)["status"] == "finished"
     said = [line for line in capfd.readouterr().err.splitlines() if "wandb" in line.lower()]
-    assert said == [("creditaudit: logger=wandb failed at start (RuntimeError: no W&B credentials: run `wandb login` "
-                     "(or set WANDB_API_KEY), or set WANDB_MODE=offline and `wandb sync` the tracker dir later); "
-                     "going on without it (the run folder has every metric)")]
+    assert said == [
+        (
+            "creditaudit: logger=wandb failed at start (RuntimeError: no W&B credentials: run `wandb login` "
+            "(or set WANDB_API_KEY), or set WANDB_MODE=offline and `wandb sync` the tracker dir later); "
+            "going on without it (the run folder has every metric)"
+        )
+    ]
 
 
 def test_wandb_prints_nothing(tmp_path, capfd):
@@ -305,7 +389,10 @@ def test_wandb_prints_nothing(tmp_path, capfd):
 
 def test_wandb_runs_of_a_stack_log_side_by_side(tmp_path):
     """The runs of a stack train in one process at once: each has its own W&B run (reinit="create_new")."""
-    cfgs = [tiny_config(tmp_path, "rule=dfa", f"seed={s}", "setting=stack_t", "logger=wandb") for s in (1, 2)]
+    cfgs = [
+        tiny_config(tmp_path, "rule=dfa", f"seed={s}", "setting=stack_t", "logger=wandb")
+        for s in (1, 2)
+    ]
     outcomes = run_many(cfgs, workers=1, stack=2)
     assert sorted(o.status for o in outcomes) == ["finished", "finished"]
     tracked = read_wandb(Path(cfgs[0].results))

@@ -1,4 +1,5 @@
 """The trainer in its run folder: metrics, skip, resume (in process and after SIGKILL), failures."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from creditaudit.training.run import build_run
 from creditaudit.training.trainer import RunConfigMismatch, train
 from tests.conftest import run_metrics, tiny_config
 
+
 def _folder(cfg) -> RunFolder:
     return RunFolder(run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch, cfg.seed))
 
@@ -36,13 +38,27 @@ def test_run_folder_contents(tmp_path):
     assert summary["status"] == "finished" and summary["epochs_done"] == 2
     stored = json.loads((folder.path / "config.json").read_text())
     assert stored == to_dict(resolve_rule_options(cfg))
-    assert stored["model"]["out_ln"] is True and stored["model"]["residual"] is True  # resmlp's, written out
+    assert (
+        stored["model"]["out_ln"] is True and stored["model"]["residual"] is True
+    )  # resmlp's, written out
     records = folder.read_metrics()
     assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 0: the diagnostics before any update
-    for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "diag/d1", "diag/gL_norm", "credit/deep_cos"):
+    for key in (
+        "train/loss",
+        "train/acc",
+        "test/loss",
+        "test/acc",
+        "lr",
+        "time/epoch_s",
+        "diag/d1",
+        "diag/gL_norm",
+        "credit/deep_cos",
+    ):
         assert key in records[1]
     assert {"diag/d1", "diag/gL_norm", "credit/deep_cos"} <= set(records[0])
-    assert "credit/rho_deep" in records[2] and "credit/rho_deep" not in records[1]  # full probe: the last epoch
+    assert (
+        "credit/rho_deep" in records[2] and "credit/rho_deep" not in records[1]
+    )  # full probe: the last epoch
     assert records[2]["train/loss"] < records[1]["train/loss"]
     prov = summary["provenance"]
     for key in ("torch", "python", "git_commit", "git_dirty"):
@@ -53,7 +69,9 @@ def test_run_folder_contents(tmp_path):
 
     with safe_open(str(folder.last_checkpoint), "pt") as f:
         keys = list(f.keys())
-    assert any(k.startswith("model") for k in keys) and any(k.startswith("optimizer") for k in keys), keys[:5]
+    assert any(k.startswith("model") for k in keys) and any(
+        k.startswith("optimizer") for k in keys
+    ), keys[:5]
 
 
 def test_same_seed_same_metrics_and_finished_run_is_skipped(tmp_path):
@@ -87,15 +105,32 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     full = tiny_config(tmp_path / "full", *args)
     train(full)
     cut = tiny_config(tmp_path / "cut", *args)
-    overrides = [f"{k}={v}" for k, v in (
-        ("dataset", "digits"), ("arch", "resmlp"), ("d", 64), ("L", 2), ("epochs", 30), ("batch_size", 64),
-        ("threads", 1), ("progress", "false"), ("results", cut.results), ("data_dir", cut.data.data_dir))]
-    proc = subprocess.Popen([sys.executable, "-m", "creditaudit.cli", "train", "-q", *overrides],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    overrides = [
+        f"{k}={v}"
+        for k, v in (
+            ("dataset", "digits"),
+            ("arch", "resmlp"),
+            ("d", 64),
+            ("L", 2),
+            ("epochs", 30),
+            ("batch_size", 64),
+            ("threads", 1),
+            ("progress", "false"),
+            ("results", cut.results),
+            ("data_dir", cut.data.data_dir),
+        )
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "creditaudit.cli", "train", "-q", *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     metrics = _folder(cut).metrics_path
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # epochs 0, 1, 2: a checkpoint exists
+        if (
+            metrics.exists() and metrics.read_text().count("\n") >= 3
+        ):  # epochs 0, 1, 2: a checkpoint exists
             break
         time.sleep(0.005)
     if proc.poll() is not None:
@@ -118,7 +153,9 @@ def test_a_resumed_run_whose_metrics_lost_a_line_logs_every_epoch(tmp_path, capf
     assert train(cut, stop_after=2)["status"] == "interrupted"
     folder = RunFolder(run_dir(cut.results, cut.setting, cut.rule, cut.arch, cut.seed))
     lines = folder.metrics_path.read_text().splitlines(keepends=True)
-    folder.metrics_path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # epoch 2's line torn
+    folder.metrics_path.write_text(
+        "".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2]
+    )  # epoch 2's line torn
     assert train(cut)["status"] == "finished"
     assert "lacks epoch(s) 2" in capfd.readouterr().err
     assert [r["epoch"] for r in run_metrics(cut)] == [0, 1, 2, 3]
@@ -152,10 +189,16 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     rule_file.write_text(NAN_RULE)
     broken = tiny_config(tmp_path, f"rule={rule_file}", "epochs=3")
     healthy = tiny_config(tmp_path, "rule=bp", "epochs=3")
-    outcomes = {o.run.split("/")[-1].split("__")[0]: o for o in run_many([broken, healthy], workers=1)}
+    outcomes = {
+        o.run.split("/")[-1].split("__")[0]: o for o in run_many([broken, healthy], workers=1)
+    }
     assert outcomes["nan_credit"].status == "diverged" and outcomes["bp"].status == "finished"
     summary = _folder(broken).read_summary()
-    assert summary["status"] == "diverged" and "epoch 1" in summary["error"] and summary["epochs_done"] == 1
+    assert (
+        summary["status"] == "diverged"
+        and "epoch 1" in summary["error"]
+        and summary["epochs_done"] == 1
+    )
     last = _folder(broken).read_metrics()[-1]["train/loss"]  # NaN is stored as null (strict JSON)
     assert last is None or not math.isfinite(last)
 

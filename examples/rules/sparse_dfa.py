@@ -20,6 +20,7 @@ by ``state_dict()``; options as a dataclass whose ``__post_init__`` checks them 
 ``creditaudit.rules.options``. Because the credits are a function of the model, the batch and fixed
 tensors, runs of this rule can train stacked (``stack_refusal = None``).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,13 +40,19 @@ from creditaudit.rules.options import check
 class SparseDFAOptions:
     """How sparse the feedback matrices are."""
 
-    density: float = field(default=0.1, metadata={"help": "fraction of the entries of each B_l kept (0 < density <= 1)"})
+    density: float = field(
+        default=0.1,
+        metadata={"help": "fraction of the entries of each B_l kept (0 < density <= 1)"},
+    )
 
     def __post_init__(self) -> None:
         check("density", self.density, 0 < self.density <= 1, "a number in (0, 1]")
 
 
-@RULES.register("sparse_dfa", "DFA with sparse fixed feedback: a_l = B_l e_T, a fraction density of B_l's entries kept")
+@RULES.register(
+    "sparse_dfa",
+    "DFA with sparse fixed feedback: a_l = B_l e_T, a fraction density of B_l's entries kept",
+)
 class SparseDFA(Rule):
     Options = SparseDFAOptions
     stack_refusal = None  # credits depend on the model, the batch and fixed tensors only

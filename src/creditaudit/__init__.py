@@ -11,12 +11,26 @@ same results on disk:
 ``train``, ``audit``, ``sweep``, ``plan``, ``tables``, ``inventory``, ``load``, ``make_config``; the
 conformance kit for a rule of your own is ``creditaudit.testing.check_rule``.
 """
+
 from __future__ import annotations
 
 from creditaudit._version import __version__
 
-_API = ("train", "train_many", "audit", "sweep", "plan", "tables", "inventory", "load", "make_config",
-        "RunResult", "AuditResult", "SweepResult", "TablesResult")
+_API = (
+    "train",
+    "train_many",
+    "audit",
+    "sweep",
+    "plan",
+    "tables",
+    "inventory",
+    "load",
+    "make_config",
+    "RunResult",
+    "AuditResult",
+    "SweepResult",
+    "TablesResult",
+)
 __all__ = [*_API, "__version__"]
 
 

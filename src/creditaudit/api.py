@@ -18,6 +18,7 @@ command line's overrides) or as keyword arguments (``epochs=3``, ``diag__every=2
 :class:`creditaudit.errors.UserError` (a bad value, a missing folder), never ``SystemExit``; a run
 that fails or diverges is an outcome (``status``), not an exception, as on the command line.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,14 +29,15 @@ from creditaudit.errors import ConfigError, MissingPathError
 from creditaudit.experiments import SEEDS3
 
 
-
 def _items(overrides: Iterable[str] = (), fields: dict[str, Any] | None = None) -> tuple[str, ...]:
     """``"key=value"`` items from overrides and keyword fields (``a__b=1`` is ``a.b=1``; a tuple or
     list is comma-separated; booleans are ``true``/``false``)."""
     items = []
-    for item in overrides:  # the form of each item is checked where it is applied (config.apply_overrides)
+    for (
+        item
+    ) in overrides:  # the form of each item is checked where it is applied (config.apply_overrides)
         if not isinstance(item, str):
-            raise ConfigError(f"{item!r} is not a key=value override (e.g. \"epochs=3\")")
+            raise ConfigError(f'{item!r} is not a key=value override (e.g. "epochs=3")')
         items.append(item)
     for key, value in (fields or {}).items():
         if isinstance(value, bool):
@@ -81,8 +83,14 @@ class RunResult:
         return RunFolder(self.path).read_metrics()
 
 
-def train(cfg=None, /, *overrides: str, on_epoch: Callable[[Any, dict], None] | None = None, reporter=None,
-          **fields: Any) -> RunResult:
+def train(
+    cfg=None,
+    /,
+    *overrides: str,
+    on_epoch: Callable[[Any, dict], None] | None = None,
+    reporter=None,
+    **fields: Any,
+) -> RunResult:
     """Train one run (or resume it, or skip it when finished), as ``creditaudit train``: its folder
     is ``<results>/<setting>/<rule>__<arch>__s<seed>/``. ``cfg`` is a TrainConfig or the first
     ``"key=value"`` item; ``on_epoch(run, record)`` hears of each epoch (``reporter``: a
@@ -93,11 +101,22 @@ def train(cfg=None, /, *overrides: str, on_epoch: Callable[[Any, dict], None] | 
     if isinstance(cfg, str):
         overrides, cfg = (cfg, *overrides), None
     elif cfg is not None and not isinstance(cfg, TrainConfig):
-        raise ConfigError(f"train() takes a TrainConfig or key=value overrides, not {type(cfg).__name__}")
+        raise ConfigError(
+            f"train() takes a TrainConfig or key=value overrides, not {type(cfg).__name__}"
+        )
     c = make_config(*overrides, base=cfg, **fields)
-    summary = train_run(c, reporter=reporter or (Reporter(on_epoch=on_epoch) if on_epoch else Reporter()))
-    return RunResult(summary.get("run", run_path(c).name), summary["status"], run_path(c), int(summary.get("epochs_done", 0)),
-                     float(summary.get("wall_s", 0.0)), dict(summary.get("final") or {}), summary)
+    summary = train_run(
+        c, reporter=reporter or (Reporter(on_epoch=on_epoch) if on_epoch else Reporter())
+    )
+    return RunResult(
+        summary.get("run", run_path(c).name),
+        summary["status"],
+        run_path(c),
+        int(summary.get("epochs_done", 0)),
+        float(summary.get("wall_s", 0.0)),
+        dict(summary.get("final") or {}),
+        summary,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +128,9 @@ class SweepResult:
 
     configs: list
     outcomes: list = field(default_factory=list)  # creditaudit.jobs.RunOutcome, in completion order
-    reused: list = field(default_factory=list)  # the configs whose runs had finished before: not trained again
+    reused: list = field(
+        default_factory=list
+    )  # the configs whose runs had finished before: not trained again
 
     @property
     def statuses(self) -> list[str]:
@@ -122,10 +143,20 @@ class SweepResult:
         return [o for o in self.outcomes if o.status != "finished"]
 
 
-def train_many(configs: list, *, workers: int = 0, backend: str = "local", address: str | None = None,
-               gpus_per_run: float = 0.0, stack: int = 1, graph: bool = False,
-               on_start: Callable[[list, list], None] | None = None, on_done: Callable | None = None,
-               say: Callable[[str], None] | None = None, died: Callable[[str], None] | None = None) -> SweepResult:
+def train_many(
+    configs: list,
+    *,
+    workers: int = 0,
+    backend: str = "local",
+    address: str | None = None,
+    gpus_per_run: float = 0.0,
+    stack: int = 1,
+    graph: bool = False,
+    on_start: Callable[[list, list], None] | None = None,
+    on_done: Callable | None = None,
+    say: Callable[[str], None] | None = None,
+    died: Callable[[str], None] | None = None,
+) -> SweepResult:
     """Train ``configs`` in parallel: ``workers`` single-thread processes on this machine
     (``backend="local"``; 0 = one per core) or one Ray task per job (``backend="ray"``; ``address``
     the cluster, default $RAY_ADDRESS or a local instance). Finished runs are reused, killed ones
@@ -141,12 +172,21 @@ def train_many(configs: list, *, workers: int = 0, backend: str = "local", addre
     if todo and backend == "local":
         from creditaudit.jobs import run_many
 
-        outcomes = run_many(todo, workers=workers, stack=stack, graph=graph, on_done=on_done, say=say, died=died)
+        outcomes = run_many(
+            todo, workers=workers, stack=stack, graph=graph, on_done=on_done, say=say, died=died
+        )
     elif todo:
         from creditaudit.jobs.ray_backend import run_many_ray
 
-        outcomes = run_many_ray(todo, address=address or None, num_cpus=workers or None, gpus_per_run=gpus_per_run,
-                                stack=stack, graph=graph, on_done=on_done)
+        outcomes = run_many_ray(
+            todo,
+            address=address or None,
+            num_cpus=workers or None,
+            gpus_per_run=gpus_per_run,
+            stack=stack,
+            graph=graph,
+            on_done=on_done,
+        )
     return SweepResult(list(configs), list(outcomes), reused)
 
 
@@ -161,13 +201,19 @@ def split_finished(configs: Iterable) -> tuple[list, list]:
     return todo, done
 
 
-def plan(*settings: str, profile: str = "cpu", with_baselines: bool = False, overrides: Iterable[str] = (), **fields: Any) -> list:
+def plan(
+    *settings: str,
+    profile: str = "cpu",
+    with_baselines: bool = False,
+    overrides: Iterable[str] = (),
+    **fields: Any,
+) -> list:
     """The run configs ``creditaudit sweep SETTING... --profile P`` trains (``"all"``: every setting
     of the study), baselines first; nothing is trained."""
     from creditaudit.experiments import baselines, expand, study_settings
 
     if not settings:
-        raise ConfigError("name at least one setting (see `creditaudit list`), or \"all\"")
+        raise ConfigError('name at least one setting (see `creditaudit list`), or "all"')
     names = study_settings() if list(settings) == ["all"] else list(settings)
     items = _items(overrides, fields)
     cfgs = [c for n in names for c in expand(n, profile=profile, overrides=items)]
@@ -175,13 +221,34 @@ def plan(*settings: str, profile: str = "cpu", with_baselines: bool = False, ove
     return added + cfgs
 
 
-def sweep(*settings: str, profile: str = "cpu", with_baselines: bool = False, overrides: Iterable[str] = (),
-          workers: int = 0, backend: str = "local", address: str | None = None, gpus_per_run: float = 0.0,
-          stack: int = 1, graph: bool = False, on_done: Callable | None = None, **fields: Any) -> SweepResult:
+def sweep(
+    *settings: str,
+    profile: str = "cpu",
+    with_baselines: bool = False,
+    overrides: Iterable[str] = (),
+    workers: int = 0,
+    backend: str = "local",
+    address: str | None = None,
+    gpus_per_run: float = 0.0,
+    stack: int = 1,
+    graph: bool = False,
+    on_done: Callable | None = None,
+    **fields: Any,
+) -> SweepResult:
     """Train settings of the study, as ``creditaudit sweep``: :func:`plan`, then :func:`train_many`."""
-    cfgs = plan(*settings, profile=profile, with_baselines=with_baselines, overrides=overrides, **fields)
-    return train_many(cfgs, workers=workers, backend=backend, address=address, gpus_per_run=gpus_per_run,
-                      stack=stack, graph=graph, on_done=on_done)
+    cfgs = plan(
+        *settings, profile=profile, with_baselines=with_baselines, overrides=overrides, **fields
+    )
+    return train_many(
+        cfgs,
+        workers=workers,
+        backend=backend,
+        address=address,
+        gpus_per_run=gpus_per_run,
+        stack=stack,
+        graph=graph,
+        on_done=on_done,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +270,13 @@ class AuditResult:
         rows = []
         for audit in self.audits:
             for ra in audit.rules:
-                row: dict[str, Any] = {"setting": audit.setting, "rule": ra.rule, "n": ra.verdict.n,
-                                       "verdict": ra.verdict.label, "claim": ra.verdict.claim}
+                row: dict[str, Any] = {
+                    "setting": audit.setting,
+                    "rule": ra.rule,
+                    "n": ra.verdict.n,
+                    "verdict": ra.verdict.label,
+                    "claim": ra.verdict.claim,
+                }
                 for d in ("D1", "D2", "D3"):
                     row[f"{d}_fired"] = sum(e is not None for e in ra.fire_epochs(d))
                 for m, count in ra.verdict.modes.items():
@@ -221,9 +293,20 @@ class AuditResult:
         return _pandas().DataFrame(self.table())
 
 
-def audit(results: str | Path | None = None, /, *overrides: str, rules: Iterable[str] | None = None,
-          profile: str = "default", seeds: Iterable[int] = SEEDS3, workers: int = 0, own_baseline: bool = False,
-          thresholds=None, out: str | Path | None = None, on_done: Callable | None = None, **fields: Any) -> AuditResult:
+def audit(
+    results: str | Path | None = None,
+    /,
+    *overrides: str,
+    rules: Iterable[str] | None = None,
+    profile: str = "default",
+    seeds: Iterable[int] = SEEDS3,
+    workers: int = 0,
+    own_baseline: bool = False,
+    thresholds=None,
+    out: str | Path | None = None,
+    on_done: Callable | None = None,
+    **fields: Any,
+) -> AuditResult:
     """Train and audit, as ``creditaudit audit``: without ``results``, the profile's rules (or
     ``rules``: names, rule files, or ``["all"]``) × ``seeds`` and the ``bp_frozen`` baseline (each
     rule's own ``<rule>_frozen`` with ``own_baseline``) are trained — finished runs reused — and
@@ -233,22 +316,44 @@ def audit(results: str | Path | None = None, /, *overrides: str, rules: Iterable
     here finished, there is nothing to audit: the result holds no audit, and ``trained.failed`` why."""
     if results is not None:
         if overrides or fields or rules is not None:
-            raise ConfigError("audit(results) re-audits a folder: it takes no rules and no overrides")
+            raise ConfigError(
+                "audit(results) re-audits a folder: it takes no rules and no overrides"
+            )
         return report(results, thresholds=thresholds, own_baseline=own_baseline, out=out)
     seeds = tuple(seeds)
     if not seeds:
         raise ConfigError("name at least one seed, e.g. seeds=(42, 123, 456)")
-    cfgs = audit_configs(rules, profile=profile, seeds=seeds, own_baseline=own_baseline, overrides=overrides, **fields)
+    cfgs = audit_configs(
+        rules,
+        profile=profile,
+        seeds=seeds,
+        own_baseline=own_baseline,
+        overrides=overrides,
+        **fields,
+    )
     trained = train_many(cfgs, workers=workers, on_done=on_done)
     if not any(s == "finished" for s in trained.statuses):
         return AuditResult([], [], trained)  # nothing to audit: trained.failed says why
-    result = report(cfgs[0].results, setting=cfgs[0].setting, thresholds=thresholds, own_baseline=own_baseline, out=out)
+    result = report(
+        cfgs[0].results,
+        setting=cfgs[0].setting,
+        thresholds=thresholds,
+        own_baseline=own_baseline,
+        out=out,
+    )
     result.trained = trained
     return result
 
 
-def audit_configs(rules: Iterable[str] | None = None, *, profile: str = "default", seeds: Iterable[int] = SEEDS3,
-                  own_baseline: bool = False, overrides: Iterable[str] = (), **fields: Any) -> list:
+def audit_configs(
+    rules: Iterable[str] | None = None,
+    *,
+    profile: str = "default",
+    seeds: Iterable[int] = SEEDS3,
+    own_baseline: bool = False,
+    overrides: Iterable[str] = (),
+    **fields: Any,
+) -> list:
     """The runs :func:`audit` trains: ``rules`` (names, rule files, or ``["all"]``; default the
     profile's) × ``seeds`` and the baseline × ``seeds``, under ``profile``."""
     from creditaudit import experiments as E
@@ -261,8 +366,13 @@ def audit_configs(rules: Iterable[str] | None = None, *, profile: str = "default
     names, items = resolve_rule_files(list(dict.fromkeys(names)), _items(overrides, fields))
     if own_baseline:
         names += [f"{r}_frozen" for r in names if not r.endswith("_frozen")]
-    return E.audit_configs(names, profile=profile, seeds=tuple(seeds), overrides=items,
-                           baseline=None if own_baseline else E.BASELINE_RULE)
+    return E.audit_configs(
+        names,
+        profile=profile,
+        seeds=tuple(seeds),
+        overrides=items,
+        baseline=None if own_baseline else E.BASELINE_RULE,
+    )
 
 
 class NothingToAudit(MissingPathError):
@@ -274,8 +384,14 @@ class NothingToAudit(MissingPathError):
         self.problems = list(problems or [])
 
 
-def report(results: str | Path, *, setting: str | None = None, thresholds=None, own_baseline: bool = False,
-           out: str | Path | None = None) -> AuditResult:
+def report(
+    results: str | Path,
+    *,
+    setting: str | None = None,
+    thresholds=None,
+    own_baseline: bool = False,
+    out: str | Path | None = None,
+) -> AuditResult:
     """Audit the finished runs under ``results`` (of one ``setting``, or of every one) and write
     their reports, training nothing: :func:`audit` of a folder."""
     from collections import Counter
@@ -286,17 +402,27 @@ def report(results: str | Path, *, setting: str | None = None, thresholds=None, 
     root = require_results(results)
     col = collect(root, [setting] if setting else None)
     if not col.runs:
-        raise NothingToAudit(f"no readable run folders under {root}" + (f" ({len(col.problems)} skipped)" if col.problems else ""),
-                             col.problems)
-    written = write_reports(col, root, setting=setting, thresholds=thresholds, own_baseline=own_baseline, out=out)
+        raise NothingToAudit(
+            f"no readable run folders under {root}"
+            + (f" ({len(col.problems)} skipped)" if col.problems else ""),
+            col.problems,
+        )
+    written = write_reports(
+        col, root, setting=setting, thresholds=thresholds, own_baseline=own_baseline, out=out
+    )
     if not written:
         counts = Counter(r.status for r in col.runs)
-        raise NothingToAudit(f"nothing to audit under {root}: no run has finished ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-                             "finish them with `creditaudit sweep SETTING` (killed runs resume) and audit again", col.problems)
+        raise NothingToAudit(
+            f"nothing to audit under {root}: no run has finished ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+            "finish them with `creditaudit sweep SETTING` (killed runs resume) and audit again",
+            col.problems,
+        )
     return AuditResult([a for a, _ in written], [p for _, p in written], None, col.problems)
 
 
-def resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+def resolve_rule_files(
+    rules: list[str], overrides: tuple[str, ...]
+) -> tuple[list[str], tuple[str, ...]]:
     """``my_rule.py`` -> the rule's registered name, with the file added to ``plugins``."""
     from creditaudit.rules import load_rule_file
 
@@ -305,7 +431,9 @@ def resolve_rule_files(rules: list[str], overrides: tuple[str, ...]) -> tuple[li
         if r.endswith(".py"):
             registered = load_rule_file(r)
             if len(registered) != 1:
-                raise ConfigError(f"{r} registers several rules ({', '.join(registered)}): name one and pass plugins={r}")
+                raise ConfigError(
+                    f"{r} registers several rules ({', '.join(registered)}): name one and pass plugins={r}"
+                )
             names.append(registered[0])
             files.append(str(Path(r).resolve()))
         else:
@@ -322,8 +450,10 @@ def require_results(results: str | Path) -> Path:
     """The results folder ``results`` names; a missing one is one line naming the fix."""
     if not Path(results).is_dir():
         what = " (that is a file)" if Path(results).exists() else ""
-        raise MissingPathError(f"no results folder {str(results)!r}{what}; train some runs first "
-                               "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them")
+        raise MissingPathError(
+            f"no results folder {str(results)!r}{what}; train some runs first "
+            "(`creditaudit audit` or `creditaudit sweep SETTING`) or name the folder that holds them"
+        )
     return Path(results)
 
 
@@ -341,11 +471,19 @@ class TablesResult:
         for t in self.tables:
             if t.key == key:
                 return t
-        raise KeyError(f"no table {key!r}; these were built: {', '.join(t.key for t in self.tables)}")
+        raise KeyError(
+            f"no table {key!r}; these were built: {', '.join(t.key for t in self.tables)}"
+        )
 
 
-def tables(results: str | Path = "results", *, names: Iterable[str] = (), out: str | Path | None = None,
-           triangulate: str | None = None, thresholds=None) -> TablesResult:
+def tables(
+    results: str | Path = "results",
+    *,
+    names: Iterable[str] = (),
+    out: str | Path | None = None,
+    triangulate: str | None = None,
+    thresholds=None,
+) -> TablesResult:
     """The study's tables from a results folder alone, as ``creditaudit tables``: Table 1, FA vs
     DFA, penalty sweep, depth sweep, cross-architecture, functional triangulation (``names``: some
     of them), written to ``out`` (default ``<results>/_reports/tables.md``)."""
@@ -360,8 +498,12 @@ def tables(results: str | Path = "results", *, names: Iterable[str] = (), out: s
         raise ConfigError(f"unknown table {unknown[0]!r}; choose from {', '.join(T.TABLES)}")
     col = collect(require_results(results))
     th = thresholds or Thresholds()
-    chosen = [T.triangulation(col, th, triangulate or None) if n == "triangulation" else T.TABLES[n](col, th)
-              for n in (names or T.TABLES)]
+    chosen = [
+        T.triangulation(col, th, triangulate or None)
+        if n == "triangulation"
+        else T.TABLES[n](col, th)
+        for n in (names or T.TABLES)
+    ]
     path = Path(out) if out else Path(results) / "_reports" / "tables.md"
     atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
     return TablesResult(chosen, path, col, T.skipped(col))
@@ -387,7 +529,9 @@ def inventory(results: str | Path = "results", *, out: str | Path | None = None)
     col = collect(require_results(results))
     path = Path(out) if out else Path(results) / "_reports" / "TRAINING_INVENTORY.md"
     atomic_write_text(path, inventory_markdown(col, str(results)))
-    return InventoryResult(path, len(col.runs), sum(r.status == "finished" for r in col.runs), list(col.problems))
+    return InventoryResult(
+        path, len(col.runs), sum(r.status == "finished" for r in col.runs), list(col.problems)
+    )
 
 
 def load(results: str | Path = "results", settings: Iterable[str] | None = None):
@@ -398,5 +542,22 @@ def load(results: str | Path = "results", settings: Iterable[str] | None = None)
     return load_results(results, list(settings) if settings is not None else None)
 
 
-__all__ = ["AuditResult", "InventoryResult", "NothingToAudit", "RunResult", "SweepResult", "TablesResult", "audit", "audit_configs",
-           "inventory", "load", "make_config", "plan", "report", "sweep", "tables", "train", "train_many"]
+__all__ = [
+    "AuditResult",
+    "InventoryResult",
+    "NothingToAudit",
+    "RunResult",
+    "SweepResult",
+    "TablesResult",
+    "audit",
+    "audit_configs",
+    "inventory",
+    "load",
+    "make_config",
+    "plan",
+    "report",
+    "sweep",
+    "tables",
+    "train",
+    "train_many",
+]

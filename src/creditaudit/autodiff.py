@@ -9,6 +9,7 @@ costs a little less (EP's credits alone, resmlp, one CPU thread: 77–82 ms agai
 constants: only the primals get a derivative, no parameter ``.grad`` is touched and the outputs
 carry no graph.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -22,8 +23,9 @@ def under_transform() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
-def vjp(fn: Callable[..., Tensor | tuple[Tensor, ...]], *primals: Tensor
-        ) -> tuple[Tensor | tuple[Tensor, ...], Callable[..., tuple[Tensor, ...]]]:
+def vjp(
+    fn: Callable[..., Tensor | tuple[Tensor, ...]], *primals: Tensor
+) -> tuple[Tensor | tuple[Tensor, ...], Callable[..., tuple[Tensor, ...]]]:
     """``(fn(*primals), pullback)`` with ``pullback(cotangents)`` the vector-Jacobian products with
     respect to ``primals`` (``cotangents`` shaped like the outputs: one tensor, or a tuple). The
     outputs and the products are detached."""
@@ -50,6 +52,8 @@ def grad(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Tensor:
     return pull(torch.ones_like(out))[0]
 
 
-def _no_grad(pull: Callable[..., tuple[Tensor, ...]], cotangents: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def _no_grad(
+    pull: Callable[..., tuple[Tensor, ...]], cotangents: Tensor | tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
     with torch.no_grad():
         return pull(cotangents)

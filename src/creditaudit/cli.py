@@ -13,6 +13,7 @@ is not UTF-8. click's own usage errors (a bad option value) are one line too. An
 bug and keeps its traceback. Run folders and reports are written atomically, so such an error
 loses nothing already computed.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,7 +80,9 @@ class Commands(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as exc:
-            where = f" (`{exc.ctx.command_path} --help` shows the usage)" if exc.ctx is not None else ""
+            where = (
+                f" (`{exc.ctx.command_path} --help` shows the usage)" if exc.ctx is not None else ""
+            )
             _error_line(f"{exc.format_message()}{where}")
 
     def invoke(self, ctx: click.Context):
@@ -89,10 +92,14 @@ class Commands(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise  # a group named alone: its help
         except click.UsageError as exc:
-            where = f" (`{exc.ctx.command_path} --help` shows the usage)" if exc.ctx is not None else ""
+            where = (
+                f" (`{exc.ctx.command_path} --help` shows the usage)" if exc.ctx is not None else ""
+            )
             _error_line(f"{exc.format_message()}{where}")
         except KeyboardInterrupt:
-            err_console.print("interrupted: what was computed is kept; run the same command again to resume")
+            err_console.print(
+                "interrupted: what was computed is kept; run the same command again to resume"
+            )
             sys.exit(INTERRUPTED)
 
 
@@ -170,7 +177,10 @@ def config_rows() -> list[tuple[str, str]]:
     from creditaudit.typedconfig import iter_fields
 
     paths = [path for path, *_ in iter_fields(TrainConfig)]
-    return [(path, f"{text} [{tname}, default {default}]") for path, (_, tname, default, text) in zip(paths, help_rows())]
+    return [
+        (path, f"{text} [{tname}, default {default}]")
+        for path, (_, tname, default, text) in zip(paths, help_rows())
+    ]
 
 
 class FieldHelpCommand(click.Command):
@@ -179,13 +189,17 @@ class FieldHelpCommand(click.Command):
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Overrides (key=value)"):
-            formatter.write_text("A key is a field's dotted path below; a nested field may also be named by its "
-                                 "last part where that is unambiguous (dataset=digits, d=64, lr=0.01).")
+            formatter.write_text(
+                "A key is a field's dotted path below; a nested field may also be named by its "
+                "last part where that is unambiguous (dataset=digits, d=64, lr=0.01)."
+            )
             formatter.write_paragraph()
             formatter.write_dl(config_rows())
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
+@click.group(
+    cls=Commands, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP
+)
 @click.version_option(package_name="creditaudit")
 def main() -> None:
     """Train networks with backprop and its alternatives, and audit whether each rule really
@@ -212,22 +226,37 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
     colour = {"finished": "green", "diverged": "yellow"}.get(run.status, "red")
     acc = run.final.get("test/acc")
     acc_text = f"test acc {acc:.4f}, " if acc is not None else ""
-    console.print(f"[{colour}]{run.status}[/]: {run.run} — {acc_text}{run.epochs_done} epochs, "
-                  f"{run.wall_s:.1f} s — {cfg.results}/{cfg.setting}/{run.run}")
+    console.print(
+        f"[{colour}]{run.status}[/]: {run.run} — {acc_text}{run.epochs_done} epochs, "
+        f"{run.wall_s:.1f} s — {cfg.results}/{cfg.setting}/{run.run}"
+    )
     if run.status != "finished":
         sys.exit(RUNS_FAILED)
 
 
 def _train_with_progress(cfg, quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from creditaudit import api
     from creditaudit.training.trainer import Reporter
 
     show_bar = cfg.progress and not quiet and console.is_terminal
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=not show_bar,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not show_bar,
     )
     task = None
     state = {"epoch": 0, "start": 0}  # epochs completed; epoch this session started from
@@ -240,14 +269,20 @@ def _train_with_progress(cfg, quiet: bool):
             return
         state["epoch"] = state["start"] = run.epoch
         if not quiet:
-            console.print(f"{how} {cfg.rule} on {cfg.arch}/{cfg.data.dataset}, seed {cfg.seed}, "
-                          f"{cfg.epochs} epochs, device {run.device}" + (f", from epoch {run.epoch}" if run.epoch else ""))
+            console.print(
+                f"{how} {cfg.rule} on {cfg.arch}/{cfg.data.dataset}, seed {cfg.seed}, "
+                f"{cfg.epochs} epochs, device {run.device}"
+                + (f", from epoch {run.epoch}" if run.epoch else "")
+            )
         task = progress.add_task("", total=len(run.loader) * (cfg.epochs - run.epoch))
 
     def on_step(i: int, n: int, loss: float, acc: float) -> None:
         if task is not None:
-            progress.update(task, completed=(state["epoch"] - state["start"]) * n + i,
-                            description=f"epoch {state['epoch'] + 1}/{cfg.epochs} loss {loss:.4f} acc {acc:.3f}")
+            progress.update(
+                task,
+                completed=(state["epoch"] - state["start"]) * n + i,
+                description=f"epoch {state['epoch'] + 1}/{cfg.epochs} loss {loss:.4f} acc {acc:.3f}",
+            )
 
     def on_epoch(run, record: dict) -> None:
         state["epoch"] = run.epoch
@@ -258,30 +293,96 @@ def _train_with_progress(cfg, quiet: bool):
             )
 
     with progress:
-        return api.train(cfg, reporter=Reporter(on_start=on_start, on_step=on_step if show_bar else None, on_epoch=on_epoch))
+        return api.train(
+            cfg,
+            reporter=Reporter(
+                on_start=on_start, on_step=on_step if show_bar else None, on_epoch=on_epoch
+            ),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--rule", "rules", multiple=True, help="Audit this rule (a name, or the path of a .py file with your own rule) instead of the profile's (the main six by default); repeatable.")
-@click.option("--rules", "rule_list", default="", help="Comma-separated rules to audit, or `all`: every registered rule "
-              "(the study's six, the field's other families, your plugins).")
-@click.option("--profile", default="default", show_default=True,
-              help="default | double | paper | mnist1d (the study's findings on a laptop) | mode1 (bp, fa, dfa on a recipe "
-                   "where DFA shows Mode 1; see docs/audit.md).")
-@click.option("--seeds", type=SeedList(), default="42,123,456", show_default=True, help="Comma-separated seeds.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Parallel single-thread training processes (0 = one per CPU core).")
-@click.option("--out", default="", help="Where the reports go, one folder per setting (default: <results>/_reports).")
-@click.option("--own-baseline", is_flag=True, help="D3 against each rule's own <rule>_frozen instead of bp_frozen.")
-@click.option("--d1", type=Threshold(), default=50.0, show_default=True, help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.")
-@click.option("--d2", type=Threshold(), default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖.")
-@click.option("--d3", type=Threshold(), default=2.0, show_default=True, help="D3 threshold on depth utility, percentage points.")
-@click.option("--mode2", type=Threshold(), default=0.1, show_default=True, help="Mode 2 threshold on |deep cos|.")
-@click.option("--no-legend", "legend", is_flag=True, flag_value=False, default=True,
-              help="Leave out the legend under the audit table (what its columns, verdicts and claims mean).")
-def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2, legend) -> None:
+@click.option(
+    "--rule",
+    "rules",
+    multiple=True,
+    help="Audit this rule (a name, or the path of a .py file with your own rule) instead of the profile's (the main six by default); repeatable.",
+)
+@click.option(
+    "--rules",
+    "rule_list",
+    default="",
+    help="Comma-separated rules to audit, or `all`: every registered rule "
+    "(the study's six, the field's other families, your plugins).",
+)
+@click.option(
+    "--profile",
+    default="default",
+    show_default=True,
+    help="default | double | paper | mnist1d (the study's findings on a laptop) | mode1 (bp, fa, dfa on a recipe "
+    "where DFA shows Mode 1; see docs/audit.md).",
+)
+@click.option(
+    "--seeds",
+    type=SeedList(),
+    default="42,123,456",
+    show_default=True,
+    help="Comma-separated seeds.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Parallel single-thread training processes (0 = one per CPU core).",
+)
+@click.option(
+    "--out",
+    default="",
+    help="Where the reports go, one folder per setting (default: <results>/_reports).",
+)
+@click.option(
+    "--own-baseline",
+    is_flag=True,
+    help="D3 against each rule's own <rule>_frozen instead of bp_frozen.",
+)
+@click.option(
+    "--d1",
+    type=Threshold(),
+    default=50.0,
+    show_default=True,
+    help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.",
+)
+@click.option(
+    "--d2", type=Threshold(), default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖."
+)
+@click.option(
+    "--d3",
+    type=Threshold(),
+    default=2.0,
+    show_default=True,
+    help="D3 threshold on depth utility, percentage points.",
+)
+@click.option(
+    "--mode2",
+    type=Threshold(),
+    default=0.1,
+    show_default=True,
+    help="Mode 2 threshold on |deep cos|.",
+)
+@click.option(
+    "--no-legend",
+    "legend",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="Leave out the legend under the audit table (what its columns, verdicts and claims mean).",
+)
+def audit(
+    args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1, d2, d3, mode2, legend
+) -> None:
     """Train and audit: creditaudit audit [RESULTS_DIR] [key=value ...]
 
     Without RESULTS_DIR: trains the main audit (bp, fa, dfa, ep, sb, cb × 3 seeds and the bp_frozen
@@ -305,7 +406,9 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
     th = Thresholds(d1_ratio=d1, d2_norm=d2, d3_pp=d3, mode2_cos=mode2)
     if results_dir:
         try:
-            result = api.report(results_dir[0], thresholds=th, own_baseline=own_baseline, out=out or None)
+            result = api.report(
+                results_dir[0], thresholds=th, own_baseline=own_baseline, out=out or None
+            )
         except api.NothingToAudit as e:
             _say_skipped(e.problems)
             raise  # one error line, exit status 2
@@ -317,19 +420,36 @@ def audit(args, rules, rule_list, profile, seeds, workers, out, own_baseline, d1
         rules = (*rules, "all")
     elif rule_list:
         rules = (*rules, *(r.strip() for r in rule_list.split(",") if r.strip()))
-    cfgs = api.audit_configs(rules or None, profile=profile, seeds=seeds, own_baseline=own_baseline, overrides=overrides)
+    cfgs = api.audit_configs(
+        rules or None, profile=profile, seeds=seeds, own_baseline=own_baseline, overrides=overrides
+    )
     statuses = _train_all(cfgs, workers)
     try:
-        _show_audit(api.report(cfgs[0].results, setting=cfgs[0].setting, thresholds=th, own_baseline=own_baseline,
-                               out=out or None), legend)
+        _show_audit(
+            api.report(
+                cfgs[0].results,
+                setting=cfgs[0].setting,
+                thresholds=th,
+                own_baseline=own_baseline,
+                out=out or None,
+            ),
+            legend,
+        )
     except api.NothingToAudit as e:  # every run failed: said above, run by run, and here once
         _say_skipped(e.problems)
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
     sys.exit(runs_status(statuses))
 
 
-def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_run: float = 0.0,
-               stack: int = 1, graph: bool = False) -> list[str]:
+def _train_all(
+    cfgs,
+    workers: int,
+    *,
+    ray_address: str | None = None,
+    gpus_per_run: float = 0.0,
+    stack: int = 1,
+    graph: bool = False,
+) -> list[str]:
     """Train ``cfgs`` with one live progress line for the whole job — runs finished / total, failed,
     elapsed, and an ETA from the epochs trained so far — in a terminal; a plain line per run with
     the same counts when piped. Local worker processes, or Ray tasks when ``ray_address`` is given
@@ -346,8 +466,15 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
 
     # Runs finished before: reused, said once, never handed to a worker (nor listed with old times).
     job = JobProgress({})
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
-                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
         task = progress.add_task("runs", total=None, state="", visible=False)
 
         def start(todo, reused) -> None:
@@ -356,8 +483,10 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
                 progress.console.print(f"nothing to train: {what}")
                 return
             job.epochs.update({label(c): c.epochs for c in todo})
-            progress.console.print(f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({todo[0].data.dataset}, "
-                                   f"{todo[0].epochs} epochs each)" + (f"; {what}" if reused else ""))
+            progress.console.print(
+                f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({todo[0].data.dataset}, "
+                f"{todo[0].epochs} epochs each)" + (f"; {what}" if reused else "")
+            )
             progress.update(task, total=len(todo), state=job.state(), visible=True)
 
         def done(outcome, i, n):
@@ -365,9 +494,15 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
             progress.update(task, advance=1, state=job.state())
             colour = {"finished": "green", "locked": "yellow"}.get(outcome.status, "red")
             counts = "" if console.is_terminal else f"  [{job.line()}]"
-            progress.console.print(f"  [{colour}]{outcome.status:>9}[/] {outcome.run}  {outcome.wall_s:.0f} s"
-                                   + (f"  {escape(outcome.error.splitlines()[0])}" if outcome.error and outcome.status != "finished" else "")
-                                   + escape(counts))
+            progress.console.print(
+                f"  [{colour}]{outcome.status:>9}[/] {outcome.run}  {outcome.wall_s:.0f} s"
+                + (
+                    f"  {escape(outcome.error.splitlines()[0])}"
+                    if outcome.error and outcome.status != "finished"
+                    else ""
+                )
+                + escape(counts)
+            )
 
         def say(line: str) -> None:  # what a worker wrote to stderr, above the bar
             progress.console.print(f"  {escape(line)}")
@@ -377,13 +512,22 @@ def _train_all(cfgs, workers: int, *, ray_address: str | None = None, gpus_per_r
             progress.update(task, state=job.state())
             progress.console.print(f"  [yellow]{escape(line)}[/]")
 
-        result = api.train_many(cfgs, workers=workers, backend="local" if ray_address is None else "ray",
-                                address=ray_address or None, gpus_per_run=gpus_per_run, stack=stack, graph=graph,
-                                on_start=start, on_done=done, say=say, died=died)
+        result = api.train_many(
+            cfgs,
+            workers=workers,
+            backend="local" if ray_address is None else "ray",
+            address=ray_address or None,
+            gpus_per_run=gpus_per_run,
+            stack=stack,
+            graph=graph,
+            on_start=start,
+            on_done=done,
+            say=say,
+            died=died,
+        )
     if result.outcomes:
         console.print(job.line())
     return result.statuses
-
 
 
 def _say_skipped(problems: list[str]) -> None:
@@ -410,27 +554,66 @@ def _show_audit(result, legend: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--profile", default="cpu", show_default=True, help="paper | cpu | smoke | mnist1d: data and epochs, never "
-              "definitions (`creditaudit list`).")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes on this machine; ray: one Ray task per job (a run, or a stack with --stack).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="local: parallel single-thread processes (0 = one per CPU core); ray without --address: "
-                   "CPUs of the local Ray instance started (0 = all).")
-@click.option("--address", default=None, help="ray: the cluster to use (host:port, ray://host:port or auto; "
-              "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
-              "system every node sees at the same path.")
-@click.option("--gpus-per-run", default=0.0, show_default=True, help="ray: GPUs each task (a run or a stack) reserves (with device=cuda).")
-@click.option("--stack", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train runs of one kind (same rule, architecture, sizes, data, schedule; other seeds or λ) as one "
-                   "program, at most N per stack (on a GPU, where it fills the card: 16); 1 = a run per job. Rules that "
-                   "cannot stack run alone (`creditaudit list` says which; docs/performance.md).")
-@click.option("--graph", is_flag=True, help="On CUDA, replay each stack's step as a CUDA graph (one launch per step; not yet measured, hence off by default).")
-@click.option("--with-baselines", is_flag=True,
-              help="Also train the frozen-blocks baseline (bp_frozen) each run's D3 needs, where the folder lacks it: taken "
-                   "from frozen_baselines when the registry has it, else an added control in <results>/controls/.")
-@click.option("--dry-run", is_flag=True, help="List the runs (and which are finished) without training.")
-def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, with_baselines, dry_run) -> None:
+@click.option(
+    "--profile",
+    default="cpu",
+    show_default=True,
+    help="paper | cpu | smoke | mnist1d: data and epochs, never definitions (`creditaudit list`).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: worker processes on this machine; ray: one Ray task per job (a run, or a stack with --stack).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="local: parallel single-thread processes (0 = one per CPU core); ray without --address: "
+    "CPUs of the local Ray instance started (0 = all).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="ray: the cluster to use (host:port, ray://host:port or auto; "
+    "default $RAY_ADDRESS, else a local Ray instance). The results folder must be on a file "
+    "system every node sees at the same path.",
+)
+@click.option(
+    "--gpus-per-run",
+    default=0.0,
+    show_default=True,
+    help="ray: GPUs each task (a run or a stack) reserves (with device=cuda).",
+)
+@click.option(
+    "--stack",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train runs of one kind (same rule, architecture, sizes, data, schedule; other seeds or λ) as one "
+    "program, at most N per stack (on a GPU, where it fills the card: 16); 1 = a run per job. Rules that "
+    "cannot stack run alone (`creditaudit list` says which; docs/performance.md).",
+)
+@click.option(
+    "--graph",
+    is_flag=True,
+    help="On CUDA, replay each stack's step as a CUDA graph (one launch per step; not yet measured, hence off by default).",
+)
+@click.option(
+    "--with-baselines",
+    is_flag=True,
+    help="Also train the frozen-blocks baseline (bp_frozen) each run's D3 needs, where the folder lacks it: taken "
+    "from frozen_baselines when the registry has it, else an added control in <results>/controls/.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="List the runs (and which are finished) without training."
+)
+def sweep(
+    args, profile, backend, workers, address, gpus_per_run, stack, graph, with_baselines, dry_run
+) -> None:
     """Train experiment settings: creditaudit sweep SETTING... [key=value ...]
 
     Each setting of the study (`creditaudit list`) expands, under the profile, into its runs in
@@ -453,19 +636,32 @@ def sweep(args, profile, backend, workers, address, gpus_per_run, stack, graph, 
         raise click.UsageError("name at least one setting (see `creditaudit list`), or `all`")
     if names == ["all"]:
         names = study_settings()
-    cfgs = api.plan(*names, profile=profile, with_baselines=with_baselines, overrides=overrides)  # baselines first
+    cfgs = api.plan(
+        *names, profile=profile, with_baselines=with_baselines, overrides=overrides
+    )  # baselines first
     for line in (line for n in names for line in profile_notes(n, profile)):
         console.print(escape(line))
     _, done = api.split_finished(cfgs)
     added = sum(c.setting not in names for c in cfgs)
     extra = f" (with {added} baseline run(s))" if with_baselines else ""
-    console.print(f"{len(cfgs)} runs{extra} in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train")
+    console.print(
+        f"{len(cfgs)} runs{extra} in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train"
+    )
     if dry_run:
         for c in cfgs:
-            console.print(f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)")
+            console.print(
+                f"  {'finished' if c in done else 'to train':>9}  {run_path(c)}  ({c.data.dataset}, {c.epochs} epochs)"
+            )
         return
     if backend == "ray":
-        statuses = _train_all(cfgs, workers, ray_address=address or "", gpus_per_run=gpus_per_run, stack=stack, graph=graph)
+        statuses = _train_all(
+            cfgs,
+            workers,
+            ray_address=address or "",
+            gpus_per_run=gpus_per_run,
+            stack=stack,
+            graph=graph,
+        )
     else:
         statuses = _train_all(cfgs, workers, stack=stack, graph=graph)
     sys.exit(runs_status(statuses))
@@ -483,14 +679,43 @@ class ProtocolHelpCommand(click.Command):
 
 @main.command(cls=ProtocolHelpCommand, context_settings={"ignore_unknown_options": True})
 @click.argument("overrides", nargs=-1)
-@click.option("--profile", default="default", show_default=True, help="smoke | default | paper (docs/exploit.md).")
-@click.option("--seeds", type=SeedList(), default="", help="Comma-separated seeds (default: the profile's; 42,123,456).")
-@click.option("--results", default="results", show_default=True, help="Results folder; the study goes to RESULTS/_exploit/PROFILE/.")
+@click.option(
+    "--profile",
+    default="default",
+    show_default=True,
+    help="smoke | default | paper (docs/exploit.md).",
+)
+@click.option(
+    "--seeds",
+    type=SeedList(),
+    default="",
+    help="Comma-separated seeds (default: the profile's; 42,123,456).",
+)
+@click.option(
+    "--results",
+    default="results",
+    show_default=True,
+    help="Results folder; the study goes to RESULTS/_exploit/PROFILE/.",
+)
 @click.option("--out", default="", help="The study's folder instead (it holds one protocol).")
-@click.option("--snapshot", default="", help="A finished run folder (or a checkpoint in it) to measure instead of training BP snapshots.")
-@click.option("--render", "render_dir", default="", help="Re-render DIR/exploit.md from DIR alone: trains and measures nothing.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Parallel single-thread processes (0 = one per CPU core).")
+@click.option(
+    "--snapshot",
+    default="",
+    help="A finished run folder (or a checkpoint in it) to measure instead of training BP snapshots.",
+)
+@click.option(
+    "--render",
+    "render_dir",
+    default="",
+    help="Re-render DIR/exploit.md from DIR alone: trains and measures nothing.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Parallel single-thread processes (0 = one per CPU core).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, workers, device) -> None:
     """Snapshot exploitability: creditaudit exploit [--profile default] [key=value ...]
@@ -509,7 +734,9 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
         from creditaudit.exploit.report import write_report
 
         if overrides or snapshot:
-            raise click.UsageError("--render takes no overrides and no --snapshot: it only re-renders DIR")
+            raise click.UsageError(
+                "--render takes no overrides and no --snapshot: it only re-renders DIR"
+            )
         if not Path(render_dir).is_dir():
             raise MissingPathError(f"--render {render_dir}: no such folder")
         path = write_report(render_dir)
@@ -519,18 +746,24 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
     from creditaudit.exploit.runner import default_out, given_snapshot, run_exploit
 
     if not out and not results.strip():
-        raise click.BadParameter("is empty: name the results folder (or give --out DIR)", param_hint="--results")
+        raise click.BadParameter(
+            "is empty: name the results folder (or give --out DIR)", param_hint="--results"
+        )
     p = P.apply_overrides(P.profile(profile), overrides)
     if snapshot:
         p = given_snapshot(p, snapshot)
     seed_list = seeds or P.profile_seeds(profile)
     folder = Path(out) if out else default_out(p, results)
-    console.print(f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> {folder}; finished measurements are reused")
+    console.print(
+        f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> {folder}; finished measurements are reused"
+    )
 
     def done(o) -> None:
         colour = "green" if o.status == "finished" else "red"
-        console.print(f"  [{colour}]{o.status:>9}[/] {o.unit}  {o.wall_s:.0f} s"
-                      + (f"  {o.error.splitlines()[0]}" if o.error and o.status != "finished" else ""))
+        console.print(
+            f"  [{colour}]{o.status:>9}[/] {o.unit}  {o.wall_s:.0f} s"
+            + (f"  {o.error.splitlines()[0]}" if o.error and o.status != "finished" else "")
+        )
 
     outcomes = run_exploit(p, seed_list, folder, workers=workers, device=device, on_done=done)
     path = P.ExploitFolder(folder).report_path
@@ -542,11 +775,26 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("results", default="results")
-@click.option("--out", default="", help="Where to write it (default: RESULTS/_reports/TRAINING_INVENTORY.md).")
-@click.option("--plan", is_flag=True, help="Print the counts the registry's settings would produce under --profile, "
-              "training and reading nothing (check a plan against the study's inventory).")
-@click.option("--profile", default="paper", show_default=True, help="With --plan: paper | cpu | smoke | mnist1d.")
-@click.option("--with-baselines", is_flag=True, help="With --plan: count the D3 baselines a sweep --with-baselines adds.")
+@click.option(
+    "--out", default="", help="Where to write it (default: RESULTS/_reports/TRAINING_INVENTORY.md)."
+)
+@click.option(
+    "--plan",
+    is_flag=True,
+    help="Print the counts the registry's settings would produce under --profile, "
+    "training and reading nothing (check a plan against the study's inventory).",
+)
+@click.option(
+    "--profile",
+    default="paper",
+    show_default=True,
+    help="With --plan: paper | cpu | smoke | mnist1d.",
+)
+@click.option(
+    "--with-baselines",
+    is_flag=True,
+    help="With --plan: count the D3 baselines a sweep --with-baselines adds.",
+)
 def inventory(results, out, plan, profile, with_baselines) -> None:
     """Write TRAINING_INVENTORY.md from a results folder alone: creditaudit inventory [RESULTS]
 
@@ -564,8 +812,12 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
 
         cfgs = api.plan("all", profile=profile, with_baselines=with_baselines, results=results)
         notes = [line for n in study_settings() for line in profile_notes(n, profile)]
-        text = plan_markdown(cfgs, title=f"every setting, profile {profile}" + (", with baselines" if with_baselines else ""),
-                             notes=notes)
+        text = plan_markdown(
+            cfgs,
+            title=f"every setting, profile {profile}"
+            + (", with baselines" if with_baselines else ""),
+            notes=notes,
+        )
         if out:
             atomic_write_text(Path(out), text)
         if console.is_terminal:  # rendered: headings, and tables whose cells wrap at spaces
@@ -577,7 +829,9 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
         return
 
     made = api.inventory(results, out=out or None)
-    console.print(f"{made.runs} runs ({made.finished} finished) in {results}; {len(made.problems)} folder(s) skipped")
+    console.print(
+        f"{made.runs} runs ({made.finished} finished) in {results}; {len(made.problems)} folder(s) skipped"
+    )
     for problem in made.problems:
         console.print(f"  [yellow]skipped[/] {escape(problem)}")
     console.print(f"inventory: {made.path}")
@@ -585,12 +839,28 @@ def inventory(results, out, plan, profile, with_baselines) -> None:
 
 @main.command()
 @click.argument("results", default="results")
-@click.option("--out", default="", help="Where to write tables.md (default: RESULTS/_reports/tables.md).")
-@click.option("--table", "names", multiple=True,
-              help="Only these tables (repeatable): table1, fa_vs_dfa, penalty_sweep, depth_sweep, cross_arch, triangulation.")
-@click.option("--triangulate", default="", help="Setting for the functional triangulation (default: penalty_rescue, else main_audit).")
-@click.option("--no-legend", "legend", is_flag=True, flag_value=False, default=True,
-              help="Leave out the legend under the audit table (what its columns, verdicts and claims mean).")
+@click.option(
+    "--out", default="", help="Where to write tables.md (default: RESULTS/_reports/tables.md)."
+)
+@click.option(
+    "--table",
+    "names",
+    multiple=True,
+    help="Only these tables (repeatable): table1, fa_vs_dfa, penalty_sweep, depth_sweep, cross_arch, triangulation.",
+)
+@click.option(
+    "--triangulate",
+    default="",
+    help="Setting for the functional triangulation (default: penalty_rescue, else main_audit).",
+)
+@click.option(
+    "--no-legend",
+    "legend",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="Leave out the legend under the audit table (what its columns, verdicts and claims mean).",
+)
 def tables(results, out, names, triangulate, legend) -> None:
     """Write the study's tables from a results folder alone: creditaudit tables [RESULTS]
 
@@ -603,11 +873,21 @@ def tables(results, out, names, triangulate, legend) -> None:
     from creditaudit.reports.terminal import audit_legend, audit_table, plain, study_table
 
     th = Thresholds()
-    made = api.tables(results, names=names, out=out or None, triangulate=triangulate or None, thresholds=th)
+    made = api.tables(
+        results, names=names, out=out or None, triangulate=triangulate or None, thresholds=th
+    )
     for t in made.tables:
-        main_audit = build_audit(made.collection, setting="main_audit", thresholds=th) if t.key == "table1" and t.rows else None
+        main_audit = (
+            build_audit(made.collection, setting="main_audit", thresholds=th)
+            if t.key == "table1" and t.rows
+            else None
+        )
         if t.rows:
-            show(audit_table(main_audit, t.title) if main_audit else study_table(t.title, t.header, t.rows, t.terminal))
+            show(
+                audit_table(main_audit, t.title)
+                if main_audit
+                else study_table(t.title, t.header, t.rows, t.terminal)
+            )
         else:
             console.print(f"[bold]{t.title}[/]: no finished runs for this table")
         for note in t.notes:
@@ -622,8 +902,12 @@ def tables(results, out, names, triangulate, legend) -> None:
 
 @main.command()
 @click.argument("results", default="results")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
-@click.option("--out", default="", help="The file to write (default: RESULTS/_reports/runs.<format>).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True
+)
+@click.option(
+    "--out", default="", help="The file to write (default: RESULTS/_reports/runs.<format>)."
+)
 @click.option("--setting", "settings", multiple=True, help="Only these settings (repeatable).")
 def export(results, fmt, out, settings) -> None:
     """Every run × epoch of a results folder as one table: creditaudit export [RESULTS] [--format parquet|csv]
@@ -635,8 +919,12 @@ def export(results, fmt, out, settings) -> None:
     from creditaudit.results import export as write
 
     _require_results(results)
-    path, n, problems = write(results, Path(out) if out else Path(results) / "_reports" / f"runs.{fmt}", fmt,
-                              list(settings) or None)
+    path, n, problems = write(
+        results,
+        Path(out) if out else Path(results) / "_reports" / f"runs.{fmt}",
+        fmt,
+        list(settings) or None,
+    )
     console.print(f"{n} rows ({fmt}) -> {path}")
     for problem in problems:
         err_console.print(f"[yellow]skipped:[/] {problem}")
@@ -651,9 +939,20 @@ def _require_results(results: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 @main.command(name="check-rule")
 @click.argument("rule")
-@click.option("--rule", "name", default=None, help="The rule to check when the file registers several.")
-@click.option("--arch", "archs", multiple=True, help="Architecture to check on (repeatable; default: resmlp, smallcnn, vit_mini).")
-@click.option("--no-variants", is_flag=True, help="Check the rule alone, not also its _frozen and _shallow variants.")
+@click.option(
+    "--rule", "name", default=None, help="The rule to check when the file registers several."
+)
+@click.option(
+    "--arch",
+    "archs",
+    multiple=True,
+    help="Architecture to check on (repeatable; default: resmlp, smallcnn, vit_mini).",
+)
+@click.option(
+    "--no-variants",
+    is_flag=True,
+    help="Check the rule alone, not also its _frozen and _shallow variants.",
+)
 def check_rule_cmd(rule: str, name: str | None, archs: tuple[str, ...], no_variants: bool) -> None:
     """Check a rule against creditaudit's contract: creditaudit check-rule RULE
 
@@ -671,10 +970,15 @@ def check_rule_cmd(rule: str, name: str | None, archs: tuple[str, ...], no_varia
     if name is not None and rule.endswith(".py"):
         load_rule_file(rule)
     label = name or resolve_rule(rule)
-    results = check_rule(label, archs=archs or DEFAULT_ARCHS, variants=not no_variants, raise_on_failure=False)
+    results = check_rule(
+        label, archs=archs or DEFAULT_ARCHS, variants=not no_variants, raise_on_failure=False
+    )
     for c in results:
         mark = "[green]ok  [/]" if c.passed else "[bold red]FAIL[/]"
-        console.print(f"{mark} {escape(c.name)}" + (f": {escape(c.detail)}" if c.detail else ""), soft_wrap=True)
+        console.print(
+            f"{mark} {escape(c.name)}" + (f": {escape(c.detail)}" if c.detail else ""),
+            soft_wrap=True,
+        )
     failed = sum(not c.passed for c in results)
     if failed:
         console.print(f"[bold red]{escape(label)}: {failed} of {len(results)} checks failed[/]")
@@ -684,7 +988,12 @@ def check_rule_cmd(rule: str, name: str | None, archs: tuple[str, ...], no_varia
 
 # ---------------------------------------------------------------------------------------------
 @main.command(name="list")
-@click.option("--options", "-o", is_flag=True, help="Also list every rule's options with defaults and meaning.")
+@click.option(
+    "--options",
+    "-o",
+    is_flag=True,
+    help="Also list every rule's options with defaults and meaning.",
+)
 def list_(options: bool) -> None:
     """List rules, architectures and datasets by name, with a one-line summary each."""
     import dataclasses
@@ -694,35 +1003,61 @@ def list_(options: bool) -> None:
     from creditaudit.models import ARCHS
     from creditaudit.rules import RULES, VARIANTS
 
-    for title, registry in (("rules", RULES), ("architectures", ARCHS), ("datasets", DATASETS), ("settings", SETTINGS)):
-        table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    for title, registry in (
+        ("rules", RULES),
+        ("architectures", ARCHS),
+        ("datasets", DATASETS),
+        ("settings", SETTINGS),
+    ):
+        table = Table(
+            title=title, title_justify="left", show_header=False, box=None, pad_edge=False
+        )
         table.add_column(style="bold")
         table.add_column()
         for entry in registry.entries():
             table.add_row(entry.name, entry.summary)
             if options and registry is RULES:
                 for f in dataclasses.fields(entry.obj.Options):
-                    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                    table.add_row("", f"[dim]{entry.name}.{f.name}={default}  {f.metadata.get('help', '')}[/]")
+                    default = (
+                        f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    )  # type: ignore[misc]
+                    table.add_row(
+                        "", f"[dim]{entry.name}.{f.name}={default}  {f.metadata.get('help', '')}[/]"
+                    )
         show(table)
         if registry is RULES:
-            console.print(f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
-                          + ("" if options else "; `creditaudit list --options` shows each rule's options"),
-                          soft_wrap=False)  # a listing's prose: wrapped to the width, piped or not
+            console.print(
+                f"  every rule also as <rule>_{' and <rule>_'.join(VARIANTS)}: blocks frozen at init, or L=0"
+                + ("" if options else "; `creditaudit list --options` shows each rule's options"),
+                soft_wrap=False,
+            )  # a listing's prose: wrapped to the width, piped or not
             console.print()
-            stacking = Table(title="stacks (sweep --stack N: runs of one kind as one program)", title_justify="left",
-                             show_header=False, box=None, pad_edge=False)
+            stacking = Table(
+                title="stacks (sweep --stack N: runs of one kind as one program)",
+                title_justify="left",
+                show_header=False,
+                box=None,
+                pad_edge=False,
+            )
             stacking.add_column(style="bold")
             stacking.add_column()
-            stacking.add_row("stack", ", ".join(e.name for e in RULES.entries() if e.obj.stack_refusal is None)
-                             + " (and their variants), on every architecture")
+            stacking.add_row(
+                "stack",
+                ", ".join(e.name for e in RULES.entries() if e.obj.stack_refusal is None)
+                + " (and their variants), on every architecture",
+            )
             for entry in RULES.entries():
                 if entry.obj.stack_refusal:
                     stacking.add_row(entry.name, f"alone: {entry.obj.stack_refusal}")
             show(stacking)
         console.print()
-    profiles = Table(title="profiles (--profile NAME, for the commands named)", title_justify="left", show_header=False,
-                     box=None, pad_edge=False)
+    profiles = Table(
+        title="profiles (--profile NAME, for the commands named)",
+        title_justify="left",
+        show_header=False,
+        box=None,
+        pad_edge=False,
+    )
     profiles.add_column(style="bold")
     profiles.add_column(style="dim")
     profiles.add_column()
@@ -739,7 +1074,11 @@ def data() -> None:
 
 @data.command()
 @click.argument("name")
-@click.option("--data-dir", default="", help="Where datasets live (default: $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data).")
+@click.option(
+    "--data-dir",
+    default="",
+    help="Where datasets live (default: $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data).",
+)
 def check(name: str, data_dir: str) -> None:
     """Exit 0 when dataset NAME is present, 1 when it is missing."""
     from creditaudit.data import DATASETS, check_dataset
@@ -754,7 +1093,11 @@ def check(name: str, data_dir: str) -> None:
 
 @data.command()
 @click.argument("name")
-@click.option("--data-dir", default="", help="Where datasets live (default: $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data).")
+@click.option(
+    "--data-dir",
+    default="",
+    help="Where datasets live (default: $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data).",
+)
 def fetch(name: str, data_dir: str) -> None:
     """Make dataset NAME present: found locally, or downloaded and checksum-verified."""
     from creditaudit.data import DATASETS, fetch_dataset

@@ -16,6 +16,7 @@ naming the path and the fix. The CLI does that at its edge (``cli.friendly_error
 command): one line on stderr, no traceback, exit status 2. Every write of a run folder or a report
 is atomic or append-only (``runs/io.py``), so such an error loses nothing already computed.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,15 +46,26 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied", f"make it accessible to you {_WRITE_ELSEWHERE}"),
     errno.EPERM: ("operation not permitted", f"make it accessible to you {_WRITE_ELSEWHERE}"),
     errno.EROFS: ("the file system is read-only", "write elsewhere (results=DIR, --out PATH)"),
-    errno.ENOTDIR: ("a part of this path is a file, not a folder", "name a folder (results=DIR, --out PATH) or move that file"),
-    errno.EISDIR: ("a folder, where a file belongs", "name a file (e.g. --out FILE) or move that folder"),
-    errno.ENAMETOOLONG: ("a name in this path is too long for the file system",
-                         "use shorter names (results=, setting=, arch_label=, --out)"),
+    errno.ENOTDIR: (
+        "a part of this path is a file, not a folder",
+        "name a folder (results=DIR, --out PATH) or move that file",
+    ),
+    errno.EISDIR: (
+        "a folder, where a file belongs",
+        "name a file (e.g. --out FILE) or move that folder",
+    ),
+    errno.ENAMETOOLONG: (
+        "a name in this path is too long for the file system",
+        "use shorter names (results=, setting=, arch_label=, --out)",
+    ),
     errno.ENOENT: ("no such file or folder", "check the path"),
     errno.EEXIST: ("exists already, where a folder is to be made", "move it or name another path"),
 }
 if hasattr(errno, "EDQUOT"):  # not on Windows
-    _OS_ERRORS[errno.EDQUOT] = ("the disk quota is used up", f"free some space there {_WRITE_ELSEWHERE}")
+    _OS_ERRORS[errno.EDQUOT] = (
+        "the disk quota is used up",
+        f"free some space there {_WRITE_ELSEWHERE}",
+    )
 
 _KEPT = "; what was computed is kept and the same command resumes"
 
@@ -64,8 +76,10 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, UserError):
         text = str(exc)
     elif isinstance(exc, UnicodeDecodeError):
-        text = (f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                "fix or delete the file (a run folder's files are JSON, written as UTF-8)")
+        text = (
+            f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "fix or delete the file (a run folder's files are JSON, written as UTF-8)"
+        )
     elif isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
         what, fix = _OS_ERRORS[exc.errno]
         path = exc.filename if exc.filename is not None else "a file"

@@ -7,6 +7,7 @@ are ``<results>/<setting>/<rule>__<arch>__s<seed>/``. Settings whose runs differ
 options (the depth sweep's L, the ablations' flags) name the variant in ``arch_tag`` so that every
 run has its own folder: ``resmlp-d512-L8``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,12 @@ class Setting:
     epochs: int  # the study's (paper-profile) epochs
     groups: tuple[Group, ...]
     overrides: tuple[str, ...] = ()  # for every run of the setting
-    baseline: str | None = BASELINE_RULE  # the D3 baseline its runs are paired with (None: they are baselines)
-    study: bool = True  # one of the study's settings (False: creditaudit's own additions, run by name)
+    baseline: str | None = (
+        BASELINE_RULE  # the D3 baseline its runs are paired with (None: they are baselines)
+    )
+    study: bool = (
+        True  # one of the study's settings (False: creditaudit's own additions, run by name)
+    )
 
     @property
     def n_runs(self) -> int:
@@ -67,7 +72,9 @@ class Profile:
     epoch_scale: float = 1.0  # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep theirs
     keep_upto: int = 5
     min_epochs: int = 1
-    arch_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (arch, key=value…) for that architecture's runs only
+    arch_overrides: tuple[
+        tuple[str, tuple[str, ...]], ...
+    ] = ()  # (arch, key=value…) for that architecture's runs only
     base: str = ""  # an audit profile's data and epochs come from this sweep profile
     epoch_factor: int = 1
     audit_rules: tuple[str, ...] = ()
@@ -75,7 +82,9 @@ class Profile:
     audit_setting: str = "main_audit"
     exploit: tuple[str, ...] = ()  # exploit-protocol key=value overrides
     exploit_seeds: tuple[int, ...] = SEEDS3
-    readings: tuple[tuple[str, str, str], ...] = ()  # (arch, read as, why): the profile's data need another reading of arch
+    readings: tuple[
+        tuple[str, str, str], ...
+    ] = ()  # (arch, read as, why): the profile's data need another reading of arch
 
     def arch(self, arch: str) -> str:
         """The architecture a setting's ``arch`` trains as under this profile (itself, or its reading
@@ -102,38 +111,112 @@ SWEEP, AUDIT, EXPLOIT = "sweep", "audit", "exploit"
 # DFA's residual stream grows with the number of optimizer steps that carry an error signal, so the
 # mode1 recipe buys steps on the cpu profile's data: batch 16, a constant learning rate of 1e-2, no
 # weight decay (which caps the growth), 16 epochs (20,000 steps). Chosen by measurement, see docs/audit.md.
-MODE1_RECIPE = ("batch_size=16", "optim.lr=1e-2", "optim.schedule=constant", "optim.weight_decay=0", "epochs=16")
+MODE1_RECIPE = (
+    "batch_size=16",
+    "optim.lr=1e-2",
+    "optim.schedule=constant",
+    "optim.weight_decay=0",
+    "epochs=16",
+)
 for _p in (
-    Profile("paper", "the study: CIFAR-10, full training set, the study's epochs (a GPU)", frozenset({SWEEP, AUDIT, EXPLOIT}),
-            ("dataset=cifar10",), 1.0, audit_rules=MAIN6,
-            exploit=("name=paper", "dataset=cifar10", "train_subset=0", "epochs=100", "early_epoch=5", "fit_steps=10000")),
+    Profile(
+        "paper",
+        "the study: CIFAR-10, full training set, the study's epochs (a GPU)",
+        frozenset({SWEEP, AUDIT, EXPLOIT}),
+        ("dataset=cifar10",),
+        1.0,
+        audit_rules=MAIN6,
+        exploit=(
+            "name=paper",
+            "dataset=cifar10",
+            "train_subset=0",
+            "epochs=100",
+            "early_epoch=5",
+            "fit_steps=10000",
+        ),
+    ),
     # vit_mini's cost is set by its token count: patch 7 cuts a 28×28 image into 16 patches (17 tokens
     # with cls) where patch 4 gives 49, 2.6× faster per step on one CPU thread (docs/performance.md).
-    Profile("cpu", "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2), vit_mini patch 7",
-            frozenset({SWEEP}), ("dataset=fashion_mnist", "train_subset=20000"), 0.06, min_epochs=2,
-            arch_overrides=(("vit_mini", ("patch=7",)),)),
-    Profile("smoke", "scikit-learn digits, 1 epoch (5-epoch settings keep 2), d=32: seconds, for tests", frozenset({SWEEP, EXPLOIT}),
-            ("dataset=digits", "train_subset=0", "d=32"), 0.0, keep_upto=0, min_epochs=1,
-            arch_overrides=(("smallcnn", ("channels=4,8,8",)),), exploit_seeds=(42, 123),
-            exploit=("name=smoke", "dataset=digits", "train_subset=0", "d=32", "L=2", "epochs=2", "early_epoch=1",
-                     "batch_size=64", "fit_steps=20", "fit_batch_size=64", "eval_n=128", "rho_dirs=4", "step_batch_size=64")),
-    Profile("default", "the cpu profile's data and epochs (Fashion-MNIST, 20k examples, 6 epochs): the main audit in "
-            "about 7 minutes on 2 cores; the exploit study's default", frozenset({AUDIT, EXPLOIT}), base="cpu", audit_rules=MAIN6),
-    Profile("double", "the default audit with twice the epochs (the verdicts' stability check)", frozenset({AUDIT}),
-            base="cpu", epoch_factor=2, audit_rules=MAIN6),
+    Profile(
+        "cpu",
+        "Fashion-MNIST, 20k examples, 6% of the study's epochs (100 -> 6, 30 -> 2), vit_mini patch 7",
+        frozenset({SWEEP}),
+        ("dataset=fashion_mnist", "train_subset=20000"),
+        0.06,
+        min_epochs=2,
+        arch_overrides=(("vit_mini", ("patch=7",)),),
+    ),
+    Profile(
+        "smoke",
+        "scikit-learn digits, 1 epoch (5-epoch settings keep 2), d=32: seconds, for tests",
+        frozenset({SWEEP, EXPLOIT}),
+        ("dataset=digits", "train_subset=0", "d=32"),
+        0.0,
+        keep_upto=0,
+        min_epochs=1,
+        arch_overrides=(("smallcnn", ("channels=4,8,8",)),),
+        exploit_seeds=(42, 123),
+        exploit=(
+            "name=smoke",
+            "dataset=digits",
+            "train_subset=0",
+            "d=32",
+            "L=2",
+            "epochs=2",
+            "early_epoch=1",
+            "batch_size=64",
+            "fit_steps=20",
+            "fit_batch_size=64",
+            "eval_n=128",
+            "rho_dirs=4",
+            "step_batch_size=64",
+        ),
+    ),
+    Profile(
+        "default",
+        "the cpu profile's data and epochs (Fashion-MNIST, 20k examples, 6 epochs): the main audit in "
+        "about 7 minutes on 2 cores; the exploit study's default",
+        frozenset({AUDIT, EXPLOIT}),
+        base="cpu",
+        audit_rules=MAIN6,
+    ),
+    Profile(
+        "double",
+        "the default audit with twice the epochs (the verdicts' stability check)",
+        frozenset({AUDIT}),
+        base="cpu",
+        epoch_factor=2,
+        audit_rules=MAIN6,
+    ),
     # mnist1d at the study's epochs, sized by measurement (bp, fa, dfa × 3 seeds, 100 epochs, 2 cores):
     # at the package's 5,000 signals FA is +1.3 ± 1.2 pp over its frozen baseline (D3 fires for 2 of 3
     # seeds), at 10,000 +2.2 ± 0.7 (1 of 3), at 20,000 +5.5 ± 1.1 (none) with DFA at -32.5 ± 14.1 and
     # D1 firing for 3 of 3 (docs/audit.md). SmallCNN and ViT-Mini read images; on the 1-D signals the
     # cross-architecture setting trains their 1-D readings of the same designs.
-    Profile("mnist1d", "MNIST-1D, 20,000 generated signals (16k train / 4k test), the study's epochs: the study's "
-            "findings on a laptop (FA above its frozen baseline, DFA below it, firing D1); smallcnn and vit_mini "
-            "as their 1-D readings", frozenset({SWEEP, AUDIT}), ("dataset=mnist1d", "train_subset=0", "mnist1d_signals=20000"), 1.0,
-            audit_rules=MAIN6, readings=tuple((arch, f"{arch}1d", f"{arch} reads images (C, H, W); mnist1d's signals are 1-D")
-                                              for arch in ("smallcnn", "vit_mini"))),
-    Profile("mode1", "bp, fa, dfa on the cpu profile's data with a recipe of many steps (batch 16, lr 1e-2 constant, "
-            "no weight decay, 16 epochs) where DFA shows Mode 1(a) and 1(b) on a CPU", frozenset({AUDIT}),
-            base="cpu", audit_rules=("bp", "fa", "dfa"), recipe=MODE1_RECIPE, audit_setting="mode1"),
+    Profile(
+        "mnist1d",
+        "MNIST-1D, 20,000 generated signals (16k train / 4k test), the study's epochs: the study's "
+        "findings on a laptop (FA above its frozen baseline, DFA below it, firing D1); smallcnn and vit_mini "
+        "as their 1-D readings",
+        frozenset({SWEEP, AUDIT}),
+        ("dataset=mnist1d", "train_subset=0", "mnist1d_signals=20000"),
+        1.0,
+        audit_rules=MAIN6,
+        readings=tuple(
+            (arch, f"{arch}1d", f"{arch} reads images (C, H, W); mnist1d's signals are 1-D")
+            for arch in ("smallcnn", "vit_mini")
+        ),
+    ),
+    Profile(
+        "mode1",
+        "bp, fa, dfa on the cpu profile's data with a recipe of many steps (batch 16, lr 1e-2 constant, "
+        "no weight decay, 16 epochs) where DFA shows Mode 1(a) and 1(b) on a CPU",
+        frozenset({AUDIT}),
+        base="cpu",
+        audit_rules=("bp", "fa", "dfa"),
+        recipe=MODE1_RECIPE,
+        audit_setting="mode1",
+    ),
 ):
     PROFILES.add(_p.name, _p, _p.summary)
 
@@ -143,10 +226,14 @@ def get_profile(name: str, command: str = SWEEP) -> Profile:
     another command's name is refused with the names ``command`` takes, and no others."""
     names = profile_names(command)
     if name not in PROFILES:
-        raise ConfigError(f"unknown profile {name!r}; {command} takes one of {', '.join(names)} (see `creditaudit list`)")
+        raise ConfigError(
+            f"unknown profile {name!r}; {command} takes one of {', '.join(names)} (see `creditaudit list`)"
+        )
     p = PROFILES.get(name)
     if command not in p.commands:
-        raise ConfigError(f"profile {name!r} is not one of {command}'s; choose one of {', '.join(names)}")
+        raise ConfigError(
+            f"profile {name!r} is not one of {command}'s; choose one of {', '.join(names)}"
+        )
     return p
 
 
@@ -160,32 +247,111 @@ def _add(setting: Setting) -> None:
 
 D512 = ("d=512",)
 for s in (
-    Setting("main_audit", "6 methods × 3 seeds on the d=256 ResMLP (Table 1)", 100, (Group(MAIN6),)),
-    Setting("cross_arch", "DFA/BP/EP/SB/CB on SmallCNN and DFA on ViT-Mini (paper §5.2)", 100,
-            (Group(("dfa", "bp", "ep", "sb", "cb"), arch="smallcnn"), Group(("dfa",), arch="vit_mini"))),
-    Setting("depth_sweep", "DFA + FA at d=512, L in {2,4,6,8,12} (Appendix H)", 100,
-            tuple(Group(("dfa", "fa"), seeds=(42,), overrides=(*D512, f"L={L}")) for L in (2, 6, 8, 12))
-            + (Group(("dfa",), overrides=(*D512, "L=4")), Group(("fa",), seeds=(42,), overrides=(*D512, "L=4")))),
-    Setting("frozen_baselines", "BP/DFA × shallow/frozen × 3 seeds (diagnostic (d))", 100,
-            (Group(("bp_shallow", "bp_frozen", "dfa_shallow", "dfa_frozen")),), baseline=None),
-    Setting("penalty_rescue", "DFA/FA/SB/CB with penalty lam=1e-2 (paper §5.1, paper §4.2)", 30, (Group(("dfa", "fa", "sb", "cb"), overrides=("lam=1e-2",)),)),
-    Setting("dfa_pen_30ep_diag", "DFA + penalty lam=1e-2, 30 epochs, 3 seeds, re-run with per-epoch trajectories and ρ "
-            "every 10 epochs (the study's DFA+pen diagnostics runs)", 30,
-            (Group(("dfa",), overrides=("lam=1e-2", "full_every=10", "trajectory=true")),)),
-    Setting("penalty_1e-4", "DFA + FA at the weaker penalty lam=1e-4 (paper §5.1)", 30, (Group(("dfa", "fa"), overrides=("lam=1e-4",)),)),
-    Setting("penalty_1e-1", "DFA at the stronger penalty lam=1e-1", 30, (Group(("dfa",), seeds=(42,), overrides=("lam=1e-1",)),)),
-    Setting("bp_penalty", "BP + penalty lam=1e-2: the capacity-cost control (paper §5.2)", 30, (Group(("bp",), overrides=("lam=1e-2",)),)),
-    Setting("matched_30ep", "BP/DFA/FA without penalty at 30 epochs (paper §5.2 matched controls)", 30, (Group(("bp", "dfa", "fa")),)),
-    Setting("sbcb_vanilla_30ep", "SB and CB without penalty at 30 epochs (Appendix J)", 30, (Group(("sb", "cb"), seeds=(42,)),)),
-    Setting("no_terminal_ln", "DFA on the same backbone without the terminal LN (paper §3.2)", 100, (Group(("dfa",), overrides=("out_ln=false",)),)),
-    Setting("no_residual", "DFA on the same backbone without the skip path (paper §3.1 falsification)", 100, (Group(("dfa",), overrides=("residual=false",)),)),
-    Setting("random_labels", "DFA/FA/SB/CB/EP with i.i.d. random training labels (paper §3.1)", 100,
-            (Group(("dfa", "fa", "sb", "cb", "ep"), seeds=(42,), overrides=("random_labels=true",)),)),
-    Setting("early_checkpoints", "DFA + FA for 5 epochs, a checkpoint after each (paper §4.1, Mode 2)", 5,
-            (Group(("dfa", "fa"), overrides=("save_epochs=1,2,3,4,5",)),)),
-    Setting("snapshot_evolution", "DFA with the per-epoch h_L, g_L trajectory, ρ every 10 epochs (paper §3.1)", 100,
-            (Group(("dfa",), overrides=("full_every=10", "trajectory=true")),)),
-    Setting("dfa_pen_100ep", "DFA + penalty lam=1e-2 over 100 epochs (long-horizon rescue)", 100, (Group(("dfa",), overrides=("lam=1e-2",)),)),
+    Setting(
+        "main_audit", "6 methods × 3 seeds on the d=256 ResMLP (Table 1)", 100, (Group(MAIN6),)
+    ),
+    Setting(
+        "cross_arch",
+        "DFA/BP/EP/SB/CB on SmallCNN and DFA on ViT-Mini (paper §5.2)",
+        100,
+        (Group(("dfa", "bp", "ep", "sb", "cb"), arch="smallcnn"), Group(("dfa",), arch="vit_mini")),
+    ),
+    Setting(
+        "depth_sweep",
+        "DFA + FA at d=512, L in {2,4,6,8,12} (Appendix H)",
+        100,
+        tuple(Group(("dfa", "fa"), seeds=(42,), overrides=(*D512, f"L={L}")) for L in (2, 6, 8, 12))
+        + (
+            Group(("dfa",), overrides=(*D512, "L=4")),
+            Group(("fa",), seeds=(42,), overrides=(*D512, "L=4")),
+        ),
+    ),
+    Setting(
+        "frozen_baselines",
+        "BP/DFA × shallow/frozen × 3 seeds (diagnostic (d))",
+        100,
+        (Group(("bp_shallow", "bp_frozen", "dfa_shallow", "dfa_frozen")),),
+        baseline=None,
+    ),
+    Setting(
+        "penalty_rescue",
+        "DFA/FA/SB/CB with penalty lam=1e-2 (paper §5.1, paper §4.2)",
+        30,
+        (Group(("dfa", "fa", "sb", "cb"), overrides=("lam=1e-2",)),),
+    ),
+    Setting(
+        "dfa_pen_30ep_diag",
+        "DFA + penalty lam=1e-2, 30 epochs, 3 seeds, re-run with per-epoch trajectories and ρ "
+        "every 10 epochs (the study's DFA+pen diagnostics runs)",
+        30,
+        (Group(("dfa",), overrides=("lam=1e-2", "full_every=10", "trajectory=true")),),
+    ),
+    Setting(
+        "penalty_1e-4",
+        "DFA + FA at the weaker penalty lam=1e-4 (paper §5.1)",
+        30,
+        (Group(("dfa", "fa"), overrides=("lam=1e-4",)),),
+    ),
+    Setting(
+        "penalty_1e-1",
+        "DFA at the stronger penalty lam=1e-1",
+        30,
+        (Group(("dfa",), seeds=(42,), overrides=("lam=1e-1",)),),
+    ),
+    Setting(
+        "bp_penalty",
+        "BP + penalty lam=1e-2: the capacity-cost control (paper §5.2)",
+        30,
+        (Group(("bp",), overrides=("lam=1e-2",)),),
+    ),
+    Setting(
+        "matched_30ep",
+        "BP/DFA/FA without penalty at 30 epochs (paper §5.2 matched controls)",
+        30,
+        (Group(("bp", "dfa", "fa")),),
+    ),
+    Setting(
+        "sbcb_vanilla_30ep",
+        "SB and CB without penalty at 30 epochs (Appendix J)",
+        30,
+        (Group(("sb", "cb"), seeds=(42,)),),
+    ),
+    Setting(
+        "no_terminal_ln",
+        "DFA on the same backbone without the terminal LN (paper §3.2)",
+        100,
+        (Group(("dfa",), overrides=("out_ln=false",)),),
+    ),
+    Setting(
+        "no_residual",
+        "DFA on the same backbone without the skip path (paper §3.1 falsification)",
+        100,
+        (Group(("dfa",), overrides=("residual=false",)),),
+    ),
+    Setting(
+        "random_labels",
+        "DFA/FA/SB/CB/EP with i.i.d. random training labels (paper §3.1)",
+        100,
+        (Group(("dfa", "fa", "sb", "cb", "ep"), seeds=(42,), overrides=("random_labels=true",)),),
+    ),
+    Setting(
+        "early_checkpoints",
+        "DFA + FA for 5 epochs, a checkpoint after each (paper §4.1, Mode 2)",
+        5,
+        (Group(("dfa", "fa"), overrides=("save_epochs=1,2,3,4,5",)),),
+    ),
+    Setting(
+        "snapshot_evolution",
+        "DFA with the per-epoch h_L, g_L trajectory, ρ every 10 epochs (paper §3.1)",
+        100,
+        (Group(("dfa",), overrides=("full_every=10", "trajectory=true")),),
+    ),
+    Setting(
+        "dfa_pen_100ep",
+        "DFA + penalty lam=1e-2 over 100 epochs (long-horizon rescue)",
+        100,
+        (Group(("dfa",), overrides=("lam=1e-2",)),),
+    ),
     Setting("ep_6seeds", "EP replicated over 6 seeds", 100, (Group(("ep",), seeds=SEEDS6),)),
 ):
     _add(s)
@@ -193,9 +359,27 @@ for s in (
 
 # The rules creditaudit has beyond the study's six: the field's libraries' families and the study's
 # own variants that its registry does not train.
-EXTENDED_RULES = ("fa_layerwise", "vec", "usf", "frsf", "brsf", "kp", "drtp", "pepita", "dtp", "fwdgrad")
-_add(Setting("extended_rules", "every rule beyond the study's six × 3 seeds on the d=256 ResMLP (not in the study)", 100,
-             (Group(EXTENDED_RULES),), study=False))
+EXTENDED_RULES = (
+    "fa_layerwise",
+    "vec",
+    "usf",
+    "frsf",
+    "brsf",
+    "kp",
+    "drtp",
+    "pepita",
+    "dtp",
+    "fwdgrad",
+)
+_add(
+    Setting(
+        "extended_rules",
+        "every rule beyond the study's six × 3 seeds on the d=256 ResMLP (not in the study)",
+        100,
+        (Group(EXTENDED_RULES),),
+        study=False,
+    )
+)
 
 
 def study_settings() -> list[str]:
@@ -227,7 +411,9 @@ def _fit_save_epochs(items: tuple[str, ...], epochs: int) -> list[str]:
     return out
 
 
-def expand(name: str, *, profile: str = "cpu", results: str = "results", overrides: tuple[str, ...] = ()) -> list[TrainConfig]:
+def expand(
+    name: str, *, profile: str = "cpu", results: str = "results", overrides: tuple[str, ...] = ()
+) -> list[TrainConfig]:
     """Every run config of setting ``name`` under ``profile`` (validated; nothing is trained)."""
     setting = SETTINGS.get(name)
     prof = get_profile(profile, SWEEP)
@@ -239,9 +425,20 @@ def expand(name: str, *, profile: str = "cpu", results: str = "results", overrid
         arch = prof.arch(g.arch)
         for rule in g.rules:
             for seed in g.seeds:
-                items = [*prof.data_overrides(arch), f"epochs={epochs}", f"arch={arch}", *setting.overrides,
-                         *_fit_save_epochs(g.overrides, epochs), f"arch_label={arch_tag(arch, g.overrides)}",
-                         f"rule={rule}", f"seed={seed}", f"results={results}", f"setting={name}", "progress=false", *overrides]
+                items = [
+                    *prof.data_overrides(arch),
+                    f"epochs={epochs}",
+                    f"arch={arch}",
+                    *setting.overrides,
+                    *_fit_save_epochs(g.overrides, epochs),
+                    f"arch_label={arch_tag(arch, g.overrides)}",
+                    f"rule={rule}",
+                    f"seed={seed}",
+                    f"results={results}",
+                    f"setting={name}",
+                    "progress=false",
+                    *overrides,
+                ]
                 cfgs.append(C.apply_overrides(TrainConfig(), items))
     return cfgs
 
@@ -251,14 +448,20 @@ def profile_notes(name: str, profile: str) -> list[str]:
     architecture, and why (a sweep and a plan print them)."""
     prof = get_profile(profile, SWEEP)
     why = {arch: reason for arch, _, reason in prof.readings}
-    return [f"{name}: {', '.join(g.rules)} on {g.arch} ({len(g.rules) * len(g.seeds)} runs) train as {prof.arch(g.arch)} "
-            f"under profile {profile}: {why[g.arch]}" for g in SETTINGS.get(name).groups if g.arch in why]
+    return [
+        f"{name}: {', '.join(g.rules)} on {g.arch} ({len(g.rules) * len(g.seeds)} runs) train as {prof.arch(g.arch)} "
+        f"under profile {profile}: {why[g.arch]}"
+        for g in SETTINGS.get(name).groups
+        if g.arch in why
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Baselines a sweep trains with --with-baselines
 # ---------------------------------------------------------------------------------------------
-def baselines(cfgs: list[TrainConfig], *, profile: str = "cpu", overrides: tuple[str, ...] = ()) -> list[TrainConfig]:
+def baselines(
+    cfgs: list[TrainConfig], *, profile: str = "cpu", overrides: tuple[str, ...] = ()
+) -> list[TrainConfig]:
     """The D3 baselines that the runs ``cfgs`` need and ``cfgs`` do not already hold.
 
     A run's baseline (its setting's ``baseline`` rule, ``bp_frozen``) is the run of the same
@@ -289,7 +492,9 @@ def baselines(cfgs: list[TrainConfig], *, profile: str = "cpu", overrides: tuple
     for k, c in out.items():
         path = str(C.run_path(c))
         if by_path.setdefault(path, k) != k:
-            raise ConfigError(f"two different baselines would share the folder {path}; name the runs apart (arch_label=…)")
+            raise ConfigError(
+                f"two different baselines would share the folder {path}; name the runs apart (arch_label=…)"
+            )
     return list(out.values())
 
 
@@ -297,10 +502,19 @@ def control_config(run: TrainConfig, rule: str) -> TrainConfig:
     """The ``rule`` baseline of ``run``'s experiment, as an added control: credit-assignment fields
     reset, what is only logged (trajectories, extra checkpoints, full probes) dropped."""
     cfg = C.copy_config(run)
-    cfg.rule, cfg.rule_opts, cfg.plugins, cfg.local_rule, cfg.lam, cfg.save_epochs = rule, {}, (), "inner", 0.0, ()
+    cfg.rule, cfg.rule_opts, cfg.plugins, cfg.local_rule, cfg.lam, cfg.save_epochs = (
+        rule,
+        {},
+        (),
+        "inner",
+        0.0,
+        (),
+    )
     cfg.diag.trajectory, cfg.diag.full_every = False, 0
     cfg.setting = CONTROLS
-    tags = [run.arch_label or run.arch, f"ep{run.epochs}"] + (["randlabels"] if run.data.random_labels else [])
+    tags = [run.arch_label or run.arch, f"ep{run.epochs}"] + (
+        ["randlabels"] if run.data.random_labels else []
+    )
     cfg.arch_label = "-".join(tags)
     C.validate(cfg)
     return cfg
@@ -309,17 +523,35 @@ def control_config(run: TrainConfig, rule: str) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # The audit: a profile's rules × seeds and the frozen-blocks baseline
 # ---------------------------------------------------------------------------------------------
-def audit_configs(rules: list[str], *, profile: str = "default", seeds: tuple[int, ...] = SEEDS3,
-                  baseline: str | None = BASELINE_RULE, results: str = "results", setting: str | None = None,
-                  overrides: tuple[str, ...] = ()) -> list[TrainConfig]:
+def audit_configs(
+    rules: list[str],
+    *,
+    profile: str = "default",
+    seeds: tuple[int, ...] = SEEDS3,
+    baseline: str | None = BASELINE_RULE,
+    results: str = "results",
+    setting: str | None = None,
+    overrides: tuple[str, ...] = (),
+) -> list[TrainConfig]:
     """The runs of ``creditaudit audit``: every rule × seed and the baseline × seed, as the main
     audit's setting under ``profile`` (its data, epochs and recipe; ``setting`` defaults to the
     profile's); the user's ``overrides`` come last. EP first (the longest)."""
     prof = get_profile(profile, AUDIT)
     epochs = prof.epochs(SETTINGS.get("main_audit").epochs)
-    base = [*prof.data_overrides(), f"epochs={epochs}", f"results={results}", f"setting={setting or prof.audit_setting}",
-            "progress=false", *prof.recipe, *overrides]
+    base = [
+        *prof.data_overrides(),
+        f"epochs={epochs}",
+        f"results={results}",
+        f"setting={setting or prof.audit_setting}",
+        "progress=false",
+        *prof.recipe,
+        *overrides,
+    ]
     names = list(dict.fromkeys([*rules, *([baseline] if baseline else [])]))
-    cfgs = [C.apply_overrides(TrainConfig(), [*base, f"rule={r}", f"seed={s}"]) for r in names for s in seeds]
+    cfgs = [
+        C.apply_overrides(TrainConfig(), [*base, f"rule={r}", f"seed={s}"])
+        for r in names
+        for s in seeds
+    ]
     cost = {"ep": 0, "cb": 1, "sb": 2, "vec": 3}
     return sorted(cfgs, key=lambda c: cost.get(c.rule.split("_")[0], 9))

@@ -4,6 +4,7 @@ Architectures, rules, datasets and experiment settings each live in a :class:`Re
 Lookup of an unknown name fails loudly with the list of known names and a close match, so a typo
 on the command line becomes one actionable error; tests enumerate a registry to cover every entry.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -15,6 +15,7 @@ through the same reader as the reports (unreadable folders are skipped; ``proble
 ``creditaudit export RESULTS --format parquet|csv`` writes the same table to a file (atomically: a failed
 write leaves the previous file whole).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,15 +50,24 @@ def flatten(config: dict[str, Any], prefix: str = "config.") -> dict[str, Any]:
     return out
 
 
-def records(results: str | Path, settings: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def records(
+    results: str | Path, settings: list[str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of :func:`load` as dicts, and the folders skipped with the reason."""
     from creditaudit.reports.collect import collect
 
     col = collect(results, settings)
     rows = []
     for r in col.runs:
-        ident = {"setting": r.setting, "run": r.path.name, "rule": r.rule, "arch": r.arch, "seed": r.seed,
-                 "status": r.status, "path": str(r.path)}
+        ident = {
+            "setting": r.setting,
+            "run": r.path.name,
+            "rule": r.rule,
+            "arch": r.arch,
+            "seed": r.seed,
+            "status": r.status,
+            "path": str(r.path),
+        }
         config = flatten(r.config)
         for rec in r.metrics:
             rows.append({**ident, **config, **rec})
@@ -90,7 +100,9 @@ def _uniform(df):
     return df
 
 
-def export(results: str | Path, out: str | Path, fmt: str = "parquet", settings: list[str] | None = None) -> tuple[Path, int, list[str]]:
+def export(
+    results: str | Path, out: str | Path, fmt: str = "parquet", settings: list[str] | None = None
+) -> tuple[Path, int, list[str]]:
     """Write :func:`load`'s table to ``out`` (``parquet`` or ``csv``); returns (path, rows, problems)."""
     if fmt not in ("parquet", "csv"):
         raise ConfigError(f"--format {fmt!r}: expected parquet or csv")
@@ -98,10 +110,14 @@ def export(results: str | Path, out: str | Path, fmt: str = "parquet", settings:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ConfigError(f"writing Parquet needs pyarrow: {INSTALL_HINT} (or use --format csv)") from None
+            raise ConfigError(
+                f"writing Parquet needs pyarrow: {INSTALL_HINT} (or use --format csv)"
+            ) from None
     df = _uniform(load(results, settings))
     out = Path(out)
-    with atomic_replace(out) as tmp:  # a full disk leaves the previous export whole, and names ``out``
+    with atomic_replace(
+        out
+    ) as tmp:  # a full disk leaves the previous export whole, and names ``out``
         if fmt == "parquet":
             df.to_parquet(tmp, index=False)
         else:

@@ -27,6 +27,7 @@ small instances of the architectures (``archs``), and says what to fix when it f
 :func:`check_stack`) raise :class:`RuleCheckError` on failure: creditaudit's own test suite calls
 them for every built-in rule.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,7 +62,9 @@ class Check:
     detail: str = ""
 
     def __str__(self) -> str:
-        return f"{'ok  ' if self.passed else 'FAIL'} {self.name}" + (f": {self.detail}" if self.detail else "")
+        return f"{'ok  ' if self.passed else 'FAIL'} {self.name}" + (
+            f": {self.detail}" if self.detail else ""
+        )
 
 
 def resolve_rule(rule: str | type | Path) -> str:
@@ -73,14 +76,18 @@ def resolve_rule(rule: str | type | Path) -> str:
         if not issubclass(rule, Rule):
             raise UserError(f"{rule.__name__} is not a subclass of creditaudit.rules.Rule")
         if not rule.name or RULES.get(rule.name) is not rule:
-            raise UserError(f"{rule.__name__} is not registered: decorate it with @RULES.register(\"name\", \"one line\")")
+            raise UserError(
+                f'{rule.__name__} is not registered: decorate it with @RULES.register("name", "one line")'
+            )
         return rule.name
     text = str(rule)
     if text.endswith(".py") or Path(text).is_file():
         names = load_rule_file(text)
         if len(names) != 1:
-            raise UserError(f"{text} registers {len(names)} rules ({', '.join(names) or 'none'}): check one by name "
-                            "after importing the file (creditaudit check-rule FILE --rule NAME)")
+            raise UserError(
+                f"{text} registers {len(names)} rules ({', '.join(names) or 'none'}): check one by name "
+                "after importing the file (creditaudit check-rule FILE --rule NAME)"
+            )
         return names[0]
     RULES.get(text)  # an unknown name: one line listing the known ones
     return text
@@ -94,8 +101,18 @@ def tiny_config(root: str | Path, rule: str, arch: str = "resmlp", *overrides: s
     of ``arch``, two epochs of batch 64, one thread, in ``root``."""
     from creditaudit.config import TrainConfig, apply_overrides
 
-    base = ["dataset=digits", f"arch={arch}", *small_overrides(arch, shallow=rule.endswith("_shallow")), "epochs=2", "batch_size=64", "threads=1", "progress=false",
-            f"results={Path(root) / 'results'}", f"data_dir={Path(root) / 'data'}", f"rule={rule}"]
+    base = [
+        "dataset=digits",
+        f"arch={arch}",
+        *small_overrides(arch, shallow=rule.endswith("_shallow")),
+        "epochs=2",
+        "batch_size=64",
+        "threads=1",
+        "progress=false",
+        f"results={Path(root) / 'results'}",
+        f"data_dir={Path(root) / 'data'}",
+        f"rule={rule}",
+    ]
     return apply_overrides(TrainConfig(), [*base, *overrides])
 
 
@@ -104,8 +121,11 @@ def small_overrides(arch: str, *, shallow: bool = False) -> list[str]:
     for a ``_shallow`` variant, which has none)."""
     from creditaudit.models import ARCHS
 
-    return [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in ARCHS.get(arch).small.items()
-            if not (shallow and k == "L")]
+    return [
+        f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+        for k, v in ARCHS.get(arch).small.items()
+        if not (shallow and k == "L")
+    ]
 
 
 @contextlib.contextmanager
@@ -126,7 +146,10 @@ def run_metrics(cfg) -> list[dict]:
     from creditaudit.config import run_path
     from creditaudit.runs.folder import RunFolder
 
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in RunFolder(run_path(cfg)).read_metrics()]
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time/")}
+        for r in RunFolder(run_path(cfg)).read_metrics()
+    ]
 
 
 def _first_difference(a: list[dict], b: list[dict]) -> str:
@@ -135,7 +158,12 @@ def _first_difference(a: list[dict], b: list[dict]) -> str:
     for ra, rb in zip(a, b):
         for k in sorted(set(ra) | set(rb)):
             va, vb = ra.get(k), rb.get(k)
-            if va != vb and not (isinstance(va, float) and isinstance(vb, float) and math.isnan(va) and math.isnan(vb)):
+            if va != vb and not (
+                isinstance(va, float)
+                and isinstance(vb, float)
+                and math.isnan(va)
+                and math.isnan(vb)
+            ):
                 return f"epoch {ra.get('epoch')}: {k} = {va!r} against {vb!r}"
     return ""
 
@@ -154,24 +182,37 @@ def check_options(rule: str) -> None:
 
     opts = RULES.get(rule).Options
     if not dataclasses.is_dataclass(opts):
-        _fail(f"{rule}.Options is {opts!r}, not a dataclass", "declare the options as a @dataclass (or leave Options unset)")
+        _fail(
+            f"{rule}.Options is {opts!r}, not a dataclass",
+            "declare the options as a @dataclass (or leave Options unset)",
+        )
     hints = typing.get_type_hints(opts)
     for f in dataclasses.fields(opts):
         if f.name not in hints:
-            _fail(f"option {rule}.{f.name} has no type", "annotate it (the command line parses values by type)")
+            _fail(
+                f"option {rule}.{f.name} has no type",
+                "annotate it (the command line parses values by type)",
+            )
         if not f.metadata.get("help"):
-            _fail(f"option {rule}.{f.name} has no help text",
-                  "give it field(default=..., metadata={\"help\": \"what it sets\"}) (`creditaudit list --options` shows it)")
+            _fail(
+                f"option {rule}.{f.name} has no help text",
+                'give it field(default=..., metadata={"help": "what it sets"}) (`creditaudit list --options` shows it)',
+            )
     try:
         rule_options(rule, {})
     except Exception as e:
-        _fail(f"{rule}'s default options do not validate ({type(e).__name__}: {e})",
-              "make every default satisfy the checks of __post_init__")
+        _fail(
+            f"{rule}'s default options do not validate ({type(e).__name__}: {e})",
+            "make every default satisfy the checks of __post_init__",
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             tiny_config(tmp, rule)
         except Exception as e:
-            _fail(f"a run config of {rule} does not validate ({type(e).__name__}: {e})", "see the message")
+            _fail(
+                f"a run config of {rule} does not validate ({type(e).__name__}: {e})",
+                "see the message",
+            )
 
 
 def check_step(rule: str, arch: str = "resmlp", variant: str = "") -> None:
@@ -191,28 +232,45 @@ def check_step(rule: str, arch: str = "resmlp", variant: str = "") -> None:
         except Exception as e:
             _fail(f"{where}: the training step raised {type(e).__name__}: {e}", "see the message")
         if not math.isfinite(float(loss)):
-            _fail(f"{where}: the step's loss is {float(loss)}", "the credits or the update diverge on a fresh model")
+            _fail(
+                f"{where}: the step's loss is {float(loss)}",
+                "the credits or the update diverge on a fresh model",
+            )
         bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
         if bad:
             _fail(f"{where}: metrics not finite: {bad}", "what the rule reports must be finite")
-        moved = {n for n, p in run.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        moved = {
+            n for n, p in run.model.named_parameters() if not torch.equal(p.detach(), before[n])
+        }
         blocks = {n for n in before if n.startswith("blocks.")}
         for part in ("embed.", "head."):
             if not any(n.startswith(part) for n in moved):
-                _fail(f"{where}: no {part[:-1]} parameter moved",
-                      "the embedding learns from a_0 and the head from CE: return a non-zero a_0 of h_0's shape" if part == "embed."
-                      else "leave the head to the trainer (it learns from CE)")
+                _fail(
+                    f"{where}: no {part[:-1]} parameter moved",
+                    "the embedding learns from a_0 and the head from CE: return a non-zero a_0 of h_0's shape"
+                    if part == "embed."
+                    else "leave the head to the trainer (it learns from CE)",
+                )
         if variant == "_frozen" and moved & blocks:
-            _fail(f"{where}: frozen blocks moved ({', '.join(sorted(moved & blocks)[:3])})",
-                  "a rule must not update parameters itself: return credits, and let the trainer update")
+            _fail(
+                f"{where}: frozen blocks moved ({', '.join(sorted(moved & blocks)[:3])})",
+                "a rule must not update parameters itself: return credits, and let the trainer update",
+            )
         if variant != "_frozen" and not blocks <= moved:
-            _fail(f"{where}: block parameters did not move ({', '.join(sorted(blocks - moved)[:3])})",
-                  "return a non-zero credit a_l for every state h_1..h_L")
+            _fail(
+                f"{where}: block parameters did not move ({', '.join(sorted(blocks - moved)[:3])})",
+                "return a non-zero credit a_l for every state h_1..h_L",
+            )
         if (run.model.L == 0) != (variant == "_shallow"):
-            _fail(f"{where}: the model has L={run.model.L}", "the rule must not change the model's depth")
+            _fail(
+                f"{where}: the model has L={run.model.L}",
+                "the rule must not change the model's depth",
+            )
         if any("forward" in m.__dict__ for m in run.model.modules()):
-            _fail(f"{where}: a layer is still patched after the step",
-                  "restore every patched forward when local_forward()'s context exits (use try/finally)")
+            _fail(
+                f"{where}: a layer is still patched after the step",
+                "restore every patched forward when local_forward()'s context exits (use try/finally)",
+            )
 
 
 def _check_credits(run, x, y, where: str) -> None:
@@ -222,11 +280,16 @@ def _check_credits(run, x, y, where: str) -> None:
         credits = run.rule.credits(run.model, x, y, fwd)
     run.rule.reported()
     if len(credits) != len(fwd.hs):
-        _fail(f"{where}: {len(credits)} credits for {len(fwd.hs)} states", "return one credit per state h_0..h_L")
+        _fail(
+            f"{where}: {len(credits)} credits for {len(fwd.hs)} states",
+            "return one credit per state h_0..h_L",
+        )
     for l, (a, h) in enumerate(zip(credits, fwd.hs)):
         if a.shape != h.shape or a.dtype != h.dtype:
-            _fail(f"{where}: a_{l} is {tuple(a.shape)} {a.dtype}, h_{l} is {tuple(h.shape)} {h.dtype}",
-                  "give a_l the shape and dtype of h_l (view/reshape a flat credit back)")
+            _fail(
+                f"{where}: a_{l} is {tuple(a.shape)} {a.dtype}, h_{l} is {tuple(h.shape)} {h.dtype}",
+                "give a_l the shape and dtype of h_l (view/reshape a flat credit back)",
+            )
         if not torch.isfinite(a).all():
             _fail(f"{where}: a_{l} is not finite", "the credits diverge on a fresh model")
         if a.requires_grad:
@@ -243,9 +306,11 @@ def check_same_seed(rule: str, arch: str = "resmlp") -> None:
             train(cfg)
         diff = _first_difference(*(run_metrics(c) for c in cfgs))
     if diff:
-        _fail(f"{rule} on {arch}: two runs of one seed differ ({diff})",
-              "draw every random number in setup() from torch's global RNG (seeded from the run seed) or from a "
-              "generator seeded from it, never from an unseeded source")
+        _fail(
+            f"{rule} on {arch}: two runs of one seed differ ({diff})",
+            "draw every random number in setup() from torch's global RNG (seeded from the run seed) or from a "
+            "generator seeded from it, never from an unseeded source",
+        )
 
 
 def check_resume(rule: str, arch: str = "resmlp") -> None:
@@ -253,17 +318,25 @@ def check_resume(rule: str, arch: str = "resmlp") -> None:
     from creditaudit.training.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp, _one_thread_seeded():
-        full, cut = tiny_config(Path(tmp) / "full", rule, arch), tiny_config(Path(tmp) / "cut", rule, arch)
+        full, cut = (
+            tiny_config(Path(tmp) / "full", rule, arch),
+            tiny_config(Path(tmp) / "cut", rule, arch),
+        )
         train(full)
         train(cut, stop_after=1)
         resumed = train(cut).get("resumed_from")
         diff = _first_difference(run_metrics(full), run_metrics(cut))
     if resumed != 1:
-        _fail(f"{rule} on {arch}: the run did not resume from its checkpoint (resumed_from={resumed})", "see the run's log")
+        _fail(
+            f"{rule} on {arch}: the run did not resume from its checkpoint (resumed_from={resumed})",
+            "see the run's log",
+        )
     if diff:
-        _fail(f"{rule} on {arch}: a resumed run differs from an uninterrupted one ({diff})",
-              "return everything the rule keeps between steps (matrices, estimators, their optimizers, generators, "
-              "step counters) from state_dict() and restore it in load_state_dict()")
+        _fail(
+            f"{rule} on {arch}: a resumed run differs from an uninterrupted one ({diff})",
+            "return everything the rule keeps between steps (matrices, estimators, their optimizers, generators, "
+            "step counters) from state_dict() and restore it in load_state_dict()",
+        )
 
 
 def check_stack(rule: str, arch: str = "resmlp") -> str:
@@ -278,7 +351,10 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
     if refusal is not None:
         return f"runs alone ({refusal})"
     with tempfile.TemporaryDirectory() as tmp, _one_thread_seeded():
-        cfgs = [resolve_rule_options(tiny_config(tmp, rule, arch, f"seed={s}", "lam=0.01")) for s in (1, 2)]
+        cfgs = [
+            resolve_rule_options(tiny_config(tmp, rule, arch, f"seed={s}", "lam=0.01"))
+            for s in (1, 2)
+        ]
         alone, stacked = [build_run(c) for c in cfgs], [build_run(c) for c in cfgs]
         try:
             stack = Stack(stacked)
@@ -286,26 +362,38 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
             stack.train_step(x, y)
             stack.unstack()
         except Exception as e:
-            _fail(f"{rule} on {arch}: a stack of two runs fails ({type(e).__name__}: {e})",
-                  "make credits() a function of the model, the batch and tensors set in setup() (returned by state_dict()), "
-                  "with torch.func derivatives and no random draw — or set stack_refusal to the reason it cannot")
+            _fail(
+                f"{rule} on {arch}: a stack of two runs fails ({type(e).__name__}: {e})",
+                "make credits() a function of the model, the batch and tensors set in setup() (returned by state_dict()), "
+                "with torch.func derivatives and no random draw — or set stack_refusal to the reason it cannot",
+            )
         lr = cfgs[0].optim.lr
         for r, run in enumerate(alone):
             train_step(run, x[r], y[r])
             for (n, t), u in zip(run.model.named_parameters(), stacked[r].model.parameters()):
                 if not torch.allclose(u, t, rtol=0, atol=2.1 * lr):
-                    _fail(f"{rule} on {arch}: in a stack, run {r}'s {n} moves otherwise than alone "
-                          f"(by up to {float((u - t).abs().max()):.3g})",
-                          "something in credits() mixes the runs of a stack or depends on state that is not in state_dict(); "
-                          "or set stack_refusal to the reason it cannot stack")
+                    _fail(
+                        f"{rule} on {arch}: in a stack, run {r}'s {n} moves otherwise than alone "
+                        f"(by up to {float((u - t).abs().max()):.3g})",
+                        "something in credits() mixes the runs of a stack or depends on state that is not in state_dict(); "
+                        "or set stack_refusal to the reason it cannot stack",
+                    )
             for (n, t), u in zip(run.model.named_buffers(), stacked[r].model.buffers()):
                 if t.is_floating_point() and not torch.allclose(u, t, rtol=1e-5, atol=1e-7):
-                    _fail(f"{rule} on {arch}: in a stack, run {r}'s buffer {n} differs from alone", "see above")
+                    _fail(
+                        f"{rule} on {arch}: in a stack, run {r}'s buffer {n} differs from alone",
+                        "see above",
+                    )
     return "a stacked step is each run's own step"
 
 
-def check_rule(rule: str | type | Path, *, archs: tuple[str, ...] = DEFAULT_ARCHS, variants: bool = True,
-               raise_on_failure: bool = True) -> list[Check]:
+def check_rule(
+    rule: str | type | Path,
+    *,
+    archs: tuple[str, ...] = DEFAULT_ARCHS,
+    variants: bool = True,
+    raise_on_failure: bool = True,
+) -> list[Check]:
     """Every check of the module docstring for ``rule`` (a registered name, a registered ``Rule``
     subclass or a rule file). Returns the results; raises :class:`RuleCheckError` listing every
     failure unless ``raise_on_failure`` is False. Takes seconds to a minute per architecture."""
@@ -330,5 +418,8 @@ def check_rule(rule: str | type | Path, *, archs: tuple[str, ...] = DEFAULT_ARCH
     run("stack", check_stack, name, archs[0])
     failed = [c for c in results if not c.passed]
     if failed and raise_on_failure:
-        raise RuleCheckError(f"{name}: {len(failed)} of {len(results)} checks failed:\n" + "\n".join(f"  {c}" for c in failed))
+        raise RuleCheckError(
+            f"{name}: {len(failed)} of {len(results)} checks failed:\n"
+            + "\n".join(f"  {c}" for c in failed)
+        )
     return results

@@ -13,6 +13,7 @@ Its hyper-parameters are the resolved config flattened to dotted keys (``model.d
 tracker run. A tracker that fails prints one line to stderr and is switched off: it never costs
 the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,11 @@ from typing import Any, Iterable, Mapping, Protocol
 from creditaudit.errors import ConfigError
 
 LOGGERS = ("none", "tensorboard", "mlflow", "wandb")
-EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> creditaudit extra
+EXTRA = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+}  # logger -> creditaudit extra
 MLFLOW_EXPERIMENT = "creditaudit"  # unless $MLFLOW_EXPERIMENT_NAME names another
 WANDB_PROJECT = "creditaudit"  # unless $WANDB_PROJECT names another
 PARAM_MAX = 500  # characters of an MLflow param value (MLflow allows 6000; a config value is short)
@@ -37,7 +42,9 @@ PARAM_MAX = 500  # characters of an MLflow param value (MLflow allows 6000; a co
 class Tracker(Protocol):
     """Where a run's metrics go besides its folder."""
 
-    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
+    def start(
+        self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
+    ) -> bool:
         """Open the tracker run ``run_name`` (resumed_from: the epoch of the checkpoint a resumed run
         continues from). True when an existing tracker run of that name was continued."""
 
@@ -51,7 +58,9 @@ class Tracker(Protocol):
 class NoTracker:
     """``logger=none``: nothing leaves the run folder."""
 
-    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
+    def start(
+        self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
+    ) -> bool:
         return True
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -81,13 +90,17 @@ def check_logger(logger: str, logger_dir: str = "") -> None:
         raise ConfigError(f"logger must be one of {' | '.join(LOGGERS)} (got {logger!r})")
     if logger == "none":
         if logger_dir:
-            raise ConfigError(f"logger_dir={logger_dir} has no effect with logger=none: drop it or set logger=tensorboard, mlflow or wandb")
+            raise ConfigError(
+                f"logger_dir={logger_dir} has no effect with logger=none: drop it or set logger=tensorboard, mlflow or wandb"
+            )
         return
     try:
         _import_backend(logger)
     except ImportError as exc:
-        raise ConfigError(f"logger={logger} needs the {logger} package ({exc}): "
-                          f"pip install 'creditaudit[{EXTRA[logger]}]'") from None
+        raise ConfigError(
+            f"logger={logger} needs the {logger} package ({exc}): "
+            f"pip install 'creditaudit[{EXTRA[logger]}]'"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,14 +157,18 @@ class TensorBoardTracker:
         self.log_dir = Path(log_dir)
         self.writer = None
 
-    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
+    def start(
+        self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
+    ) -> bool:
         from torch.utils.tensorboard import SummaryWriter
 
         path = self.log_dir / run_name
         continued = resumed_from is not None and any(path.glob("events.out.tfevents.*"))
         # purge_step: TensorBoard's readers drop the events at steps >= it from earlier files (a
         # fresh start replaces a deleted run's curves; a resumed one recomputes after its checkpoint).
-        self.writer = SummaryWriter(log_dir=str(path), purge_step=resumed_from + 1 if resumed_from else 0)
+        self.writer = SummaryWriter(
+            log_dir=str(path), purge_step=resumed_from + 1 if resumed_from else 0
+        )
         self.writer.file_writer.add_summary(_session_start(hparams), 0)
         self.writer.add_text("config", "```\n" + json.dumps(dict(hparams), indent=1) + "\n```", 0)
         self.writer.flush()
@@ -178,7 +195,11 @@ def _hparams_summary(tag: str, **field):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     content = HParamsPluginData(version=PLUGIN_DATA_VERSION, **field)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content.SerializeToString()))
+    meta = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name=PLUGIN_NAME, content=content.SerializeToString()
+        )
+    )
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
@@ -198,7 +219,10 @@ def _session_start(hparams: Mapping[str, Any]):
     return _hparams_summary(SESSION_START_INFO_TAG, session_start_info=ssi)
 
 
-TB_STATUS = {"finished": "STATUS_SUCCESS", "diverged": "STATUS_FAILURE"}  # the ends a run is not resumed from
+TB_STATUS = {
+    "finished": "STATUS_SUCCESS",
+    "diverged": "STATUS_FAILURE",
+}  # the ends a run is not resumed from
 
 
 def _session_end(status: str):
@@ -213,13 +237,20 @@ def _session_end(status: str):
 # ---------------------------------------------------------------------------------------------
 # MLflow
 # ---------------------------------------------------------------------------------------------
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "interrupted": "KILLED"}
+MLFLOW_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "failed": "FAILED",
+    "interrupted": "KILLED",
+}
 
 
 def is_local_uri(uri: str) -> bool:
     """A plain path or a ``file:`` URI (MLflow's local file store)."""
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri)
-    return scheme is None or scheme.group(1).lower() == "file" or len(scheme.group(1)) == 1  # C:\\ on Windows
+    return (
+        scheme is None or scheme.group(1).lower() == "file" or len(scheme.group(1)) == 1
+    )  # C:\\ on Windows
 
 
 def _mlflow_key(key: str) -> str:
@@ -272,7 +303,9 @@ class MLflowTracker:
                 raise
             return exp.experiment_id
 
-    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
+    def start(
+        self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
+    ) -> bool:
         from mlflow.entities import Param, RunTag
 
         self.client = self._client()
@@ -280,22 +313,34 @@ class MLflowTracker:
         existing = None
         if resumed_from is not None:
             quoted = run_name.replace("'", "\\'")
-            found = self.client.search_runs([experiment], filter_string=f"attributes.run_name = '{quoted}'",
-                                            order_by=["attributes.start_time DESC"], max_results=1)
+            found = self.client.search_runs(
+                [experiment],
+                filter_string=f"attributes.run_name = '{quoted}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
             existing = found[0] if found else None
         if existing is not None:
             self.run_id = existing.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
-            logged = existing.data.params  # params are immutable: a changed non-semantic field keeps its first value
+            logged = (
+                existing.data.params
+            )  # params are immutable: a changed non-semantic field keeps its first value
         else:
             self.run_id = self.client.create_run(experiment, run_name=run_name).info.run_id
             logged = {}
-        params = [Param(_mlflow_key(k), _param_value(v)) for k, v in hparams.items() if _mlflow_key(k) not in logged]
+        params = [
+            Param(_mlflow_key(k), _param_value(v))
+            for k, v in hparams.items()
+            if _mlflow_key(k) not in logged
+        ]
         tags = [RunTag("creditaudit.status", "running")]
         if self.run_dir is not None:
             tags.append(RunTag("creditaudit.run_dir", str(self.run_dir)))
         for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
+            self.client.log_batch(
+                self.run_id, params=params[i : i + 100], tags=tags if i == 0 else []
+            )
         return existing is not None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -347,25 +392,43 @@ class WandbTracker:
 
     def _newest_id(self, prefix: str) -> str | None:
         """The id of the newest local W&B run of this name (``latest-run`` and other ids skipped)."""
-        pattern = re.compile(rf"(?:offline-)?run-(\d{{8}}_\d{{6}})-({re.escape(prefix)}-[0-9a-f]{{8}})")
-        found = [(m.group(1), m.group(2)) for d in self.root.glob("*wandb/*run-*") if (m := pattern.fullmatch(d.name))]
+        pattern = re.compile(
+            rf"(?:offline-)?run-(\d{{8}}_\d{{6}})-({re.escape(prefix)}-[0-9a-f]{{8}})"
+        )
+        found = [
+            (m.group(1), m.group(2))
+            for d in self.root.glob("*wandb/*run-*")
+            if (m := pattern.fullmatch(d.name))
+        ]
         return max(found)[1] if found else None
 
-    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
+    def start(
+        self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
+    ) -> bool:
         import wandb
 
         mode = wandb.setup().settings.mode  # $WANDB_MODE, else `wandb offline|online`, else online
         if mode not in ("offline", "dryrun", "disabled") and not wandb.login(prompt=False):
-            raise RuntimeError("no W&B credentials: run `wandb login` (or set WANDB_API_KEY), "
-                               "or set WANDB_MODE=offline and `wandb sync` the tracker dir later")
-        self.root.mkdir(parents=True, exist_ok=True)  # (missing, it costs a warning that silent does not silence)
+            raise RuntimeError(
+                "no W&B credentials: run `wandb login` (or set WANDB_API_KEY), "
+                "or set WANDB_MODE=offline and `wandb sync` the tracker dir later"
+            )
+        self.root.mkdir(
+            parents=True, exist_ok=True
+        )  # (missing, it costs a warning that silent does not silence)
         prefix = _wandb_id_prefix(run_name)
         existing = self._newest_id(prefix) if resumed_from is not None else None
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, dir=self.root,
-            id=existing or f"{prefix}-{secrets.token_hex(4)}", resume="allow" if existing else None,
-            name=run_name, group=run_name.rsplit("/", 1)[0], config=dict(hparams),
-            settings=wandb.Settings(console="off", silent=True), reinit="create_new")
+            project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT,
+            dir=self.root,
+            id=existing or f"{prefix}-{secrets.token_hex(4)}",
+            resume="allow" if existing else None,
+            name=run_name,
+            group=run_name.rsplit("/", 1)[0],
+            config=dict(hparams),
+            settings=wandb.Settings(console="off", silent=True),
+            reinit="create_new",
+        )
         self.run.summary["creditaudit.status"] = "running"
         if self.run_dir is not None:
             self.run.summary["creditaudit.run_dir"] = str(self.run_dir)
@@ -400,12 +463,20 @@ class Guarded:
         except Exception as exc:
             self.off = True
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            print(f"creditaudit: logger={self.name} failed at {what} ({reason}); "
-                  "going on without it (the run folder has every metric)", file=sys.stderr, flush=True)
+            print(
+                f"creditaudit: logger={self.name} failed at {what} ({reason}); "
+                "going on without it (the run folder has every metric)",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
 
-    def start(self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None) -> bool:
-        return bool(self._call("start", self.tracker.start, run_name, hparams, resumed_from=resumed_from))
+    def start(
+        self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
+    ) -> bool:
+        return bool(
+            self._call("start", self.tracker.start, run_name, hparams, resumed_from=resumed_from)
+        )
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         self._call(f"epoch {step}", self.tracker.log, metrics, step)
@@ -414,7 +485,12 @@ class Guarded:
         self._call("finish", self.tracker.finish, status)
 
 
-def make_tracker(logger: str, logger_dir: str, results: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Tracker:
+def make_tracker(
+    logger: str,
+    logger_dir: str,
+    results: str | os.PathLike,
+    run_dir: str | os.PathLike | None = None,
+) -> Tracker:
     """The tracker ``logger=`` names, its default place resolved (not started, not guarded)."""
     if logger == "tensorboard":
         return TensorBoardTracker(logger_dir or Path(results) / "_tensorboard")
@@ -426,7 +502,13 @@ def make_tracker(logger: str, logger_dir: str, results: str | os.PathLike, run_d
     return NoTracker()
 
 
-def start(cfg, run_dir: str | os.PathLike, *, resumed_from: int | None, records: Iterable[Mapping[str, Any]] = ()) -> Tracker:
+def start(
+    cfg,
+    run_dir: str | os.PathLike,
+    *,
+    resumed_from: int | None,
+    records: Iterable[Mapping[str, Any]] = (),
+) -> Tracker:
     """The run's tracker, started (a resumed run continues its tracker run, replaying ``records``,
     the metrics already in the folder, when the tracker had none of it); never raises."""
     from creditaudit.typedconfig import to_dict  # (config imports this module: no import back)
@@ -434,7 +516,9 @@ def start(cfg, run_dir: str | os.PathLike, *, resumed_from: int | None, records:
     if cfg.logger == "none":
         return NoTracker()
     tracker = Guarded(make_tracker(cfg.logger, cfg.logger_dir, cfg.results, run_dir), cfg.logger)
-    continued = tracker.start(run_name(cfg.setting, Path(run_dir).name), flatten(to_dict(cfg)), resumed_from=resumed_from)
+    continued = tracker.start(
+        run_name(cfg.setting, Path(run_dir).name), flatten(to_dict(cfg)), resumed_from=resumed_from
+    )
     if not continued:
         for record in records:
             tracker.log(record, step=int(record["epoch"]))

@@ -12,6 +12,7 @@ text is parsed by the field's type. A float is a finite number: ``inf`` and ``na
 JSON-able dicts (:func:`to_dict`, :func:`from_dict`) and a run folder's ``config.json`` holds what
 the run used. No ``exec``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,7 +71,9 @@ def set_path(cfg: Any, path: str, value: Any) -> None:
     setattr(cfg, leaf, value)
 
 
-def resolve_key(key: str, cfg_type: type, aliases: Mapping[str, str] | None = None, *, help_hint: str = "") -> str:
+def resolve_key(
+    key: str, cfg_type: type, aliases: Mapping[str, str] | None = None, *, help_hint: str = ""
+) -> str:
     """The dotted path ``key`` names: a path, an alias, or an unambiguous leaf name."""
     paths = {p for p, _, _ in iter_fields(cfg_type)}
     aliases = aliases or {}
@@ -83,7 +86,9 @@ def resolve_key(key: str, cfg_type: type, aliases: Mapping[str, str] | None = No
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(f"config key {key!r} is ambiguous: say one of {', '.join(matches)}")
-    close = difflib.get_close_matches(key, sorted(paths | set(leaf_index(cfg_type)) | set(aliases)), n=3)
+    close = difflib.get_close_matches(
+        key, sorted(paths | set(leaf_index(cfg_type)) | set(aliases)), n=3
+    )
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"unknown config key {key!r}.{hint}" + (f" {help_hint}" if help_hint else ""))
 
@@ -149,8 +154,10 @@ def parse_value(text: str, tp: Any, key: str) -> Any:
 
 def _need_finite(key: str, value: float) -> None:
     if not math.isfinite(value):
-        raise ConfigError(f"{key}={value}: expected a finite number (a run's config.json, which is JSON, "
-                          f"cannot record {value}); give a finite value")
+        raise ConfigError(
+            f"{key}={value}: expected a finite number (a run's config.json, which is JSON, "
+            f"cannot record {value}); give a finite value"
+        )
 
 
 def check_finite(cfg: Any, prefix: str = "") -> None:
@@ -170,11 +177,20 @@ def check_finite(cfg: Any, prefix: str = "") -> None:
 # ---------------------------------------------------------------------------------------------
 # Overrides, serialisation, help
 # ---------------------------------------------------------------------------------------------
-Unknown = Callable[[Any, str, str, ConfigError], None]  # (cfg, key, text, the error) for keys no field has
+Unknown = Callable[
+    [Any, str, str, ConfigError], None
+]  # (cfg, key, text, the error) for keys no field has
 
 
-def apply_overrides(cfg: Any, items: Iterable[str], *, aliases: Mapping[str, str] | None = None,
-                    unknown: Unknown | None = None, example: str = "", help_hint: str = "") -> Any:
+def apply_overrides(
+    cfg: Any,
+    items: Iterable[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    unknown: Unknown | None = None,
+    example: str = "",
+    help_hint: str = "",
+) -> Any:
     """A copy of ``cfg`` with every ``key=value`` of ``items`` set (not validated: the caller does).
 
     Keys that name no field go, after every other item is set, to ``unknown`` (e.g. options of the
@@ -184,7 +200,9 @@ def apply_overrides(cfg: Any, items: Iterable[str], *, aliases: Mapping[str, str
     deferred: list[tuple[str, str, ConfigError]] = []
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r}" + (f" (e.g. {example})" if example else ""))
+            raise ConfigError(
+                f"expected key=value, got {item!r}" + (f" (e.g. {example})" if example else "")
+            )
         key, text = (s.strip() for s in item.split("=", 1))
         try:
             path = resolve_key(key, type(cfg), aliases, help_hint=help_hint)
@@ -210,8 +228,10 @@ def from_dict(data: Mapping[str, Any], cfg_type: type, *, what: str = "") -> Any
     names = {f.name for f in dataclasses.fields(cfg_type)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{what or cfg_type.__name__} has unknown keys {', '.join(sorted(unknown))} "
-                          "(written by another version of creditaudit?)")
+        raise ConfigError(
+            f"{what or cfg_type.__name__} has unknown keys {', '.join(sorted(unknown))} "
+            "(written by another version of creditaudit?)"
+        )
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

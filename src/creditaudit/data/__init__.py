@@ -15,6 +15,7 @@ Layout (one concern per module):
 Importing this package registers every dataset. Data modules import only torch, numpy and
 (lazily) scikit-learn / mnist1d — never models, rules or the trainer.
 """
+
 from __future__ import annotations
 
 from creditaudit.data import cifar, digits, idx, mnist1d, student  # noqa: F401  (register datasets)

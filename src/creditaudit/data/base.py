@@ -16,6 +16,7 @@ A raw loader has the signature ``(cfg, data_dir, seed) -> TensorDataset`` and re
 inputs in their natural scale (pixels in [0, 1]) with the dataset's default augmentation; subsets,
 random labels and normalisation are applied afterwards by :func:`creditaudit.data.pipeline.load_dataset`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,54 +51,85 @@ class DataConfig:
 
     dataset: str = field(
         default="fashion_mnist",
-        metadata={"help": "dataset name: fashion_mnist | mnist | cifar10 | digits | mnist1d | student"},
+        metadata={
+            "help": "dataset name: fashion_mnist | mnist | cifar10 | digits | mnist1d | student"
+        },
     )
     data_dir: str = field(
         default="",
-        metadata={"semantic": False, "help": "root folder of the dataset files; '' = $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data"},
+        metadata={
+            "semantic": False,
+            "help": "root folder of the dataset files; '' = $CREDITAUDIT_DATA_DIR or ~/.cache/creditaudit/data",
+        },
     )
     train_subset: int = field(
         default=0,
-        metadata={"help": "0 = all training examples; else a fixed class-stratified subset of this size "
-                          "(the same for every run seed)"},
+        metadata={
+            "help": "0 = all training examples; else a fixed class-stratified subset of this size "
+            "(the same for every run seed)"
+        },
     )
     test_subset: int = field(
         default=0,
-        metadata={"help": "0 = the whole test split; else a fixed class-stratified subset of this size "
-                          "(the same for every run seed)"},
+        metadata={
+            "help": "0 = the whole test split; else a fixed class-stratified subset of this size "
+            "(the same for every run seed)"
+        },
     )
     random_labels: bool = field(
         default=False,
-        metadata={"help": "replace the TRAINING labels by i.i.d. uniform labels drawn from the run seed "
-                          "(test labels untouched)"},
+        metadata={
+            "help": "replace the TRAINING labels by i.i.d. uniform labels drawn from the run seed "
+            "(test labels untouched)"
+        },
     )
     augment: str = field(
         default="auto",
-        metadata={"help": "training augmentation: auto (crop_flip for cifar10, none otherwise) | none | "
-                          "crop_flip (random crop with padding 4 + horizontal flip)"},
+        metadata={
+            "help": "training augmentation: auto (crop_flip for cifar10, none otherwise) | none | "
+            "crop_flip (random crop with padding 4 + horizontal flip)"
+        },
     )
     mnist1d_signals: int = field(
         default=5000,
-        metadata={"help": "mnist1d: signals generated, 80% for training and 20% for testing (5000 = the "
-                          "package's default; others are cached apart)"},
+        metadata={
+            "help": "mnist1d: signals generated, 80% for training and 20% for testing (5000 = the "
+            "package's default; others are cached apart)"
+        },
     )
     student_alpha: float = field(
         default=0.5,
-        metadata={"help": "student task: teacher activation phi(z) = (1-alpha) z + alpha tanh z, alpha in [0, 1]"},
+        metadata={
+            "help": "student task: teacher activation phi(z) = (1-alpha) z + alpha tanh z, alpha in [0, 1]"
+        },
     )
-    student_dim: int = field(default=64, metadata={"help": "student task: input dimension (x ~ N(0, I))"})
-    student_width: int = field(default=128, metadata={"help": "student task: teacher hidden width (two hidden layers)"})
-    student_classes: int = field(default=10, metadata={"help": "student task: number of classes (teacher outputs)"})
-    student_train: int = field(default=20000, metadata={"help": "student task: number of training examples"})
-    student_test: int = field(default=5000, metadata={"help": "student task: number of test examples"})
+    student_dim: int = field(
+        default=64, metadata={"help": "student task: input dimension (x ~ N(0, I))"}
+    )
+    student_width: int = field(
+        default=128, metadata={"help": "student task: teacher hidden width (two hidden layers)"}
+    )
+    student_classes: int = field(
+        default=10, metadata={"help": "student task: number of classes (teacher outputs)"}
+    )
+    student_train: int = field(
+        default=20000, metadata={"help": "student task: number of training examples"}
+    )
+    student_test: int = field(
+        default=5000, metadata={"help": "student task: number of test examples"}
+    )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field; called by ``load_dataset``."""
         if self.augment not in ("auto", *AUGMENTATIONS):
-            raise ConfigError(f"data.augment={self.augment!r}: expected one of auto, {', '.join(AUGMENTATIONS)}")
+            raise ConfigError(
+                f"data.augment={self.augment!r}: expected one of auto, {', '.join(AUGMENTATIONS)}"
+            )
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = use the whole split)")
+                raise ConfigError(
+                    f"data.{name}={getattr(self, name)}: must be >= 0 (0 = use the whole split)"
+                )
         if not 0.0 <= self.student_alpha <= 1.0:
             raise ConfigError(f"data.student_alpha={self.student_alpha}: must lie in [0, 1]")
         for name in ("student_dim", "student_width", "student_train", "student_test"):
@@ -127,7 +159,10 @@ class TensorDataset:
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(s) for s in self.input_shape)
-        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+        for split, x, y in (
+            ("train", self.x_train, self.y_train),
+            ("test", self.x_test, self.y_test),
+        ):
             if x.dtype != torch.float32 or y.dtype != torch.int64:
                 raise TypeError(
                     f"{self.name} {split}: expected float32 inputs and int64 labels, got {x.dtype}, {y.dtype}"
@@ -138,7 +173,9 @@ class TensorDataset:
                     f"input_shape {self.input_shape}"
                 )
         if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"{self.name}: augment={self.augment!r}, expected one of {AUGMENTATIONS}")
+            raise ValueError(
+                f"{self.name}: augment={self.augment!r}, expected one of {AUGMENTATIONS}"
+            )
 
     def to(self, device: torch.device | str) -> TensorDataset:
         """A new dataset with every tensor on ``device`` (no copy for tensors already there)."""
@@ -186,7 +223,9 @@ SOURCES: Registry[DataSource] = Registry("dataset source")
 def default_data_dir() -> str:
     """``$CREDITAUDIT_DATA_DIR`` if set, else ``~/.cache/creditaudit/data``."""
     env = os.environ.get("CREDITAUDIT_DATA_DIR", "")
-    return str(Path(env).expanduser()) if env else str(Path("~/.cache/creditaudit/data").expanduser())
+    return (
+        str(Path(env).expanduser()) if env else str(Path("~/.cache/creditaudit/data").expanduser())
+    )
 
 
 def resolve_data_dir(data_dir: str) -> str:

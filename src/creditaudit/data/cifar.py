@@ -11,6 +11,7 @@ every member first (no absolute paths, no ``..``, no links or devices) and write
 batch files, into a temporary folder renamed into place, so parallel workers never see a partial
 folder. CIFAR-10's default training augmentation is ``crop_flip`` (docs/science.md §3).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from creditaudit.data.base import DATASETS, SOURCES, DataConfig, DatasetMissingError, TensorDataset, fetch_hint
+from creditaudit.data.base import (
+    DATASETS,
+    SOURCES,
+    DataConfig,
+    DatasetMissingError,
+    TensorDataset,
+    fetch_hint,
+)
 from creditaudit.data.fetch import RemoteFile, fetch_files, manual_instructions
 
 RECORD_BYTES = 1 + 3 * 32 * 32  # label byte + R, G, B planes
@@ -87,8 +95,15 @@ def extract_tarball(tarball: str | Path) -> Path:
                 for member in members:
                     _check_member(member, tarball)
                 for member in members:
-                    parts = PurePosixPath(member.name).parts  # e.g. ("cifar-10-batches-bin", "data_batch_1.bin")
-                    if member.isfile() and len(parts) == 2 and parts[0] == FOLDER and parts[1] in BATCH_FILES:
+                    parts = PurePosixPath(
+                        member.name
+                    ).parts  # e.g. ("cifar-10-batches-bin", "data_batch_1.bin")
+                    if (
+                        member.isfile()
+                        and len(parts) == 2
+                        and parts[0] == FOLDER
+                        and parts[1] in BATCH_FILES
+                    ):
                         src = tar.extractfile(member)
                         assert src is not None  # regular file
                         with src, open(tmp / parts[1], "wb") as out:
@@ -139,7 +154,9 @@ class CifarSource:
                 f"dataset 'cifar10' not found (looked for {root / FOLDER}/ and {root / TARBALL.name}). "
                 f"Fix: run {fetch_hint(self.name, data_dir)} (downloads 162 MB)\n"
                 + manual_instructions(
-                    root, [TARBALL], f"(or extract it there so that {root / FOLDER}/data_batch_1.bin exists)"
+                    root,
+                    [TARBALL],
+                    f"(or extract it there so that {root / FOLDER}/data_batch_1.bin exists)",
                 )
             )
         path = Path(found)
@@ -154,7 +171,9 @@ class CifarSource:
 CIFAR10 = CifarSource()
 
 
-@DATASETS.register("cifar10", "CIFAR-10, 32x32 RGB, 50000/10000, official binary batches; crop_flip by default")
+@DATASETS.register(
+    "cifar10", "CIFAR-10, 32x32 RGB, 50000/10000, official binary batches; crop_flip by default"
+)
 def load_cifar10(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
     folder = CIFAR10.folder(data_dir)
     train = [read_cifar_batch(folder / f) for f in TRAIN_FILES]
@@ -177,4 +196,8 @@ def load_cifar10(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
     )
 
 
-SOURCES.add("cifar10", CIFAR10, "binary batches: <data_dir>/cifar10/cifar-10-batches-bin/ or the .tar.gz there")
+SOURCES.add(
+    "cifar10",
+    CIFAR10,
+    "binary batches: <data_dir>/cifar10/cifar-10-batches-bin/ or the .tar.gz there",
+)

@@ -4,6 +4,7 @@ There is no official split, so one is fixed here: stratified, 360 test images (2
 ``random_state=0`` — the same 1437/360 split on every machine and for every run seed. Pixels are
 integers 0..16 in the source and are scaled to [0, 1].
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -17,7 +18,9 @@ TEST_SIZE = 360
 SPLIT_SEED = 0
 
 
-@DATASETS.register("digits", "scikit-learn's bundled 8x8 digits, 1437/360 fixed stratified split, offline")
+@DATASETS.register(
+    "digits", "scikit-learn's bundled 8x8 digits, 1437/360 fixed stratified split, offline"
+)
 def load_digits(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
     from sklearn.datasets import load_digits as sk_load_digits  # import cost only when used
     from sklearn.model_selection import train_test_split
@@ -53,7 +56,9 @@ class DigitsSource:
     def fetch(self, data_dir: str, *, quiet: bool = False) -> str:
         found = self.locate(data_dir)
         if found is None:
-            raise DatasetMissingError("dataset 'digits' needs scikit-learn: pip install scikit-learn")
+            raise DatasetMissingError(
+                "dataset 'digits' needs scikit-learn: pip install scikit-learn"
+            )
         return found
 
 

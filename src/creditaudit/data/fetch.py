@@ -9,6 +9,7 @@ exactly which files to put where.
 Tests replace :func:`download_url` (``monkeypatch.setattr(fetch, "download_url", ...)``); every
 download goes through that one name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from creditaudit.data.base import DATASETS, SOURCES, DatasetMissingError, file_digest, resolve_data_dir
+from creditaudit.data.base import (
+    DATASETS,
+    SOURCES,
+    DatasetMissingError,
+    file_digest,
+    resolve_data_dir,
+)
 
 DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation, not per file: a dead host fails fast
 
@@ -52,7 +59,12 @@ def manual_instructions(target: Path, files: list[RemoteFile], extra: str = "") 
 
 
 def fetch_files(
-    target: Path, files: list[RemoteFile], *, dataset: str, quiet: bool = False, extra_hint: str = ""
+    target: Path,
+    files: list[RemoteFile],
+    *,
+    dataset: str,
+    quiet: bool = False,
+    extra_hint: str = "",
 ) -> None:
     """Download every file of ``files`` not already in ``target``, verifying its digest.
 

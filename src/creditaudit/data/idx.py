@@ -11,6 +11,7 @@ then system locations (Debian's ``dataset-fashion-mnist`` package installs
 official mirrors and checks them against their published digests (sha256 for Fashion-MNIST, as
 in the Debian package; md5 for MNIST, as published by LeCun).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -21,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from creditaudit.data.base import DATASETS, SOURCES, DataConfig, DatasetMissingError, TensorDataset, fetch_hint
+from creditaudit.data.base import (
+    DATASETS,
+    SOURCES,
+    DataConfig,
+    DatasetMissingError,
+    TensorDataset,
+    fetch_hint,
+)
 from creditaudit.data.fetch import RemoteFile, fetch_files, manual_instructions
 
 # dtype code -> numpy dtype (big-endian where it matters)
@@ -80,7 +88,11 @@ def read_idx(path: str | Path, *, dataset: str = "mnist") -> np.ndarray:
     found = len(data) - header
     if found != expected:
         shape = "x".join(map(str, dims))
-        raise _corrupt(path, f"header says {shape} {dtype.name} = {expected} payload bytes, found {found}", dataset)
+        raise _corrupt(
+            path,
+            f"header says {shape} {dtype.name} = {expected} payload bytes, found {found}",
+            dataset,
+        )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
@@ -104,7 +116,9 @@ class IdxSource:
     remote: list[RemoteFile] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.remote = [RemoteFile(n, self.base_url + n, d, self.algo) for n, d in self.digests.items()]
+        self.remote = [
+            RemoteFile(n, self.base_url + n, d, self.algo) for n, d in self.digests.items()
+        ]
 
     def file_in(self, folder: Path, role: str) -> Path | None:
         """The raw or ``.gz`` file for ``role`` in ``folder`` (raw preferred: already decompressed)."""
@@ -184,13 +198,25 @@ def load_idx_dataset(source: IdxSource, data_dir: str) -> TensorDataset:
         images = read_idx(img_path, dataset=source.name)  # (N, H, W) uint8
         labels = read_idx(lab_path, dataset=source.name)  # (N,) uint8
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != source.image_hw:
-            raise _corrupt(img_path, f"expected uint8 images of shape (N, {source.image_hw[0]}, {source.image_hw[1]}), "
-                                     f"found {images.dtype} {images.shape}", source.name)
+            raise _corrupt(
+                img_path,
+                f"expected uint8 images of shape (N, {source.image_hw[0]}, {source.image_hw[1]}), "
+                f"found {images.dtype} {images.shape}",
+                source.name,
+            )
         if labels.dtype != np.uint8 or labels.ndim != 1 or len(labels) != len(images):
-            raise _corrupt(lab_path, f"expected {len(images)} uint8 labels to match {img_path.name}, "
-                                     f"found {labels.dtype} {labels.shape}", source.name)
+            raise _corrupt(
+                lab_path,
+                f"expected {len(images)} uint8 labels to match {img_path.name}, "
+                f"found {labels.dtype} {labels.shape}",
+                source.name,
+            )
         if len(labels) and labels.max() >= source.num_classes:
-            raise _corrupt(lab_path, f"label {int(labels.max())} out of range 0..{source.num_classes - 1}", source.name)
+            raise _corrupt(
+                lab_path,
+                f"label {int(labels.max())} out of range 0..{source.num_classes - 1}",
+                source.name,
+            )
         x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)  # (N, 1, H, W) float32
         y = torch.from_numpy(labels.astype(np.int64))  # (N,)
         splits[split] = (x, y)
@@ -216,5 +242,9 @@ def load_mnist(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
     return load_idx_dataset(MNIST, data_dir)
 
 
-SOURCES.add("fashion_mnist", FASHION_MNIST, "IDX: <data_dir>/fashion_mnist/ or /usr/share/datasets/fashion-mnist/")
+SOURCES.add(
+    "fashion_mnist",
+    FASHION_MNIST,
+    "IDX: <data_dir>/fashion_mnist/ or /usr/share/datasets/fashion-mnist/",
+)
 SOURCES.add("mnist", MNIST, "IDX files: <data_dir>/mnist/ or /usr/share/datasets/mnist/")

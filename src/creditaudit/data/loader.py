@@ -16,6 +16,7 @@ then flip horizontally with probability 0.5. The padding is zeros *after* normal
 per-channel training mean (torchvision pads raw black pixels before normalising; the difference is
 immaterial for training and keeps the augmentation a pure function of the normalised tensor).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -28,7 +29,9 @@ from creditaudit.data.base import AUGMENTATIONS, derive_seed
 CROP_PAD = 4
 
 
-def draw_crop_flip(n: int, generator: torch.Generator, *, pad: int = CROP_PAD) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_crop_flip(
+    n: int, generator: torch.Generator, *, pad: int = CROP_PAD
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop/flip parameters for n samples, on the generator's device.
 
     Returns offsets (n, 2) as [row, col] uniform in 0..2*pad, and flips (n,) bool with p = 0.5.
@@ -39,7 +42,9 @@ def draw_crop_flip(n: int, generator: torch.Generator, *, pad: int = CROP_PAD) -
     return offsets, flips
 
 
-def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, *, pad: int = CROP_PAD) -> torch.Tensor:
+def crop_flip(
+    x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, *, pad: int = CROP_PAD
+) -> torch.Tensor:
     """Crop each image of x (B, C, H, W) at ``offsets`` (B, 2) from its zero-padded copy, then flip where ``flips``.
 
     Output pixel (i, j) of sample b is ``padded[b, :, r_b + i, c_b + j']`` with ``j' = W-1-j`` when
@@ -51,7 +56,9 @@ def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, *, pa
     ar_w = torch.arange(w, device=x.device)
     rows = offsets[:, 0, None] + ar_h  # (B, H)
     cols = offsets[:, 1, None] + torch.where(flips[:, None], ar_w.flip(0), ar_w)  # (B, W)
-    padded = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))  # (B, C, H, W+2p)
+    padded = padded.gather(
+        2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad)
+    )  # (B, C, H, W+2p)
     return padded.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)
 
 
@@ -78,7 +85,9 @@ class DeviceLoader:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment={augment!r}: expected one of {AUGMENTATIONS}")
         if augment == "crop_flip" and x.ndim != 4:
-            raise ValueError(f"augment=crop_flip needs images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"augment=crop_flip needs images (N, C, H, W), got inputs of shape {tuple(x.shape)}"
+            )
         self.x, self.y = x, y  # (N, ...), (N,)
         self.batch_size = batch_size
         self.seed = seed
@@ -106,7 +115,9 @@ class DeviceLoader:
         without augmentation."""
         if self.augment != "crop_flip":
             return None
-        g = torch.Generator(device=self.x.device).manual_seed(derive_seed(self.seed, "augment", epoch))
+        g = torch.Generator(device=self.x.device).manual_seed(
+            derive_seed(self.seed, "augment", epoch)
+        )
         return draw_crop_flip(self.num_samples, g)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,18 +133,30 @@ class DeviceLoader:
             yield xb, yb
 
 
-def stacked_epoch(loaders: list[DeviceLoader], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stacked_epoch(
+    loaders: list[DeviceLoader], epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The batches of several runs' loaders for ``epoch``, stacked on a leading run axis:
     (R, B, ...) and (R, B), equal to ``torch.stack`` of each loader's own batch. Loaders over the
     same tensors (a stack's runs share their data) are served by one gather and one augmentation
     call for all R runs; the orders and augmentation draws stay each run's own."""
     first = loaders[0]
-    if not all(l.x is first.x and l.batch_size == first.batch_size and l.augment == first.augment
-               and l.drop_last == first.drop_last for l in loaders):
-        yield from (tuple(torch.stack(parts) for parts in zip(*batch)) for batch in zip(*(l.epoch(epoch) for l in loaders)))
+    if not all(
+        l.x is first.x
+        and l.batch_size == first.batch_size
+        and l.augment == first.augment
+        and l.drop_last == first.drop_last
+        for l in loaders
+    ):
+        yield from (
+            tuple(torch.stack(parts) for parts in zip(*batch))
+            for batch in zip(*(l.epoch(epoch) for l in loaders))
+        )
         return
     orders = torch.stack([l.order(epoch) for l in loaders])  # (R, N)
-    y = first.y if all(l.y is first.y for l in loaders) else torch.stack([l.y for l in loaders])  # (N,) or (R, N)
+    y = (
+        first.y if all(l.y is first.y for l in loaders) else torch.stack([l.y for l in loaders])
+    )  # (N,) or (R, N)
     augs = [l.augmentation(epoch) for l in loaders]
     offsets = torch.stack([a[0] for a in augs]) if augs[0] is not None else None  # (R, N, 2)
     flips = torch.stack([a[1] for a in augs]) if augs[0] is not None else None  # (R, N)
@@ -144,6 +167,9 @@ def stacked_epoch(loaders: list[DeviceLoader], epoch: int) -> Iterator[tuple[tor
         yb = y[idx] if y.dim() == 1 else y.gather(1, idx)
         if offsets is not None:
             b = idx.shape[1]
-            xb = crop_flip(xb.flatten(0, 1), offsets[:, i * bs : (i + 1) * bs].flatten(0, 1),
-                           flips[:, i * bs : (i + 1) * bs].flatten(0, 1)).view(R, b, *xb.shape[2:])
+            xb = crop_flip(
+                xb.flatten(0, 1),
+                offsets[:, i * bs : (i + 1) * bs].flatten(0, 1),
+                flips[:, i * bs : (i + 1) * bs].flatten(0, 1),
+            ).view(R, b, *xb.shape[2:])
         yield xb, yb

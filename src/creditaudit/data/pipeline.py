@@ -16,13 +16,21 @@ The order is part of the definition:
 
 Everything stays on the CPU; move it with ``TensorDataset.to(device)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
-from creditaudit.data.base import DATA_SEED, DATASETS, DataConfig, TensorDataset, derive_seed, resolve_data_dir
+from creditaudit.data.base import (
+    DATA_SEED,
+    DATASETS,
+    DataConfig,
+    TensorDataset,
+    derive_seed,
+    resolve_data_dir,
+)
 from creditaudit.errors import ConfigError
 
 
@@ -72,12 +80,18 @@ def load_dataset(cfg: DataConfig, seed: int) -> TensorDataset:
     x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
     for split, size, y in (("train", cfg.train_subset, y_tr), ("test", cfg.test_subset, y_te)):
         if size > y.numel():
-            raise ConfigError(f"data.{split}_subset={size} exceeds the {y.numel()} {split} examples of {ds.name}")
+            raise ConfigError(
+                f"data.{split}_subset={size} exceeds the {y.numel()} {split} examples of {ds.name}"
+            )
     if 0 < cfg.train_subset < y_tr.numel():
-        keep = stratified_subset(y_tr, cfg.train_subset, ds.num_classes, derive_seed(DATA_SEED, ds.name, "train"))
+        keep = stratified_subset(
+            y_tr, cfg.train_subset, ds.num_classes, derive_seed(DATA_SEED, ds.name, "train")
+        )
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     if 0 < cfg.test_subset < y_te.numel():
-        keep = stratified_subset(y_te, cfg.test_subset, ds.num_classes, derive_seed(DATA_SEED, ds.name, "test"))
+        keep = stratified_subset(
+            y_te, cfg.test_subset, ds.num_classes, derive_seed(DATA_SEED, ds.name, "test")
+        )
         x_te, y_te = x_te[keep], y_te[keep]
 
     if cfg.random_labels:
@@ -90,8 +104,15 @@ def load_dataset(cfg: DataConfig, seed: int) -> TensorDataset:
 
     augment = ds.augment if cfg.augment == "auto" else cfg.augment
     if augment == "crop_flip" and len(ds.input_shape) != 3:
-        raise ConfigError(f"data.augment=crop_flip needs image inputs; {ds.name} has input shape {ds.input_shape}")
+        raise ConfigError(
+            f"data.augment=crop_flip needs image inputs; {ds.name} has input shape {ds.input_shape}"
+        )
 
     return dataclasses.replace(
-        ds, x_train=x_tr.contiguous(), y_train=y_tr, x_test=x_te.contiguous(), y_test=y_te, augment=augment
+        ds,
+        x_train=x_tr.contiguous(),
+        y_train=y_tr,
+        x_test=x_te.contiguous(),
+        y_test=y_te,
+        augment=augment,
     )

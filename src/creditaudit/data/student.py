@@ -20,6 +20,7 @@ weights for every alpha, so an alpha sweep changes only the nonlinearity — and
 from generators seeded by (D, split), so changing ``student_test`` never changes the training set.
 Labels are computed in float64 so that float32 round-off cannot flip near-ties across machines.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ def phi(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1.0 - alpha) * z + alpha * torch.tanh(z)
 
 
-def teacher_weights(dim: int, width: int, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_weights(
+    dim: int, width: int, classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W1 (width, dim), W2 (width, width), W3 (classes, width)), float64, fixed for these sizes."""
     g = torch.Generator().manual_seed(derive_seed("student-teacher", dim, width, classes))
     w1 = torch.randn(width, dim, generator=g, dtype=torch.float64) / dim**0.5
@@ -55,7 +58,10 @@ def student_inputs(dim: int, n: int, split: str) -> torch.Tensor:
     return torch.randn(n, dim, generator=g, dtype=torch.float64)
 
 
-@DATASETS.register("student", "synthetic teacher-student task: x ~ N(0, I), labels = argmax of a fixed phi_alpha teacher")
+@DATASETS.register(
+    "student",
+    "synthetic teacher-student task: x ~ N(0, I), labels = argmax of a fixed phi_alpha teacher",
+)
 def load_student(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
     splits = {}
     for split, n in (("train", cfg.student_train), ("test", cfg.student_test)):

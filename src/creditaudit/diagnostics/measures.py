@@ -11,6 +11,7 @@ Every figure is a 0-d float64 tensor, and no function reads a value back to the 
 one: the probe runs them for one run, or under ``torch.func.vmap`` for a stack of runs
 (``training/stack.py``), and reads the figures once at the end.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,9 @@ def scale_ratios(hs: list[Tensor]) -> list[Tensor]:
     out = []
     for prev, cur in zip(hs, hs[1:]):
         n_prev, n_cur = norms(prev), norms(cur)
-        out.append(median(torch.where(n_prev > 0, n_cur / n_prev, torch.full_like(n_cur, math.inf))))
+        out.append(
+            median(torch.where(n_prev > 0, n_cur / n_prev, torch.full_like(n_cur, math.inf)))
+        )
     return out
 
 
@@ -93,8 +96,17 @@ def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, dirs: int, eps: float,
-                 generator: torch.Generator) -> Tensor:
+def predictivity(
+    model: CreditNet,
+    l: int,
+    h: Tensor,
+    a: Tensor,
+    y: Tensor,
+    *,
+    dirs: int,
+    eps: float,
+    generator: torch.Generator,
+) -> Tensor:
     """ρ_l: Pearson correlation, over samples × ``dirs`` random unit directions v, between the
     predicted loss change ε⟨a_l, v⟩ and the actual change CE(h_l + εv) − CE(h_l). The forward passes
     run in the model's dtype (float64 when the changes can be tiny: see ``probe``), and so are the
@@ -108,9 +120,13 @@ def predictivity(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, d
     predicted, actual = [], []
     for start in range(0, dirs, chunk):
         k = min(chunk, dirs - start)
-        v = torch.randn((k, *h64.shape), generator=generator, dtype=dtype).to(h64.device)  # (k, B, ...)
+        v = torch.randn((k, *h64.shape), generator=generator, dtype=dtype).to(
+            h64.device
+        )  # (k, B, ...)
         v = v / v.flatten(2).norm(dim=2).view(k, B, *[1] * (h64.dim() - 1))
-        predicted.append(eps * torch.einsum("bn,kbn->kb", a64, v.flatten(2)).flatten().double())  # (k·B,)
+        predicted.append(
+            eps * torch.einsum("bn,kbn->kb", a64, v.flatten(2)).flatten().double()
+        )  # (k·B,)
         moved = (h64.unsqueeze(0) + eps * v).flatten(0, 1)  # (k·B, ...)
         actual.append((per_sample_loss(model, l, moved, y.repeat(k)) - base.repeat(k)).double())
     p, q = torch.cat(predicted), torch.cat(actual)
@@ -124,7 +140,9 @@ def pearson(p: Tensor, q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def nudge(model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, eta: float, relative: bool) -> Tensor:
+def nudge(
+    model: CreditNet, l: int, h: Tensor, a: Tensor, y: Tensor, *, eta: float, relative: bool
+) -> Tensor:
     """ΔL: change of the mean loss after moving h_l by η against a_l/‖a_l‖ (per sample; η scaled by
     ‖h_l‖ when ``relative``). Negative = the credit points downhill. Samples with a = 0 do not move."""
     h64 = h.double()
@@ -140,5 +158,7 @@ def gradient_stability(batch_grads: list[Tensor]) -> Tensor:
     """(c): mean pairwise cosine between the batch-mean gradients g (at one layer) of disjoint
     batches (pairs whose cosine is undefined ignored; NaN if all are)."""
     means = [flat64(g).mean(0, keepdim=True) for g in batch_grads]
-    cos = [cosine(means[i], means[j])[0] for i in range(len(means)) for j in range(i + 1, len(means))]
+    cos = [
+        cosine(means[i], means[j])[0] for i in range(len(means)) for j in range(i + 1, len(means))
+    ]
     return nanmean(cos, batch_grads[0])

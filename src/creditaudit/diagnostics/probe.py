@@ -27,6 +27,7 @@ precision is chosen per run and layer (:data:`RHO_FLOAT32_MIN_CHANGE`), and each
 passes already stacks ``rho_dirs`` perturbed copies of the samples along the batch, which fills a
 device on its own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,19 +54,43 @@ RHO_FLOAT32_MIN_CHANGE = 2e-6
 class DiagConfig:
     """When and how the per-epoch diagnostics are taken (thresholds belong to the audit)."""
 
-    enabled: bool = field(default=True, metadata={"help": "take the per-epoch diagnostics (D1, D2, (c), Γ_l, ρ_l, nudging)"})
-    eval_n: int = field(default=256, metadata={"help": "size of the fixed held-out eval batch (the first n test examples)"})
-    every: int = field(default=1, metadata={"help": "probe D1, D2, Γ_l and nudging every N epochs (epoch 0 and the last always)"})
-    full_every: int = field(default=0, metadata={"help": "also probe ρ_l and (c) every N epochs; 0 = only after the last epoch"})
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "take the per-epoch diagnostics (D1, D2, (c), Γ_l, ρ_l, nudging)"},
+    )
+    eval_n: int = field(
+        default=256,
+        metadata={"help": "size of the fixed held-out eval batch (the first n test examples)"},
+    )
+    every: int = field(
+        default=1,
+        metadata={
+            "help": "probe D1, D2, Γ_l and nudging every N epochs (epoch 0 and the last always)"
+        },
+    )
+    full_every: int = field(
+        default=0,
+        metadata={"help": "also probe ρ_l and (c) every N epochs; 0 = only after the last epoch"},
+    )
     rho_dirs: int = field(default=32, metadata={"help": "ρ_l: random unit directions per sample"})
     rho_n: int = field(default=1024, metadata={"help": "ρ_l: samples (the first n test examples)"})
     rho_eps: float = field(default=1e-3, metadata={"help": "ρ_l: step ε along each direction"})
     nudge_eta: float = field(default=0.01, metadata={"help": "nudging: step η against a_l/‖a_l‖"})
-    nudge_relative: bool = field(default=False, metadata={"help": "nudging: scale η by ‖h_l‖ (default: absolute step, as in the seed)"})
-    stab_batches: int = field(default=8, metadata={"help": "(c): number of disjoint batches (>= 2)"})
+    nudge_relative: bool = field(
+        default=False,
+        metadata={"help": "nudging: scale η by ‖h_l‖ (default: absolute step, as in the seed)"},
+    )
+    stab_batches: int = field(
+        default=8, metadata={"help": "(c): number of disjoint batches (>= 2)"}
+    )
     stab_batch_size: int = field(default=128, metadata={"help": "(c): size of each batch"})
-    trajectory: bool = field(default=False, metadata={"help": "also log per-layer quantiles (10/50/90%) and means of "
-                                                               "‖h_l‖, ‖g_l‖ and ‖a_l‖ at every probe (traj/* keys)"})
+    trajectory: bool = field(
+        default=False,
+        metadata={
+            "help": "also log per-layer quantiles (10/50/90%) and means of "
+            "‖h_l‖, ‖g_l‖ and ‖a_l‖ at every probe (traj/* keys)"
+        },
+    )
 
 
 def due(cfg: DiagConfig, epoch: int, last: int) -> tuple[bool, bool]:
@@ -114,30 +139,47 @@ class Sizes:
         n_test = data.x_test.shape[0]
         k = min(cfg.stab_batches, n_test // cfg.stab_batch_size)
         n = min(cfg.eval_n, n_test)
-        return cls(full=full, n=n, m=min(cfg.rho_n, n_test) if full else n, stab=k if full and k >= 2 else 0)
+        return cls(
+            full=full,
+            n=n,
+            m=min(cfg.rho_n, n_test) if full else n,
+            stab=k if full and k >= 2 else 0,
+        )
 
 
 def probe_inputs(data: Any, cfg: DiagConfig, sizes: Sizes) -> dict[str, Tensor]:
     """The examples a probe reads: the first test examples (the reference batch, and (c)'s batches),
     and the first training examples (the fixed training loss)."""
     rows = max(sizes.n, sizes.m)
-    inputs = {"x": data.x_test[:rows], "y": data.y_test[:rows],
-              "x_train": data.x_train[:sizes.n], "y_train": data.y_train[:sizes.n]}
+    inputs = {
+        "x": data.x_test[:rows],
+        "y": data.y_test[:rows],
+        "x_train": data.x_train[: sizes.n],
+        "y_train": data.y_train[: sizes.n],
+    }
     if sizes.stab:
         bs = cfg.stab_batch_size
-        inputs["x_stab"] = data.x_test[:sizes.stab * bs].reshape(sizes.stab, bs, *data.x_test.shape[1:])
-        inputs["y_stab"] = data.y_test[:sizes.stab * bs].reshape(sizes.stab, bs)
+        inputs["x_stab"] = data.x_test[: sizes.stab * bs].reshape(
+            sizes.stab, bs, *data.x_test.shape[1:]
+        )
+        inputs["y_stab"] = data.y_test[: sizes.stab * bs].reshape(sizes.stab, bs)
     return inputs
 
 
-def probe(model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool, seed: int) -> dict[str, float]:
+def probe(
+    model: CreditNet, rule: Any, data: Any, cfg: DiagConfig, *, full: bool, seed: int
+) -> dict[str, float]:
     """All figures for the current state of ``model`` trained by ``rule`` (see the module docstring)."""
     with probing(model):
         sizes = Sizes.of(data, cfg, full=full)
         inputs = probe_inputs(data, cfg, sizes)
-        model64 = copy.deepcopy(model).double()  # the reference in float64 (a copy: the model is untouched)
+        model64 = copy.deepcopy(
+            model
+        ).double()  # the reference in float64 (a copy: the model is untouched)
         figures, rho_inputs = shared_figures(model, model64, rule, inputs, cfg, sizes)
-        return finish(figures, rho_inputs, model, lambda: model64, inputs["y"][:sizes.m], cfg, seed=seed)
+        return finish(
+            figures, rho_inputs, model, lambda: model64, inputs["y"][: sizes.m], cfg, seed=seed
+        )
 
 
 class probing:
@@ -156,8 +198,14 @@ class probing:
         self.model.train(self.was_training)
 
 
-def shared_figures(model: CreditNet, model64: CreditNet, rule: Any, inputs: dict[str, Tensor], cfg: DiagConfig,
-                   sizes: Sizes) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+def shared_figures(
+    model: CreditNet,
+    model64: CreditNet,
+    rule: Any,
+    inputs: dict[str, Tensor],
+    cfg: DiagConfig,
+    sizes: Sizes,
+) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
     """Every figure but ρ_l, as 0-d tensors, and what ρ_l reads (``{}`` unless the probe is full):
     the states h_l and credits a_l of its samples, and the median ‖g_l‖ that sets its precision.
     ``model64`` is ``model`` in float64. Nothing here reads a value back or draws a random number."""
@@ -168,7 +216,11 @@ def shared_figures(model: CreditNet, model64: CreditNet, rule: Any, inputs: dict
     fwd64, gs_all = true_grads(model64, x_all.double(), y_all)
     credits_all = _credits(model, rule, x_all, y_all)
     y = y_all[:n]
-    hs, gs, credits = [h[:n] for h in fwd64.hs], [g[:n] for g in gs_all], [a[:n] for a in credits_all]
+    hs, gs, credits = (
+        [h[:n] for h in fwd64.hs],
+        [g[:n] for g in gs_all],
+        [a[:n] for a in credits_all],
+    )
 
     ratios = M.scale_ratios(hs)
     for l, r in enumerate(ratios, start=1):
@@ -182,28 +234,46 @@ def shared_figures(model: CreditNet, model64: CreditNet, rule: Any, inputs: dict
         out.update(trajectory_summaries({"h": hs, "g": gs, "a": credits}))
 
     with torch.no_grad():
-        out["diag/train_loss_fixed"] = F.cross_entropy(model(inputs["x_train"]), inputs["y_train"]).double()
+        out["diag/train_loss_fixed"] = F.cross_entropy(
+            model(inputs["x_train"]), inputs["y_train"]
+        ).double()
 
     gammas = M.credit_cosines(credits, gs)
     for l, g in enumerate(gammas):
         out[f"credit/cos_l{l}"] = g
     deep = range(1, L + 1)
     out["credit/deep_cos"] = M.nanmean([gammas[l] for l in deep], like=hs[0])
-    nudges = {l: M.nudge(model64, l, hs[l], credits[l], y, eta=cfg.nudge_eta, relative=cfg.nudge_relative) for l in deep}
+    nudges = {
+        l: M.nudge(model64, l, hs[l], credits[l], y, eta=cfg.nudge_eta, relative=cfg.nudge_relative)
+        for l in deep
+    }
     for l, v in nudges.items():
         out[f"credit/nudge_l{l}"] = v
     out["credit/nudge"] = M.nanmean(list(nudges.values()), like=hs[0])
 
     rho_inputs: dict[str, list[Tensor]] = {}
     if sizes.full:
-        rho_inputs = {"h": [h[:m] for h in fwd64.hs], "a": [a[:m] for a in credits_all],
-                      "g_median": [M.median(M.norms(g[:m])) for g in gs_all]}
-        out["diag/grad_stab"] = _grad_stability(model64, inputs, L) if sizes.stab else M.nan_like(hs[0])
+        rho_inputs = {
+            "h": [h[:m] for h in fwd64.hs],
+            "a": [a[:m] for a in credits_all],
+            "g_median": [M.median(M.norms(g[:m])) for g in gs_all],
+        }
+        out["diag/grad_stab"] = (
+            _grad_stability(model64, inputs, L) if sizes.stab else M.nan_like(hs[0])
+        )
     return out, rho_inputs
 
 
-def finish(figures: dict[str, Tensor], rho_inputs: dict[str, list[Tensor]], model: CreditNet,
-           model64: Callable[[], CreditNet], y: Tensor, cfg: DiagConfig, *, seed: int) -> dict[str, float]:
+def finish(
+    figures: dict[str, Tensor],
+    rho_inputs: dict[str, list[Tensor]],
+    model: CreditNet,
+    model64: Callable[[], CreditNet],
+    y: Tensor,
+    cfg: DiagConfig,
+    *,
+    seed: int,
+) -> dict[str, float]:
     """The figures read back, and ρ_l measured when the probe is full (``rho_inputs`` from
     :func:`shared_figures`; ``y`` the labels of its samples; ``model64`` makes the float64 copy
     when a layer's changes are too small for float32). One run's: its directions come from ``seed``."""
@@ -218,8 +288,18 @@ def finish(figures: dict[str, Tensor], rho_inputs: dict[str, list[Tensor]], mode
         # float32 suffices when the loss changes ε‖g_l‖ are far above its rounding (~1e-7·CE);
         # a collapsed reference (‖g‖ ~ 1e-9) is measured in float64.
         big = cfg.rho_eps * float(rho_inputs["g_median"][l]) >= RHO_FLOAT32_MIN_CHANGE
-        rhos[l] = float(M.predictivity(model if big else in_float64(), l, rho_inputs["h"][l], rho_inputs["a"][l], y,
-                                       dirs=cfg.rho_dirs, eps=cfg.rho_eps, generator=gen))
+        rhos[l] = float(
+            M.predictivity(
+                model if big else in_float64(),
+                l,
+                rho_inputs["h"][l],
+                rho_inputs["a"][l],
+                y,
+                dirs=cfg.rho_dirs,
+                eps=cfg.rho_eps,
+                generator=gen,
+            )
+        )
     for l, v in rhos.items():
         out[f"credit/rho_l{l}"] = v
     out["credit/rho_deep"] = _mean(rhos[l] for l in deep)
@@ -229,7 +309,9 @@ def finish(figures: dict[str, Tensor], rho_inputs: dict[str, list[Tensor]], mode
 def _grad_stability(model64: CreditNet, inputs: dict[str, Tensor], L: int) -> Tensor:
     layer = math.ceil(L / 2)
     x, y = inputs["x_stab"], inputs["y_stab"]
-    return M.gradient_stability([true_grads(model64, x[i].double(), y[i])[1][layer] for i in range(x.shape[0])])
+    return M.gradient_stability(
+        [true_grads(model64, x[i].double(), y[i])[1][layer] for i in range(x.shape[0])]
+    )
 
 
 def _mean(values) -> float:

@@ -17,6 +17,7 @@ one reads "D3 not evaluated (1/1)", never PASS. A rule over seeds is PASS when e
 *trustworthy* when it passes and no seed shows Mode 2, *needs walk-back* when a detector fired or
 Mode 2 shows, and *undetermined* when nothing fired but D3 could not be evaluated for some seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,22 @@ NOT_EVALUATED = "D3 not evaluated"
 class Thresholds:
     """Where each diagnostic fires (docs/science.md §4 defaults)."""
 
-    d1_ratio: float = field(default=50.0, metadata={"help": "D1 fires when max_l ‖h_l‖/‖h_{l-1}‖ exceeds this"})
-    d2_norm: float = field(default=1e-7, metadata={"help": "D2 fires when the median ‖g_L‖ falls below this"})
-    d3_pp: float = field(default=2.0, metadata={"help": "D3 fires when test accuracy minus the frozen-blocks baseline's is below this many percentage points"})
-    mode2_cos: float = field(default=0.1, metadata={"help": "Mode 2 when D2 passes but the final |deep cos| is below this"})
+    d1_ratio: float = field(
+        default=50.0, metadata={"help": "D1 fires when max_l ‖h_l‖/‖h_{l-1}‖ exceeds this"}
+    )
+    d2_norm: float = field(
+        default=1e-7, metadata={"help": "D2 fires when the median ‖g_L‖ falls below this"}
+    )
+    d3_pp: float = field(
+        default=2.0,
+        metadata={
+            "help": "D3 fires when test accuracy minus the frozen-blocks baseline's is below this many percentage points"
+        },
+    )
+    mode2_cos: float = field(
+        default=0.1,
+        metadata={"help": "Mode 2 when D2 passes but the final |deep cos| is below this"},
+    )
 
 
 @dataclass
@@ -52,7 +65,9 @@ class RunVerdict:
     @property
     def label(self) -> str:
         """The verdict in the rule's form with n = 1: ``FAIL(D1 1/1 + D3 1/1)``, ``PASS``, ``D3 not evaluated (1/1)``."""
-        return verdict_label({d: int(d in self.failed) for d in DETECTORS}, 1, int(self.d3_missing is not None))
+        return verdict_label(
+            {d: int(d in self.failed) for d in DETECTORS}, 1, int(self.d3_missing is not None)
+        )
 
 
 def verdict_label(failed_counts: dict[str, int], n: int, unevaluated: int = 0) -> str:
@@ -93,8 +108,13 @@ def depth_utility(records: list[dict], baseline: list[dict] | None) -> dict[int,
     return {e: 100.0 * (acc - base[e]) for e, acc in _series(records, "test/acc") if e in base}
 
 
-def run_verdict(records: list[dict], baseline: list[dict] | None, th: Thresholds, *,
-                missing: str = "no frozen-blocks baseline of the same experiment") -> RunVerdict:
+def run_verdict(
+    records: list[dict],
+    baseline: list[dict] | None,
+    th: Thresholds,
+    *,
+    missing: str = "no frozen-blocks baseline of the same experiment",
+) -> RunVerdict:
     """``missing``: the reason D3 is not evaluated when ``baseline`` is None."""
     fired: dict[str, int | None] = {
         "D1": first_crossing(records, "diag/d1", lambda v: v > th.d1_ratio),
@@ -145,13 +165,22 @@ class RuleVerdict:
 
     @property
     def trustworthy(self) -> bool:
-        return self.n > 0 and not self.unevaluated and not any(self.failed_counts.values()) and not self.modes.get("Mode 2")
+        return (
+            self.n > 0
+            and not self.unevaluated
+            and not any(self.failed_counts.values())
+            and not self.modes.get("Mode 2")
+        )
 
     @property
     def claim(self) -> str:
         if self.trustworthy:
             return "trustworthy"
-        if self.unevaluated and not any(self.failed_counts.values()) and not self.modes.get("Mode 2"):
+        if (
+            self.unevaluated
+            and not any(self.failed_counts.values())
+            and not self.modes.get("Mode 2")
+        ):
             return "undetermined"
         return "needs walk-back"
 
@@ -162,7 +191,9 @@ def rule_verdict(rule: str, verdicts: list[RunVerdict]) -> RuleVerdict:
     for v in verdicts:
         for m in v.modes:
             modes[m] = modes.get(m, 0) + 1
-    return RuleVerdict(rule, len(verdicts), counts, modes, sum(v.d3_missing is not None for v in verdicts))
+    return RuleVerdict(
+        rule, len(verdicts), counts, modes, sum(v.d3_missing is not None for v in verdicts)
+    )
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -184,7 +215,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, float | None]:
         "deep_cos": final(records, "credit/deep_cos"),
         "rho_deep": final(records, "credit/rho_deep"),
         "nudge": final(records, "credit/nudge"),
-        "train_loss_decrease": (train_fixed[-1][1] - train_fixed[0][1]) if len(train_fixed) >= 2 else None,
+        "train_loss_decrease": (train_fixed[-1][1] - train_fixed[0][1])
+        if len(train_fixed) >= 2
+        else None,
         "hL_norm": final(records, "diag/hL_norm"),
         "gL_norm": final(records, "diag/gL_norm"),
         "d1_max": max((v for _, v in _series(records, "diag/d1")), default=None),

@@ -10,6 +10,7 @@ cost (EP relaxes T times per step) × how much of a stack's work grows with its 
 A job's worker sizes its stack to the device's memory (``train.stack.max_stack``) and trains what
 does not fit as a second stack after the first.
 """
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ Measured on a 2-core CPU: two single-thread processes give ~1.3–1.6× the thro
 two-thread process, hence one thread per worker. Workers start with ``spawn`` (no forked torch
 thread pools).
 """
+
 from __future__ import annotations
 
 import io
@@ -57,7 +58,9 @@ def _config(cfg_dict: dict, threads: int) -> TrainConfig:
 
 
 def _failed(cfg: TrainConfig, exc: Exception) -> RunOutcome:
-    return RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+    return RunOutcome(
+        _label(cfg), "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    )
 
 
 def _train_job(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutcome]:
@@ -68,7 +71,9 @@ def _train_job(cfg_dicts: list[dict], graph: bool, threads: int) -> list[RunOutc
 
     cfgs = [_config(d, threads) for d in cfg_dicts]
     try:
-        return [_outcome(r.cfg, r.status, r.summary, r.error) for r in train_stack(cfgs, graph=graph)]
+        return [
+            _outcome(r.cfg, r.status, r.summary, r.error) for r in train_stack(cfgs, graph=graph)
+        ]
     except Exception as exc:
         return [_failed(c, exc) for c in cfgs]
 
@@ -100,8 +105,9 @@ def _train_one(cfg_dict: dict, threads: int) -> RunOutcome:
 RUN_MEMORY_BYTES = 6 * 2**30
 
 
-def default_workers(per_run_bytes: int = RUN_MEMORY_BYTES, *, cores: int | None = None,
-                    available: int | None = None) -> int:
+def default_workers(
+    per_run_bytes: int = RUN_MEMORY_BYTES, *, cores: int | None = None, available: int | None = None
+) -> int:
     """The worker count of ``workers=0``: min(CPU cores, available memory // ``per_run_bytes``), at
     least 1. ``cores``/``available`` default to this machine's (``os.cpu_count()``,
     :func:`available_memory`; memory unknown: cores alone)."""
@@ -127,15 +133,22 @@ def worker_death(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        return f"was killed by {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
+        return f"was killed by {name}" + (
+            " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        )
     return f"exited with status {exitcode}"
 
 
-def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: int = 0,
-                 lost: Callable[[tuple[Any, ...], str], R] | None = None,
-                 name: Callable[[tuple[Any, ...]], str] = lambda job: "a job",
-                 say: Callable[[str], None] | None = None,
-                 died: Callable[[str], None] | None = None) -> Iterator[R]:
+def in_processes(
+    fn: Callable[..., R],
+    jobs: list[tuple[Any, ...]],
+    *,
+    workers: int = 0,
+    lost: Callable[[tuple[Any, ...], str], R] | None = None,
+    name: Callable[[tuple[Any, ...]], str] = lambda job: "a job",
+    say: Callable[[str], None] | None = None,
+    died: Callable[[str], None] | None = None,
+) -> Iterator[R]:
     """``fn(*job, threads)`` for every job, yielded as each finishes: in this process when
     ``workers`` is 1 or there is one job (``threads`` 0: as configured), else in ``workers``
     spawned processes of one thread each (0 = :func:`default_workers`: one per CPU core, as many as
@@ -154,7 +167,9 @@ def in_processes(fn: Callable[..., R], jobs: list[tuple[Any, ...]], *, workers: 
             yield fn(*job, 0)
         return
     if lost is None:
-        raise TypeError("in_processes: with several workers, lost(job, why) must say what a job whose worker died gave")
+        raise TypeError(
+            "in_processes: with several workers, lost(job, why) must say what a job whose worker died gave"
+        )
     say = say or _to_stderr
     yield from _Pool(fn, jobs, min(workers, len(jobs)), lost, name, say, died or say).results()
 
@@ -228,9 +243,16 @@ class _Pool:
     ``BrokenProcessPool``). Each worker has its own pipe, so a worker killed while it writes
     corrupts nothing the others use."""
 
-    def __init__(self, fn: Callable[..., R], jobs: list[tuple[Any, ...]], size: int,
-                 lost: Callable[[tuple[Any, ...], str], R], name: Callable[[tuple[Any, ...]], str],
-                 say: Callable[[str], None], died: Callable[[str], None]):
+    def __init__(
+        self,
+        fn: Callable[..., R],
+        jobs: list[tuple[Any, ...]],
+        size: int,
+        lost: Callable[[tuple[Any, ...], str], R],
+        name: Callable[[tuple[Any, ...]], str],
+        say: Callable[[str], None],
+        died: Callable[[str], None],
+    ):
         self.fn, self.jobs, self.size, self.lost, self.name = fn, jobs, size, lost, name
         self.say, self.died = say, died
         self.ctx = multiprocessing.get_context("spawn")
@@ -243,7 +265,9 @@ class _Pool:
         try:
             while left:
                 self._assign()
-                ready = wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers])
+                ready = wait(
+                    [w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]
+                )
                 for w in list(self.workers):
                     if w.conn in ready or w.process.sentinel in ready:
                         for result in self._collect(w):
@@ -290,21 +314,36 @@ class _Pool:
             self.pending.appendleft(job)
             return []
         self.died(f"{why}, again; given up")
-        return [self.lost(self.jobs[job], f"its worker {worker_death(w.process.exitcode)}, {self.starts[job]} times")]
+        return [
+            self.lost(
+                self.jobs[job],
+                f"its worker {worker_death(w.process.exitcode)}, {self.starts[job]} times",
+            )
+        ]
 
 
 def _lost_job(job: tuple[Any, ...], why: str) -> list[RunOutcome]:
     """The outcomes of a job whose worker died each time it ran it."""
     cfg_dicts, _graph = job
-    return [RunOutcome(_label(C.from_dict(d)), "failed", f"{why}; the sweep run again resumes it from its checkpoint")
-            for d in cfg_dicts]
+    return [
+        RunOutcome(
+            _label(C.from_dict(d)),
+            "failed",
+            f"{why}; the sweep run again resumes it from its checkpoint",
+        )
+        for d in cfg_dicts
+    ]
 
 
 def _job_name(job: tuple[Any, ...]) -> str:
     """A job's runs, for a line: the run, or a stack's first run and how many more."""
     cfg_dicts, _graph = job
     first = _label(C.from_dict(cfg_dicts[0]))
-    return first if len(cfg_dicts) == 1 else f"{first} and {len(cfg_dicts) - 1} more run(s) of its stack"
+    return (
+        first
+        if len(cfg_dicts) == 1
+        else f"{first} and {len(cfg_dicts) - 1} more run(s) of its stack"
+    )
 
 
 def run_many(
@@ -331,8 +370,9 @@ def run_many(
         C.validate(cfg)
     outcomes: list[RunOutcome] = []
     jobs = [([C.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
-    for done in in_processes(_train_job, jobs, workers=workers, lost=_lost_job, name=_job_name, say=say,
-                             died=died):
+    for done in in_processes(
+        _train_job, jobs, workers=workers, lost=_lost_job, name=_job_name, say=say, died=died
+    ):
         for outcome in done:
             outcomes.append(outcome)
             if on_done:

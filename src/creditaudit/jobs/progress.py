@@ -1,6 +1,7 @@
 """Progress of a job of many runs: runs finished / total, failed, held by another process, elapsed,
 and an ETA estimated from the epochs trained so far (runs found finished cost nothing and are left
 out of the rate)."""
+
 from __future__ import annotations
 
 import time

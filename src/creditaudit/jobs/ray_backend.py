@@ -14,6 +14,7 @@ here, before dispatch, so that a task does not depend on the worker's working di
 are read on each node from its ``data_dir`` (``$CREDITAUDIT_DATA_DIR`` or the per-user cache when
 the config leaves it empty).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,11 @@ def _train_job_on_a_cluster(cfg_dicts: list[dict], graph: bool, threads: int) ->
     from creditaudit.runs.lock import lease_left
 
     outcomes = _train_job(cfg_dicts, graph, threads)
-    waits = {i: lease_left(C.run_path(C.from_dict(d)) / "run.lock")
-             for i, (d, o) in enumerate(zip(cfg_dicts, outcomes)) if o.status == "locked"}
+    waits = {
+        i: lease_left(C.run_path(C.from_dict(d)) / "run.lock")
+        for i, (d, o) in enumerate(zip(cfg_dicts, outcomes))
+        if o.status == "locked"
+    }
     waits = {i: w for i, w in waits.items() if w is not None}
     if not waits:
         return outcomes
@@ -71,7 +75,9 @@ def portable(cfg: TrainConfig) -> TrainConfig:
     return cfg  # rule files: config.validate() stores them as absolute paths
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None) -> bool:
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None
+) -> bool:
     """Make sure this process is connected to Ray. Returns True when it started the connection
     (and so should shut it down), False when one was already open.
 
@@ -93,8 +99,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, temp_dir
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
-        raise ConfigError(f"could not connect to the Ray cluster at {address!r}: {exc}; "
-                          "start one with `ray start --head`, or drop --address to run a local Ray") from exc
+        raise ConfigError(
+            f"could not connect to the Ray cluster at {address!r}: {exc}; "
+            "start one with `ray start --head`, or drop --address to run a local Ray"
+        ) from exc
     return True
 
 
@@ -108,8 +116,10 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise ConfigError(f"could not connect to the Ray cluster at {address!r} ({exc.strerror or exc}); "
-                          "start one with `ray start --head`, or drop --address to run a local Ray") from exc
+        raise ConfigError(
+            f"could not connect to the Ray cluster at {address!r} ({exc.strerror or exc}); "
+            "start one with `ray start --head`, or drop --address to run a local Ray"
+        ) from exc
 
 
 def run_many_ray(
@@ -137,8 +147,12 @@ def run_many_ray(
     ray = _import_ray()
     started = connect(address, num_cpus=num_cpus, temp_dir=temp_dir)
     try:
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(_train_job_on_a_cluster)
-        pending = {task.remote([C.to_dict(c) for c in job], graph, 1): job for job in pack(configs, stack)}
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)(
+            _train_job_on_a_cluster
+        )
+        pending = {
+            task.remote([C.to_dict(c) for c in job], graph, 1): job for job in pack(configs, stack)
+        }
         outcomes: list[RunOutcome] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -147,7 +161,9 @@ def run_many_ray(
             try:
                 done = ray.get(ref)
             except Exception as exc:  # the worker died past its retries, or Ray lost the task
-                done = [RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}") for cfg in job]
+                done = [
+                    RunOutcome(_label(cfg), "failed", f"{type(exc).__name__}: {exc}") for cfg in job
+                ]
             for outcome in done:
                 outcomes.append(outcome)
                 if on_done:

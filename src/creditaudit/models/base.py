@@ -9,6 +9,7 @@ A :class:`CreditNet` exposes exactly these pieces (``embed``, ``blocks[l-1].bran
 ``head``) and a forward pass that returns every residual-stream state, so rules, the trainer and the
 diagnostics never special-case an architecture.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,15 +29,46 @@ from creditaudit.errors import ConfigError
 class ModelConfig:
     """Architecture hyper-parameters. ``None`` means "the architecture's own default"."""
 
-    d: int | None = field(default=None, metadata={"help": "width of the residual stream h_l (mlp: hidden width; smallcnn: FC width); default per arch: resmlp 256, vit_mini 128, mlp 256, smallcnn 256"})
-    L: int | None = field(default=None, metadata={"help": "number of blocks (mlp: hidden layers after the first); default per arch: resmlp 4, vit_mini 4, mlp 3, smallcnn 3 (fixed); 0 gives the shallow variant"})
-    out_ln: bool | None = field(default=None, metadata={"help": "terminal LayerNorm N before the head; default per arch: on for resmlp, vit_mini; off for mlp, smallcnn"})
-    residual: bool | None = field(default=None, metadata={"help": "skip path h_l = h_{l-1} + f_l (false: h_l = f_l(h_{l-1})); default per arch: on for resmlp, vit_mini; off for mlp, smallcnn (whose stages change shape: no skip possible)"})
-    w2_std: float = field(default=0.01, metadata={"help": "std of the normal init of each resmlp block's output matrix W2 (its bias is 0)"})
-    activation: str = field(default="relu", metadata={"help": "mlp activation: relu | gelu | tanh | sigmoid"})
+    d: int | None = field(
+        default=None,
+        metadata={
+            "help": "width of the residual stream h_l (mlp: hidden width; smallcnn: FC width); default per arch: resmlp 256, vit_mini 128, mlp 256, smallcnn 256"
+        },
+    )
+    L: int | None = field(
+        default=None,
+        metadata={
+            "help": "number of blocks (mlp: hidden layers after the first); default per arch: resmlp 4, vit_mini 4, mlp 3, smallcnn 3 (fixed); 0 gives the shallow variant"
+        },
+    )
+    out_ln: bool | None = field(
+        default=None,
+        metadata={
+            "help": "terminal LayerNorm N before the head; default per arch: on for resmlp, vit_mini; off for mlp, smallcnn"
+        },
+    )
+    residual: bool | None = field(
+        default=None,
+        metadata={
+            "help": "skip path h_l = h_{l-1} + f_l (false: h_l = f_l(h_{l-1})); default per arch: on for resmlp, vit_mini; off for mlp, smallcnn (whose stages change shape: no skip possible)"
+        },
+    )
+    w2_std: float = field(
+        default=0.01,
+        metadata={
+            "help": "std of the normal init of each resmlp block's output matrix W2 (its bias is 0)"
+        },
+    )
+    activation: str = field(
+        default="relu", metadata={"help": "mlp activation: relu | gelu | tanh | sigmoid"}
+    )
     heads: int = field(default=4, metadata={"help": "vit_mini attention heads"})
-    patch: int = field(default=4, metadata={"help": "vit_mini patch size (must divide the image size)"})
-    channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={"help": "smallcnn channels of its 3 conv layers"})
+    patch: int = field(
+        default=4, metadata={"help": "vit_mini patch size (must divide the image size)"}
+    )
+    channels: tuple[int, ...] = field(
+        default=(32, 64, 128), metadata={"help": "smallcnn channels of its 3 conv layers"}
+    )
 
 
 @dataclass
@@ -137,7 +169,10 @@ class CreditNet(nn.Module):
         so that an elementwise optimizer (AdamW, SGD) is exactly one optimizer per block."""
         groups = [{"params": list(self.embed.parameters()), "name": "embed"}]
         if blocks:
-            groups += [{"params": list(b.parameters()), "name": f"block{l + 1}"} for l, b in enumerate(self.blocks)]
+            groups += [
+                {"params": list(b.parameters()), "name": f"block{l + 1}"}
+                for l, b in enumerate(self.blocks)
+            ]
         if readout:
             groups.append({"params": self.readout_parameters(), "name": "readout"})
         return [g for g in groups if g["params"]]
@@ -150,6 +185,7 @@ ArchBuilder = Callable[[ModelConfig, tuple, int], CreditNet]
 @dataclass(frozen=True)
 class ArchShape:
     """Width, depth, terminal norm and skip path of an architecture, every one resolved."""
+
     d: int
     L: int
     out_ln: bool
@@ -163,7 +199,9 @@ class ArchSpec:
     build: ArchBuilder
     defaults: ArchShape  # what it takes where its config leaves d, L, out_ln or residual unset
     reads: tuple[str, ...] = ()  # the architecture-specific ModelConfig fields it reads
-    small: dict = field(default_factory=dict)  # ModelConfig fields of a small instance (tests, smoke runs)
+    small: dict = field(
+        default_factory=dict
+    )  # ModelConfig fields of a small instance (tests, smoke runs)
 
 
 ARCHS: Registry[ArchSpec] = Registry("architecture")
@@ -174,8 +212,17 @@ ARCHS: Registry[ArchSpec] = Registry("architecture")
 ARCH_SPECIFIC_FIELDS = ("w2_std", "activation", "heads", "patch", "channels")
 
 
-def architecture(name: str, summary: str, *, d: int, L: int, out_ln: bool, residual: bool,
-                 reads: tuple[str, ...] = (), small: dict | None = None) -> Callable[[ArchBuilder], ArchBuilder]:
+def architecture(
+    name: str,
+    summary: str,
+    *,
+    d: int,
+    L: int,
+    out_ln: bool,
+    residual: bool,
+    reads: tuple[str, ...] = (),
+    small: dict | None = None,
+) -> Callable[[ArchBuilder], ArchBuilder]:
     """Register a builder as architecture ``name`` with its defaults: adding an architecture is one file.
 
         @architecture("resmlp", "pre-LN residual MLP", d=256, L=4, out_ln=True, residual=True,
@@ -189,7 +236,11 @@ def architecture(name: str, summary: str, *, d: int, L: int, out_ln: bool, resid
         raise ValueError(f"architecture {name!r} reads unknown model fields {sorted(unknown)}")
 
     def deco(build: ArchBuilder) -> ArchBuilder:
-        ARCHS.add(name, ArchSpec(build, ArchShape(d, L, out_ln, residual), tuple(reads), dict(small or {})), summary)
+        ARCHS.add(
+            name,
+            ArchSpec(build, ArchShape(d, L, out_ln, residual), tuple(reads), dict(small or {})),
+            summary,
+        )
         return build
 
     return deco
@@ -200,12 +251,16 @@ def arch_fields(arch: str) -> tuple[str, ...]:
     return ARCHS.get(arch).reads
 
 
-def build_model(name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> CreditNet:
+def build_model(
+    name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
+) -> CreditNet:
     """Build a registered architecture (parameters drawn from the current torch RNG)."""
     return ARCHS.get(name).build(cfg, tuple(input_shape), num_classes)
 
 
-def parameter_count(name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> int | None:
+def parameter_count(
+    name: str, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
+) -> int | None:
     """How many parameters ``build_model`` would give, counted on the meta device: nothing is
     allocated and no random number drawn, whatever the sizes. None when the builder cannot run
     there (a plugin's builder reading values of its tensors)."""
@@ -238,8 +293,10 @@ def signal_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int]:
         return 1, input_shape[0]
     if len(input_shape) in (2, 3):
         return input_shape[0], math.prod(input_shape[1:])
-    raise ConfigError(f"architecture {arch!r} reads signals (T,) or (C, T), or images as their raster sequence; "
-                      f"the dataset gives shape {tuple(input_shape)}")
+    raise ConfigError(
+        f"architecture {arch!r} reads signals (T,) or (C, T), or images as their raster sequence; "
+        f"the dataset gives shape {tuple(input_shape)}"
+    )
 
 
 class AsSignal(nn.Module):
@@ -260,7 +317,12 @@ def arch_shape(arch: str, cfg: ModelConfig) -> ArchShape:
     """``arch`` under ``cfg``, defaults filled in (models are built from it, reports name it)."""
     base = ARCHS.get(arch).defaults  # an unknown name fails here, naming the known ones
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    return ArchShape(cfg.d or base.d, pick(cfg.L, base.L), pick(cfg.out_ln, base.out_ln), pick(cfg.residual, base.residual))
+    return ArchShape(
+        cfg.d or base.d,
+        pick(cfg.L, base.L),
+        pick(cfg.out_ln, base.out_ln),
+        pick(cfg.residual, base.residual),
+    )
 
 
 def per_sample_norm(h: Tensor) -> Tensor:
@@ -276,8 +338,11 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
     graph that saved them (BatchNorm's backward in the trainer's local pass) stays valid, and the
     pass may run inside ``torch.func`` transforms, which refuse in-place writes to captured tensors.
     Layers in eval mode already read their running statistics without writing them."""
-    switched = [m for m in module.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    switched = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     for m in switched:
         m.track_running_stats = False
     try:
@@ -305,7 +370,9 @@ def true_grads(model: CreditNet, x: Tensor, y: Tensor) -> tuple[Forward, list[Te
         fwd = model.run(x)
         loss = nn.functional.cross_entropy(fwd.logits, y, reduction="sum")
         gs = torch.autograd.grad(loss, fwd.hs, allow_unused=False)
-    detached = Forward(fwd.logits.detach(), [h.detach() for h in fwd.hs], [f.detach() for f in fwd.fs])
+    detached = Forward(
+        fwd.logits.detach(), [h.detach() for h in fwd.hs], [f.detach() for f in fwd.fs]
+    )
     return detached, [g.detach() for g in gs]
 
 
@@ -324,7 +391,9 @@ def _true_grads_transformed(model: CreditNet, x: Tensor, y: Tensor) -> tuple[For
     with torch.no_grad(), preserved_buffers(model):
         shapes, _ = model.shapes(tuple(x.shape[1:]))
         dtype = next(model.parameters()).dtype
-        zeros = [torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device) for shape in shapes]
+        zeros = [
+            torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device) for shape in shapes
+        ]
         out, pullback, (logits, hs, fs) = torch.func.vjp(loss, *zeros, has_aux=True)
         gs = pullback(torch.ones_like(out))
     return Forward(logits, hs, fs), list(gs)

@@ -6,11 +6,19 @@
 
 So ``L`` hidden-to-hidden layers give L+1 hidden layers of width ``d``; φ = ``activation``.
 """
+
 from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, flat_dim
+from creditaudit.models.base import (
+    Block,
+    CreditNet,
+    ModelConfig,
+    arch_shape,
+    architecture,
+    flat_dim,
+)
 from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -20,16 +28,30 @@ def activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}") from None
+        raise ConfigError(
+            f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}"
+        ) from None
 
 
-@architecture("mlp", "plain MLP (width d, L hidden-to-hidden layers, activation); no skip path, no norm unless asked",
-              d=256, L=3, out_ln=False, residual=False, reads=("activation",),
-              small={"d": 16, "L": 2, "activation": "tanh"})
+@architecture(
+    "mlp",
+    "plain MLP (width d, L hidden-to-hidden layers, activation); no skip path, no norm unless asked",
+    d=256,
+    L=3,
+    out_ln=False,
+    residual=False,
+    reads=("activation",),
+    small={"d": 16, "L": 2, "activation": "tanh"},
+)
 def mlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("mlp", cfg)
     d, L = shape.d, shape.L
-    embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), d), activation(cfg.activation))
-    blocks = [Block(nn.Sequential(nn.Linear(d, d), activation(cfg.activation)), residual=shape.residual) for _ in range(L)]
+    embed = nn.Sequential(
+        nn.Flatten(), nn.Linear(flat_dim(input_shape), d), activation(cfg.activation)
+    )
+    blocks = [
+        Block(nn.Sequential(nn.Linear(d, d), activation(cfg.activation)), residual=shape.residual)
+        for _ in range(L)
+    ]
     norm = nn.LayerNorm(d) if shape.out_ln else nn.Identity()
     return CreditNet(embed, blocks, norm, nn.Linear(d, num_classes))

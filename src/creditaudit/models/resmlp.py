@@ -6,11 +6,19 @@
 
 ``residual=False`` drops the skip path (h_l = f_l(h_{l-1})), the seed's falsification control.
 """
+
 from __future__ import annotations
 
 from torch import nn
 
-from creditaudit.models.base import Block, CreditNet, ModelConfig, arch_shape, architecture, flat_dim
+from creditaudit.models.base import (
+    Block,
+    CreditNet,
+    ModelConfig,
+    arch_shape,
+    architecture,
+    flat_dim,
+)
 
 
 class ResMLPBranch(nn.Module):
@@ -27,9 +35,16 @@ class ResMLPBranch(nn.Module):
         return self.fc2(self.act(self.fc1(self.ln(h))))
 
 
-@architecture("resmlp", "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head",
-              d=256, L=4, out_ln=True, residual=True, reads=("w2_std",),
-              small={"d": 16, "L": 3})
+@architecture(
+    "resmlp",
+    "pre-LN residual MLP: E=Linear, f_l=W2·GELU(W1·LN h), terminal LN, linear head",
+    d=256,
+    L=4,
+    out_ln=True,
+    residual=True,
+    reads=("w2_std",),
+    small={"d": 16, "L": 3},
+)
 def resmlp(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     shape = arch_shape("resmlp", cfg)
     d, L = shape.d, shape.L

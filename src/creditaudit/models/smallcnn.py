@@ -23,6 +23,7 @@ vectorised over channels in NHWC). Results agree with the NCHW layout to float r
 kernel 3 with BatchNorm and max-pooling by 2, the same channels, FC, head and (absent) terminal norm;
 an input (T,) is one channel, an image is read as its raster sequence (``models.base.signal_shape``).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,10 +31,22 @@ import math
 import torch
 from torch import nn
 
-from creditaudit.models.base import AsSignal, Block, CreditNet, ModelConfig, arch_shape, architecture, image_shape, signal_shape
+from creditaudit.models.base import (
+    AsSignal,
+    Block,
+    CreditNet,
+    ModelConfig,
+    arch_shape,
+    architecture,
+    image_shape,
+    signal_shape,
+)
 from creditaudit.errors import ConfigError
 
-_LAYERS = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d), 2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)}
+_LAYERS = {
+    1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+    2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
+}
 
 
 def conv_stage(c_in: int, c_out: int, dims: int = 2) -> nn.Sequential:
@@ -49,38 +62,71 @@ def conv_stage(c_in: int, c_out: int, dims: int = 2) -> nn.Sequential:
 _SMALL = {"d": 16, "L": 3, "channels": (4, 6, 8)}
 
 
-@architecture("smallcnn", "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b) cannot fire without)",
-              d=256, L=3, out_ln=False, residual=False, reads=("channels",), small=_SMALL)
+@architecture(
+    "smallcnn",
+    "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b) cannot fire without)",
+    d=256,
+    L=3,
+    out_ln=False,
+    residual=False,
+    reads=("channels",),
+    small=_SMALL,
+)
 def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("smallcnn", input_shape)
     net = _build("smallcnn", cfg, c, (h, w), None, num_classes)
     return net.to(memory_format=torch.channels_last)
 
 
-@architecture("smallcnn1d", "smallcnn on 1-D signals: 3 Conv1d+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true",
-              d=256, L=3, out_ln=False, residual=False, reads=("channels",), small=_SMALL)
+@architecture(
+    "smallcnn1d",
+    "smallcnn on 1-D signals: 3 Conv1d+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true",
+    d=256,
+    L=3,
+    out_ln=False,
+    residual=False,
+    reads=("channels",),
+    small=_SMALL,
+)
 def smallcnn1d(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, t = signal_shape("smallcnn1d", input_shape)
     return _build("smallcnn1d", cfg, c, (t,), AsSignal(c, t), num_classes)
 
 
-def _build(arch: str, cfg: ModelConfig, c: int, size: tuple[int, ...], reader: nn.Module | None, num_classes: int) -> CreditNet:
+def _build(
+    arch: str,
+    cfg: ModelConfig,
+    c: int,
+    size: tuple[int, ...],
+    reader: nn.Module | None,
+    num_classes: int,
+) -> CreditNet:
     """The design on inputs of ``c`` channels and spatial ``size`` (one or two axes); ``reader``, if
     any, brings the dataset's inputs into the (B, c, *size) layout first."""
     if cfg.L not in (None, 0, 3):
-        raise ConfigError(f"{arch} has exactly 3 blocks (or L=0 for the shallow variant); got L={cfg.L}")
+        raise ConfigError(
+            f"{arch} has exactly 3 blocks (or L=0 for the shallow variant); got L={cfg.L}"
+        )
     if len(cfg.channels) != 3:
         raise ConfigError(f"{arch} needs 3 channel counts, got channels={cfg.channels}")
     if min(size) < 8:
-        raise ConfigError(f"{arch} pools three times and needs inputs of at least 8 along each axis, got {'x'.join(map(str, size))}")
+        raise ConfigError(
+            f"{arch} pools three times and needs inputs of at least 8 along each axis, got {'x'.join(map(str, size))}"
+        )
     dims = len(size)
     c1, c2, c3 = cfg.channels
     shape = arch_shape(arch, cfg)
     if shape.residual:
-        raise ConfigError(f"{arch}: residual=true is not available, its stages change the state's shape "
-                          "(use resmlp or vit_mini for a skip path)")
+        raise ConfigError(
+            f"{arch}: residual=true is not available, its stages change the state's shape "
+            "(use resmlp or vit_mini for a skip path)"
+        )
     d = shape.d
-    embed = conv_stage(c, c1, dims) if reader is None else nn.Sequential(reader, conv_stage(c, c1, dims))
+    embed = (
+        conv_stage(c, c1, dims)
+        if reader is None
+        else nn.Sequential(reader, conv_stage(c, c1, dims))
+    )
     if cfg.L == 0:
         # Shallow variant: the stem feeds the head directly.
         head_in = c1 * math.prod(n // 2 for n in size)
@@ -92,4 +138,6 @@ def _build(arch: str, cfg: ModelConfig, c: int, size: tuple[int, ...], reader: n
         Block(conv_stage(c2, c3, dims), residual=False),
         Block(nn.Sequential(nn.Flatten(), nn.Linear(fc_in, d), nn.ReLU()), residual=False),
     ]
-    return CreditNet(embed, blocks, nn.LayerNorm(d) if shape.out_ln else nn.Identity(), nn.Linear(d, num_classes))
+    return CreditNet(
+        embed, blocks, nn.LayerNorm(d) if shape.out_ln else nn.Identity(), nn.Linear(d, num_classes)
+    )

@@ -13,6 +13,7 @@ of the sequence (a Conv1d of that kernel and stride), so MNIST-1D's 40 samples g
 cls token; an input (T,) is one channel, an image is read as its raster sequence
 (``models.base.signal_shape``).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from creditaudit.models.base import AsSignal, Block, CreditNet, ModelConfig, arch_shape, architecture, image_shape, signal_shape
+from creditaudit.models.base import (
+    AsSignal,
+    Block,
+    CreditNet,
+    ModelConfig,
+    arch_shape,
+    architecture,
+    image_shape,
+    signal_shape,
+)
 from creditaudit.errors import ConfigError
 
 
@@ -55,7 +65,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         B, T, d = u.shape
-        q, k, v = self.qkv(u).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, d/H)
+        q, k, v = (
+            self.qkv(u).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        )  # each (B, H, T, d/H)
         a = F.scaled_dot_product_attention(q, k, v)
         return self.proj(a.transpose(1, 2).reshape(B, T, d))
 
@@ -68,7 +80,9 @@ class TransformerBranch(nn.Module):
         self.ln1 = nn.LayerNorm(d)
         self.attn = SelfAttention(d, heads)
         self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d)
+        )
 
     def forward(self, h: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
         a = self.attn(self.ln1(h))
@@ -89,27 +103,52 @@ class ClsNorm(nn.Module):
 _SMALL = {"d": 16, "L": 2, "heads": 2, "patch": 4}
 
 
-@architecture("vit_mini", "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls",
-              d=128, L=4, out_ln=True, residual=True, reads=("heads", "patch"), small=_SMALL)
+@architecture(
+    "vit_mini",
+    "patch embedding + cls token, pre-LN transformer blocks (d=128, L=4), terminal LN on cls",
+    d=128,
+    L=4,
+    out_ln=True,
+    residual=True,
+    reads=("heads", "patch"),
+    small=_SMALL,
+)
 def vit_mini(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("vit_mini", input_shape)
     return _build("vit_mini", cfg, c, (h, w), None, num_classes)
 
 
-@architecture("vit_mini1d", "vit_mini on 1-D signals: tokens are patches of the sequence (patch samples each), cls token, terminal LN",
-              d=128, L=4, out_ln=True, residual=True, reads=("heads", "patch"), small=_SMALL)
+@architecture(
+    "vit_mini1d",
+    "vit_mini on 1-D signals: tokens are patches of the sequence (patch samples each), cls token, terminal LN",
+    d=128,
+    L=4,
+    out_ln=True,
+    residual=True,
+    reads=("heads", "patch"),
+    small=_SMALL,
+)
 def vit_mini1d(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, t = signal_shape("vit_mini1d", input_shape)
     return _build("vit_mini1d", cfg, c, (t,), AsSignal(c, t), num_classes)
 
 
-def _build(arch: str, cfg: ModelConfig, c: int, size: tuple[int, ...], reader: nn.Module | None, num_classes: int) -> CreditNet:
+def _build(
+    arch: str,
+    cfg: ModelConfig,
+    c: int,
+    size: tuple[int, ...],
+    reader: nn.Module | None,
+    num_classes: int,
+) -> CreditNet:
     """The transformer on inputs of ``c`` channels and spatial ``size`` (one or two axes); ``reader``,
     if any, brings the dataset's inputs into the (B, c, *size) layout first."""
     shape = arch_shape(arch, cfg)
     d, L = shape.d, shape.L
     if any(n % cfg.patch for n in size):
-        raise ConfigError(f"{arch}: patch={cfg.patch} must divide the input size {'x'.join(map(str, size))}")
+        raise ConfigError(
+            f"{arch}: patch={cfg.patch} must divide the input size {'x'.join(map(str, size))}"
+        )
     if d % cfg.heads:
         raise ConfigError(f"{arch}: heads={cfg.heads} must divide d={d}")
     embed = PatchEmbed(c, size, cfg.patch, d)

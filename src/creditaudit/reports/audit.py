@@ -7,6 +7,7 @@ in the results folder (``creditaudit.runs.pairing``, the one pairing rule of eve
 ``bp_frozen`` by default, or the rule's own ``<rule>_frozen``. A run without one is "D3 not
 evaluated", with the reason — never PASS.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,7 +19,15 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from creditaudit.diagnostics.verdict import RuleVerdict, RunVerdict, Thresholds, mean_std, rule_verdict, run_verdict, summarise
+from creditaudit.diagnostics.verdict import (
+    RuleVerdict,
+    RunVerdict,
+    Thresholds,
+    mean_std,
+    rule_verdict,
+    run_verdict,
+    summarise,
+)
 from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
 from creditaudit.runs.pairing import BASELINE_RULE, find_baseline, missing_reason
@@ -26,15 +35,39 @@ from creditaudit.runs.pairing import BASELINE_RULE, find_baseline, missing_reaso
 # Figure name -> (column title, one-line definition). The definitions are printed under every table.
 FIGURES: dict[str, tuple[str, str]] = {
     "test_acc": ("test acc", "final test accuracy"),
-    "depth_pp": ("D3 depth utility (pp)", "test accuracy minus the frozen-blocks baseline's, percentage points; D3 fires below the threshold"),
-    "deep_cos": ("deep cos", "mean over blocks l=1..L of Γ_l, the mean per-sample cosine between credit a_l and true gradient g_l (no eps clamp, float64)"),
-    "rho_deep": ("ρ deep", "mean over l=1..L of ρ_l, the Pearson correlation between predicted (ε⟨a_l,v⟩) and actual loss changes along random unit directions v"),
-    "nudge": ("nudging ΔL", "change of the eval loss after moving each h_l by η against a_l/‖a_l‖, mean over l=1..L (negative = credit points downhill)"),
-    "train_loss_decrease": ("train-loss Δ", "final minus initial (epoch 0) loss on a fixed training subset"),
+    "depth_pp": (
+        "D3 depth utility (pp)",
+        "test accuracy minus the frozen-blocks baseline's, percentage points; D3 fires below the threshold",
+    ),
+    "deep_cos": (
+        "deep cos",
+        "mean over blocks l=1..L of Γ_l, the mean per-sample cosine between credit a_l and true gradient g_l (no eps clamp, float64)",
+    ),
+    "rho_deep": (
+        "ρ deep",
+        "mean over l=1..L of ρ_l, the Pearson correlation between predicted (ε⟨a_l,v⟩) and actual loss changes along random unit directions v",
+    ),
+    "nudge": (
+        "nudging ΔL",
+        "change of the eval loss after moving each h_l by η against a_l/‖a_l‖, mean over l=1..L (negative = credit points downhill)",
+    ),
+    "train_loss_decrease": (
+        "train-loss Δ",
+        "final minus initial (epoch 0) loss on a fixed training subset",
+    ),
     "hL_norm": ("‖h_L‖", "median per-sample norm of the last residual-stream state"),
-    "gL_norm": ("D2 ‖g_L‖", "median per-sample norm of the reference gradient dCE/dh_L; D2 fires below the threshold"),
-    "d1_max": ("D1 max ratio", "largest over epochs of max_l median ‖h_l‖/‖h_{l-1}‖; D1 fires above the threshold"),
-    "grad_stab": ("(c) grad stability", "mean pairwise cosine of batch-mean g at layer L/2 across disjoint batches (drift vs noise; not a detector)"),
+    "gL_norm": (
+        "D2 ‖g_L‖",
+        "median per-sample norm of the reference gradient dCE/dh_L; D2 fires below the threshold",
+    ),
+    "d1_max": (
+        "D1 max ratio",
+        "largest over epochs of max_l median ‖h_l‖/‖h_{l-1}‖; D1 fires above the threshold",
+    ),
+    "grad_stab": (
+        "(c) grad stability",
+        "mean pairwise cosine of batch-mean g at layer L/2 across disjoint batches (drift vs noise; not a detector)",
+    ),
 }
 LOG_FIGURES = {"hL_norm", "gL_norm", "d1_max"}
 
@@ -70,21 +103,40 @@ class Audit:
 
     def unevaluated(self) -> list[str]:
         """``run path: reason`` for every audited run whose D3 could not be evaluated."""
-        return [f"{r.run.path}: {r.verdict.d3_missing}" for ra in self.rules for r in ra.runs if r.verdict.d3_missing]
+        return [
+            f"{r.run.path}: {r.verdict.d3_missing}"
+            for ra in self.rules
+            for r in ra.runs
+            if r.verdict.d3_missing
+        ]
 
 
-def audit_run(run: RunRecord, finished: list[RunRecord], th: Thresholds, baseline: str = BASELINE_RULE) -> RunAudit:
+def audit_run(
+    run: RunRecord, finished: list[RunRecord], th: Thresholds, baseline: str = BASELINE_RULE
+) -> RunAudit:
     """One run's verdict and figures; D3 against the ``baseline`` run of the same experiment among
     ``finished`` (every finished run of the results folder), when there is one."""
     base = find_baseline(run, finished, baseline)
-    verdict = run_verdict(run.metrics, base.metrics if base else None, th, missing=missing_reason(baseline, run.setting))
+    verdict = run_verdict(
+        run.metrics,
+        base.metrics if base else None,
+        th,
+        missing=missing_reason(baseline, run.setting),
+    )
     figures = summarise(run.metrics)
     figures["depth_pp"] = verdict.depth_utility_pp
     return RunAudit(run, verdict, figures, base)
 
 
-def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thresholds | None = None,
-                baseline: str = BASELINE_RULE, own_baseline: bool = False, rules: list[str] | None = None) -> Audit:
+def build_audit(
+    col: Collection,
+    *,
+    setting: str | None = None,
+    thresholds: Thresholds | None = None,
+    baseline: str = BASELINE_RULE,
+    own_baseline: bool = False,
+    rules: list[str] | None = None,
+) -> Audit:
     """Verdicts and statistics of every rule in the results (one setting, when given); baselines
     are paired from the whole folder."""
     th = thresholds or Thresholds()
@@ -105,8 +157,18 @@ def build_audit(col: Collection, *, setting: str | None = None, thresholds: Thre
             ras.append(ra)
         stats = {k: mean_std([ra.figures.get(k) for ra in ras]) for k in FIGURES}
         out.append(RuleAudit(rule, ras, rule_verdict(rule, [ra.verdict for ra in ras]), stats))
-    used = {id(ra.baseline): ra.baseline for rule in out for ra in rule.runs if ra.baseline is not None}
-    return Audit(setting or "all", th, baseline, out, sorted(used.values(), key=lambda r: (r.seed, str(r.path))), problems, not_finished)
+    used = {
+        id(ra.baseline): ra.baseline for rule in out for ra in rule.runs if ra.baseline is not None
+    }
+    return Audit(
+        setting or "all",
+        th,
+        baseline,
+        out,
+        sorted(used.values(), key=lambda r: (r.seed, str(r.path))),
+        problems,
+        not_finished,
+    )
 
 
 def _rule_order(rule: str) -> tuple[int, str]:
@@ -136,26 +198,46 @@ def fire_text(epochs: list[int | None]) -> str:
     return f"{len(fired)}/{len(epochs)} at ep {','.join(str(e) for e in fired)}"
 
 
-TABLE_KEYS = ["test_acc", "depth_pp", "deep_cos", "rho_deep", "nudge", "train_loss_decrease", "hL_norm", "gL_norm", "d1_max", "grad_stab"]
+TABLE_KEYS = [
+    "test_acc",
+    "depth_pp",
+    "deep_cos",
+    "rho_deep",
+    "nudge",
+    "train_loss_decrease",
+    "hL_norm",
+    "gL_norm",
+    "d1_max",
+    "grad_stab",
+]
 
 
 def table_rows(audit: Audit) -> tuple[list[str], list[list[str]]]:
-    header = ["rule"] + [FIGURES[k][0] for k in TABLE_KEYS] + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+    header = (
+        ["rule"]
+        + [FIGURES[k][0] for k in TABLE_KEYS]
+        + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+    )
     rows = []
     for ra in audit.rules:
         modes = ", ".join(f"{m} {c}/{ra.verdict.n}" for m, c in ra.verdict.modes.items()) or "–"
-        rows.append([ra.rule] + [fmt(ra.stats[k], k) for k in TABLE_KEYS]
-                    + [fire_text(ra.fire_epochs(d)) for d in ("D1", "D2", "D3")]
-                    + [ra.verdict.label, modes, ra.verdict.claim])
+        rows.append(
+            [ra.rule]
+            + [fmt(ra.stats[k], k) for k in TABLE_KEYS]
+            + [fire_text(ra.fire_epochs(d)) for d in ("D1", "D2", "D3")]
+            + [ra.verdict.label, modes, ra.verdict.claim]
+        )
     return header, rows
 
 
 def thresholds_text(audit: Audit) -> str:
     """Where each detector fires, and Mode 2 (Markdown, one line)."""
     th = audit.thresholds
-    return (f"D1 fires when max_l ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}; D2 when ‖g_L‖ < {th.d2_norm:g}; "
-            f"D3 when depth utility < {th.d3_pp:g} pp against `{audit.baseline_rule}`; "
-            f"Mode 2 when D2 passes and |deep cos| < {th.mode2_cos:g}")
+    return (
+        f"D1 fires when max_l ‖h_l‖/‖h_(l-1)‖ > {th.d1_ratio:g}; D2 when ‖g_L‖ < {th.d2_norm:g}; "
+        f"D3 when depth utility < {th.d3_pp:g} pp against `{audit.baseline_rule}`; "
+        f"Mode 2 when D2 passes and |deep cos| < {th.mode2_cos:g}"
+    )
 
 
 TABLE_NOTE = "Mean ± std (ddof=1) over seeds, with n."
@@ -178,21 +260,47 @@ def per_run_rows(audit: Audit) -> list[list[str]]:
     for ra in audit.rules:
         for r in ra.runs:
             f = r.figures
-            rows.append([r.run.path.name, _num(f["test_acc"]), _num(f["depth_pp"]), _num(f["deep_cos"]),
-                         _num(f["hL_norm"], True), _num(f["gL_norm"], True), r.verdict.label, ", ".join(r.verdict.modes) or "–"])
+            rows.append(
+                [
+                    r.run.path.name,
+                    _num(f["test_acc"]),
+                    _num(f["depth_pp"]),
+                    _num(f["deep_cos"]),
+                    _num(f["hL_norm"], True),
+                    _num(f["gL_norm"], True),
+                    r.verdict.label,
+                    ", ".join(r.verdict.modes) or "–",
+                ]
+            )
     return rows
 
 
 # Plot name -> its heading in both reports.
-PLOT_TITLES = {"norms": "Norms against the D1 and D2 thresholds", "cosines": "Credit cosine per block over epochs",
-               "accuracy": "Test accuracy against the frozen-blocks baseline"}
+PLOT_TITLES = {
+    "norms": "Norms against the D1 and D2 thresholds",
+    "cosines": "Credit cosine per block over epochs",
+    "accuracy": "Test accuracy against the frozen-blocks baseline",
+}
 
 
-def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | None = None, plots: dict[str, str] | None = None) -> str:
+def markdown(
+    audit: Audit,
+    *,
+    title: str = "Audit",
+    context: dict[str, Any] | None = None,
+    plots: dict[str, str] | None = None,
+) -> str:
     lines = [f"# {title}", ""]
     for k, v in (context or {}).items():
         lines.append(f"- **{k}**: {v}")
-    lines += [f"- **thresholds**: {thresholds_text(audit)}", "", "## Audit table", "", f"{TABLE_NOTE} {FIRE_NOTE}", ""]
+    lines += [
+        f"- **thresholds**: {thresholds_text(audit)}",
+        "",
+        "## Audit table",
+        "",
+        f"{TABLE_NOTE} {FIRE_NOTE}",
+        "",
+    ]
     header, rows = table_rows(audit)
     lines += [md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]
     if baseline_text(audit):
@@ -202,20 +310,41 @@ def markdown(audit: Audit, *, title: str = "Audit", context: dict[str, Any] | No
     if plots:
         lines += ["", "## Plots"]
         for name, path in plots.items():
-            lines += ["", f"### {PLOT_TITLES.get(name, name)}", "", f"![{PLOT_TITLES.get(name, name)}]({path})"]
+            lines += [
+                "",
+                f"### {PLOT_TITLES.get(name, name)}",
+                "",
+                f"![{PLOT_TITLES.get(name, name)}]({path})",
+            ]
     lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
-    lines += [("- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that fired, each with the k of n "
-               "seeds in which it did (a run alone: n = 1); \"D3 not evaluated (k/n)\" (never PASS) when nothing fired but "
-               "k seeds have no frozen-blocks baseline of their experiment."),
-              ("- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient "
-               "collapsed). **Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse)."),
-              ("- **claim** \"learns with genuine credit\": *trustworthy* when every seed passes and none shows Mode 2, "
-               "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*: a detector fired or "
-               "Mode 2 shows, so the claim has to be withdrawn or narrowed.")]
+    lines += [
+        (
+            "- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that fired, each with the k of n "
+            'seeds in which it did (a run alone: n = 1); "D3 not evaluated (k/n)" (never PASS) when nothing fired but '
+            "k seeds have no frozen-blocks baseline of their experiment."
+        ),
+        (
+            "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient "
+            "collapsed). **Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse)."
+        ),
+        (
+            '- **claim** "learns with genuine credit": *trustworthy* when every seed passes and none shows Mode 2, '
+            "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*: a detector fired or "
+            "Mode 2 shows, so the claim has to be withdrawn or narrowed."
+        ),
+    ]
     if audit.unevaluated():
-        lines += ["", "## D3 not evaluated", "", "These runs read \"D3 not evaluated\" instead of PASS:", ""]
+        lines += [
+            "",
+            "## D3 not evaluated",
+            "",
+            'These runs read "D3 not evaluated" instead of PASS:',
+            "",
+        ]
         lines += [f"- {p}" for p in audit.unevaluated()]
-    problems = audit.problems + [f"{r.path}: {unfinished_note(r, 'not audited')}" for r in audit.not_finished]
+    problems = audit.problems + [
+        f"{r.path}: {unfinished_note(r, 'not audited')}" for r in audit.not_finished
+    ]
     if problems:
         lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]
     return "\n".join(lines) + "\n"
@@ -258,7 +387,7 @@ def plots(audit: Audit) -> dict[str, bytes]:
         ep = sorted(c)
         m = [mean_std(c[e])[0] for e in ep]
         s = [mean_std(c[e])[1] for e in ep]
-        line, = ax.plot(ep, m, label=ra.rule, **kw)
+        (line,) = ax.plot(ep, m, label=ra.rule, **kw)
         lo = [a - (b if not math.isnan(b) else 0) for a, b in zip(m, s)]
         hi = [a + (b if not math.isnan(b) else 0) for a, b in zip(m, s)]
         ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
@@ -282,14 +411,26 @@ def plots(audit: Audit) -> dict[str, bytes]:
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, ra in zip(axes.flat, audit.rules):
-        keys = sorted({k for r in ra.runs for rec in r.run.metrics for k in rec if k.startswith("credit/cos_l")},
-                      key=lambda k: int(k.rsplit("l", 1)[1]))
+        keys = sorted(
+            {
+                k
+                for r in ra.runs
+                for rec in r.run.metrics
+                for k in rec
+                if k.startswith("credit/cos_l")
+            },
+            key=lambda k: int(k.rsplit("l", 1)[1]),
+        )
         for k in keys:
             c = _curves(ra, k)
             ep = sorted(c)
-            ax.plot(ep, [mean_std(c[e])[0] for e in ep], label=f"$\\Gamma_{{{k.rsplit('l', 1)[1]}}}$")
+            ax.plot(
+                ep, [mean_std(c[e])[0] for e in ep], label=f"$\\Gamma_{{{k.rsplit('l', 1)[1]}}}$"
+            )
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set(title=f"{ra.rule}: cos($a_l$, $g_l$) per block $l$", xlabel="epoch", ylim=(-1.05, 1.05))
+        ax.set(
+            title=f"{ra.rule}: cos($a_l$, $g_l$) per block $l$", xlabel="epoch", ylim=(-1.05, 1.05)
+        )
         _legend(ax, 6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -305,7 +446,9 @@ def plots(audit: Audit) -> dict[str, bytes]:
                 if "test/acc" in rec:
                     c.setdefault(int(rec["epoch"]), []).append(rec["test/acc"])
         ep = sorted(c)
-        ax.plot(ep, [mean_std(c[e])[0] for e in ep], "k--", label=f"{audit.baseline_rule} (baseline)")
+        ax.plot(
+            ep, [mean_std(c[e])[0] for e in ep], "k--", label=f"{audit.baseline_rule} (baseline)"
+        )
     ax.set(title="test accuracy vs the frozen-blocks baseline", xlabel="epoch", ylabel="accuracy")
     _legend(ax, 7)
     out["accuracy"] = _png(fig)
@@ -329,15 +472,30 @@ def _png(fig) -> bytes:
 
 # The HTML audit table in two halves, each within a 1400-pixel page with no figure wrapped: the
 # verdict and what decided it, then the credit and scale figures.
-HTML_SPLIT = ("Verdicts", ["test_acc", "depth_pp"], "Credit and scale figures",
-              ["deep_cos", "rho_deep", "nudge", "train_loss_decrease", "hL_norm", "gL_norm", "d1_max", "grad_stab"])
+HTML_SPLIT = (
+    "Verdicts",
+    ["test_acc", "depth_pp"],
+    "Credit and scale figures",
+    [
+        "deep_cos",
+        "rho_deep",
+        "nudge",
+        "train_loss_decrease",
+        "hL_norm",
+        "gL_norm",
+        "d1_max",
+        "grad_stab",
+    ],
+)
 N_SUFFIX = re.compile(r" \(n=(\d+)\)$")
 
-CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}"
-       ".wide{overflow-x:auto}table{border-collapse:collapse;font-size:13px;margin-bottom:.5em}"
-       "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}th{background:#f0f0f0}"
-       "td.num{white-space:nowrap;text-align:right;font-variant-numeric:tabular-nums}td.nowrap{white-space:nowrap}"
-       "code{background:#f4f4f4;padding:0 3px}.PASS{color:#070}.FAIL{color:#b00}img{max-width:100%}")
+CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:1400px}"
+    ".wide{overflow-x:auto}table{border-collapse:collapse;font-size:13px;margin-bottom:.5em}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}th{background:#f0f0f0}"
+    "td.num{white-space:nowrap;text-align:right;font-variant-numeric:tabular-nums}td.nowrap{white-space:nowrap}"
+    "code{background:#f4f4f4;padding:0 3px}.PASS{color:#070}.FAIL{color:#b00}img{max-width:100%}"
+)
 
 
 def _html_table(header: list[str], rows: list[list[str]], *, nowrap: set[str] = frozenset()) -> str:
@@ -349,7 +507,9 @@ def _html_table(header: list[str], rows: list[list[str]], *, nowrap: set[str] = 
         for h, c in zip(header, row):
             cls = ["num"] if _FIGURE.match(c) else (["nowrap"] if h in nowrap else [])
             cls += ["PASS"] if c == "PASS" else (["FAIL"] if c.startswith("FAIL") else [])
-            cells.append(f"<td class='{' '.join(cls)}'>{esc(c)}</td>" if cls else f"<td>{esc(c)}</td>")
+            cells.append(
+                f"<td class='{' '.join(cls)}'>{esc(c)}</td>" if cls else f"<td>{esc(c)}</td>"
+            )
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</table></div>"
 
@@ -357,7 +517,13 @@ def _html_table(header: list[str], rows: list[list[str]], *, nowrap: set[str] = 
 _FIGURE = re.compile(r"^[+\-]?(\d|\.\d)")
 
 
-def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", context: dict[str, Any] | None = None) -> str:
+def html_page(
+    audit: Audit,
+    pngs: dict[str, bytes],
+    *,
+    title: str = "Audit",
+    context: dict[str, Any] | None = None,
+) -> str:
     """A self-contained page with everything audit.md has: the thresholds, the audit table, the
     frozen baseline's accuracy, the per-run table, the plots inline (base64), the definitions. Text
     written as Markdown for the report (definitions, resume commands) is rendered by a Markdown
@@ -371,16 +537,28 @@ def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", con
         note = f"Mean ± std (ddof=1) over n={ns.pop()} seeds."
     col = {h: i for i, h in enumerate(header)}
     first_title, first, second_title, second = HTML_SPLIT
-    verdict_cols = ["rule"] + [FIGURES[k][0] for k in first] + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+    verdict_cols = (
+        ["rule"]
+        + [FIGURES[k][0] for k in first]
+        + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+    )
     figure_cols = ["rule"] + [FIGURES[k][0] for k in second]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{esc(title)}</h1><ul>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1><ul>",
+    ]
     parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
     parts.append(f"<li><b>thresholds</b>: {_markdown_inline(thresholds_text(audit))}</li></ul>")
     parts.append(f"<h2>Audit table</h2><p>{esc(note)} {esc(FIRE_NOTE)}</p>")
     for name, cols in ((first_title, verdict_cols), (second_title, figure_cols)):
-        parts.append(f"<h3>{esc(name)}</h3>" + _html_table(cols, [[r[col[h]] for h in cols] for r in rows],
-                                                         nowrap={"D1 fires", "D2 fires", "D3 fires", "claim"}))
+        parts.append(
+            f"<h3>{esc(name)}</h3>"
+            + _html_table(
+                cols,
+                [[r[col[h]] for h in cols] for r in rows],
+                nowrap={"D1 fires", "D2 fires", "D3 fires", "claim"},
+            )
+        )
     if baseline_text(audit):
         parts.append(f"<p>{_markdown_inline(baseline_text(audit))}</p>")
     parts.append("<h2>Per run</h2>" + _html_table(PER_RUN_HEADER, per_run_rows(audit)))
@@ -388,18 +566,33 @@ def html_page(audit: Audit, pngs: dict[str, bytes], *, title: str = "Audit", con
         parts.append("<h2>Plots</h2>")
     for name, png in pngs.items():
         heading = PLOT_TITLES.get(name, name)
-        parts.append(f"<h3>{esc(heading)}</h3><img alt='{esc(heading)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        parts.append(
+            f"<h3>{esc(heading)}</h3><img alt='{esc(heading)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        )
     md = markdown(audit, title=title, context=context)
     parts.append("<h2>Definitions</h2>" + _markdown_html(_md_section(md, "Definitions")))
-    unevaluated = [r for ra in audit.rules for r in ra.runs if r.verdict.d3_missing]  # as Audit.unevaluated()
+    unevaluated = [
+        r for ra in audit.rules for r in ra.runs if r.verdict.d3_missing
+    ]  # as Audit.unevaluated()
     if unevaluated:  # the reason is Markdown (it names the command that trains the baseline)
-        parts.append("<h2>D3 not evaluated</h2><p>These runs read “D3 not evaluated” instead of PASS:</p><ul>"
-                     + "".join(f"<li>{esc(str(r.run.path))}: {_markdown_inline(r.verdict.d3_missing)}</li>"
-                               for r in unevaluated) + "</ul>")
+        parts.append(
+            "<h2>D3 not evaluated</h2><p>These runs read “D3 not evaluated” instead of PASS:</p><ul>"
+            + "".join(
+                f"<li>{esc(str(r.run.path))}: {_markdown_inline(r.verdict.d3_missing)}</li>"
+                for r in unevaluated
+            )
+            + "</ul>"
+        )
     if audit.problems or audit.not_finished:
-        parts.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{esc(p)}</li>" for p in audit.problems) +
-                     "".join(f"<li>{esc(str(r.path))}: {_markdown_inline(unfinished_note(r, 'not audited'))}</li>"
-                             for r in audit.not_finished) + "</ul>")
+        parts.append(
+            "<h2>Skipped</h2><ul>"
+            + "".join(f"<li>{esc(p)}</li>" for p in audit.problems)
+            + "".join(
+                f"<li>{esc(str(r.path))}: {_markdown_inline(unfinished_note(r, 'not audited'))}</li>"
+                for r in audit.not_finished
+            )
+            + "</ul>"
+        )
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -433,11 +626,22 @@ def _markdown_inline(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def report_paths(out: str | Path) -> dict[str, Path]:
     out = Path(out)
-    return {"markdown": out / "audit.md", "html": out / "audit.html", **{n: out / f"audit_{n}.png" for n in ("norms", "cosines", "accuracy")}}
+    return {
+        "markdown": out / "audit.md",
+        "html": out / "audit.html",
+        **{n: out / f"audit_{n}.png" for n in ("norms", "cosines", "accuracy")},
+    }
 
 
-def write_reports(col: Collection, root: str | Path, *, setting: str | None = None, thresholds: Thresholds | None = None,
-                  own_baseline: bool = False, out: str | Path | None = None) -> list[tuple[Audit, dict[str, Path]]]:
+def write_reports(
+    col: Collection,
+    root: str | Path,
+    *,
+    setting: str | None = None,
+    thresholds: Thresholds | None = None,
+    own_baseline: bool = False,
+    out: str | Path | None = None,
+) -> list[tuple[Audit, dict[str, Path]]]:
     """Audit every setting of ``col`` (or ``setting``) and write its Markdown report, HTML page and
     plots to ``out/<setting>/`` (default ``<root>/_reports/<setting>/``); returns each audit and its paths."""
     from creditaudit.runs.io import atomic_write_bytes, atomic_write_text
@@ -450,13 +654,24 @@ def write_reports(col: Collection, root: str | Path, *, setting: str | None = No
             continue
         paths = report_paths(Path(out) / s if out else root / "_reports" / s)
         runs = [r.run for ra in audit.rules for r in ra.runs]
-        context = {"results": f"{root}/{s}", "dataset": runs[0].dataset, "epochs": runs[0].config.get("epochs"),
-                   "runs audited": len(runs), "baseline runs": len(audit.baseline)}
+        context = {
+            "results": f"{root}/{s}",
+            "dataset": runs[0].dataset,
+            "epochs": runs[0].config.get("epochs"),
+            "runs audited": len(runs),
+            "baseline runs": len(audit.baseline),
+        }
         pngs = plots(audit)
         for name, png in pngs.items():
             atomic_write_bytes(paths[name], png)
-        atomic_write_text(paths["markdown"], markdown(audit, title=f"Audit — {s}", context=context,
-                                                      plots={n: paths[n].name for n in pngs}))
-        atomic_write_text(paths["html"], html_page(audit, pngs, title=f"Audit — {s}", context=context))
+        atomic_write_text(
+            paths["markdown"],
+            markdown(
+                audit, title=f"Audit — {s}", context=context, plots={n: paths[n].name for n in pngs}
+            ),
+        )
+        atomic_write_text(
+            paths["html"], html_page(audit, pngs, title=f"Audit — {s}", context=context)
+        )
         written.append((audit, paths))
     return written

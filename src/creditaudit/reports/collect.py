@@ -15,6 +15,7 @@ whose lease ran out; :func:`creditaudit.runs.lock.lock_state`), the run is repor
 process, or by one on another machine whose lease has not run out, keeps it ``running``. Reading
 never writes: the files on disk are left as they are (the next training of the run rewrites its
 summary)."""
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,9 @@ class RunRecord:
     config: dict[str, Any]
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
-    gone: str = ""  # why no process owns a run whose summary says "running" (then it is "interrupted")
+    gone: str = (
+        ""  # why no process owns a run whose summary says "running" (then it is "interrupted")
+    )
 
     @property
     def status(self) -> str:
@@ -68,6 +71,7 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
     if not root.is_dir():
         out.problems.append(f"{root}: no such results folder")
         return out
+
     def visible(p: Path) -> bool:
         return p.is_dir() and not p.name.startswith(("_", "."))
 
@@ -78,20 +82,26 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
             try:
                 rule, arch, seed = parse_run_name(run_dir.name)
             except ValueError:
-                out.problems.append(f"{run_dir}: not a run folder name (<rule>__<arch>__s<seed>); skipped")
+                out.problems.append(
+                    f"{run_dir}: not a run folder name (<rule>__<arch>__s<seed>); skipped"
+                )
                 continue
             folder = RunFolder(run_dir)
             try:
                 config, summary = folder.read_config(), folder.read_summary()
                 if config is None or summary is None:
                     missing = "config.json" if config is None else "summary.json"
-                    out.problems.append(f"{run_dir}: no {missing} (a run that never started); skipped")
+                    out.problems.append(
+                        f"{run_dir}: no {missing} (a run that never started); skipped"
+                    )
                     continue
                 disagree = _disagreement(config, setting_dir.name, rule, arch, seed)
                 if disagree:
-                    out.problems.append(f"{run_dir}: config.json {disagree}: the folder was renamed or its config "
-                                        "edited, so its figures cannot be trusted to be this run's; skipped (move it "
-                                        "back, or train the run again)")
+                    out.problems.append(
+                        f"{run_dir}: config.json {disagree}: the folder was renamed or its config "
+                        "edited, so its figures cannot be trusted to be this run's; skipped (move it "
+                        "back, or train the run again)"
+                    )
                     continue
                 if summary.get("status") == "finished":
                     metrics = read_finished_metrics(folder, config, summary)
@@ -101,7 +111,11 @@ def collect(results: str | Path, settings: list[str] | None = None) -> Collectio
             except (CorruptRunError, OSError, ValueError) as exc:
                 out.problems.append(f"{run_dir}: {exc}; skipped")
                 continue
-            out.runs.append(RunRecord(setting_dir.name, rule, arch, seed, run_dir, config, summary, metrics, gone))
+            out.runs.append(
+                RunRecord(
+                    setting_dir.name, rule, arch, seed, run_dir, config, summary, metrics, gone
+                )
+            )
     return out
 
 
@@ -109,9 +123,15 @@ def _disagreement(config: dict, setting: str, rule: str, arch: str, seed: int) -
     """How a run's config.json disagrees with the folder it is in (its setting, rule, architecture
     label and seed name the folder), or "" when it does not."""
     named = {"setting": setting, "rule": rule, "arch": arch, "seed": seed}
-    recorded = {"setting": config.get("setting"), "rule": config.get("rule"),
-                "arch": config.get("arch_label") or config.get("arch"), "seed": config.get("seed")}
-    wrong = [f"{k} {recorded[k]!r}" for k in named if recorded[k] is not None and recorded[k] != named[k]]
+    recorded = {
+        "setting": config.get("setting"),
+        "rule": config.get("rule"),
+        "arch": config.get("arch_label") or config.get("arch"),
+        "seed": config.get("seed"),
+    }
+    wrong = [
+        f"{k} {recorded[k]!r}" for k in named if recorded[k] is not None and recorded[k] != named[k]
+    ]
     if not wrong:
         return ""
     return f"says {', '.join(wrong)} but the folder is named for {', '.join(f'{k} {named[k]!r}' for k in named if recorded[k] != named[k])}"
@@ -139,6 +159,7 @@ def owner_gone(folder: RunFolder) -> str:
 # ---------------------------------------------------------------------------------------------
 # How to resume an unfinished run
 # ---------------------------------------------------------------------------------------------
+
 
 def unfinished_note(run: RunRecord, left_out: str = "not in any table") -> str:
     """Markdown: why ``run`` (not finished) is left out, and for an interrupted run the command that
@@ -177,8 +198,17 @@ def resume_command(run: RunRecord) -> tuple[str, str]:
     swept = _sweep_profile(run)
     if swept is not None:
         profile, expanded = swept
-        return "sweep", shlex.join(["creditaudit", "sweep", run.setting, "--profile", profile, *results,
-                                    *_where_and_how(run.config, expanded)])
+        return "sweep", shlex.join(
+            [
+                "creditaudit",
+                "sweep",
+                run.setting,
+                "--profile",
+                profile,
+                *results,
+                *_where_and_how(run.config, expanded),
+            ]
+        )
     return "train", shlex.join(["creditaudit", "train", *_train_overrides(run, results)])
 
 
@@ -257,8 +287,13 @@ def _train_overrides(run: RunRecord, results: list[str]) -> list[str]:
 
     config = run.config
     label = config.get("arch_label") or ""
-    base = [f"rule={config.get('rule', run.rule)}", f"arch={config.get('arch', run.arch)}",
-            f"seed={config.get('seed', run.seed)}", f"setting={run.setting}", *results]
+    base = [
+        f"rule={config.get('rule', run.rule)}",
+        f"arch={config.get('arch', run.arch)}",
+        f"seed={config.get('seed', run.seed)}",
+        f"setting={run.setting}",
+        *results,
+    ]
     if label:
         base.append(f"arch_label={label}")
     plugins = config.get("plugins") or []
@@ -271,7 +306,9 @@ def _train_overrides(run: RunRecord, results: list[str]) -> list[str]:
     default = None
     if not plugins:  # a rule file is not imported to write a report
         try:
-            default = T.semantic_dict(C.resolve_rule_options(C.apply_overrides(C.TrainConfig(), base)))
+            default = T.semantic_dict(
+                C.resolve_rule_options(C.apply_overrides(C.TrainConfig(), base))
+            )
         except Exception:
             default = None
     if default is None:
@@ -288,7 +325,11 @@ def _changed(stored: dict, default: dict, prefix: str, rule_base: str) -> list[s
         other = default.get(key)
         if path == "rule_opts" and isinstance(value, dict):
             other = other if isinstance(other, dict) else {}
-            out += [f"{rule_base}.{k}={_text(v)}" for k, v in value.items() if k not in other or other[k] != v]
+            out += [
+                f"{rule_base}.{k}={_text(v)}"
+                for k, v in value.items()
+                if k not in other or other[k] != v
+            ]
         elif isinstance(value, dict):
             out += _changed(value, other if isinstance(other, dict) else {}, f"{path}.", rule_base)
         elif path not in ("rule", "arch", "seed", "plugins") and value != other:
@@ -312,30 +353,48 @@ def _text(value: Any) -> str:
 _RERUN = "delete the run folder to rerun the run from scratch"
 
 
-def read_finished_metrics(folder: RunFolder, config: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+def read_finished_metrics(
+    folder: RunFolder, config: dict[str, Any], summary: dict[str, Any]
+) -> list[dict[str, Any]]:
     """The metrics of a finished run, which must be complete: :class:`CorruptRunError` naming
     ``metrics.jsonl`` and what is wrong when the file is missing, empty, ends in a torn line, or
     does not end at the run's last epoch (``summary["epochs_done"]``, else ``config["epochs"]``)."""
     path = folder.metrics_path
     if not path.exists():
-        raise CorruptRunError(path, "missing, though summary.json says the run finished", fix=_RERUN)
+        raise CorruptRunError(
+            path, "missing, though summary.json says the run finished", fix=_RERUN
+        )
     records, n_bad = read_jsonl_checked(path)  # CorruptRunError for a bad line before the last
     if n_bad:
-        raise CorruptRunError(path, "the last line is torn (not a complete JSON object), though summary.json "
-                              "says the run finished", fix=_RERUN)
+        raise CorruptRunError(
+            path,
+            "the last line is torn (not a complete JSON object), though summary.json "
+            "says the run finished",
+            fix=_RERUN,
+        )
     if not records:
-        raise CorruptRunError(path, "empty (no epoch logged), though summary.json says the run finished", fix=_RERUN)
+        raise CorruptRunError(
+            path, "empty (no epoch logged), though summary.json says the run finished", fix=_RERUN
+        )
     last = _last_epoch(config, summary)
     if last is not None:
         epochs = [r.get("epoch") for r in records]
         if last not in epochs:
             logged = [e for e in epochs if isinstance(e, int) and not isinstance(e, bool)]
             upto = f"it ends at epoch {max(logged)}" if logged else "no line has an epoch"
-            raise CorruptRunError(path, f"no line for epoch {last}, the last epoch of the finished run "
-                                  f"(summary.json epochs_done / config epochs); {upto}", fix=_RERUN)
+            raise CorruptRunError(
+                path,
+                f"no line for epoch {last}, the last epoch of the finished run "
+                f"(summary.json epochs_done / config epochs); {upto}",
+                fix=_RERUN,
+            )
         if epochs[-1] != last:
-            raise CorruptRunError(path, f"lines after epoch {last}, the last epoch of the finished run "
-                                  f"(summary.json epochs_done / config epochs)", fix=_RERUN)
+            raise CorruptRunError(
+                path,
+                f"lines after epoch {last}, the last epoch of the finished run "
+                f"(summary.json epochs_done / config epochs)",
+                fix=_RERUN,
+            )
     return records
 
 
@@ -349,8 +408,21 @@ def _last_epoch(config: dict[str, Any], summary: dict[str, Any]) -> int | None:
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """True when two run configs differ only in how credit is assigned (rule, its options, the local
     rule, the penalty) and in fields that do not change results: a run and its baseline."""
-    ignore = {"rule", "rule_opts", "local_rule", "lam", "plugins", "progress", "results", "threads", "device",
-              "eval_batch_size", "setting", "arch_label", "diag"}
+    ignore = {
+        "rule",
+        "rule_opts",
+        "local_rule",
+        "lam",
+        "plugins",
+        "progress",
+        "results",
+        "threads",
+        "device",
+        "eval_batch_size",
+        "setting",
+        "arch_label",
+        "diag",
+    }
     strip = lambda d: {k: v for k, v in d.items() if k not in ignore}  # noqa: E731
     da, db = dict(strip(a)), dict(strip(b))
     for d in (da, db):

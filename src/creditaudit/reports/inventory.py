@@ -7,6 +7,7 @@ readable run toward the counts (with its status shown), and unreadable folders a
 are listed at the end — an interrupted run (its process gone) with the command that resumes it.
 Nothing here trains or measures.
 """
+
 from __future__ import annotations
 
 import time
@@ -107,8 +108,16 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
         total += f" ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})"
     rows = [("**Total training runs**", total)]
     if controls or beyond:
-        title = "Study runs + **added controls** (D3 baselines, `controls/`)" + (" + runs beyond the study" if beyond else "")
-        rows.append((title, f"{len(runs) - len(controls) - len(beyond)} + **{len(controls)}**" + (f" + {len(beyond)}" if beyond else "")))
+        title = "Study runs + **added controls** (D3 baselines, `controls/`)" + (
+            " + runs beyond the study" if beyond else ""
+        )
+        rows.append(
+            (
+                title,
+                f"{len(runs) - len(controls) - len(beyond)} + **{len(controls)}**"
+                + (f" + {len(beyond)}" if beyond else ""),
+            )
+        )
     rows += [
         ("**Unique models** (method × arch × seed × setting)", f"**{len(models)}**"),
         ("**Total training epochs**", f"**{inv.epochs:,}**"),
@@ -116,26 +125,66 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
     if not planned:
         hours = inv.hours_by_device()
         hours_text = ", ".join(f"{h:.2f} h {dev}" for dev, h in hours.items()) or "0 h"
-        rows.append(("**Estimated total device time** (logged wall time)", f"**{device_hours(runs):.2f} hours** ({hours_text})"))
+        rows.append(
+            (
+                "**Estimated total device time** (logged wall time)",
+                f"**{device_hours(runs):.2f} hours** ({hours_text})",
+            )
+        )
     rows += [
-        ("**Training methods**", f"**{len(methods)}** ({len(primary)} primary + {len(methods) - len(primary)} frozen/shallow variants)"),
+        (
+            "**Training methods**",
+            f"**{len(methods)}** ({len(primary)} primary + {len(methods) - len(primary)} frozen/shallow variants)",
+        ),
         ("**Architectures**", f"**{len(archs)}**"),
         ("**Experiment settings**", f"**{len(settings)}**"),
         ("**Method × architecture combinations**", f"**{len(combos)}**"),
-        ("**Datasets**", f"**{len({r.dataset for r in runs})}** ({', '.join(sorted({r.dataset for r in runs})) or '–'})"),
+        (
+            "**Datasets**",
+            f"**{len({r.dataset for r in runs})}** ({', '.join(sorted({r.dataset for r in runs})) or '–'})",
+        ),
     ]
-    lines = ["## Summary", "", md_row(["Dimension", "Count"]), md_row(["---", "---"])] + [md_row(list(r)) for r in rows]
+    lines = ["## Summary", "", md_row(["Dimension", "Count"]), md_row(["---", "---"])] + [
+        md_row(list(r)) for r in rows
+    ]
 
-    lines += ["", f"## By Method ({len(methods)} types)", "", md_row(["Method", "Runs", "Description"]), md_row(["---"] * 3)]
+    lines += [
+        "",
+        f"## By Method ({len(methods)} types)",
+        "",
+        md_row(["Method", "Runs", "Description"]),
+        md_row(["---"] * 3),
+    ]
     for m in sorted(methods, key=lambda m: (-len(methods[m]), _rule_order(m))):
         lines.append(md_row(_count_row(m, methods[m], method_description(m), statuses=not planned)))
 
-    lines += ["", f"## By Architecture ({len(archs)})", "", md_row(["Architecture", "Runs", "Settings"]), md_row(["---"] * 3)]
+    lines += [
+        "",
+        f"## By Architecture ({len(archs)})",
+        "",
+        md_row(["Architecture", "Runs", "Settings"]),
+        md_row(["---"] * 3),
+    ]
     for a in sorted(archs, key=lambda a: (-len(archs[a]), a)):
-        lines.append(md_row(_count_row(a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})), statuses=not planned)))
+        lines.append(
+            md_row(
+                _count_row(
+                    a,
+                    archs[a],
+                    ", ".join(sorted({r.setting for r in archs[a]})),
+                    statuses=not planned,
+                )
+            )
+        )
 
     head = ["Setting", "Runs", "Epochs"] + ([] if planned else ["Device-hours"]) + ["Description"]
-    lines += ["", f"## By Experiment Setting ({len(settings)})", "", md_row(head), md_row(["---"] * len(head))]
+    lines += [
+        "",
+        f"## By Experiment Setting ({len(settings)})",
+        "",
+        md_row(head),
+        md_row(["---"] * len(head)),
+    ]
     for s in sorted(settings, key=_setting_order):
         rs = settings[s]
         eps = sorted({int(r.config.get("epochs") or 0) for r in rs})
@@ -145,34 +194,64 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
     return lines
 
 
-def inventory_markdown(col: Collection, results: str | Path, *, th: Thresholds | None = None, generated: str | None = None) -> str:
+def inventory_markdown(
+    col: Collection,
+    results: str | Path,
+    *,
+    th: Thresholds | None = None,
+    generated: str | None = None,
+) -> str:
     th = th or Thresholds()
     inv = Inventory(col.runs)
     root = Path(results)
     settings = inv.by(lambda r: r.setting)
-    lines = ["# Training Inventory", "",
-             f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).", ""]
+    lines = [
+        "# Training Inventory",
+        "",
+        f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).",
+        "",
+    ]
     lines += count_sections(inv)
 
     datasets = inv.by(lambda r: r.dataset)
     lines += ["", "## By Dataset", "", md_row(["Dataset", "Runs", "Settings"]), md_row(["---"] * 3)]
     for d in sorted(datasets):
-        lines.append(md_row(_count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]})))))
+        lines.append(
+            md_row(_count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]}))))
+        )
 
-    lines += ["", "## Key Tables", "", "Generated from the finished runs (all ± use ddof=1; n = seeds).", ""]
+    lines += [
+        "",
+        "## Key Tables",
+        "",
+        "Generated from the finished runs (all ± use ddof=1; n = seeds).",
+        "",
+    ]
     lines += [t.markdown(level=3) for t in (fa_vs_dfa(col, th), triangulation(col, th))]
-    lines += ["`creditaudit tables` writes every table of the study (Table 1, penalty and depth sweeps, cross-architecture).", ""]
+    lines += [
+        "`creditaudit tables` writes every table of the study (Table 1, penalty and depth sweeps, cross-architecture).",
+        "",
+    ]
 
-    lines += ["## File Locations", "", f"All training results are in `{root}/`, one folder per setting:"]
+    lines += [
+        "## File Locations",
+        "",
+        f"All training results are in `{root}/`, one folder per setting:",
+    ]
     for s in sorted(settings, key=_setting_order):
         rules = sorted({r.rule for r in settings[s]}, key=_rule_order)
         n = len(settings[s])
         lines.append(f"- `{root}/{s}/` — {n} run{'s' if n != 1 else ''}: {', '.join(rules)}")
-    lines += ["", "Each run folder holds `config.json` (the resolved config), `metrics.jsonl` (one line per epoch), "
-              "`summary.json` (status, final metrics, wall time, device, versions, git commit) and safetensors checkpoints.",
-              f"Generated reports live in `{root}/_reports/`. All ± values use ddof=1 (sample std with Bessel correction)."]
+    lines += [
+        "",
+        "Each run folder holds `config.json` (the resolved config), `metrics.jsonl` (one line per epoch), "
+        "`summary.json` (status, final metrics, wall time, device, versions, git commit) and safetensors checkpoints.",
+        f"Generated reports live in `{root}/_reports/`. All ± values use ddof=1 (sample std with Bessel correction).",
+    ]
     # interrupted runs (their process is gone) say which command resumes them
-    skip = list(col.problems) + [f"{r.path}: {unfinished_note(r)}" for r in col.runs if r.status != "finished"]
+    skip = list(col.problems) + [
+        f"{r.path}: {unfinished_note(r)}" for r in col.runs if r.status != "finished"
+    ]
     if skip:
         lines += ["", "## Skipped or unfinished", ""] + [f"- {p}" for p in skip]
     return "\n".join(lines) + "\n"
@@ -185,17 +264,42 @@ def planned_runs(cfgs: list) -> list[RunRecord]:
     out = []
     for c in cfgs:
         path = run_path(c)
-        out.append(RunRecord(c.setting, c.rule, c.arch_label or c.arch, c.seed, path, to_dict(c),
-                             {"status": "planned", "epochs_done": c.epochs}, []))
+        out.append(
+            RunRecord(
+                c.setting,
+                c.rule,
+                c.arch_label or c.arch,
+                c.seed,
+                path,
+                to_dict(c),
+                {"status": "planned", "epochs_done": c.epochs},
+                [],
+            )
+        )
     return out
 
 
 def plan_markdown(cfgs: list, *, title: str, notes: list[str] = ()) -> str:
     """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the
     study. ``notes``: what the profile trains otherwise than the study, one line each, with why."""
-    said = ["**Read otherwise by the profile:**", "", *(f"- {line}" for line in notes), ""] if notes else []
-    return "\n".join([f"# Training Inventory (plan): {title}", "", "Counts of the runs a sweep would train; nothing was trained.", "",
-                      *said, *count_sections(Inventory(planned_runs(cfgs)), planned=True)]) + "\n"
+    said = (
+        ["**Read otherwise by the profile:**", "", *(f"- {line}" for line in notes), ""]
+        if notes
+        else []
+    )
+    return (
+        "\n".join(
+            [
+                f"# Training Inventory (plan): {title}",
+                "",
+                "Counts of the runs a sweep would train; nothing was trained.",
+                "",
+                *said,
+                *count_sections(Inventory(planned_runs(cfgs)), planned=True),
+            ]
+        )
+        + "\n"
+    )
 
 
 def _beyond_study(setting: str) -> bool:

@@ -1,4 +1,5 @@
 """Markdown table rows, shared by every report (audit, study tables, inventory, exploitability)."""
+
 from __future__ import annotations
 
 

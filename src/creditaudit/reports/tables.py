@@ -14,6 +14,7 @@ Every figure is mean ± std (ddof=1) over seeds with n; a table whose runs are a
 rather than disappearing. Runs that are not finished, and folders that cannot be read, are listed
 under "Skipped" and never averaged.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,13 +22,30 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
-from creditaudit.reports.audit import FIGURES, RunAudit, _rule_order, audit_run, build_audit, fire_text, fmt, table_rows
+from creditaudit.reports.audit import (
+    FIGURES,
+    RunAudit,
+    _rule_order,
+    audit_run,
+    build_audit,
+    fire_text,
+    fmt,
+    table_rows,
+)
 from creditaudit.models.base import ARCHS, ArchShape, ModelConfig, arch_shape
 from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
 
-PENALTY_SETTINGS = ("matched_30ep", "sbcb_vanilla_30ep", "penalty_1e-4", "penalty_rescue", "dfa_pen_30ep_diag", "penalty_1e-1",
-                    "bp_penalty", "dfa_pen_100ep")
+PENALTY_SETTINGS = (
+    "matched_30ep",
+    "sbcb_vanilla_30ep",
+    "penalty_1e-4",
+    "penalty_rescue",
+    "dfa_pen_30ep_diag",
+    "penalty_1e-1",
+    "bp_penalty",
+    "dfa_pen_100ep",
+)
 ARCH_SETTINGS = ("main_audit", "cross_arch", "no_terminal_ln", "no_residual")
 TRIANGULATION_METRICS: dict[str, tuple[str, bool]] = {  # figure -> (title, higher is better)
     "test_acc": ("accuracy", True),
@@ -54,7 +72,9 @@ class Table:
     def markdown(self, level: int = 2) -> str:
         lines = [f"{'#' * level} {self.title}", ""]
         if self.rows:
-            lines += [md_row(self.header), md_row(["---"] * len(self.header))] + [md_row(r) for r in self.rows]
+            lines += [md_row(self.header), md_row(["---"] * len(self.header))] + [
+                md_row(r) for r in self.rows
+            ]
         else:
             lines.append("*No finished runs for this table in the results folder.*")
         if self.notes:
@@ -65,6 +85,7 @@ class Table:
 @dataclass
 class Group:
     """Runs that share a table row, audited one by one (D3 wherever a baseline exists)."""
+
     label: tuple[str, ...]
     runs: list[RunAudit]
 
@@ -82,9 +103,12 @@ class Group:
         return rule_verdict(self.label[0], [r.verdict for r in self.runs]).label
 
 
-
-def groups(col: Collection, settings: Iterable[str], key: Callable[[RunRecord], tuple[str, ...]],
-           th: Thresholds) -> list[Group]:
+def groups(
+    col: Collection,
+    settings: Iterable[str],
+    key: Callable[[RunRecord], tuple[str, ...]],
+    th: Thresholds,
+) -> list[Group]:
     """Finished runs of ``settings`` grouped by ``key`` (first element: the rule), in study order;
     the frozen and shallow baselines are references, not rows."""
     finished = [r for r in col.runs if r.status == "finished"]
@@ -93,7 +117,10 @@ def groups(col: Collection, settings: Iterable[str], key: Callable[[RunRecord], 
     for run in sorted(finished, key=lambda r: (r.setting, r.seed)):
         if run.setting in wanted and not run.rule.endswith(("_frozen", "_shallow")):
             out.setdefault(key(run), []).append(audit_run(run, finished, th))
-    return [Group(k, v) for k, v in sorted(out.items(), key=lambda kv: (_rule_order(kv[0][0]), kv[0][1:]))]
+    return [
+        Group(k, v)
+        for k, v in sorted(out.items(), key=lambda kv: (_rule_order(kv[0][0]), kv[0][1:]))
+    ]
 
 
 def d3_notes(runs: Iterable[RunAudit]) -> list[str]:
@@ -101,9 +128,13 @@ def d3_notes(runs: Iterable[RunAudit]) -> list[str]:
     by_reason: dict[str, list[str]] = {}
     for r in runs:
         if r.verdict.d3_missing:
-            by_reason.setdefault(r.verdict.d3_missing, []).append(f"`{r.run.setting}/{r.run.path.name}`")
-    return [f"**D3 not evaluated** for {len(names)} run{'s' if len(names) > 1 else ''} ({reason}): {', '.join(names)}."
-            for reason, names in by_reason.items()]
+            by_reason.setdefault(r.verdict.d3_missing, []).append(
+                f"`{r.run.setting}/{r.run.path.name}`"
+            )
+    return [
+        f"**D3 not evaluated** for {len(names)} run{'s' if len(names) > 1 else ''} ({reason}): {', '.join(names)}."
+        for reason, names in by_reason.items()
+    ]
 
 
 def _all_runs(audit_or_groups) -> list[RunAudit]:
@@ -116,9 +147,13 @@ def _all_runs(audit_or_groups) -> list[RunAudit]:
 def table1(col: Collection, th: Thresholds) -> Table:
     audit = build_audit(col, setting="main_audit", thresholds=th)
     header, rows = table_rows(audit)
-    notes = [f"Setting `main_audit`; D3 against `{audit.baseline_rule}` of the same experiment and seed."]
+    notes = [
+        f"Setting `main_audit`; D3 against `{audit.baseline_rule}` of the same experiment and seed."
+    ]
     if audit.baseline:
-        notes.append(f"Frozen-blocks baseline: test acc {fmt(mean_std([summarise(b.metrics)['test_acc'] for b in audit.baseline]), 'test_acc')}.")
+        notes.append(
+            f"Frozen-blocks baseline: test acc {fmt(mean_std([summarise(b.metrics)['test_acc'] for b in audit.baseline]), 'test_acc')}."
+        )
     return Table("table1", "Table 1: main audit", header, rows, notes + d3_notes(_all_runs(audit)))
 
 
@@ -127,7 +162,10 @@ def fa_vs_dfa(col: Collection, th: Thresholds) -> Table:
     by_rule = {ra.rule: ra for ra in audit.rules}
     if not by_rule:
         return Table("fa_vs_dfa", "FA vs DFA", [], [])
-    total = {r: sum(1 for run in col.runs if run.rule == r and run.status == "finished") for r in ("fa", "dfa")}
+    total = {
+        r: sum(1 for run in col.runs if run.rule == r and run.status == "finished")
+        for r in ("fa", "dfa")
+    }
     cols = [r for r in ("fa", "dfa") if r in by_rule]
     header = [""] + [f"{r.upper()} ({total[r]} runs in all)" for r in cols]
 
@@ -135,10 +173,19 @@ def fa_vs_dfa(col: Collection, th: Thresholds) -> Table:
         return [title] + [cell(by_rule[r]) for r in cols]
 
     rows = [
-        row("credit signal", lambda ra: "a_l = B_l a_(l+1), fixed random d×d, sequential" if ra.rule == "fa"
-            else "a_l = B_l e, fixed random d×C, direct"),
+        row(
+            "credit signal",
+            lambda ra: (
+                "a_l = B_l a_(l+1), fixed random d×d, sequential"
+                if ra.rule == "fa"
+                else "a_l = B_l e, fixed random d×C, direct"
+            ),
+        ),
         row("test acc (main audit)", lambda ra: fmt(ra.stats["test_acc"], "test_acc")),
-        row("D3 depth utility (pp) vs frozen baseline", lambda ra: fmt(ra.stats["depth_pp"], "depth_pp")),
+        row(
+            "D3 depth utility (pp) vs frozen baseline",
+            lambda ra: fmt(ra.stats["depth_pp"], "depth_pp"),
+        ),
         row("deep cos", lambda ra: fmt(ra.stats["deep_cos"], "deep_cos")),
         row("‖h_L‖", lambda ra: fmt(ra.stats["hL_norm"], "hL_norm")),
         row("‖g_L‖", lambda ra: fmt(ra.stats["gL_norm"], "gL_norm")),
@@ -146,17 +193,36 @@ def fa_vs_dfa(col: Collection, th: Thresholds) -> Table:
         row("Mode 1(b): D2 fires", lambda ra: fire_text(ra.fire_epochs("D2"))),
         row("verdict", lambda ra: f"{ra.verdict.label} ({ra.verdict.claim})"),
     ]
-    return Table("fa_vs_dfa", "FA vs DFA", header, rows,
-                 ["Same local loss, architecture and optimizer; only how a_l is computed differs. Setting `main_audit`."]
-                 + d3_notes(_all_runs(audit)))
+    return Table(
+        "fa_vs_dfa",
+        "FA vs DFA",
+        header,
+        rows,
+        [
+            "Same local loss, architecture and optimizer; only how a_l is computed differs. Setting `main_audit`."
+        ]
+        + d3_notes(_all_runs(audit)),
+    )
 
 
 def _figure_cells(g: Group) -> list[str]:
-    return [fmt(g.stat(k), k) for k in ("test_acc", "depth_pp", "deep_cos", "hL_norm", "gL_norm")] \
-        + [g.fires(d) for d in ("D1", "D2")] + [g.verdict()]
+    return (
+        [fmt(g.stat(k), k) for k in ("test_acc", "depth_pp", "deep_cos", "hL_norm", "gL_norm")]
+        + [g.fires(d) for d in ("D1", "D2")]
+        + [g.verdict()]
+    )
 
 
-FIGURE_HEADER = ["test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "D1 fires", "D2 fires", "verdict"]
+FIGURE_HEADER = [
+    "test acc",
+    "D3 (pp)",
+    "deep cos",
+    "‖h_L‖",
+    "‖g_L‖",
+    "D1 fires",
+    "D2 fires",
+    "verdict",
+]
 _DECIDING = ["n", "test acc", "D3 (pp)", "deep cos", "‖h_L‖", "‖g_L‖", "verdict"]
 TERMINAL_COLUMNS = {
     "penalty_sweep": ["rule", "λ", "epochs", "setting", *_DECIDING],
@@ -167,12 +233,26 @@ TERMINAL_COLUMNS = {
 
 
 def penalty_sweep(col: Collection, th: Thresholds) -> Table:
-    gs = groups(col, PENALTY_SETTINGS, lambda r: (r.rule, f"{r.config.get('lam', 0.0):g}", str(r.config.get("epochs")), r.setting), th)
+    gs = groups(
+        col,
+        PENALTY_SETTINGS,
+        lambda r: (r.rule, f"{r.config.get('lam', 0.0):g}", str(r.config.get("epochs")), r.setting),
+        th,
+    )
     gs.sort(key=lambda g: (_rule_order(g.label[0]), float(g.label[1]), int(g.label[2])))
-    rows = [[g.label[0], g.label[1], g.label[2], g.label[3], str(g.n)] + _figure_cells(g) for g in gs]
-    return Table("penalty_sweep", "Penalty sweep", ["rule", "λ", "epochs", "setting", "n"] + FIGURE_HEADER, rows,
-                 [f"Settings: {', '.join(f'`{s}`' for s in PENALTY_SETTINGS)}. λ = 0 rows are the matched no-penalty controls."]
-                 + d3_notes(_all_runs(gs)))
+    rows = [
+        [g.label[0], g.label[1], g.label[2], g.label[3], str(g.n)] + _figure_cells(g) for g in gs
+    ]
+    return Table(
+        "penalty_sweep",
+        "Penalty sweep",
+        ["rule", "λ", "epochs", "setting", "n"] + FIGURE_HEADER,
+        rows,
+        [
+            f"Settings: {', '.join(f'`{s}`' for s in PENALTY_SETTINGS)}. λ = 0 rows are the matched no-penalty controls."
+        ]
+        + d3_notes(_all_runs(gs)),
+    )
 
 
 def depth_sweep(col: Collection, th: Thresholds) -> Table:
@@ -182,29 +262,52 @@ def depth_sweep(col: Collection, th: Thresholds) -> Table:
 
     gs = groups(col, ("depth_sweep",), key, th)
     gs.sort(key=lambda g: (_rule_order(g.label[0]), int(g.label[1])))
-    rows = [[g.label[0], g.label[1], g.label[2], str(g.n)] + _figure_cells(g)
-            + [fmt(g.stat("d1_max"), "d1_max")] for g in gs]
-    return Table("depth_sweep", "Depth sweep", ["rule", "L", "d", "n"] + FIGURE_HEADER + ["D1 max ratio"], rows,
-                 ["Setting `depth_sweep`."] + d3_notes(_all_runs(gs)))
+    rows = [
+        [g.label[0], g.label[1], g.label[2], str(g.n)]
+        + _figure_cells(g)
+        + [fmt(g.stat("d1_max"), "d1_max")]
+        for g in gs
+    ]
+    return Table(
+        "depth_sweep",
+        "Depth sweep",
+        ["rule", "L", "d", "n"] + FIGURE_HEADER + ["D1 max ratio"],
+        rows,
+        ["Setting `depth_sweep`."] + d3_notes(_all_runs(gs)),
+    )
 
 
 def cross_arch(col: Collection, th: Thresholds) -> Table:
     gs = groups(col, ARCH_SETTINGS, lambda r: (r.rule, arch_description(r), r.setting), th)
     rows = [[g.label[1], g.label[0], g.label[2], str(g.n)] + _figure_cells(g) for g in gs]
     rows.sort(key=lambda row: (row[0], _rule_order(row[1])))
-    return Table("cross_arch", "Cross-architecture", ["architecture", "rule", "setting", "n"] + FIGURE_HEADER, rows,
-                 [f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot fire without a terminal norm."]
-                 + d3_notes(_all_runs(gs)))
+    return Table(
+        "cross_arch",
+        "Cross-architecture",
+        ["architecture", "rule", "setting", "n"] + FIGURE_HEADER,
+        rows,
+        [
+            f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot fire without a terminal norm."
+        ]
+        + d3_notes(_all_runs(gs)),
+    )
 
 
 def extended_rules(col: Collection, th: Thresholds) -> Table:
     """Every rule beyond the study's six on the main architecture (setting ``extended_rules``)."""
     gs = groups(col, ("extended_rules",), lambda r: (r.rule,), th)
     rows = [[g.label[0], str(g.n)] + _figure_cells(g) for g in gs]
-    return Table("extended_rules", "Rules beyond the study", ["rule", "n"] + FIGURE_HEADER, rows,
-                 ["Setting `extended_rules` (not one of the study's): the field's other rule families on the study's "
-                  "main architecture and recipe; D3 against the `bp_frozen` baseline of the same experiment."]
-                 + d3_notes(_all_runs(gs)))
+    return Table(
+        "extended_rules",
+        "Rules beyond the study",
+        ["rule", "n"] + FIGURE_HEADER,
+        rows,
+        [
+            "Setting `extended_rules` (not one of the study's): the field's other rule families on the study's "
+            "main architecture and recipe; D3 against the `bp_frozen` baseline of the same experiment."
+        ]
+        + d3_notes(_all_runs(gs)),
+    )
 
 
 def triangulation(col: Collection, th: Thresholds, setting: str | None = None) -> Table:
@@ -214,14 +317,26 @@ def triangulation(col: Collection, th: Thresholds, setting: str | None = None) -
     gs = groups(col, (setting,), lambda r: (r.rule,), th)
     rules = [g.label[0] for g in gs]
     stats = {k: {g.label[0]: g.stat(k) for g in gs} for k in TRIANGULATION_METRICS}
-    orders = {k: ordering(stats[k], higher_better=hb) for k, (_, hb) in TRIANGULATION_METRICS.items()}
-    rows = [[title] + [fmt(stats[k][r], k) for r in rules] + [render_ordering(orders[k])]
-            for k, (title, _) in TRIANGULATION_METRICS.items()] if rules else []
-    notes = [f"Setting `{setting}`. Better = higher accuracy and deep cos, more negative nudging ΔL and "
-             "training-loss decrease. `a > b`: a is better by more than the larger of the two stds; `a ≈ b`: not."]
+    orders = {
+        k: ordering(stats[k], higher_better=hb) for k, (_, hb) in TRIANGULATION_METRICS.items()
+    }
+    rows = (
+        [
+            [title] + [fmt(stats[k][r], k) for r in rules] + [render_ordering(orders[k])]
+            for k, (title, _) in TRIANGULATION_METRICS.items()
+        ]
+        if rules
+        else []
+    )
+    notes = [
+        f"Setting `{setting}`. Better = higher accuracy and deep cos, more negative nudging ΔL and "
+        "training-loss decrease. `a > b`: a is better by more than the larger of the two stds; `a ≈ b`: not."
+    ]
     if rules:
         notes.append(agreement_sentence(orders))
-    return Table("triangulation", "Functional triangulation", ["metric"] + rules + ["ordering"], rows, notes)
+    return Table(
+        "triangulation", "Functional triangulation", ["metric"] + rules + ["ordering"], rows, notes
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,11 +443,18 @@ def all_tables(col: Collection, th: Thresholds | None = None) -> list[Table]:
 
 
 def skipped(col: Collection) -> list[str]:
-    return list(col.problems) + [f"{r.path}: {unfinished_note(r)}" for r in col.runs if r.status != "finished"]
+    return list(col.problems) + [
+        f"{r.path}: {unfinished_note(r)}" for r in col.runs if r.status != "finished"
+    ]
 
 
-def tables_markdown(col: Collection, th: Thresholds | None = None, *, source: str = "",
-                    only: list[Table] | None = None) -> str:
+def tables_markdown(
+    col: Collection,
+    th: Thresholds | None = None,
+    *,
+    source: str = "",
+    only: list[Table] | None = None,
+) -> str:
     """Every table (or the ``only`` ones, already built) as one Markdown page."""
     lines = ["# Tables", ""]
     if source:
@@ -344,4 +466,12 @@ def tables_markdown(col: Collection, th: Thresholds | None = None, *, source: st
     return "\n".join(lines) + body + "\n" + "\n".join(defs + tail) + "\n"
 
 
-__all__ = ["TABLES", "Table", "all_tables", "tables_markdown", "ordering", "render_ordering", "arch_description"]
+__all__ = [
+    "TABLES",
+    "Table",
+    "all_tables",
+    "tables_markdown",
+    "ordering",
+    "render_ordering",
+    "arch_description",
+]

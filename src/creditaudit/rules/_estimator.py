@@ -26,6 +26,7 @@ Estimators are float32, built on the CPU from a seed that ``setup`` draws from t
 (see :class:`EstimatorRule`), then moved to ``ctx.device``; states are cast to float32 on the way
 in and credits are returned in the dtype of the states.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,10 +48,28 @@ CODES = ("error", "label")
 class EstimatorOptions:
     """Options every learned estimator has."""
 
-    est_lr: float = field(default=1e-3, metadata={"help": "learning rate of the estimator's own AdamW (weight decay 0.01, constant schedule)"})
-    width: int = field(default=128, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width"})
-    depth: int = field(default=1, metadata={"help": "hidden Linear(width, width) layers of the shared trunk (GELU between)"})
-    code: str = field(default="error", metadata={"help": "terminal conditioning code s: error (e_T = softmax(o) - onehot(y)) | label (onehot(y))"})
+    est_lr: float = field(
+        default=1e-3,
+        metadata={
+            "help": "learning rate of the estimator's own AdamW (weight decay 0.01, constant schedule)"
+        },
+    )
+    width: int = field(
+        default=128,
+        metadata={
+            "help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width"
+        },
+    )
+    depth: int = field(
+        default=1,
+        metadata={"help": "hidden Linear(width, width) layers of the shared trunk (GELU between)"},
+    )
+    code: str = field(
+        default="error",
+        metadata={
+            "help": "terminal conditioning code s: error (e_T = softmax(o) - onehot(y)) | label (onehot(y))"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("code", self.code, CODES)
@@ -125,7 +144,9 @@ class Estimator(nn.Module):
             layers += [nn.Linear(width, width), nn.GELU()]
         self.trunk = nn.Sequential(*layers)
 
-    def features(self, states: list[Tensor], layers: list[int], code: Tensor | None = None) -> list[Tensor]:
+    def features(
+        self, states: list[Tensor], layers: list[int], code: Tensor | None = None
+    ) -> list[Tensor]:
         """Features (N_i, width) of each state ``states[i]`` (N_i, ...) of block index
         ``layers[i]``. With a code input, ``code`` is (B, C) and every N_i a multiple k·B of B (k
         stacked copies of the batch; the code is repeated). All states pass the trunk as one batch."""
@@ -233,10 +254,18 @@ class EstimatorRule(Rule):
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"seed": self.seed, "steps": self.steps, "gen": self.gen.get_state()}
+        state: dict[str, Any] = {
+            "seed": self.seed,
+            "steps": self.steps,
+            "gen": self.gen.get_state(),
+        }
         if self.net is not None:
-            state.update(shapes=[list(s) for s in self.shapes], net=self.net.state_dict(),
-                         opt=self.opt.state_dict() if self.opt is not None else {}, **self.extra_state())
+            state.update(
+                shapes=[list(s) for s in self.shapes],
+                net=self.net.state_dict(),
+                opt=self.opt.state_dict() if self.opt is not None else {},
+                **self.extra_state(),
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@
 * :func:`~creditaudit.models.base.preserved_buffers` (re-exported), so that an extra forward pass
   made to compute credits does not move BatchNorm's running statistics a second time in a step.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,13 @@ def output_error(logits: Tensor, y: Tensor) -> Tensor:
     return torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
 
 
-def random_matrix(shape: tuple[int, ...], fan: int, init: str, scale: float,
-                  generator: torch.Generator | None = None) -> Tensor:
+def random_matrix(
+    shape: tuple[int, ...],
+    fan: int,
+    init: str,
+    scale: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """A CPU float32 tensor of i.i.d. entries with variance scale²/fan (``generator=None``: torch's
     global CPU RNG)."""
     if init == "normal":

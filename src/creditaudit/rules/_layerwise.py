@@ -16,6 +16,7 @@ a matrix B (W's shape) in place of every weight transpose inside the blocks and 
 * :class:`SignConcordantRule`: B = M ∘ sign(W) for the sign-symmetry family (``usf``, ``frsf``,
   ``brsf``), with sign(W) read from the layer's *current* weights whenever the layers are patched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,10 @@ class FALinearFn(torch.autograd.Function):
         return dx, dw, db, None
 
 
-_CONV = {1: (F.conv1d, torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
-         2: (F.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)}
+_CONV = {
+    1: (F.conv1d, torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+    2: (F.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
+}
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
 
 
@@ -97,7 +100,9 @@ def _conv_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     if m.padding == "same":
         total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
         if any(t % 2 for t in total):
-            raise NotImplementedError(f"layerwise feedback: padding='same' with an even kernel ({m}) is asymmetric; use explicit padding")
+            raise NotImplementedError(
+                f"layerwise feedback: padding='same' with an even kernel ({m}) is asymmetric; use explicit padding"
+            )
         return tuple(t // 2 for t in total)
     return m.padding  # type: ignore[return-value]
 
@@ -127,7 +132,9 @@ def feedback_layers(model: CreditNet, rule: str = "fa_layerwise") -> list[tuple[
         in_blocks = name.startswith("blocks.")
         if name == "head" or (in_blocks and isinstance(m, (nn.Linear, *CONV_LAYERS))):
             if not isinstance(m, (nn.Linear, *CONV_LAYERS)):
-                raise NotImplementedError(f"{rule}: the head is a {type(m).__name__}, not nn.Linear")
+                raise NotImplementedError(
+                    f"{rule}: the head is a {type(m).__name__}, not nn.Linear"
+                )
             out.append((name, m))
         elif in_blocks and any(p.dim() >= 2 for p in m.parameters(recurse=False)):
             raise NotImplementedError(
@@ -173,7 +180,11 @@ class LayerwiseFeedbackRule(Rule):
         """Route the forward of the blocks' layers (and the head's, ``with_head``) through
         :func:`fa_forward` with the B of :meth:`feedback_for`, read once on entry. Re-entrant: a
         layer that is already patched is left to its owner."""
-        layers = [(n, m) for n, m in self.layers(model) if (with_head or n != "head") and id(m) not in self._patched_ids]
+        layers = [
+            (n, m)
+            for n, m in self.layers(model)
+            if (with_head or n != "head") and id(m) not in self._patched_ids
+        ]
         feedback, missing = {}, []
         for name, m in layers:
             try:
@@ -181,11 +192,13 @@ class LayerwiseFeedbackRule(Rule):
             except KeyError:
                 missing.append(name)
         if missing:
-            raise RuntimeError(f"{self.name} has no feedback matrix for {missing}: call setup(model, ctx) with this model")
+            raise RuntimeError(
+                f"{self.name} has no feedback matrix for {missing}: call setup(model, ctx) with this model"
+            )
         try:
             for name, m in layers:
                 # an instance attribute shadows the class's forward; removing it restores the layer
-                m.forward = (lambda x, m=m, B=feedback[name]: fa_forward(m, x, B, self._credit_pass))
+                m.forward = lambda x, m=m, B=feedback[name]: fa_forward(m, x, B, self._credit_pass)
                 self._patched_ids.add(id(m))
             yield
         finally:
@@ -202,7 +215,11 @@ class LayerwiseFeedbackRule(Rule):
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         was_credit_pass, self._credit_pass = self._credit_pass, True
         try:
-            with self._patched(model, with_head=True), preserved_buffers(model), torch.enable_grad():
+            with (
+                self._patched(model, with_head=True),
+                preserved_buffers(model),
+                torch.enable_grad(),
+            ):
                 h = fwd.hs[0].detach().requires_grad_(True)
                 hs = [h]
                 for block in model.blocks:
@@ -221,8 +238,14 @@ class LayerwiseFeedbackRule(Rule):
 FEEDBACK_INITS = ("uniform", "normal", "weights")  # the initial B of fa_layerwise and kp
 
 
-def initial_feedback(W: Tensor, init: str, scale: float, device: torch.device, dtype: torch.dtype,
-                     generator: torch.Generator | None = None) -> Tensor:
+def initial_feedback(
+    W: Tensor,
+    init: str,
+    scale: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """A feedback matrix B for a layer with weights W (``init`` one of FEEDBACK_INITS): a copy of W
     (``weights``), or i.i.d. entries with the variance of PyTorch's default init of the layer times
     scale² (``uniform``: U(±scale/√fan_in); ``normal``: the same variance), drawn on the CPU from
@@ -246,7 +269,9 @@ class SignConcordantRule(LayerwiseFeedbackRule):
         super().__init__(options)
         self.init_std: dict[str, float] = {}  # layer name -> s = std of W at init
         self.weight_shapes: dict[str, tuple[int, ...]] = {}
-        self.magnitude: dict[str, Tensor] = {}  # layer name -> M (W's shape, float32; or 0-d, float64), on the device
+        self.magnitude: dict[
+            str, Tensor
+        ] = {}  # layer name -> M (W's shape, float32; or 0-d, float64), on the device
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
@@ -259,11 +284,17 @@ class SignConcordantRule(LayerwiseFeedbackRule):
         W = m.weight.detach()
         return self.magnitude[name].to(W.dtype) * torch.sign(W)
 
-    def random_magnitudes(self, generator: torch.Generator, init: str, scale: float) -> dict[str, Tensor]:
+    def random_magnitudes(
+        self, generator: torch.Generator, init: str, scale: float
+    ) -> dict[str, Tensor]:
         """|R| per layer, R i.i.d. with variance (scale·s)² (``normal`` or ``uniform``, see
         ``_feedback.random_matrix``), drawn on the CPU from ``generator`` in module order."""
-        return {name: random_matrix(shape, 1, init, scale * self.init_std[name], generator).abs().to(self.device)
-                for name, shape in self.weight_shapes.items()}
+        return {
+            name: random_matrix(shape, 1, init, scale * self.init_std[name], generator)
+            .abs()
+            .to(self.device)
+            for name, shape in self.weight_shapes.items()
+        }
 
 
 @dataclass
@@ -271,8 +302,16 @@ class RandomMagnitudeOptions:
     """Distribution of the random magnitudes |R| in B = |R| ∘ sign(W) (``frsf``: R drawn once;
     ``brsf``: redrawn after every update)."""
 
-    init: str = field(default="normal", metadata={"help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"})
-    scale: float = field(default=1.0, metadata={"help": "R has std scale·s (1: |B| has the spread of the layer's init)"})
+    init: str = field(
+        default="normal",
+        metadata={
+            "help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"
+        },
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={"help": "R has std scale·s (1: |B| has the spread of the layer's init)"},
+    )
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, INITS)
@@ -288,11 +327,17 @@ class RandomMagnitudeRule(SignConcordantRule):
         self.seed: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "init_std": dict(self.init_std), "magnitude": dict(self.magnitude)}
+        return {
+            "seed": self.seed,
+            "init_std": dict(self.init_std),
+            "magnitude": dict(self.magnitude),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.magnitude and set(state["magnitude"]) != set(self.magnitude):
-            raise ValueError(f"{self.name} checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}")
+            raise ValueError(
+                f"{self.name} checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}"
+            )
         self.seed = state["seed"]
         self.init_std = {k: float(v) for k, v in state["init_std"].items()}
         self.magnitude = {k: v.to(self.device) for k, v in state["magnitude"].items()}

@@ -18,6 +18,7 @@ the rule's fixed state (tensors set in ``setup``, returned by ``state_dict``): d
 no state that changes during a step, no estimator of its own. Such a rule sets
 ``stack_refusal = None``; any other rule states why it cannot, and runs alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,7 +71,9 @@ class Rule:
     end_to_end: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
     #: why runs of this rule cannot train in a stack (module docstring), or None when they can
-    stack_refusal: ClassVar[str | None] = "not declared stackable by its author (see creditaudit.rules.base: Stacks)"
+    stack_refusal: ClassVar[str | None] = (
+        "not declared stackable by its author (see creditaudit.rules.base: Stacks)"
+    )
 
     def __init__(self, options: Any = None):
         self.opts = options if options is not None else self.Options()
@@ -123,7 +126,9 @@ class Rule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"{type(self).__name__} has no state but a checkpoint holds {sorted(state)}")
+            raise ValueError(
+                f"{type(self).__name__} has no state but a checkpoint holds {sorted(state)}"
+            )
 
 
 class RuleRegistry(Registry[type[Rule]]):
@@ -132,9 +137,13 @@ class RuleRegistry(Registry[type[Rule]]):
 
     def add(self, name: str, obj: type[Rule], summary: str = "") -> None:
         if not (isinstance(obj, type) and issubclass(obj, Rule)):
-            raise TypeError(f"rule {name!r}: register a subclass of creditaudit.rules.Rule, not {obj!r}")
+            raise TypeError(
+                f"rule {name!r}: register a subclass of creditaudit.rules.Rule, not {obj!r}"
+            )
         if "name" in vars(obj) and obj.name not in ("", name):
-            raise ValueError(f"rule class {obj.__name__} is registered as {obj.name!r} and as {name!r}: one class, one name")
+            raise ValueError(
+                f"rule class {obj.__name__} is registered as {obj.name!r} and as {name!r}: one class, one name"
+            )
         super().add(name, obj, summary)
         obj.name = name
 
@@ -150,7 +159,9 @@ def parse_rule_name(name: str) -> tuple[str, str | None]:
     if variant in VARIANTS and base in RULES:
         return base, variant
     raise UnknownNameError(
-        RULES.unknown_message(name).replace("(see", f"(each also as <rule>_{'/_'.join(VARIANTS)}; see")
+        RULES.unknown_message(name).replace(
+            "(see", f"(each also as <rule>_{'/_'.join(VARIANTS)}; see"
+        )
     )
 
 

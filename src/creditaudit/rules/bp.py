@@ -9,6 +9,7 @@ Defaults: none of its own.
 ``credits`` is still implemented (it is the oracle that other rules are compared against and that
 the exploitability study feeds through the local rules).
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -17,7 +18,9 @@ from creditaudit.models.base import CreditNet, Forward, true_grads
 from creditaudit.rules.base import RULES, Rule
 
 
-@RULES.register("bp", "backprop: a_l = g_l exactly; trained end to end by autograd (gold-standard control)")
+@RULES.register(
+    "bp", "backprop: a_l = g_l exactly; trained end to end by autograd (gold-standard control)"
+)
 class BP(Rule):
     end_to_end = True
     stack_refusal = None

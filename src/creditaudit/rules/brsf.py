@@ -26,6 +26,7 @@ Matrices: R_t per patched layer, W's shape, entries i.i.d. with variance (scale�
          one would.
 Defaults: init=normal, scale=1.0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +47,10 @@ class BRSFOptions(RandomMagnitudeOptions):
     after every update, from the same distribution)."""
 
 
-@RULES.register("brsf", "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every weight transpose, R_t redrawn each step")
+@RULES.register(
+    "brsf",
+    "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every weight transpose, R_t redrawn each step",
+)
 class BRSF(RandomMagnitudeRule):
     Options = BRSFOptions
     stack_refusal = "redraws its feedback magnitudes in every step from its own generator, and patches the model's layers"
@@ -72,7 +76,11 @@ class BRSF(RandomMagnitudeRule):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "draws": self.draws, "generator": self.generator.get_state()}
+        return {
+            **super().state_dict(),
+            "draws": self.draws,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -38,6 +38,7 @@ Warm-up:  ``dfa_warmup=true``: for the first ``warmup_frac`` of ctx.total_steps 
 Defaults: est_lr 1e-3, width 64, depth 1, code=error, K 8, sigma 0.1, noise absolute, temp 0.1,
           ema 0.995, terminal_w 1.0, dfa_warmup false, warmup_frac 0.2.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,13 @@ from creditaudit.models.base import CreditNet, Forward
 from creditaudit.errors import ConfigError
 from creditaudit.rules import _estimator as E
 from creditaudit.rules._feedback import random_matrix
-from creditaudit.rules.options import check_at_least, check_choice, check_fraction, check_nonnegative, check_positive
+from creditaudit.rules.options import (
+    check_at_least,
+    check_choice,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+)
 from creditaudit.rules.base import RULES
 
 NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})·ξ
@@ -60,15 +67,48 @@ NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})�
 class CBOptions(E.EstimatorOptions):
     """Options of ``cb`` (the estimator's own, then the bridge's)."""
 
-    width: int = field(default=64, metadata={"help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width (64: the K noisy target copies make each step K times the trunk's work)"})
-    K: int = field(default=8, metadata={"help": "noisy copies of h_{l+1} in the soft-min consistency target"})
-    sigma: float = field(default=0.1, metadata={"help": "noise std of each copy per feature (absolute; times the per-sample RMS of h_{l+1} with noise=relative)"})
-    noise: str = field(default="absolute", metadata={"help": "consistency noise: absolute (sigma·ξ, the definition) | relative (sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"})
-    temp: float = field(default=0.1, metadata={"help": "soft-min temperature (in loss units) over the K noisy target values"})
+    width: int = field(
+        default=64,
+        metadata={
+            "help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width (64: the K noisy target copies make each step K times the trunk's work)"
+        },
+    )
+    K: int = field(
+        default=8, metadata={"help": "noisy copies of h_{l+1} in the soft-min consistency target"}
+    )
+    sigma: float = field(
+        default=0.1,
+        metadata={
+            "help": "noise std of each copy per feature (absolute; times the per-sample RMS of h_{l+1} with noise=relative)"
+        },
+    )
+    noise: str = field(
+        default="absolute",
+        metadata={
+            "help": "consistency noise: absolute (sigma·ξ, the definition) | relative (sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"
+        },
+    )
+    temp: float = field(
+        default=0.1,
+        metadata={"help": "soft-min temperature (in loss units) over the K noisy target values"},
+    )
     ema: float = field(default=0.995, metadata={"help": "EMA decay of the target value net V̄"})
-    terminal_w: float = field(default=1.0, metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"})
-    dfa_warmup: bool = field(default=False, metadata={"help": "use DFA credits a_l = B_lᵀ e_T (fixed random B_l) during the first warmup_frac of training"})
-    warmup_frac: float = field(default=0.2, metadata={"help": "fraction of all training steps covered by the DFA warm-up (with dfa_warmup=true)"})
+    terminal_w: float = field(
+        default=1.0,
+        metadata={"help": "weight of terminal matching at l=L (value ≈ CE_i and ∇V ≈ g_L)"},
+    )
+    dfa_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "use DFA credits a_l = B_lᵀ e_T (fixed random B_l) during the first warmup_frac of training"
+        },
+    )
+    warmup_frac: float = field(
+        default=0.2,
+        metadata={
+            "help": "fraction of all training steps covered by the DFA warm-up (with dfa_warmup=true)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,21 +120,28 @@ class CBOptions(E.EstimatorOptions):
         check_nonnegative("terminal_w", self.terminal_w)
         check_fraction("warmup_frac", self.warmup_frac)
         if not self.dfa_warmup and self.warmup_frac != 0.2:
-            raise ConfigError(f"cb.warmup_frac={self.warmup_frac} has no effect without cb.dfa_warmup=true; set both, or drop it")
+            raise ConfigError(
+                f"cb.warmup_frac={self.warmup_frac} has no effect without cb.dfa_warmup=true; set both, or drop it"
+            )
 
 
-@RULES.register("cb", "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching")
+@RULES.register(
+    "cb",
+    "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching",
+)
 class CreditBridge(E.EstimatorRule):
     Options = CBOptions
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
         C, width = self.ctx.num_classes, self.opts.width
-        return nn.ModuleDict({
-            "trunk": E.Estimator(dims, width, self.opts.depth),
-            "logits": nn.Linear(width, C),  # P
-            "base": nn.Sequential(nn.Linear(C, width), nn.GELU(), nn.Linear(width, 1)),  # c(s)
-        })
+        return nn.ModuleDict(
+            {
+                "trunk": E.Estimator(dims, width, self.opts.depth),
+                "logits": nn.Linear(width, C),  # P
+                "base": nn.Sequential(nn.Linear(C, width), nn.GELU(), nn.Linear(width, 1)),  # c(s)
+            }
+        )
 
     def after_build(self) -> None:
         self.target = E.ema_copy(self.net)
@@ -151,9 +198,13 @@ class CreditBridge(E.EstimatorRule):
             with torch.no_grad():
                 noisy = []
                 for h in hs[1:]:
-                    xi = torch.randn(((o.K + 1) // 2, *h.shape), generator=self.gen, device=h.device)
+                    xi = torch.randn(
+                        ((o.K + 1) // 2, *h.shape), generator=self.gen, device=h.device
+                    )
                     xi = torch.cat([xi, -xi])[: o.K]  # (K, B, ...): antithetic pairs ±ξ
-                    scale = o.sigma * E.expand_like(E.rms(h), h) if o.noise == "relative" else o.sigma
+                    scale = (
+                        o.sigma * E.expand_like(E.rms(h), h) if o.noise == "relative" else o.sigma
+                    )
                     noisy.append((h + scale * xi).flatten(0, 1))  # (K·B, ...)
                 vbar = self.value(self.target, noisy, list(range(1, L + 1)), s)
                 for v in vbar:
@@ -167,8 +218,14 @@ class CreditBridge(E.EstimatorRule):
         h_L = hs[L].requires_grad_(True)
         vs = self.value(self.net, hs[:L] + [h_L], list(range(L + 1)), s)
         zero = vs[0].new_zeros(())
-        cons = torch.stack([(v - t).pow(2).mean() for v, t in zip(vs[:L], targets)]).mean() if L else zero
-        (grad_v,) = torch.autograd.grad(vs[L].sum(), h_L, create_graph=True)  # (B, ...) per-sample ∇V
+        cons = (
+            torch.stack([(v - t).pow(2).mean() for v, t in zip(vs[:L], targets)]).mean()
+            if L
+            else zero
+        )
+        (grad_v,) = torch.autograd.grad(
+            vs[L].sum(), h_L, create_graph=True
+        )  # (B, ...) per-sample ∇V
         val = (vs[L] - ce.float()).pow(2).mean()
         tiny = torch.finfo(torch.float32).tiny
         g_norm, a_norm = g.flatten(1).norm(dim=1), grad_v.flatten(1).norm(dim=1)
@@ -179,5 +236,10 @@ class CreditBridge(E.EstimatorRule):
         loss = cons + o.terminal_w * (val + grad_term)
         self.train_on(loss)
         E.ema_update(self.target, self.net, o.ema)
-        return {"loss": loss.detach(), "consistency": cons.detach(), "terminal_value": val.detach(),
-                "terminal_grad": grad_term.detach(), "terminal_cos": cos.detach().mean()}
+        return {
+            "loss": loss.detach(),
+            "consistency": cons.detach(),
+            "terminal_value": val.detach(),
+            "terminal_grad": grad_term.detach(),
+            "terminal_cos": cos.detach().mean(),
+        }

@@ -13,6 +13,7 @@ Matrices: entries i.i.d. with variance scale²/C — default ``init=normal, scal
          function of (run seed, model shapes) alone, identical on every device, and checkpointed.
 Defaults: init=normal, scale=1.0.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ from creditaudit.rules.base import RULES, Rule, RuleContext
 class DFAOptions:
     """Distribution of DFA's fixed feedback matrices B_l (C -> shape of h_l)."""
 
-    init: str = field(default="normal", metadata={"help": "distribution of the entries of B_l: normal | uniform (same variance scale²/C)"})
-    scale: float = field(default=1.0, metadata={"help": "entries of B_l have variance scale²/C (default: N(0, 1/C))"})
+    init: str = field(
+        default="normal",
+        metadata={
+            "help": "distribution of the entries of B_l: normal | uniform (same variance scale²/C)"
+        },
+    )
+    scale: float = field(
+        default=1.0, metadata={"help": "entries of B_l have variance scale²/C (default: N(0, 1/C))"}
+    )
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, INITS)
@@ -66,17 +74,25 @@ class DirectProjectionRule(Rule):
         self.device = ctx.device
         self.seed, g = feedback_generator()
         C = ctx.num_classes
-        self.B = [random_matrix((math.prod(s), C), self.fan(math.prod(s), C), self.opts.init, self.opts.scale, g).to(self.device)
-                  for s in ctx.state_shapes]
+        self.B = [
+            random_matrix(
+                (math.prod(s), C), self.fan(math.prod(s), C), self.opts.init, self.opts.scale, g
+            ).to(self.device)
+            for s in ctx.state_shapes
+        ]
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         s = self.signal(fwd, y)  # (B, C)
         if len(self.B) != len(fwd.hs):
-            raise ValueError(f"{self.name} holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states")
+            raise ValueError(
+                f"{self.name} holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states"
+            )
         out = []
         for l, (B, h) in enumerate(zip(self.B, fwd.hs)):
             if B.shape != (h[0].numel(), s.shape[1]):
-                raise ValueError(f"{self.name}: B_{l} has shape {tuple(B.shape)} but h_{l} needs ({h[0].numel()}, {s.shape[1]})")
+                raise ValueError(
+                    f"{self.name}: B_{l} has shape {tuple(B.shape)} but h_{l} needs ({h[0].numel()}, {s.shape[1]})"
+                )
             out.append((s.to(h.dtype) @ B.to(h.dtype).T).view_as(h))  # (B, n_l) -> shape of h_l
         return out
 
@@ -88,7 +104,10 @@ class DirectProjectionRule(Rule):
         self.B = [b.to(self.device, torch.float32) for b in state["B"]]
 
 
-@RULES.register("dfa", "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L")
+@RULES.register(
+    "dfa",
+    "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L",
+)
 class DFA(DirectProjectionRule):
     Options = DFAOptions
 

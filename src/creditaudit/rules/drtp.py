@@ -25,6 +25,7 @@ Matrices: the paper's: He-uniform on the (C, n_l) feedback matrix of each layer 
          function of (run seed, model shapes) alone, identical on every device, and checkpointed.
 Defaults: init=uniform, scale=√2 (He-uniform, as the paper).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,15 +45,28 @@ from creditaudit.rules.dfa import DirectProjectionRule
 class DRTPOptions:
     """Distribution of DRTP's fixed target-projection matrices B_l (C -> shape of h_l)."""
 
-    init: str = field(default="uniform", metadata={"help": "distribution of the entries of B_l: uniform (the paper's He-uniform) | normal (same variance scale²/n_l)"})
-    scale: float = field(default=math.sqrt(2.0), metadata={"help": "entries of B_l have variance scale²/n_l, n_l = size of h_l (default √2: He-uniform U(±√(6/n_l)), as the paper)"})
+    init: str = field(
+        default="uniform",
+        metadata={
+            "help": "distribution of the entries of B_l: uniform (the paper's He-uniform) | normal (same variance scale²/n_l)"
+        },
+    )
+    scale: float = field(
+        default=math.sqrt(2.0),
+        metadata={
+            "help": "entries of B_l have variance scale²/n_l, n_l = size of h_l (default √2: He-uniform U(±√(6/n_l)), as the paper)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, INITS)
         check_positive("scale", self.scale)
 
 
-@RULES.register("drtp", "direct random target projection: a_l = B_l(−onehot y) with fixed random B_l; no error, no backward pass")
+@RULES.register(
+    "drtp",
+    "direct random target projection: a_l = B_l(−onehot y) with fixed random B_l; no error, no backward pass",
+)
 class DRTP(DirectProjectionRule):
     Options = DRTPOptions
 

@@ -43,6 +43,7 @@ Defaults: the DTP configuration Meulemans et al. 2020 publish for MNIST (Adam on
           ``setup`` takes from the run's seeded global RNG (a function of the run seed and the
           shapes alone), and checkpointed with their optimizer and noise generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,9 +65,21 @@ from creditaudit.rules.options import check_positive
 class DTPOptions:
     """Output target step, and how the inverses g_l are trained."""
 
-    target_step: float = field(default=0.2195 / 128, metadata={"help": "η̂: the last state's target τ_L = h_L − η̂ g_L (per-sample g); default 0.2195/128 (Meulemans et al. 2020, batch-mean loss)"})
-    sigma: float = field(default=0.0837, metadata={"help": "std of the Gaussian noise on h_{l-1} in the inverses' reconstruction loss"})
-    fb_lr: float = field(default=1.96e-3, metadata={"help": "learning rate of the inverses' own Adam (constant)"})
+    target_step: float = field(
+        default=0.2195 / 128,
+        metadata={
+            "help": "η̂: the last state's target τ_L = h_L − η̂ g_L (per-sample g); default 0.2195/128 (Meulemans et al. 2020, batch-mean loss)"
+        },
+    )
+    sigma: float = field(
+        default=0.0837,
+        metadata={
+            "help": "std of the Gaussian noise on h_{l-1} in the inverses' reconstruction loss"
+        },
+    )
+    fb_lr: float = field(
+        default=1.96e-3, metadata={"help": "learning rate of the inverses' own Adam (constant)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("target_step", "sigma", "fb_lr"):
@@ -82,19 +95,34 @@ class Inverse(nn.Module):
         self.skip = residual and tuple(shape) == self.target
         self.mix: nn.Parameter | None = None
         if len(shape) == 1:  # vectors (d,) -> anything, read out flat
-            self.inp, self.out = nn.Linear(shape[0], shape[0]), nn.Linear(shape[0], math.prod(target))
-        elif len(shape) == 2 and tuple(shape) == self.target:  # tokens (T, d), per token + T×T mixing
+            self.inp, self.out = (
+                nn.Linear(shape[0], shape[0]),
+                nn.Linear(shape[0], math.prod(target)),
+            )
+        elif (
+            len(shape) == 2 and tuple(shape) == self.target
+        ):  # tokens (T, d), per token + T×T mixing
             T, d = shape
             self.inp, self.out = nn.Linear(d, d), nn.Linear(d, d)
             self.mix = nn.Parameter(torch.eye(T))
-        elif len(shape) in (2, 3) and len(target) == len(shape) and _upsampling(shape, target) is not None:  # maps (C, T) or (C, H, W)
+        elif (
+            len(shape) in (2, 3)
+            and len(target) == len(shape)
+            and _upsampling(shape, target) is not None
+        ):  # maps (C, T) or (C, H, W)
             stride, pad = _upsampling(shape, target)
-            conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if len(shape) == 2 else (nn.Conv2d, nn.ConvTranspose2d)
+            conv, transposed = (
+                (nn.Conv1d, nn.ConvTranspose1d)
+                if len(shape) == 2
+                else (nn.Conv2d, nn.ConvTranspose2d)
+            )
             self.inp = conv(shape[0], shape[0], 1)
             self.out = transposed(shape[0], target[0], stride, stride=stride, output_padding=pad)
         else:
-            raise ConfigError(f"dtp: no inverse for a block from states of shape {tuple(target)} to {tuple(shape)} "
-                              "(dtp inverts vectors, token grids of one shape, and feature maps upsampled by an integer factor)")
+            raise ConfigError(
+                f"dtp: no inverse for a block from states of shape {tuple(target)} to {tuple(shape)} "
+                "(dtp inverts vectors, token grids of one shape, and feature maps upsampled by an integer factor)"
+            )
         if self.skip:  # the exact inverse of a residual block whose branch is 0
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
@@ -115,7 +143,9 @@ class Inverse(nn.Module):
         return delta + d if self.skip else d
 
 
-def _upsampling(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
+def _upsampling(
+    shape: tuple[int, ...], target: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]] | None:
     """(stride, output padding) of a transposed conv from (c, *size) to (c', *size'), every spatial
     axis upsampled by the same integer stride, or None."""
     stride = target[1] // shape[1]
@@ -125,7 +155,10 @@ def _upsampling(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, t
     return (stride, pad) if all(0 <= p < stride for p in pad) else None
 
 
-@RULES.register("dtp", "difference target propagation: learned inverses g_l carry τ_L = h_L − η̂ g_L down; a_l = (h_l − τ_l)/η̂")
+@RULES.register(
+    "dtp",
+    "difference target propagation: learned inverses g_l carry τ_L = h_L − η̂ g_L down; a_l = (h_l − τ_l)/η̂",
+)
 class DTP(EstimatorRule):
     """The inverses g_1..g_L are the estimator (``self.net``; ``net[l-1]`` maps h_l -> h_{l−1}),
     built, trained and checkpointed by the :class:`EstimatorRule` skeleton, with Adam at ``fb_lr``."""
@@ -139,10 +172,14 @@ class DTP(EstimatorRule):
         super().setup(model, ctx)
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.ModuleList:
-        return nn.ModuleList(Inverse(shapes[l], shapes[l - 1], self.residual[l - 1]) for l in range(1, len(shapes)))
+        return nn.ModuleList(
+            Inverse(shapes[l], shapes[l - 1], self.residual[l - 1]) for l in range(1, len(shapes))
+        )
 
     def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
-        return torch.optim.Adam(params, lr=self.opts.fb_lr) if params else None  # L = 0: nothing to invert
+        return (
+            torch.optim.Adam(params, lr=self.opts.fb_lr) if params else None
+        )  # L = 0: nothing to invert
 
     # -- credits ---------------------------------------------------------------------------------
     def displacements(self, model: CreditNet, hs: list[Tensor], y: Tensor) -> list[Tensor]:
@@ -167,14 +204,22 @@ class DTP(EstimatorRule):
         self.ready(hs)
         if self.opt is None:  # no blocks (L = 0): nothing to invert
             return {}
-        noisy = [h + self.opts.sigma * torch.randn(h.shape, generator=self.gen, device=h.device) for h in hs[:-1]]
+        noisy = [
+            h + self.opts.sigma * torch.randn(h.shape, generator=self.gen, device=h.device)
+            for h in hs[:-1]
+        ]
         with torch.no_grad(), preserved_buffers(model):
-            outs = [block(u.to(fwd.hs[l].dtype))[0].float() for l, (block, u) in enumerate(zip(model.blocks, noisy))]
+            outs = [
+                block(u.to(fwd.hs[l].dtype))[0].float()
+                for l, (block, u) in enumerate(zip(model.blocks, noisy))
+            ]
         per_block = torch.stack([F.mse_loss(g(o), u) for g, o, u in zip(self.net, outs, noisy)])
         self.train_on(per_block.sum())
         return {"rec_loss": per_block.mean().detach()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "inverses" in state:  # a checkpoint written before the inverses lived in the estimator skeleton
+        if (
+            "inverses" in state
+        ):  # a checkpoint written before the inverses lived in the estimator skeleton
             state = {**state, "net": state["inverses"]}
         super().load_state_dict(state)

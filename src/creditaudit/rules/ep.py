@@ -58,6 +58,7 @@ Work reused: block 1's prediction F_1(s_0) never changes (computed once), and si
 down one layer per step, blocks whose input and output have not moved yet are skipped (they predict
 their free state exactly); for L = 4, T = 20 that is 10% of the block evaluations, more when deeper.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -78,15 +79,39 @@ CREDITS = ("displacement", "error")
 class EPOptions:
     """Nudging strength, relaxation schedule, and what the credit is read from."""
 
-    beta: float = field(default=0.1, metadata={"help": "nudging strength β > 0 on the summed cross-entropy"})
-    T: int = field(default=20, metadata={"help": "gradient-descent steps of the nudged relaxation (T >= 1)"})
-    alpha: float = field(default=0.1, metadata={"help": "relaxation step size α > 0; stable for α < 2/λ_max(∇²E): ≈ 0.25–0.3 on resmlp and smallcnn, 0.07 on vit_mini (use alpha=0.05 there); watch rule/relax_ratio"})
-    symmetric: bool = field(default=False, metadata={"help": "nudge with ±β and take central differences (removes the O(β) bias; two relaxations)"})
-    credit: str = field(default="displacement", metadata={"help": "displacement: a_l = −(s_l^β − s_l^0)/β | error: a_l = −ε_l(s^β)/β (→ g_l exactly as β → 0)"})
+    beta: float = field(
+        default=0.1, metadata={"help": "nudging strength β > 0 on the summed cross-entropy"}
+    )
+    T: int = field(
+        default=20, metadata={"help": "gradient-descent steps of the nudged relaxation (T >= 1)"}
+    )
+    alpha: float = field(
+        default=0.1,
+        metadata={
+            "help": "relaxation step size α > 0; stable for α < 2/λ_max(∇²E): ≈ 0.25–0.3 on resmlp and smallcnn, 0.07 on vit_mini (use alpha=0.05 there); watch rule/relax_ratio"
+        },
+    )
+    symmetric: bool = field(
+        default=False,
+        metadata={
+            "help": "nudge with ±β and take central differences (removes the O(β) bias; two relaxations)"
+        },
+    )
+    credit: str = field(
+        default="displacement",
+        metadata={
+            "help": "displacement: a_l = −(s_l^β − s_l^0)/β | error: a_l = −ε_l(s^β)/β (→ g_l exactly as β → 0)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive("beta", self.beta)
-        check("T", self.T, isinstance(self.T, int) and not isinstance(self.T, bool) and self.T >= 1, "an integer >= 1")
+        check(
+            "T",
+            self.T,
+            isinstance(self.T, int) and not isinstance(self.T, bool) and self.T >= 1,
+            "an integer >= 1",
+        )
         check_positive("alpha", self.alpha)
         check_choice("credit", self.credit, CREDITS)
 
@@ -101,7 +126,15 @@ class _Nudged:
     relax_ratio: Tensor  # ‖∇C_β‖ at the last step / at the first step (scalar)
 
 
-def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, alpha: float, want_errors: bool) -> _Nudged:
+def _relax(
+    model: CreditNet,
+    hs: list[Tensor],
+    y: Tensor,
+    beta: float,
+    T: int,
+    alpha: float,
+    want_errors: bool,
+) -> _Nudged:
     """T steps of s ← s − α ∇_s C_β(s) from the free state s = h, on the displacements δ.
 
     Derivatives with respect to the states are vector-Jacobian products of the functions that
@@ -131,10 +164,12 @@ def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, a
         lo = max(1, L - t)  # lowest layer whose gradient can be non-zero at this step
 
         def offsets_and_nudge(*ds: Tensor, lo: int = lo) -> tuple[Tensor, ...]:  # ds = δ_lo..δ_L
-            offs = [blocks[l - 1](hs[l - 1] + ds[l - 1 - lo])[0] - hs[l] for l in range(lo + 1, L + 1)]
+            offs = [
+                blocks[l - 1](hs[l - 1] + ds[l - 1 - lo])[0] - hs[l] for l in range(lo + 1, L + 1)
+            ]
             return (*offs, nudge(hs[L] + ds[-1]))
 
-        ds = deltas[lo - 1:]
+        ds = deltas[lo - 1 :]
         outs, vjp = autodiff.vjp(offsets_and_nudge, *ds)
         offs = outs[:-1]
         errs = [ds[0] - (off1 if lo == 1 else 0.0)] + [d - o for d, o in zip(ds[1:], offs)]
@@ -145,7 +180,7 @@ def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, a
             if t == 0 or t == T - 1:
                 last = sum(g.pow(2).sum() for g in grads)
                 first = last if t == 0 else first
-            deltas[lo - 1:] = [d - alpha * g for d, g in zip(ds, grads)]
+            deltas[lo - 1 :] = [d - alpha * g for d, g in zip(ds, grads)]
 
     # At s^β: ∂C_β/∂s_0 = −J_1ᵀ ε_1 (the CE term does not see s_0 when L >= 1), and the errors.
     err1 = deltas[0] - off1
@@ -154,12 +189,17 @@ def _relax(model: CreditNet, hs: list[Tensor], y: Tensor, beta: float, T: int, a
     errors = None
     if want_errors:
         with torch.no_grad():
-            errors = [err1] + [deltas[l - 1] - (blocks[l - 1](hs[l - 1] + deltas[l - 2])[0] - hs[l]) for l in range(2, L + 1)]
+            errors = [err1] + [
+                deltas[l - 1] - (blocks[l - 1](hs[l - 1] + deltas[l - 2])[0] - hs[l])
+                for l in range(2, L + 1)
+            ]
     ratio = (last / first.clamp_min(torch.finfo(first.dtype).tiny)).sqrt()
     return _Nudged(deltas, errors, d_s0, ratio)
 
 
-@RULES.register("ep", "equilibrium propagation: a_l = −(s_l^β − s_l^free)/β on the prediction-error energy")
+@RULES.register(
+    "ep", "equilibrium propagation: a_l = −(s_l^β − s_l^free)/β on the prediction-error energy"
+)
 class EP(Rule):
     Options = EPOptions
     stack_refusal = None
@@ -170,13 +210,23 @@ class EP(Rule):
         want_errors = o.credit == "error"
         with preserved_buffers(model):
             plus = _relax(model, hs, y, o.beta, o.T, o.alpha, want_errors)
-            minus = _relax(model, hs, y, -o.beta, o.T, o.alpha, want_errors) if o.symmetric else None
+            minus = (
+                _relax(model, hs, y, -o.beta, o.T, o.alpha, want_errors) if o.symmetric else None
+            )
         # One-sided: the reference is the free state (δ = 0, ε = 0, ∂C_0/∂s_0 = 0).
         scale = 2 * o.beta if o.symmetric else o.beta
         x_plus = plus.errors if want_errors else plus.deltas
-        x_minus = (minus.errors if want_errors else minus.deltas) if minus else [torch.zeros_like(v) for v in x_plus]
+        x_minus = (
+            (minus.errors if want_errors else minus.deltas)
+            if minus
+            else [torch.zeros_like(v) for v in x_plus]
+        )
         a0 = (plus.d_s0 - (minus.d_s0 if minus else 0.0)) / scale
         credits = [a0] + [-(p - m) / scale for p, m in zip(x_plus, x_minus)]
-        ratio = plus.relax_ratio if minus is None else torch.maximum(plus.relax_ratio, minus.relax_ratio)
+        ratio = (
+            plus.relax_ratio
+            if minus is None
+            else torch.maximum(plus.relax_ratio, minus.relax_ratio)
+        )
         self.report(relax_ratio=ratio.detach())
         return [a.detach() for a in credits]

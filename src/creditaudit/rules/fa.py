@@ -29,6 +29,7 @@ Matrices: entries i.i.d. with variance scale²/fan, fan = the input size of the 
          a function of (run seed, model shapes) alone, identical on every device, and checkpointed.
 Defaults: init=normal, scale=1.0, identity=False, structure=auto.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,13 @@ from torch import Tensor
 from creditaudit import autodiff
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules._feedback import INITS, feedback_generator, output_error, preserved_buffers, random_matrix
+from creditaudit.rules._feedback import (
+    INITS,
+    feedback_generator,
+    output_error,
+    preserved_buffers,
+    random_matrix,
+)
 from creditaudit.rules.base import RULES, Rule, RuleContext
 from creditaudit.rules.options import check_choice, check_positive
 
@@ -52,10 +59,30 @@ STRUCTURES = ("auto", "dense", "kron")
 class FAOptions:
     """Fixed feedback matrices of block-level FA and whether the identity path is part of the map."""
 
-    init: str = field(default="normal", metadata={"help": "distribution of the feedback entries: normal | uniform (same variance scale²/fan, fan = the map's input size)"})
-    scale: float = field(default=1.0, metadata={"help": "feedback entries have variance scale²/fan (default: N(0, 1/C) for B_H, N(0, 1/d) for a d×d B_l)"})
-    identity: bool = field(default=False, metadata={"help": "residual blocks propagate a_{l-1} = a_l + B_l a_l (mirrors I + J_f) instead of the seed's a_{l-1} = B_l a_l"})
-    structure: str = field(default="auto", metadata={"help": "block maps B_l: dense (one matrix on flattened states) | kron (one matrix per axis, e.g. T×T tokens ⊗ d×d) | auto (dense when shapes differ, kron when equal)"})
+    init: str = field(
+        default="normal",
+        metadata={
+            "help": "distribution of the feedback entries: normal | uniform (same variance scale²/fan, fan = the map's input size)"
+        },
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "feedback entries have variance scale²/fan (default: N(0, 1/C) for B_H, N(0, 1/d) for a d×d B_l)"
+        },
+    )
+    identity: bool = field(
+        default=False,
+        metadata={
+            "help": "residual blocks propagate a_{l-1} = a_l + B_l a_l (mirrors I + J_f) instead of the seed's a_{l-1} = B_l a_l"
+        },
+    )
+    structure: str = field(
+        default="auto",
+        metadata={
+            "help": "block maps B_l: dense (one matrix on flattened states) | kron (one matrix per axis, e.g. T×T tokens ⊗ d×d) | auto (dense when shapes differ, kron when equal)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, INITS)
@@ -75,7 +102,10 @@ def apply_map(factors: list[Tensor], a: Tensor, out_shape: tuple[int, ...]) -> T
     return a.contiguous()
 
 
-@RULES.register("fa", "block-level feedback alignment: a_L = J_N^T B_H e_T, a_{l-1} = B_l a_l with fixed random B")
+@RULES.register(
+    "fa",
+    "block-level feedback alignment: a_L = J_N^T B_H e_T, a_{l-1} = B_l a_l with fixed random B",
+)
 class FA(Rule):
     Options = FAOptions
     stack_refusal = None
@@ -90,15 +120,21 @@ class FA(Rule):
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
         shapes = list(ctx.state_shapes)
-        if self.opts.structure != "auto" and self._layout(self.opts.structure, shapes) == self._layout("auto", shapes):
-            raise ConfigError(f"fa.structure={self.opts.structure} has no effect here: with these state shapes "
-                              f"({', '.join(str(s) for s in shapes)}) the block maps come out as with structure=auto; drop it")
+        if self.opts.structure != "auto" and self._layout(
+            self.opts.structure, shapes
+        ) == self._layout("auto", shapes):
+            raise ConfigError(
+                f"fa.structure={self.opts.structure} has no effect here: with these state shapes "
+                f"({', '.join(str(s) for s in shapes)}) the block maps come out as with structure=auto; drop it"
+            )
         self.materialize(shapes, ctx.norm_shape, ctx.num_classes)
 
     # -------------------------------------------------------------------------------------------
     # the fixed random matrices
     # -------------------------------------------------------------------------------------------
-    def _structure(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], structure: str | None = None) -> str:
+    def _structure(
+        self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], structure: str | None = None
+    ) -> str:
         s = structure or self.opts.structure
         if s == "auto":
             s = "kron" if in_shape == out_shape else "dense"
@@ -109,11 +145,15 @@ class FA(Rule):
     def _layout(self, structure: str, shapes: list[tuple[int, ...]]) -> list[str]:
         return [self._structure(shapes[l], shapes[l - 1], structure) for l in range(1, len(shapes))]
 
-    def materialize(self, state_shapes: list[tuple[int, ...]], norm_out_shape: tuple[int, ...], num_classes: int) -> None:
+    def materialize(
+        self, state_shapes: list[tuple[int, ...]], norm_out_shape: tuple[int, ...], num_classes: int
+    ) -> None:
         """Draw B_H and B_1..B_L for per-sample state shapes h_0..h_L, in that order."""
         self.seed, g = feedback_generator()
         init, scale = self.opts.init, self.opts.scale
-        self.head = random_matrix((math.prod(norm_out_shape), num_classes), num_classes, init, scale, g).to(self.device)
+        self.head = random_matrix(
+            (math.prod(norm_out_shape), num_classes), num_classes, init, scale, g
+        ).to(self.device)
         self.blocks = []
         for l in range(1, len(state_shapes)):
             in_shape, out_shape = state_shapes[l], state_shapes[l - 1]  # B_l: h_l -> h_{l-1}
@@ -123,8 +163,10 @@ class FA(Rule):
             else:
                 # per-axis factors with variance 1/in_i each and the scale on the last one, so that
                 # their Kronecker product has variance scale²/n_in like a dense map
-                factors = [random_matrix((o, i), i, init, scale if k == len(in_shape) - 1 else 1.0, g)
-                           for k, (i, o) in enumerate(zip(in_shape, out_shape))]
+                factors = [
+                    random_matrix((o, i), i, init, scale if k == len(in_shape) - 1 else 1.0, g)
+                    for k, (i, o) in enumerate(zip(in_shape, out_shape))
+                ]
             self.blocks.append([f.to(self.device) for f in factors])
 
     # -------------------------------------------------------------------------------------------
@@ -135,7 +177,9 @@ class FA(Rule):
         if self.head is None:
             raise RuntimeError("fa: call setup(model, ctx) before asking for credits")
         if len(self.blocks) != model.L:
-            raise ValueError(f"fa holds {len(self.blocks)} block maps but the model has {model.L} blocks")
+            raise ValueError(
+                f"fa holds {len(self.blocks)} block maps but the model has {model.L} blocks"
+            )
         with preserved_buffers(model.norm):
             z, norm_vjp = autodiff.vjp(model.norm, fwd.hs[-1])  # N's output, e.g. (B, d)
         v = (e.to(z.dtype) @ self.head.to(z.dtype).T).view_as(z)  # B_H e_T, shape of N's output
@@ -154,12 +198,17 @@ class FA(Rule):
     # checkpoints
     # -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "head": [self.head] if self.head is not None else [],
-                "blocks": [list(f) for f in self.blocks]}
+        return {
+            "seed": self.seed,
+            "head": [self.head] if self.head is not None else [],
+            "blocks": [list(f) for f in self.blocks],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = state["seed"]
         head = state.get("head") or []
         self.head = head[0].to(self.device, torch.float32) if head else None
-        self.blocks = [[f.to(self.device, torch.float32) for f in factors] for factors in state.get("blocks", [])]
-
+        self.blocks = [
+            [f.to(self.device, torch.float32) for f in factors]
+            for factors in state.get("blocks", [])
+        ]

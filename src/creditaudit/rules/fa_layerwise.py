@@ -27,6 +27,7 @@ Other layer types with weight matrices (Conv1d, MultiheadAttention, …) inside 
 shared with the other layerwise rules (``usf``, ``frsf``, ``brsf``, ``kp``) in ``rules/_layerwise.py``.
 Defaults: init=uniform, scale=1.0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,16 +38,32 @@ from torch import Tensor, nn
 
 from creditaudit.models.base import CreditNet
 from creditaudit.rules.options import check_choice, check_positive
-from creditaudit.rules._layerwise import (FEEDBACK_INITS, LayerwiseFeedbackRule, fa_forward, feedback_layers,  # noqa: F401  (re-exported)
-                                          initial_feedback)
+from creditaudit.rules._layerwise import (
+    FEEDBACK_INITS,
+    LayerwiseFeedbackRule,
+    fa_forward,
+    feedback_layers,  # noqa: F401  (re-exported)
+    initial_feedback,
+)
 from creditaudit.rules.base import RULES, RuleContext
+
 
 @dataclass
 class FALayerwiseOptions:
     """Distribution of the feedback matrices that replace each weight transpose."""
 
-    init: str = field(default="uniform", metadata={"help": "feedback matrices B: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same variance) | weights (a copy of the initial W, then fixed)"})
-    scale: float = field(default=1.0, metadata={"help": "multiplies the bound/std of B (uniform, normal); 1 = the spread of PyTorch's default init of the layer"})
+    init: str = field(
+        default="uniform",
+        metadata={
+            "help": "feedback matrices B: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same variance) | weights (a copy of the initial W, then fixed)"
+        },
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "multiplies the bound/std of B (uniform, normal); 1 = the spread of PyTorch's default init of the layer"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, FEEDBACK_INITS)
@@ -56,19 +73,26 @@ class FALayerwiseOptions:
 # ---------------------------------------------------------------------------------------------
 # The rule
 # ---------------------------------------------------------------------------------------------
-@RULES.register("fa_layerwise", "textbook feedback alignment: fixed random B in place of every weight transpose (blocks, head)")
+@RULES.register(
+    "fa_layerwise",
+    "textbook feedback alignment: fixed random B in place of every weight transpose (blocks, head)",
+)
 class FALayerwise(LayerwiseFeedbackRule):
     Options = FALayerwiseOptions
 
     def __init__(self, options: FALayerwiseOptions | None = None):
         super().__init__(options)
-        self.feedback: dict[str, Tensor] = {}  # layer name -> B (W's shape), float32, on the run's device
+        self.feedback: dict[
+            str, Tensor
+        ] = {}  # layer name -> B (W's shape), float32, on the run's device
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
         self.feedback = {}
         for name, m in self.layers(model):
-            self.feedback[name] = initial_feedback(m.weight, self.opts.init, self.opts.scale, ctx.device, torch.float32)
+            self.feedback[name] = initial_feedback(
+                m.weight, self.opts.init, self.opts.scale, ctx.device, torch.float32
+            )
 
     @torch.no_grad()
     def align_to_weights(self, model: CreditNet) -> None:
@@ -88,5 +112,7 @@ class FALayerwise(LayerwiseFeedbackRule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         given = state["feedback"]
         if set(given) != set(self.feedback) and self.feedback:
-            raise ValueError(f"fa_layerwise checkpoint has feedback for {sorted(given)}, the model needs {sorted(self.feedback)}")
+            raise ValueError(
+                f"fa_layerwise checkpoint has feedback for {sorted(given)}, the model needs {sorted(self.feedback)}"
+            )
         self.feedback = {k: v.to(self.device) for k, v in given.items()}

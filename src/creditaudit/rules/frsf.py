@@ -22,6 +22,7 @@ Matrices: one R per patched layer, W's shape, entries i.i.d. with variance (scal
          alone, identical on every device, and checkpointed.
 Defaults: init=normal, scale=1.0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,7 +38,10 @@ class FRSFOptions(RandomMagnitudeOptions):
     """Distribution of frSF's fixed magnitudes |R| in B = |R| ∘ sign(W)."""
 
 
-@RULES.register("frsf", "fixed random-magnitude sign-concordant feedback: |R|∘sign(W) in place of every weight transpose, R drawn once")
+@RULES.register(
+    "frsf",
+    "fixed random-magnitude sign-concordant feedback: |R|∘sign(W) in place of every weight transpose, R drawn once",
+)
 class FRSF(RandomMagnitudeRule):
     Options = FRSFOptions
 

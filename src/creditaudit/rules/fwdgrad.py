@@ -30,6 +30,7 @@ Randomness: a seed drawn in ``setup`` from the run's seeded global RNG, and for 
          during the JVP (the fused kernels have no forward-mode derivative).
 Defaults: directions 1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,10 +52,19 @@ from creditaudit.rules.base import RULES, Rule, RuleContext
 class FwdGradOptions:
     """How many random directions each state's forward gradient averages."""
 
-    directions: int = field(default=1, metadata={"help": "random directions v per sample and state, averaged: a_l = mean_k (g_l·v_k) v_k (the papers: 1); E‖a−g‖² = (D+1)‖g‖²/K"})
+    directions: int = field(
+        default=1,
+        metadata={
+            "help": "random directions v per sample and state, averaged: a_l = mean_k (g_l·v_k) v_k (the papers: 1); E‖a−g‖² = (D+1)‖g‖²/K"
+        },
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
+        if (
+            isinstance(self.directions, bool)
+            or not isinstance(self.directions, int)
+            or self.directions < 1
+        ):
             raise ConfigError(f"fwdgrad.directions={self.directions!r}: expected an integer >= 1")
 
 
@@ -70,13 +80,17 @@ def couples_samples(model: CreditNet, l: int) -> bool:
     """Whether the rows of a batch interact from state h_l on: a BatchNorm using batch statistics
     (training mode, or no running statistics) in blocks l+1..L, the terminal norm or the head."""
     parts = [*model.blocks[l:], model.norm, model.head]
-    return any(isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
-               for part in parts for m in part.modules())
+    return any(
+        isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
+        for part in parts
+        for m in part.modules()
+    )
 
 
 def directional_derivatives(model: CreditNet, l: int, h: Tensor, y: Tensor, v: Tensor) -> Tensor:
     """d CE_i / dε along the tangent v at h (rows of h_l, any number), one forward-mode JVP through
     blocks l+1..L, norm and head: (N,). No parameter gradient, no buffer moves."""
+
     def per_sample_loss(state: Tensor) -> Tensor:
         return F.cross_entropy(model.forward_from(l, state), y, reduction="none")
 
@@ -85,7 +99,10 @@ def directional_derivatives(model: CreditNet, l: int, h: Tensor, y: Tensor, v: T
     return tangent
 
 
-@RULES.register("fwdgrad", "forward gradient: a_l = (g_l·v) v, v ~ N(0, I) per sample, by a forward-mode JVP (no backward pass)")
+@RULES.register(
+    "fwdgrad",
+    "forward gradient: a_l = (g_l·v) v, v ~ N(0, I) per sample, by a forward-mode JVP (no backward pass)",
+)
 class ForwardGradient(Rule):
     Options = FwdGradOptions
     stack_refusal = "draws random tangent directions in every step from its own generator"
@@ -108,14 +125,20 @@ class ForwardGradient(Rule):
         for l, h in enumerate(fwd.hs):
             h = h.detach()
             B = h.shape[0]
-            v = torch.randn((K, *h.shape), generator=gen, device=device, dtype=h.dtype)  # (K, B, ...)
+            v = torch.randn(
+                (K, *h.shape), generator=gen, device=device, dtype=h.dtype
+            )  # (K, B, ...)
             expand = (K, B, *[1] * (h.dim() - 1))
             if couples_samples(model, l):
                 # the batch's directional derivative s_k = Σ_i g_l,i·v_k,i, one JVP per direction
-                s = torch.stack([directional_derivatives(model, l, h, y, v[k]).sum() for k in range(K)])  # (K,)
+                s = torch.stack(
+                    [directional_derivatives(model, l, h, y, v[k]).sum() for k in range(K)]
+                )  # (K,)
                 a = (s.view(K, *[1] * h.dim()) * v).mean(0)
             else:
-                u = directional_derivatives(model, l, h.repeat(K, *[1] * (h.dim() - 1)), y.repeat(K), v.flatten(0, 1))
+                u = directional_derivatives(
+                    model, l, h.repeat(K, *[1] * (h.dim() - 1)), y.repeat(K), v.flatten(0, 1)
+                )
                 a = (u.view(expand) * v).mean(0)  # (B, ...)
             credits.append(a.detach())
         return credits

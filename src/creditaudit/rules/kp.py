@@ -33,6 +33,7 @@ Matrices: B_0 per patched layer like ``fa_layerwise``'s: ``init=uniform`` U(±sc
          model) alone, identical on every device. B is checkpointed.
 Defaults: init=uniform, scale=1.0 (B_0 random and independent of W_0, as in Akrout et al.).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,15 +48,31 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import feedback_generator
 from creditaudit.rules.options import check_choice, check_positive
-from creditaudit.rules._layerwise import FEEDBACK_INITS, LayerwiseFeedbackRule, alignment, initial_feedback
+from creditaudit.rules._layerwise import (
+    FEEDBACK_INITS,
+    LayerwiseFeedbackRule,
+    alignment,
+    initial_feedback,
+)
 from creditaudit.rules.base import RULES, RuleContext
+
 
 @dataclass
 class KPOptions:
     """Initial feedback matrices B_0 of Kolen–Pollack (B then receives W's updates and decay)."""
 
-    init: str = field(default="uniform", metadata={"help": "B_0: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same variance) | weights (a copy of W_0: BP at every step)"})
-    scale: float = field(default=1.0, metadata={"help": "multiplies the bound/std of B_0 (uniform, normal); 1 = the spread of PyTorch's default init of the layer"})
+    init: str = field(
+        default="uniform",
+        metadata={
+            "help": "B_0: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same variance) | weights (a copy of W_0: BP at every step)"
+        },
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "multiplies the bound/std of B_0 (uniform, normal); 1 = the spread of PyTorch's default init of the layer"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("init", self.init, FEEDBACK_INITS)
@@ -68,13 +85,16 @@ def decay_factor(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> flo
     if wd == 0.0:
         return 1.0
     lr = float(group["lr"])
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(
+        group.get("decoupled_weight_decay", False)
+    )
     plain_sgd = type(optimizer) is torch.optim.SGD and not group.get("momentum", 0.0)
     if decoupled or plain_sgd:
         return 1.0 - lr * wd
     raise NotImplementedError(
         f"kp: {type(optimizer).__name__} folds weight_decay={wd} into its gradient statistics, so B cannot get "
-        "W's update and decay; use AdamW (decoupled decay), SGD without momentum, or weight_decay=0")
+        "W's update and decay; use AdamW (decoupled decay), SGD without momentum, or weight_decay=0"
+    )
 
 
 # One process-wide pre-step hook, registered on first use and never removed (removing a hook from
@@ -88,7 +108,10 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rule._before_optimizer_step(optimizer)
 
 
-@RULES.register("kp", "Kolen-Pollack: learned B in place of every weight transpose, given W's update and decay (B -> W)")
+@RULES.register(
+    "kp",
+    "Kolen-Pollack: learned B in place of every weight transpose, given W's update and decay (B -> W)",
+)
 class KP(LayerwiseFeedbackRule):
     Options = KPOptions
     stack_refusal = "its feedback matrices change in every step (optimizer hooks), and it patches the model's layers"
@@ -96,16 +119,22 @@ class KP(LayerwiseFeedbackRule):
     def __init__(self, options: KPOptions | None = None):
         super().__init__(options)
         self.seed: int | None = None
-        self.feedback: dict[str, Tensor] = {}  # layer name -> B (W's shape and dtype), on the run's device
+        self.feedback: dict[
+            str, Tensor
+        ] = {}  # layer name -> B (W's shape and dtype), on the run's device
         self._layers: list[tuple[str, nn.Module]] = []  # the layers of the model last patched
-        self._pending: dict[str, tuple[nn.Module, Tensor, float]] = {}  # name -> (layer, W before the step, c)
+        self._pending: dict[
+            str, tuple[nn.Module, Tensor, float]
+        ] = {}  # name -> (layer, W before the step, c)
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         self.device = ctx.device
         self.seed, g = feedback_generator()
         self.feedback = {}
         for name, m in self.layers(model):
-            self.feedback[name] = initial_feedback(m.weight, self.opts.init, self.opts.scale, ctx.device, m.weight.dtype, g)
+            self.feedback[name] = initial_feedback(
+                m.weight, self.opts.init, self.opts.scale, ctx.device, m.weight.dtype, g
+            )
 
     def feedback_for(self, name: str, m: nn.Module) -> Tensor:
         return self.feedback[name]
@@ -130,10 +159,17 @@ class KP(LayerwiseFeedbackRule):
     @torch.no_grad()
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        stepped = [(n, m) for n, m in self._layers if id(m.weight) in group_of and m.weight.grad is not None]
+        stepped = [
+            (n, m)
+            for n, m in self._layers
+            if id(m.weight) in group_of and m.weight.grad is not None
+        ]
         if not stepped:  # another optimizer (an estimator's, another run's): stay armed
             return
-        self._pending = {n: (m, m.weight.detach().clone(), decay_factor(optimizer, group_of[id(m.weight)])) for n, m in stepped}
+        self._pending = {
+            n: (m, m.weight.detach().clone(), decay_factor(optimizer, group_of[id(m.weight)]))
+            for n, m in stepped
+        }
         _ARMED.discard(self)
 
     @torch.no_grad()
@@ -157,6 +193,8 @@ class KP(LayerwiseFeedbackRule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         given = state["feedback"]
         if self.feedback and set(given) != set(self.feedback):
-            raise ValueError(f"kp checkpoint has feedback for {sorted(given)}, the model needs {sorted(self.feedback)}")
+            raise ValueError(
+                f"kp checkpoint has feedback for {sorted(given)}, the model needs {sorted(self.feedback)}"
+            )
         self.seed = state["seed"]
         self.feedback = {k: v.to(self.device) for k, v in given.items()}

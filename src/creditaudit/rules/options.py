@@ -14,6 +14,7 @@ later when a run has started, with one line naming ``<rule>.<option>=value`` and
 the rule's registry name is added where the options are built for a rule
 (:func:`creditaudit.rules.base.rule_options`), so an ``Options`` class never writes it.
 """
+
 from __future__ import annotations
 
 import math

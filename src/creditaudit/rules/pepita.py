@@ -45,6 +45,7 @@ Metric: ``rule/mod_ratio`` = mean_i ‖F e_T,i‖/‖x_i‖, the modulation's re
 regime is ≪ 1).
 Defaults: F_scale 0.05.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,13 +65,21 @@ from creditaudit.rules.base import RULES, Rule, RuleContext
 class PEPITAOptions:
     """Scale of PEPITA's fixed input-modulation matrix F (C -> input shape)."""
 
-    F_scale: float = field(default=0.05, metadata={"help": "entries of F are U(±F_scale·√(6/n_in)), n_in = input size per sample (paper: 0.05, i.e. 0.05 × He-uniform)"})
+    F_scale: float = field(
+        default=0.05,
+        metadata={
+            "help": "entries of F are U(±F_scale·√(6/n_in)), n_in = input size per sample (paper: 0.05, i.e. 0.05 × He-uniform)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive("F_scale", self.F_scale)
 
 
-@RULES.register("pepita", "PEPITA: second forward pass on x + F e_T (fixed random F); a_l = h_l − h_l(modulated)")
+@RULES.register(
+    "pepita",
+    "PEPITA: second forward pass on x + F e_T (fixed random F); a_l = h_l − h_l(modulated)",
+)
 class PEPITA(Rule):
     Options = PEPITAOptions
     stack_refusal = "draws its feedback matrix F at the first batch, whose input shape its context does not give"
@@ -94,9 +103,13 @@ class PEPITA(Rule):
                 raise RuntimeError("pepita: call setup(model, ctx) before using the rule")
             C = e.shape[1]
             # U(±F_scale·√(6/n_in)) = variance F_scale²·2/n_in: random_matrix's uniform with scale F_scale·√2.
-            self.F = random_matrix((n_in, C), n_in, "uniform", self.opts.F_scale * math.sqrt(2.0), self._gen).to(self.device)
+            self.F = random_matrix(
+                (n_in, C), n_in, "uniform", self.opts.F_scale * math.sqrt(2.0), self._gen
+            ).to(self.device)
         if self.F.shape != (n_in, e.shape[1]):
-            raise ValueError(f"pepita: F has shape {tuple(self.F.shape)} but the batch needs ({n_in}, {e.shape[1]})")
+            raise ValueError(
+                f"pepita: F has shape {tuple(self.F.shape)} but the batch needs ({n_in}, {e.shape[1]})"
+            )
         return (e.to(x.dtype) @ self.F.to(x.dtype).T).view_as(x)
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
@@ -104,7 +117,11 @@ class PEPITA(Rule):
         shift = self.modulation(x, e)  # (B, ...) like x
         with torch.no_grad(), preserved_buffers(model):
             mod = model.run(x + shift)  # the modulated pass: h_0^m..h_L^m
-        self.report(mod_ratio=(shift.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+        self.report(
+            mod_ratio=(
+                shift.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)
+            ).mean()
+        )
         return [(h.detach() - hm).to(h.dtype) for h, hm in zip(fwd.hs, mod.hs)]
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ An architecture of one's own comes the same way: a file whose builder is decorat
 ``@architecture("my_arch", "one line", d=…, L=…, out_ln=…, residual=…)`` (``creditaudit.models.base``),
 loaded with ``plugins=path/to/my_arch.py arch=my_arch``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,9 @@ def load_rule_file(path: str | Path) -> list[str]:
     if key in _loaded_files:
         return _loaded_files[key]
     if not p.is_file():
-        raise ConfigError(f"rule file {path} does not exist (give the path of a .py file that registers a rule)")
+        raise ConfigError(
+            f"rule file {path} does not exist (give the path of a .py file that registers a rule)"
+        )
     from creditaudit.models.base import ARCHS
 
     before, archs_before = set(RULES.names()), set(ARCHS.names())
@@ -53,11 +56,15 @@ def load_rule_file(path: str | Path) -> list[str]:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise ConfigError(f"importing rule file {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"importing rule file {path} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     names = sorted(set(RULES.names()) - before)
     if not names and set(ARCHS.names()) == archs_before:
-        raise ConfigError(f"{path} registered no rule and no architecture: decorate your Rule subclass with "
-                          f"@RULES.register(\"name\", \"summary\"), or your model builder with @architecture(...)")
+        raise ConfigError(
+            f"{path} registered no rule and no architecture: decorate your Rule subclass with "
+            f'@RULES.register("name", "summary"), or your model builder with @architecture(...)'
+        )
     _loaded_files[key] = names
     return names
 
@@ -69,4 +76,8 @@ def load_entry_point_rules() -> None:
         try:
             ep.load()
         except Exception as exc:  # a third-party import error must not break creditaudit
-            warnings.warn(f"rule plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"rule plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )

@@ -18,6 +18,7 @@ Training: after each model step, on the detached states of the batch, one AdamW 
 Defaults: est_lr 1e-3, width 128, depth 1, code=error (s = e_T = softmax(o) − onehot(y)),
           exact_terminal false, rms_out false.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,8 +36,18 @@ from creditaudit.rules.base import RULES
 class SBOptions(E.EstimatorOptions):
     """Options of ``sb`` (the estimator's own, then the bridge's)."""
 
-    exact_terminal: bool = field(default=False, metadata={"help": "a_L = g_L exactly (through the current head and norm) instead of through the bridge"})
-    rms_out: bool = field(default=False, metadata={"help": "multiply the bridge output by rms(h_l), so that ĥ_L follows the scale of the stream (default: G sees LN(h_l) only)"})
+    exact_terminal: bool = field(
+        default=False,
+        metadata={
+            "help": "a_L = g_L exactly (through the current head and norm) instead of through the bridge"
+        },
+    )
+    rms_out: bool = field(
+        default=False,
+        metadata={
+            "help": "multiply the bridge output by rms(h_l), so that ĥ_L follows the scale of the stream (default: G sees LN(h_l) only)"
+        },
+    )
 
 
 @RULES.register("sb", "State Bridge: learned G(h_l, τ(l), e_T) ≈ h_L; a_l = ∇_{h_l} CE(H(N(G)))")
@@ -45,10 +56,14 @@ class StateBridge(E.EstimatorRule):
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
-        return nn.ModuleDict({
-            "trunk": E.Estimator(dims, self.opts.width, self.opts.depth, code_dim=self.ctx.num_classes),
-            "out": nn.Linear(self.opts.width, dims[-1]),
-        })
+        return nn.ModuleDict(
+            {
+                "trunk": E.Estimator(
+                    dims, self.opts.width, self.opts.depth, code_dim=self.ctx.num_classes
+                ),
+                "out": nn.Linear(self.opts.width, dims[-1]),
+            }
+        )
 
     def bridge(self, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
         """ĥ_L for each state hs[i] of block index layers[i]: (B, *shape of h_L), float32."""
@@ -67,9 +82,13 @@ class StateBridge(E.EstimatorRule):
         if layers:
             with torch.enable_grad():
                 hs = [fwd.hs[l].detach().requires_grad_(True) for l in layers]
-                preds = torch.cat(self.bridge(hs, layers, s)).to(fwd.hs[-1].dtype)  # every ĥ_L as one batch
+                preds = torch.cat(self.bridge(hs, layers, s)).to(
+                    fwd.hs[-1].dtype
+                )  # every ĥ_L as one batch
                 ce = F.cross_entropy(model.readout(preds), y.repeat(len(layers)), reduction="sum")
-                credits = [g.detach() for g in torch.autograd.grad(ce, hs)]  # states only: no parameter .grad
+                credits = [
+                    g.detach() for g in torch.autograd.grad(ce, hs)
+                ]  # states only: no parameter .grad
         if self.opts.exact_terminal:
             credits.append(E.terminal_loss_and_grad(model, fwd.hs[L], y)[1])
         return credits
@@ -81,7 +100,9 @@ class StateBridge(E.EstimatorRule):
         target = hs[-1].float().flatten(1)  # (B, D_L)
         denom = target.pow(2).sum(1) + 1e-12  # (B,)
         preds = self.bridge(hs, list(range(len(hs))), s)
-        per_layer = torch.stack([((p.flatten(1) - target).pow(2).sum(1) / denom).mean() for p in preds])
+        per_layer = torch.stack(
+            [((p.flatten(1) - target).pow(2).sum(1) / denom).mean() for p in preds]
+        )
         loss = per_layer.mean()
         self.train_on(loss)
         return {"loss": loss.detach(), "loss_h0": per_layer[0].detach()}

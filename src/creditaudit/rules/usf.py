@@ -22,6 +22,7 @@ Random state: none (s comes from the model's init, itself drawn from the run see
          checkpointed.
 Defaults: scale=1.0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,19 +40,30 @@ from creditaudit.rules.base import RULES, RuleContext
 class USFOptions:
     """The magnitude of uSF's feedback B = s·sign(W)."""
 
-    scale: float = field(default=1.0, metadata={"help": "s = scale · std of the layer's initial weights (1: B has the spread of the layer's init)"})
+    scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "s = scale · std of the layer's initial weights (1: B has the spread of the layer's init)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive("scale", self.scale)
 
 
-@RULES.register("usf", "uniform sign-concordant feedback: s·sign(W) in place of every weight transpose, s = the std of W's init")
+@RULES.register(
+    "usf",
+    "uniform sign-concordant feedback: s·sign(W) in place of every weight transpose, s = the std of W's init",
+)
 class USF(SignConcordantRule):
     Options = USFOptions
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
         super().setup(model, ctx)
-        self.magnitude = {name: torch.tensor(self.opts.scale * s, dtype=torch.float64, device=self.device) for name, s in self.init_std.items()}
+        self.magnitude = {
+            name: torch.tensor(self.opts.scale * s, dtype=torch.float64, device=self.device)
+            for name, s in self.init_std.items()
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"init_std": dict(self.init_std)}
@@ -59,6 +71,11 @@ class USF(SignConcordantRule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         given = {k: float(v) for k, v in state["init_std"].items()}
         if self.init_std and set(given) != set(self.init_std):
-            raise ValueError(f"usf checkpoint has layers {sorted(given)}, the model needs {sorted(self.init_std)}")
+            raise ValueError(
+                f"usf checkpoint has layers {sorted(given)}, the model needs {sorted(self.init_std)}"
+            )
         self.init_std = given
-        self.magnitude = {name: torch.tensor(self.opts.scale * s, dtype=torch.float64, device=self.device) for name, s in given.items()}
+        self.magnitude = {
+            name: torch.tensor(self.opts.scale * s, dtype=torch.float64, device=self.device)
+            for name, s in given.items()
+        }

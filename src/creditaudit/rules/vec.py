@@ -29,6 +29,7 @@ Training: after each model step, on the detached states of the batch: M random u
 Defaults: est_lr 1e-3, width 128, depth 1, code=error, M 4, eps 1e-2 (relative), fd_layers 1,
           terminal true.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,10 +48,26 @@ from creditaudit.rules.base import RULES
 class VecOptions(E.EstimatorOptions):
     """Options of ``vec`` (the estimator's own, then the finite differences')."""
 
-    M: int = field(default=4, metadata={"help": "random unit directions per sample and layer for the central differences"})
-    eps: float = field(default=1e-2, metadata={"help": "finite-difference step, relative: δ = eps·‖h_l‖ per sample"})
-    terminal: bool = field(default=True, metadata={"help": "also match a_L to the true g_L directly (normalised squared error)"})
-    fd_layers: int = field(default=1, metadata={"help": "layers probed by finite differences per step, taken round robin over 0..L (0 = all L+1 every step); probing layer l costs 2M forward passes of blocks l+1..L"})
+    M: int = field(
+        default=4,
+        metadata={
+            "help": "random unit directions per sample and layer for the central differences"
+        },
+    )
+    eps: float = field(
+        default=1e-2,
+        metadata={"help": "finite-difference step, relative: δ = eps·‖h_l‖ per sample"},
+    )
+    terminal: bool = field(
+        default=True,
+        metadata={"help": "also match a_L to the true g_L directly (normalised squared error)"},
+    )
+    fd_layers: int = field(
+        default=1,
+        metadata={
+            "help": "layers probed by finite differences per step, taken round robin over 0..L (0 = all L+1 every step); probing layer l costs 2M forward passes of blocks l+1..L"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,24 +76,32 @@ class VecOptions(E.EstimatorOptions):
         check_at_least("fd_layers", self.fd_layers, 0, " (0 = all layers)")
 
 
-@RULES.register("vec", "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 random directions (Vec_M4)")
+@RULES.register(
+    "vec",
+    "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 random directions (Vec_M4)",
+)
 class VectorField(E.EstimatorRule):
     Options = VecOptions
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
         width = self.opts.width
-        return nn.ModuleDict({
-            "trunk": E.Estimator(dims, width, self.opts.depth),
-            "code": nn.Linear(self.ctx.num_classes, width, bias=False),  # W_s
-            "out": nn.ModuleList(nn.Linear(width, D, bias=False) for D in dims),  # U_l
-        })
+        return nn.ModuleDict(
+            {
+                "trunk": E.Estimator(dims, width, self.opts.depth),
+                "code": nn.Linear(self.ctx.num_classes, width, bias=False),  # W_s
+                "out": nn.ModuleList(nn.Linear(width, D, bias=False) for D in dims),  # U_l
+            }
+        )
 
     def vector_field(self, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
         """a_l for each state hs[i] of block index layers[i]: (B, D_l) each, float32."""
         zs = self.net["trunk"].features(hs, layers)
         gate = self.net["code"](s)  # (B, width)
-        return [self.net["out"][l](z * gate) / E.rms(h.float())[:, None] for l, z, h in zip(layers, zs, hs)]
+        return [
+            self.net["out"][l](z * gate) / E.rms(h.float())[:, None]
+            for l, z, h in zip(layers, zs, hs)
+        ]
 
     def fd_targets(self, model: CreditNet, l: int, h: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """t_ij = [CE_i(h_i + δ_i v_ij) − CE_i(h_i − δ_i v_ij)] / (2 δ_i), δ_i = eps·‖h_i‖, for a

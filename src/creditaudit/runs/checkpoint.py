@@ -46,6 +46,7 @@ independent copies, which is what ``load_state_dict`` expects anyway. Sparse, qu
 non-strided tensors are refused. safetensors checks a file's structure, not a checksum of its
 data: truncation and garbage are detected, a flipped bit inside a tensor is not.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,6 +85,7 @@ _CHECKPOINT_FIX = "delete it to restart the run from scratch"
 # pack / unpack
 # ---------------------------------------------------------------------------------------------
 
+
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous CPU copy owning its storage (safetensors refuses shared storage)."""
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
@@ -113,8 +115,12 @@ class _Packer:
             key = self._key(path)
             raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).copy()
             self.tensors[key] = torch.from_numpy(raw)
-            return {"__ndarray__": key, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                    "scalar": isinstance(obj, np.generic)}
+            return {
+                "__ndarray__": key,
+                "dtype": arr.dtype.str,
+                "shape": list(arr.shape),
+                "scalar": isinstance(obj, np.generic),
+            }
         if isinstance(obj, int):
             return int(obj)
         if isinstance(obj, float):
@@ -132,8 +138,9 @@ class _Packer:
             pairs = []
             for k, v in obj.items():
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise TypeError(f"{_where(path)}: dict key {k!r} ({type(k).__name__}) is "
-                                    "not a str or int")
+                    raise TypeError(
+                        f"{_where(path)}: dict key {k!r} ({type(k).__name__}) is not a str or int"
+                    )
                 pairs.append([k if isinstance(k, str) else int(k), self.pack(v, path + (str(k),))])
             node: dict[str, Any] = {"__dict__": pairs}
             if isinstance(obj, OrderedDict):
@@ -146,9 +153,11 @@ class _Packer:
             return [self.pack(v, path + (str(i),)) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
             return {"__tuple__": [self.pack(v, path + (str(i),)) for i, v in enumerate(obj)]}
-        raise TypeError(f"{_where(path)}: cannot checkpoint an object of type "
-                        f"{type(obj).__module__}.{type(obj).__qualname__}; convert it to tensors, "
-                        "numbers, strings, lists, tuples or dicts first")
+        raise TypeError(
+            f"{_where(path)}: cannot checkpoint an object of type "
+            f"{type(obj).__module__}.{type(obj).__qualname__}; convert it to tensors, "
+            "numbers, strings, lists, tuples or dicts first"
+        )
 
 
 def _where(path: tuple[str, ...]) -> str:
@@ -167,8 +176,9 @@ def pack_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
     return packer.tensors, skeleton
 
 
-def unpack_state(tensors: Mapping[str, torch.Tensor], skeleton: Any,
-                 device: str | torch.device | None = None) -> Any:
+def unpack_state(
+    tensors: Mapping[str, torch.Tensor], skeleton: Any, device: str | torch.device | None = None
+) -> Any:
     """Rebuild the object that :func:`pack_state` split; tensors are moved to ``device`` if given.
 
     numpy arrays always come back on the host. RNG states must stay on the CPU
@@ -213,8 +223,10 @@ def unpack_state(tensors: Mapping[str, torch.Tensor], skeleton: Any,
 # files
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None) -> None:
+
+def _atomic_save_file(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+) -> None:
     """``safetensors.torch.save_file`` to a temporary sibling, fsync, rename over ``path``. An I/O
     error of safetensors (its own exception type, ``... (os error 28)``) is raised as the
     ``OSError`` it is, naming ``path`` (a full disk reads as one line on the command line)."""
@@ -225,11 +237,14 @@ def _atomic_save_file(path: Path, tensors: dict[str, torch.Tensor],
             code = re.search(r"\(os error (\d+)\)", str(exc))
             if code is None:
                 raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), os.fspath(path)) from exc
+            raise OSError(
+                int(code.group(1)), os.strerror(int(code.group(1))), os.fspath(path)
+            ) from exc
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any],
-                    meta: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str], state: Mapping[str, Any], meta: Mapping[str, Any] | None = None
+) -> None:
     """Atomically write ``state`` (any nested structure :func:`pack_state` accepts, with a dict at
     the top) and the JSON-able ``meta`` to the safetensors file ``path``."""
     if not isinstance(state, Mapping):
@@ -259,8 +274,9 @@ def _read_safetensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], di
     return tensors, metadata
 
 
-def load_checkpoint(path: str | os.PathLike[str],
-                    device: str | torch.device | None = None) -> tuple[dict, dict]:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> tuple[dict, dict]:
     """Read a checkpoint written by :func:`save_checkpoint`; return ``(state, meta)``.
 
     Tensors are loaded on the CPU, then moved to ``device`` if given (see :func:`unpack_state`).
@@ -270,26 +286,38 @@ def load_checkpoint(path: str | os.PathLike[str],
     tensors, metadata = _read_safetensors(path, _CHECKPOINT_FIX)
     fmt = metadata.get(_KEY_FORMAT)
     if fmt is None or _KEY_SKELETON not in metadata:
-        raise CorruptRunError(path, "a safetensors file but not a creditaudit checkpoint "
-                              "(no creditaudit.skeleton in its header)", fix=_CHECKPOINT_FIX)
+        raise CorruptRunError(
+            path,
+            "a safetensors file but not a creditaudit checkpoint "
+            "(no creditaudit.skeleton in its header)",
+            fix=_CHECKPOINT_FIX,
+        )
     if fmt != CHECKPOINT_FORMAT:
-        raise CorruptRunError(path, f"checkpoint format {fmt!r}, this version reads "
-                              f"{CHECKPOINT_FORMAT!r}", fix=_CHECKPOINT_FIX)
+        raise CorruptRunError(
+            path,
+            f"checkpoint format {fmt!r}, this version reads {CHECKPOINT_FORMAT!r}",
+            fix=_CHECKPOINT_FIX,
+        )
     try:
         skeleton = json.loads(metadata[_KEY_SKELETON])
         meta = json.loads(metadata.get(_KEY_META, "{}"))
         state = unpack_state(tensors, skeleton, device)
     except (ValueError, KeyError, TypeError) as e:
-        raise CorruptRunError(path, f"inconsistent checkpoint header ({type(e).__name__}: {e})",
-                              fix=_CHECKPOINT_FIX) from e
+        raise CorruptRunError(
+            path, f"inconsistent checkpoint header ({type(e).__name__}: {e})", fix=_CHECKPOINT_FIX
+        ) from e
     if not isinstance(state, dict) or not isinstance(meta, dict):
-        raise CorruptRunError(path, "checkpoint header does not describe a dict",
-                              fix=_CHECKPOINT_FIX)
+        raise CorruptRunError(
+            path, "checkpoint header does not describe a dict", fix=_CHECKPOINT_FIX
+        )
     return state, meta
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Atomically write a flat ``name -> tensor`` map (exported weights) as plain safetensors.
 
     Tensors are copied to contiguous CPU storage first, so tied or non-contiguous tensors are fine.
@@ -298,18 +326,21 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
     flat = {}
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise TypeError(f"save_tensors takes str -> Tensor, got {type(name).__name__} -> "
-                            f"{type(t).__name__}")
+            raise TypeError(
+                f"save_tensors takes str -> Tensor, got {type(name).__name__} -> {type(t).__name__}"
+            )
         flat[name] = _cpu_copy(t)
     meta = dict(metadata) if metadata is not None else None
-    if meta is not None and not all(isinstance(k, str) and isinstance(v, str)
-                                    for k, v in meta.items()):
+    if meta is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         raise TypeError("safetensors metadata must map str -> str")
     _atomic_save_file(Path(path), flat, meta)
 
 
-def load_tensors(path: str | os.PathLike[str],
-                 device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+def load_tensors(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """Read a flat safetensors file into ``name -> tensor`` (on ``device`` if given).
 
     Works for any safetensors file, including checkpoints (whose keys are the flat tensor keys).

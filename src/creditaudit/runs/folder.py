@@ -15,6 +15,7 @@ summary) -> ``running`` -> ``finished`` | ``failed`` | ``diverged`` | ``interrup
 
 The lock protocol (``run.lock``) lives in :mod:`creditaudit.runs.lock`.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ NAME_MAX = 255
 # names
 # ---------------------------------------------------------------------------------------------
 
+
 def _shown(value: str) -> str:
     return repr(value if len(value) <= 40 else value[:40] + "…")
 
@@ -64,18 +66,26 @@ def check_name(kind: str, value: Any, *, allow_sep: bool = False) -> str:
     if not value:
         raise ConfigError(f"{kind} must not be empty: it names a folder")
     if _BAD_CHARS.search(value):
-        raise ConfigError(f"{kind}={_shown(value)} contains a path separator or control character; "
-                          "it names one folder: use letters, digits, '_', '-', '.'")
+        raise ConfigError(
+            f"{kind}={_shown(value)} contains a path separator or control character; "
+            "it names one folder: use letters, digits, '_', '-', '.'"
+        )
     if value.startswith("."):
-        raise ConfigError(f"{kind}={_shown(value)} must not start with '.' (a hidden or relative folder); "
-                          "start it with a letter or digit")
+        raise ConfigError(
+            f"{kind}={_shown(value)} must not start with '.' (a hidden or relative folder); "
+            "start it with a letter or digit"
+        )
     if not allow_sep and _SEP in value:
-        raise ConfigError(f"{kind}={_shown(value)} contains {_SEP!r}, which separates the parts of a run "
-                          "name; use a single '_' or '-'")
+        raise ConfigError(
+            f"{kind}={_shown(value)} contains {_SEP!r}, which separates the parts of a run "
+            "name; use a single '_' or '-'"
+        )
     size = len(value.encode("utf-8"))
     if size > NAME_MAX:
-        raise ConfigError(f"{kind}={_shown(value)} is {size} bytes long, but a folder name has at most "
-                          f"{NAME_MAX}: choose a shorter {kind}")
+        raise ConfigError(
+            f"{kind}={_shown(value)} is {size} bytes long, but a folder name has at most "
+            f"{NAME_MAX}: choose a shorter {kind}"
+        )
     return value
 
 
@@ -88,8 +98,10 @@ def run_name(rule: str, arch: str, seed: int) -> str:
         raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     name = f"{rule}{_SEP}{arch}{_SEP}s{seed}"
     if len(name.encode("utf-8")) > NAME_MAX:
-        raise ConfigError(f"the run folder's name {_shown(name)} would be {len(name.encode('utf-8'))} bytes long, "
-                          f"but a folder name has at most {NAME_MAX}: choose a shorter arch_label")
+        raise ConfigError(
+            f"the run folder's name {_shown(name)} would be {len(name.encode('utf-8'))} bytes long, "
+            f"but a folder name has at most {NAME_MAX}: choose a shorter arch_label"
+        )
     return name
 
 
@@ -108,14 +120,16 @@ def parse_run_name(name: str) -> tuple[str, str, int]:
     return rule, arch, seed
 
 
-def run_dir(results_dir: str | os.PathLike[str], setting: str, rule: str, arch: str,
-            seed: int) -> Path:
+def run_dir(
+    results_dir: str | os.PathLike[str], setting: str, rule: str, arch: str, seed: int
+) -> Path:
     """``results_dir / setting / run_name(rule, arch, seed)``."""
     check_name("setting", setting, allow_sep=True)
     return Path(results_dir) / setting / run_name(rule, arch, seed)
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 class RunFolder:
     """The files of one run, at ``path`` (which need not exist yet).
@@ -129,8 +143,9 @@ class RunFolder:
         self.path = Path(path)
 
     @classmethod
-    def for_run(cls, results_dir: str | os.PathLike[str], setting: str, rule: str, arch: str,
-                seed: int) -> RunFolder:
+    def for_run(
+        cls, results_dir: str | os.PathLike[str], setting: str, rule: str, arch: str, seed: int
+    ) -> RunFolder:
         """The folder ``results_dir/setting/rule__arch__s{seed}``."""
         return cls(run_dir(results_dir, setting, rule, arch, seed))
 
@@ -183,7 +198,7 @@ class RunFolder:
         """Existing per-epoch checkpoints, ``epoch -> path``, in epoch order."""
         found = {}
         for p in self.checkpoint_dir.glob("epoch_*.safetensors"):
-            digits = p.stem[len("epoch_"):]
+            digits = p.stem[len("epoch_") :]
             if digits.isdigit():
                 found[int(digits)] = p
         return dict(sorted(found.items()))
@@ -196,16 +211,25 @@ class RunFolder:
         except FileNotFoundError:
             return None
         except UnicodeDecodeError as e:
-            raise CorruptRunError(path, f"not UTF-8 text ({e.reason} at byte {e.start}), so not the JSON creditaudit writes",
-                                  fix="repair it, or delete the run folder to rerun the run from scratch") from e
+            raise CorruptRunError(
+                path,
+                f"not UTF-8 text ({e.reason} at byte {e.start}), so not the JSON creditaudit writes",
+                fix="repair it, or delete the run folder to rerun the run from scratch",
+            ) from e
         try:
             obj = json.loads(text)
         except ValueError as e:
-            raise CorruptRunError(path, f"not valid JSON ({e})",
-                                  fix="delete the run folder to rerun the run from scratch") from e
+            raise CorruptRunError(
+                path,
+                f"not valid JSON ({e})",
+                fix="delete the run folder to rerun the run from scratch",
+            ) from e
         if not isinstance(obj, dict):
-            raise CorruptRunError(path, f"holds a JSON {type(obj).__name__}, not an object",
-                                  fix="delete the run folder to rerun the run from scratch")
+            raise CorruptRunError(
+                path,
+                f"holds a JSON {type(obj).__name__}, not an object",
+                fix="delete the run folder to rerun the run from scratch",
+            )
         return obj
 
     def read_config(self) -> dict | None:
@@ -229,9 +253,11 @@ class RunFolder:
             return "absent"
         status = summary.get("status")
         if status not in RUN_STATUSES:
-            raise CorruptRunError(self.summary_path, f"status {status!r} is not one of "
-                                  f"{', '.join(RUN_STATUSES)}",
-                                  fix="delete the run folder to rerun the run from scratch")
+            raise CorruptRunError(
+                self.summary_path,
+                f"status {status!r} is not one of {', '.join(RUN_STATUSES)}",
+                fix="delete the run folder to rerun the run from scratch",
+            )
         return status
 
     def exists(self) -> bool:
@@ -245,8 +271,9 @@ class RunFolder:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Atomically replace the summary; ``summary["status"]`` must be in :data:`RUN_STATUSES`."""
         if summary.get("status") not in RUN_STATUSES:
-            raise ValueError(f"summary['status'] must be one of {RUN_STATUSES}, "
-                             f"got {summary.get('status')!r}")
+            raise ValueError(
+                f"summary['status'] must be one of {RUN_STATUSES}, got {summary.get('status')!r}"
+            )
         atomic_write_json(self.summary_path, dict(summary))
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:

@@ -34,6 +34,7 @@ an atomic replace is created with ``os.open(..., 0o666)`` before the writer runs
 put back after the writer is done: writers that create their own file (``safetensors`` writes
 owner-only ``0o600`` files, as ``tempfile.mkstemp`` does) would otherwise make the result private.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,8 +82,14 @@ class CorruptRunError(UserError):
     Attributes: ``path`` (str), ``reason``, ``line`` (1-based, or None), ``fix``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str, *, line: int | None = None,
-                 fix: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reason: str,
+        *,
+        line: int | None = None,
+        fix: str | None = None,
+    ):
         self.path = os.fspath(path)
         self.reason = reason
         self.line = line
@@ -94,14 +101,16 @@ class CorruptRunError(UserError):
         return (_rebuild_corrupt_run_error, (self.path, self.reason, self.line, self.fix))
 
 
-def _rebuild_corrupt_run_error(path: str, reason: str, line: int | None,
-                               fix: str) -> CorruptRunError:
+def _rebuild_corrupt_run_error(
+    path: str, reason: str, line: int | None, fix: str
+) -> CorruptRunError:
     return CorruptRunError(path, reason, line=line, fix=fix)
 
 
 # ---------------------------------------------------------------------------------------------
 # JSON conversion
 # ---------------------------------------------------------------------------------------------
+
 
 def to_jsonable(obj: Any, _where: str = "$") -> Any:
     """Return ``obj`` as plain JSON types, with non-finite floats replaced by ``None``.
@@ -119,8 +128,10 @@ def to_jsonable(obj: Any, _where: str = "$") -> Any:
         out = {}
         for key, value in obj.items():
             if not isinstance(key, (str, int, float, bool)):
-                raise TypeError(f"{_where}: dict key {key!r} of type {type(key).__name__} "
-                                "is not JSON-serialisable")
+                raise TypeError(
+                    f"{_where}: dict key {key!r} of type {type(key).__name__} "
+                    "is not JSON-serialisable"
+                )
             out[key] = to_jsonable(value, f"{_where}[{key!r}]")
         return out
     if isinstance(obj, (list, tuple)):
@@ -139,13 +150,15 @@ def _dumps_line(record: Mapping[str, Any]) -> str:
     """One compact JSON line (no trailing newline); key order kept as the caller wrote it."""
     if not isinstance(record, Mapping):
         raise TypeError(f"a JSON-lines record must be a dict, got {type(record).__name__}")
-    return json.dumps(to_jsonable(record), allow_nan=False, ensure_ascii=False,
-                      separators=(",", ":"))
+    return json.dumps(
+        to_jsonable(record), allow_nan=False, ensure_ascii=False, separators=(",", ":")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Atomic replace
 # ---------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def naming(path: str | os.PathLike[str]) -> Iterator[None]:
@@ -200,8 +213,9 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
         # Created here, so its mode is what the umask (and a default ACL) makes of 0o666; the
         # writer may replace the file by one of its own making (safetensors: 0o600), so the mode
         # is put back before the rename.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o666))
+        os.close(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        )
         mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -214,8 +228,15 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, os.fspath(tmp)):
-            exc.filename, exc.filename2 = os.fspath(path), None  # the file the user knows of, not its temporary sibling
+        if (
+            isinstance(exc, OSError)
+            and exc.errno is not None
+            and exc.filename in (None, os.fspath(tmp))
+        ):
+            exc.filename, exc.filename2 = (
+                os.fspath(path),
+                None,
+            )  # the file the user knows of, not its temporary sibling
         raise
     fsync_dir(path.parent)
 
@@ -238,8 +259,9 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     Non-finite floats become ``null`` and numpy/torch values plain numbers (:func:`to_jsonable`),
     so the file is strict JSON that any tool can read.
     """
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False,
-                      ensure_ascii=False)
+    text = json.dumps(
+        to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False
+    )
     atomic_write_text(path, text + "\n")
 
 
@@ -263,6 +285,7 @@ def remove_partial_files(directory: str | os.PathLike[str]) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # JSON lines
 # ---------------------------------------------------------------------------------------------
+
 
 def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
     """Append ``record`` as one JSON line and ``fsync`` it (parent folders are created).
@@ -338,8 +361,11 @@ def read_jsonl_checked(path: str | os.PathLike[str]) -> tuple[list[dict], int]:
             n_bad = 1
         else:
             raise CorruptRunError(
-                path, "not a JSON object (a corrupt line in the middle of the file)", line=lineno,
-                fix="delete or repair that line, or delete the run folder to rerun it from scratch")
+                path,
+                "not a JSON object (a corrupt line in the middle of the file)",
+                line=lineno,
+                fix="delete or repair that line, or delete the run folder to rerun it from scratch",
+            )
     return records, n_bad
 
 

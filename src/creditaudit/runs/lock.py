@@ -48,6 +48,7 @@ exists``, ``... its process <pid> on another machine (host id <id>) has not rene
 <n> s (lease 300 s)``). :func:`lock_state` asks the same questions without taking anything: whether
 a process may still own a run folder (how reports tell a killed run from a running one).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -106,8 +107,10 @@ def lease_seconds() -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"${LEASE_ENV}={raw!r} is not a number of seconds > 0 (the lease on a run "
-                         f"folder's run.lock; unset it for the default, {DEFAULT_LEASE_S:g})")
+        raise ValueError(
+            f"${LEASE_ENV}={raw!r} is not a number of seconds > 0 (the lease on a run "
+            f"folder's run.lock; unset it for the default, {DEFAULT_LEASE_S:g})"
+        )
     return value
 
 
@@ -174,6 +177,7 @@ def _flock_free(path: Path) -> bool:
 # The lease
 # ---------------------------------------------------------------------------------------------
 
+
 def _stamp(t: datetime) -> str:
     """UTC, fixed width (``2026-01-01T12:00:00.000+00:00``): a renewal rewrites the line at its
     length."""
@@ -192,9 +196,10 @@ def _parse_time(value: object) -> datetime | None:
 
 class Lease(NamedTuple):
     """A lock's lease as its file states it."""
+
     renewed: datetime  # the holder's last renewal; ``started`` for a lock written before leases
-    seconds: float     # how long it lasts unrenewed
-    legacy: bool       # no ``renewed`` field: a lock from before leases
+    seconds: float  # how long it lasts unrenewed
+    legacy: bool  # no ``renewed`` field: a lock from before leases
 
     @property
     def expires(self) -> datetime:
@@ -213,8 +218,11 @@ def _lease(info: dict, default_s: float) -> Lease | None:
     """The lease of the lock ``info``, or None when it names no readable time. A lock without
     ``lease_s`` (written before leases, or edited) is judged by ``default_s``."""
     seconds = info.get("lease_s")
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
-            math.isfinite(seconds) and seconds > 0):
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not (math.isfinite(seconds) and seconds > 0)
+    ):
         seconds = default_s
     renewed = _parse_time(info.get("renewed"))
     if renewed is not None:
@@ -242,6 +250,7 @@ def _rewrite(fd: int, info: dict) -> None:
 # The lock
 # ---------------------------------------------------------------------------------------------
 
+
 class RunLock:
     """Exclusive ownership of a run folder (see the module docstring for the protocol).
 
@@ -254,8 +263,13 @@ class RunLock:
     acquired (found by the renewal), or None.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *,
-                 clean: Iterable[str | os.PathLike[str]] = (), lease_s: float | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clean: Iterable[str | os.PathLike[str]] = (),
+        lease_s: float | None = None,
+    ):
         self.path = Path(path)
         self.clean = tuple(Path(p) for p in clean)  # folders to clear of .partial debris once held
         self.lease_s = lease_seconds() if lease_s is None else float(lease_s)
@@ -308,9 +322,11 @@ class RunLock:
             if info is not None and info.get("token") == self._token:
                 self.path.unlink(missing_ok=True)
             elif self.lost is None:  # the renewal has said it already otherwise
-                say(f"left {self.path} alone: it was removed or replaced while this process "
-                     f"(pid {os.getpid()}) held it, so another process may own run folder "
-                     f"{self.path.parent} now")
+                say(
+                    f"left {self.path} alone: it was removed or replaced while this process "
+                    f"(pid {os.getpid()}) held it, so another process may own run folder "
+                    f"{self.path.parent} now"
+                )
         finally:
             os.close(self._fd)  # closing also drops the flock; after the unlink on purpose
             self._fd = self._token = None
@@ -333,9 +349,16 @@ class RunLock:
                     flocked = False
             host, scope = _identity()
             now = datetime.now(timezone.utc)
-            info = {"pid": os.getpid(), "host": host, "scope": scope, "token": uuid.uuid4().hex,
-                    "flock": flocked, "started": now.isoformat(timespec="seconds"),
-                    "renewed": _stamp(now), "lease_s": self.lease_s}
+            info = {
+                "pid": os.getpid(),
+                "host": host,
+                "scope": scope,
+                "token": uuid.uuid4().hex,
+                "flock": flocked,
+                "started": now.isoformat(timespec="seconds"),
+                "renewed": _stamp(now),
+                "lease_s": self.lease_s,
+            }
             with naming(self.path):  # a full disk: the one line names the lock file
                 _rewrite(fd, info)
         except BaseException:
@@ -349,8 +372,11 @@ class RunLock:
         self.lost = None
         self._stop = threading.Event()
         self._renewal = threading.Thread(
-            target=self._renew, args=(self._fd, dict(info), self._stop), daemon=True,
-            name=f"creditaudit lease on {self.path}")
+            target=self._renew,
+            args=(self._fd, dict(info), self._stop),
+            daemon=True,
+            name=f"creditaudit lease on {self.path}",
+        )
         self._renewal.start()
 
     def _stop_renewal(self) -> None:
@@ -371,19 +397,25 @@ class RunLock:
                 except (FileNotFoundError, ValueError):  # gone, or not our line (only we write it)
                     current = None
                 if not isinstance(current, dict) or current.get("token") != info["token"]:
-                    self.lost = (f"its {self.path.name} was removed or replaced by another process "
-                                 f"while this process (pid {os.getpid()}) held it")
-                    say(f"lost run folder {self.path.parent}: {self.lost} (taken over, perhaps, "
-                         f"after this process was stopped or cut off for longer than its lease of "
-                         f"{self.lease_s:g} s); another process may own it now")
+                    self.lost = (
+                        f"its {self.path.name} was removed or replaced by another process "
+                        f"while this process (pid {os.getpid()}) held it"
+                    )
+                    say(
+                        f"lost run folder {self.path.parent}: {self.lost} (taken over, perhaps, "
+                        f"after this process was stopped or cut off for longer than its lease of "
+                        f"{self.lease_s:g} s); another process may own it now"
+                    )
                     return
                 info["renewed"] = _stamp(datetime.now(timezone.utc))
                 _rewrite(fd, info)
                 failing = False
             except Exception as exc:  # e.g. a file server away for a while: said once, tried again
                 if not failing:
-                    say(f"could not renew the lease on {self.path} ({type(exc).__name__}: {exc}); "
-                         f"trying again every {every:g} s")
+                    say(
+                        f"could not renew the lease on {self.path} ({type(exc).__name__}: {exc}); "
+                        f"trying again every {every:g} s"
+                    )
                 failing = True
 
     def _read(self) -> dict | None:
@@ -396,10 +428,15 @@ class RunLock:
 
     def _where(self, info: dict) -> str:
         host, scope = _identity()
-        return ("this process" if info.get("scope") == scope and info["pid"] == os.getpid()
-                else "this machine" if info.get("scope") == scope
-                else "this host, another container or boot" if info.get("host") == host
-                else f"another machine (host id {info.get('host')})")
+        return (
+            "this process"
+            if info.get("scope") == scope and info["pid"] == os.getpid()
+            else "this machine"
+            if info.get("scope") == scope
+            else "this host, another container or boot"
+            if info.get("host") == host
+            else f"another machine (host id {info.get('host')})"
+        )
 
     def _lease_decides(self, info: dict) -> bool:
         """Whether only the lease can tell if the holder of ``info`` lives: it is in another scope,
@@ -418,15 +455,19 @@ class RunLock:
                 return f"its process {pid} on this machine no longer exists"
             if info.get("flock"):
                 if _flock_free(self.path):
-                    return (f"its process {pid} on this machine no longer holds its flock (the pid "
-                            "now belongs to another process, or the process is a zombie)")
+                    return (
+                        f"its process {pid} on this machine no longer holds its flock (the pid "
+                        "now belongs to another process, or the process is a zombie)"
+                    )
                 return None  # its flock is held: alive, whatever its lease says
         lease = _lease(info, self.lease_s)
         if lease is None or not lease.expired():
             return None
         counted = ", counted from its start: a lock from before leases" if lease.legacy else ""
-        return (f"its process {pid} on {self._where(info)} has not renewed its lease for "
-                f"{lease.age():.0f} s (lease {lease.seconds:g} s{counted})")
+        return (
+            f"its process {pid} on {self._where(info)} has not renewed its lease for "
+            f"{lease.age():.0f} s (lease {lease.seconds:g} s{counted})"
+        )
 
     def _take_over(self, stale: dict) -> None:
         """Remove the stale lock ``stale`` unless someone replaced or renewed it meanwhile."""
@@ -435,8 +476,10 @@ class RunLock:
             os.mkdir(guard)
         except FileExistsError:
             raise RunLockedError(
-                self.path, f"another process is taking over a stale lock right now. If none is "
-                f"(a crash mid-takeover), delete the folder {guard} and retry") from None
+                self.path,
+                f"another process is taking over a stale lock right now. If none is "
+                f"(a crash mid-takeover), delete the folder {guard} and retry",
+            ) from None
         try:
             current = self._read()  # again: a holder may have renewed, or a read have been torn
             if current is not None and current.get("token") == stale.get("token"):
@@ -450,25 +493,32 @@ class RunLock:
     def _describe(self, info: dict | None) -> str:
         clear = f"if no process is running this run any more, delete {self.path} and retry"
         if info is None:
-            return (f"{self.path} exists but holds no readable owner (being created right now, "
-                    f"or left by a process that died while creating it); {clear}")
+            return (
+                f"{self.path} exists but holds no readable owner (being created right now, "
+                f"or left by a process that died while creating it); {clear}"
+            )
         where = self._where(info)
         held = f"held by pid {info['pid']} on {where} since {info.get('started', '?')}"
         if where == "this process" or not self._lease_decides(info):
             return f"{held}; wait for it to finish, or {clear}"
         lease = _lease(info, self.lease_s)
         if lease is None:
-            return (f"{held}, with no time of renewal (so it is never taken over automatically); "
-                    f"wait for it to finish, or {clear}")
+            return (
+                f"{held}, with no time of renewal (so it is never taken over automatically); "
+                f"wait for it to finish, or {clear}"
+            )
         left = max(0.0, lease.seconds - lease.age())
-        return (f"{held}; its lease runs out at {lease.expires:%Y-%m-%d %H:%M:%S} UTC (in "
-                f"{left:.0f} s) unless its holder renews it, and the run is then taken over by "
-                f"the next attempt; wait for it to finish, or {clear}")
+        return (
+            f"{held}; its lease runs out at {lease.expires:%Y-%m-%d %H:%M:%S} UTC (in "
+            f"{left:.0f} s) unless its holder renews it, and the run is then taken over by "
+            f"the next attempt; wait for it to finish, or {clear}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Looking without taking
 # ---------------------------------------------------------------------------------------------
+
 
 class LockState(NamedTuple):
     """Whether a process may own a run folder, as :func:`lock_state` found it.
@@ -478,6 +528,7 @@ class LockState(NamedTuple):
     no lock file or it is stale. ``detail``: who holds it, or why nobody does. ``exists``: whether
     there is a lock file.
     """
+
     owned: bool
     detail: str
     exists: bool

@@ -11,6 +11,7 @@ Every report (audit, tables, inventory, notebook) pairs through :func:`find_base
 ``--with-baselines`` derives the baselines it trains through :func:`experiment_key`, so the run a
 sweep trains as a baseline is, by construction, the one the reports pair with.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,9 @@ def _place_paths() -> tuple[str, ...]:
 
 def experiment_key(config: dict[str, Any]) -> str:
     """What a run shares with its baseline, as a canonical string (a config as in ``config.json``)."""
-    kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in CREDIT_FIELDS + LOGGING_FIELDS}))
+    kept = json.loads(
+        json.dumps({k: v for k, v in config.items() if k not in CREDIT_FIELDS + LOGGING_FIELDS})
+    )
     for path in _place_paths():
         *parents, leaf = path.split(".")
         node = kept
@@ -70,11 +73,20 @@ def find_baseline(run: _Run, candidates: Iterable[R], baseline: str = BASELINE_R
     if not matches:
         return None
     order = (run.setting, *BASELINE_SETTINGS)
-    return min(matches, key=lambda c: (order.index(c.setting) if c.setting in order else len(order), str(c.path)))
+    return min(
+        matches,
+        key=lambda c: (order.index(c.setting) if c.setting in order else len(order), str(c.path)),
+    )
 
 
 def missing_reason(baseline: str = BASELINE_RULE, setting: str | None = None) -> str:
     """Why D3 was not evaluated, and the command that trains what is missing."""
-    fix = f"`creditaudit sweep {setting} --with-baselines`" if setting else "`creditaudit sweep SETTING --with-baselines`"
-    return (f"no finished {baseline} run with the same architecture, data, seed and epochs in the results folder "
-            f"({fix} trains it)")
+    fix = (
+        f"`creditaudit sweep {setting} --with-baselines`"
+        if setting
+        else "`creditaudit sweep SETTING --with-baselines`"
+    )
+    return (
+        f"no finished {baseline} run with the same architecture, data, seed and epochs in the results folder "
+        f"({fix} trains it)"
+    )

@@ -11,6 +11,7 @@ checkout (an installed wheel, a venv that is git-ignored inside some repository,
 repository git refuses to read, or git too slow); collecting provenance never raises.
 ``git_dirty`` counts untracked files too: a new, uncommitted rule file changes what ran.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,15 @@ def _git(directory: Path, *args: str) -> subprocess.CompletedProcess[str] | None
     # refresh the index (it would make concurrent callers fail). Also fix the output language.
     env.update(GIT_OPTIONAL_LOCKS="0", LC_ALL="C", GIT_TERMINAL_PROMPT="0")
     try:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
-                              text=True, timeout=_GIT_TIMEOUT_S, env=env, check=False,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            ["git", "-C", str(directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+            env=env,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 

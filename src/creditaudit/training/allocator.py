@@ -18,6 +18,7 @@ variable ``CREDITAUDIT_MALLOC=system`` to leave the allocator as it is.
 and stacks their size by it); :func:`device_memory` how much a device has at all (a model that
 cannot fit in it is refused before it is built).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,9 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("CREDITAUDIT_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+    if os.environ.get("CREDITAUDIT_MALLOC", "").lower() == "system" or not sys.platform.startswith(
+        "linux"
+    ):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -46,7 +49,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
     return _applied
 
 

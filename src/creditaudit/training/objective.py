@@ -23,6 +23,7 @@ trainer's AdamW, which divides each gradient by its own running scale, eta there
 nothing but the balance against the penalty ``lam`` and Adam's eps: with lam = 0, shift(0.1) and
 shift(1) train alike (at small eta, eps starts to matter where gradients are tiny). Under plain SGD (``creditaudit exploit``'s local steps) eta is a step size.
 """
+
 from __future__ import annotations
 
 import re
@@ -60,7 +61,9 @@ def parse_local_update(text: str) -> LocalUpdate:
             eta = -1.0
         if eta > 0:
             return LocalUpdate("shift", eta)
-    raise ConfigError(f"local_rule {text!r} is not one of: inner, cosine, shift(eta) with eta > 0 (e.g. shift(0.1))")
+    raise ConfigError(
+        f"local_rule {text!r} is not one of: inner, cosine, shift(eta) with eta > 0 (e.g. shift(0.1))"
+    )
 
 
 def _per_sample(t: Tensor) -> Tensor:
@@ -83,14 +86,25 @@ def local_term(rule: LocalUpdate, out: Tensor, state: Tensor, credit: Tensor) ->
     return 0.5 * (u - target).pow(2).sum(1).mean()
 
 
-def local_objective(fwd: Forward, credits: list[Tensor], *, rule: LocalUpdate, lam: float | Tensor, train_blocks: bool) -> Tensor:
+def local_objective(
+    fwd: Forward,
+    credits: list[Tensor],
+    *,
+    rule: LocalUpdate,
+    lam: float | Tensor,
+    train_blocks: bool,
+) -> Tensor:
     """The sum above, without the CE readout term (the caller adds it). ``lam`` may be a 0-d tensor
     (a run's value in a stack), which always adds the penalty term."""
     if len(credits) != len(fwd.hs):
-        raise ValueError(f"a rule returned {len(credits)} credits for {len(fwd.hs)} states h_0..h_L")
+        raise ValueError(
+            f"a rule returned {len(credits)} credits for {len(fwd.hs)} states h_0..h_L"
+        )
     for l, (a, h) in enumerate(zip(credits, fwd.hs)):
         if a.shape != h.shape:
-            raise ValueError(f"credit a_{l} has shape {tuple(a.shape)} but h_{l} has {tuple(h.shape)}")
+            raise ValueError(
+                f"credit a_{l} has shape {tuple(a.shape)} but h_{l} has {tuple(h.shape)}"
+            )
     total = local_term(rule, fwd.hs[0], fwd.hs[0], credits[0])
     if train_blocks:
         for l in range(1, len(fwd.hs)):

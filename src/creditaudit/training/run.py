@@ -9,6 +9,7 @@ Reproducibility: the model and then the rule's random state are drawn on the CPU
 alone; data order and augmentation are functions of (seed, epoch); every RNG and optimizer state is
 in :func:`run_state`. A run resumed from it continues bit for bit on the same device.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,14 @@ from creditaudit import config as C
 from creditaudit.config import TrainConfig
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
 from creditaudit.diagnostics import probe
-from creditaudit.models.base import CreditNet, Forward, ModelConfig, arch_shape, build_model, parameter_count
+from creditaudit.models.base import (
+    CreditNet,
+    Forward,
+    ModelConfig,
+    arch_shape,
+    build_model,
+    parameter_count,
+)
 from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.training.allocator import device_memory
 from creditaudit.training.objective import LocalUpdate, local_objective, parse_local_update, penalty
@@ -39,11 +47,15 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
+        raise C.ConfigError(
+            f"device={name} but no CUDA device is visible; use device=cpu or device=auto"
+        )
     return device
 
 
-def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, data: TensorDataset, device: torch.device) -> None:
+def check_fits(
+    cfg: TrainConfig, model_cfg: ModelConfig, data: TensorDataset, device: torch.device
+) -> None:
     """Refuse a model whose parameters, with their gradients and AdamW's moments, exceed the device's
     memory (``d=200000`` would ask for terabytes): counted before anything is allocated. A lower
     bound of what training takes (activations, the data and a rule's own matrices come on top), so
@@ -56,7 +68,8 @@ def check_fits(cfg: TrainConfig, model_cfg: ModelConfig, data: TensorDataset, de
     raise C.ConfigError(
         f"{cfg.arch} with d={shape.d}, L={shape.L} has {n:,} parameters: training needs at least "
         f"{_gib(n * TRAINING_BYTES_PER_PARAMETER)} for them (values, gradients, AdamW's two moments), but the "
-        f"{device.type} device has {_gib(total)}; choose a smaller d or L")
+        f"{device.type} device has {_gib(total)}; choose a smaller d or L"
+    )
 
 
 def _gib(n: int) -> str:
@@ -82,14 +95,18 @@ class Run:
     step: int = 0  # optimizer steps taken
     wall_s: float = 0.0  # training wall time over all sessions of this run
     total_steps: int = 0
-    local_rule: LocalUpdate = field(default_factory=lambda: LocalUpdate("inner"))  # parsed once from cfg.local_rule
+    local_rule: LocalUpdate = field(
+        default_factory=lambda: LocalUpdate("inner")
+    )  # parsed once from cfg.local_rule
 
     @property
     def train_blocks(self) -> bool:
         return self.variant != "frozen"
 
 
-def build_run(cfg: TrainConfig, *, device: torch.device | None = None, data: TensorDataset | None = None) -> Run:
+def build_run(
+    cfg: TrainConfig, *, device: torch.device | None = None, data: TensorDataset | None = None
+) -> Run:
     """Data, model, rule and optimizer for ``cfg``, fresh (epoch 0). ``data``: this dataset instead
     of ``cfg.data``'s (the benchmarks train on synthetic data of the study's shapes; a stack shares
     one copy among its runs)."""
@@ -103,11 +120,24 @@ def build_run(cfg: TrainConfig, *, device: torch.device | None = None, data: Ten
     # The model and then the rule's random state are drawn on the CPU from the run seed alone.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, model_cfg, data.input_shape, data.num_classes)
-    loader = DeviceLoader(data.x_train, data.y_train, cfg.batch_size, seed=cfg.seed, shuffle=True, augment=data.augment)
+    loader = DeviceLoader(
+        data.x_train,
+        data.y_train,
+        cfg.batch_size,
+        seed=cfg.seed,
+        shuffle=True,
+        augment=data.augment,
+    )
     state_shapes, norm_shape = model.shapes(data.input_shape)
-    ctx = RuleContext(device=device, num_classes=data.num_classes, steps_per_epoch=len(loader),
-                      total_steps=cfg.epochs * len(loader), seed=cfg.seed,
-                      state_shapes=tuple(state_shapes), norm_shape=norm_shape)
+    ctx = RuleContext(
+        device=device,
+        num_classes=data.num_classes,
+        steps_per_epoch=len(loader),
+        total_steps=cfg.epochs * len(loader),
+        seed=cfg.seed,
+        state_shapes=tuple(state_shapes),
+        norm_shape=norm_shape,
+    )
     rule.setup(model, ctx)
     model.to(device)
     if variant == "frozen":
@@ -115,9 +145,21 @@ def build_run(cfg: TrainConfig, *, device: torch.device | None = None, data: Ten
             p.requires_grad_(False)
     groups = model.param_groups(blocks=variant != "frozen")
     o = cfg.optim
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-    return Run(cfg, device, data, model, rule, variant, optimizer, loader,
-               total_steps=ctx.total_steps, local_rule=parse_local_update(cfg.local_rule))
+    optimizer = torch.optim.AdamW(
+        groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+    )
+    return Run(
+        cfg,
+        device,
+        data,
+        model,
+        rule,
+        variant,
+        optimizer,
+        loader,
+        total_steps=ctx.total_steps,
+        local_rule=parse_local_update(cfg.local_rule),
+    )
 
 
 def diagnose(run: Run, *, full: bool) -> dict[str, float]:
@@ -145,8 +187,16 @@ class StepObjective:
     metrics: dict[str, Tensor]  # the rule's reported metrics
 
 
-def step_objective(model: CreditNet, rule: Rule, x: Tensor, y: Tensor, *, lam: float | Tensor,
-                   local_rule: LocalUpdate, train_blocks: bool) -> StepObjective:
+def step_objective(
+    model: CreditNet,
+    rule: Rule,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lam: float | Tensor,
+    local_rule: LocalUpdate,
+    train_blocks: bool,
+) -> StepObjective:
     """The training objective of one step (docs/science.md §1), written for one run: a stack
     (``training/stack.py``) evaluates this same function for every run of the stack at once.
 
@@ -164,7 +214,9 @@ def step_objective(model: CreditNet, rule: Rule, x: Tensor, y: Tensor, *, lam: f
     fwd = model.run(x, detach_inputs=True)
     credits = rule.credits(model, x, y, fwd)
     loss = F.cross_entropy(fwd.logits, y)
-    objective = loss + local_objective(fwd, credits, rule=local_rule, lam=lam, train_blocks=train_blocks)
+    objective = loss + local_objective(
+        fwd, credits, rule=local_rule, lam=lam, train_blocks=train_blocks
+    )
     return StepObjective(objective, loss, fwd.logits, fwd, rule.reported())
 
 
@@ -176,7 +228,15 @@ def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str
         g["lr"] = run.cfg.optim.lr * factor
     opt.zero_grad(set_to_none=True)
     with rule.local_forward(model):
-        out = step_objective(model, rule, x, y, lam=run.cfg.lam, local_rule=run.local_rule, train_blocks=run.train_blocks)
+        out = step_objective(
+            model,
+            rule,
+            x,
+            y,
+            lam=run.cfg.lam,
+            local_rule=run.local_rule,
+            train_blocks=run.train_blocks,
+        )
         out.objective.backward()
     opt.step()
     metrics = out.metrics
@@ -203,10 +263,14 @@ def evaluate(model: CreditNet, x: Tensor, y: Tensor, batch_size: int) -> tuple[f
     return loss.item() / n, correct.item() / n
 
 
-StepCallback = Callable[[int, int, float, float], None]  # (step in epoch, steps per epoch, loss, acc)
+StepCallback = Callable[
+    [int, int, float, float], None
+]  # (step in epoch, steps per epoch, loss, acc)
 
 
-def train_epoch(run: Run, on_step: StepCallback | None = None, report_every: int = 25) -> dict[str, float]:
+def train_epoch(
+    run: Run, on_step: StepCallback | None = None, report_every: int = 25
+) -> dict[str, float]:
     """One pass over the training set; metrics are synchronised with the device once per epoch
     (and every ``report_every`` steps when a progress callback wants live figures)."""
     run.model.train()

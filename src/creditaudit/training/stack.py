@@ -34,6 +34,7 @@ the step's metrics stay on the device until the epoch ends.
 Which runs stack: :func:`why_not_stacked` (a rule declares it, ``rules/base.py``), and runs of one
 kind share a :func:`stack_key`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,14 @@ from creditaudit.config import TrainConfig
 from creditaudit.data import TensorDataset, load_dataset
 from creditaudit.data.loader import stacked_epoch
 from creditaudit.diagnostics import due
-from creditaudit.diagnostics.probe import DiagConfig, Sizes, finish, probe_inputs, probing, shared_figures
+from creditaudit.diagnostics.probe import (
+    DiagConfig,
+    Sizes,
+    finish,
+    probe_inputs,
+    probing,
+    shared_figures,
+)
 from creditaudit.rules.base import RULES, Rule, parse_rule_name
 from creditaudit.runs.folder import RunLockedError
 from creditaudit.training import run as R
@@ -95,8 +103,19 @@ def stack_key(cfg: TrainConfig) -> str:
     only numbers differ: seed, λ (when both are non-zero), random labels, and what is per run
     anyway (folder, diagnostics, checkpoints kept)."""
     d = C.to_dict(cfg)
-    for per_run in ("seed", "setting", "results", "arch_label", "save_epochs", "progress", "logger",
-                    "logger_dir", "threads", "eval_batch_size", "diag"):
+    for per_run in (
+        "seed",
+        "setting",
+        "results",
+        "arch_label",
+        "save_epochs",
+        "progress",
+        "logger",
+        "logger_dir",
+        "threads",
+        "eval_batch_size",
+        "diag",
+    ):
         d.pop(per_run, None)
     d["lam"] = bool(d["lam"])  # the penalty term exists or not; its weight is a number
     d["data"].pop("random_labels", None)
@@ -130,8 +149,10 @@ class Stack:
 
         params = [dict(r.model.named_parameters()) for r in runs]
         buffers = [dict(r.model.named_buffers()) for r in runs]
-        self.params = {n: torch.stack([own[n].detach() for own in params]).requires_grad_(p.requires_grad)
-                       for n, p in params[0].items()}
+        self.params = {
+            n: torch.stack([own[n].detach() for own in params]).requires_grad_(p.requires_grad)
+            for n, p in params[0].items()
+        }
         self.buffers = {n: torch.stack([own[n] for own in buffers]) for n in buffers[0]}
         self.optimizer = self._optimizer()
 
@@ -139,13 +160,20 @@ class Stack:
         flat = [pytree.tree_flatten(r.rule.state_dict()) for r in runs]
         self.rule_spec = flat[0][1]
         if any(spec != self.rule_spec for _, spec in flat):
-            raise ValueError(f"{self.cfg.rule}: the rule's state differs in structure between the runs of a stack")
+            raise ValueError(
+                f"{self.cfg.rule}: the rule's state differs in structure between the runs of a stack"
+            )
         self.rule_leaves = flat[0][0]
-        self.rule_tensors = [torch.stack([leaves[i] for leaves, _ in flat]) for i, v in enumerate(self.rule_leaves)
-                             if isinstance(v, Tensor)]
+        self.rule_tensors = [
+            torch.stack([leaves[i] for leaves, _ in flat])
+            for i, v in enumerate(self.rule_leaves)
+            if isinstance(v, Tensor)
+        ]
 
         lams = [r.cfg.lam for r in runs]
-        self.lam = torch.tensor(lams, device=self.device) if any(lams) else None  # (R,), a number per run
+        self.lam = (
+            torch.tensor(lams, device=self.device) if any(lams) else None
+        )  # (R,), a number per run
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._seen: dict[tuple[int, ...], int] = {}
         self._sums: dict[str, Tensor] = {}  # per-run metric sums of the epoch, (R,) each, on device
@@ -163,7 +191,11 @@ class Stack:
         for g in first.optimizer.param_groups:
             options = {k: v for k, v in g.items() if k != "params"}
             if self.graphed:
-                options.update(capturable=True, foreach=True, lr=torch.tensor(float(g["lr"]), device=self.device))
+                options.update(
+                    capturable=True,
+                    foreach=True,
+                    lr=torch.tensor(float(g["lr"]), device=self.device),
+                )
             groups.append({**options, "params": [self.params[name_of[id(p)]] for p in g["params"]]})
         opt = torch.optim.AdamW(groups)
         per_run = [[p for g in r.optimizer.param_groups for p in g["params"]] for r in self.runs]
@@ -200,7 +232,9 @@ class Stack:
 
     # ---- one step ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _bound(self, params: dict[str, Tensor], buffers: dict[str, Tensor], rule_tensors: list[Tensor]) -> Iterator[None]:
+    def _bound(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], rule_tensors: list[Tensor]
+    ) -> Iterator[None]:
         """The template model and rule as one run: its parameters, buffers and rule tensors."""
         tensors = iter(rule_tensors)
         leaves = [next(tensors) if isinstance(v, Tensor) else v for v in self.rule_leaves]
@@ -211,11 +245,21 @@ class Stack:
     def _one_run(self, params, buffers, rule_tensors, x, y, lam):
         """One run's step objective and figures (called under vmap: every tensor is one run's)."""
         with self._bound(params, buffers, rule_tensors), self.rule.local_forward(self.model):
-            out = step_objective(self.model, self.rule, x, y, lam=0.0 if lam is None else lam,
-                                 local_rule=self.runs[0].local_rule, train_blocks=self.runs[0].train_blocks)
+            out = step_objective(
+                self.model,
+                self.rule,
+                x,
+                y,
+                lam=0.0 if lam is None else lam,
+                local_rule=self.runs[0].local_rule,
+                train_blocks=self.runs[0].train_blocks,
+            )
         logits = out.logits.detach()
-        return out.objective, {"loss_sum": out.loss.detach() * y.shape[0], "correct": (logits.argmax(1) == y).sum(),
-                               **{f"rule/{k}": v.detach() for k, v in out.metrics.items()}}
+        return out.objective, {
+            "loss_sum": out.loss.detach() * y.shape[0],
+            "correct": (logits.argmax(1) == y).sum(),
+            **{f"rule/{k}": v.detach() for k, v in out.metrics.items()},
+        }
 
     def _step(self, x: Tensor, y: Tensor) -> None:
         """Forward, backward and optimizer step of all runs; figures added to the epoch's sums."""
@@ -228,8 +272,9 @@ class Stack:
         to the epoch's sums; nothing here reads a value back to the host."""
         lam_dim = None if self.lam is None else 0
         with _batchable_kernels():
-            objectives, figures = vmap(self._one_run, in_dims=(0, 0, 0, 0, 0, lam_dim), randomness="error")(
-                self.params, self.buffers, self.rule_tensors, x, y, self.lam)
+            objectives, figures = vmap(
+                self._one_run, in_dims=(0, 0, 0, 0, 0, lam_dim), randomness="error"
+            )(self.params, self.buffers, self.rule_tensors, x, y, self.lam)
         objectives.sum().backward()
         for k, v in figures.items():
             if k in self._sums:
@@ -266,7 +311,9 @@ class Stack:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            if self._seen[key] <= GRAPH_WARMUP:  # real steps, eager: lazy initialisation happens here
+            if (
+                self._seen[key] <= GRAPH_WARMUP
+            ):  # real steps, eager: lazy initialisation happens here
                 self._step(x, y)
             else:
                 g = _Graph(torch.cuda.CUDAGraph(), x.clone(), y.clone())
@@ -291,9 +338,14 @@ class Stack:
             n_steps += 1
             seen += y.shape[1]
         sums = {k: v.double().cpu().tolist() for k, v in self._sums.items()}
-        return [{"train/loss": sums["loss_sum"][r] / max(seen, 1), "train/acc": sums["correct"][r] / max(seen, 1),
-                 **{k: v[r] / n_steps for k, v in sums.items() if k.startswith("rule/")}}
-                for r in range(len(self))]
+        return [
+            {
+                "train/loss": sums["loss_sum"][r] / max(seen, 1),
+                "train/acc": sums["correct"][r] / max(seen, 1),
+                **{k: v[r] / n_steps for k, v in sums.items() if k.startswith("rule/")},
+            }
+            for r in range(len(self))
+        ]
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, batch_size: int) -> list[tuple[float, float]]:
@@ -304,22 +356,27 @@ class Stack:
         def one(params, buffers, xb, yb):
             with _reparametrize_module(self.model, {**params, **buffers}):
                 logits = self.model(xb)
-            return F.cross_entropy(logits, yb, reduction="sum").double(), (logits.argmax(1) == yb).sum()
+            return F.cross_entropy(logits, yb, reduction="sum").double(), (
+                logits.argmax(1) == yb
+            ).sum()
 
         loss = torch.zeros(len(self), device=x.device, dtype=torch.float64)
         correct = torch.zeros(len(self), device=x.device, dtype=torch.long)
         for i in range(0, x.shape[0], batch_size):
             with _batchable_kernels():
-                l, c = vmap(one, in_dims=(0, 0, None, None))(self.params, self.buffers, x[i : i + batch_size], y[i : i + batch_size])
+                l, c = vmap(one, in_dims=(0, 0, None, None))(
+                    self.params, self.buffers, x[i : i + batch_size], y[i : i + batch_size]
+                )
             loss += l
             correct += c
         self.model.train()
         n = max(x.shape[0], 1)
         return [(lo / n, co / n) for lo, co in zip(loss.tolist(), correct.tolist())]
 
-
     # ---- the diagnostics ---------------------------------------------------------------------
-    def probe(self, members: list[int], cfg: DiagConfig, *, full: bool) -> list[tuple[dict[str, Tensor], dict]]:
+    def probe(
+        self, members: list[int], cfg: DiagConfig, *, full: bool
+    ) -> list[tuple[dict[str, Tensor], dict]]:
         """The shared part of the per-epoch probe (:func:`~creditaudit.diagnostics.probe.shared_figures`)
         of the runs ``members`` (positions in the stack; one :class:`DiagConfig`), under ``vmap``:
         each member's figures and what its ρ_l reads. Taken from the stack's tensors (no need to
@@ -327,8 +384,11 @@ class Stack:
         runs = [self.runs[i] for i in members]
         sizes = Sizes.of(runs[0].data, cfg, full=full)
         shared = all(r.data is runs[0].data for r in runs)
-        inputs = (probe_inputs(runs[0].data, cfg, sizes) if shared else
-                  _stacked([probe_inputs(r.data, cfg, sizes) for r in runs]))
+        inputs = (
+            probe_inputs(runs[0].data, cfg, sizes)
+            if shared
+            else _stacked([probe_inputs(r.data, cfg, sizes) for r in runs])
+        )
         at = torch.tensor(members, device=self.device)
         params = {n: p.detach()[at] for n, p in self.params.items()}
         buffers = {n: b[at] for n, b in self.buffers.items()}
@@ -336,7 +396,10 @@ class Stack:
         model64 = copy.deepcopy(self.model).double()
 
         def one(params, buffers, rule_tensors, inputs):
-            in64 = {n: t.double() if t.is_floating_point() else t for n, t in {**params, **buffers}.items()}
+            in64 = {
+                n: t.double() if t.is_floating_point() else t
+                for n, t in {**params, **buffers}.items()
+            }
             with self._bound(params, buffers, rule_tensors), _reparametrize_module(model64, in64):
                 return shared_figures(self.model, model64, self.rule, inputs, cfg, sizes)
 
@@ -345,11 +408,18 @@ class Stack:
         model64.eval()
         try:
             with _batchable_kernels():
-                figures, rho = vmap(one, in_dims=(0, 0, 0, None if shared else 0), randomness="error",
-                                    chunk_size=min(chunk, len(runs)))(params, buffers, rule_tensors, inputs)
+                figures, rho = vmap(
+                    one,
+                    in_dims=(0, 0, 0, None if shared else 0),
+                    randomness="error",
+                    chunk_size=min(chunk, len(runs)),
+                )(params, buffers, rule_tensors, inputs)
         finally:
             self.model.train()
-        return [({k: v[r] for k, v in figures.items()}, pytree.tree_map(lambda t: t[r], rho)) for r in range(len(runs))]
+        return [
+            ({k: v[r] for k, v in figures.items()}, pytree.tree_map(lambda t: t[r], rho))
+            for r in range(len(runs))
+        ]
 
 
 def _stacked(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -362,12 +432,15 @@ def probe_chunk(run: Run, sizes: Sizes) -> int:
     shapes, _ = run.model.shapes(run.data.input_shape)
     per_run = max(sizes.n, sizes.m) * sum(math.prod(s) for s in shapes) * 8 * PROBE_FACTOR
     per_run += 2 * sum(p.numel() for p in run.model.parameters()) * 8
-    free = torch.cuda.mem_get_info(run.device)[0] if run.device.type == "cuda" else available_memory()
+    free = (
+        torch.cuda.mem_get_info(run.device)[0] if run.device.type == "cuda" else available_memory()
+    )
     return max(1, int(free // 2 // per_run)) if free is not None else 1 << 30
 
 
-def diagnose(stack: Stack, sessions: list[RunSession], members: list[int], epoch: int,
-             per_run) -> dict[int, dict[str, float]]:
+def diagnose(
+    stack: Stack, sessions: list[RunSession], members: list[int], epoch: int, per_run
+) -> dict[int, dict[str, float]]:
     """The probes due at ``epoch`` of the runs ``members`` (positions in the stack), taken together:
     the shared part for runs of one diagnostics config at once (:meth:`Stack.probe`), then each
     run's ρ_l from its own model (:func:`~creditaudit.diagnostics.probe.finish`; the stack must be
@@ -378,7 +451,9 @@ def diagnose(stack: Stack, sessions: list[RunSession], members: list[int], epoch
         cfg = sessions[i].run.cfg
         wanted, full = due(cfg.diag, epoch, cfg.epochs)
         if wanted:
-            groups.setdefault((json.dumps(C.to_dict(cfg)["diag"], sort_keys=True), full), []).append(i)
+            groups.setdefault(
+                (json.dumps(C.to_dict(cfg)["diag"], sort_keys=True), full), []
+            ).append(i)
     out: dict[int, dict[str, float]] = {}
     for (_, full), group in groups.items():
         t0 = time.perf_counter()
@@ -399,13 +474,22 @@ def diagnose(stack: Stack, sessions: list[RunSession], members: list[int], epoch
     return out
 
 
-def finish_probe(run: Run, figures: dict[str, Tensor], rho: dict, cfg: DiagConfig, *, full: bool) -> dict[str, float]:
+def finish_probe(
+    run: Run, figures: dict[str, Tensor], rho: dict, cfg: DiagConfig, *, full: bool
+) -> dict[str, float]:
     """One run's part of a stacked probe (:meth:`Stack.probe` gave ``figures`` and ``rho``): the
     figures read back and its ρ_l measured on its own model (the stack unstacked)."""
     with probing(run.model):
         m = Sizes.of(run.data, cfg, full=full).m
-        return finish(figures, rho, run.model, lambda: copy.deepcopy(run.model).double(), run.data.y_test[:m], cfg,
-                      seed=run.cfg.seed)
+        return finish(
+            figures,
+            rho,
+            run.model,
+            lambda: copy.deepcopy(run.model).double(),
+            run.data.y_test[:m],
+            cfg,
+            seed=run.cfg.seed,
+        )
 
 
 def _batchable_kernels() -> contextlib.AbstractContextManager:
@@ -448,9 +532,15 @@ class _SharedData:
 
 
 def _same_data(a: TensorDataset, b: TensorDataset) -> bool:
-    return (a.name == b.name and a.augment == b.augment and a.x_train.shape == b.x_train.shape
-            and torch.equal(a.y_train.cpu(), b.y_train.cpu()) and torch.equal(a.x_train.cpu(), b.x_train.cpu())
-            and torch.equal(a.x_test.cpu(), b.x_test.cpu()) and torch.equal(a.y_test.cpu(), b.y_test.cpu()))
+    return (
+        a.name == b.name
+        and a.augment == b.augment
+        and a.x_train.shape == b.x_train.shape
+        and torch.equal(a.y_train.cpu(), b.y_train.cpu())
+        and torch.equal(a.x_train.cpu(), b.x_train.cpu())
+        and torch.equal(a.x_test.cpu(), b.x_test.cpu())
+        and torch.equal(a.y_test.cpu(), b.y_test.cpu())
+    )
 
 
 def run_bytes(run: Run) -> int:
@@ -476,7 +566,9 @@ def max_stack(runs: list[Run]) -> int:
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    return torch.get_rng_state(), (
+        torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    )
 
 
 def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
@@ -485,7 +577,9 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_stack(cfgs: list[TrainConfig], *, stop_after: int | None = None, graph: bool = False) -> list[StackResult]:
+def train_stack(
+    cfgs: list[TrainConfig], *, stop_after: int | None = None, graph: bool = False
+) -> list[StackResult]:
     """Train (or resume, or skip) the runs ``cfgs`` name as stacks: one result per config, in order.
 
     Every config must share one :func:`stack_key` and stack (:func:`why_not_stacked`). Finished
@@ -498,7 +592,9 @@ def train_stack(cfgs: list[TrainConfig], *, stop_after: int | None = None, graph
     cfgs = [prepare(c) for c in cfgs]
     keys = {stack_key(c) for c in cfgs}
     if len(keys) > 1:
-        raise ValueError("train_stack: the configs are not of one kind (they differ in more than seed and λ)")
+        raise ValueError(
+            "train_stack: the configs are not of one kind (they differ in more than seed and λ)"
+        )
     for c in cfgs:
         reason = why_not_stacked(c)
         if reason:
@@ -529,16 +625,29 @@ def train_stack(cfgs: list[TrainConfig], *, stop_after: int | None = None, graph
         for i, s in sessions.items():
             by_step.setdefault((s.run.epoch, s.run.step), []).append(i)
         for same_step in by_step.values():
-            size = max_stack([sessions[i].run for i in same_step])  # what does not fit: the next stack
+            size = max_stack(
+                [sessions[i].run for i in same_step]
+            )  # what does not fit: the next stack
             for members in (same_step[k : k + size] for k in range(0, len(same_step), size)):
-                for i, summary in _train_members([sessions[i] for i in members], [rng[i] for i in members],
-                                                 stop_after=stop_after, graph=graph).items():
-                    results[members[i]] = StackResult(cfgs[members[i]], summary["status"], summary, summary.get("error"))
+                for i, summary in _train_members(
+                    [sessions[i] for i in members],
+                    [rng[i] for i in members],
+                    stop_after=stop_after,
+                    graph=graph,
+                ).items():
+                    results[members[i]] = StackResult(
+                        cfgs[members[i]], summary["status"], summary, summary.get("error")
+                    )
     return results  # type: ignore[return-value]
 
 
-def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | None]], *, stop_after: int | None,
-                   graph: bool) -> dict[int, dict]:
+def _train_members(
+    sessions: list[RunSession],
+    rng: list[tuple[Tensor, Tensor | None]],
+    *,
+    stop_after: int | None,
+    graph: bool,
+) -> dict[int, dict]:
     """The epochs of one stack; the closing summary of every member (by position)."""
     done: dict[int, dict] = {}
 
@@ -555,9 +664,14 @@ def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | 
     stack = Stack([s.run for s in sessions], graph=graph)
     try:
         fresh = [i for i in range(len(sessions)) if sessions[i].run.epoch == 0]
-        first = diagnose(stack, sessions, fresh, 0, per_run)  # the epoch-0 probes, before any update
+        first = diagnose(
+            stack, sessions, fresh, 0, per_run
+        )  # the epoch-0 probes, before any update
     except Exception as exc:  # the shared probe failed: every run of the stack with it
-        return {i: sessions[i].write_summary("failed", error=f"{type(exc).__name__}: {exc}") for i in range(len(sessions))}
+        return {
+            i: sessions[i].write_summary("failed", error=f"{type(exc).__name__}: {exc}")
+            for i in range(len(sessions))
+        }
     for i in range(len(sessions)):
         if i not in done:
             per_run(i, sessions[i].begin, first.get(i))
@@ -577,7 +691,9 @@ def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | 
             data = sessions[live[0]].run.data
             tests = stack.evaluate(data.x_test, data.y_test, cfg.eval_batch_size)
             stack.unstack()
-            share = (time.perf_counter() - t0) / len(live)  # each live run's part of the stack's time
+            share = (time.perf_counter() - t0) / len(
+                live
+            )  # each live run's part of the stack's time
             finite = [i for i in live if math.isfinite(trained[i]["train/loss"])]
             figures = diagnose(stack, sessions, finite, epoch + 1, per_run)
             trained_together = len(live)
@@ -585,8 +701,15 @@ def _train_members(sessions: list[RunSession], rng: list[tuple[Tensor, Tensor | 
                 if i in done:  # its own probe failed
                     live.remove(i)
                     continue
-                ended = per_run(i, sessions[i].end_epoch, trained[i], share, test=tests[i], figures=figures.get(i),
-                                extra={"stack/runs": trained_together})
+                ended = per_run(
+                    i,
+                    sessions[i].end_epoch,
+                    trained[i],
+                    share,
+                    test=tests[i],
+                    figures=figures.get(i),
+                    extra={"stack/runs": trained_together},
+                )
                 if i in done:
                     live.remove(i)
                 elif ended is not None:

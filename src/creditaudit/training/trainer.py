@@ -9,6 +9,7 @@ The folder's side of a run is a :class:`RunSession` — opened (skipped, or lock
 fed one record per epoch, closed with a status — so that one run (``train`` below) and a stack of
 runs trained as one program (``training/stack.py``) keep their folders the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,9 @@ def _same_config(folder: RunFolder, cfg: TrainConfig) -> bool:
     existing = folder.read_config()
     if existing is None:
         return True
-    diff = T.diff(T.semantic_dict(C.from_dict(existing)), T.semantic_dict(cfg))  # fields marked semantic=False may differ
+    diff = T.diff(
+        T.semantic_dict(C.from_dict(existing)), T.semantic_dict(cfg)
+    )  # fields marked semantic=False may differ
     if diff:
         raise RunConfigMismatch(
             f"{folder.path} already holds a run with a different config ({'; '.join(diff)}). "
@@ -84,8 +87,10 @@ class RunLockLost(RuntimeError):
     """This process lost the lock of the run folder it was training in (another took it over)."""
 
     def __init__(self, path: Any, why: str):
-        super().__init__(f"stopped training in {path}: this process no longer holds its lock ({why}); "
-                         "the process that took it over trains the run")
+        super().__init__(
+            f"stopped training in {path}: this process no longer holds its lock ({why}); "
+            "the process that took it over trains the run"
+        )
 
 
 def _missing_epochs(cfg: TrainConfig, records: list[dict], epoch: int) -> list[int]:
@@ -105,14 +110,20 @@ class RunSession:
         self.lock: Any = None  # the folder's RunLock (open_session sets it)
         cfg = run.cfg
         resumed_from = None
-        state, meta = load_checkpoint(folder.last_checkpoint, device=run.device) if folder.last_checkpoint.exists() else (None, None)
+        state, meta = (
+            load_checkpoint(folder.last_checkpoint, device=run.device)
+            if folder.last_checkpoint.exists()
+            else (None, None)
+        )
         if meta is not None:
             kept = [r for r in folder.read_metrics() if r["epoch"] <= int(meta["epoch"])]
             missing = _missing_epochs(cfg, kept, int(meta["epoch"]))
             if missing:  # a record the checkpoint is past was lost: only training again logs it
-                say(f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its checkpoint "
-                     f"(epoch {meta['epoch']}) is past (a torn or lost line): training it again from epoch 0, "
-                     "so that every epoch is logged")
+                say(
+                    f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its checkpoint "
+                    f"(epoch {meta['epoch']}) is past (a torn or lost line): training it again from epoch 0, "
+                    "so that every epoch is logged"
+                )
                 state = meta = None
         if meta is not None:
             R.restore(run, state, meta)
@@ -136,7 +147,9 @@ class RunSession:
             "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         # logger=tensorboard|mlflow|wandb: a view of the folder's metrics; it never raises (a failure is one line on stderr)
-        self.tracker = trackers.start(cfg, folder.path, resumed_from=resumed_from, records=folder.read_metrics())
+        self.tracker = trackers.start(
+            cfg, folder.path, resumed_from=resumed_from, records=folder.read_metrics()
+        )
         self.summary: dict | None = None  # the closing summary, once closed
         self.write_summary("running")
         reporter.on_start(run, "resumed" if resumed_from else "started")
@@ -152,8 +165,14 @@ class RunSession:
         if self.lock is not None and self.lock.lost:  # the folder is another process's now
             return {**self.base, "status": status, "epochs_done": self.run.epoch, **extra}
         records = self.folder.read_metrics()
-        s = {**self.base, "status": status, "epochs_done": self.run.epoch, "wall_s": round(self.run.wall_s, 3),
-             "final": records[-1] if records else None, **extra}
+        s = {
+            **self.base,
+            "status": status,
+            "epochs_done": self.run.epoch,
+            "wall_s": round(self.run.wall_s, 3),
+            "final": records[-1] if records else None,
+            **extra,
+        }
         self.folder.write_summary(s)
         if status != "running":
             self.tracker.finish(status)
@@ -167,13 +186,23 @@ class RunSession:
         if run.epoch == 0 and due(cfg.diag, 0, cfg.epochs)[0]:
             t0 = time.perf_counter()
             if figures is None:
-                figures = {**R.diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1]), "time/diag_s": time.perf_counter() - t0}
+                figures = {
+                    **R.diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1]),
+                    "time/diag_s": time.perf_counter() - t0,
+                }
             record0 = {"epoch": 0, **figures}
             self.folder.append_metrics(record0)
             self.tracker.log(record0, step=0)
 
-    def end_epoch(self, trained: dict[str, float], t_train: float, *, test: tuple[float, float] | None = None,
-                  figures: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> dict | None:
+    def end_epoch(
+        self,
+        trained: dict[str, float],
+        t_train: float,
+        *,
+        test: tuple[float, float] | None = None,
+        figures: dict[str, float] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict | None:
         """Close the epoch just trained (``run.epoch`` not yet advanced): evaluate (unless ``test``
         gives (loss, acc) already), diagnose when due (unless ``figures`` are the diagnostics taken
         already, with their ``time/diag_s``), append the record, checkpoint. Returns the closing
@@ -183,7 +212,9 @@ class RunSession:
         t0 = time.perf_counter() - t_train - (figures or {}).get("time/diag_s", 0.0)
         record: dict[str, Any] = {"epoch": run.epoch + 1, **trained}
         run.epoch += 1
-        record["test/loss"], record["test/acc"] = test or R.evaluate(run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size)
+        record["test/loss"], record["test/acc"] = test or R.evaluate(
+            run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size
+        )
         record["lr"] = cfg.optim.lr * R.lr_factor(cfg, run.step, run.total_steps)
         record["time/train_s"] = t_train
         wanted, full = due(cfg.diag, run.epoch, cfg.epochs)
@@ -199,11 +230,17 @@ class RunSession:
         self.tracker.log(record, step=run.epoch)
         self.reporter.on_epoch(run, record)
         if not math.isfinite(record["train/loss"]):
-            return self.write_summary("diverged", error=f"training loss became {record['train/loss']} in epoch {run.epoch}")
+            return self.write_summary(
+                "diverged",
+                error=f"training loss became {record['train/loss']} in epoch {run.epoch}",
+            )
         save_checkpoint(self.folder.last_checkpoint, R.run_state(run), R.run_meta(run))
         if run.epoch in cfg.save_epochs:
-            save_checkpoint(self.folder.epoch_checkpoint(run.epoch), {"model": run.model.state_dict(), "rule": run.rule.state_dict()},
-                            R.run_meta(run))
+            save_checkpoint(
+                self.folder.epoch_checkpoint(run.epoch),
+                {"model": run.model.state_dict(), "rule": run.rule.state_dict()},
+                R.run_meta(run),
+            )
         return None
 
     @contextlib.contextmanager
@@ -220,8 +257,9 @@ class RunSession:
 
 
 @contextlib.contextmanager
-def open_session(cfg: TrainConfig, reporter: Reporter, *, build: Callable[[TrainConfig], Run] = R.build_run
-                 ) -> Iterator[RunSession | dict]:
+def open_session(
+    cfg: TrainConfig, reporter: Reporter, *, build: Callable[[TrainConfig], Run] = R.build_run
+) -> Iterator[RunSession | dict]:
     """Hold ``cfg``'s run folder for the duration: yields its summary when the run is finished
     (nothing written), else an open :class:`RunSession` (locked, resumed). The data, model and rule
     are built (``build``) before the folder is touched: a config that cannot run fails first."""
@@ -248,7 +286,9 @@ def open_session(cfg: TrainConfig, reporter: Reporter, *, build: Callable[[Train
 # ---------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop_after: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig, *, reporter: Reporter | None = None, stop_after: int | None = None
+) -> dict:
     """Train (or resume, or skip) the run ``cfg`` names; return its summary.
 
     ``stop_after`` ends the session after that many epochs in total, leaving the run resumable
