@@ -255,7 +255,7 @@ def main(argv: list[str]) -> None:
     sync(run.device)
 
     t_lib, t_hand = [], []
-    for r in range(repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         train_epoch(run)
         run.epoch += 1

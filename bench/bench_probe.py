@@ -70,7 +70,9 @@ def main(argv: list[str]) -> None:
             probe(run.model, run.rule, run.data, run.cfg.diag, full=full, seed=run.cfg.seed)
 
     def together() -> None:
-        for run, (figures, rho) in zip(runs, stack.probe(list(range(R)), diag, full=full)):
+        for run, (figures, rho) in zip(
+            runs, stack.probe(list(range(R)), diag, full=full), strict=True
+        ):
             finish_probe(run, figures, rho, diag, full=full)
 
     print(

@@ -60,6 +60,7 @@ import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -335,7 +336,6 @@ def measure_kind(
         evaluate,
         resolve_device,
         run_state,
-        train_step,
     )
 
     started = time.time()
@@ -408,7 +408,7 @@ def measure_kind(
 
                 stack, diag = state["stack"], state["run"].cfg.diag
                 for r, (figures, rho) in zip(
-                    stack.runs, stack.probe(list(range(len(stack))), diag, full=full)
+                    stack.runs, stack.probe(list(range(len(stack))), diag, full=full), strict=True
                 ):
                     finish_probe(r, figures, rho, diag, full=full)
             else:
@@ -481,7 +481,7 @@ def _step(run, state: dict) -> None:
     if "stack" in state:  # Stack.train_epoch's body (it accumulates on the device itself)
         state["stack"].train_step(x, y)
         return
-    loss, correct, rule_metrics = train_step(run, x, y)
+    loss, _correct, rule_metrics = train_step(run, x, y)
     state["loss"] = state.get("loss", 0.0) + loss
     for k, v in rule_metrics.items():
         state[k] = state.get(k, 0.0) + v.detach()
@@ -684,9 +684,10 @@ def report(
             f"  NOT MEASURED: {kind_label(jobs[keys.index(k)][0])}: {medians.get(k, {}).get('error', 'not measured')}"
         )
     per_job = [
-        job_seconds(j, medians[k], warmup) if k not in bad else None for j, k in zip(jobs, keys)
+        job_seconds(j, medians[k], warmup) if k not in bad else None
+        for j, k in zip(jobs, keys, strict=True)
     ]
-    ok_jobs = [(j, p) for j, p in zip(jobs, per_job) if p is not None]
+    ok_jobs = [(j, p) for j, p in zip(jobs, per_job, strict=True) if p is not None]
     # each run's share of its job
     ok = [(c, {k: v / len(j) for k, v in p.items()}) for j, p in ok_jobs for c in j]
     durations = [p["total"] for _, p in ok_jobs]
@@ -759,9 +760,9 @@ def load_measurements(paths: list[str]) -> tuple[dict, float, float, list, int, 
     """Saved measurements (``json=``); of several files, for every kind and figure the smallest:
     on a shared machine other load only ever adds time, so the least disturbed of repeated bench
     runs is the machine's own figure (files of one profile, device and worker count)."""
-    saved = [json.load(open(p)) for p in paths]
+    saved = [json.loads(Path(p).read_text()) for p in paths]
     first = saved[0]
-    for p, s in zip(paths, saved):
+    for p, s in zip(paths, saved, strict=True):
         what = ("profile", "device", "workers", "warmup")
         if any(s[k] != first[k] for k in what):
             sys.exit(
@@ -820,7 +821,7 @@ def main(argv: list[str]) -> None:
         a for a in argv if a.split("=", 1)[0] not in own
     )  # to every run, as `creditaudit sweep` passes them
     saved = (
-        json.load(open(opts["from"].split(",")[0])) if "from" in opts else {}
+        json.loads(Path(opts["from"].split(",")[0]).read_text()) if "from" in opts else {}
     )  # re-projecting: its profile, device, steps
     profile = opts.get("profile", saved.get("profile", "cpu"))
     if saved and profile != saved["profile"]:

@@ -61,7 +61,7 @@ def field_help(value: str) -> tuple[str, str] | None:
         return None
     helps = [
         v.value
-        for k, v in zip(meta.keys, meta.values)
+        for k, v in zip(meta.keys, meta.values, strict=True)
         if isinstance(k, ast.Constant) and k.value == "help" and isinstance(v, ast.Constant)
     ]
     if not helps:

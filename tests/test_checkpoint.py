@@ -16,7 +16,6 @@ import safetensors
 import torch
 
 from creditaudit.runs import checkpoint as ck
-from creditaudit.runs.io import CorruptRunError
 from creditaudit.runs.checkpoint import (
     load_checkpoint,
     load_tensors,
@@ -25,6 +24,7 @@ from creditaudit.runs.checkpoint import (
     save_tensors,
     unpack_state,
 )
+from creditaudit.runs.io import CorruptRunError
 
 
 def assert_same(a, b, where="state"):
@@ -41,7 +41,7 @@ def assert_same(a, b, where="state"):
             assert_same(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b), where

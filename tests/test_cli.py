@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 from creditaudit.cli import main
 from creditaudit.config import TrainConfig
-from creditaudit.typedconfig import iter_fields
 from creditaudit.data import DATASETS
 from creditaudit.models import ARCHS
 from creditaudit.rules import RULES
+from creditaudit.typedconfig import iter_fields
 
 
 @pytest.fixture
@@ -220,9 +220,9 @@ def test_inventory_plan_renders_in_a_terminal_and_stays_markdown_in_a_pipe(cli, 
 
 
 def test_piped_tables_take_columns_and_end_without_spaces(cli, monkeypatch):
-    from creditaudit import cli as commands
-
     import io
+
+    from creditaudit import cli as commands
 
     monkeypatch.setattr("sys.stdout", io.StringIO())  # a pipe, whatever runs the tests
     monkeypatch.setenv("COLUMNS", "100")

@@ -184,7 +184,8 @@ def test_the_terminal_output_does_not_depend_on_the_folders_path(study, tmp_path
     outputs = [audit_cli(str(root)) for root in (results, moved)]
     assert [o.exit_code for o in outputs] == [0, 0], [o.output for o in outputs]
     short, long = (
-        o.output.replace(str(root), "RESULTS") for o, root in zip(outputs, (results, moved))
+        o.output.replace(str(root), "RESULTS")
+        for o, root in zip(outputs, (results, moved), strict=True)
     )
     assert short == long
     (report,) = [line for line in short.splitlines() if line.startswith("report:")]

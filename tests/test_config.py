@@ -17,9 +17,9 @@ from creditaudit.config import (
     to_dict,
     validate,
 )
+from creditaudit.registry import UnknownNameError
 from creditaudit.runs.folder import RunFolder
 from creditaudit.typedconfig import iter_fields, set_path
-from creditaudit.registry import UnknownNameError
 
 
 def test_overrides_by_leaf_dotted_path_and_alias():

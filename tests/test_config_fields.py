@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from creditaudit.config import ConfigError, TrainConfig, apply_overrides
-from creditaudit.typedconfig import iter_fields
 from creditaudit.models import ARCHS
 from creditaudit.models.base import ARCH_SPECIFIC_FIELDS, arch_fields
 from creditaudit.rules import RULES
 from creditaudit.rules.base import VARIANTS
 from creditaudit.training.run import build_run, train_step
+from creditaudit.typedconfig import iter_fields
 
 ALL_RULES = [r for base in RULES.names() for r in (base, *(f"{base}_{v}" for v in VARIANTS))]
 
@@ -194,7 +194,7 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) != len(b) or any(
-        x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b)
+        x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b, strict=True)
     )
 
 

@@ -48,7 +48,7 @@ class _Projection(Rule):
 
     def credits(self, model, x, y, fwd):
         e = self.error(fwd, y)
-        return [(e @ B.T).view_as(h) for B, h in zip(self.B, fwd.hs)]
+        return [(e @ B.T).view_as(h) for B, h in zip(self.B, fwd.hs, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"B": list(self.B)}

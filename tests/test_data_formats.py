@@ -24,10 +24,12 @@ from creditaudit.data import (
     DataConfig,
     DatasetMissingError,
     check_dataset,
+    cifar,
+    fetch,
     fetch_dataset,
+    idx,
     load_dataset,
 )
-from creditaudit.data import cifar, fetch, idx
 from creditaudit.data.fetch import RemoteFile
 
 # --------------------------------------------------------------------------------------------

@@ -145,9 +145,9 @@ def test_inventory_plan_reproduces_the_seed_inventory_counts():
 
 
 def test_with_baselines_adds_each_missing_baseline_once_and_shares_the_registrys():
+    from creditaudit.config import to_dict
     from creditaudit.experiments import baselines
     from creditaudit.runs.pairing import experiment_key
-    from creditaudit.config import to_dict
 
     cfgs = [
         c
@@ -277,7 +277,7 @@ def test_two_sweeps_sharing_a_results_folder_train_each_run_once(tmp_path):
     # a sweep that left a run to the other exits 3 (runs held by another process), else 0
     assert all(
         p.returncode == (3 if "held by another process" in out else 0)
-        for p, out in zip(procs, outs)
+        for p, out in zip(procs, outs, strict=True)
     ), outs
     cfgs = [
         c

@@ -80,8 +80,7 @@ def test_every_run_file_follows_the_umask(tmp_path, umask):
 
 def test_a_failed_atomic_write_leaves_nothing_behind(tmp_path, umask):
     """The temporary file now exists before the writer runs: a writer that fails removes it."""
-    with pytest.raises(ZeroDivisionError):
-        with atomic_replace(tmp_path / "x.json") as tmp:
-            assert tmp.exists() and stat.S_IMODE(tmp.stat().st_mode) == 0o666 & ~umask
-            1 / 0
+    with pytest.raises(ZeroDivisionError), atomic_replace(tmp_path / "x.json") as tmp:
+        assert tmp.exists() and stat.S_IMODE(tmp.stat().st_mode) == 0o666 & ~umask
+        1 / 0
     assert [p.name for p in tmp_path.rglob("*")] == []

@@ -131,7 +131,11 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
 
     def gap(lam: float) -> float:  # largest parameter difference, in units of the learning rate
         return (
-            max(float((a - b).abs().max()) for a, b in zip(step(0.1, lam), step(1.0, lam))) / 1e-2
+            max(
+                float((a - b).abs().max())
+                for a, b in zip(step(0.1, lam), step(1.0, lam), strict=True)
+            )
+            / 1e-2
         )
 
     assert gap(0.0) < 0.05  # eps's share only; AdamW's first step moves every parameter by ~lr

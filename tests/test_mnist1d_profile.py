@@ -22,8 +22,8 @@ import pytest
 
 from creditaudit.data import load_dataset
 from creditaudit.experiments import audit_configs
-from creditaudit.reports.collect import collect
 from creditaudit.jobs import run_many
+from creditaudit.reports.collect import collect
 
 
 @pytest.mark.slow

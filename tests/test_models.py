@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from creditaudit.models import ARCHS, ModelConfig, build_model, true_grads
 from creditaudit.errors import ConfigError
+from creditaudit.models import ARCHS, ModelConfig, build_model, true_grads
 from creditaudit.registry import UnknownNameError
 from tests.conftest import SMALL_ARCHS
 
@@ -21,7 +21,7 @@ def test_every_arch_returns_logits_and_states(arch):
     assert all(h.shape[0] == 5 for h in fwd.hs)
     torch.testing.assert_close(model(x), fwd.logits)
     torch.testing.assert_close(model.readout(fwd.hs[-1]), fwd.logits)
-    for block, h_prev, h, f in zip(model.blocks, fwd.hs, fwd.hs[1:], fwd.fs):
+    for block, h_prev, h, f in zip(model.blocks, fwd.hs[:-1], fwd.hs[1:], fwd.fs, strict=True):
         expected = h_prev + f if block.residual else f
         torch.testing.assert_close(h, expected)
 
@@ -56,7 +56,7 @@ def test_true_grads_are_per_sample_gradients(arch):
     y = torch.tensor([0, 1, 2])
     _, gs = true_grads(model, x, y)
     _, g_single = true_grads(model, x[1:2], y[1:2])
-    for g, g1 in zip(gs, g_single):
+    for g, g1 in zip(gs, g_single, strict=True):
         torch.testing.assert_close(g[1:2], g1)
 
 
@@ -113,5 +113,5 @@ def test_terminal_norm_and_skip_path_flags_work_on_every_arch(arch):
         model = build_model(arch, dataclasses.replace(cfg, residual=residual), shape, 4)
         assert all(b.residual == wanted for b in model.blocks), (arch, residual)
         fwd = model.run(x)
-        for block, h_prev, h, f in zip(model.blocks, fwd.hs, fwd.hs[1:], fwd.fs):
+        for block, h_prev, h, f in zip(model.blocks, fwd.hs[:-1], fwd.hs[1:], fwd.fs, strict=True):
             torch.testing.assert_close(h, h_prev + f if wanted else f)

@@ -144,8 +144,8 @@ def test_an_architecture_is_one_file(tmp_path):
     import json
 
     from creditaudit.config import run_path
-    from creditaudit.models.base import arch_shape
     from creditaudit.models import ModelConfig
+    from creditaudit.models.base import arch_shape
     from creditaudit.training.trainer import train
 
     path = tmp_path / "toy_arch.py"

@@ -53,11 +53,13 @@ def test_cosine_to_true_gradient_at_init_on_resmlp():
         "error": {"credit": "error"},
     }.items():
         credits = _ep(beta=0.1, T=20, **opts).credits(model, x, y, fwd)
-        cosines[name] = [_cos(a, g) for a, g in zip(credits, gs)]
+        cosines[name] = [_cos(a, g) for a, g in zip(credits, gs, strict=True)]
     for name, cs in cosines.items():
         assert len(cs) == model.L + 1
         assert min(cs) >= 0.99, f"{name}: per-layer cosines {cs}"
-        assert all(c >= c_disp - 2e-3 for c, c_disp in zip(cs, cosines["displacement"])), (name, cs)
+        assert all(
+            c >= c_disp - 2e-3 for c, c_disp in zip(cs, cosines["displacement"], strict=True)
+        ), (name, cs)
 
 
 def _plain_relaxation(model, hs, y, beta, T, alpha):
@@ -71,7 +73,10 @@ def _plain_relaxation(model, hs, y, beta, T, alpha):
             for l in range(1, model.L + 1)
         )
         cost = energy + beta * F.cross_entropy(model.readout(st[-1]), y, reduction="sum")
-        s = [s[0]] + [v.detach() - alpha * g for v, g in zip(free, torch.autograd.grad(cost, free))]
+        s = [s[0]] + [
+            v.detach() - alpha * g
+            for v, g in zip(free, torch.autograd.grad(cost, free), strict=True)
+        ]
     s0 = s[0].detach().requires_grad_(True)
     errors = [s[1] - model.blocks[0](s0)[0]] + [
         s[l] - model.blocks[l - 1](s[l - 1])[0] for l in range(2, model.L + 1)
@@ -94,10 +99,11 @@ def test_relaxation_matches_plain_gradient_descent_on_the_energy(arch):
         plus = _plain_relaxation(model, hs, y, beta, T, alpha)
         minus = _plain_relaxation(model, hs, y, -beta, T, alpha)
     expected = {
-        "displacement": [plus[2] / beta] + [-(s - h) / beta for s, h in zip(plus[0][1:], hs[1:])],
+        "displacement": [plus[2] / beta]
+        + [-(s - h) / beta for s, h in zip(plus[0][1:], hs[1:], strict=True)],
         "error": [plus[2] / beta] + [-e / beta for e in plus[1]],
         "symmetric": [(plus[2] - minus[2]) / (2 * beta)]
-        + [-(p - m) / (2 * beta) for p, m in zip(plus[0][1:], minus[0][1:])],
+        + [-(p - m) / (2 * beta) for p, m in zip(plus[0][1:], minus[0][1:], strict=True)],
     }
     for name, opts in {
         "displacement": {},
@@ -105,7 +111,7 @@ def test_relaxation_matches_plain_gradient_descent_on_the_energy(arch):
         "symmetric": {"symmetric": True},
     }.items():
         credits = _ep(beta=beta, T=T, alpha=alpha, **opts).credits(model, x, y, fwd)
-        for l, (a, e) in enumerate(zip(credits, expected[name])):
+        for l, (a, e) in enumerate(zip(credits, expected[name], strict=True)):
             torch.testing.assert_close(
                 a, e, rtol=1e-7, atol=1e-9 * e.abs().max().item(), msg=f"{arch} {name} a_{l}"
             )

@@ -58,7 +58,7 @@ def _estimator_params(rule) -> dict[str, torch.Tensor]:
 FIT_STEPS = {"sb": 150, "cb": 400, "vec": 150}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fit(name: str, steps: int | None = None, opts: tuple[tuple[str, str], ...] = ()):
     """Train one estimator on a fixed model (no model update); return (rule, model, losses)."""
     model, x, y = _fixed_task()
@@ -99,7 +99,10 @@ def _mean_cosines(rule, model) -> list[float]:
     x, y = x[:256], y[:256]
     _, gs = true_grads(model, x, y)
     credits = rule.credits(model, x, y, model.run(x, detach_inputs=True))
-    return [float(E.per_sample_cosine(a.double(), g.double()).mean()) for a, g in zip(credits, gs)]
+    return [
+        float(E.per_sample_cosine(a.double(), g.double()).mean())
+        for a, g in zip(credits, gs, strict=True)
+    ]
 
 
 def test_vec_learns_credit_aligned_with_the_true_gradient():
@@ -161,7 +164,9 @@ def _cb_consistency_noise(rule, model, y, fwd) -> list[torch.Tensor]:
     finally:
         del rule.value
         rule.gen.set_state(state)
-    return [(n.view(rule.opts.K, *h.shape) - h).detach() for n, h in zip(seen, fwd.hs[1:])]
+    return [
+        (n.view(rule.opts.K, *h.shape) - h).detach() for n, h in zip(seen, fwd.hs[1:], strict=True)
+    ]
 
 
 @pytest.mark.parametrize("noise", ["absolute", "relative"])
@@ -178,7 +183,7 @@ def test_cb_consistency_noise_is_absolute_by_default(noise):
         _cb_consistency_noise(rule, model, y, fwd),
         _cb_consistency_noise(rule, model, y, big),
     )
-    for n, m, h in zip(base, scaled, fwd.hs[1:]):
+    for n, m, h in zip(base, scaled, fwd.hs[1:], strict=True):
         if noise == "absolute":
             torch.testing.assert_close(m, n, rtol=0, atol=1e-3)  # the same ξ: ‖h‖ plays no part
             assert abs(float(n.std()) - rule.opts.sigma) < 0.01, float(n.std())
@@ -204,13 +209,19 @@ def test_sb_bridge_sees_the_state_through_its_layer_norm_only(rms_out):
     c = 10.0
     hs = [h.detach() for h in fwd.hs]
     with torch.no_grad():
-        pairs = list(zip(rule.bridge(hs, layers, s), rule.bridge([c * h for h in hs], layers, s)))
+        pairs = list(
+            zip(
+                rule.bridge(hs, layers, s), rule.bridge([c * h for h in hs], layers, s), strict=True
+            )
+        )
     for p, q in pairs:
         want = c * p if rms_out else p  # the LN's eps makes it exact only up to ~1e-5 relative
         torch.testing.assert_close(q, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
     if not rms_out:
         big = dataclasses.replace(fwd, hs=[c * h for h in fwd.hs])
-        for a, b in zip(rule.credits(model, x, y, fwd), rule.credits(model, x, y, big)):
+        for a, b in zip(
+            rule.credits(model, x, y, fwd), rule.credits(model, x, y, big), strict=True
+        ):
             torch.testing.assert_close(c * b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
 
 
@@ -227,13 +238,13 @@ def test_sb_exact_terminal_gives_g_L_and_cb_warmup_gives_dfa_credit():
     for step in range(4):
         credits = cb.credits(model, x, y, local)
         if step < 2:  # warm-up: a_l = B_lᵀ e_T with the fixed random B_l
-            for a, B, h in zip(credits, cb.B, fwd.hs):
+            for a, B, h in zip(credits, cb.B, fwd.hs, strict=True):
                 torch.testing.assert_close(a, (e @ B).view_as(h))
         else:  # afterwards: ∇V
             hs = [h.detach().requires_grad_(True) for h in fwd.hs]
             vs = cb.value(cb.net, hs, list(range(len(hs))), E.terminal_code("error", fwd.logits, y))
             grads = torch.autograd.grad(sum(v.sum() for v in vs), hs)
-            for a, g in zip(credits, grads):
+            for a, g in zip(credits, grads, strict=True):
                 torch.testing.assert_close(a, g)
         cb.step(model, x, y, local)
 
@@ -253,7 +264,7 @@ def test_estimator_is_the_same_built_in_setup_or_at_the_first_batch(name):
     lazy, eager = rules
     assert lazy.net is None and eager.net is not None
     lazy.ready(model.run(x[:2]).hs)
-    for (n, p), q in zip(eager.net.named_parameters(), lazy.net.parameters()):
+    for (n, p), q in zip(eager.net.named_parameters(), lazy.net.parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -331,11 +342,13 @@ def test_checkpoint_round_trip_continues_exactly(name, opts):
     fresh.load_state_dict(unpack_state(tensors, skeleton))
     for xb, yb in batches[3:]:
         fwd = model.run(xb, detach_inputs=True)
-        for a, b in zip(rule.credits(model, xb, yb, fwd), fresh.credits(model, xb, yb, fwd)):
+        for a, b in zip(
+            rule.credits(model, xb, yb, fwd), fresh.credits(model, xb, yb, fwd), strict=True
+        ):
             assert torch.equal(a, b)
         for r in (rule, fresh):
             r.step(model, xb, yb, fwd)
-        for (n, p), q in zip(rule.net.named_parameters(), fresh.net.parameters()):
+        for (n, p), q in zip(rule.net.named_parameters(), fresh.net.parameters(), strict=True):
             assert torch.equal(p, q), n
     final_a, final_b = pack_state(rule.state_dict())[0], pack_state(fresh.state_dict())[0]
     assert final_a.keys() == final_b.keys()

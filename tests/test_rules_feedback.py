@@ -71,7 +71,7 @@ def _tensors(state) -> list[torch.Tensor]:
 def _same(a, b) -> bool:
     ta, tb = _tensors(a), _tensors(b)
     return len(ta) == len(tb) and all(
-        x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb)
+        x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(ta, tb, strict=True)
     )
 
 
@@ -122,7 +122,7 @@ def test_dfa_credit_is_the_projected_output_error(arch):
     fwd, credits = _credits(rule, model, x, y)
     p = fwd.logits.exp() / fwd.logits.exp().sum(1, keepdim=True)
     e = p - torch.eye(5, dtype=torch.float64)[y]
-    for l, (a, B) in enumerate(zip(credits, rule.B)):
+    for l, (a, B) in enumerate(zip(credits, rule.B, strict=True)):
         torch.testing.assert_close(a.flatten(1), e @ B.double().T, msg=f"a_{l}")
 
 
@@ -299,7 +299,7 @@ def test_fa_layerwise_with_feedback_equal_to_weights_is_bp(arch):
     _, gs = true_grads(model, x, y)
 
     credits, local = _local_step_grads(rule, model, x, y)
-    for l, (a, g) in enumerate(zip(credits, gs)):
+    for l, (a, g) in enumerate(zip(credits, gs, strict=True)):
         torch.testing.assert_close(a, g, rtol=1e-9, atol=1e-12, msg=f"{arch}: a_{l}")
     assert set(local) == set(reference)
     for name in reference:
@@ -365,7 +365,7 @@ def test_feedback_matrices_are_a_function_of_the_seed_alone(tmp_path, rule):
     )
     c = _materialized(build_run(_cfg(tmp_path / "c", rule, "vit_mini", "seed=8")))
     assert _tensors(a) and _same(a, b)
-    assert not any(torch.equal(x, y) for x, y in zip(_tensors(a), _tensors(c)))
+    assert not any(torch.equal(x, y) for x, y in zip(_tensors(a), _tensors(c), strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -393,7 +393,7 @@ def test_checkpoint_round_trip_restores_the_matrices(tmp_path, rule):
         other.rule.load_state_dict(state[key])
         _, again = _credits(other.rule, other.model, x, y)
         assert _same(other.rule.state_dict(), run.rule.state_dict()), key
-        for a, b in zip(credits, again):
+        for a, b in zip(credits, again, strict=True):
             assert torch.equal(a, b), key
 
 

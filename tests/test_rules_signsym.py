@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -141,7 +142,7 @@ def test_sign_feedback_credits_equal_a_hand_written_backward(arch, rule_name):
         fwd, credits = _credits(rule, model, x, y)
         expected = _hand_backward(model, fwd.hs[0].detach(), y, B)
         assert len(credits) == len(expected) == model.L + 1
-        for l, (a, b) in enumerate(zip(credits, expected)):
+        for l, (a, b) in enumerate(zip(credits, expected, strict=True)):
             torch.testing.assert_close(
                 a, b, rtol=1e-10, atol=1e-12, msg=f"{rule_name}/{arch} step {step}: a_{l}"
             )
@@ -225,7 +226,7 @@ def test_brsf_draws_are_a_function_of_the_seed_and_resume(tmp_path):
         build_run(_cfg(tmp_path / "b", "brsf", "smallcnn", "seed=7", "batch_size=32", "lr=0.1")), 3
     )
     c = _magnitudes_over_steps(build_run(_cfg(tmp_path / "c", "brsf", "smallcnn", "seed=8")), 3)
-    for t, (ma, mb, mc) in enumerate(zip(a, b, c)):
+    for t, (ma, mb, mc) in enumerate(zip(a, b, c, strict=True)):
         for n in ma:
             assert torch.equal(ma[n], mb[n]), (
                 t,
@@ -273,7 +274,7 @@ def test_checkpoint_round_trip_restores_the_feedback(tmp_path, rule_name):
     other.model.load_state_dict(run.model.state_dict())
     other.rule.load_state_dict(state["rule"])
     _, again = _credits(other.rule, other.model, x, y)
-    for a, b in zip(credits, again):
+    for a, b in zip(credits, again, strict=True):
         assert torch.equal(a, b)
 
 
@@ -315,7 +316,7 @@ def test_kp_with_feedback_initialised_to_weights_is_bp_step_after_step(arch):
         F.cross_entropy(reference(x), y).backward()
         _, gs = true_grads(reference, x, y)
         credits = _local_step(rule, model, opt, x, y)
-        for l, (a, g) in enumerate(zip(credits, gs)):
+        for l, (a, g) in enumerate(zip(credits, gs, strict=True)):
             torch.testing.assert_close(
                 a, g, rtol=1e-9, atol=1e-12, msg=f"{arch} step {step}: a_{l}"
             )
@@ -388,9 +389,9 @@ def test_kp_angle_between_feedback_and_weights_falls_on_a_small_task(tmp_path):
     print("kp angle(B, W) per epoch, degrees, layers", [n for n, _ in layers])
     for epoch, row in enumerate(curve):
         print(epoch, " ".join(f"{a:6.2f}" for a in row))
-    for before, after in zip(curve, curve[1:]):
-        assert all(a < b for a, b in zip(after, before)), (before, after)
-    assert all(a < b - 5 for a, b in zip(curve[-1], curve[0]))
+    for before, after in itertools.pairwise(curve):
+        assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+    assert all(a < b - 5 for a, b in zip(curve[-1], curve[0], strict=True))
 
 
 def test_kp_decay_factor_per_optimizer():

@@ -66,7 +66,7 @@ def test_drtp_credit_is_the_projected_target_and_ignores_the_output(arch):
     rule = _rule("drtp", model, shape)
     x, y = torch.randn(6, *shape), torch.tensor([0, 3, 3, 1, 4, 2])
     _, credits = _credits(rule, model, x, y)
-    for l, (a, B) in enumerate(zip(credits, rule.B)):
+    for l, (a, B) in enumerate(zip(credits, rule.B, strict=True)):
         # column y_i of B_l, negated: selected by index, not by a product with the one-hot vector
         assert torch.equal(a.flatten(1), -B[:, y].T), f"a_{l}"
     # another input, another network (blocks and head redrawn): the same credits
@@ -74,7 +74,7 @@ def test_drtp_credit_is_the_projected_target_and_ignores_the_output(arch):
     with torch.no_grad():
         other.head.weight.mul_(-7.0)
     _, again = _credits(rule, other, 3 * torch.randn(6, *shape), y)
-    assert all(torch.equal(a, b) for a, b in zip(credits, again))
+    assert all(torch.equal(a, b) for a, b in zip(credits, again, strict=True))
 
 
 def test_drtp_matrices_are_the_papers_he_uniform():
@@ -86,7 +86,7 @@ def test_drtp_matrices_are_the_papers_he_uniform():
     torch.manual_seed(0)
     again = _rule("drtp", build_model("resmlp", ModelConfig(d=256, L=1), (1, 8, 8), 10), (1, 8, 8))
     assert all(
-        torch.equal(a, b) for a, b in zip(rule.B, again.B)
+        torch.equal(a, b) for a, b in zip(rule.B, again.B, strict=True)
     )  # a function of the run seed alone
 
 
@@ -131,7 +131,9 @@ def _pepita_updates(F_scale: float):
 def test_pepita_matches_the_papers_update_on_a_two_hidden_layer_mlp():
     ours, paper = _pepita_updates(0.05)  # the paper's F
     small_ours, small_paper = _pepita_updates(0.005)  # the same F, ten times smaller
-    for name, g, p, g_s, p_s in zip(("W1", "W2", "head"), ours, paper, small_ours, small_paper):
+    for name, g, p, g_s, p_s in zip(
+        ("W1", "W2", "head"), ours, paper, small_ours, small_paper, strict=True
+    ):
         rel = ((g - p).norm() / p.norm()).item()
         rel_small = ((g_s - p_s).norm() / p_s.norm()).item()
         assert rel < 0.1 and _cos(g[None], p[None]).item() > 0.99, (name, rel)
@@ -148,14 +150,14 @@ def test_pepita_modulates_the_input_by_the_projected_error_and_keeps_batchnorm_s
     reference = copy.deepcopy(model)
     reference.run(x)  # one forward pass moves BatchNorm's running statistics once
     fwd, credits = _credits(rule, model, x, y)  # the trainer's pass, then the rule's second one
-    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), reference.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), reference.buffers(), strict=True))
     assert rule.F.shape == (math.prod(shape), 5) and rule.F.abs().max() <= 0.05 * math.sqrt(
         6 / math.prod(shape)
     )
     with torch.no_grad():
         e = fwd.logits.softmax(1) - F.one_hot(y, 5)
         modulated = model.run(x + (e @ rule.F.T).view_as(x))
-    for a, h, h_m in zip(credits, fwd.hs, modulated.hs):
+    for a, h, h_m in zip(credits, fwd.hs, modulated.hs, strict=True):
         torch.testing.assert_close(a, h.detach() - h_m)
     assert 0 < rule.reported()["mod_ratio"] < 0.1
 
@@ -195,7 +197,7 @@ def test_dtp_with_exact_inverses_targets_the_negative_gradient():
     fwd, credits = _credits(rule, model, x, y)
     _, gs = true_grads(model, x, y)
     torch.testing.assert_close(credits[-1], gs[-1])  # τ_L = h_L − η̂ g_L: a_L = g_L exactly
-    for l, (a, g) in enumerate(zip(credits, gs)):
+    for l, (a, g) in enumerate(zip(credits, gs, strict=True)):
         direction = -rule.opts.target_step * a  # τ_l − h_l
         assert _cos(direction, -g).min() >= 0.99, f"layer {l}: cos {_cos(direction, -g).min():.4f}"
 
@@ -226,7 +228,7 @@ def test_fwdgrad_credit_is_the_directional_derivative_times_the_direction(arch, 
     _, gs = true_grads(model, x, y)
     gen = torch.Generator().manual_seed(_stream_seed(rule.seed, 3))
     coupled = []
-    for l, (a, g) in enumerate(zip(credits, gs)):
+    for l, (a, g) in enumerate(zip(credits, gs, strict=True)):
         v = torch.randn((1, *g.shape), generator=gen)[0]
         coupled.append(couples_samples(model, l))
         gv = (g * v).flatten(1).sum(1)  # (B,)
@@ -245,7 +247,7 @@ def test_fwdgrad_is_unbiased():
     x, y = torch.randn(8, *shape), torch.randint(0, 5, (8,))
     _, credits = _credits(rule, model, x, y)
     _, gs = true_grads(model, x, y)
-    for l, (a, g) in enumerate(zip(credits, gs)):
+    for l, (a, g) in enumerate(zip(credits, gs, strict=True)):
         assert _cos(a, g).min() >= 0.99, f"layer {l}: cos {_cos(a, g).min():.4f}"
 
 
@@ -259,7 +261,7 @@ def test_fwdgrad_gamma_per_direction_is_the_analytic_one(arch_name):
     x, y = torch.randn(4096, *shape), torch.randint(0, 5, (4096,))
     _, credits = _credits(rule, model, x, y)
     _, gs = true_grads(model, x, y)
-    for l, (a, g) in enumerate(zip(credits, gs)):
+    for l, (a, g) in enumerate(zip(credits, gs, strict=True)):
         D = a[0].numel()
         expected = math.exp(math.lgamma(D / 2) - math.lgamma((D + 1) / 2)) / math.sqrt(math.pi)
         c = _cos(a, g)
@@ -278,10 +280,10 @@ def test_fwdgrad_directions_are_fresh_each_step_and_not_consumed_by_a_probe():
     x, y = torch.randn(6, *shape), torch.randint(0, 5, (6,))
     fwd, first = _credits(rule, model, x, y)
     _, probe = _credits(rule, model, x, y)  # a diagnostic between two steps: the same draw
-    assert all(torch.equal(a, b) for a, b in zip(first, probe))
+    assert all(torch.equal(a, b) for a, b in zip(first, probe, strict=True))
     rule.step(model, x, y, fwd)
     _, second = _credits(rule, model, x, y)
-    assert not any(torch.equal(a, b) for a, b in zip(first, second))
+    assert not any(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,5 +304,7 @@ def test_resumed_from_a_checkpoint_the_run_continues_exactly(tmp_path, rule):
     restore(resumed, *load_checkpoint(tmp_path / "ckpt.safetensors"))
     for x, y in batches[2:]:
         train_step(resumed, x, y)
-    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+    for (name, p), q in zip(
+        straight.model.named_parameters(), resumed.model.parameters(), strict=True
+    ):
         assert torch.equal(p, q), f"{rule}: {name} differs after resuming"

@@ -171,9 +171,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
         assert lk.held and f.lock_path.exists()
         info = json.loads(f.lock_path.read_text())
         assert info["pid"] == os.getpid() and set(info) >= {"host", "scope", "started", "token"}
-        with pytest.raises(RunLockedError, match=r"pid \d+ on this process") as err:
-            with f.lock():
-                pass
+        with pytest.raises(RunLockedError, match=r"pid \d+ on this process") as err, f.lock():
+            pass
         assert str(f.lock_path) in str(err.value)
         assert f.lock_path.exists()  # the failed attempt did not remove the holder's lock
     assert not f.lock_path.exists() and not lk.held
@@ -183,9 +182,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
 
 def test_lock_released_on_exception(tmp_path):
     f = RunFolder(tmp_path / "run")
-    with pytest.raises(KeyError):
-        with f.lock():
-            raise KeyError("training blew up")
+    with pytest.raises(KeyError), f.lock():
+        raise KeyError("training blew up")
     assert not f.lock_path.exists()
     lk = f.lock()
     lk.acquire()

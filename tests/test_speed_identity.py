@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from creditaudit.config import apply_overrides, TrainConfig
-from creditaudit.models.base import build_model
+from creditaudit.config import TrainConfig, apply_overrides
 from creditaudit.jobs.processes import run_many
+from creditaudit.models.base import build_model
 from creditaudit.training.trainer import train
 from tests.conftest import run_metrics, tiny_config
 
@@ -30,14 +30,14 @@ def test_smallcnn_states_are_channels_last_with_the_nchw_values():
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     fwd, fwd_ref = net.run(x), ref.run(x)
     assert fwd.hs[0].is_contiguous(memory_format=torch.channels_last)
-    for h, h_ref in zip(fwd.hs, fwd_ref.hs):
+    for h, h_ref in zip(fwd.hs, fwd_ref.hs, strict=True):
         assert h.shape == h_ref.shape
         torch.testing.assert_close(
             h, h_ref, rtol=1e-4, atol=1e-5
         )  # float rounding of other kernels
     F.cross_entropy(fwd.logits, y).backward()
     F.cross_entropy(fwd_ref.logits, y).backward()
-    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 

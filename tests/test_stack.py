@@ -23,12 +23,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from creditaudit.config import resolve_rule_options
+from creditaudit.config import resolve_rule_options, run_path
 from creditaudit.models import ARCHS
 from creditaudit.rules import RULES
 from creditaudit.runs.checkpoint import load_checkpoint
 from creditaudit.runs.folder import RunFolder
-from creditaudit.config import run_path
 from creditaudit.training.stack import Stack, stack_key, train_stack, why_not_stacked
 from creditaudit.training.trainer import train
 from tests.conftest import run_metrics, small_overrides, tiny_config
@@ -57,7 +56,7 @@ def assert_same_metrics(alone, stacked) -> None:
     a, b = run_metrics(alone), run_metrics(stacked)
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
     examples = 2.0 / 360  # two examples of the digits test split
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert set(rb) - set(ra) <= {"stack/runs"} and set(ra) <= set(rb), set(ra) ^ set(rb)
         for k, va in ra.items():
             vb = rb[k]
@@ -96,9 +95,11 @@ def test_one_stacked_step_is_each_runs_own_step(tmp_path, rule, arch):
     for r, run in enumerate(alone):
         train_step(run, x[r], y[r])
         where = f"{rule}/{arch} run {r}"
-        for (name, t), u in zip(run.model.named_parameters(), stacked[r].model.parameters()):
+        for (name, t), u in zip(
+            run.model.named_parameters(), stacked[r].model.parameters(), strict=True
+        ):
             torch.testing.assert_close(u, t, rtol=0, atol=2.1 * lr, msg=f"{where}: {name}")
-        for (name, t), u in zip(run.model.named_buffers(), stacked[r].model.buffers()):
+        for (name, t), u in zip(run.model.named_buffers(), stacked[r].model.buffers(), strict=True):
             torch.testing.assert_close(u, t, rtol=1e-5, atol=1e-7, msg=f"{where}: {name}")
         mine = stacked[r].optimizer.state_dict()["state"]
         for i, state in run.optimizer.state_dict()["state"].items():
@@ -113,13 +114,17 @@ def test_one_stacked_step_is_each_runs_own_step(tmp_path, rule, arch):
 @pytest.mark.parametrize("rule", STACKABLE)
 def test_a_run_trained_in_a_stack_gives_its_metrics_alone(tmp_path, rule, arch):
     seeds, lams = (1, 2), ("lam=0.001", "lam=0.01")
-    alone = [_cfg(tmp_path / "alone", rule, arch, s, lam) for s, lam in zip(seeds, lams)]
+    alone = [
+        _cfg(tmp_path / "alone", rule, arch, s, lam) for s, lam in zip(seeds, lams, strict=True)
+    ]
     for c in alone:
         assert train(c)["status"] == "finished"
-    stacked = [_cfg(tmp_path / "stack", rule, arch, s, lam) for s, lam in zip(seeds, lams)]
+    stacked = [
+        _cfg(tmp_path / "stack", rule, arch, s, lam) for s, lam in zip(seeds, lams, strict=True)
+    ]
     assert len({stack_key(c) for c in stacked}) == 1
     assert [r.status for r in train_stack(stacked)] == ["finished", "finished"]
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         assert_same_metrics(a, b)
         assert RunFolder(run_path(b)).read_summary()["status"] == "finished"
 
@@ -132,7 +137,7 @@ def test_the_variants_of_a_stackable_rule_stack_too(tmp_path, rule):
         train(c)
     stacked = [_cfg(tmp_path / "stack", rule, "resmlp", s) for s in (3, 4)]
     assert [r.status for r in train_stack(stacked)] == ["finished", "finished"]
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         assert_same_metrics(a, b)
 
 
@@ -180,7 +185,7 @@ def test_resuming_crosses_between_a_stack_and_a_run_alone(tmp_path):
         cut
     )  # cut[0] finished: skipped; cut[1] resumed at epoch 2 in a stack of one
     assert [r.status for r in results] == ["finished", "finished"]
-    for a, b in zip(full, cut):
+    for a, b in zip(full, cut, strict=True):
         assert_same_metrics(a, b)
         _, meta_a = load_checkpoint(RunFolder(run_path(a)).last_checkpoint)
         _, meta_b = load_checkpoint(RunFolder(run_path(b)).last_checkpoint)
@@ -231,8 +236,8 @@ def test_a_stacked_step_never_waits_for_the_device(tmp_path):
     back to the host (``.item()``, ``bool()``, data-dependent shapes) runs in the forward and
     backward pass of a stacked step, for any stackable rule and architecture. (The optimizer step
     is AdamW, capturable on CUDA; on the CPU it reads its step count, by design.)"""
-    from creditaudit.training.run import build_run
     from creditaudit.data.loader import stacked_epoch
+    from creditaudit.training.run import build_run
 
     for rule in STACKABLE:
         for arch in ARCHS.names():
@@ -271,7 +276,7 @@ def test_a_graphed_stack_computes_what_the_eager_stack_computes(tmp_path, rule, 
     ] * 2
     assert train(cfgs["graphed"][0])["status"] == "finished"  # resumed alone
     assert [r.status for r in train_stack(cfgs["graphed"][1:], graph=True)] == ["finished"]
-    for a, b in zip(cfgs["eager"], cfgs["graphed"]):
+    for a, b in zip(cfgs["eager"], cfgs["graphed"], strict=True):
         assert_same_metrics(a, b)
 
 
@@ -298,7 +303,7 @@ def test_a_stacks_probe_gives_each_runs_own_figures(tmp_path, rule, arch):
     with NoHostSync() as mode:
         shared = stack.probe([0, 1], cfgs[0].diag, full=True)
     assert mode.seen == [], mode.seen
-    for run, (figures, rho) in zip(runs, shared):
+    for run, (figures, rho) in zip(runs, shared, strict=True):
         together = finish_probe(run, figures, rho, run.cfg.diag, full=True)
         alone = probe(run.model, run.rule, run.data, run.cfg.diag, full=True, seed=run.cfg.seed)
         assert (
@@ -340,7 +345,7 @@ def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config
     ]
     assert len({stack_key(c) for c in stacked}) == 1
     assert [r.status for r in train_stack(stacked)] == ["finished", "finished"]
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         assert_same_metrics(a, b)
     assert all(r["time/diag_s"] > 0 for r in RunFolder(run_path(stacked[1])).read_metrics())
 

@@ -4,7 +4,6 @@ runs) per task, the results folder as the meeting point, failures isolated, noth
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -104,7 +104,6 @@ def test_worker_death_in_words():
 # ---------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402

@@ -65,7 +65,7 @@ def test_a_stacked_sweep_trains_every_run_as_it_trains_alone(tmp_path):
         root: expand("penalty_rescue", profile="smoke", results=str(tmp_path / root))
         for root in ("stacked", "alone")
     }
-    for a, b in zip(cfgs["alone"], cfgs["stacked"]):
+    for a, b in zip(cfgs["alone"], cfgs["stacked"], strict=True):
         assert json.loads((run_path(b) / "summary.json").read_text())["status"] == "finished"
         records = run_metrics(b)
         stacks = b.rule in ("dfa", "fa")

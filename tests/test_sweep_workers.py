@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.jobs import processes
 from creditaudit.jobs.processes import (
     RUN_MEMORY_BYTES,
@@ -18,6 +17,7 @@ from creditaudit.jobs.processes import (
     default_workers,
     in_processes,
 )
+from creditaudit.runs.folder import RunFolder, run_dir
 from creditaudit.training.run import build_run
 from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
@@ -50,7 +50,7 @@ def test_default_workers_on_this_machine():
     mem = available_memory()
     cores = os.cpu_count() or 1
     if mem is not None:
-        assert 0 < mem
+        assert mem > 0
         assert default_workers() == max(1, min(cores, mem // RUN_MEMORY_BYTES))
     assert 1 <= default_workers() <= cores
 

@@ -9,10 +9,9 @@ import re
 import pytest
 from rich.console import Console
 
-from creditaudit.reports.audit import build_audit
+from creditaudit.reports.audit import build_audit, html_page, markdown
 from creditaudit.reports.collect import collect
 from creditaudit.reports.tables import all_tables
-from creditaudit.reports.audit import html_page, markdown
 from creditaudit.reports.terminal import (
     _compact_cell,
     _study_cell,

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from creditaudit.cli import main as cli_main
 from creditaudit.config import ConfigError, TrainConfig, apply_overrides, run_path
+from creditaudit.jobs import run_many
 from creditaudit.reports.collect import collect
 from creditaudit.runs.folder import RunFolder
-from creditaudit.jobs import run_many
 from creditaudit.training.trainer import train
 from tests.conftest import tiny_config
 

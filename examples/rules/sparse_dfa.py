@@ -68,7 +68,10 @@ class SparseDFA(Rule):
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         logits = fwd.logits.detach()
         e = torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)  # (B, C)
-        return [(e.to(h.dtype) @ B.to(h.dtype).T).view_as(h) for B, h in zip(self.B, fwd.hs)]
+        return [
+            (e.to(h.dtype) @ B.to(h.dtype).T).view_as(h)
+            for B, h in zip(self.B, fwd.hs, strict=True)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"B": list(self.B)}

@@ -21,9 +21,10 @@ that fails or diverges is an outcome (``status``), not an exception, as on the c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from creditaudit.errors import ConfigError, MissingPathError
 from creditaudit.experiments import SEEDS3
@@ -96,7 +97,8 @@ def train(
     ``"key=value"`` item; ``on_epoch(run, record)`` hears of each epoch (``reporter``: a
     :class:`creditaudit.training.trainer.Reporter` for every event, as the CLI's progress bar)."""
     from creditaudit.config import TrainConfig, run_path
-    from creditaudit.training.trainer import Reporter, train as train_run
+    from creditaudit.training.trainer import Reporter
+    from creditaudit.training.trainer import train as train_run
 
     if isinstance(cfg, str):
         overrides, cfg = (cfg, *overrides), None

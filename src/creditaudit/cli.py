@@ -179,7 +179,7 @@ def config_rows() -> list[tuple[str, str]]:
     paths = [path for path, *_ in iter_fields(TrainConfig)]
     return [
         (path, f"{text} [{tname}, default {default}]")
-        for path, (_, tname, default, text) in zip(paths, help_rows())
+        for path, (_, tname, default, text) in zip(paths, help_rows(), strict=True)
     ]
 
 
@@ -540,7 +540,7 @@ def _show_audit(result, legend: bool = True) -> None:
     legend once under the last table (the thresholds are the same for every setting)."""
     from creditaudit.reports.terminal import audit_legend, audit_table
 
-    for audit, paths in zip(result.audits, result.reports):
+    for audit, paths in zip(result.audits, result.reports, strict=True):
         show(audit_table(audit, f"audit — {audit.setting}"))  # the folder is on the report line
         for p in audit.problems:
             err_console.print(f"[yellow]skipped:[/] {escape(p)}")

@@ -13,8 +13,9 @@ name a folder, an empty ``results``. No ``exec``-style configs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from creditaudit import typedconfig as T
 from creditaudit.data.base import DataConfig

@@ -8,8 +8,9 @@ on the command line becomes one actionable error; tests enumerate a registry to 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from creditaudit.errors import UserError
 

@@ -35,9 +35,9 @@ import dataclasses
 import math
 import tempfile
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -155,7 +155,7 @@ def run_metrics(cfg) -> list[dict]:
 def _first_difference(a: list[dict], b: list[dict]) -> str:
     if len(a) != len(b):
         return f"{len(a)} records against {len(b)}"
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for k in sorted(set(ra) | set(rb)):
             va, vb = ra.get(k), rb.get(k)
             if va != vb and not (
@@ -284,7 +284,7 @@ def _check_credits(run, x, y, where: str) -> None:
             f"{where}: {len(credits)} credits for {len(fwd.hs)} states",
             "return one credit per state h_0..h_L",
         )
-    for l, (a, h) in enumerate(zip(credits, fwd.hs)):
+    for l, (a, h) in enumerate(zip(credits, fwd.hs, strict=True)):
         if a.shape != h.shape or a.dtype != h.dtype:
             _fail(
                 f"{where}: a_{l} is {tuple(a.shape)} {a.dtype}, h_{l} is {tuple(h.shape)} {h.dtype}",
@@ -370,7 +370,9 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
         lr = cfgs[0].optim.lr
         for r, run in enumerate(alone):
             train_step(run, x[r], y[r])
-            for (n, t), u in zip(run.model.named_parameters(), stacked[r].model.parameters()):
+            for (n, t), u in zip(
+                run.model.named_parameters(), stacked[r].model.parameters(), strict=True
+            ):
                 if not torch.allclose(u, t, rtol=0, atol=2.1 * lr):
                     _fail(
                         f"{rule} on {arch}: in a stack, run {r}'s {n} moves otherwise than alone "
@@ -378,7 +380,9 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
                         "something in credits() mixes the runs of a stack or depends on state that is not in state_dict(); "
                         "or set stack_refusal to the reason it cannot stack",
                     )
-            for (n, t), u in zip(run.model.named_buffers(), stacked[r].model.buffers()):
+            for (n, t), u in zip(
+                run.model.named_buffers(), stacked[r].model.buffers(), strict=True
+            ):
                 if t.is_floating_point() and not torch.allclose(u, t, rtol=1e-5, atol=1e-7):
                     _fail(
                         f"{rule} on {arch}: in a stack, run {r}'s buffer {n} differs from alone",

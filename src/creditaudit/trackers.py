@@ -23,8 +23,9 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 from creditaudit.errors import ConfigError
 

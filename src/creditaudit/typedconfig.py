@@ -21,7 +21,8 @@ import json
 import math
 import types
 import typing
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from creditaudit.errors import ConfigError
 

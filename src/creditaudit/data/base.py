@@ -24,14 +24,15 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 
-from creditaudit.registry import Registry
 from creditaudit.errors import ConfigError, UserError
+from creditaudit.registry import Registry
 
 AUGMENTATIONS = ("none", "crop_flip")
 

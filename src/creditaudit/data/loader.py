@@ -19,7 +19,7 @@ immaterial for training and keeps the augmentation a pure function of the normal
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -149,8 +149,8 @@ def stacked_epoch(
         for l in loaders
     ):
         yield from (
-            tuple(torch.stack(parts) for parts in zip(*batch))
-            for batch in zip(*(l.epoch(epoch) for l in loaders))
+            tuple(torch.stack(parts) for parts in zip(*batch, strict=True))
+            for batch in zip(*(l.epoch(epoch) for l in loaders), strict=True)
         )
         return
     orders = torch.stack([l.order(epoch) for l in loaders])  # (R, N)

@@ -14,6 +14,7 @@ one: the probe runs them for one run, or under ``torch.func.vmap`` for a stack o
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -77,7 +78,7 @@ def quantiles(t: Tensor, qs: tuple[float, ...]) -> Tensor:
 def scale_ratios(hs: list[Tensor]) -> list[Tensor]:
     """D1's per-block figure: median over the batch of ‖h_l‖ / ‖h_{l-1}‖, l = 1..L."""
     out = []
-    for prev, cur in zip(hs, hs[1:]):
+    for prev, cur in itertools.pairwise(hs):
         n_prev, n_cur = norms(prev), norms(cur)
         out.append(
             median(torch.where(n_prev > 0, n_cur / n_prev, torch.full_like(n_cur, math.inf)))
@@ -87,7 +88,7 @@ def scale_ratios(hs: list[Tensor]) -> list[Tensor]:
 
 def credit_cosines(credits: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
     """Γ_l = mean over the batch of cos(a_l, g_l), l = 0..L (NaN samples ignored)."""
-    return [torch.nanmean(cosine(a, g)) for a, g in zip(credits, grads)]
+    return [torch.nanmean(cosine(a, g)) for a, g in zip(credits, grads, strict=True)]
 
 
 def per_sample_loss(model: CreditNet, l: int, h: Tensor, y: Tensor) -> Tensor:

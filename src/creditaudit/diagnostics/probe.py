@@ -33,8 +33,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,7 +43,6 @@ from torch.nn import functional as F
 
 from creditaudit.diagnostics import measures as M
 from creditaudit.models.base import CreditNet, true_grads
-
 
 # ε·median‖g_l‖ above which ρ_l's forward passes run in float32: float32's error on a per-sample
 # CE difference is ~1e-7, so changes of at least 2e-6 are measured to a few percent, which moves a
@@ -135,7 +135,7 @@ class Sizes:
     stab: int  # (c)'s disjoint batches (0 when too few test examples for two)
 
     @classmethod
-    def of(cls, data: Any, cfg: DiagConfig, *, full: bool) -> "Sizes":
+    def of(cls, data: Any, cfg: DiagConfig, *, full: bool) -> Sizes:
         n_test = data.x_test.shape[0]
         k = min(cfg.stab_batches, n_test // cfg.stab_batch_size)
         n = min(cfg.eval_n, n_test)

@@ -14,6 +14,7 @@ thread pools).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -22,9 +23,10 @@ import sys
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
@@ -189,10 +191,8 @@ class _Worker:
         self.job: int | None = None  # the index of the job it is running
 
     def stop(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.conn.send(None)
-        except (OSError, ValueError):
-            pass
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.terminate()

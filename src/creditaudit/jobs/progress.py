@@ -5,8 +5,8 @@ out of the rate)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 #: outcomes that are failures: the run did not finish (a ``locked`` run is not one of them: another
 #: process is training it)
@@ -15,7 +15,7 @@ HELD = "locked"
 
 
 def clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

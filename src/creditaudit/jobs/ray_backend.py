@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
@@ -45,7 +46,7 @@ def _train_job_on_a_cluster(cfg_dicts: list[dict], graph: bool, threads: int) ->
     outcomes = _train_job(cfg_dicts, graph, threads)
     waits = {
         i: lease_left(C.run_path(C.from_dict(d)) / "run.lock")
-        for i, (d, o) in enumerate(zip(cfg_dicts, outcomes))
+        for i, (d, o) in enumerate(zip(cfg_dicts, outcomes, strict=True))
         if o.status == "locked"
     }
     waits = {i: w for i, w in waits.items() if w is not None}

@@ -1,5 +1,6 @@
 """Architectures by name. Importing this package registers every built-in architecture."""
 
+from creditaudit.models import mlp, resmlp, smallcnn, vit_mini  # noqa: F401  (registration)
 from creditaudit.models.base import (
     ARCHS,
     Block,
@@ -10,7 +11,6 @@ from creditaudit.models.base import (
     per_sample_norm,
     true_grads,
 )
-from creditaudit.models import mlp, resmlp, smallcnn, vit_mini  # noqa: F401  (registration)
 
 __all__ = [
     "ARCHS",

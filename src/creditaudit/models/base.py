@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from creditaudit import autodiff
-from creditaudit.registry import Registry
 from creditaudit.errors import ConfigError
+from creditaudit.registry import Registry
 
 
 @dataclass
@@ -380,7 +380,7 @@ def _true_grads_transformed(model: CreditNet, x: Tensor, y: Tensor) -> tuple[For
     def loss(*offsets: Tensor) -> tuple[Tensor, tuple[Tensor, list[Tensor], list[Tensor]]]:
         h = model.embed(x) + offsets[0]
         hs, fs = [h], []
-        for block, offset in zip(model.blocks, offsets[1:]):
+        for block, offset in zip(model.blocks, offsets[1:], strict=True):
             h, f = block(h)
             h = h + offset
             hs.append(h)

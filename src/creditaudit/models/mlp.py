@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import (
     Block,
     CreditNet,
@@ -19,7 +20,6 @@ from creditaudit.models.base import (
     architecture,
     flat_dim,
 )
-from creditaudit.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 

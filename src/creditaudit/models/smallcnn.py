@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import (
     AsSignal,
     Block,
@@ -41,7 +42,6 @@ from creditaudit.models.base import (
     image_shape,
     signal_shape,
 )
-from creditaudit.errors import ConfigError
 
 _LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import (
     AsSignal,
     Block,
@@ -32,7 +33,6 @@ from creditaudit.models.base import (
     image_shape,
     signal_shape,
 )
-from creditaudit.errors import ConfigError
 
 
 class PatchEmbed(nn.Module):

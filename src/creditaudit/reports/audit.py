@@ -15,8 +15,8 @@ import html
 import io
 import math
 import re
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from creditaudit.diagnostics.verdict import (
@@ -388,8 +388,8 @@ def plots(audit: Audit) -> dict[str, bytes]:
         m = [mean_std(c[e])[0] for e in ep]
         s = [mean_std(c[e])[1] for e in ep]
         (line,) = ax.plot(ep, m, label=ra.rule, **kw)
-        lo = [a - (b if not math.isnan(b) else 0) for a, b in zip(m, s)]
-        hi = [a + (b if not math.isnan(b) else 0) for a, b in zip(m, s)]
+        lo = [a - (b if not math.isnan(b) else 0) for a, b in zip(m, s, strict=True)]
+        hi = [a + (b if not math.isnan(b) else 0) for a, b in zip(m, s, strict=True)]
         ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -410,7 +410,7 @@ def plots(audit: Audit) -> dict[str, bytes]:
     cols = min(n, 4) or 1
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for ax, ra in zip(axes.flat, audit.rules):
+    for ax, ra in zip(axes.flat, audit.rules, strict=True):
         keys = sorted(
             {
                 k
@@ -504,7 +504,7 @@ def _html_table(header: list[str], rows: list[list[str]], *, nowrap: set[str] = 
     out = ["<div class='wide'><table><tr>", *(f"<th>{esc(h)}</th>" for h in header), "</tr>"]
     for row in rows:
         cells = []
-        for h, c in zip(header, row):
+        for h, c in zip(header, row, strict=True):
             cls = ["num"] if _FIGURE.match(c) else (["nowrap"] if h in nowrap else [])
             cls += ["PASS"] if c == "PASS" else (["FAIL"] if c.startswith("FAIL") else [])
             cells.append(

@@ -18,6 +18,7 @@ summary)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shlex
 from dataclasses import dataclass, field
@@ -235,7 +236,8 @@ def _get(d: dict[str, Any], path: str) -> Any:
 def _sweep_profile(run: RunRecord) -> tuple[str, dict[str, Any]] | None:
     """The profile under which a sweep of ``run.setting`` trains exactly ``run`` (up to the fields
     that do not change results), and that sweep's config of it; None if no sweep does."""
-    from creditaudit import config as C, typedconfig as T
+    from creditaudit import config as C
+    from creditaudit import typedconfig as T
     from creditaudit.experiments import SETTINGS, SWEEP, profile_names
 
     if run.setting not in SETTINGS:
@@ -245,13 +247,13 @@ def _sweep_profile(run: RunRecord) -> tuple[str, dict[str, Any]] | None:
         return None
     for profile in profile_names(SWEEP):
         for cfg in _expansion(run.setting, profile):
-            if (cfg.rule, cfg.arch_label or cfg.arch, cfg.seed) == (run.rule, run.arch, run.seed):
-                if T.semantic_dict(cfg) == stored:
-                    return profile, C.to_dict(cfg)
+            key = (cfg.rule, cfg.arch_label or cfg.arch, cfg.seed)
+            if key == (run.rule, run.arch, run.seed) and T.semantic_dict(cfg) == stored:
+                return profile, C.to_dict(cfg)
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expansion(setting: str, profile: str) -> tuple:
     """The resolved configs (as the trainer records them) a sweep of ``setting`` under ``profile``
     trains; () if the setting does not expand here (e.g. a rule file that is not loaded)."""
@@ -267,23 +269,23 @@ def _expansion(setting: str, profile: str) -> tuple:
 def _stored(run: RunRecord) -> dict | None:
     """The fields of ``run``'s config that change results, resolved as the trainer records them
     (every option of the rule, the architecture's norm and skip path); None if unreadable."""
-    from creditaudit import config as C, typedconfig as T
+    from creditaudit import config as C
+    from creditaudit import typedconfig as T
 
     try:
         cfg = C.from_dict(run.config)
     except Exception:
         return None
     if not cfg.plugins:  # a rule file is not imported to write a report
-        try:
+        with contextlib.suppress(Exception):
             cfg = C.resolve_rule_options(cfg)
-        except Exception:
-            pass
     return T.semantic_dict(cfg)
 
 
 def _train_overrides(run: RunRecord, results: list[str]) -> list[str]:
     """``key=value`` items for ``creditaudit train`` that rebuild the config of ``run``."""
-    from creditaudit import config as C, typedconfig as T
+    from creditaudit import config as C
+    from creditaudit import typedconfig as T
 
     config = run.config
     label = config.get("arch_label") or ""

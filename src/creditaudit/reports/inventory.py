@@ -18,8 +18,8 @@ from pathlib import Path
 from creditaudit.diagnostics.verdict import Thresholds
 from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
-from creditaudit.runs.pairing import CONTROLS
 from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, triangulation
+from creditaudit.runs.pairing import CONTROLS
 
 
 @dataclass

@@ -17,11 +17,13 @@ under "Skipped" and never averaged.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
+from creditaudit.models.base import ARCHS, ArchShape, ModelConfig, arch_shape
 from creditaudit.reports.audit import (
     FIGURES,
     RunAudit,
@@ -32,7 +34,6 @@ from creditaudit.reports.audit import (
     fmt,
     table_rows,
 )
-from creditaudit.models.base import ARCHS, ArchShape, ModelConfig, arch_shape
 from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
 from creditaudit.reports.markdown import md_row
 
@@ -347,7 +348,7 @@ class Ordering:
     ranked: list[str]  # best first
     better: set[tuple[str, str]]  # (a, b): a is clearly better than b
 
-    def conflicts(self, other: "Ordering") -> list[tuple[str, str]]:
+    def conflicts(self, other: Ordering) -> list[tuple[str, str]]:
         return sorted((a, b) for a, b in self.better if (b, a) in other.better)
 
 
@@ -375,7 +376,7 @@ def render_ordering(o: Ordering) -> str:
     if not o.ranked:
         return "–"
     out = o.ranked[0]
-    for prev, cur in zip(o.ranked, o.ranked[1:]):
+    for prev, cur in itertools.pairwise(o.ranked):
         out += (" > " if (prev, cur) in o.better else " ≈ ") + cur
     return out
 
@@ -470,8 +471,8 @@ __all__ = [
     "TABLES",
     "Table",
     "all_tables",
-    "tables_markdown",
+    "arch_description",
     "ordering",
     "render_ordering",
-    "arch_description",
+    "tables_markdown",
 ]

@@ -105,7 +105,8 @@ def audit_table(audit: Audit, title: str) -> RichTable:
     ]
     numeric = [h not in ("rule", "verdict", "claim", "fired@ep") for h in header]
     shown = [
-        [r[0], f"[{colour(ra.verdict.label)}]{r[1]}[/]", *r[2:]] for r, ra in zip(rows, audit.rules)
+        [r[0], f"[{colour(ra.verdict.label)}]{r[1]}[/]", *r[2:]]
+        for r, ra in zip(rows, audit.rules, strict=True)
     ]
     if same_n and ns:
         title += f" (n={ns.pop()} seeds each; mean±std)"

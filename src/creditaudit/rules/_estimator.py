@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules.options import check_at_least, check_choice, check_positive
 from creditaudit.rules.base import Rule, RuleContext
+from creditaudit.rules.options import check_at_least, check_choice, check_positive
 
 CODES = ("error", "label")
 
@@ -152,7 +152,7 @@ class Estimator(nn.Module):
         stacked copies of the batch; the code is repeated). All states pass the trunk as one batch."""
         s_in = self.code_in(code) if self.code_in is not None else None  # (B, width)
         us = []
-        for h, l in zip(states, layers):
+        for h, l in zip(states, layers, strict=True):
             u = self.adapters[l](flat_ln(h.float())) + self.tau.weight[l]
             if s_in is not None:
                 u = u + s_in.repeat(h.shape[0] // s_in.shape[0], 1)
@@ -176,7 +176,7 @@ def ema_copy(module: nn.Module) -> nn.Module:
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """θ̄ ← decay·θ̄ + (1 − decay)·θ for every parameter (buffers copied)."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), 1.0 - decay)
-    for tb, sb in zip(target.buffers(), source.buffers()):
+    for tb, sb in zip(target.buffers(), source.buffers(), strict=True):
         tb.copy_(sb)
 
 

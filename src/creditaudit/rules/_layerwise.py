@@ -20,8 +20,9 @@ a matrix B (W's shape) in place of every weight transpose inside the blocks and 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +30,8 @@ from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import INITS, preserved_buffers, random_matrix
-from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules.base import Rule, RuleContext
+from creditaudit.rules.options import check_choice, check_positive
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _conv_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     if m.padding == "valid":
         return (0,) * len(m.kernel_size)
     if m.padding == "same":
-        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
         if any(t % 2 for t in total):
             raise NotImplementedError(
                 f"layerwise feedback: padding='same' with an even kernel ({m}) is asymmetric; use explicit padding"

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from creditaudit.models.base import CreditNet, Forward
 from creditaudit.errors import ConfigError
+from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules import _estimator as E
 from creditaudit.rules._feedback import random_matrix
+from creditaudit.rules.base import RULES
 from creditaudit.rules.options import (
     check_at_least,
     check_choice,
@@ -58,7 +59,6 @@ from creditaudit.rules.options import (
     check_nonnegative,
     check_positive,
 )
-from creditaudit.rules.base import RULES
 
 NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})·ξ
 
@@ -177,7 +177,7 @@ class CreditBridge(E.EstimatorRule):
         self.ready(fwd.hs)
         if self.in_warmup():
             e = E.terminal_code("error", fwd.logits, y)  # (B, C)
-            return [(e @ B).view_as(h).to(h.dtype) for B, h in zip(self.B, fwd.hs)]
+            return [(e @ B).view_as(h).to(h.dtype) for B, h in zip(self.B, fwd.hs, strict=True)]
         s = E.terminal_code(self.opts.code, fwd.logits, y)
         with torch.enable_grad():
             hs = [h.detach().requires_grad_(True) for h in fwd.hs]
@@ -219,7 +219,9 @@ class CreditBridge(E.EstimatorRule):
         vs = self.value(self.net, hs[:L] + [h_L], list(range(L + 1)), s)
         zero = vs[0].new_zeros(())
         cons = (
-            torch.stack([(v - t).pow(2).mean() for v, t in zip(vs[:L], targets)]).mean()
+            torch.stack(
+                [(v - t).pow(2).mean() for v, t in zip(vs[:L], targets, strict=True)]
+            ).mean()
             if L
             else zero
         )

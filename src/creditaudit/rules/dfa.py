@@ -25,8 +25,8 @@ from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import INITS, feedback_generator, output_error, random_matrix
-from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules.base import RULES, Rule, RuleContext
+from creditaudit.rules.options import check_choice, check_positive
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DirectProjectionRule(Rule):
                 f"{self.name} holds {len(self.B)} feedback matrices but the model has {len(fwd.hs)} states"
             )
         out = []
-        for l, (B, h) in enumerate(zip(self.B, fwd.hs)):
+        for l, (B, h) in enumerate(zip(self.B, fwd.hs, strict=True)):
             if B.shape != (h[0].numel(), s.shape[1]):
                 raise ValueError(
                     f"{self.name}: B_{l} has shape {tuple(B.shape)} but h_{l} needs ({h[0].numel()}, {s.shape[1]})"

@@ -36,9 +36,9 @@ from torch.nn import functional as F
 
 from creditaudit.models.base import Forward
 from creditaudit.rules._feedback import INITS
-from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules.base import RULES
 from creditaudit.rules.dfa import DirectProjectionRule
+from creditaudit.rules.options import check_choice, check_positive
 
 
 @dataclass

@@ -149,9 +149,9 @@ def _upsampling(
     """(stride, output padding) of a transposed conv from (c, *size) to (c', *size'), every spatial
     axis upsampled by the same integer stride, or None."""
     stride = target[1] // shape[1]
-    if stride < 1 or any(t // n != stride for n, t in zip(shape[1:], target[1:])):
+    if stride < 1 or any(t // n != stride for n, t in zip(shape[1:], target[1:], strict=True)):
         return None
-    pad = tuple(t - stride * n for n, t in zip(shape[1:], target[1:]))
+    pad = tuple(t - stride * n for n, t in zip(shape[1:], target[1:], strict=True))
     return (stride, pad) if all(0 <= p < stride for p in pad) else None
 
 
@@ -196,7 +196,7 @@ class DTP(EstimatorRule):
         hs = [h.detach() for h in fwd.hs]
         self.ready(hs)
         deltas = self.displacements(model, hs, y)
-        return [(-d / self.opts.target_step).to(h.dtype) for d, h in zip(deltas, hs)]
+        return [(-d / self.opts.target_step).to(h.dtype) for d, h in zip(deltas, hs, strict=True)]
 
     # -- training the inverses -------------------------------------------------------------------
     def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
@@ -211,9 +211,11 @@ class DTP(EstimatorRule):
         with torch.no_grad(), preserved_buffers(model):
             outs = [
                 block(u.to(fwd.hs[l].dtype))[0].float()
-                for l, (block, u) in enumerate(zip(model.blocks, noisy))
+                for l, (block, u) in enumerate(zip(model.blocks, noisy, strict=True))
             ]
-        per_block = torch.stack([F.mse_loss(g(o), u) for g, o, u in zip(self.net, outs, noisy)])
+        per_block = torch.stack(
+            [F.mse_loss(g(o), u) for g, o, u in zip(self.net, outs, noisy, strict=True)]
+        )
         self.train_on(per_block.sum())
         return {"rec_loss": per_block.mean().detach()}
 

@@ -69,8 +69,8 @@ from torch.nn import functional as F
 
 from creditaudit import autodiff
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
-from creditaudit.rules.options import check, check_choice, check_positive
 from creditaudit.rules.base import RULES, Rule
+from creditaudit.rules.options import check, check_choice, check_positive
 
 CREDITS = ("displacement", "error")
 
@@ -172,15 +172,17 @@ def _relax(
         ds = deltas[lo - 1 :]
         outs, vjp = autodiff.vjp(offsets_and_nudge, *ds)
         offs = outs[:-1]
-        errs = [ds[0] - (off1 if lo == 1 else 0.0)] + [d - o for d, o in zip(ds[1:], offs)]
+        errs = [ds[0] - (off1 if lo == 1 else 0.0)] + [
+            d - o for d, o in zip(ds[1:], offs, strict=True)
+        ]
         # ∇_{δ_l} C_β = ε_l − J_{l+1}ᵀ ε_{l+1} (+ β ∇CE at l = L): one state-only backward pass.
         back = vjp((*[-e for e in errs[1:]], torch.ones_like(outs[-1])))
         with torch.no_grad():
-            grads = [e + b for e, b in zip(errs, back)]
+            grads = [e + b for e, b in zip(errs, back, strict=True)]
             if t == 0 or t == T - 1:
                 last = sum(g.pow(2).sum() for g in grads)
                 first = last if t == 0 else first
-            deltas[lo - 1 :] = [d - alpha * g for d, g in zip(ds, grads)]
+            deltas[lo - 1 :] = [d - alpha * g for d, g in zip(ds, grads, strict=True)]
 
     # At s^β: ∂C_β/∂s_0 = −J_1ᵀ ε_1 (the CE term does not see s_0 when L >= 1), and the errors.
     err1 = deltas[0] - off1
@@ -222,7 +224,7 @@ class EP(Rule):
             else [torch.zeros_like(v) for v in x_plus]
         )
         a0 = (plus.d_s0 - (minus.d_s0 if minus else 0.0)) / scale
-        credits = [a0] + [-(p - m) / scale for p, m in zip(x_plus, x_minus)]
+        credits = [a0] + [-(p - m) / scale for p, m in zip(x_plus, x_minus, strict=True)]
         ratio = (
             plus.relax_ratio
             if minus is None

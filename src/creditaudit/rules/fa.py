@@ -165,7 +165,7 @@ class FA(Rule):
                 # their Kronecker product has variance scale²/n_in like a dense map
                 factors = [
                     random_matrix((o, i), i, init, scale if k == len(in_shape) - 1 else 1.0, g)
-                    for k, (i, o) in enumerate(zip(in_shape, out_shape))
+                    for k, (i, o) in enumerate(zip(in_shape, out_shape, strict=True))
                 ]
             self.blocks.append([f.to(self.device) for f in factors])
 

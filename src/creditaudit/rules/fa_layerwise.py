@@ -37,15 +37,15 @@ import torch
 from torch import Tensor, nn
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules._layerwise import (
     FEEDBACK_INITS,
     LayerwiseFeedbackRule,
-    fa_forward,
+    fa_forward,  # noqa: F401  (re-exported)
     feedback_layers,  # noqa: F401  (re-exported)
     initial_feedback,
 )
 from creditaudit.rules.base import RULES, RuleContext
+from creditaudit.rules.options import check_choice, check_positive
 
 
 @dataclass

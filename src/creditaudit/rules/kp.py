@@ -47,7 +47,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import feedback_generator
-from creditaudit.rules.options import check_choice, check_positive
 from creditaudit.rules._layerwise import (
     FEEDBACK_INITS,
     LayerwiseFeedbackRule,
@@ -55,6 +54,7 @@ from creditaudit.rules._layerwise import (
     initial_feedback,
 )
 from creditaudit.rules.base import RULES, RuleContext
+from creditaudit.rules.options import check_choice, check_positive
 
 
 @dataclass
@@ -99,7 +99,7 @@ def decay_factor(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> flo
 
 # One process-wide pre-step hook, registered on first use and never removed (removing a hook from
 # inside the hook loop would change the dict torch is iterating); it serves the armed KP rules.
-_ARMED: "weakref.WeakSet[KP]" = weakref.WeakSet()
+_ARMED: weakref.WeakSet[KP] = weakref.WeakSet()
 _HOOK: Any = None
 
 

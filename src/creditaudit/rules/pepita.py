@@ -57,8 +57,8 @@ from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
 from creditaudit.rules._feedback import feedback_generator, output_error, random_matrix
-from creditaudit.rules.options import check_positive
 from creditaudit.rules.base import RULES, Rule, RuleContext
+from creditaudit.rules.options import check_positive
 
 
 @dataclass
@@ -122,7 +122,7 @@ class PEPITA(Rule):
                 shift.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-12)
             ).mean()
         )
-        return [(h.detach() - hm).to(h.dtype) for h, hm in zip(fwd.hs, mod.hs)]
+        return [(h.detach() - hm).to(h.dtype) for h, hm in zip(fwd.hs, mod.hs, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
         # F is drawn from a generator seeded with ``seed`` and used for nothing else: the seed

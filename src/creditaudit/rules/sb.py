@@ -70,7 +70,7 @@ class StateBridge(E.EstimatorRule):
         zs = self.net["trunk"].features(hs, layers, s)
         outs = [self.net["out"](z) for z in zs]  # (B, D_L) each
         if self.opts.rms_out:
-            outs = [u * E.rms(h.float())[:, None] for u, h in zip(outs, hs)]
+            outs = [u * E.rms(h.float())[:, None] for u, h in zip(outs, hs, strict=True)]
         return [u.view(-1, *self.shapes[-1]) for u in outs]
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules.options import check_positive
 from creditaudit.rules._layerwise import SignConcordantRule
 from creditaudit.rules.base import RULES, RuleContext
+from creditaudit.rules.options import check_positive
 
 
 @dataclass

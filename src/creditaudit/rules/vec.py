@@ -40,8 +40,8 @@ from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules import _estimator as E
-from creditaudit.rules.options import check_at_least, check_positive
 from creditaudit.rules.base import RULES
+from creditaudit.rules.options import check_at_least, check_positive
 
 
 @dataclass
@@ -100,7 +100,7 @@ class VectorField(E.EstimatorRule):
         gate = self.net["code"](s)  # (B, width)
         return [
             self.net["out"][l](z * gate) / E.rms(h.float())[:, None]
-            for l, z, h in zip(layers, zs, hs)
+            for l, z, h in zip(layers, zs, hs, strict=True)
         ]
 
     def fd_targets(self, model: CreditNet, l: int, h: Tensor, y: Tensor, v: Tensor) -> Tensor:
@@ -122,7 +122,7 @@ class VectorField(E.EstimatorRule):
         s = E.terminal_code(self.opts.code, fwd.logits, y)
         with torch.no_grad():
             credits = self.vector_field(fwd.hs, list(range(len(fwd.hs))), s)
-        return [a.view_as(h).to(h.dtype) for a, h in zip(credits, fwd.hs)]
+        return [a.view_as(h).to(h.dtype) for a, h in zip(credits, fwd.hs, strict=True)]
 
     def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
         self.ready(fwd.hs)
@@ -133,7 +133,9 @@ class VectorField(E.EstimatorRule):
         n = o.fd_layers if 0 < o.fd_layers < L + 1 else L + 1
         probed = [(self.steps * n + j) % (L + 1) for j in range(n)]  # round robin over 0..L
         layers = sorted(set(probed) | ({L} if o.terminal else set()))
-        preds = dict(zip(layers, self.vector_field([hs[l] for l in layers], layers, s)))
+        preds = dict(
+            zip(layers, self.vector_field([hs[l] for l in layers], layers, s), strict=True)
+        )
 
         terms = []
         for l in probed:

@@ -54,8 +54,9 @@ import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -268,7 +269,7 @@ def _read_safetensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], di
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (a safe_open handle, not a dict)
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptRunError(path, f"not a readable safetensors file ({e})", fix=fix) from e
     return tensors, metadata

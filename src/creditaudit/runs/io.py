@@ -44,16 +44,17 @@ import os
 import secrets
 import stat
 import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from creditaudit.errors import UserError
 
 __all__ = [
-    "CorruptRunError",
     "PARTIAL_SUFFIX",
+    "CorruptRunError",
     "append_jsonl",
     "atomic_replace",
     "atomic_write_bytes",
@@ -243,9 +244,11 @@ def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically; see :func:`atomic_replace`."""
-    with atomic_replace(path) as tmp:
-        with open(tmp, "wb") as f:  # the empty file atomic_replace created, with its mode
-            f.write(data)
+    with (
+        atomic_replace(path) as tmp,
+        open(tmp, "wb") as f,
+    ):  # the empty file atomic_replace created, with its mode
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -59,9 +59,10 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from creditaudit.errors import UserError
 

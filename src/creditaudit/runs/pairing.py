@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 BASELINE_RULE = "bp_frozen"
 # The setting that holds the baselines a sweep adds (``--with-baselines``) where the study lists none.

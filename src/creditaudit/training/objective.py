@@ -100,7 +100,7 @@ def local_objective(
         raise ValueError(
             f"a rule returned {len(credits)} credits for {len(fwd.hs)} states h_0..h_L"
         )
-    for l, (a, h) in enumerate(zip(credits, fwd.hs)):
+    for l, (a, h) in enumerate(zip(credits, fwd.hs, strict=True)):
         if a.shape != h.shape:
             raise ValueError(
                 f"credit a_{l} has shape {tuple(a.shape)} but h_{l} has {tuple(h.shape)}"

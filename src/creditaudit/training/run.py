@@ -13,8 +13,9 @@ in :func:`run_state`. A run resumed from it continues bit for bit on the same de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +36,6 @@ from creditaudit.models.base import (
 from creditaudit.rules.base import Rule, RuleContext, build_rule
 from creditaudit.training.allocator import device_memory
 from creditaudit.training.objective import LocalUpdate, local_objective, parse_local_update, penalty
-
 
 #: bytes of device memory each parameter takes while training, at least: its float32 value, its
 #: gradient and AdamW's two moments

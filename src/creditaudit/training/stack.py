@@ -42,14 +42,15 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
@@ -200,7 +201,10 @@ class Stack:
         opt = torch.optim.AdamW(groups)
         per_run = [[p for g in r.optimizer.param_groups for p in g["params"]] for r in self.runs]
         for i, stacked in enumerate(p for g in opt.param_groups for p in g["params"]):
-            states = [r.optimizer.state.get(params[i]) for r, params in zip(self.runs, per_run)]
+            states = [
+                r.optimizer.state.get(params[i])
+                for r, params in zip(self.runs, per_run, strict=True)
+            ]
             if not any(states):
                 continue
             step = states[0]["step"]
@@ -221,7 +225,7 @@ class Stack:
                 for n, b in run.model.named_buffers():
                     b.copy_(self.buffers[n][r])
                 own = [p for g in run.optimizer.param_groups for p in g["params"]]
-                for p, s in zip(own, stacked):
+                for p, s in zip(own, stacked, strict=True):
                     state = self.optimizer.state.get(s)
                     if state:
                         run.optimizer.state[p] = {
@@ -371,7 +375,7 @@ class Stack:
             correct += c
         self.model.train()
         n = max(x.shape[0], 1)
-        return [(lo / n, co / n) for lo, co in zip(loss.tolist(), correct.tolist())]
+        return [(lo / n, co / n) for lo, co in zip(loss.tolist(), correct.tolist(), strict=True)]
 
     # ---- the diagnostics ---------------------------------------------------------------------
     def probe(
@@ -417,7 +421,7 @@ class Stack:
         finally:
             self.model.train()
         return [
-            ({k: v[r] for k, v in figures.items()}, pytree.tree_map(lambda t: t[r], rho))
+            ({k: v[r] for k, v in figures.items()}, pytree.tree_map(lambda t, r=r: t[r], rho))
             for r in range(len(runs))
         ]
 
@@ -460,10 +464,12 @@ def diagnose(
         diag_cfg = sessions[group[0]].run.cfg.diag
         shared = stack.probe(group, diag_cfg, full=full)
         share = (time.perf_counter() - t0) / len(group)
-        for i, (figures, rho) in zip(group, shared):
+        for i, (figures, rho) in zip(group, shared, strict=True):
             run = sessions[i].run
 
-            def own(run=run, figures=figures, rho=rho) -> dict[str, float]:
+            def own(
+                run=run, figures=figures, rho=rho, diag_cfg=diag_cfg, full=full, share=share
+            ) -> dict[str, float]:
                 t1 = time.perf_counter()
                 got = finish_probe(run, figures, rho, diag_cfg, full=full)
                 return {**got, "time/diag_s": share + time.perf_counter() - t1}
