@@ -12,7 +12,15 @@ from creditaudit.cli import main
 from creditaudit.errors import ConfigError, MissingPathError, UserError
 from tests.conftest import run_metrics
 
-TINY = dict(dataset="digits", train_subset=0, d=32, L=2, epochs=2, batch_size=64, threads=1)
+TINY = {
+    "dataset": "digits",
+    "train_subset": 0,
+    "d": 32,
+    "L": 2,
+    "epochs": 2,
+    "batch_size": 64,
+    "threads": 1,
+}
 
 
 def _strip(records):

@@ -149,7 +149,7 @@ def test_every_table_figure_has_a_definition_in_the_docs():
     from creditaudit.reports.audit import FIGURES
 
     doc = (Path(__file__).parents[1] / "docs" / "audit.md").read_text()
-    for title, definition in FIGURES.values():
+    for title, _definition in FIGURES.values():
         assert title in doc, f"docs/audit.md does not define {title!r}"
 
 

@@ -321,7 +321,7 @@ def test_damaged_checkpoint_raises_corrupt_run_error(tmp_path, damage):
 
 
 def test_missing_or_foreign_checkpoint_raises_corrupt_run_error(tmp_path):
-    with pytest.raises(CorruptRunError, match="missing.*delete it"):
+    with pytest.raises(CorruptRunError, match=r"missing.*delete it"):
         load_checkpoint(tmp_path / "nope.safetensors")
     save_tensors(tmp_path / "weights.safetensors", {"w": torch.ones(1)})
     with pytest.raises(CorruptRunError, match="not a creditaudit checkpoint"):

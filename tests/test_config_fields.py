@@ -280,7 +280,7 @@ def test_refusals_say_why():
         _config("heads=2")
     with pytest.raises(ConfigError, match="student task only"):
         _config("student_dim=12")
-    with pytest.raises(ConfigError, match="diag.enabled=false"):
+    with pytest.raises(ConfigError, match=r"diag.enabled=false"):
         _config("diag.enabled=false", "trajectory=true")
 
 
@@ -321,11 +321,11 @@ def test_fa_structure_acts_on_multi_axis_states_and_is_refused_where_it_cannot()
     assert _differs(
         _signature(_config("rule=fa", "fa.structure=dense", arch="vit_mini")), reference
     )
-    with pytest.raises(ConfigError, match="fa.structure=kron has no effect here"):
+    with pytest.raises(ConfigError, match=r"fa.structure=kron has no effect here"):
         _signature(
             _config("rule=fa", "fa.structure=kron", arch="vit_mini")
         )  # auto is kron on equal token×d shapes
-    with pytest.raises(ConfigError, match="fa.structure=dense has no effect here"):
+    with pytest.raises(ConfigError, match=r"fa.structure=dense has no effect here"):
         _signature(
             _config("rule=fa", "fa.structure=dense")
         )  # vector states: one map whatever the structure
@@ -347,7 +347,7 @@ def test_diag_fields_are_honoured_or_refused():
 
     reference = probed()
     for key, value in DIAG.items():
-        with pytest.raises(ConfigError, match="diag.enabled=false"):
+        with pytest.raises(ConfigError, match=r"diag.enabled=false"):
             _config("diag.enabled=false", f"{key}={value}")
         if key == "diag.stab_batch_size":
             value = "16"

@@ -168,10 +168,10 @@ def test_a_rule_that_cannot_stack_but_says_it_can_or_leaves_a_layer_patched_is_c
 
     registry.register("kit_autograd")(Autograd)
     check_step("kit_autograd")  # alone it is a fine rule
-    with pytest.raises(RuleCheckError, match="a stack of two runs fails .* set stack_refusal"):
+    with pytest.raises(RuleCheckError, match=r"a stack of two runs fails .* set stack_refusal"):
         check_stack("kit_autograd")
     registry.register("kit_patch")(Patching)
-    with pytest.raises(RuleCheckError, match="still patched .* restore every patched forward"):
+    with pytest.raises(RuleCheckError, match=r"still patched .* restore every patched forward"):
         check_step("kit_patch")
     assert check_stack("kit_patch") == "runs alone (patches layers)"
 

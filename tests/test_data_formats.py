@@ -192,7 +192,7 @@ def test_idx_truncated_gzip_stream(tmp_path, no_system_dirs):
     write_idx_dataset(tmp_path / "mnist")
     bad = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:-50])  # cut the compressed stream itself
-    with pytest.raises(DatasetMissingError, match="t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(DatasetMissingError, match=r"t10k-images-idx3-ubyte.gz"):
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)), seed=0)
 
 

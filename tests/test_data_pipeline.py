@@ -155,7 +155,7 @@ def test_augment_resolution():
         load_dataset(
             DataConfig(dataset="student", student_train=10, student_test=10, augment="crop_flip"), 0
         )
-    with pytest.raises(ValueError, match="data.augment"):
+    with pytest.raises(ValueError, match=r"data.augment"):
         load_dataset(DataConfig(dataset="digits", augment="mixup"), 0)
 
 

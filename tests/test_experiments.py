@@ -321,9 +321,9 @@ def test_one_profile_registry_serves_every_command():
     assert E.profile_names(E.EXPLOIT) == ["paper", "smoke", "default"]
     with pytest.raises(Exception, match="not one of sweep's; choose one of paper, cpu, smoke"):
         expand("main_audit", profile="mode1")
-    cpu = [c for c in E.audit_configs(["dfa"], profile="default") if c.rule == "dfa"][0]
+    cpu = next(c for c in E.audit_configs(["dfa"], profile="default") if c.rule == "dfa")
     assert (cpu.data.dataset, cpu.data.train_subset, cpu.epochs) == ("fashion_mnist", 20000, 6)
-    assert [c for c in E.audit_configs(["dfa"], profile="double")][0].epochs == 12
+    assert next(iter(E.audit_configs(["dfa"], profile="double"))).epochs == 12
     assert P.profile("default").name == "default" and P.profile("smoke").dataset == "digits"
     assert P.profile_seeds("smoke") == (42, 123)
     for command, name in (("audit", E.AUDIT), ("sweep", E.SWEEP), ("exploit", E.EXPLOIT)):

@@ -18,7 +18,10 @@ def _grads(model):
     }
 
 
-def _local_grads(model, x, y, credits, rule=LocalUpdate("inner"), lam=0.0):
+INNER = LocalUpdate("inner")
+
+
+def _local_grads(model, x, y, credits, rule=INNER, lam=0.0):
     model.zero_grad(set_to_none=True)
     fwd = model.run(x, detach_inputs=True)
     (
@@ -113,7 +116,7 @@ def test_shift_eta_only_scales_the_gradient_so_adamw_ignores_it_without_a_penalt
 
     cfg, shape = SMALL_ARCHS["resmlp"]
     base = build_model("resmlp", cfg, shape, 10)
-    x, y = torch.randn(16, *shape), torch.randint(0, 10, (16,))
+    x = torch.randn(16, *shape)
 
     def step(eta: float, lam: float) -> list[torch.Tensor]:
         model = copy.deepcopy(base)

@@ -113,5 +113,5 @@ def test_terminal_norm_and_skip_path_flags_work_on_every_arch(arch):
         model = build_model(arch, dataclasses.replace(cfg, residual=residual), shape, 4)
         assert all(b.residual == wanted for b in model.blocks), (arch, residual)
         fwd = model.run(x)
-        for block, h_prev, h, f in zip(model.blocks, fwd.hs[:-1], fwd.hs[1:], fwd.fs, strict=True):
+        for h_prev, h, f in zip(fwd.hs[:-1], fwd.hs[1:], fwd.fs, strict=True):
             torch.testing.assert_close(h, h_prev + f if wanted else f)

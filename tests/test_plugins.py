@@ -175,7 +175,7 @@ def test_the_registry_gives_a_rule_its_name_once():
     assert Mine.name == "mine" and Rule.name == ""
     with pytest.raises(ValueError, match="one class, one name"):
         registry.add("other", Mine)
-    with pytest.raises(TypeError, match="subclass of creditaudit.rules.Rule"):
+    with pytest.raises(TypeError, match=r"subclass of creditaudit.rules.Rule"):
         registry.add("fn", lambda: None)
     assert all(RULES.get(n).name == n for n in RULES.names())
 

@@ -87,7 +87,7 @@ def test_cb_terminal_matching_aligns_grad_V_with_g_L():
     rule, model, _ = _fit("cb")
     _, x, y = _fixed_task()
     x, y = x[:256], y[:256]
-    fwd, gs = true_grads(model, x, y)
+    _, gs = true_grads(model, x, y)
     a_L = rule.credits(model, x, y, model.run(x, detach_inputs=True))[-1]
     a, g = a_L.double().flatten(1), gs[-1].double().flatten(1)
     cos = (a * g).sum(1) / (a.norm(dim=1) * g.norm(dim=1))  # per sample, no eps

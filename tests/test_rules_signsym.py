@@ -98,7 +98,7 @@ def _hand_backward(
     e = torch.softmax(o, 1) - F.one_hot(y, o.shape[1]).to(o.dtype)  # (B, C): d Σ CE / d o
     (dh,) = torch.autograd.grad(z, hL, e @ B["head"])
     credits = [dh]
-    for name, mod, x, l in reversed(stages):
+    for name, mod, x, _ in reversed(stages):
         if isinstance(mod, nn.Linear):
             dh = dh @ B[name]
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
@@ -177,7 +177,7 @@ def test_sign_concordance_every_step(tmp_path, rule_name):
                 nz = run.model.get_submodule(n).weight.detach() != 0
                 assert torch.equal(mags[n][nz], first[n][nz]), n
         if rule_name == "usf":
-            for n, m in run.rule.layers(run.model):
+            for n, _ in run.rule.layers(run.model):
                 assert torch.unique(mags[n]).numel() == 1  # one number s per layer
         train_step(run, x, y)
 

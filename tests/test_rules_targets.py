@@ -194,7 +194,7 @@ def test_dtp_with_exact_inverses_targets_the_negative_gradient():
     rule = _rule("dtp", model, (20,))
     rule.net = nn.ModuleList(ExactInverse(b.branch[0]) for b in model.blocks)
     x, y = 0.1 * torch.randn(32, 20), torch.randint(0, 5, (32,))
-    fwd, credits = _credits(rule, model, x, y)
+    _, credits = _credits(rule, model, x, y)
     _, gs = true_grads(model, x, y)
     torch.testing.assert_close(credits[-1], gs[-1])  # τ_L = h_L − η̂ g_L: a_L = g_L exactly
     for l, (a, g) in enumerate(zip(credits, gs, strict=True)):

@@ -129,7 +129,7 @@ def test_bad_summaries(tmp_path):
     with pytest.raises(ValueError, match="status"):
         f.write_summary({"status": "done"})
     f.summary_path.write_text('{"status": "finished"')  # a non-atomic writer crashed
-    with pytest.raises(CorruptRunError, match="summary.json.*not valid JSON"):
+    with pytest.raises(CorruptRunError, match=r"summary.json.*not valid JSON"):
         f.status()
     f.summary_path.write_text('{"status": "weird"}')
     with pytest.raises(CorruptRunError, match="status 'weird'"):
@@ -251,7 +251,7 @@ def test_unreadable_lock_and_stuck_takeover_are_refused(tmp_path):
         f.lock().acquire()
     _write_lock(f)
     (f.path / "run.lock.takeover").mkdir()
-    with pytest.raises(RunLockedError, match="run.lock.takeover"):
+    with pytest.raises(RunLockedError, match=r"run.lock.takeover"):
         f.lock().acquire()
 
 
