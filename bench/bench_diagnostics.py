@@ -2,7 +2,8 @@
 default cadence).
 
     python bench/bench_diagnostics.py                 # trains bp and dfa (seed 42) at the audit's default profile
-    python bench/bench_diagnostics.py RESULTS_DIR     # reads the timings logged by finished runs (e.g. after `make audit`)
+    # reads the timings logged by finished runs (e.g. after `make audit`)
+    python bench/bench_diagnostics.py RESULTS_DIR
 
 Both the probe (``time/diag_s``, epoch 0 included) and the training (``time/train_s``) are timed in
 the same processes, so the ratio is not disturbed by what else the machine does in between.

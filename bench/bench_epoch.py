@@ -200,10 +200,12 @@ def stacked(argv_opts: dict, repeats: int, threads: int) -> None:
         f"batch {cfg.batch_size}, {mode}, {repeats} epochs each"
     )
     print(
-        f"creditaudit {rule} epoch : {lib:7.3f} s = {lib / steps / R * 1e3:.3f} ms per run-step  (runs: {', '.join(f'{t:.3f}' for t in t_lib)})"
+        f"creditaudit {rule} epoch : {lib:7.3f} s = {lib / steps / R * 1e3:.3f} ms per "
+        f"run-step  (runs: {', '.join(f'{t:.3f}' for t in t_lib)})"
     )
     print(
-        f"hand-written BP epoch : {ref:7.3f} s = {ref / steps / R * 1e3:.3f} ms per run-step  (runs: {', '.join(f'{t:.3f}' for t in t_hand)})"
+        f"hand-written BP epoch : {ref:7.3f} s = {ref / steps / R * 1e3:.3f} ms per run-step  "
+        f"(runs: {', '.join(f'{t:.3f}' for t in t_hand)})"
     )
     print(f"ratio creditaudit / hand-written: {lib / ref:.3f}  (target <= 1.2 in the same mode)")
 
@@ -268,7 +270,8 @@ def main(argv: list[str]) -> None:
     lib, ref = statistics.median(t_lib), statistics.median(t_hand)
     print(
         f"device {run.device}, threads {threads}, dataset {cfg.data.dataset} ({x.shape[0]} train), "
-        f"resmlp d={cfg.model.d or 256} L={4 if cfg.model.L is None else cfg.model.L}, batch {cfg.batch_size}, {repeats} epochs each"
+        f"resmlp d={cfg.model.d or 256} L={4 if cfg.model.L is None else cfg.model.L}, batch "
+        f"{cfg.batch_size}, {repeats} epochs each"
     )
     print(f"creditaudit BP epoch : {lib:7.3f} s  (runs: {', '.join(f'{t:.3f}' for t in t_lib)})")
     print(f"hand-written epoch   : {ref:7.3f} s  (runs: {', '.join(f'{t:.3f}' for t in t_hand)})")

@@ -41,7 +41,8 @@ load on a shared machine). Other ``key=value`` items go to every run, as ``credi
 ``stack=N`` (``graph=1``) projects ``creditaudit sweep --stack N [--graph]``: the runs are packed
 into jobs as the sweep packs them (``jobs/packing.py``), and each (kind, stack size) that occurs is
 measured as a stack — its step, its evaluation and its probes for all the stack's runs at once
-(each run's ρ_l its own), its checkpoints per run — by every worker at once. A job's time is then its stack's; a run's share of
+(each run's ρ_l its own), its checkpoints per run — by every worker at once. A job's time is then
+its stack's; a run's share of
 it is the job's time over its size. See docs/performance.md.
 """
 
@@ -694,7 +695,8 @@ def report(
     stacked = sum(len(j) for j, _ in ok_jobs if len(j) > 1)
 
     print(
-        f"\nprojection per setting ({workers} worker(s); 'alone' = `creditaudit sweep SETTING` by itself, start-ups included;"
+        f"\nprojection per setting ({workers} worker(s); 'alone' = `creditaudit sweep "
+        "SETTING` by itself, start-ups included;"
         f" a stacked run counts its share of its stack)"
     )
     print(
@@ -742,7 +744,8 @@ def report(
     )
     print(f"  start-up: parent {parent_start:.1f} s, workers {worker_start:.1f} s")
     print(
-        f"  projected wall time on {workers} worker(s): {fmt_s(w_sweep)} in the sweep's order, {fmt_s(w_lpt)} longest-first (LPT);"
+        f"  projected wall time on {workers} worker(s): {fmt_s(w_sweep)} in the sweep's "
+        f"order, {fmt_s(w_lpt)} longest-first (LPT);"
         f" lower bound {fmt_s(total / workers)}"
     )
     return {
@@ -844,8 +847,11 @@ def main(argv: list[str]) -> None:
     parent_start = _parent_start_s()
     avail = available_memory()
     print(
-        f"bench_study: profile {profile}, settings {','.join(settings)}{''.join(' ' + o for o in overrides)}, device {device}, {workers} worker(s) × "
-        f"{'1 thread' if workers > 1 else f'{torch.get_num_threads()} threads'}; {len(cfgs)} runs ({n_base} baselines), "
+        f"bench_study: profile {profile}, settings "
+        f"{','.join(settings)}{''.join(' ' + o for o in overrides)}, device {device}, "
+        f"{workers} worker(s) × "
+        f"{'1 thread' if workers > 1 else f'{torch.get_num_threads()} threads'}; {len(cfgs)} "
+        f"runs ({n_base} baselines), "
         f"{len(kinds)} kinds; {steps} timed steps per kind after {warmup} warm-up steps"
         + (
             f"; stacks of at most {stack}{', CUDA-graphed' if graph else ''}: {len(jobs)} jobs"
@@ -881,7 +887,8 @@ def main(argv: list[str]) -> None:
                 return
             print(
                 f"  {label:<34}{m['step_s'] * 1e3:>8.2f}{m['eval_s']:>8.2f}{m['cheap_s']:>8.2f}{m['full_s']:>8.2f}"
-                f"{m['ckpt_s']:>8.3f}{m['load_s']:>8.2f}{m['build_s']:>8.2f}{max(0, m['warmup_s'] - warmup * m['step_s']):>8.2f}"
+                f"{m['ckpt_s']:>8.3f}{m['load_s']:>8.2f}{m['build_s']:>8.2f}"
+                f"{max(0, m['warmup_s'] - warmup * m['step_s']):>8.2f}"
                 f"{m['peak_rss_mib']:>6.0f} MiB"
                 + (f"  cuda {m['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in m else ""),
                 flush=True,

@@ -135,7 +135,8 @@ def toy_res(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet
     embed = nn.Sequential(nn.Flatten(), nn.Linear(flat_dim(input_shape), shape.d))
     blocks = [Block(nn.Sequential(nn.LayerNorm(shape.d), nn.Linear(shape.d, shape.d)), residual=shape.residual)
               for _ in range(shape.L)]
-    return CreditNet(embed, blocks, nn.LayerNorm(shape.d) if shape.out_ln else nn.Identity(), nn.Linear(shape.d, num_classes))
+    norm = nn.LayerNorm(shape.d) if shape.out_ln else nn.Identity()
+    return CreditNet(embed, blocks, norm, nn.Linear(shape.d, num_classes))
 """
 
 

@@ -40,7 +40,8 @@ def test_inventory_counts(results):
     def row(first: str) -> str:
         return next(line for line in lines if line.startswith(f"| {first} |"))
 
-    # 21 main audit + 9 penalty + 2 depth + 3 cross-arch (one failed) + 1 interrupted (its summary says running, but no process holds its lock); 1 corrupt folder skipped.
+    # 21 main audit + 9 penalty + 2 depth + 3 cross-arch (one failed) + 1 interrupted (its summary
+    # says running, but no process holds its lock); 1 corrupt folder skipped.
     assert (
         row("**Total training runs**")
         == "| **Total training runs** | **36** (1 failed, 34 finished, 1 interrupted) |"

@@ -11,7 +11,8 @@ perturbation of that size: after two or three epochs the figures agree to 1e-5�
 most on EP over SmallCNN's BatchNorm, measured), checked to 2e-3. Figures that are differences of
 nearly equal numbers amplify it further: the finite-difference diagnostics (ρ, nudging), the
 gradient stability of (c) (cosines of batch means of per-sample gradients; 0.7% apart after two
-epochs of EP over smallcnn1d) and EP's relaxation residual (``rule/relax_ratio``, the norm of a gradient near its zero), checked to 5% or
+epochs of EP over smallcnn1d) and EP's relaxation residual (``rule/relax_ratio``, the norm of a
+gradient near its zero), checked to 5% or
 1e-4 (measured: 5.3e-5 apart on a ρ of 6e-4, DRTP over smallcnn1d). Accuracies agree to two examples.
 """
 

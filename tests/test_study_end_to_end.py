@@ -125,8 +125,8 @@ def test_inventory_counts_equal_the_folder(study):
     controls = [p for p in folders if p.parent.name == "controls"]
     assert f"| **Total training runs** | **{len(folders)}** ({len(folders)} finished) |" in text
     assert (
-        f"| Study runs + **added controls** (D3 baselines, `controls/`) | {len(folders) - len(controls)} + **{len(controls)}** |"
-        in text
+        "| Study runs + **added controls** (D3 baselines, `controls/`) | "
+        f"{len(folders) - len(controls)} + **{len(controls)}** |" in text
     )
     # every run folder is its own model: the added controls of one seed differ by epochs (and
     # random labels), which their folder names carry

@@ -415,7 +415,8 @@ def report(
     if not written:
         counts = Counter(r.status for r in col.runs)
         raise NothingToAudit(
-            f"nothing to audit under {root}: no run has finished ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+            f"nothing to audit under {root}: no run has finished "
+            f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
             "finish them with `creditaudit sweep SETTING` (killed runs resume) and audit again",
             col.problems,
         )

@@ -51,11 +51,11 @@ USAGE = 2  # an error the user can fix (argument, config, folder, disk): one lin
 RUNS_HELD = 3  # nothing failed, but some runs are being trained by another process (their folders are locked)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): what was computed is kept; the same command resumes
 
-EXIT_STATUS_HELP = f"""Exit status: {OK} everything was done (every run finished); {RUNS_FAILED} some run failed, diverged,
-was interrupted or lost its worker (the others were trained and the reports written); {USAGE} an error you
-can fix, named in one line (nothing computed is lost); {RUNS_HELD} nothing failed, but some runs are held
-by another process training them (run the command again once it is done); {INTERRUPTED} interrupted
-(Ctrl-C): the same command resumes."""
+EXIT_STATUS_HELP = f"""Exit status: {OK} everything was done (every run finished); {RUNS_FAILED} some
+run failed, diverged, was interrupted or lost its worker (the others were trained and the reports
+written); {USAGE} an error you can fix, named in one line (nothing computed is lost); {RUNS_HELD} nothing
+failed, but some runs are held by another process training them (run the command again once it is
+done); {INTERRUPTED} interrupted (Ctrl-C): the same command resumes."""
 
 
 def runs_status(statuses: list[str]) -> int:
@@ -288,7 +288,8 @@ def _train_with_progress(cfg, quiet: bool):
         state["epoch"] = run.epoch
         if not quiet:
             progress.console.print(
-                f"epoch {record['epoch']:>3}/{cfg.epochs}  train loss {record['train/loss']:.4f} acc {record['train/acc']:.4f}"
+                f"epoch {record['epoch']:>3}/{cfg.epochs}  train loss "
+                f"{record['train/loss']:.4f} acc {record['train/acc']:.4f}"
                 f"  test loss {record['test/loss']:.4f} acc {record['test/acc']:.4f}  {record['time/epoch_s']:.1f} s"
             )
 
@@ -308,7 +309,10 @@ def _train_with_progress(cfg, quiet: bool):
     "--rule",
     "rules",
     multiple=True,
-    help="Audit this rule (a name, or the path of a .py file with your own rule) instead of the profile's (the main six by default); repeatable.",
+    help=(
+        "Audit this rule (a name, or the path of a .py file with your own rule) instead of the "
+        "profile's (the main six by default); repeatable."
+    ),
 )
 @click.option(
     "--rules",
@@ -478,7 +482,8 @@ def _train_all(
         task = progress.add_task("runs", total=None, state="", visible=False)
 
         def start(todo, reused) -> None:
-            what = f"{len(reused)} finished run{'' if len(reused) == 1 else 's'} reused (delete a run's folder to train it again)"
+            runs = "run" if len(reused) == 1 else "runs"
+            what = f"{len(reused)} finished {runs} reused (delete a run's folder to train it again)"
             if not todo:
                 progress.console.print(f"nothing to train: {what}")
                 return
@@ -600,7 +605,10 @@ def _show_audit(result, legend: bool = True) -> None:
 @click.option(
     "--graph",
     is_flag=True,
-    help="On CUDA, replay each stack's step as a CUDA graph (one launch per step; not yet measured, hence off by default).",
+    help=(
+        "On CUDA, replay each stack's step as a CUDA graph (one launch per step; not yet "
+        "measured, hence off by default)."
+    ),
 )
 @click.option(
     "--with-baselines",
@@ -645,7 +653,8 @@ def sweep(
     added = sum(c.setting not in names for c in cfgs)
     extra = f" (with {added} baseline run(s))" if with_baselines else ""
     console.print(
-        f"{len(cfgs)} runs{extra} in {len(names)} setting(s), profile {profile}: {len(done)} finished, {len(cfgs) - len(done)} to train"
+        f"{len(cfgs)} runs{extra} in {len(names)} setting(s), profile {profile}: {len(done)} "
+        f"finished, {len(cfgs) - len(done)} to train"
     )
     if dry_run:
         for c in cfgs:
@@ -755,7 +764,8 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
     seed_list = seeds or P.profile_seeds(profile)
     folder = Path(out) if out else default_out(p, results)
     console.print(
-        f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> {folder}; finished measurements are reused"
+        f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> "
+        f"{folder}; finished measurements are reused"
     )
 
     def done(o) -> None:

@@ -45,7 +45,10 @@ class TrainConfig:
     rule: str = field(
         default="bp",
         metadata={
-            "help": "credit-assignment rule (see `creditaudit list`); suffix _frozen or _shallow for the baselines; or the path of a .py file registering your own rule"
+            "help": (
+                "credit-assignment rule (see `creditaudit list`); suffix _frozen or _shallow for "
+                "the baselines; or the path of a .py file registering your own rule"
+            )
         },
     )
     plugins: tuple[str, ...] = field(
@@ -69,13 +72,20 @@ class TrainConfig:
     lam: float = field(
         default=0.0,
         metadata={
-            "help": "per-block penalty lam·mean_b||f_l||² on each residual branch output, for every rule (bp: autograd of CE + penalty); refused for the _frozen/_shallow baselines, whose blocks do not train"
+            "help": (
+                "per-block penalty lam·mean_b||f_l||² on each residual branch output, for every "
+                "rule (bp: autograd of CE + penalty); refused for the _frozen/_shallow "
+                "baselines, whose blocks do not train"
+            )
         },
     )
     local_rule: str = field(
         default="inner",
         metadata={
-            "help": "local update of each block and the embedding: inner | shift(eta) | cosine (docs/science.md §1); bp trains end to end and refuses anything but inner"
+            "help": (
+                "local update of each block and the embedding: inner | shift(eta) | cosine "
+                "(docs/science.md §1); bp trains end to end and refuses anything but inner"
+            )
         },
     )
     device: str = field(
@@ -106,7 +116,10 @@ class TrainConfig:
         default="",
         metadata={
             "semantic": False,
-            "help": "the architecture's name in the run folder (default: arch); sweeps name variants, e.g. resmlp-d512-L8",
+            "help": (
+                "the architecture's name in the run folder (default: arch); sweeps name "
+                "variants, e.g. resmlp-d512-L8"
+            ),
         },
     )
     save_epochs: tuple[int, ...] = field(
@@ -133,20 +146,32 @@ class TrainConfig:
         default="none",
         metadata={
             "semantic": False,
-            "help": "experiment tracker that also receives every epoch's metrics and the config: none | tensorboard | mlflow | wandb (optional extras; the run folder stays the record)",
+            "help": (
+                "experiment tracker that also receives every epoch's metrics and the config: "
+                "none | tensorboard | mlflow | wandb (optional extras; the run folder stays the "
+                "record)"
+            ),
         },
     )
     logger_dir: str = field(
         default="",
         metadata={
             "semantic": False,
-            "help": "where the tracker writes: tensorboard's log dir (default <results>/_tensorboard), mlflow's tracking URI (default $MLFLOW_TRACKING_URI, else the local store <results>/_mlruns) or wandb's local dir (default <results>/_wandb)",
+            "help": (
+                "where the tracker writes: tensorboard's log dir (default "
+                "<results>/_tensorboard), mlflow's tracking URI (default $MLFLOW_TRACKING_URI, "
+                "else the local store <results>/_mlruns) or wandb's local dir (default "
+                "<results>/_wandb)"
+            ),
         },
     )
     rule_opts: dict = field(
         default_factory=dict,
         metadata={
-            "help": "the rule's own options, set as <rule>.<option>=value or <option>=value (listed by `creditaudit list`)"
+            "help": (
+                "the rule's own options, set as <rule>.<option>=value or <option>=value (listed "
+                "by `creditaudit list`)"
+            )
         },
     )
     data: DataConfig = field(default_factory=DataConfig)
@@ -367,7 +392,8 @@ def check_effective(cfg: TrainConfig) -> None:
     if variant and cfg.lam:
         raise ConfigError(
             f"lam={cfg.lam:g} has no effect on {cfg.rule}: the penalty acts on the blocks' branch outputs, "
-            f"which a _{variant} baseline does not train; drop lam (the baseline of a penalised run is the unpenalised one)"
+            f"which a _{variant} baseline does not train; drop lam (the baseline of a "
+            "penalised run is the unpenalised one)"
         )
     if variant == "shallow" and cfg.model.L not in (None, 0):
         raise ConfigError(

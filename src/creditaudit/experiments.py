@@ -69,7 +69,9 @@ class Profile:
     summary: str
     commands: frozenset[str]
     overrides: tuple[str, ...] = ()  # data and sizes, for every run
-    epoch_scale: float = 1.0  # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep theirs
+    # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep
+    # theirs
+    epoch_scale: float = 1.0
     keep_upto: int = 5
     min_epochs: int = 1
     arch_overrides: tuple[

@@ -364,7 +364,8 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
         except Exception as e:
             _fail(
                 f"{rule} on {arch}: a stack of two runs fails ({type(e).__name__}: {e})",
-                "make credits() a function of the model, the batch and tensors set in setup() (returned by state_dict()), "
+                "make credits() a function of the model, the batch and tensors set in "
+                "setup() (returned by state_dict()), "
                 "with torch.func derivatives and no random draw — or set stack_refusal to the reason it cannot",
             )
         lr = cfgs[0].optim.lr
@@ -377,7 +378,8 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
                     _fail(
                         f"{rule} on {arch}: in a stack, run {r}'s {n} moves otherwise than alone "
                         f"(by up to {float((u - t).abs().max()):.3g})",
-                        "something in credits() mixes the runs of a stack or depends on state that is not in state_dict(); "
+                        "something in credits() mixes the runs of a stack or depends on "
+                        "state that is not in state_dict(); "
                         "or set stack_refusal to the reason it cannot stack",
                     )
             for (n, t), u in zip(

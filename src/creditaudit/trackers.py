@@ -92,7 +92,8 @@ def check_logger(logger: str, logger_dir: str = "") -> None:
     if logger == "none":
         if logger_dir:
             raise ConfigError(
-                f"logger_dir={logger_dir} has no effect with logger=none: drop it or set logger=tensorboard, mlflow or wandb"
+                f"logger_dir={logger_dir} has no effect with logger=none: drop it or set "
+                "logger=tensorboard, mlflow or wandb"
             )
         return
     try:

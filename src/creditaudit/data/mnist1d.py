@@ -5,7 +5,8 @@ Instead the dataset is regenerated with ``mnist1d.data.make_dataset(get_dataset_
 package defaults: 5000 signals of length 40, seed 42, a 4000/1000 train/test split — and cached
 as ``<data_dir>/mnist1d/mnist1d.npz`` (written atomically, read with ``allow_pickle=False``).
 ``data.mnist1d_signals=N`` generates N signals instead (the generator's ``num_samples``; every
-other argument the package's default, the same 80/20 split), cached as ``mnist1d-N.npz``: another dataset, not a superset of the default one (the generator
+other argument the package's default, the same 80/20 split), cached as ``mnist1d-N.npz``: another
+dataset, not a superset of the default one (the generator
 draws every signal anew). The
 cache records the generator's arguments (JSON) and the mnist1d version; it is rebuilt when the
 installed version differs (its defaults define the dataset). Checking the version reads package

@@ -13,7 +13,8 @@ per rule over seeds. Pure functions of metrics logs — nothing here trains or l
 A verdict is written one way in every report and terminal: ``FAIL(D1 3/3 + D3 3/3)`` names the
 detectors that fired and in how many of the n seeds (a single run is n = 1: ``FAIL(D3 1/1)``);
 otherwise PASS only when D3 was evaluated (a baseline of the same experiment exists): a run without
-one reads "D3 not evaluated (1/1)", never PASS. A rule over seeds is PASS when every seed passes; its claim "learns with genuine credit" is
+one reads "D3 not evaluated (1/1)", never PASS. A rule over seeds is PASS when every seed passes;
+its claim "learns with genuine credit" is
 *trustworthy* when it passes and no seed shows Mode 2, *needs walk-back* when a detector fired or
 Mode 2 shows, and *undetermined* when nothing fired but D3 could not be evaluated for some seed.
 """
@@ -41,7 +42,10 @@ class Thresholds:
     d3_pp: float = field(
         default=2.0,
         metadata={
-            "help": "D3 fires when test accuracy minus the frozen-blocks baseline's is below this many percentage points"
+            "help": (
+                "D3 fires when test accuracy minus the frozen-blocks baseline's is below this "
+                "many percentage points"
+            )
         },
     )
     mode2_cos: float = field(
@@ -64,7 +68,8 @@ class RunVerdict:
 
     @property
     def label(self) -> str:
-        """The verdict in the rule's form with n = 1: ``FAIL(D1 1/1 + D3 1/1)``, ``PASS``, ``D3 not evaluated (1/1)``."""
+        """The verdict in the rule's form with n = 1: ``FAIL(D1 1/1 + D3 1/1)``, ``PASS``,
+        ``D3 not evaluated (1/1)``."""
         return verdict_label(
             {d: int(d in self.failed) for d in DETECTORS}, 1, int(self.d3_missing is not None)
         )

@@ -32,25 +32,38 @@ class ModelConfig:
     d: int | None = field(
         default=None,
         metadata={
-            "help": "width of the residual stream h_l (mlp: hidden width; smallcnn: FC width); default per arch: resmlp 256, vit_mini 128, mlp 256, smallcnn 256"
+            "help": (
+                "width of the residual stream h_l (mlp: hidden width; smallcnn: FC width); "
+                "default per arch: resmlp 256, vit_mini 128, mlp 256, smallcnn 256"
+            )
         },
     )
     L: int | None = field(
         default=None,
         metadata={
-            "help": "number of blocks (mlp: hidden layers after the first); default per arch: resmlp 4, vit_mini 4, mlp 3, smallcnn 3 (fixed); 0 gives the shallow variant"
+            "help": (
+                "number of blocks (mlp: hidden layers after the first); default per arch: resmlp "
+                "4, vit_mini 4, mlp 3, smallcnn 3 (fixed); 0 gives the shallow variant"
+            )
         },
     )
     out_ln: bool | None = field(
         default=None,
         metadata={
-            "help": "terminal LayerNorm N before the head; default per arch: on for resmlp, vit_mini; off for mlp, smallcnn"
+            "help": (
+                "terminal LayerNorm N before the head; default per arch: on for resmlp, "
+                "vit_mini; off for mlp, smallcnn"
+            )
         },
     )
     residual: bool | None = field(
         default=None,
         metadata={
-            "help": "skip path h_l = h_{l-1} + f_l (false: h_l = f_l(h_{l-1})); default per arch: on for resmlp, vit_mini; off for mlp, smallcnn (whose stages change shape: no skip possible)"
+            "help": (
+                "skip path h_l = h_{l-1} + f_l (false: h_l = f_l(h_{l-1})); default per arch: on "
+                "for resmlp, vit_mini; off for mlp, smallcnn (whose stages change shape: no skip "
+                "possible)"
+            )
         },
     )
     w2_std: float = field(

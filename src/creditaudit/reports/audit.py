@@ -41,15 +41,18 @@ FIGURES: dict[str, tuple[str, str]] = {
     ),
     "deep_cos": (
         "deep cos",
-        "mean over blocks l=1..L of Γ_l, the mean per-sample cosine between credit a_l and true gradient g_l (no eps clamp, float64)",
+        "mean over blocks l=1..L of Γ_l, the mean per-sample cosine between credit a_l and "
+        "true gradient g_l (no eps clamp, float64)",
     ),
     "rho_deep": (
         "ρ deep",
-        "mean over l=1..L of ρ_l, the Pearson correlation between predicted (ε⟨a_l,v⟩) and actual loss changes along random unit directions v",
+        "mean over l=1..L of ρ_l, the Pearson correlation between predicted (ε⟨a_l,v⟩) and "
+        "actual loss changes along random unit directions v",
     ),
     "nudge": (
         "nudging ΔL",
-        "change of the eval loss after moving each h_l by η against a_l/‖a_l‖, mean over l=1..L (negative = credit points downhill)",
+        "change of the eval loss after moving each h_l by η against a_l/‖a_l‖, mean over "
+        "l=1..L (negative = credit points downhill)",
     ),
     "train_loss_decrease": (
         "train-loss Δ",
@@ -319,17 +322,20 @@ def markdown(
     lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
     lines += [
         (
-            "- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that fired, each with the k of n "
+            "- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that "
+            "fired, each with the k of n "
             'seeds in which it did (a run alone: n = 1); "D3 not evaluated (k/n)" (never PASS) when nothing fired but '
             "k seeds have no frozen-blocks baseline of their experiment."
         ),
         (
-            "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 fired (the reference gradient "
+            "- **Mode 1(a)**: D1 fired (unchecked residual-stream growth). **Mode 1(b)**: D2 "
+            "fired (the reference gradient "
             "collapsed). **Mode 2**: D2 passes but deep cos ≈ 0 (aggregation collapse)."
         ),
         (
             '- **claim** "learns with genuine credit": *trustworthy* when every seed passes and none shows Mode 2, '
-            "*undetermined* when nothing fired but D3 could not be evaluated, else *needs walk-back*: a detector fired or "
+            "*undetermined* when nothing fired but D3 could not be evaluated, else *needs "
+            "walk-back*: a detector fired or "
             "Mode 2 shows, so the claim has to be withdrawn or narrowed."
         ),
     ]
@@ -544,7 +550,8 @@ def html_page(
     )
     figure_cols = ["rule"] + [FIGURES[k][0] for k in second]
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        "<!doctype html><html><head><meta "
+        f"charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1><ul>",
     ]
     parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
@@ -567,7 +574,8 @@ def html_page(
     for name, png in pngs.items():
         heading = PLOT_TITLES.get(name, name)
         parts.append(
-            f"<h3>{esc(heading)}</h3><img alt='{esc(heading)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            f"<h3>{esc(heading)}</h3><img alt='{esc(heading)}' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         )
     md = markdown(audit, title=title, context=context)
     parts.append("<h2>Definitions</h2>" + _markdown_html(_md_section(md, "Definitions")))

@@ -135,7 +135,8 @@ def _disagreement(config: dict, setting: str, rule: str, arch: str, seed: int) -
     ]
     if not wrong:
         return ""
-    return f"says {', '.join(wrong)} but the folder is named for {', '.join(f'{k} {named[k]!r}' for k in named if recorded[k] != named[k])}"
+    differ = [f"{k} {named[k]!r}" for k in named if recorded[k] != named[k]]
+    return f"says {', '.join(wrong)} but the folder is named for {', '.join(differ)}"
 
 
 def owner_gone(folder: RunFolder) -> str:

@@ -60,7 +60,10 @@ def method_description(rule: str) -> str:
         return "(a rule this installation does not know: its plugin file is not loaded)"
     summary = RULES.summary(base)
     if variant == "frozen":
-        return f"{base.upper()} training only embedding, terminal norm and head; blocks frozen at random init (frozen-blocks baseline)."
+        return (
+            f"{base.upper()} training only embedding, terminal norm and head; "
+            "blocks frozen at random init (frozen-blocks baseline)."
+        )
     if variant == "shallow":
         return f"{base.upper()} on the L=0 network: embedding, terminal norm and head only (shallow baseline)."
     return summary
@@ -70,7 +73,10 @@ def setting_description(name: str) -> str:
     from creditaudit.experiments import SETTINGS
 
     if name == CONTROLS:
-        return "added controls: the bp_frozen baselines other settings' D3 needs and the study's inventory does not list"
+        return (
+            "added controls: the bp_frozen baselines other settings' D3 needs "
+            "and the study's inventory does not list"
+        )
     return SETTINGS.summary(name) if name in SETTINGS else "(not a setting of the study's registry)"
 
 
@@ -208,7 +214,8 @@ def inventory_markdown(
     lines = [
         "# Training Inventory",
         "",
-        f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run folders `<setting>/<rule>__<arch>__s<seed>/`).",
+        f"Generated: {generated or time.strftime('%Y-%m-%d')}. Source: scan of `{root}` (run "
+        "folders `<setting>/<rule>__<arch>__s<seed>/`).",
         "",
     ]
     lines += count_sections(inv)

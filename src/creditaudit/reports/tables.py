@@ -152,9 +152,8 @@ def table1(col: Collection, th: Thresholds) -> Table:
         f"Setting `main_audit`; D3 against `{audit.baseline_rule}` of the same experiment and seed."
     ]
     if audit.baseline:
-        notes.append(
-            f"Frozen-blocks baseline: test acc {fmt(mean_std([summarise(b.metrics)['test_acc'] for b in audit.baseline]), 'test_acc')}."
-        )
+        baseline = mean_std([summarise(b.metrics)["test_acc"] for b in audit.baseline])
+        notes.append(f"Frozen-blocks baseline: test acc {fmt(baseline, 'test_acc')}.")
     return Table("table1", "Table 1: main audit", header, rows, notes + d3_notes(_all_runs(audit)))
 
 
@@ -250,7 +249,8 @@ def penalty_sweep(col: Collection, th: Thresholds) -> Table:
         ["rule", "λ", "epochs", "setting", "n"] + FIGURE_HEADER,
         rows,
         [
-            f"Settings: {', '.join(f'`{s}`' for s in PENALTY_SETTINGS)}. λ = 0 rows are the matched no-penalty controls."
+            f"Settings: {', '.join(f'`{s}`' for s in PENALTY_SETTINGS)}. λ = 0 rows are the "
+            "matched no-penalty controls."
         ]
         + d3_notes(_all_runs(gs)),
     )
@@ -288,7 +288,8 @@ def cross_arch(col: Collection, th: Thresholds) -> Table:
         ["architecture", "rule", "setting", "n"] + FIGURE_HEADER,
         rows,
         [
-            f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot fire without a terminal norm."
+            f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot "
+            "fire without a terminal norm."
         ]
         + d3_notes(_all_runs(gs)),
     )

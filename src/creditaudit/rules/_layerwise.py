@@ -306,7 +306,10 @@ class RandomMagnitudeOptions:
     init: str = field(
         default="normal",
         metadata={
-            "help": "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the layer's initial weights"
+            "help": (
+                "entries of R: normal N(0, (scale·s)²) | uniform (same variance); s = std of the "
+                "layer's initial weights"
+            )
         },
     )
     scale: float = field(
@@ -337,7 +340,8 @@ class RandomMagnitudeRule(SignConcordantRule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.magnitude and set(state["magnitude"]) != set(self.magnitude):
             raise ValueError(
-                f"{self.name} checkpoint has layers {sorted(state['magnitude'])}, the model needs {sorted(self.magnitude)}"
+                f"{self.name} checkpoint has layers {sorted(state['magnitude'])}, the model "
+                f"needs {sorted(self.magnitude)}"
             )
         self.seed = state["seed"]
         self.init_std = {k: float(v) for k, v in state["init_std"].items()}

@@ -49,11 +49,15 @@ class BRSFOptions(RandomMagnitudeOptions):
 
 @RULES.register(
     "brsf",
-    "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every weight transpose, R_t redrawn each step",
+    "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every "
+    "weight transpose, R_t redrawn each step",
 )
 class BRSF(RandomMagnitudeRule):
     Options = BRSFOptions
-    stack_refusal = "redraws its feedback magnitudes in every step from its own generator, and patches the model's layers"
+    stack_refusal = (
+        "redraws its feedback magnitudes in every step from its own generator, "
+        "and patches the model's layers"
+    )
 
     def __init__(self, options: BRSFOptions | None = None):
         super().__init__(options)

@@ -70,7 +70,11 @@ class CBOptions(E.EstimatorOptions):
     width: int = field(
         default=64,
         metadata={
-            "help": "estimator width: per-layer input adapters Linear(D_l, width) feed a shared trunk of this width (64: the K noisy target copies make each step K times the trunk's work)"
+            "help": (
+                "estimator width: per-layer input adapters Linear(D_l, width) feed a shared "
+                "trunk of this width (64: the K noisy target copies make each step K times the "
+                "trunk's work)"
+            )
         },
     )
     K: int = field(
@@ -79,13 +83,19 @@ class CBOptions(E.EstimatorOptions):
     sigma: float = field(
         default=0.1,
         metadata={
-            "help": "noise std of each copy per feature (absolute; times the per-sample RMS of h_{l+1} with noise=relative)"
+            "help": (
+                "noise std of each copy per feature (absolute; times the per-sample RMS of "
+                "h_{l+1} with noise=relative)"
+            )
         },
     )
     noise: str = field(
         default="absolute",
         metadata={
-            "help": "consistency noise: absolute (sigma·ξ, the definition) | relative (sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"
+            "help": (
+                "consistency noise: absolute (sigma·ξ, the definition) | relative "
+                "(sigma·rms(h_{l+1})·ξ, follows the scale of the stream)"
+            )
         },
     )
     temp: float = field(

@@ -48,13 +48,19 @@ class DRTPOptions:
     init: str = field(
         default="uniform",
         metadata={
-            "help": "distribution of the entries of B_l: uniform (the paper's He-uniform) | normal (same variance scale²/n_l)"
+            "help": (
+                "distribution of the entries of B_l: uniform (the paper's He-uniform) | normal "
+                "(same variance scale²/n_l)"
+            )
         },
     )
     scale: float = field(
         default=math.sqrt(2.0),
         metadata={
-            "help": "entries of B_l have variance scale²/n_l, n_l = size of h_l (default √2: He-uniform U(±√(6/n_l)), as the paper)"
+            "help": (
+                "entries of B_l have variance scale²/n_l, n_l = size of h_l (default √2: "
+                "He-uniform U(±√(6/n_l)), as the paper)"
+            )
         },
     )
 

@@ -68,7 +68,10 @@ class DTPOptions:
     target_step: float = field(
         default=0.2195 / 128,
         metadata={
-            "help": "η̂: the last state's target τ_L = h_L − η̂ g_L (per-sample g); default 0.2195/128 (Meulemans et al. 2020, batch-mean loss)"
+            "help": (
+                "η̂: the last state's target τ_L = h_L − η̂ g_L (per-sample g); default "
+                "0.2195/128 (Meulemans et al. 2020, batch-mean loss)"
+            )
         },
     )
     sigma: float = field(

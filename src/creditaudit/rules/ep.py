@@ -10,7 +10,8 @@ Free phase: the forward pass, s^0 = h (every ε_l = 0, E = 0). Nudged phase: T s
 descent of size α on C_β over s_1..s_L from the free state, s ← s − α ∇_s C_β(s), giving s^β.
 The relaxation runs on the displacements δ_l = s_l − h_l (so a credit of size 1e-5 is not lost in
 the float32 rounding of an O(1) state), with derivatives with respect to the states only
-(``creditaudit.autodiff``): parameter ``.grad`` is never touched, and buffers a forward pass may change (BatchNorm running statistics) are left as
+(``creditaudit.autodiff``): parameter ``.grad`` is never touched, and buffers a forward pass may
+change (BatchNorm running statistics) are left as
 they were (``preserved_buffers``).
 
 Credit (``credit=displacement``, the default; the definition of docs/science.md §3), l = 1..L:
@@ -88,7 +89,10 @@ class EPOptions:
     alpha: float = field(
         default=0.1,
         metadata={
-            "help": "relaxation step size α > 0; stable for α < 2/λ_max(∇²E): ≈ 0.25–0.3 on resmlp and smallcnn, 0.07 on vit_mini (use alpha=0.05 there); watch rule/relax_ratio"
+            "help": (
+                "relaxation step size α > 0; stable for α < 2/λ_max(∇²E): ≈ 0.25–0.3 on resmlp "
+                "and smallcnn, 0.07 on vit_mini (use alpha=0.05 there); watch rule/relax_ratio"
+            )
         },
     )
     symmetric: bool = field(

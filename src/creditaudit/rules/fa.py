@@ -8,7 +8,8 @@ Credit:  a_L     = J_N(h_L)ᵀ (B_H e_T),   e_T = softmax(o) − onehot(y) (per 
                                            a_{l−1} = B_l a_l)
          B_H is a fixed random C -> (shape of N's output) matrix used in place of the head's
          transpose; J_N is the terminal norm's *true* local Jacobian, applied as an autograd
-         vector-Jacobian product (``creditaudit.autodiff``) through ``model.norm`` at sg(h_L) (LayerNorm, vit_mini's LN of the
+         vector-Jacobian product (``creditaudit.autodiff``) through ``model.norm`` at sg(h_L)
+         (LayerNorm, vit_mini's LN of the
          cls token — which sends credit to token 0 only —, or the identity).
 Block maps B_l (shape of h_l -> shape of h_{l−1}), ``structure``:
          dense  one (n_{l−1} × n_l) matrix on the flattened per-sample states (vectors (B, d): d×d;
@@ -62,7 +63,10 @@ class FAOptions:
     init: str = field(
         default="normal",
         metadata={
-            "help": "distribution of the feedback entries: normal | uniform (same variance scale²/fan, fan = the map's input size)"
+            "help": (
+                "distribution of the feedback entries: normal | uniform (same variance "
+                "scale²/fan, fan = the map's input size)"
+            )
         },
     )
     scale: float = field(
@@ -74,13 +78,19 @@ class FAOptions:
     identity: bool = field(
         default=False,
         metadata={
-            "help": "residual blocks propagate a_{l-1} = a_l + B_l a_l (mirrors I + J_f) instead of the seed's a_{l-1} = B_l a_l"
+            "help": (
+                "residual blocks propagate a_{l-1} = a_l + B_l a_l (mirrors I + J_f) instead of "
+                "the seed's a_{l-1} = B_l a_l"
+            )
         },
     )
     structure: str = field(
         default="auto",
         metadata={
-            "help": "block maps B_l: dense (one matrix on flattened states) | kron (one matrix per axis, e.g. T×T tokens ⊗ d×d) | auto (dense when shapes differ, kron when equal)"
+            "help": (
+                "block maps B_l: dense (one matrix on flattened states) | kron (one matrix per "
+                "axis, e.g. T×T tokens ⊗ d×d) | auto (dense when shapes differ, kron when equal)"
+            )
         },
     )
 
@@ -139,7 +149,9 @@ class FA(Rule):
         if s == "auto":
             s = "kron" if in_shape == out_shape else "dense"
         if s == "kron" and (len(in_shape) != len(out_shape) or len(in_shape) == 1):
-            s = "dense"  # a vector state feeding a feature map has no axis-by-axis correspondence; one axis: the same map
+            # a vector state feeding a feature map has no axis-by-axis correspondence; one axis: the
+            # same map
+            s = "dense"
         return s
 
     def _layout(self, structure: str, shapes: list[tuple[int, ...]]) -> list[str]:

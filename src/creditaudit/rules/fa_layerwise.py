@@ -55,13 +55,19 @@ class FALayerwiseOptions:
     init: str = field(
         default="uniform",
         metadata={
-            "help": "feedback matrices B: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same variance) | weights (a copy of the initial W, then fixed)"
+            "help": (
+                "feedback matrices B: uniform U(±scale/√fan_in) (PyTorch's default layer init) | "
+                "normal (same variance) | weights (a copy of the initial W, then fixed)"
+            )
         },
     )
     scale: float = field(
         default=1.0,
         metadata={
-            "help": "multiplies the bound/std of B (uniform, normal); 1 = the spread of PyTorch's default init of the layer"
+            "help": (
+                "multiplies the bound/std of B (uniform, normal); 1 = the spread of PyTorch's "
+                "default init of the layer"
+            )
         },
     )
 

@@ -13,7 +13,8 @@ Unbiased: E[(g·v) v] = E[v vᵀ] g = g, so E[a_l] = g_l exactly, and E‖a_l �
          in advance — about 0.2 at D = 16, 0.05 at 256, 0.009 at the 8192 features of smallcnn's
          first CIFAR stage. (``tests/test_rules_targets.py`` pins both.)
 Samples that interact: BatchNorm in training mode (smallcnn) normalises with the batch's
-         statistics, so CE_i depends on every h_l,j and g_l,i = Σ_j ∂CE_j/∂h_l,i (the reference g of docs/science.md §1: the
+         statistics, so CE_i depends on every h_l,j and g_l,i = Σ_j ∂CE_j/∂h_l,i (the reference g
+         of docs/science.md §1: the
          gradient of the summed loss). One JVP then gives Σ_j ∂CE_i/∂h_l,j · v_j per sample, not
          g_l,i · v_i; the credit uses the batch's directional derivative s = Σ_i g_l,i · v_i (the sum
          of those) instead, a_l,i = s v_i: still unbiased for g_l,i, with the variance of a direction
@@ -55,7 +56,10 @@ class FwdGradOptions:
     directions: int = field(
         default=1,
         metadata={
-            "help": "random directions v per sample and state, averaged: a_l = mean_k (g_l·v_k) v_k (the papers: 1); E‖a−g‖² = (D+1)‖g‖²/K"
+            "help": (
+                "random directions v per sample and state, averaged: a_l = mean_k (g_l·v_k) v_k "
+                "(the papers: 1); E‖a−g‖² = (D+1)‖g‖²/K"
+            )
         },
     )
 

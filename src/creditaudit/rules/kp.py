@@ -64,13 +64,19 @@ class KPOptions:
     init: str = field(
         default="uniform",
         metadata={
-            "help": "B_0: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same variance) | weights (a copy of W_0: BP at every step)"
+            "help": (
+                "B_0: uniform U(±scale/√fan_in) (PyTorch's default layer init) | normal (same "
+                "variance) | weights (a copy of W_0: BP at every step)"
+            )
         },
     )
     scale: float = field(
         default=1.0,
         metadata={
-            "help": "multiplies the bound/std of B_0 (uniform, normal); 1 = the spread of PyTorch's default init of the layer"
+            "help": (
+                "multiplies the bound/std of B_0 (uniform, normal); 1 = the spread of PyTorch's "
+                "default init of the layer"
+            )
         },
     )
 

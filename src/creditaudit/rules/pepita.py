@@ -68,7 +68,10 @@ class PEPITAOptions:
     F_scale: float = field(
         default=0.05,
         metadata={
-            "help": "entries of F are U(±F_scale·√(6/n_in)), n_in = input size per sample (paper: 0.05, i.e. 0.05 × He-uniform)"
+            "help": (
+                "entries of F are U(±F_scale·√(6/n_in)), n_in = input size per sample (paper: "
+                "0.05, i.e. 0.05 × He-uniform)"
+            )
         },
     )
 

@@ -45,7 +45,10 @@ class SBOptions(E.EstimatorOptions):
     rms_out: bool = field(
         default=False,
         metadata={
-            "help": "multiply the bridge output by rms(h_l), so that ĥ_L follows the scale of the stream (default: G sees LN(h_l) only)"
+            "help": (
+                "multiply the bridge output by rms(h_l), so that ĥ_L follows the scale of the "
+                "stream (default: G sees LN(h_l) only)"
+            )
         },
     )
 

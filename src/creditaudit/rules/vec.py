@@ -65,7 +65,10 @@ class VecOptions(E.EstimatorOptions):
     fd_layers: int = field(
         default=1,
         metadata={
-            "help": "layers probed by finite differences per step, taken round robin over 0..L (0 = all L+1 every step); probing layer l costs 2M forward passes of blocks l+1..L"
+            "help": (
+                "layers probed by finite differences per step, taken round robin over 0..L (0 = "
+                "all L+1 every step); probing layer l costs 2M forward passes of blocks l+1..L"
+            )
         },
     )
 
@@ -78,7 +81,8 @@ class VecOptions(E.EstimatorOptions):
 
 @RULES.register(
     "vec",
-    "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 random directions (Vec_M4)",
+    "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 "
+    "random directions (Vec_M4)",
 )
 class VectorField(E.EstimatorRule):
     Options = VecOptions

@@ -21,7 +21,8 @@ The embedding follows the same rule, with u_0 = h_0 = E(x).
 ``shift(eta)``'s gradient with respect to u_l is eta·a_l/||a_l||: eta only scales it. Under the
 trainer's AdamW, which divides each gradient by its own running scale, eta therefore changes
 nothing but the balance against the penalty ``lam`` and Adam's eps: with lam = 0, shift(0.1) and
-shift(1) train alike (at small eta, eps starts to matter where gradients are tiny). Under plain SGD (``creditaudit exploit``'s local steps) eta is a step size.
+shift(1) train alike (at small eta, eps starts to matter where gradients are tiny). Under plain SGD
+(``creditaudit exploit``'s local steps) eta is a step size.
 """
 
 from __future__ import annotations

@@ -147,7 +147,8 @@ class RunSession:
             "resumed_from": resumed_from,
             "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        # logger=tensorboard|mlflow|wandb: a view of the folder's metrics; it never raises (a failure is one line on stderr)
+        # logger=tensorboard|mlflow|wandb: a view of the folder's metrics; it never raises (a
+        # failure is one line on stderr)
         self.tracker = trackers.start(
             cfg, folder.path, resumed_from=resumed_from, records=folder.read_metrics()
         )
