@@ -33,6 +33,9 @@ def test_the_site_builds_strictly(tmp_path):
 
     home = (site / "index.html").read_text()
     assert 'href="science.html"' in home  # the README's docs/science.md, as a link within the site
+    assert 'href="contributing.html"' in home  # and its CONTRIBUTING.md, a page of the site too
+    contributing = (site / "contributing.html").read_text()
+    assert 'href="changelog.html"' in contributing and (site / "changelog.html").exists()
     api = (site / "api.html").read_text()
     for name in (
         "creditaudit.results.load",
