@@ -231,3 +231,15 @@ def test_piped_tables_take_columns_and_end_without_spaces(cli, monkeypatch):
     assert commands._pipe_width() == 160
     out = cli("list").output
     assert out and not any(line != line.rstrip() for line in out.splitlines())
+
+
+def test_the_training_line_states_each_settings_epochs_or_their_range():
+    """Settings of one sweep may train for different epochs: "N epochs each" only when they agree."""
+    from creditaudit.cli import _sizes
+    from creditaudit.experiments import expand
+
+    one = expand("matched_30ep", profile="mnist1d")
+    mixed = one + expand("main_audit", profile="mnist1d")
+    assert {c.epochs for c in mixed} == {30, 100}
+    assert _sizes(one) == "mnist1d, 30 epochs each"
+    assert _sizes(mixed) == "mnist1d, 30–100 epochs"

@@ -234,6 +234,16 @@ def train(overrides: tuple[str, ...], quiet: bool) -> None:
         sys.exit(RUNS_FAILED)
 
 
+def _sizes(cfgs) -> str:
+    """What the runs about to train read and for how long: "mnist1d, 30 epochs each", or the range
+    when the settings' epochs differ ("fashion_mnist, 2–6 epochs")."""
+    datasets = ", ".join(sorted({c.data.dataset for c in cfgs}))
+    epochs = sorted({c.epochs for c in cfgs})
+    if len(epochs) == 1:
+        return f"{datasets}, {epochs[0]} epochs each"
+    return f"{datasets}, {epochs[0]}–{epochs[-1]} epochs"
+
+
 def _train_with_progress(cfg, quiet: bool):
     from rich.progress import (
         BarColumn,
@@ -489,8 +499,8 @@ def _train_all(
                 return
             job.epochs.update({label(c): c.epochs for c in todo})
             progress.console.print(
-                f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({todo[0].data.dataset}, "
-                f"{todo[0].epochs} epochs each)" + (f"; {what}" if reused else "")
+                f"training {len(todo)} run{'' if len(todo) == 1 else 's'} ({_sizes(todo)})"
+                + (f"; {what}" if reused else "")
             )
             progress.update(task, total=len(todo), state=job.state(), visible=True)
 
