@@ -264,3 +264,65 @@ def test_a_usage_error_exits_2(tmp_path):
         timeout=120,
     )
     assert res.returncode == 2 and "--stack" in res.stderr and "Traceback" not in res.stderr
+
+
+def _lock_pids(results: Path, n: int, deadline: float) -> list[int]:
+    """The pids of the processes training the sweep's runs, once ``n`` of them are under way."""
+    while time.monotonic() < deadline:
+        pids = []
+        for folder in _runs(results) if (results / "no_terminal_ln").is_dir() else []:
+            try:
+                pid = json.loads(folder.lock_path.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if folder.read_metrics():
+                pids.append(pid)
+        if len(pids) >= n:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} runs got under way")
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_a_sweep_sent_sigterm_stops_its_workers_runs_as_ctrl_c_does(tmp_path):
+    """`kill PID` on the sweep alone (not its process group): it stops as on Ctrl-C — exit 130, one
+    line — and its workers stop their runs too, which record themselves interrupted and free their
+    folders, so that the same command resumes them."""
+    sweep = _sweep(tmp_path, "--workers", "2", "epochs=400")
+    workers = _lock_pids(tmp_path, 2, time.monotonic() + 240)
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out
+    assert "Traceback" not in out and out.strip().splitlines()[-1].startswith("interrupted: "), out
+    assert all(_gone(pid, 30) for pid in workers), out
+    stopped = [f for f in _runs(tmp_path) if f.read_metrics()]
+    assert len(stopped) >= 2
+    for folder in stopped:
+        assert folder.read_summary()["status"] == "interrupted", folder.path
+        assert not folder.lock_path.exists(), folder.path
+
+
+@pytest.mark.slow
+def test_the_workers_of_a_sweep_killed_outright_stop_their_runs(tmp_path):
+    """SIGKILL leaves the sweep no time to stop anything: its orphaned workers notice and stop their
+    runs themselves (recorded interrupted, folders freed) instead of training on for no one."""
+    sweep = _sweep(tmp_path, "--workers", "2", "epochs=400")
+    workers = _lock_pids(tmp_path, 2, time.monotonic() + 240)
+    sweep.kill()
+    sweep.communicate(timeout=60)
+    assert all(_gone(pid, 30) for pid in workers)
+    for folder in _runs(tmp_path):
+        if folder.read_metrics():
+            assert folder.read_summary()["status"] == "interrupted", folder.path
+            assert not folder.lock_path.exists(), folder.path

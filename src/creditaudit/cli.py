@@ -17,7 +17,9 @@ loses nothing already computed.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,7 +89,7 @@ class Commands(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            with friendly_errors():
+            with friendly_errors(), _terminate_as_interrupt():
                 return super().invoke(ctx)
         except click.exceptions.NoArgsIsHelpError:
             raise  # a group named alone: its help
@@ -101,6 +103,25 @@ class Commands(click.Group):
                 "interrupted: what was computed is kept; run the same command again to resume"
             )
             sys.exit(INTERRUPTED)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a scheduler's stop) ends a command the way Ctrl-C does: its runs
+    record themselves interrupted, its workers stop, and the same command resumes."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def show(renderable) -> None:

@@ -14,6 +14,7 @@ thread pools).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import io
 import multiprocessing
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -219,20 +221,38 @@ class _Relay(io.TextIOBase):
         return len(text)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _watch_parent(parent: int, every: float = 1.0) -> None:
+    """Orphaned — the parent killed outright (SIGKILL, a crash) —, a worker stops its run as Ctrl-C
+    stops it: the run records itself interrupted and frees its folder, instead of training on for
+    no one and holding its lock against the next sweep."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    _thread.interrupt_main()
+
+
 def _serve(conn: Any, fn: Callable[..., Any]) -> None:
     """A worker's loop: a job in, its result out (``("done", i, result)``), until told to stop
-    (``None``) or orphaned."""
+    (``None``), interrupted (SIGINT, or SIGTERM from a parent that stops early) or orphaned."""
     lock = threading.Lock()
     sys.stderr = _Relay(conn, lock)
+    signal.signal(signal.SIGTERM, _interrupt)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     while True:
         try:
             message = conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError, KeyboardInterrupt):
             return
         if message is None:
             return
         i, job = message
-        result = fn(*job, 1)
+        try:
+            result = fn(*job, 1)
+        except KeyboardInterrupt:  # the run has recorded itself interrupted
+            return
         sys.stderr.flush()
         with lock:
             conn.send(("done", i, result))
@@ -275,6 +295,8 @@ class _Pool:
                             yield result
         finally:
             for w in self.workers:
+                if left and w.job is not None:  # stopped early (Ctrl-C, SIGTERM): stop its run too
+                    w.process.terminate()
                 w.stop(timeout=30)
 
     def _assign(self) -> None:
