@@ -69,16 +69,15 @@ class Profile:
     summary: str
     commands: frozenset[str]
     overrides: tuple[str, ...] = ()  # data and sizes, for every run
-    # epochs = max(min_epochs, round(study epochs × scale)); settings of ≤ keep_upto epochs keep
-    # theirs
-    epoch_scale: float = 1.0
+    epoch_scale: float = 1.0  # these four: how the study's epochs scale (see epochs())
     keep_upto: int = 5
+    short_epochs: int = 0
     min_epochs: int = 1
     arch_overrides: tuple[
         tuple[str, tuple[str, ...]], ...
     ] = ()  # (arch, key=value…) for that architecture's runs only
     base: str = ""  # an audit profile's data and epochs come from this sweep profile
-    epoch_factor: int = 1
+    epoch_factor: int = 1  # an audit profile trains its base's epochs × this (see epochs())
     audit_rules: tuple[str, ...] = ()
     recipe: tuple[str, ...] = ()  # training-recipe overrides of an audit profile's runs
     audit_setting: str = "main_audit"
@@ -94,11 +93,22 @@ class Profile:
         return next((read for a, read, _ in self.readings if a == arch), arch)
 
     def epochs(self, study_epochs: int) -> int:
-        if self.base:
-            return PROFILES.get(self.base).epochs(study_epochs) * self.epoch_factor
-        if study_epochs <= self.keep_upto:
-            return study_epochs
-        return max(self.min_epochs, round(study_epochs * self.epoch_scale))
+        """How many epochs a run trains under this profile, for a setting of ``study_epochs``
+        (the study's, the paper profile's) — the one rule, for sweeps and audits alike:
+
+        - a setting of at most ``keep_upto`` epochs is short on purpose (early_checkpoints keeps a
+          checkpoint after each): it trains ``short_epochs``, or its own epochs when that is 0;
+        - any other trains ``round(study_epochs × epoch_scale)``, at least ``min_epochs``;
+        - an audit profile with a ``base`` scales as its base does, then × ``epoch_factor``.
+
+        A profile's ``recipe`` may still set ``epochs=`` (mode1's 16), and a user's ``epochs=``
+        override comes last: both are overrides, applied after this rule."""
+        scale = PROFILES.get(self.base) if self.base else self
+        if study_epochs <= scale.keep_upto:
+            epochs = scale.short_epochs or study_epochs
+        else:
+            epochs = max(scale.min_epochs, round(study_epochs * scale.epoch_scale))
+        return epochs * self.epoch_factor
 
     def data_overrides(self, arch: str = "") -> tuple[str, ...]:
         if self.base:
@@ -154,7 +164,7 @@ for _p in (
         frozenset({SWEEP, EXPLOIT}),
         ("dataset=digits", "train_subset=0", "d=32"),
         0.0,
-        keep_upto=0,
+        short_epochs=2,
         min_epochs=1,
         arch_overrides=(("smallcnn", ("channels=4,8,8",)),),
         exploit_seeds=(42, 123),
@@ -220,6 +230,8 @@ for _p in (
         audit_setting="mode1",
     ),
 ):
+    if _p.base and PROFILES.get(_p.base).base:  # Profile.epochs goes one level down, no further
+        raise ValueError(f"profile {_p.name}: its base {_p.base} must not have a base itself")
     PROFILES.add(_p.name, _p, _p.summary)
 
 
@@ -420,8 +432,6 @@ def expand(
     setting = SETTINGS.get(name)
     prof = get_profile(profile, SWEEP)
     epochs = prof.epochs(setting.epochs)
-    if profile == "smoke" and setting.epochs <= 5:
-        epochs = 2
     cfgs = []
     for g in setting.groups:
         arch = prof.arch(g.arch)
