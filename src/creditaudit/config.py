@@ -210,7 +210,7 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
         load_plugins(out)  # a plugin rule's options are known once its file is imported
         set_rule_option(out, key, text, exc)
 
-    out = T.apply_overrides(
+    out = T.copy_with(
         cfg,
         items,
         aliases=ALIASES,

@@ -183,7 +183,7 @@ Unknown = Callable[
 ]  # (cfg, key, text, the error) for keys no field has
 
 
-def apply_overrides(
+def copy_with(
     cfg: Any,
     items: Iterable[str],
     *,
@@ -192,7 +192,10 @@ def apply_overrides(
     example: str = "",
     help_hint: str = "",
 ) -> Any:
-    """A copy of ``cfg`` with every ``key=value`` of ``items`` set (not validated: the caller does).
+    """A copy of ``cfg`` with every ``key=value`` of ``items`` set, each value parsed by its
+    field's type; nothing else is checked. The engine under each config's one ``apply_overrides``
+    (``config.apply_overrides`` for a run, ``exploit.protocol.apply_overrides`` for the exploit
+    study), which checks what it returns.
 
     Keys that name no field go, after every other item is set, to ``unknown`` (e.g. options of the
     rule a config names); without it they are an error."""
