@@ -34,9 +34,7 @@ def _items(overrides: Iterable[str] = (), fields: dict[str, Any] | None = None) 
     """``"key=value"`` items from overrides and keyword fields (``a__b=1`` is ``a.b=1``; a tuple or
     list is comma-separated; booleans are ``true``/``false``)."""
     items = []
-    for (
-        item
-    ) in overrides:  # the form of each item is checked where it is applied (config.apply_overrides)
+    for item in overrides:  # the form of each item is checked where it is applied (apply_overrides)
         if not isinstance(item, str):
             raise ConfigError(f'{item!r} is not a key=value override (e.g. "epochs=3")')
         items.append(item)
@@ -50,12 +48,12 @@ def _items(overrides: Iterable[str] = (), fields: dict[str, Any] | None = None) 
 
 
 def make_config(*overrides: str, base=None, **fields: Any):
-    """A validated :class:`~creditaudit.config.TrainConfig`: ``base`` (default: every field's
-    default) with the overrides applied, as ``creditaudit train`` builds it."""
-    from creditaudit.config import TrainConfig, apply_overrides, copy_config
+    """A checked :class:`~creditaudit.config.TrainConfig` (frozen: ``config.checked``): ``base``
+    (default: every field's default) with the overrides applied, as ``creditaudit train`` builds
+    it. ``config.copy_config`` gives an editable copy."""
+    from creditaudit.config import TrainConfig, checked
 
-    start = copy_config(base) if base is not None else TrainConfig()
-    return apply_overrides(start, list(_items(overrides, fields)))
+    return checked(base if base is not None else TrainConfig(), _items(overrides, fields))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +163,11 @@ def train_many(
     resume; a run's failure is its outcome, never an exception. ``on_start(todo, reused)`` hears
     which configs will train and which finished before, ahead of any training; ``on_done(outcome, i,
     n)`` of each run trained; ``say`` gets the workers' stderr lines; ``died`` each lost worker."""
+    from creditaudit.config import checked
+
     if backend not in ("local", "ray"):
         raise ConfigError(f"backend {backend!r}: choose local or ray")
+    configs = [checked(c) for c in configs]  # as they are, when built by make_config or plan
     todo, reused = split_finished(configs)
     if on_start:
         on_start(todo, reused)

@@ -8,6 +8,12 @@ field's type. The resolved config is written into every run folder as JSON and r
 field (a :class:`~creditaudit.errors.ConfigError`): among others a number that is not finite (JSON
 has no inf or nan), a seed outside 0..:data:`SEED_MAX`, a ``setting`` or ``arch_label`` that cannot
 name a folder, an empty ``results``. No ``exec``-style configs.
+
+A config is checked once, where it enters — the command line and ``creditaudit.api``, a sweep's or
+an audit's expansion (``experiments``), and the trainer and job runners for a config built in
+Python — by :func:`checked`, which freezes it: every layer inside takes it as it is. A worker
+process rebuilds it with :func:`from_checked_dict`, which imports its rule files (loading code, not
+checking it again).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from creditaudit.models.base import ModelConfig
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(T.Config):
     """The study's recipe: AdamW with a cosine schedule, one optimizer state per block."""
 
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (peak of the schedule)"})
@@ -39,7 +45,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(T.Config):
     """One training run: which rule trains which architecture on which data, and how."""
 
     rule: str = field(
@@ -196,57 +202,89 @@ HELP_HINT = "`creditaudit train --help` lists every field."
 
 
 # ---------------------------------------------------------------------------------------------
-# key=value overrides (the generic engine: creditaudit.typedconfig)
+# key=value overrides (the generic engine: creditaudit.typedconfig), checked once where they enter
 # ---------------------------------------------------------------------------------------------
 def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
     """A copy of ``cfg`` with ``key=value`` strings applied, its rule files imported (``rule=path.py``
-    becomes that file's rule name), options of its rule set, and validated."""
+    becomes that file's rule name), options of its rule set, and validated: the one way to apply
+    overrides to a run's config. The copy is editable; :func:`checked` freezes it for a run."""
     items = list(overrides)
     for item in items:
         if item.split("=", 1)[0].strip() == "rule_opts":
             raise ConfigError("set rule options one by one, as <rule>.<option>=value")
-
-    def rule_option(out: TrainConfig, key: str, text: str, exc: ConfigError) -> None:
-        load_plugins(out)  # a plugin rule's options are known once its file is imported
-        set_rule_option(out, key, text, exc)
-
+    # Keys no field has are the rule's options, known once its file is imported.
+    options: list[tuple[str, str, ConfigError]] = []
     out = T.copy_with(
         cfg,
         items,
         aliases=ALIASES,
-        unknown=rule_option,
+        unknown=lambda _cfg, key, text, exc: options.append((key, text, exc)),
         example="rule=dfa epochs=3",
         help_hint=HELP_HINT,
     )
-    load_plugins(out)
+    out = _with_rule_files(out)
+    for key, text, exc in options:
+        set_rule_option(out, key, text, exc)
     validate(out)
     return out
 
 
+def checked(cfg: TrainConfig, overrides: Iterable[str] = ()) -> TrainConfig:
+    """``cfg`` as it goes into a run: :func:`apply_overrides` (overrides applied, rule files
+    imported, validated), frozen, so that no layer inside checks it again or changes it. A config
+    this froze, with no overrides, comes back as it is."""
+    items = tuple(overrides)
+    if T.is_frozen(cfg) and not items:
+        return cfg
+    return T.freeze(apply_overrides(cfg, items))
+
+
+def from_checked_dict(data: dict) -> TrainConfig:
+    """A config :func:`checked` in another process, from its :func:`to_dict` form (how a sweep's
+    worker receives its runs), frozen again: its rule files are imported — loading code, which a
+    new process has not done —, nothing is checked again."""
+    cfg = from_dict(data)
+    load_plugins(cfg)
+    return T.freeze(cfg)
+
+
 def load_plugins(cfg: TrainConfig) -> None:
-    """Import the config's rule files; ``rule=path.py`` becomes that file's rule name and ``plugins``
-    holds absolute paths (a worker process that rebuilds the config registers them too)."""
+    """Import the rule files a checked config names (``plugins``, absolute paths); ``cfg`` is left
+    as it is."""
+    from creditaudit.rules import load_rule_file
+
+    for path in cfg.plugins:
+        load_rule_file(path)
+
+
+def _with_rule_files(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its rule files imported and recorded by absolute path in ``plugins`` (a worker
+    process imports them from there); ``rule=path.py`` becomes the name of the one rule that file
+    registers. A new config: ``cfg`` is left as it is."""
     from pathlib import Path
 
     from creditaudit.rules import load_rule_file
 
-    cfg.plugins = tuple(str(Path(p).expanduser().resolve()) for p in cfg.plugins)
-    for path in cfg.plugins:
+    plugins = tuple(str(Path(p).expanduser().resolve()) for p in cfg.plugins)
+    for path in plugins:
         load_rule_file(path)
-    if cfg.rule.endswith(".py"):
-        path = str(Path(cfg.rule).expanduser().resolve())
+    rule = cfg.rule
+    if rule.endswith(".py"):
+        path = str(Path(rule).expanduser().resolve())
         names = load_rule_file(path)
         if len(names) != 1:
             raise ConfigError(
                 f"{cfg.rule} registers several rules ({', '.join(names)}): say rule=NAME plugins={cfg.rule}"
             )
-        cfg.rule = names[0]
-        if path not in cfg.plugins:
-            cfg.plugins = (*cfg.plugins, path)
+        rule = names[0]
+        if path not in plugins:
+            plugins = (*plugins, path)
+    return dataclasses.replace(cfg, rule=rule, plugins=plugins)
 
 
 def set_rule_option(cfg: TrainConfig, key: str, text: str, unknown: ConfigError) -> None:
-    """``ep.beta=0.2`` or ``beta=0.2`` (when the run's rule is ep) -> ``cfg.rule_opts["beta"]``."""
+    """``ep.beta=0.2`` or ``beta=0.2`` (when the run's rule is ep) -> ``cfg.rule_opts["beta"]``, in
+    place (on the copy :func:`apply_overrides` makes)."""
     from creditaudit.rules import RULES, parse_rule_name
 
     base, _ = parse_rule_name(cfg.rule)
@@ -286,7 +324,7 @@ def resolve_rule_options(cfg: TrainConfig) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 def validate(cfg: TrainConfig) -> None:
     """Check values a run cannot start with; names are checked against the registries (a rule of a
-    plugin file is known once :func:`load_plugins` imported it). Changes nothing."""
+    plugin file is known once its file is imported). Changes nothing."""
     from creditaudit.data import DATASETS
     from creditaudit.models import ARCHS
     from creditaudit.rules import parse_rule_name
@@ -477,6 +515,7 @@ def from_dict(data: dict, cfg_type: type = TrainConfig) -> Any:
 
 
 def copy_config(cfg: Any) -> Any:
+    """An editable deep copy of a config (of a frozen one too)."""
     return T.copy(cfg)
 
 

@@ -428,7 +428,8 @@ def _fit_save_epochs(items: tuple[str, ...], epochs: int) -> list[str]:
 def expand(
     name: str, *, profile: str = "cpu", results: str = "results", overrides: tuple[str, ...] = ()
 ) -> list[TrainConfig]:
-    """Every run config of setting ``name`` under ``profile`` (validated; nothing is trained)."""
+    """Every run config of setting ``name`` under ``profile`` (checked: ``config.checked``; nothing
+    is trained)."""
     setting = SETTINGS.get(name)
     prof = get_profile(profile, SWEEP)
     epochs = prof.epochs(setting.epochs)
@@ -451,7 +452,7 @@ def expand(
                     "progress=false",
                     *overrides,
                 ]
-                cfgs.append(C.apply_overrides(TrainConfig(), items))
+                cfgs.append(C.checked(TrainConfig(), items))
     return cfgs
 
 
@@ -528,8 +529,7 @@ def control_config(run: TrainConfig, rule: str) -> TrainConfig:
         ["randlabels"] if run.data.random_labels else []
     )
     cfg.arch_label = "-".join(tags)
-    C.validate(cfg)
-    return cfg
+    return C.checked(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,9 +561,7 @@ def audit_configs(
     ]
     names = list(dict.fromkeys([*rules, *([baseline] if baseline else [])]))
     cfgs = [
-        C.apply_overrides(TrainConfig(), [*base, f"rule={r}", f"seed={s}"])
-        for r in names
-        for s in seeds
+        C.checked(TrainConfig(), [*base, f"rule={r}", f"seed={s}"]) for r in names for s in seeds
     ]
     cost = {"ep": 0, "cb": 1, "sb": 2, "vec": 3}
     return sorted(cfgs, key=lambda c: cost.get(c.rule.split("_")[0], 9))

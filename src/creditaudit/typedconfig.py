@@ -11,6 +11,9 @@ text is parsed by the field's type. A float is a finite number: ``inf`` and ``na
 (:func:`check_finite` also for configs built in Python), so every config round-trips through
 JSON-able dicts (:func:`to_dict`, :func:`from_dict`) and a run folder's ``config.json`` holds what
 the run used. No ``exec``.
+
+A config checked where it enters is frozen (:func:`freeze`; its classes derive from
+:class:`Config`): every layer inside takes it as it is, and none can change it on the way in.
 """
 
 from __future__ import annotations
@@ -288,3 +291,63 @@ def help_rows(cfg_type: type) -> list[tuple[str, str, str, str]]:
         tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         rows.append((key, tname, json.dumps(get_path(default, path)), f.metadata.get("help", "")))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen configs
+# ---------------------------------------------------------------------------------------------
+_FROZEN = (
+    "this config is frozen (it was checked where it entered): change a copy (typedconfig.copy)"
+)
+
+
+class Config:
+    """Base of a config dataclass whose instances :func:`freeze` can make read-only. A copy
+    (:func:`copy`, ``copy.deepcopy``, pickle) is an ordinary, editable config, to be checked again
+    where it goes in (``dataclasses.replace`` makes a new outer config around the frozen inner
+    ones)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(f"cannot set {name}: {_FROZEN}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(f"cannot delete {name}: {_FROZEN}")
+        object.__delattr__(self, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_frozen"}
+
+
+class FrozenDict(dict):
+    """A dict field of a frozen config (a rule's options): read-only; a copy is a plain dict."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(_FROZEN)
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+def freeze(cfg: Any) -> Any:
+    """Make ``cfg`` — a :class:`Config` — and every config and dict field inside it read-only, in
+    place; returns it."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"{type(cfg).__name__} is not a typedconfig.Config: it cannot be frozen")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            freeze(value)
+        elif isinstance(value, dict) and not isinstance(value, FrozenDict):
+            object.__setattr__(cfg, f.name, FrozenDict(value))
+    object.__setattr__(cfg, "_frozen", True)
+    return cfg
+
+
+def is_frozen(cfg: Any) -> bool:
+    return bool(getattr(cfg, "__dict__", {}).get("_frozen"))

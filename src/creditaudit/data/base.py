@@ -33,6 +33,7 @@ import torch
 
 from creditaudit.errors import ConfigError, UserError
 from creditaudit.registry import Registry
+from creditaudit.typedconfig import Config
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -47,7 +48,7 @@ DATA_SEED = 0
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """Which dataset a run trains on, and how it is subset, relabelled and augmented."""
 
     dataset: str = field(

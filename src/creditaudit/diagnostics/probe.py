@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from creditaudit.diagnostics import measures as M
 from creditaudit.models.base import CreditNet, true_grads
+from creditaudit.typedconfig import Config
 
 # ε·median‖g_l‖ above which ρ_l's forward passes run in float32: float32's error on a per-sample
 # CE difference is ~1e-7, so changes of at least 2e-6 are measured to a few percent, which moves a
@@ -51,7 +52,7 @@ RHO_FLOAT32_MIN_CHANGE = 2e-6
 
 
 @dataclass
-class DiagConfig:
+class DiagConfig(Config):
     """When and how the per-epoch diagnostics are taken (thresholds belong to the audit)."""
 
     enabled: bool = field(

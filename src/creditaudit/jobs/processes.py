@@ -53,12 +53,12 @@ def _outcome(cfg: TrainConfig, status: str, summary: dict | None, error: str | N
 
 
 def _config(cfg_dict: dict, threads: int) -> TrainConfig:
-    """A worker's config; ``threads`` applies when the config leaves the thread count to torch
-    (threads=0): train() and train_stack() apply it."""
-    cfg = C.from_dict(cfg_dict)
-    if not cfg.threads and threads:
-        cfg.threads = threads
-    return cfg
+    """A worker's config, checked in the parent (:func:`config.from_checked_dict`); ``threads``
+    applies when the config leaves the thread count to torch (threads=0): train() and
+    train_stack() apply it."""
+    if threads and not cfg_dict.get("threads"):
+        cfg_dict = {**cfg_dict, "threads": threads}
+    return C.from_checked_dict(cfg_dict)
 
 
 def _failed(cfg: TrainConfig, exc: Exception) -> RunOutcome:
@@ -386,10 +386,7 @@ def run_many(
     Returns one outcome per config, in completion order."""
     from creditaudit.jobs.packing import pack
 
-    configs = list(configs)
-    for cfg in configs:
-        C.load_plugins(cfg)  # rule files' paths made absolute for the workers
-        C.validate(cfg)
+    configs = [C.checked(c) for c in configs]
     outcomes: list[RunOutcome] = []
     jobs = [([C.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
     for done in in_processes(

@@ -68,12 +68,13 @@ def _import_ray():
 
 
 def portable(cfg: TrainConfig) -> TrainConfig:
-    """A copy of ``cfg`` whose file paths are absolute, so it means the same on any worker."""
-    cfg = C.from_dict(C.to_dict(cfg))
+    """A copy of ``cfg`` whose file paths are absolute, so it means the same on any worker (rule
+    files are recorded by absolute path already: :func:`config.checked`)."""
+    cfg = C.copy_config(cfg)
     cfg.results = os.path.abspath(cfg.results)
     if cfg.data.data_dir:
         cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)
-    return cfg  # rule files: config.validate() stores them as absolute paths
+    return cfg
 
 
 def connect(
@@ -139,10 +140,7 @@ def run_many_ray(
     config, in completion order; never raises for a run's failure."""
     from creditaudit.jobs.packing import pack
 
-    configs = [portable(c) for c in configs]
-    for cfg in configs:
-        C.load_plugins(cfg)  # rule files' paths made absolute for the workers
-        C.validate(cfg)
+    configs = [portable(C.checked(c)) for c in configs]
     if not configs:
         return []
     ray = _import_ray()

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from creditaudit import autodiff
 from creditaudit.errors import ConfigError
 from creditaudit.registry import Registry
+from creditaudit.typedconfig import Config
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Architecture hyper-parameters. ``None`` means "the architecture's own default"."""
 
     d: int | None = field(

@@ -41,11 +41,9 @@ class RunConfigMismatch(UserError, RuntimeError):
 
 
 def prepare(cfg: TrainConfig) -> TrainConfig:
-    """The config as a run folder records it: plugins loaded (a worker process rebuilding the config
-    registers its rule files), validated, every option of the rule resolved."""
-    C.load_plugins(cfg)
-    C.validate(cfg)
-    return C.resolve_rule_options(cfg)
+    """The config as a run folder records it: checked (:func:`config.checked`: once, where it
+    entered, or here for a config built in Python), every option of the rule resolved; frozen."""
+    return T.freeze(C.resolve_rule_options(C.checked(cfg)))
 
 
 def _same_config(folder: RunFolder, cfg: TrainConfig) -> bool:
