@@ -324,7 +324,8 @@ def test_a_run_whose_lock_was_taken_over_stops_writing(tmp_path, monkeypatch):
     """A holder cut off for longer than its lease (paused, partitioned) finds its lock taken over:
     it stops at the end of the epoch, writing nothing more into the folder (metrics, summary,
     checkpoint), and leaves the new holder's lock alone."""
-    from creditaudit.training.trainer import Reporter, RunLockLost
+    from creditaudit.runs.lock import RunLockLost
+    from creditaudit.training.trainer import Reporter
 
     monkeypatch.setenv(LEASE_ENV, "0.3")  # renewed every 0.03 s
     cfg = tiny_config(tmp_path, "epochs=3")

@@ -15,9 +15,9 @@ import torch
 
 from creditaudit.config import resolve_rule_options, to_dict
 from creditaudit.runs.checkpoint import load_checkpoint
-from creditaudit.runs.folder import RunFolder, run_dir
+from creditaudit.runs.folder import RunConfigMismatch, RunFolder, run_dir
 from creditaudit.training.run import build_run
-from creditaudit.training.trainer import RunConfigMismatch, train
+from creditaudit.training.trainer import train
 from tests.conftest import run_metrics, tiny_config
 
 

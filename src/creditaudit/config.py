@@ -505,6 +505,12 @@ def run_path(cfg: TrainConfig):
     return run_dir(cfg.results, cfg.setting, cfg.rule, cfg.arch_label or cfg.arch, cfg.seed)
 
 
+def semantic_diff(stored: dict, cfg: TrainConfig) -> list[str]:
+    """How a config as a run folder stores it differs from ``cfg`` in what a run computes
+    (``"path: old -> new"``; the fields marked ``semantic=False`` may differ)."""
+    return T.diff(T.semantic_dict(from_dict(stored)), T.semantic_dict(cfg))
+
+
 def to_dict(cfg: Any) -> dict:
     return T.to_dict(cfg)
 

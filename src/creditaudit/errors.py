@@ -3,7 +3,7 @@
 :class:`UserError` is the one base class of every error whose cause the user can fix: a bad config
 key or value (:class:`ConfigError`), an unknown name (``registry.UnknownNameError``), a missing
 dataset (``data.DatasetMissingError``), a run folder held by another process
-(``runs.lock.RunLockedError``), holding another config (``train.trainer.RunConfigMismatch``) or
+(``runs.lock.RunLockedError``), holding another config (``runs.folder.RunConfigMismatch``) or
 corrupt (``runs.io.CorruptRunError``), a path given that is not there (:class:`MissingPathError`).
 Each is raised where its cause is known, and its message is one line naming what is wrong and the
 fix. This module imports nothing, so every layer may raise them (the generic config engine too).

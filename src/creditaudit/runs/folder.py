@@ -21,17 +21,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from creditaudit.errors import ConfigError
+from creditaudit.errors import ConfigError, UserError
 
 from .io import CorruptRunError, append_jsonl, atomic_write_json, read_jsonl, rewrite_jsonl
 from .lock import RunLock, RunLockedError
 
 __all__ = [
     "RUN_STATUSES",
+    "RunConfigMismatch",
     "RunFolder",
     "RunLock",
     "RunLockedError",
@@ -130,6 +131,21 @@ def run_dir(
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+class RunConfigMismatch(UserError, RuntimeError):
+    """The run folder already holds a run with a different configuration; ``differences`` says
+    how it differs (``"path: old -> new"``)."""
+
+    def __init__(self, path: str | os.PathLike[str], differences: list[str]):
+        self.path, self.differences = os.fspath(path), list(differences)
+        super().__init__(
+            f"{self.path} already holds a run with a different config ({'; '.join(differences)}). "
+            "Use another setting=NAME or results=DIR, or delete that folder to train it again."
+        )
+
+    def __reduce__(self):  # picklable (Ray ships exceptions by pickle)
+        return (RunConfigMismatch, (self.path, self.differences))
 
 
 class RunFolder:
@@ -246,6 +262,15 @@ class RunFolder:
         if not self.metrics_path.exists():
             return []
         return read_jsonl(self.metrics_path)
+
+    def check_config(self, differences: Callable[[dict], list[str]]) -> None:
+        """Raise :class:`RunConfigMismatch` when the folder holds another run's config:
+        ``differences(config)`` lists how the stored config differs from the run's in what the
+        run computes, nothing when it is the same run. A folder without a config passes."""
+        stored = self.read_config()
+        found = differences(stored) if stored is not None else []
+        if found:
+            raise RunConfigMismatch(self.path, found)
 
     def status(self) -> str:
         """``"absent"`` without a summary, else ``summary["status"]`` (in :data:`RUN_STATUSES`)."""

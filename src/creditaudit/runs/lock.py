@@ -62,7 +62,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from creditaudit.errors import UserError
 
@@ -94,6 +94,16 @@ class RunLockedError(UserError, RuntimeError):
 
     def __reduce__(self):  # picklable (Ray ships exceptions by pickle)
         return (RunLockedError, (self.lock_path, self.detail))
+
+
+class RunLockLost(RuntimeError):
+    """This process lost the lock of the run folder it was training in (another took it over)."""
+
+    def __init__(self, path: Any, why: str):
+        super().__init__(
+            f"stopped training in {path}: this process no longer holds its lock ({why}); "
+            "the process that took it over trains the run"
+        )
 
 
 def lease_seconds() -> float:

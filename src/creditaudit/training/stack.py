@@ -70,9 +70,15 @@ from creditaudit.diagnostics.probe import (
 from creditaudit.rules.base import RULES, Rule, parse_rule_name
 from creditaudit.runs.folder import RunLockedError
 from creditaudit.training import run as R
-from creditaudit.training.allocator import available_memory, keep_freed_memory
+from creditaudit.training.allocator import available_memory
 from creditaudit.training.run import Run, step_objective
-from creditaudit.training.trainer import Reporter, RunSession, open_session, prepare
+from creditaudit.training.trainer import (
+    Reporter,
+    RunSession,
+    open_session,
+    prepare,
+    set_up_process,
+)
 
 #: eager steps of a batch shape before its step is captured in a CUDA graph (graph=True)
 GRAPH_WARMUP = 2
@@ -605,9 +611,7 @@ def train_stack(
         reason = why_not_stacked(c)
         if reason:
             raise ValueError(f"train_stack: {reason}")
-    if cfgs[0].threads:
-        torch.set_num_threads(cfgs[0].threads)
-    keep_freed_memory()
+    set_up_process(cfgs[0])
     results: list[StackResult | None] = [None] * len(cfgs)
     shared = _SharedData()
     with contextlib.ExitStack() as held:

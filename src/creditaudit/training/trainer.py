@@ -26,18 +26,53 @@ from creditaudit import trackers
 from creditaudit import typedconfig as T
 from creditaudit.config import TrainConfig
 from creditaudit.diagnostics import due
-from creditaudit.errors import UserError
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
-from creditaudit.runs.lock import say
+from creditaudit.runs.lock import RunLockLost, say
 from creditaudit.runs.provenance import provenance
 from creditaudit.training import run as R
 from creditaudit.training.allocator import keep_freed_memory
 from creditaudit.training.run import Run, StepCallback
 
 
-class RunConfigMismatch(UserError, RuntimeError):
-    """The run folder already holds a run with a different configuration."""
+# ---------------------------------------------------------------------------------------------
+# One run: open or resume its folder, train its epochs, close it
+# ---------------------------------------------------------------------------------------------
+def train(
+    cfg: TrainConfig, *, reporter: Reporter | None = None, stop_after: int | None = None
+) -> dict:
+    """Train (or resume, or skip) the run ``cfg`` names; return its summary.
+
+    ``stop_after`` ends the session after that many epochs in total, leaving the run resumable
+    with status ``interrupted`` (used by tests and by time-boxed workers).
+    """
+    cfg = prepare(cfg)
+    reporter = reporter or Reporter()
+    set_up_process(cfg)
+    with open_session(cfg, reporter) as session:
+        if not isinstance(session, RunSession):
+            return session  # finished already
+        with session.recording():
+            ended = _train_epochs(session, reporter.on_step, stop_after)
+        return ended or session.write_summary("finished")
+
+
+def _train_epochs(
+    session: RunSession, on_step: StepCallback | None, stop_after: int | None
+) -> dict | None:
+    """The epochs of the session's run still to train, after its epoch-0 probe; the closing
+    summary when the run stops early (at ``stop_after``: interrupted; or diverged), else None."""
+    run = session.run
+    session.begin()
+    while run.epoch < run.cfg.epochs:
+        if stop_after is not None and run.epoch >= stop_after:
+            return session.write_summary("interrupted")
+        t0 = time.perf_counter()
+        trained = R.train_epoch(run, on_step)
+        ended = session.end_epoch(trained, time.perf_counter() - t0)
+        if ended is not None:
+            return ended
+    return None
 
 
 def prepare(cfg: TrainConfig) -> TrainConfig:
@@ -46,28 +81,12 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
     return T.freeze(C.resolve_rule_options(C.checked(cfg)))
 
 
-def _same_config(folder: RunFolder, cfg: TrainConfig) -> bool:
-    """True when the folder holds no config or the same one; raise when it holds another run."""
-    existing = folder.read_config()
-    if existing is None:
-        return True
-    diff = T.diff(
-        T.semantic_dict(C.from_dict(existing)), T.semantic_dict(cfg)
-    )  # fields marked semantic=False may differ
-    if diff:
-        raise RunConfigMismatch(
-            f"{folder.path} already holds a run with a different config ({'; '.join(diff)}). "
-            "Use another setting=NAME or results=DIR, or delete that folder to train it again."
-        )
-    return True
-
-
-def finished_summary(cfg: TrainConfig) -> dict | None:
-    """The summary of ``cfg``'s run when its folder holds it finished (with this config), else None."""
-    folder = RunFolder(C.run_path(cfg))
-    if folder.summary_path.exists() and folder.status() == "finished" and _same_config(folder, cfg):
-        return folder.read_summary()
-    return None
+def set_up_process(cfg: TrainConfig) -> None:
+    """This process's side of a run: torch's CPU threads (``threads``; 0 leaves torch's), and
+    large CPU tensors reusing freed pages (training/allocator.py)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
 
 
 @dataclass
@@ -82,73 +101,55 @@ class Reporter:
 # ---------------------------------------------------------------------------------------------
 # A run's folder while it trains
 # ---------------------------------------------------------------------------------------------
-class RunLockLost(RuntimeError):
-    """This process lost the lock of the run folder it was training in (another took it over)."""
+@contextlib.contextmanager
+def open_session(
+    cfg: TrainConfig, reporter: Reporter, *, build: Callable[[TrainConfig], Run] = R.build_run
+) -> Iterator[RunSession | dict]:
+    """Hold ``cfg``'s run folder for the duration: yields its summary when the run is finished
+    (nothing written), else an open :class:`RunSession` (locked, resumed). The data, model and rule
+    are built (``build``) before the folder is touched: a config that cannot run fails first."""
+    done = finished_summary(cfg)
+    if done is not None:
+        reporter.on_start(None, "skipped")
+        yield done
+        return
+    run = build(cfg)
+    folder = RunFolder(C.run_path(cfg))
+    folder.path.mkdir(parents=True, exist_ok=True)
+    with folder.lock() as lock:
+        folder.check_config(lambda stored: C.semantic_diff(stored, cfg))
+        summary = folder.read_summary()
+        if summary is not None and summary.get("status") == "finished":  # finished meanwhile
+            reporter.on_start(None, "skipped")
+            yield summary
+            return
+        yield RunSession(run, folder, lock, reporter, summary)
 
-    def __init__(self, path: Any, why: str):
-        super().__init__(
-            f"stopped training in {path}: this process no longer holds its lock ({why}); "
-            "the process that took it over trains the run"
-        )
 
-
-def _missing_epochs(cfg: TrainConfig, records: list[dict], epoch: int) -> list[int]:
-    """The epochs up to ``epoch`` that a run's records should hold and do not (epoch 0 when its
-    probe was due)."""
-    have = {r.get("epoch") for r in records}
-    first = 0 if due(cfg.diag, 0, cfg.epochs)[0] else 1
-    return [e for e in range(first, epoch + 1) if e not in have]
+def finished_summary(cfg: TrainConfig) -> dict | None:
+    """The summary of ``cfg``'s run when its folder holds it finished (with this config), else None."""
+    folder = RunFolder(C.run_path(cfg))
+    if not folder.summary_path.exists() or folder.status() != "finished":
+        return None
+    folder.check_config(lambda stored: C.semantic_diff(stored, cfg))
+    return folder.read_summary()
 
 
 class RunSession:
-    """The folder of a run this process holds the lock of: config written, resumed from its last
-    checkpoint, a ``running`` summary; then one record per epoch and a closing status."""
+    """The folder of a run this process holds the lock of: resumed from its last checkpoint,
+    config written, a ``running`` summary; then one record per epoch and a closing status."""
 
-    def __init__(self, run: Run, folder: RunFolder, reporter: Reporter, previous: dict | None):
-        self.run, self.folder, self.reporter = run, folder, reporter
-        self.lock: Any = None  # the folder's RunLock (open_session sets it)
-        cfg = run.cfg
-        resumed_from = None
-        state, meta = (
-            load_checkpoint(folder.last_checkpoint, device=run.device)
-            if folder.last_checkpoint.exists()
-            else (None, None)
-        )
-        if meta is not None:
-            kept = [r for r in folder.read_metrics() if r["epoch"] <= int(meta["epoch"])]
-            missing = _missing_epochs(cfg, kept, int(meta["epoch"]))
-            if missing:  # a record the checkpoint is past was lost: only training again logs it
-                say(
-                    f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its checkpoint "
-                    f"(epoch {meta['epoch']}) is past (a torn or lost line): training it again from epoch 0, "
-                    "so that every epoch is logged"
-                )
-                state = meta = None
-        if meta is not None:
-            R.restore(run, state, meta)
-            resumed_from = run.epoch
-            # Drop metric lines written after the checkpoint (they are recomputed identically).
-            folder.rewrite_metrics(kept)
-        else:
-            folder.rewrite_metrics([])
-        folder.write_config(C.to_dict(cfg))
-        self.base = {
-            "run": folder.path.name,
-            "setting": cfg.setting,
-            "rule": cfg.rule,
-            "arch": cfg.arch,
-            "dataset": cfg.data.dataset,
-            "seed": cfg.seed,
-            "epochs": cfg.epochs,
-            "device": str(run.device),
-            "provenance": provenance(run.device),
-            "resumed_from": resumed_from,
-            "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+    def __init__(
+        self, run: Run, folder: RunFolder, lock: Any, reporter: Reporter, previous: dict | None
+    ):
+        self.run, self.folder, self.lock, self.reporter = run, folder, lock, reporter
+        resumed_from = _resume(run, folder)
+        folder.write_config(C.to_dict(run.cfg))
+        self.base = _summary_base(run, folder, resumed_from, previous)
         # logger=tensorboard|mlflow|wandb: a view of the folder's metrics; it never raises (a
         # failure is one line on stderr)
         self.tracker = trackers.start(
-            cfg, folder.path, resumed_from=resumed_from, records=folder.read_metrics()
+            run.cfg, folder.path, resumed_from=resumed_from, records=folder.read_metrics()
         )
         self.summary: dict | None = None  # the closing summary, once closed
         self.write_summary("running")
@@ -203,27 +204,14 @@ class RunSession:
         figures: dict[str, float] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict | None:
-        """Close the epoch just trained (``run.epoch`` not yet advanced): evaluate (unless ``test``
-        gives (loss, acc) already), diagnose when due (unless ``figures`` are the diagnostics taken
-        already, with their ``time/diag_s``), append the record, checkpoint. Returns the closing
-        summary when the run diverged, else None."""
-        run, cfg = self.run, self.run.cfg
+        """Close the epoch just trained (``run.epoch`` not yet advanced): its record
+        (:func:`_epoch_record`; ``test``, ``figures`` when taken already) appended and logged,
+        then its checkpoints. Returns the closing summary when the run diverged, else None."""
+        run = self.run
         self.check_lock()
         t0 = time.perf_counter() - t_train - (figures or {}).get("time/diag_s", 0.0)
-        record: dict[str, Any] = {"epoch": run.epoch + 1, **trained}
         run.epoch += 1
-        record["test/loss"], record["test/acc"] = test or R.evaluate(
-            run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size
-        )
-        record["lr"] = cfg.optim.lr * R.lr_factor(cfg, run.step, run.total_steps)
-        record["time/train_s"] = t_train
-        wanted, full = due(cfg.diag, run.epoch, cfg.epochs)
-        if wanted and math.isfinite(record["train/loss"]):
-            t1 = time.perf_counter()
-            if figures is None:
-                figures = {**R.diagnose(run, full=full), "time/diag_s": time.perf_counter() - t1}
-            record.update(figures)
-        record.update(extra or {})
+        record = _epoch_record(run, trained, t_train, test=test, figures=figures, extra=extra)
         record["time/epoch_s"] = time.perf_counter() - t0
         run.wall_s += record["time/epoch_s"]
         self.folder.append_metrics(record)
@@ -234,13 +222,7 @@ class RunSession:
                 "diverged",
                 error=f"training loss became {record['train/loss']} in epoch {run.epoch}",
             )
-        save_checkpoint(self.folder.last_checkpoint, R.run_state(run), R.run_meta(run))
-        if run.epoch in cfg.save_epochs:
-            save_checkpoint(
-                self.folder.epoch_checkpoint(run.epoch),
-                {"model": run.model.state_dict(), "rule": run.rule.state_dict()},
-                R.run_meta(run),
-            )
+        _save_checkpoints(run, self.folder)
         return None
 
     @contextlib.contextmanager
@@ -256,61 +238,102 @@ class RunSession:
             raise
 
 
-@contextlib.contextmanager
-def open_session(
-    cfg: TrainConfig, reporter: Reporter, *, build: Callable[[TrainConfig], Run] = R.build_run
-) -> Iterator[RunSession | dict]:
-    """Hold ``cfg``'s run folder for the duration: yields its summary when the run is finished
-    (nothing written), else an open :class:`RunSession` (locked, resumed). The data, model and rule
-    are built (``build``) before the folder is touched: a config that cannot run fails first."""
-    done = finished_summary(cfg)
-    if done is not None:
-        reporter.on_start(None, "skipped")
-        yield done
-        return
-    run = build(cfg)
-    folder = RunFolder(C.run_path(cfg))
-    folder.path.mkdir(parents=True, exist_ok=True)
-    with folder.lock() as lock:
-        _same_config(folder, cfg)  # raises when the folder holds another run
-        summary = folder.read_summary()
-        if summary is not None and summary.get("status") == "finished":  # finished meanwhile
-            reporter.on_start(None, "skipped")
-            yield summary
-            return
-        session = RunSession(run, folder, reporter, summary)
-        session.lock = lock
-        yield session
-
-
 # ---------------------------------------------------------------------------------------------
-# One run
+# The session's parts: resume, the summary's fixed fields, an epoch's record, the checkpoints
 # ---------------------------------------------------------------------------------------------
-def train(
-    cfg: TrainConfig, *, reporter: Reporter | None = None, stop_after: int | None = None
-) -> dict:
-    """Train (or resume, or skip) the run ``cfg`` names; return its summary.
+def _resume(run: Run, folder: RunFolder) -> int | None:
+    """Restore ``run`` from the folder's last checkpoint and keep the metrics up to it (lines
+    written after it are recomputed identically); the epoch resumed from, or None for a fresh
+    start (no checkpoint, or a record it is past was lost: only training again logs it)."""
+    state, meta = (
+        load_checkpoint(folder.last_checkpoint, device=run.device)
+        if folder.last_checkpoint.exists()
+        else (None, None)
+    )
+    if meta is None:
+        folder.rewrite_metrics([])
+        return None
+    kept = [r for r in folder.read_metrics() if r["epoch"] <= int(meta["epoch"])]
+    missing = _missing_epochs(run.cfg, kept, int(meta["epoch"]))
+    if missing:
+        say(
+            f"{folder.path}: metrics.jsonl lacks epoch(s) {', '.join(map(str, missing))} that its "
+            f"checkpoint (epoch {meta['epoch']}) is past (a torn or lost line): training it again "
+            "from epoch 0, so that every epoch is logged"
+        )
+        folder.rewrite_metrics([])
+        return None
+    R.restore(run, state, meta)
+    folder.rewrite_metrics(kept)
+    return run.epoch
 
-    ``stop_after`` ends the session after that many epochs in total, leaving the run resumable
-    with status ``interrupted`` (used by tests and by time-boxed workers).
-    """
-    cfg = prepare(cfg)
-    reporter = reporter or Reporter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()  # large CPU tensors reuse freed pages (training/allocator.py)
-    with open_session(cfg, reporter) as session:
-        if not isinstance(session, RunSession):
-            return session  # finished already
-        run = session.run
-        with session.recording():
-            session.begin()
-            while run.epoch < cfg.epochs:
-                if stop_after is not None and run.epoch >= stop_after:
-                    return session.write_summary("interrupted")
-                t0 = time.perf_counter()
-                trained = R.train_epoch(run, reporter.on_step)
-                ended = session.end_epoch(trained, time.perf_counter() - t0)
-                if ended is not None:
-                    return ended
-        return session.write_summary("finished")
+
+def _missing_epochs(cfg: TrainConfig, records: list[dict], epoch: int) -> list[int]:
+    """The epochs up to ``epoch`` that a run's records should hold and do not (epoch 0 when its
+    probe was due)."""
+    have = {r.get("epoch") for r in records}
+    first = 0 if due(cfg.diag, 0, cfg.epochs)[0] else 1
+    return [e for e in range(first, epoch + 1) if e not in have]
+
+
+def _summary_base(
+    run: Run, folder: RunFolder, resumed_from: int | None, previous: dict | None
+) -> dict[str, Any]:
+    """The fields every summary of this session holds: what the run is, where it ran (provenance),
+    the epoch it resumed from, and when it first started."""
+    cfg = run.cfg
+    return {
+        "run": folder.path.name,
+        "setting": cfg.setting,
+        "rule": cfg.rule,
+        "arch": cfg.arch,
+        "dataset": cfg.data.dataset,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "device": str(run.device),
+        "provenance": provenance(run.device),
+        "resumed_from": resumed_from,
+        "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _epoch_record(
+    run: Run,
+    trained: dict[str, float],
+    t_train: float,
+    *,
+    test: tuple[float, float] | None,
+    figures: dict[str, float] | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The record of the epoch just trained (``run.epoch`` advanced already): the training
+    figures, the test loss and accuracy (evaluated unless ``test`` gives them), the learning rate,
+    the diagnostics when due and the loss is finite (taken unless ``figures`` are those taken
+    already, with their ``time/diag_s``), then ``extra``."""
+    cfg = run.cfg
+    record: dict[str, Any] = {"epoch": run.epoch, **trained}
+    record["test/loss"], record["test/acc"] = test or R.evaluate(
+        run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size
+    )
+    record["lr"] = cfg.optim.lr * R.lr_factor(cfg, run.step, run.total_steps)
+    record["time/train_s"] = t_train
+    wanted, full = due(cfg.diag, run.epoch, cfg.epochs)
+    if wanted and math.isfinite(record["train/loss"]):
+        t0 = time.perf_counter()
+        if figures is None:
+            figures = {**R.diagnose(run, full=full), "time/diag_s": time.perf_counter() - t0}
+        record.update(figures)
+    record.update(extra or {})
+    return record
+
+
+def _save_checkpoints(run: Run, folder: RunFolder) -> None:
+    """The checkpoint a killed run resumes from (every state: model, rule, optimizer, RNGs), and
+    the model and rule after this epoch when ``save_epochs`` keeps it."""
+    save_checkpoint(folder.last_checkpoint, R.run_state(run), R.run_meta(run))
+    if run.epoch in run.cfg.save_epochs:
+        save_checkpoint(
+            folder.epoch_checkpoint(run.epoch),
+            {"model": run.model.state_dict(), "rule": run.rule.state_dict()},
+            R.run_meta(run),
+        )
