@@ -613,24 +613,8 @@ def train_stack(
             raise ValueError(f"train_stack: {reason}")
     set_up_process(cfgs[0])
     results: list[StackResult | None] = [None] * len(cfgs)
-    shared = _SharedData()
     with contextlib.ExitStack() as held:
-        sessions: dict[int, RunSession] = {}
-        rng: dict[int, tuple[Tensor, Tensor | None]] = {}
-        for i, cfg in enumerate(cfgs):
-            try:
-                session = held.enter_context(open_session(cfg, Reporter(), build=shared.build))
-            except RunLockedError as exc:
-                results[i] = StackResult(cfg, "locked", error=str(exc))
-                continue
-            except Exception as exc:
-                results[i] = StackResult(cfg, "failed", error=f"{type(exc).__name__}: {exc}")
-                continue
-            if isinstance(session, RunSession):
-                sessions[i] = session
-                rng[i] = _rng_state(session.run.device)  # the run's own RNG, as it would be alone
-            else:
-                results[i] = StackResult(cfg, "finished", summary=session)
+        sessions, rng = _open_sessions(cfgs, held, results)
         by_step: dict[tuple[int, int], list[int]] = {}
         for i, s in sessions.items():
             by_step.setdefault((s.run.epoch, s.run.step), []).append(i)
@@ -649,6 +633,33 @@ def train_stack(
                         cfgs[members[i]], summary["status"], summary, summary.get("error")
                     )
     return results  # type: ignore[return-value]
+
+
+def _open_sessions(
+    cfgs: list[TrainConfig], held: contextlib.ExitStack, results: list[StackResult | None]
+) -> tuple[dict[int, RunSession], dict[int, tuple[Tensor, Tensor | None]]]:
+    """Open every run's folder, held open by ``held``, building the runs with one copy of their
+    data: the sessions of the runs to train (by position), each with its own RNG state as it
+    would be alone; the runs finished already, held by another process, or failing to open get
+    their result in ``results``."""
+    shared = _SharedData()
+    sessions: dict[int, RunSession] = {}
+    rng: dict[int, tuple[Tensor, Tensor | None]] = {}
+    for i, cfg in enumerate(cfgs):
+        try:
+            session = held.enter_context(open_session(cfg, Reporter(), build=shared.build))
+        except RunLockedError as exc:
+            results[i] = StackResult(cfg, "locked", error=str(exc))
+            continue
+        except Exception as exc:
+            results[i] = StackResult(cfg, "failed", error=f"{type(exc).__name__}: {exc}")
+            continue
+        if isinstance(session, RunSession):
+            sessions[i] = session
+            rng[i] = _rng_state(session.run.device)
+        else:
+            results[i] = StackResult(cfg, "finished", summary=session)
+    return sessions, rng
 
 
 def _train_members(
@@ -695,36 +706,7 @@ def _train_members(
                 for i in live:
                     done[i] = sessions[i].write_summary("interrupted")
                 return done
-            epoch = sessions[live[0]].run.epoch
-            t0 = time.perf_counter()
-            trained = stack.train_epoch(epoch)
-            data = sessions[live[0]].run.data
-            tests = stack.evaluate(data.x_test, data.y_test, cfg.eval_batch_size)
-            stack.unstack()
-            share = (time.perf_counter() - t0) / len(
-                live
-            )  # each live run's part of the stack's time
-            finite = [i for i in live if math.isfinite(trained[i]["train/loss"])]
-            figures = diagnose(stack, sessions, finite, epoch + 1, per_run)
-            trained_together = len(live)
-            for i in list(live):
-                if i in done:  # its own probe failed
-                    live.remove(i)
-                    continue
-                ended = per_run(
-                    i,
-                    sessions[i].end_epoch,
-                    trained[i],
-                    share,
-                    test=tests[i],
-                    figures=figures.get(i),
-                    extra={"stack/runs": trained_together},
-                )
-                if i in done:
-                    live.remove(i)
-                elif ended is not None:
-                    done[i] = ended
-                    live.remove(i)
+            _stack_epoch(stack, sessions, live, cfg.eval_batch_size, per_run, done)
     except KeyboardInterrupt:
         for i in live:
             done[i] = sessions[i].write_summary("interrupted")
@@ -736,3 +718,44 @@ def _train_members(
     for i in live:
         done[i] = sessions[i].write_summary("finished")
     return done
+
+
+def _stack_epoch(
+    stack: Stack,
+    sessions: list[RunSession],
+    live: list[int],
+    eval_batch_size: int,
+    per_run,
+    done: dict[int, dict],
+) -> None:
+    """One epoch of the members ``live``, trained and evaluated as one program, then each
+    member's epoch closed on its own (``per_run``). A member that ends — diverged, or its own work
+    failed — leaves ``live``, with its closing summary in ``done``."""
+    epoch = sessions[live[0]].run.epoch
+    t0 = time.perf_counter()
+    trained = stack.train_epoch(epoch)
+    data = sessions[live[0]].run.data
+    tests = stack.evaluate(data.x_test, data.y_test, eval_batch_size)
+    stack.unstack()
+    share = (time.perf_counter() - t0) / len(live)  # each live run's part of the stack's time
+    finite = [i for i in live if math.isfinite(trained[i]["train/loss"])]
+    figures = diagnose(stack, sessions, finite, epoch + 1, per_run)
+    trained_together = len(live)
+    for i in list(live):
+        if i in done:  # its own probe failed
+            live.remove(i)
+            continue
+        ended = per_run(
+            i,
+            sessions[i].end_epoch,
+            trained[i],
+            share,
+            test=tests[i],
+            figures=figures.get(i),
+            extra={"stack/runs": trained_together},
+        )
+        if i in done:
+            live.remove(i)
+        elif ended is not None:
+            done[i] = ended
+            live.remove(i)
