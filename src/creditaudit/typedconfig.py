@@ -339,7 +339,7 @@ def freeze(cfg: Any) -> Any:
     place; returns it."""
     if not isinstance(cfg, Config):
         raise TypeError(f"{type(cfg).__name__} is not a typedconfig.Config: it cannot be frozen")
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]  # a Config is a dataclass
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             freeze(value)

@@ -245,14 +245,10 @@ def _resume(run: Run, folder: RunFolder) -> int | None:
     """Restore ``run`` from the folder's last checkpoint and keep the metrics up to it (lines
     written after it are recomputed identically); the epoch resumed from, or None for a fresh
     start (no checkpoint, or a record it is past was lost: only training again logs it)."""
-    state, meta = (
-        load_checkpoint(folder.last_checkpoint, device=run.device)
-        if folder.last_checkpoint.exists()
-        else (None, None)
-    )
-    if meta is None:
+    if not folder.last_checkpoint.exists():
         folder.rewrite_metrics([])
         return None
+    state, meta = load_checkpoint(folder.last_checkpoint, device=run.device)
     kept = [r for r in folder.read_metrics() if r["epoch"] <= int(meta["epoch"])]
     missing = _missing_epochs(run.cfg, kept, int(meta["epoch"]))
     if missing:
