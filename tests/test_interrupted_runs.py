@@ -19,8 +19,9 @@ from creditaudit import config as C
 from creditaudit import typedconfig as T
 from creditaudit.experiments import expand
 from creditaudit.reports.audit import build_audit, html_page
-from creditaudit.reports.collect import collect, resume_command, unfinished_note
+from creditaudit.reports.collect import collect
 from creditaudit.reports.inventory import inventory_markdown
+from creditaudit.reports.resume import resume_command, unfinished_note
 from creditaudit.runs import lock as lmod
 from creditaudit.runs.folder import RunFolder
 

@@ -28,8 +28,9 @@ from creditaudit.diagnostics.verdict import (
     run_verdict,
     summarise,
 )
-from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
+from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
+from creditaudit.reports.resume import unfinished_note
 from creditaudit.runs.pairing import BASELINE_RULE, find_baseline, missing_reason
 
 # Figure name -> (column title, one-line definition). The definitions are printed under every table.

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from creditaudit.diagnostics.verdict import Thresholds
-from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
+from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
+from creditaudit.reports.resume import unfinished_note
 from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, triangulation
 from creditaudit.runs.pairing import CONTROLS
 

@@ -34,8 +34,9 @@ from creditaudit.reports.audit import (
     fmt,
     table_rows,
 )
-from creditaudit.reports.collect import Collection, RunRecord, unfinished_note
+from creditaudit.reports.collect import Collection, RunRecord
 from creditaudit.reports.markdown import md_row
+from creditaudit.reports.resume import unfinished_note
 
 PENALTY_SETTINGS = (
     "matched_30ep",
