@@ -29,7 +29,7 @@ from creditaudit.diagnostics.verdict import (
     summarise,
 )
 from creditaudit.reports.collect import Collection, RunRecord
-from creditaudit.reports.markdown import md_row
+from creditaudit.reports.markdown import md_table
 from creditaudit.reports.resume import unfinished_note
 from creditaudit.runs.pairing import BASELINE_RULE, find_baseline, missing_reason
 
@@ -216,12 +216,12 @@ TABLE_KEYS = [
 ]
 
 
+# The audit table's columns after the figures: when each detector fired, and what that decides.
+VERDICT_COLUMNS = ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
+
+
 def table_rows(audit: Audit) -> tuple[list[str], list[list[str]]]:
-    header = (
-        ["rule"]
-        + [FIGURES[k][0] for k in TABLE_KEYS]
-        + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
-    )
+    header = ["rule"] + [FIGURES[k][0] for k in TABLE_KEYS] + VERDICT_COLUMNS
     rows = []
     for ra in audit.rules:
         modes = ", ".join(f"{m} {c}/{ra.verdict.n}" for m, c in ra.verdict.modes.items()) or "–"
@@ -305,12 +305,10 @@ def markdown(
         f"{TABLE_NOTE} {FIRE_NOTE}",
         "",
     ]
-    header, rows = table_rows(audit)
-    lines += [md_row(header), md_row(["---"] * len(header))] + [md_row(r) for r in rows]
+    lines += md_table(*table_rows(audit))
     if baseline_text(audit):
         lines += ["", baseline_text(audit)]
-    lines += ["", "## Per run", "", md_row(PER_RUN_HEADER), md_row(["---"] * len(PER_RUN_HEADER))]
-    lines += [md_row(r) for r in per_run_rows(audit)]
+    lines += ["", "## Per run", ""] + md_table(PER_RUN_HEADER, per_run_rows(audit))
     if plots:
         lines += ["", "## Plots"]
         for name, path in plots.items():
@@ -320,8 +318,33 @@ def markdown(
                 "",
                 f"![{PLOT_TITLES.get(name, name)}]({path})",
             ]
-    lines += ["", "## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
-    lines += [
+    lines += ["", "## Definitions", ""] + definitions()
+    if audit.unevaluated():
+        lines += [
+            "",
+            "## D3 not evaluated",
+            "",
+            'These runs read "D3 not evaluated" instead of PASS:',
+            "",
+        ]
+        lines += [f"- {p}" for p in audit.unevaluated()]
+    problems = audit.problems + [
+        f"{r.path}: {unfinished_note(r, 'not audited')}" for r in audit.not_finished
+    ]
+    if problems:
+        lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+def figure_definitions() -> list[str]:
+    """Every figure's definition, as Markdown list items (the audit's and the study tables')."""
+    return [f"- **{t}**: {d}." for t, d in FIGURES.values()]
+
+
+def definitions() -> list[str]:
+    """The Definitions section of both audit reports, as Markdown list items: every figure, the
+    verdict, the modes and the claim."""
+    return figure_definitions() + [
         (
             "- **verdict**: PASS, or FAIL(D1 k/n + …) naming the detectors (D1, D2, D3) that "
             "fired, each with the k of n "
@@ -340,21 +363,6 @@ def markdown(
             "Mode 2 shows, so the claim has to be withdrawn or narrowed."
         ),
     ]
-    if audit.unevaluated():
-        lines += [
-            "",
-            "## D3 not evaluated",
-            "",
-            'These runs read "D3 not evaluated" instead of PASS:',
-            "",
-        ]
-        lines += [f"- {p}" for p in audit.unevaluated()]
-    problems = audit.problems + [
-        f"{r.path}: {unfinished_note(r, 'not audited')}" for r in audit.not_finished
-    ]
-    if problems:
-        lines += ["", "## Skipped", ""] + [f"- {p}" for p in problems]
-    return "\n".join(lines) + "\n"
 
 
 def _num(v: float | None, log: bool = False) -> str:
@@ -544,11 +552,7 @@ def html_page(
         note = f"Mean ± std (ddof=1) over n={ns.pop()} seeds."
     col = {h: i for i, h in enumerate(header)}
     first_title, first, second_title, second = HTML_SPLIT
-    verdict_cols = (
-        ["rule"]
-        + [FIGURES[k][0] for k in first]
-        + ["D1 fires", "D2 fires", "D3 fires", "verdict", "modes", "claim"]
-    )
+    verdict_cols = ["rule"] + [FIGURES[k][0] for k in first] + VERDICT_COLUMNS
     figure_cols = ["rule"] + [FIGURES[k][0] for k in second]
     parts = [
         "<!doctype html><html><head><meta "
@@ -578,8 +582,7 @@ def html_page(
             f"<h3>{esc(heading)}</h3><img alt='{esc(heading)}' "
             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         )
-    md = markdown(audit, title=title, context=context)
-    parts.append("<h2>Definitions</h2>" + _markdown_html(_md_section(md, "Definitions")))
+    parts.append("<h2>Definitions</h2>" + _markdown_html("\n".join(definitions()) + "\n"))
     unevaluated = [
         r for ra in audit.rules for r in ra.runs if r.verdict.d3_missing
     ]  # as Audit.unevaluated()
@@ -604,14 +607,6 @@ def html_page(
         )
     parts.append("</body></html>")
     return "".join(parts)
-
-
-def _md_section(md: str, heading: str) -> str:
-    """The body of the ``## heading`` section of the Markdown report ``md`` (up to the next one)."""
-    lines = md.splitlines()
-    start = lines.index(f"## {heading}") + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join(lines[start:end]).strip() + "\n"
 
 
 def _markdown_parser():

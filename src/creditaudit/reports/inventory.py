@@ -17,7 +17,7 @@ from pathlib import Path
 
 from creditaudit.diagnostics.verdict import Thresholds
 from creditaudit.reports.collect import Collection, RunRecord
-from creditaudit.reports.markdown import md_row
+from creditaudit.reports.markdown import md_table
 from creditaudit.reports.resume import unfinished_note
 from creditaudit.reports.tables import _rule_order, arch_description, fa_vs_dfa, triangulation
 from creditaudit.runs.pairing import CONTROLS
@@ -151,53 +151,37 @@ def count_sections(inv: Inventory, *, planned: bool = False) -> list[str]:
             f"**{len({r.dataset for r in runs})}** ({', '.join(sorted({r.dataset for r in runs})) or '–'})",
         ),
     ]
-    lines = ["## Summary", "", md_row(["Dimension", "Count"]), md_row(["---", "---"])] + [
-        md_row(list(r)) for r in rows
-    ]
+    lines = ["## Summary", ""] + md_table(["Dimension", "Count"], [list(r) for r in rows])
 
-    lines += [
-        "",
-        f"## By Method ({len(methods)} types)",
-        "",
-        md_row(["Method", "Runs", "Description"]),
-        md_row(["---"] * 3),
-    ]
-    for m in sorted(methods, key=lambda m: (-len(methods[m]), _rule_order(m))):
-        lines.append(md_row(_count_row(m, methods[m], method_description(m), statuses=not planned)))
+    lines += ["", f"## By Method ({len(methods)} types)", ""]
+    lines += md_table(
+        ["Method", "Runs", "Description"],
+        [
+            _count_row(m, methods[m], method_description(m), statuses=not planned)
+            for m in sorted(methods, key=lambda m: (-len(methods[m]), _rule_order(m)))
+        ],
+    )
 
-    lines += [
-        "",
-        f"## By Architecture ({len(archs)})",
-        "",
-        md_row(["Architecture", "Runs", "Settings"]),
-        md_row(["---"] * 3),
-    ]
-    for a in sorted(archs, key=lambda a: (-len(archs[a]), a)):
-        lines.append(
-            md_row(
-                _count_row(
-                    a,
-                    archs[a],
-                    ", ".join(sorted({r.setting for r in archs[a]})),
-                    statuses=not planned,
-                )
+    lines += ["", f"## By Architecture ({len(archs)})", ""]
+    lines += md_table(
+        ["Architecture", "Runs", "Settings"],
+        [
+            _count_row(
+                a, archs[a], ", ".join(sorted({r.setting for r in archs[a]})), statuses=not planned
             )
-        )
+            for a in sorted(archs, key=lambda a: (-len(archs[a]), a))
+        ],
+    )
 
     head = ["Setting", "Runs", "Epochs"] + ([] if planned else ["Device-hours"]) + ["Description"]
-    lines += [
-        "",
-        f"## By Experiment Setting ({len(settings)})",
-        "",
-        md_row(head),
-        md_row(["---"] * len(head)),
-    ]
+    setting_rows = []
     for s in sorted(settings, key=_setting_order):
         rs = settings[s]
         eps = sorted({int(r.config.get("epochs") or 0) for r in rs})
         row = _count_row(s, rs, setting_description(s), statuses=not planned)
         hrs = [] if planned else [f"{device_hours(rs):.2f}"]
-        lines.append(md_row([row[0], row[1], ", ".join(map(str, eps)), *hrs, row[2]]))
+        setting_rows.append([row[0], row[1], ", ".join(map(str, eps)), *hrs, row[2]])
+    lines += ["", f"## By Experiment Setting ({len(settings)})", ""] + md_table(head, setting_rows)
     return lines
 
 
@@ -222,11 +206,13 @@ def inventory_markdown(
     lines += count_sections(inv)
 
     datasets = inv.by(lambda r: r.dataset)
-    lines += ["", "## By Dataset", "", md_row(["Dataset", "Runs", "Settings"]), md_row(["---"] * 3)]
-    for d in sorted(datasets):
-        lines.append(
-            md_row(_count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]}))))
-        )
+    lines += ["", "## By Dataset", ""] + md_table(
+        ["Dataset", "Runs", "Settings"],
+        [
+            _count_row(d, datasets[d], ", ".join(sorted({r.setting for r in datasets[d]})))
+            for d in sorted(datasets)
+        ],
+    )
 
     lines += [
         "",

@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 from creditaudit.diagnostics.verdict import Thresholds, mean_std, rule_verdict, summarise
 from creditaudit.models.base import ARCHS, ArchShape, ModelConfig, arch_shape
 from creditaudit.reports.audit import (
-    FIGURES,
     RunAudit,
     _rule_order,
     audit_run,
     build_audit,
+    figure_definitions,
     fire_text,
     fmt,
     table_rows,
 )
 from creditaudit.reports.collect import Collection, RunRecord
-from creditaudit.reports.markdown import md_row
+from creditaudit.reports.markdown import md_table
 from creditaudit.reports.resume import unfinished_note
 
 PENALTY_SETTINGS = (
@@ -74,9 +74,7 @@ class Table:
     def markdown(self, level: int = 2) -> str:
         lines = [f"{'#' * level} {self.title}", ""]
         if self.rows:
-            lines += [md_row(self.header), md_row(["---"] * len(self.header))] + [
-                md_row(r) for r in self.rows
-            ]
+            lines += md_table(self.header, self.rows)
         else:
             lines.append("*No finished runs for this table in the results folder.*")
         if self.notes:
@@ -463,7 +461,7 @@ def tables_markdown(
     if source:
         lines += [f"Generated from `{source}` alone. Mean ± std (ddof=1) over seeds, with n.", ""]
     body = "\n".join(t.markdown() for t in (only if only is not None else all_tables(col, th)))
-    defs = ["## Definitions", ""] + [f"- **{t}**: {d}." for t, d in FIGURES.values()]
+    defs = ["## Definitions", ""] + figure_definitions()
     skip = skipped(col)
     tail = ["", "## Skipped", ""] + [f"- {p}" for p in skip] if skip else []
     return "\n".join(lines) + body + "\n" + "\n".join(defs + tail) + "\n"
