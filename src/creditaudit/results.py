@@ -19,6 +19,7 @@ write leaves the previous file whole).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,26 @@ def _pandas():
     return pd
 
 
-def flatten(config: dict[str, Any], prefix: str = "config.") -> dict[str, Any]:
-    """``{"model": {"d": 256}}`` -> ``{"config.model.d": 256}``; lists become JSON text."""
+def flatten(
+    config: Mapping[str, Any], prefix: str = "config.", *, params: bool = False
+) -> dict[str, Any]:
+    """``{"model": {"d": 256}}`` -> ``{"config.model.d": 256}``: nested sections become dotted keys
+    after ``prefix``, lists JSON text. With ``params``, every value is one a tracker takes as a
+    hyper-parameter (``creditaudit.trackers``): None becomes ``"None"``, a value that is not a bool,
+    int, float or str its ``str()``."""
     out: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{path}.", params=params))
         elif isinstance(value, (list, tuple)):
-            out[f"{prefix}{key}"] = json.dumps(list(value))
+            out[path] = json.dumps(list(value))
+        elif params and value is None:
+            out[path] = "None"
+        elif params and not isinstance(value, (bool, int, float, str)):
+            out[path] = str(value)
         else:
-            out[f"{prefix}{key}"] = value
+            out[path] = value
     return out
 
 

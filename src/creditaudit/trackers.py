@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from creditaudit.errors import ConfigError
+from creditaudit.results import flatten
 
 LOGGERS = ("none", "tensorboard", "mlflow", "wandb")
 EXTRA = {
@@ -111,24 +112,6 @@ def check_logger(logger: str, logger_dir: str = "") -> None:
 def run_name(setting: str, folder_name: str) -> str:
     """The tracker run of a training run: ``<setting>/<rule>__<arch>__s<seed>``, like its folder."""
     return f"{setting}/{folder_name}"
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
-    """A config dict as hyper-parameters: nested dicts become dotted keys, lists JSON text, None 'None'."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path + "."))
-        elif isinstance(value, (list, tuple)):
-            out[path] = json.dumps(list(value))
-        elif value is None:
-            out[path] = "None"
-        elif isinstance(value, (bool, int, float, str)):
-            out[path] = value
-        else:
-            out[path] = str(value)
-    return out
 
 
 def numeric_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -519,7 +502,9 @@ def start(
         return NoTracker()
     tracker = Guarded(make_tracker(cfg.logger, cfg.logger_dir, cfg.results, run_dir), cfg.logger)
     continued = tracker.start(
-        run_name(cfg.setting, Path(run_dir).name), flatten(to_dict(cfg)), resumed_from=resumed_from
+        run_name(cfg.setting, Path(run_dir).name),
+        flatten(to_dict(cfg), "", params=True),
+        resumed_from=resumed_from,
     )
     if not continued:
         for record in records:
