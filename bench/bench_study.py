@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from creditaudit import config as C
+from creditaudit import config
 from creditaudit.config import TrainConfig
 from creditaudit.data.base import DATASETS, DataConfig, TensorDataset
 from creditaudit.data.pipeline import load_dataset
@@ -175,11 +175,10 @@ def synthetic_dataset(cfg: TrainConfig) -> TensorDataset:
 # ---------------------------------------------------------------------------------------------
 def kind_key(cfg: TrainConfig) -> str:
     """What decides the cost of a step and of a probe (not seeds, epochs, folders or penalty values)."""
-    from creditaudit import typedconfig as T
+    from creditaudit import typedconfig
 
-    d = T.semantic_dict(
-        cfg
-    )  # without where a run runs, how it is shown and what its folder is called
+    # without where a run runs, how it is shown and what its folder is called
+    d = typedconfig.semantic_dict(cfg)
     d["eval_batch_size"] = cfg.eval_batch_size  # not semantic, but the evaluation's cost
     for k in ("seed", "epochs", "save_epochs"):
         d.pop(k)
@@ -270,9 +269,9 @@ def _init_worker(barrier, threads: int, prime: list[dict], device_name: str) -> 
 
     device = resolve_device(device_name)
     for cfg_dict in prime:
-        cfg = C.from_dict(cfg_dict)
-        C.load_plugins(cfg)
-        cfg = C.resolve_rule_options(cfg)
+        cfg = config.from_dict(cfg_dict)
+        config.load_plugins(cfg)
+        cfg = config.resolve_rule_options(cfg)
         shape = shape_of(cfg.data)
         if shape.gz:
             _synthetic_raw(shape)(cfg.data, "", 0)  # fills _GZ_PAYLOAD
@@ -352,9 +351,9 @@ def measure_kind(
     state: dict[str, Any] = {}
 
     def setup() -> None:
-        cfg = C.from_dict(cfg_dict)
-        C.load_plugins(cfg)
-        cfg = C.resolve_rule_options(cfg)
+        cfg = config.from_dict(cfg_dict)
+        config.load_plugins(cfg)
+        cfg = config.resolve_rule_options(cfg)
         t0 = time.perf_counter()
         data = synthetic_dataset(cfg)
         out["load_s"] = time.perf_counter() - t0
@@ -510,8 +509,8 @@ def measure(
     records: list[dict] = []
     medians: dict[str, dict] = {}
     first = next(iter(kinds.values()))[0]
-    prime = [C.to_dict(first)] + [
-        C.to_dict(c)
+    prime = [config.to_dict(first)] + [
+        config.to_dict(c)
         for c in {c.data.dataset: c for c, _ in kinds.values()}.values()
         if c.data.dataset != first.data.dataset
     ]
@@ -524,7 +523,14 @@ def measure(
         futures = {
             key: [
                 pool.submit(
-                    measure_kind, C.to_dict(cfg), steps, warmup, device, pool_start, size, graph
+                    measure_kind,
+                    config.to_dict(cfg),
+                    steps,
+                    warmup,
+                    device,
+                    pool_start,
+                    size,
+                    graph,
                 )
                 for _ in range(workers)
             ]
@@ -755,7 +761,7 @@ def report(
         "wall_lpt_s": w_lpt,
         "parts_s": dict(parts_sum),
         "top10": [(l, len(d), sum(d)) for l, d in top],
-        "runs": [{"run": f"{c.setting}/{C.run_path(c).name}", **p} for c, p in ok],
+        "runs": [{"run": f"{c.setting}/{config.run_path(c).name}", **p} for c, p in ok],
     }
 
 

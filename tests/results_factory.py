@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from creditaudit import config as C
-from creditaudit.config import TrainConfig, apply_overrides
+from creditaudit.config import TrainConfig, apply_overrides, to_dict
 from creditaudit.runs.folder import RunFolder, run_dir
 
 SEEDS = (42, 123, 456)
@@ -91,7 +90,7 @@ def make_run(
     )
     folder = RunFolder(run_dir(root, setting, rule, arch_label or arch, seed))
     folder.path.mkdir(parents=True, exist_ok=True)
-    folder.write_config(C.to_dict(cfg))
+    folder.write_config(to_dict(cfg))
     fig = figures(rule, setting, seed)
     done = epochs if status == "finished" else max(epochs - 1, 0)
     records = []

@@ -410,34 +410,38 @@ def _data(cfg) -> SimpleNamespace:
 def test_the_memory_check_refuses_no_configuration_of_the_studys_profiles(monkeypatch):
     """Every run of every setting (and its baselines) under every profile, and every audit profile's
     runs, passes the check on a device of 1 GiB: it can refuse only what could never train."""
-    from creditaudit import experiments as E
-    from creditaudit.training import run as R
+    import creditaudit.training.run
+    from creditaudit import experiments
 
-    monkeypatch.setattr(R, "device_memory", lambda device: 2**30)
+    monkeypatch.setattr(creditaudit.training.run, "device_memory", lambda device: 2**30)
     cfgs = []
-    for profile in E.profile_names(E.SWEEP):
-        settings = [c for n in E.study_settings() for c in E.expand(n, profile=profile)]
-        cfgs += settings + E.baselines(settings, profile=profile)
-    for profile in E.profile_names(E.AUDIT):
-        cfgs += E.audit_configs(list(E.get_profile(profile, E.AUDIT).audit_rules), profile=profile)
+    for profile in experiments.profile_names(experiments.SWEEP):
+        settings = [
+            c for n in experiments.study_settings() for c in experiments.expand(n, profile=profile)
+        ]
+        cfgs += settings + experiments.baselines(settings, profile=profile)
+    for profile in experiments.profile_names(experiments.AUDIT):
+        cfgs += experiments.audit_configs(
+            list(experiments.get_profile(profile, experiments.AUDIT).audit_rules), profile=profile
+        )
     kinds = {(c.arch, str(c.model), c.data.dataset, c.data.student_dim): c for c in cfgs}
     assert len(kinds) > 10
     for cfg in kinds.values():
-        R.check_fits(cfg, cfg.model, _data(cfg), torch.device("cpu"))
+        creditaudit.training.run.check_fits(cfg, cfg.model, _data(cfg), torch.device("cpu"))
 
 
 def test_the_memory_check_counts_before_allocating(monkeypatch):
+    import creditaudit.training.run
     from creditaudit.config import TrainConfig, apply_overrides
     from creditaudit.errors import ConfigError
-    from creditaudit.training import run as R
 
-    monkeypatch.setattr(R, "device_memory", lambda device: 2**30)
+    monkeypatch.setattr(creditaudit.training.run, "device_memory", lambda device: 2**30)
     cfg = apply_overrides(TrainConfig(), ["d=200000"])
     with pytest.raises(
         ConfigError, match=r"resmlp with d=200000, L=4 has 320,162,600,010 parameters.*1\.0 GiB"
     ):
-        R.check_fits(cfg, cfg.model, _data(cfg), torch.device("cpu"))
-    R.check_fits(
+        creditaudit.training.run.check_fits(cfg, cfg.model, _data(cfg), torch.device("cpu"))
+    creditaudit.training.run.check_fits(
         cfg, apply_overrides(TrainConfig(), ["d=2000"]).model, _data(cfg), torch.device("cpu")
     )  # 34M parameters: 0.5 GiB
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from creditaudit.diagnostics import measures as M
+from creditaudit.diagnostics import measures
 from creditaudit.diagnostics.probe import DiagConfig, due, probe
 from creditaudit.models import ModelConfig, build_model, true_grads
 from creditaudit.rules import build_rule
@@ -18,7 +18,7 @@ def test_eps_free_cosine_differs_from_torch_when_g_is_tiny():
     torch.manual_seed(0)
     a = torch.randn(4, 64, dtype=torch.float64)
     g = (a + 0.1 * torch.randn_like(a)) * 1e-9  # nearly parallel, ‖g‖ ≈ 1e-8
-    ours = M.cosine(a, g)
+    ours = measures.cosine(a, g)
     clamped = F.cosine_similarity(a, g, dim=1)  # torch clamps ‖a‖·‖g‖ at eps = 1e-8
     true = (a * g).sum(1) / (a.norm(dim=1) * g.norm(dim=1))
     torch.testing.assert_close(ours, true)
@@ -31,7 +31,7 @@ def test_eps_free_cosine_differs_from_torch_when_g_is_tiny():
 def test_cosine_is_float64_and_nan_for_a_zero_vector():
     a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     b = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    c = M.cosine(a, b)
+    c = measures.cosine(a, b)
     assert c.dtype == torch.float64
     assert c[0].item() == pytest.approx(1 / math.sqrt(2)) and math.isnan(c[1].item())
 
@@ -45,13 +45,13 @@ def test_d2_is_measured_with_float64_norms_of_a_tiny_gradient():
         model.embed[1].weight.mul_(1e9)  # ‖h_0‖ ~ 1e9, so ‖g_L‖ ∝ 1/‖h_L‖ ~ 1e-9
         model.embed[1].bias.mul_(1e9)
     _, gs = true_grads(model.double(), x.double(), torch.randint(0, 3, (32,)))
-    gl = M.median(M.norms(gs[-1]))
+    gl = measures.median(measures.norms(gs[-1]))
     assert 1e-12 < gl < 1e-7
 
 
 def test_scale_ratios_and_median():
     hs = [torch.ones(3, 2), 10 * torch.ones(3, 2), 20 * torch.ones(3, 2)]
-    assert M.scale_ratios(hs) == pytest.approx([10.0, 2.0])
+    assert measures.scale_ratios(hs) == pytest.approx([10.0, 2.0])
 
 
 def test_predictivity_is_one_for_the_true_gradient_and_zero_for_noise():
@@ -60,9 +60,14 @@ def test_predictivity_is_one_for_the_true_gradient_and_zero_for_noise():
     x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
     fwd, gs = true_grads(model, x, y)
     g = torch.Generator().manual_seed(0)
-    assert M.predictivity(model, 1, fwd.hs[1], gs[1], y, dirs=8, eps=1e-4, generator=g) > 0.999
+    assert (
+        measures.predictivity(model, 1, fwd.hs[1], gs[1], y, dirs=8, eps=1e-4, generator=g) > 0.999
+    )
     noise = torch.randn_like(gs[1])
-    assert abs(M.predictivity(model, 1, fwd.hs[1], noise, y, dirs=8, eps=1e-4, generator=g)) < 0.2
+    assert (
+        abs(measures.predictivity(model, 1, fwd.hs[1], noise, y, dirs=8, eps=1e-4, generator=g))
+        < 0.2
+    )
 
 
 def test_nudging_against_the_true_gradient_lowers_the_loss():
@@ -70,14 +75,14 @@ def test_nudging_against_the_true_gradient_lowers_the_loss():
     model = build_model("resmlp", ModelConfig(d=16, L=2), (8,), 3).double()
     x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
     fwd, gs = true_grads(model, x, y)
-    assert M.nudge(model, 1, fwd.hs[1], gs[1], y, eta=0.01, relative=False) < 0
-    assert M.nudge(model, 1, fwd.hs[1], -gs[1], y, eta=0.01, relative=False) > 0
+    assert measures.nudge(model, 1, fwd.hs[1], gs[1], y, eta=0.01, relative=False) < 0
+    assert measures.nudge(model, 1, fwd.hs[1], -gs[1], y, eta=0.01, relative=False) > 0
 
 
 def test_gradient_stability_of_identical_and_opposite_batches():
     g = torch.randn(8, 5)
-    assert M.gradient_stability([g, g, g]) == pytest.approx(1.0)
-    assert M.gradient_stability([g, -g]) == pytest.approx(-1.0)
+    assert measures.gradient_stability([g, g, g]) == pytest.approx(1.0)
+    assert measures.gradient_stability([g, -g]) == pytest.approx(-1.0)
 
 
 def test_cadence():

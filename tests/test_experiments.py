@@ -226,16 +226,16 @@ def test_sweep_is_idempotent_and_isolates_a_failure(tmp_path, monkeypatch):
     } == stamp  # nothing retrained
 
     # A run that crashes is recorded as failed and the others still train.
-    import creditaudit.training.run as T
+    import creditaudit.training.run
 
-    real = T.train_epoch
+    real = creditaudit.training.run.train_epoch
 
     def flaky(run, *a, **k):
         if run.cfg.seed == 123:
             raise RuntimeError("simulated crash")
         return real(run, *a, **k)
 
-    monkeypatch.setattr(T, "train_epoch", flaky)
+    monkeypatch.setattr(creditaudit.training.run, "train_epoch", flaky)
     out = runner.invoke(
         main,
         ["sweep", "no_residual", "--profile", "smoke", "--workers", "1", f"results={tmp_path}"],
@@ -313,22 +313,35 @@ def test_two_sweeps_sharing_a_results_folder_train_each_run_once(tmp_path):
 def test_one_profile_registry_serves_every_command():
     """Sweep, audit and exploit profiles are entries of one registry; each command takes its own
     and refuses the others' with the list of its own, and --help lists exactly those."""
-    from creditaudit import experiments as E
-    from creditaudit.exploit import protocol as P
+    from creditaudit import experiments
+    from creditaudit.exploit import protocol
 
-    assert E.profile_names(E.SWEEP) == ["paper", "cpu", "smoke", "mnist1d"]
-    assert E.profile_names(E.AUDIT) == ["paper", "default", "double", "mnist1d", "mode1"]
-    assert E.profile_names(E.EXPLOIT) == ["paper", "smoke", "default"]
+    assert experiments.profile_names(experiments.SWEEP) == ["paper", "cpu", "smoke", "mnist1d"]
+    assert experiments.profile_names(experiments.AUDIT) == [
+        "paper",
+        "default",
+        "double",
+        "mnist1d",
+        "mode1",
+    ]
+    assert experiments.profile_names(experiments.EXPLOIT) == ["paper", "smoke", "default"]
     with pytest.raises(Exception, match="not one of sweep's; choose one of paper, cpu, smoke"):
         expand("main_audit", profile="mode1")
-    cpu = next(c for c in E.audit_configs(["dfa"], profile="default") if c.rule == "dfa")
+    cpu = next(c for c in experiments.audit_configs(["dfa"], profile="default") if c.rule == "dfa")
     assert (cpu.data.dataset, cpu.data.train_subset, cpu.epochs) == ("fashion_mnist", 20000, 6)
-    assert next(iter(E.audit_configs(["dfa"], profile="double"))).epochs == 12
-    assert P.profile("default").name == "default" and P.profile("smoke").dataset == "digits"
-    assert P.profile_seeds("smoke") == (42, 123)
-    for command, name in (("audit", E.AUDIT), ("sweep", E.SWEEP), ("exploit", E.EXPLOIT)):
+    assert next(iter(experiments.audit_configs(["dfa"], profile="double"))).epochs == 12
+    assert (
+        protocol.profile("default").name == "default"
+        and protocol.profile("smoke").dataset == "digits"
+    )
+    assert protocol.profile_seeds("smoke") == (42, 123)
+    for command, name in (
+        ("audit", experiments.AUDIT),
+        ("sweep", experiments.SWEEP),
+        ("exploit", experiments.EXPLOIT),
+    ):
         text = CliRunner().invoke(main, [command, "--help"]).output.replace("\n", " ")
-        for p in E.profile_names(name):
+        for p in experiments.profile_names(name):
             assert p in text, (command, p)
 
 

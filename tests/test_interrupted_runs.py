@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from creditaudit import config as C
-from creditaudit import typedconfig as T
+from creditaudit import config, typedconfig
 from creditaudit.experiments import expand
 from creditaudit.reports.audit import build_audit, html_page
 from creditaudit.reports.collect import collect
@@ -30,9 +29,9 @@ SRC = str(Path(lmod.__file__).resolve().parents[2])  # the `src` folder, for chi
 
 def _sweep_run(root: Path, setting: str = "main_audit", profile: str = "smoke") -> RunFolder:
     """The folder of one run a sweep of ``setting`` trains, with the config the trainer records."""
-    cfg = C.resolve_rule_options(expand(setting, profile=profile, results=str(root))[0])
-    folder = RunFolder(C.run_path(cfg))
-    folder.write_config(C.to_dict(cfg))
+    cfg = config.resolve_rule_options(expand(setting, profile=profile, results=str(root))[0])
+    folder = RunFolder(config.run_path(cfg))
+    folder.write_config(config.to_dict(cfg))
     folder.append_metrics({"epoch": 0, "test/acc": 0.1})
     return folder
 
@@ -132,14 +131,14 @@ def test_a_killed_sweep_run_is_interrupted_with_the_sweep_that_resumes_it(tmp_pa
 
 def test_the_sweep_command_keeps_where_the_data_is(tmp_path):
     root = tmp_path / "results"
-    cfg = C.resolve_rule_options(
-        C.apply_overrides(
+    cfg = config.resolve_rule_options(
+        config.apply_overrides(
             expand("main_audit", profile="smoke", results=str(root))[0],
             [f"data_dir={tmp_path / 'data'}"],
         )
     )
-    folder = RunFolder(C.run_path(cfg))
-    folder.write_config(C.to_dict(cfg))
+    folder = RunFolder(config.run_path(cfg))
+    folder.write_config(config.to_dict(cfg))
     folder.write_summary({"status": "running"})
     (run,) = collect(root).runs
     assert resume_command(run) == (
@@ -208,9 +207,9 @@ def test_a_run_not_from_a_sweep_is_resumed_by_creditaudit_train(tmp_path, holder
     """Trained with `creditaudit train` (here: a setting of its own and options of its own), the
     command rebuilds its config exactly: same run folder, same fields that change results."""
     root = tmp_path / "results"
-    cfg = C.resolve_rule_options(
-        C.apply_overrides(
-            C.TrainConfig(),
+    cfg = config.resolve_rule_options(
+        config.apply_overrides(
+            config.TrainConfig(),
             [
                 "rule=dfa",
                 "arch=resmlp",
@@ -230,8 +229,8 @@ def test_a_run_not_from_a_sweep_is_resumed_by_creditaudit_train(tmp_path, holder
             ],
         )
     )
-    folder = RunFolder(C.run_path(cfg))
-    folder.write_config(C.to_dict(cfg))
+    folder = RunFolder(config.run_path(cfg))
+    folder.write_config(config.to_dict(cfg))
     h = holder(folder)
     h.kill()
     (run,) = collect(root).runs
@@ -239,9 +238,13 @@ def test_a_run_not_from_a_sweep_is_resumed_by_creditaudit_train(tmp_path, holder
     assert how == "train" and command.startswith(
         "creditaudit train rule=dfa arch=resmlp seed=7 setting=mine"
     )
-    rebuilt = C.resolve_rule_options(C.apply_overrides(C.TrainConfig(), shlex.split(command)[2:]))
-    assert C.run_path(rebuilt) == folder.path
-    assert T.diff(T.semantic_dict(rebuilt), T.semantic_dict(cfg)) == []
+    rebuilt = config.resolve_rule_options(
+        config.apply_overrides(config.TrainConfig(), shlex.split(command)[2:])
+    )
+    assert config.run_path(rebuilt) == folder.path
+    assert (
+        typedconfig.diff(typedconfig.semantic_dict(rebuilt), typedconfig.semantic_dict(cfg)) == []
+    )
     assert (rebuilt.data.data_dir, rebuilt.threads) == (
         str(tmp_path / "data"),
         1,

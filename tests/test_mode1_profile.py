@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import pytest
 
-from creditaudit import experiments as E
+from creditaudit import experiments
 from creditaudit.data import check_dataset
 from creditaudit.reports.audit import build_audit
 from creditaudit.reports.collect import collect
 
 
 def test_the_profile_trains_bp_fa_dfa_and_the_baseline_in_its_own_setting(tmp_path):
-    cfgs = E.audit_configs(
-        list(E.get_profile("mode1", E.AUDIT).audit_rules), profile="mode1", results=str(tmp_path)
+    cfgs = experiments.audit_configs(
+        list(experiments.get_profile("mode1", experiments.AUDIT).audit_rules),
+        profile="mode1",
+        results=str(tmp_path),
     )
     assert sorted({c.rule for c in cfgs}) == ["bp", "bp_frozen", "dfa", "fa"] and len(cfgs) == 12
     c = cfgs[0]
@@ -35,9 +37,9 @@ def test_the_profile_trains_bp_fa_dfa_and_the_baseline_in_its_own_setting(tmp_pa
     )
     # the user's overrides still come last
     assert (
-        E.audit_configs(["dfa"], profile="mode1", results=str(tmp_path), overrides=("epochs=3",))[
-            0
-        ].epochs
+        experiments.audit_configs(
+            ["dfa"], profile="mode1", results=str(tmp_path), overrides=("epochs=3",)
+        )[0].epochs
         == 3
     )
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from creditaudit.cli import main
 from creditaudit.diagnostics.verdict import Thresholds
-from creditaudit.reports import tables as T
+from creditaudit.reports import tables
 from creditaudit.reports.collect import collect
 from creditaudit.reports.inventory import inventory_markdown
 from tests.results_factory import SEEDS, figures, study
@@ -29,7 +29,7 @@ def ms(values: list[float], *, sci: bool = False) -> str:
     return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
 
 
-def rows_by_first(table: T.Table) -> dict[str, list[str]]:
+def rows_by_first(table: tables.Table) -> dict[str, list[str]]:
     return {r[0]: r for r in table.rows}
 
 
@@ -104,7 +104,7 @@ def test_inventory_counts(results):
 def test_table1_and_fa_vs_dfa_figures(results):
     col = collect(results)
     th = Thresholds()
-    header, rows = T.table1(col, th).header, rows_by_first(T.table1(col, th))
+    header, rows = tables.table1(col, th).header, rows_by_first(tables.table1(col, th))
     assert list(rows) == ["bp", "fa", "dfa", "ep", "sb", "cb"]
     acc = header.index("test acc")
     frozen = {s: figures("bp_frozen", "main_audit", s)["test/acc"] for s in SEEDS}
@@ -118,8 +118,8 @@ def test_table1_and_fa_vs_dfa_figures(results):
     assert rows["dfa"][header.index("verdict")] == "FAIL(D1 3/3 + D2 3/3)"
     assert rows["fa"][header.index("verdict")] == "PASS"
 
-    fvd = rows_by_first(T.fa_vs_dfa(col, th))
-    assert T.fa_vs_dfa(col, th).header[1:] == ["FA (3 runs in all)", "DFA (10 runs in all)"]
+    fvd = rows_by_first(tables.fa_vs_dfa(col, th))
+    assert tables.fa_vs_dfa(col, th).header[1:] == ["FA (3 runs in all)", "DFA (10 runs in all)"]
     assert fvd["test acc (main audit)"][1:] == [
         ms([figures(r, "main_audit", s)["test/acc"] for s in SEEDS]) for r in ("fa", "dfa")
     ]
@@ -135,7 +135,7 @@ def test_table1_and_fa_vs_dfa_figures(results):
 def test_sweeps_and_cross_arch(results):
     col = collect(results)
     th = Thresholds()
-    pen = T.penalty_sweep(col, th)
+    pen = tables.penalty_sweep(col, th)
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in pen.rows] == [
         (r, "0.01", "3", "penalty_rescue", "3") for r in ("dfa", "sb", "cb")
     ]
@@ -143,14 +143,14 @@ def test_sweeps_and_cross_arch(results):
     for r in pen.rows:
         assert r[acc] == ms([figures(r[0], "penalty_rescue", s)["test/acc"] for s in SEEDS])
 
-    depth = T.depth_sweep(col, th)
+    depth = tables.depth_sweep(col, th)
     assert [(r[0], r[1], r[2], r[3]) for r in depth.rows] == [
         ("dfa", "2", "512", "1"),
         ("dfa", "6", "512", "1"),
     ]
     assert depth.rows[0][depth.header.index("test acc")] == "0.400 (n=1)"  # one seed: no std
 
-    cross = T.cross_arch(col, th)
+    cross = tables.cross_arch(col, th)
     cnn = [r for r in cross.rows if r[0].startswith("smallcnn")]
     assert [(r[1], r[3]) for r in cnn] == [("dfa", "2")]  # the failed bp run is not averaged
     assert cnn[0][cross.header.index("test acc")] == ms(
@@ -160,7 +160,7 @@ def test_sweeps_and_cross_arch(results):
 
 
 def test_triangulation_orderings_and_agreement(results):
-    tri = T.triangulation(collect(results), Thresholds())
+    tri = tables.triangulation(collect(results), Thresholds())
     assert tri.header == ["metric", "dfa", "sb", "cb", "ordering"]
     rows = rows_by_first(tri)
     drop = {
@@ -178,12 +178,12 @@ def test_triangulation_orderings_and_agreement(results):
 
 
 def test_orderings_call_overlapping_rules_even():
-    o = T.ordering(
+    o = tables.ordering(
         {"a": (0.50, 0.02, 3), "b": (0.49, 0.02, 3), "c": (0.30, 0.01, 3)}, higher_better=True
     )
-    assert T.render_ordering(o) == "a ≈ b > c"
-    low = T.ordering({"a": (-1e-3, 1e-4, 3), "b": (-1e-5, 1e-6, 3)}, higher_better=False)
-    assert T.render_ordering(low) == "a > b"
+    assert tables.render_ordering(o) == "a ≈ b > c"
+    low = tables.ordering({"a": (-1e-3, 1e-4, 3), "b": (-1e-5, 1e-6, 3)}, higher_better=False)
+    assert tables.render_ordering(low) == "a > b"
 
 
 def test_cli_writes_both_reports_and_survives_corrupt_folders(results, tmp_path):
@@ -221,6 +221,8 @@ def test_cli_names_a_missing_results_folder_and_an_unknown_table(tmp_path):
 
 def test_an_empty_results_folder_gives_empty_tables_not_a_crash(tmp_path):
     col = collect(tmp_path)
-    text = T.tables_markdown(col)
-    assert text.count("*No finished runs for this table in the results folder.*") == len(T.TABLES)
+    text = tables.tables_markdown(col)
+    assert text.count("*No finished runs for this table in the results folder.*") == len(
+        tables.TABLES
+    )
     assert "**0**" in inventory_markdown(col, tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 pd = pytest.importorskip("pandas")
 
-from creditaudit import results as R  # noqa: E402
+import creditaudit.results  # noqa: E402
 from creditaudit.training.trainer import train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.results_factory import make_run  # noqa: E402
@@ -45,7 +45,7 @@ def _folder_rows(results):
 
 
 def test_load_gives_one_row_per_run_and_epoch_with_config_and_metrics(folder):
-    df = R.load(folder)
+    df = creditaudit.results.load(folder)
     expected = _folder_rows(folder)
     assert (
         len(df) == len(expected) == 3 + 3 + 4
@@ -73,8 +73,8 @@ def test_load_gives_one_row_per_run_and_epoch_with_config_and_metrics(folder):
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_export_reads_back_with_duckdb_and_pandas(folder, tmp_path, fmt):
     duckdb = pytest.importorskip("duckdb")
-    out, n, problems = R.export(folder, tmp_path / f"runs.{fmt}", fmt)
-    assert n == len(R.load(folder)) and problems
+    out, n, problems = creditaudit.results.export(folder, tmp_path / f"runs.{fmt}", fmt)
+    assert n == len(creditaudit.results.load(folder)) and problems
     back = pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out)
     assert len(back) == n and {"test/acc", "config.model.d", "diag/gL_norm"} <= set(back.columns)
     reader = "read_parquet" if fmt == "parquet" else "read_csv_auto"
@@ -106,7 +106,7 @@ def test_a_missing_extra_names_the_install():
     builtins.__import__ = no_pandas
     try:
         with pytest.raises(Exception, match=r"pip install 'creditaudit\[data\]'"):
-            R.load("nowhere")
+            creditaudit.results.load("nowhere")
     finally:
         builtins.__import__ = real
 
@@ -119,6 +119,6 @@ def test_the_export_command(folder, tmp_path):
     out = tmp_path / "all.csv"
     res = CliRunner().invoke(main, ["export", str(folder), "--format", "csv", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert f"{len(R.load(folder))} rows (csv)" in res.output and out.exists()
+    assert f"{len(creditaudit.results.load(folder))} rows (csv)" in res.output and out.exists()
     missing = CliRunner().invoke(main, ["export", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no results folder" in missing.output

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from creditaudit.errors import ConfigError
 from creditaudit.models import build_model, true_grads
 from creditaudit.rules import RuleContext, build_rule
-from creditaudit.rules import _estimator as E
+from creditaudit.rules import _estimator as estimator
 from creditaudit.runs.checkpoint import pack_state, unpack_state
 from creditaudit.training.run import build_run, train_step
 from creditaudit.training.trainer import train
@@ -100,7 +100,7 @@ def _mean_cosines(rule, model) -> list[float]:
     _, gs = true_grads(model, x, y)
     credits = rule.credits(model, x, y, model.run(x, detach_inputs=True))
     return [
-        float(E.per_sample_cosine(a.double(), g.double()).mean())
+        float(estimator.per_sample_cosine(a.double(), g.double()).mean())
         for a, g in zip(credits, gs, strict=True)
     ]
 
@@ -189,7 +189,7 @@ def test_cb_consistency_noise_is_absolute_by_default(noise):
             assert abs(float(n.std()) - rule.opts.sigma) < 0.01, float(n.std())
         else:
             torch.testing.assert_close(m, 100.0 * n, rtol=1e-3, atol=1e-3)
-            ratio = n.flatten(2).std(2) / E.rms(
+            ratio = n.flatten(2).std(2) / estimator.rms(
                 h.detach()
             )  # (K, B): σ per sample, in units of rms(h)
             assert abs(float(ratio.mean()) - rule.opts.sigma) < 0.02, float(ratio.mean())
@@ -204,7 +204,7 @@ def test_sb_bridge_sees_the_state_through_its_layer_norm_only(rms_out):
     rule = _rule("sb", model, {"rms_out": "true"} if rms_out else {})
     fwd = model.run(x, detach_inputs=True)
     rule.ready(fwd.hs)
-    s = E.terminal_code("error", fwd.logits, y)
+    s = estimator.terminal_code("error", fwd.logits, y)
     layers = list(range(len(fwd.hs)))
     c = 10.0
     hs = [h.detach() for h in fwd.hs]
@@ -242,7 +242,9 @@ def test_sb_exact_terminal_gives_g_L_and_cb_warmup_gives_dfa_credit():
                 torch.testing.assert_close(a, (e @ B).view_as(h))
         else:  # afterwards: ∇V
             hs = [h.detach().requires_grad_(True) for h in fwd.hs]
-            vs = cb.value(cb.net, hs, list(range(len(hs))), E.terminal_code("error", fwd.logits, y))
+            vs = cb.value(
+                cb.net, hs, list(range(len(hs))), estimator.terminal_code("error", fwd.logits, y)
+            )
             grads = torch.autograd.grad(sum(v.sum() for v in vs), hs)
             for a, g in zip(credits, grads, strict=True):
                 torch.testing.assert_close(a, g)

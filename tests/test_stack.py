@@ -327,7 +327,7 @@ def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config
 ):
     """No run of a stack is probed alone: runs whose diagnostics differ (here: trajectories for
     one) are probed in a group each, and each run logs the keys it logs alone."""
-    import creditaudit.training.run as R
+    import creditaudit.training.run
 
     alone = [
         _cfg(tmp_path / "alone", "dfa", "resmlp", 1),
@@ -339,7 +339,7 @@ def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config
     def refuse(*args, **kwargs):
         raise AssertionError("a run of a stack was probed alone")
 
-    monkeypatch.setattr(R, "diagnose", refuse)
+    monkeypatch.setattr(creditaudit.training.run, "diagnose", refuse)
     stacked = [
         _cfg(tmp_path / "stack", "dfa", "resmlp", 1),
         _cfg(tmp_path / "stack", "dfa", "resmlp", 2, "diag.trajectory=true"),
@@ -354,16 +354,16 @@ def test_a_stack_takes_its_runs_probes_together_one_group_per_diagnostics_config
 def test_a_run_whose_own_probe_fails_fails_alone(tmp_path, monkeypatch):
     """ρ_l is each run's own work: when it fails for one run, that run is recorded failed, and
     the other runs of the stack finish."""
-    import creditaudit.training.stack as S
+    import creditaudit.training.stack
 
-    real = S.finish
+    real = creditaudit.training.stack.finish
 
     def failing(figures, rho, model, model64, y, cfg, *, seed):
         if seed == 2 and rho:
             raise RuntimeError("planted")
         return real(figures, rho, model, model64, y, cfg, seed=seed)
 
-    monkeypatch.setattr(S, "finish", failing)
+    monkeypatch.setattr(creditaudit.training.stack, "finish", failing)
     stacked = [_cfg(tmp_path, "dfa", "resmlp", s) for s in (1, 2)]
     results = train_stack(stacked)
     assert [r.status for r in results] == ["finished", "failed"]

@@ -206,10 +206,10 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_crash_is_recorded_and_nothing_is_lost(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "epochs=3")
     train(cfg, stop_after=1)
-    import creditaudit.training.run as T
+    import creditaudit.training.run
 
     calls = {"n": 0}
-    real = T.train_step
+    real = creditaudit.training.run.train_step
 
     def boom(run, x, y):
         calls["n"] += 1
@@ -217,13 +217,13 @@ def test_crash_is_recorded_and_nothing_is_lost(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(run, x, y)
 
-    monkeypatch.setattr(T, "train_step", boom)
+    monkeypatch.setattr(creditaudit.training.run, "train_step", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg)
     summary = _folder(cfg).read_summary()
     assert summary["status"] == "failed" and "simulated crash" in summary["error"]
     assert [r["epoch"] for r in _folder(cfg).read_metrics()] == [0, 1]  # epochs 0 and 1 kept
-    monkeypatch.setattr(T, "train_step", real)
+    monkeypatch.setattr(creditaudit.training.run, "train_step", real)
     assert train(cfg)["status"] == "finished"
 
 

@@ -768,7 +768,7 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
     Exit status: 0 every snapshot and measurement finished; 1 some failed; 2 an error you can fix;
     3 some are held by another process; 130 interrupted.
     """
-    from creditaudit.exploit import protocol as P
+    from creditaudit.exploit import protocol
 
     if render_dir:
         from creditaudit.exploit.report import write_report
@@ -789,10 +789,10 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
         raise click.BadParameter(
             "is empty: name the results folder (or give --out DIR)", param_hint="--results"
         )
-    p = P.apply_overrides(P.profile(profile), overrides)
+    p = protocol.apply_overrides(protocol.profile(profile), overrides)
     if snapshot:
         p = given_snapshot(p, snapshot)
-    seed_list = seeds or P.profile_seeds(profile)
+    seed_list = seeds or protocol.profile_seeds(profile)
     folder = Path(out) if out else default_out(p, results)
     console.print(
         f"exploit ({p.name}): {p.dataset}, seeds {', '.join(map(str, seed_list))} -> "
@@ -807,7 +807,7 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
         )
 
     outcomes = run_exploit(p, seed_list, folder, workers=workers, device=device, on_done=done)
-    path = P.ExploitFolder(folder).report_path
+    path = protocol.ExploitFolder(folder).report_path
     console.print(path.read_text(encoding="utf-8"), markup=False, soft_wrap=True)
     console.print(f"report: {path}")
     sys.exit(runs_status([o.status for o in outcomes]))

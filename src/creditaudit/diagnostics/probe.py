@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from creditaudit.diagnostics import measures as M
+from creditaudit.diagnostics import measures
 from creditaudit.models.base import CreditNet, true_grads
 from creditaudit.typedconfig import Config
 
@@ -118,8 +118,8 @@ def trajectory_summaries(named: dict[str, list[Tensor]]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name, tensors in named.items():
         for l, t in enumerate(tensors):
-            norms = M.norms(t).double()
-            qs = M.quantiles(norms, TRAJECTORY_QUANTILES)
+            norms = measures.norms(t).double()
+            qs = measures.quantiles(norms, TRAJECTORY_QUANTILES)
             for i, q in enumerate(TRAJECTORY_QUANTILES):
                 out[f"traj/{name}_l{l}_p{round(q * 100)}"] = qs[i]
             out[f"traj/{name}_l{l}_mean"] = norms.mean()
@@ -223,13 +223,13 @@ def shared_figures(
         [a[:n] for a in credits_all],
     )
 
-    ratios = M.scale_ratios(hs)
+    ratios = measures.scale_ratios(hs)
     for l, r in enumerate(ratios, start=1):
         out[f"diag/ratio_l{l}"] = r
-    out["diag/d1"] = M.nanmax(ratios, like=hs[0])
-    out["diag/h0_norm"] = M.median(M.norms(hs[0]))
-    out["diag/hL_norm"] = M.median(M.norms(hs[-1]))
-    out["diag/gL_norm"] = M.median(M.norms(gs[-1]))
+    out["diag/d1"] = measures.nanmax(ratios, like=hs[0])
+    out["diag/h0_norm"] = measures.median(measures.norms(hs[0]))
+    out["diag/hL_norm"] = measures.median(measures.norms(hs[-1]))
+    out["diag/gL_norm"] = measures.median(measures.norms(gs[-1]))
 
     if cfg.trajectory:
         out.update(trajectory_summaries({"h": hs, "g": gs, "a": credits}))
@@ -239,28 +239,30 @@ def shared_figures(
             model(inputs["x_train"]), inputs["y_train"]
         ).double()
 
-    gammas = M.credit_cosines(credits, gs)
+    gammas = measures.credit_cosines(credits, gs)
     for l, g in enumerate(gammas):
         out[f"credit/cos_l{l}"] = g
     deep = range(1, L + 1)
-    out["credit/deep_cos"] = M.nanmean([gammas[l] for l in deep], like=hs[0])
+    out["credit/deep_cos"] = measures.nanmean([gammas[l] for l in deep], like=hs[0])
     nudges = {
-        l: M.nudge(model64, l, hs[l], credits[l], y, eta=cfg.nudge_eta, relative=cfg.nudge_relative)
+        l: measures.nudge(
+            model64, l, hs[l], credits[l], y, eta=cfg.nudge_eta, relative=cfg.nudge_relative
+        )
         for l in deep
     }
     for l, v in nudges.items():
         out[f"credit/nudge_l{l}"] = v
-    out["credit/nudge"] = M.nanmean(list(nudges.values()), like=hs[0])
+    out["credit/nudge"] = measures.nanmean(list(nudges.values()), like=hs[0])
 
     rho_inputs: dict[str, list[Tensor]] = {}
     if sizes.full:
         rho_inputs = {
             "h": [h[:m] for h in fwd64.hs],
             "a": [a[:m] for a in credits_all],
-            "g_median": [M.median(M.norms(g[:m])) for g in gs_all],
+            "g_median": [measures.median(measures.norms(g[:m])) for g in gs_all],
         }
         out["diag/grad_stab"] = (
-            _grad_stability(model64, inputs, L) if sizes.stab else M.nan_like(hs[0])
+            _grad_stability(model64, inputs, L) if sizes.stab else measures.nan_like(hs[0])
         )
     return out, rho_inputs
 
@@ -290,7 +292,7 @@ def finish(
         # a collapsed reference (‖g‖ ~ 1e-9) is measured in float64.
         big = cfg.rho_eps * float(rho_inputs["g_median"][l]) >= RHO_FLOAT32_MIN_CHANGE
         rhos[l] = float(
-            M.predictivity(
+            measures.predictivity(
                 model if big else in_float64(),
                 l,
                 rho_inputs["h"][l],
@@ -310,7 +312,7 @@ def finish(
 def _grad_stability(model64: CreditNet, inputs: dict[str, Tensor], L: int) -> Tensor:
     layer = math.ceil(L / 2)
     x, y = inputs["x_stab"], inputs["y_stab"]
-    return M.gradient_stability(
+    return measures.gradient_stability(
         [true_grads(model64, x[i].double(), y[i])[1][layer] for i in range(x.shape[0])]
     )
 

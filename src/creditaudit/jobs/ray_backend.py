@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from creditaudit import config as C
+from creditaudit import config
 from creditaudit.config import TrainConfig
 from creditaudit.errors import ConfigError
 from creditaudit.jobs.processes import RunOutcome, _label, _train_job
@@ -45,7 +45,7 @@ def _train_job_on_a_cluster(cfg_dicts: list[dict], graph: bool, threads: int) ->
 
     outcomes = _train_job(cfg_dicts, graph, threads)
     waits = {
-        i: lease_left(C.run_path(C.from_dict(d)) / "run.lock")
+        i: lease_left(config.run_path(config.from_dict(d)) / "run.lock")
         for i, (d, o) in enumerate(zip(cfg_dicts, outcomes, strict=True))
         if o.status == "locked"
     }
@@ -70,7 +70,7 @@ def _import_ray():
 def portable(cfg: TrainConfig) -> TrainConfig:
     """A copy of ``cfg`` whose file paths are absolute, so it means the same on any worker (rule
     files are recorded by absolute path already: :func:`config.checked`)."""
-    cfg = C.copy_config(cfg)
+    cfg = config.copy_config(cfg)
     cfg.results = os.path.abspath(cfg.results)
     if cfg.data.data_dir:
         cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)
@@ -140,7 +140,7 @@ def run_many_ray(
     config, in completion order; never raises for a run's failure."""
     from creditaudit.jobs.packing import pack
 
-    configs = [portable(C.checked(c)) for c in configs]
+    configs = [portable(config.checked(c)) for c in configs]
     if not configs:
         return []
     ray = _import_ray()
@@ -150,7 +150,8 @@ def run_many_ray(
             _train_job_on_a_cluster
         )
         pending = {
-            task.remote([C.to_dict(c) for c in job], graph, 1): job for job in pack(configs, stack)
+            task.remote([config.to_dict(c) for c in job], graph, 1): job
+            for job in pack(configs, stack)
         }
         outcomes: list[RunOutcome] = []
         while pending:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules import _estimator as E
+from creditaudit.rules import _estimator as estimator
 from creditaudit.rules._feedback import random_matrix
 from creditaudit.rules.base import RULES
 from creditaudit.rules.options import (
@@ -64,7 +64,7 @@ NOISE = ("absolute", "relative")  # consistency noise σξ, or σ·rms(h_{l+1})�
 
 
 @dataclass
-class CBOptions(E.EstimatorOptions):
+class CBOptions(estimator.EstimatorOptions):
     """Options of ``cb`` (the estimator's own, then the bridge's)."""
 
     width: int = field(
@@ -139,7 +139,7 @@ class CBOptions(E.EstimatorOptions):
     "cb",
     "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching",
 )
-class CreditBridge(E.EstimatorRule):
+class CreditBridge(estimator.EstimatorRule):
     Options = CBOptions
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
@@ -147,14 +147,14 @@ class CreditBridge(E.EstimatorRule):
         C, width = self.ctx.num_classes, self.opts.width
         return nn.ModuleDict(
             {
-                "trunk": E.Estimator(dims, width, self.opts.depth),
+                "trunk": estimator.Estimator(dims, width, self.opts.depth),
                 "logits": nn.Linear(width, C),  # P
                 "base": nn.Sequential(nn.Linear(C, width), nn.GELU(), nn.Linear(width, 1)),  # c(s)
             }
         )
 
     def after_build(self) -> None:
-        self.target = E.ema_copy(self.net)
+        self.target = estimator.ema_copy(self.net)
         self.B: list[Tensor] = []
         if self.opts.dfa_warmup:
             dims = [int(torch.Size(s).numel()) for s in self.shapes]
@@ -186,9 +186,9 @@ class CreditBridge(E.EstimatorRule):
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         self.ready(fwd.hs)
         if self.in_warmup():
-            e = E.terminal_code("error", fwd.logits, y)  # (B, C)
+            e = estimator.terminal_code("error", fwd.logits, y)  # (B, C)
             return [(e @ B).view_as(h).to(h.dtype) for B, h in zip(self.B, fwd.hs, strict=True)]
-        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        s = estimator.terminal_code(self.opts.code, fwd.logits, y)
         with torch.enable_grad():
             hs = [h.detach().requires_grad_(True) for h in fwd.hs]
             vs = self.value(self.net, hs, list(range(len(hs))), s)
@@ -200,7 +200,7 @@ class CreditBridge(E.EstimatorRule):
         o = self.opts
         hs = [h.detach().float() for h in fwd.hs]
         L, B = len(hs) - 1, y.shape[0]
-        s = E.terminal_code(o.code, fwd.logits, y)
+        s = estimator.terminal_code(o.code, fwd.logits, y)
 
         # Consistency targets: soft-min of V̄ over K noisy copies of h_{l+1}, l = 0..L−1.
         targets: list[Tensor] = []
@@ -213,7 +213,9 @@ class CreditBridge(E.EstimatorRule):
                     )
                     xi = torch.cat([xi, -xi])[: o.K]  # (K, B, ...): antithetic pairs ±ξ
                     scale = (
-                        o.sigma * E.expand_like(E.rms(h), h) if o.noise == "relative" else o.sigma
+                        o.sigma * estimator.expand_like(estimator.rms(h), h)
+                        if o.noise == "relative"
+                        else o.sigma
                     )
                     noisy.append((h + scale * xi).flatten(0, 1))  # (K·B, ...)
                 vbar = self.value(self.target, noisy, list(range(1, L + 1)), s)
@@ -222,7 +224,7 @@ class CreditBridge(E.EstimatorRule):
                     targets.append(-o.temp * (torch.logsumexp(-v / o.temp, dim=0) - math.log(o.K)))
 
         # Terminal truth from the current readout.
-        ce, g = E.terminal_loss_and_grad(model, fwd.hs[L], y)
+        ce, g = estimator.terminal_loss_and_grad(model, fwd.hs[L], y)
         g = g.float()
 
         h_L = hs[L].requires_grad_(True)
@@ -241,13 +243,13 @@ class CreditBridge(E.EstimatorRule):
         val = (vs[L] - ce.float()).pow(2).mean()
         tiny = torch.finfo(torch.float32).tiny
         g_norm, a_norm = g.flatten(1).norm(dim=1), grad_v.flatten(1).norm(dim=1)
-        cos = E.per_sample_cosine(grad_v, g)
+        cos = estimator.per_sample_cosine(grad_v, g)
         log_ratio = torch.log(a_norm.clamp_min(tiny)) - torch.log(g_norm.clamp_min(tiny))
         valid = (g_norm > 0).float()
         grad_term = ((1.0 - cos + log_ratio.pow(2)) * valid).sum() / valid.sum().clamp_min(1.0)
         loss = cons + o.terminal_w * (val + grad_term)
         self.train_on(loss)
-        E.ema_update(self.target, self.net, o.ema)
+        estimator.ema_update(self.target, self.net, o.ema)
         return {
             "loss": loss.detach(),
             "consistency": cons.detach(),

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules import _estimator as E
+from creditaudit.rules import _estimator as estimator
 from creditaudit.rules.base import RULES
 
 
 @dataclass
-class SBOptions(E.EstimatorOptions):
+class SBOptions(estimator.EstimatorOptions):
     """Options of ``sb`` (the estimator's own, then the bridge's)."""
 
     exact_terminal: bool = field(
@@ -54,14 +54,14 @@ class SBOptions(E.EstimatorOptions):
 
 
 @RULES.register("sb", "State Bridge: learned G(h_l, τ(l), e_T) ≈ h_L; a_l = ∇_{h_l} CE(H(N(G)))")
-class StateBridge(E.EstimatorRule):
+class StateBridge(estimator.EstimatorRule):
     Options = SBOptions
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
         dims = [int(torch.Size(s).numel()) for s in shapes]
         return nn.ModuleDict(
             {
-                "trunk": E.Estimator(
+                "trunk": estimator.Estimator(
                     dims, self.opts.width, self.opts.depth, code_dim=self.ctx.num_classes
                 ),
                 "out": nn.Linear(self.opts.width, dims[-1]),
@@ -73,13 +73,13 @@ class StateBridge(E.EstimatorRule):
         zs = self.net["trunk"].features(hs, layers, s)
         outs = [self.net["out"](z) for z in zs]  # (B, D_L) each
         if self.opts.rms_out:
-            outs = [u * E.rms(h.float())[:, None] for u, h in zip(outs, hs, strict=True)]
+            outs = [u * estimator.rms(h.float())[:, None] for u, h in zip(outs, hs, strict=True)]
         return [u.view(-1, *self.shapes[-1]) for u in outs]
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         self.ready(fwd.hs)
         L = len(fwd.hs) - 1
-        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        s = estimator.terminal_code(self.opts.code, fwd.logits, y)
         layers = list(range(L)) if self.opts.exact_terminal else list(range(L + 1))
         credits: list[Tensor] = []
         if layers:
@@ -93,13 +93,13 @@ class StateBridge(E.EstimatorRule):
                     g.detach() for g in torch.autograd.grad(ce, hs)
                 ]  # states only: no parameter .grad
         if self.opts.exact_terminal:
-            credits.append(E.terminal_loss_and_grad(model, fwd.hs[L], y)[1])
+            credits.append(estimator.terminal_loss_and_grad(model, fwd.hs[L], y)[1])
         return credits
 
     def step(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> dict[str, Tensor]:
         self.ready(fwd.hs)
         hs = [h.detach() for h in fwd.hs]
-        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        s = estimator.terminal_code(self.opts.code, fwd.logits, y)
         target = hs[-1].float().flatten(1)  # (B, D_L)
         denom = target.pow(2).sum(1) + 1e-12  # (B,)
         preds = self.bridge(hs, list(range(len(hs))), s)

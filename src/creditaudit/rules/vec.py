@@ -39,13 +39,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
-from creditaudit.rules import _estimator as E
+from creditaudit.rules import _estimator as estimator
 from creditaudit.rules.base import RULES
 from creditaudit.rules.options import check_at_least, check_positive
 
 
 @dataclass
-class VecOptions(E.EstimatorOptions):
+class VecOptions(estimator.EstimatorOptions):
     """Options of ``vec`` (the estimator's own, then the finite differences')."""
 
     M: int = field(
@@ -84,7 +84,7 @@ class VecOptions(E.EstimatorOptions):
     "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 "
     "random directions (Vec_M4)",
 )
-class VectorField(E.EstimatorRule):
+class VectorField(estimator.EstimatorRule):
     Options = VecOptions
 
     def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
@@ -92,7 +92,7 @@ class VectorField(E.EstimatorRule):
         width = self.opts.width
         return nn.ModuleDict(
             {
-                "trunk": E.Estimator(dims, width, self.opts.depth),
+                "trunk": estimator.Estimator(dims, width, self.opts.depth),
                 "code": nn.Linear(self.ctx.num_classes, width, bias=False),  # W_s
                 "out": nn.ModuleList(nn.Linear(width, D, bias=False) for D in dims),  # U_l
             }
@@ -103,7 +103,7 @@ class VectorField(E.EstimatorRule):
         zs = self.net["trunk"].features(hs, layers)
         gate = self.net["code"](s)  # (B, width)
         return [
-            self.net["out"][l](z * gate) / E.rms(h.float())[:, None]
+            self.net["out"][l](z * gate) / estimator.rms(h.float())[:, None]
             for l, z, h in zip(layers, zs, hs, strict=True)
         ]
 
@@ -123,7 +123,7 @@ class VectorField(E.EstimatorRule):
     # ---- Rule interface -----------------------------------------------------------------------
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
         self.ready(fwd.hs)
-        s = E.terminal_code(self.opts.code, fwd.logits, y)
+        s = estimator.terminal_code(self.opts.code, fwd.logits, y)
         with torch.no_grad():
             credits = self.vector_field(fwd.hs, list(range(len(fwd.hs))), s)
         return [a.view_as(h).to(h.dtype) for a, h in zip(credits, fwd.hs, strict=True)]
@@ -133,7 +133,7 @@ class VectorField(E.EstimatorRule):
         o = self.opts
         hs = [h.detach() for h in fwd.hs]
         L = len(hs) - 1
-        s = E.terminal_code(o.code, fwd.logits, y)
+        s = estimator.terminal_code(o.code, fwd.logits, y)
         n = o.fd_layers if 0 < o.fd_layers < L + 1 else L + 1
         probed = [(self.steps * n + j) % (L + 1) for j in range(n)]  # round robin over 0..L
         layers = sorted(set(probed) | ({L} if o.terminal else set()))
@@ -148,15 +148,15 @@ class VectorField(E.EstimatorRule):
             v = v / v.norm(dim=2, keepdim=True)  # (M, B, D) unit directions
             t = self.fd_targets(model, l, hs[l], y, v)  # (B, M)
             p = torch.einsum("bd,mbd->bm", preds[l], v)  # (B, M)
-            terms.append(E.normalised_sq_error(p, t))
+            terms.append(estimator.normalised_sq_error(p, t))
         fd = torch.stack(terms).mean()
         out = {"fd_nse": fd.detach()}
         if o.terminal:
-            _, g = E.terminal_loss_and_grad(model, fwd.hs[L], y)
-            term = E.normalised_sq_error(preds[L], g.flatten(1).float())
+            _, g = estimator.terminal_loss_and_grad(model, fwd.hs[L], y)
+            term = estimator.normalised_sq_error(preds[L], g.flatten(1).float())
             terms.append(term)
             out["terminal_nse"] = term.detach()
-            out["terminal_cos"] = E.per_sample_cosine(preds[L].detach(), g.float()).mean()
+            out["terminal_cos"] = estimator.per_sample_cosine(preds[L].detach(), g.float()).mean()
         loss = torch.stack(terms).mean()
         self.train_on(loss)
         out["loss"] = loss.detach()

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from creditaudit import config as C
-from creditaudit.config import TrainConfig
+from creditaudit.config import TrainConfig, copy_config
 from creditaudit.data import DeviceLoader, TensorDataset, load_dataset
 from creditaudit.diagnostics import probe
+from creditaudit.errors import ConfigError
 from creditaudit.models.base import (
     CreditNet,
     Forward,
@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError(
+        raise ConfigError(
             f"device={name} but no CUDA device is visible; use device=cpu or device=auto"
         )
     return device
@@ -65,7 +65,7 @@ def check_fits(
     if n is None or total is None or n * TRAINING_BYTES_PER_PARAMETER <= total:
         return
     shape = arch_shape(cfg.arch, model_cfg)
-    raise C.ConfigError(
+    raise ConfigError(
         f"{cfg.arch} with d={shape.d}, L={shape.L} has {n:,} parameters: training needs at least "
         f"{_gib(n * TRAINING_BYTES_PER_PARAMETER)} for them (values, gradients, AdamW's two moments), but the "
         f"{device.type} device has {_gib(total)}; choose a smaller d or L"
@@ -113,7 +113,7 @@ def build_run(
     device = device or resolve_device(cfg.device)
     data = (data if data is not None else load_dataset(cfg.data, cfg.seed)).to(device)
     rule, variant = build_rule(cfg.rule, cfg.rule_opts)
-    model_cfg = C.copy_config(cfg.model)
+    model_cfg = copy_config(cfg.model)
     if variant == "shallow":
         model_cfg.L = 0
     check_fits(cfg, model_cfg, data, device)

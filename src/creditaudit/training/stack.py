@@ -54,8 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from creditaudit import config as C
-from creditaudit.config import TrainConfig
+from creditaudit.config import TrainConfig, to_dict
 from creditaudit.data import TensorDataset, load_dataset
 from creditaudit.data.loader import stacked_epoch
 from creditaudit.diagnostics import due
@@ -69,9 +68,14 @@ from creditaudit.diagnostics.probe import (
 )
 from creditaudit.rules.base import RULES, Rule, parse_rule_name
 from creditaudit.runs.folder import RunLockedError
-from creditaudit.training import run as R
 from creditaudit.training.allocator import available_memory
-from creditaudit.training.run import Run, step_objective
+from creditaudit.training.run import (
+    Run,
+    build_run,
+    lr_factor,
+    resolve_device,
+    step_objective,
+)
 from creditaudit.training.trainer import (
     Reporter,
     RunSession,
@@ -109,7 +113,7 @@ def stack_key(cfg: TrainConfig) -> str:
     rule and its options, architecture and sizes, batch, data, epochs and schedule, device — and
     only numbers differ: seed, λ (when both are non-zero), random labels, and what is per run
     anyway (folder, diagnostics, checkpoints kept)."""
-    d = C.to_dict(cfg)
+    d = to_dict(cfg)
     for per_run in (
         "seed",
         "setting",
@@ -293,7 +297,7 @@ class Stack:
                 self._sums[k] = v.clone()
 
     def _set_lr(self) -> None:
-        lr = self.cfg.optim.lr * R.lr_factor(self.cfg, self.step_count, self.total_steps)
+        lr = self.cfg.optim.lr * lr_factor(self.cfg, self.step_count, self.total_steps)
         for g in self.optimizer.param_groups:
             if isinstance(g["lr"], Tensor):
                 g["lr"].fill_(lr)
@@ -461,9 +465,8 @@ def diagnose(
         cfg = sessions[i].run.cfg
         wanted, full = due(cfg.diag, epoch, cfg.epochs)
         if wanted:
-            groups.setdefault(
-                (json.dumps(C.to_dict(cfg)["diag"], sort_keys=True), full), []
-            ).append(i)
+            key = (json.dumps(to_dict(cfg)["diag"], sort_keys=True), full)
+            groups.setdefault(key, []).append(i)
     out: dict[int, dict[str, float]] = {}
     for (_, full), group in groups.items():
         t0 = time.perf_counter()
@@ -538,9 +541,9 @@ class _SharedData:
                 data = known
                 break
         else:
-            data = data.to(R.resolve_device(cfg.device))
+            data = data.to(resolve_device(cfg.device))
             self.datasets.append(data)
-        return R.build_run(cfg, data=data)
+        return build_run(cfg, data=data)
 
 
 def _same_data(a: TensorDataset, b: TensorDataset) -> bool:
