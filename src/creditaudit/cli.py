@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -189,6 +190,23 @@ class Threshold(click.ParamType):
         if not math.isfinite(number):
             self.fail(f"{value!r}: expected a finite number", param, ctx)
         return number
+
+
+class ThresholdOption(click.Option):
+    """A verdict threshold's option (``--d1 --d2 --d3 --mode2``) whose default, shown in the help,
+    is the field ``threshold`` of :class:`~creditaudit.diagnostics.verdict.Thresholds`, the one
+    definition. It is looked up when the help or a command line needs it, not when the CLI loads
+    (the diagnostics import torch)."""
+
+    def __init__(self, *args: Any, threshold: str, **kwargs: Any):
+        kwargs.update(type=Threshold(), show_default=True)
+        super().__init__(*args, **kwargs)
+        self.threshold = threshold
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> float:
+        from creditaudit.diagnostics.verdict import Thresholds
+
+        return getattr(Thresholds(), self.threshold)
 
 
 def config_rows() -> list[tuple[str, str]]:
@@ -385,27 +403,19 @@ def _train_with_progress(cfg, quiet: bool):
 )
 @click.option(
     "--d1",
-    type=Threshold(),
-    default=50.0,
-    show_default=True,
+    cls=ThresholdOption,
+    threshold="d1_ratio",
     help="D1 threshold on max ‖h_l‖/‖h_(l-1)‖.",
 )
-@click.option(
-    "--d2", type=Threshold(), default=1e-7, show_default=True, help="D2 threshold on ‖g_L‖."
-)
+@click.option("--d2", cls=ThresholdOption, threshold="d2_norm", help="D2 threshold on ‖g_L‖.")
 @click.option(
     "--d3",
-    type=Threshold(),
-    default=2.0,
-    show_default=True,
+    cls=ThresholdOption,
+    threshold="d3_pp",
     help="D3 threshold on depth utility, percentage points.",
 )
 @click.option(
-    "--mode2",
-    type=Threshold(),
-    default=0.1,
-    show_default=True,
-    help="Mode 2 threshold on |deep cos|.",
+    "--mode2", cls=ThresholdOption, threshold="mode2_cos", help="Mode 2 threshold on |deep cos|."
 )
 @click.option(
     "--no-legend",

@@ -89,10 +89,12 @@ def _where_and_how(config: dict[str, Any], default: dict[str, Any]) -> list[str]
     return out
 
 
-def _get(d: dict[str, Any], path: str) -> Any:
+def _get(config: dict[str, Any], path: str) -> Any:
+    """The value at the dotted ``path`` of ``config``; None where a key is missing."""
+    node: Any = config
     for key in path.split("."):
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def _sweep_profile(run: RunRecord) -> tuple[str, dict[str, Any]] | None:
