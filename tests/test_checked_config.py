@@ -7,8 +7,7 @@ import dataclasses
 
 import pytest
 
-from creditaudit import api
-from creditaudit import config as C
+from creditaudit import api, config
 from creditaudit.rules import RULES, plugins
 from creditaudit.training.trainer import prepare
 
@@ -27,28 +26,28 @@ def _isolated_registry(monkeypatch):
 
 
 def test_a_checked_config_is_frozen_and_its_copies_are_not():
-    cfg = C.checked(C.TrainConfig(), ["rule=ep", "ep.beta=0.2", "d=64"])
+    cfg = config.checked(config.TrainConfig(), ["rule=ep", "ep.beta=0.2", "d=64"])
     with pytest.raises(dataclasses.FrozenInstanceError, match="checked where it entered"):
         cfg.epochs = 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.d = 32
     with pytest.raises(TypeError, match="frozen"):
         cfg.rule_opts["beta"] = "0.3"
-    for editable in (C.copy_config(cfg), copy.deepcopy(cfg)):
+    for editable in (config.copy_config(cfg), copy.deepcopy(cfg)):
         assert editable == cfg
         editable.epochs, editable.model.d, editable.rule_opts["beta"] = 3, 32, "0.3"
     assert (cfg.epochs, cfg.model.d, cfg.rule_opts["beta"]) == (100, 64, "0.2")
-    assert C.checked(cfg) is cfg  # passes as it is
+    assert config.checked(cfg) is cfg  # passes as it is
 
 
 def test_a_checked_config_is_not_checked_again_on_its_way_in(monkeypatch):
     cfg = api.make_config("rule=dfa", "dataset=digits", "epochs=2")
     calls = []
-    monkeypatch.setattr(C, "validate", lambda c: calls.append(c))
+    monkeypatch.setattr(config, "validate", lambda c: calls.append(c))
     resolved = prepare(cfg)
     assert calls == [] and resolved.rule_opts == {"init": "normal", "scale": 1.0}
     assert api.make_config(base=cfg) is cfg
-    edited = C.copy_config(cfg)
+    edited = config.copy_config(cfg)
     edited.epochs = 3
     prepare(edited)  # a config changed in Python is checked where it goes in
     assert len(calls) == 1
@@ -57,24 +56,24 @@ def test_a_checked_config_is_not_checked_again_on_its_way_in(monkeypatch):
 def test_overrides_leave_the_callers_config_alone(tmp_path):
     path = tmp_path / "renamed.py"
     path.write_text(RULE_FILE.format(name="renamed_dfa"))
-    base = C.TrainConfig(rule=str(path))
-    cfg = C.apply_overrides(base, [])
+    base = config.TrainConfig(rule=str(path))
+    cfg = config.apply_overrides(base, [])
     assert (cfg.rule, cfg.plugins) == ("renamed_dfa", (str(path.resolve()),))
     assert (base.rule, base.plugins) == (str(path), ())
-    C.load_plugins(cfg)  # imports, changes nothing
+    config.load_plugins(cfg)  # imports, changes nothing
     assert (cfg.rule, cfg.plugins) == ("renamed_dfa", (str(path.resolve()),))
 
 
 def test_a_worker_imports_the_rule_files_of_a_config_checked_elsewhere(tmp_path, monkeypatch):
     path = tmp_path / "renamed.py"
     path.write_text(RULE_FILE.format(name="renamed_dfa2"))
-    sent = C.to_dict(C.checked(C.TrainConfig(), [f"rule={path}", "dataset=digits"]))
+    sent = config.to_dict(config.checked(config.TrainConfig(), [f"rule={path}", "dataset=digits"]))
     # A fresh process: the rule file not imported, its rule unknown.
     monkeypatch.setattr(
         RULES, "_entries", {k: v for k, v in RULES._entries.items() if k != "renamed_dfa2"}
     )
     monkeypatch.setattr(plugins, "_loaded_files", {})
-    received = C.from_checked_dict(sent)
+    received = config.from_checked_dict(sent)
     assert received.rule == "renamed_dfa2" and "renamed_dfa2" in RULES
     with pytest.raises(dataclasses.FrozenInstanceError):
         received.seed = 1

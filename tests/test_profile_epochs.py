@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from creditaudit import experiments as E
+from creditaudit import experiments
 
 SWEEP_PROFILES = ("paper", "cpu", "smoke", "mnist1d")
 # setting -> epochs under each profile of SWEEP_PROFILES
@@ -37,26 +37,31 @@ AUDIT_EPOCHS = {"paper": 100, "default": 6, "double": 12, "mnist1d": 100, "mode1
 
 
 def test_the_tables_cover_every_setting_and_profile():
-    assert E.profile_names(E.SWEEP) == list(SWEEP_PROFILES)
-    assert set(SWEEP_EPOCHS) == set(E.SETTINGS.names())
-    assert E.profile_names(E.AUDIT) == list(AUDIT_EPOCHS)
+    assert experiments.profile_names(experiments.SWEEP) == list(SWEEP_PROFILES)
+    assert set(SWEEP_EPOCHS) == set(experiments.SETTINGS.names())
+    assert experiments.profile_names(experiments.AUDIT) == list(AUDIT_EPOCHS)
 
 
 @pytest.mark.parametrize("name", sorted(SWEEP_EPOCHS))
 def test_every_run_of_a_setting_trains_its_pinned_epochs(name):
     for profile, epochs in zip(SWEEP_PROFILES, SWEEP_EPOCHS[name], strict=True):
-        assert {c.epochs for c in E.expand(name, profile=profile)} == {epochs}, (name, profile)
+        assert {c.epochs for c in experiments.expand(name, profile=profile)} == {epochs}, (
+            name,
+            profile,
+        )
 
 
 @pytest.mark.parametrize("profile", sorted(AUDIT_EPOCHS))
 def test_every_run_of_an_audit_trains_its_pinned_epochs(profile):
-    cfgs = E.audit_configs(["bp", "dfa"], profile=profile)
+    cfgs = experiments.audit_configs(["bp", "dfa"], profile=profile)
     assert {c.epochs for c in cfgs} == {AUDIT_EPOCHS[profile]}
 
 
 def test_checkpoint_epochs_past_a_shortened_run_are_dropped():
     """early_checkpoints keeps a checkpoint after each epoch its profile trains."""
-    assert {c.save_epochs for c in E.expand("early_checkpoints", profile="smoke")} == {(1, 2)}
-    assert {c.save_epochs for c in E.expand("early_checkpoints", profile="cpu")} == {
+    assert {c.save_epochs for c in experiments.expand("early_checkpoints", profile="smoke")} == {
+        (1, 2)
+    }
+    assert {c.save_epochs for c in experiments.expand("early_checkpoints", profile="cpu")} == {
         (1, 2, 3, 4, 5)
     }
