@@ -392,26 +392,35 @@ def plots(audit: Audit) -> dict[str, bytes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return {
+        "norms": _norms_plot(plt, audit),
+        "cosines": _cosines_plot(plt, audit),
+        "accuracy": _accuracy_plot(plt, audit),
+    }
+
+
+def _band(ax, ra: RuleAudit, key: str) -> None:
+    """``key``'s mean over ``ra``'s seeds per epoch, and a band of ± one std around it."""
+    c = _curves(ra, key)
+    if not c:
+        return
+    ep = sorted(c)
+    m = [mean_std(c[e])[0] for e in ep]
+    s = [mean_std(c[e])[1] for e in ep]
+    (line,) = ax.plot(ep, m, label=ra.rule)
+    lo = [a - (b if not math.isnan(b) else 0) for a, b in zip(m, s, strict=True)]
+    hi = [a + (b if not math.isnan(b) else 0) for a, b in zip(m, s, strict=True)]
+    ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
+
+
+def _norms_plot(plt, audit: Audit) -> bytes:
+    """‖h_L‖, ‖g_L‖ against D2's threshold and the D1 ratio against D1's, per rule (log axes)."""
     th = audit.thresholds
-    out: dict[str, bytes] = {}
-
-    def band(ax, ra, key, **kw):
-        c = _curves(ra, key)
-        if not c:
-            return
-        ep = sorted(c)
-        m = [mean_std(c[e])[0] for e in ep]
-        s = [mean_std(c[e])[1] for e in ep]
-        (line,) = ax.plot(ep, m, label=ra.rule, **kw)
-        lo = [a - (b if not math.isnan(b) else 0) for a, b in zip(m, s, strict=True)]
-        hi = [a + (b if not math.isnan(b) else 0) for a, b in zip(m, s, strict=True)]
-        ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
-
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ra in audit.rules:
-        band(axes[0], ra, "diag/hL_norm")
-        band(axes[1], ra, "diag/gL_norm")
-        band(axes[2], ra, "diag/d1")
+        _band(axes[0], ra, "diag/hL_norm")
+        _band(axes[1], ra, "diag/gL_norm")
+        _band(axes[2], ra, "diag/d1")
     axes[0].set(title="‖$h_L$‖ (median over the eval batch)", yscale="log", xlabel="epoch")
     axes[1].set(title="‖$g_L$‖ — D2", yscale="log", xlabel="epoch")
     axes[1].axhline(th.d2_norm, color="red", ls="--", lw=1, label=f"D2 threshold {th.d2_norm:g}")
@@ -419,24 +428,17 @@ def plots(audit: Audit) -> dict[str, bytes]:
     axes[2].axhline(th.d1_ratio, color="red", ls="--", lw=1, label=f"D1 threshold {th.d1_ratio:g}")
     for ax in axes:
         _legend(ax, 7)
-    out["norms"] = _png(fig)
+    return _png(fig)
 
+
+def _cosines_plot(plt, audit: Audit) -> bytes:
+    """One panel per rule (four to a row): Γ_l, the credit cosine of each block, over epochs."""
     n = len(audit.rules)
     cols = min(n, 4) or 1
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, ra in zip(axes.flat, audit.rules, strict=False):  # the last row may end in empty cells
-        keys = sorted(
-            {
-                k
-                for r in ra.runs
-                for rec in r.run.metrics
-                for k in rec
-                if k.startswith("credit/cos_l")
-            },
-            key=lambda k: int(k.rsplit("l", 1)[1]),
-        )
-        for k in keys:
+        for k in _cosine_keys(ra):
             c = _curves(ra, k)
             ep = sorted(c)
             ax.plot(
@@ -449,11 +451,22 @@ def plots(audit: Audit) -> dict[str, bytes]:
         _legend(ax, 6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    out["cosines"] = _png(fig)
+    return _png(fig)
 
+
+def _cosine_keys(ra: RuleAudit) -> list[str]:
+    """The per-block credit cosines ``credit/cos_l<l>`` that ``ra``'s runs logged, by block."""
+    return sorted(
+        {k for r in ra.runs for rec in r.run.metrics for k in rec if k.startswith("credit/cos_l")},
+        key=lambda k: int(k.rsplit("l", 1)[1]),
+    )
+
+
+def _accuracy_plot(plt, audit: Audit) -> bytes:
+    """Test accuracy per rule over epochs, and the frozen-blocks baseline's mean (dashed)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for ra in audit.rules:
-        band(ax, ra, "test/acc")
+        _band(ax, ra, "test/acc")
     if audit.baseline:
         c: dict[int, list[float]] = {}
         for b in audit.baseline:
@@ -466,8 +479,7 @@ def plots(audit: Audit) -> dict[str, bytes]:
         )
     ax.set(title="test accuracy vs the frozen-blocks baseline", xlabel="epoch", ylabel="accuracy")
     _legend(ax, 7)
-    out["accuracy"] = _png(fig)
-    return out
+    return _png(fig)
 
 
 def _legend(ax, size: int) -> None:
