@@ -556,16 +556,6 @@ def html_page(
     written as Markdown for the report (definitions, resume commands) is rendered by a Markdown
     parser (markdown-it-py, CommonMark, raw HTML escaped), so no ``**`` or backtick reaches the reader."""
     esc = html.escape
-    header, rows = table_rows(audit)
-    ns = {m.group(1) for r in rows for c in r if (m := N_SUFFIX.search(c))}
-    note = TABLE_NOTE
-    if len(ns) == 1:  # every figure over the same n seeds: said once, and the cells get its room
-        rows = [[N_SUFFIX.sub("", c) for c in r] for r in rows]
-        note = f"Mean ± std (ddof=1) over n={ns.pop()} seeds."
-    col = {h: i for i, h in enumerate(header)}
-    first_title, first, second_title, second = HTML_SPLIT
-    verdict_cols = ["rule"] + [FIGURES[k][0] for k in first] + VERDICT_COLUMNS
-    figure_cols = ["rule"] + [FIGURES[k][0] for k in second]
     parts = [
         "<!doctype html><html><head><meta "
         f"charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
@@ -573,16 +563,7 @@ def html_page(
     ]
     parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
     parts.append(f"<li><b>thresholds</b>: {_markdown_inline(thresholds_text(audit))}</li></ul>")
-    parts.append(f"<h2>Audit table</h2><p>{esc(note)} {esc(FIRE_NOTE)}</p>")
-    for name, cols in ((first_title, verdict_cols), (second_title, figure_cols)):
-        parts.append(
-            f"<h3>{esc(name)}</h3>"
-            + _html_table(
-                cols,
-                [[r[col[h]] for h in cols] for r in rows],
-                nowrap={"D1 fires", "D2 fires", "D3 fires", "claim"},
-            )
-        )
+    parts.append(_html_audit_table(audit))
     if baseline_text(audit):
         parts.append(f"<p>{_markdown_inline(baseline_text(audit))}</p>")
     parts.append("<h2>Per run</h2>" + _html_table(PER_RUN_HEADER, per_run_rows(audit)))
@@ -595,10 +576,47 @@ def html_page(
             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         )
     parts.append("<h2>Definitions</h2>" + _markdown_html("\n".join(definitions()) + "\n"))
+    parts.append(_html_unevaluated_and_skipped(audit))
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _html_audit_table(audit: Audit) -> str:
+    """The audit table's section in two halves (:data:`HTML_SPLIT`); when every figure is over the
+    same n seeds, n is said once in the note instead of in every cell."""
+    esc = html.escape
+    header, rows = table_rows(audit)
+    ns = {m.group(1) for r in rows for c in r if (m := N_SUFFIX.search(c))}
+    note = TABLE_NOTE
+    if len(ns) == 1:  # every figure over the same n seeds: said once, and the cells get its room
+        rows = [[N_SUFFIX.sub("", c) for c in r] for r in rows]
+        note = f"Mean ± std (ddof=1) over n={ns.pop()} seeds."
+    col = {h: i for i, h in enumerate(header)}
+    first_title, first, second_title, second = HTML_SPLIT
+    verdict_cols = ["rule"] + [FIGURES[k][0] for k in first] + VERDICT_COLUMNS
+    figure_cols = ["rule"] + [FIGURES[k][0] for k in second]
+    parts = [f"<h2>Audit table</h2><p>{esc(note)} {esc(FIRE_NOTE)}</p>"]
+    for name, cols in ((first_title, verdict_cols), (second_title, figure_cols)):
+        parts.append(
+            f"<h3>{esc(name)}</h3>"
+            + _html_table(
+                cols,
+                [[r[col[h]] for h in cols] for r in rows],
+                nowrap={"D1 fires", "D2 fires", "D3 fires", "claim"},
+            )
+        )
+    return "".join(parts)
+
+
+def _html_unevaluated_and_skipped(audit: Audit) -> str:
+    """The sections on the runs whose D3 was not evaluated and on the folders skipped, when there
+    are any; their reasons are Markdown (they name the command that trains or resumes a run)."""
+    esc = html.escape
+    parts = []
     unevaluated = [
         r for ra in audit.rules for r in ra.runs if r.verdict.d3_missing
     ]  # as Audit.unevaluated()
-    if unevaluated:  # the reason is Markdown (it names the command that trains the baseline)
+    if unevaluated:
         parts.append(
             "<h2>D3 not evaluated</h2><p>These runs read “D3 not evaluated” instead of PASS:</p><ul>"
             + "".join(
@@ -617,7 +635,6 @@ def html_page(
             )
             + "</ul>"
         )
-    parts.append("</body></html>")
     return "".join(parts)
 
 
