@@ -44,15 +44,33 @@ def test_default_workers_without_memory_figure_is_one_per_core(monkeypatch):
     assert default_workers(cores=3) == 3
 
 
-def test_default_workers_on_this_machine():
+@pytest.mark.parametrize(
+    "cpu_count, available_runs, expected",
+    [
+        (8, 3.5, 3),  # memory for 3 runs binds
+        (2, 10.0, 2),  # the cores bind
+        (4, 0.5, 1),  # memory for none: still one worker
+        (None, 10.0, 1),  # cpu_count unknown: one core
+        (6, None, 6),  # memory unknown: one per core
+    ],
+)
+def test_default_workers_reads_the_machines_cores_and_available_memory(
+    monkeypatch, cpu_count, available_runs, expected
+):
+    """Without arguments the count comes from os.cpu_count() and available_memory() (given here in
+    runs' worth of RUN_MEMORY_BYTES)."""
+    monkeypatch.setattr(processes.os, "cpu_count", lambda: cpu_count)
+    available = None if available_runs is None else int(available_runs * RUN_MEMORY_BYTES)
+    monkeypatch.setattr(processes, "available_memory", lambda: available)
+    assert default_workers() == expected
+
+
+def test_default_workers_on_this_machine_is_between_one_and_its_core_count():
     import os
 
     mem = available_memory()
-    cores = os.cpu_count() or 1
-    if mem is not None:
-        assert mem > 0
-        assert default_workers() == max(1, min(cores, mem // RUN_MEMORY_BYTES))
-    assert 1 <= default_workers() <= cores
+    assert mem is None or mem > 0
+    assert 1 <= default_workers() <= (os.cpu_count() or 1)
 
 
 def test_available_memory_reads_meminfo(monkeypatch, tmp_path):
