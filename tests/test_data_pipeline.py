@@ -162,7 +162,7 @@ def test_augment_resolution():
 @pytest.mark.parametrize(
     "field,value", [("train_subset", -1), ("student_alpha", 1.5), ("student_classes", 1)]
 )
-def test_config_validation(field, value):
+def test_an_out_of_range_data_field_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         load_dataset(DataConfig(dataset="student", **{field: value}), 0)
 

@@ -85,7 +85,7 @@ def test_gradient_stability_of_identical_and_opposite_batches():
     assert measures.gradient_stability([g, -g]) == pytest.approx(-1.0)
 
 
-def test_cadence():
+def test_due_probes_epoch_0_every_nth_epoch_the_last_fully_and_nothing_when_disabled():
     cfg = DiagConfig(every=2, full_every=0)
     assert due(cfg, 0, 10) == (True, False) and due(cfg, 10, 10) == (True, True)
     assert due(cfg, 1, 10) == (False, False) and due(cfg, 4, 10) == (True, False)

@@ -76,7 +76,7 @@ def test_dfa_fires_d1_and_d2_tenfold_beyond_the_thresholds_and_bp_and_fa_stay_we
     cfgs = [
         make_config(*CI_RECIPE, f"rule={rule}", f"seed={seed}", f"results={tmp_path}")
         for rule in ("bp", "fa", "dfa")
-        for seed in E.SEEDS3
+        for seed in experiments.SEEDS3
     ]
     outcomes = run_many(cfgs, workers=2)
     assert [o.status for o in outcomes] == ["finished"] * 9, [(o.run, o.error) for o in outcomes]

@@ -132,10 +132,8 @@ def test_table1_and_fa_vs_dfa_figures(results):
     assert fvd["Mode 1(b): D2 fires"][1:] == ["–", "3/3 at ep 3,3,3"]
 
 
-def test_sweeps_and_cross_arch(results):
-    col = collect(results)
-    th = Thresholds()
-    pen = tables.penalty_sweep(col, th)
+def test_penalty_sweep_has_a_row_per_penalised_rule_with_its_mean_accuracy(results):
+    pen = tables.penalty_sweep(collect(results), Thresholds())
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in pen.rows] == [
         (r, "0.01", "3", "penalty_rescue", "3") for r in ("dfa", "sb", "cb")
     ]
@@ -143,14 +141,18 @@ def test_sweeps_and_cross_arch(results):
     for r in pen.rows:
         assert r[acc] == ms([figures(r[0], "penalty_rescue", s)["test/acc"] for s in SEEDS])
 
-    depth = tables.depth_sweep(col, th)
+
+def test_depth_sweep_has_a_row_per_depth_and_no_std_for_a_single_seed(results):
+    depth = tables.depth_sweep(collect(results), Thresholds())
     assert [(r[0], r[1], r[2], r[3]) for r in depth.rows] == [
         ("dfa", "2", "512", "1"),
         ("dfa", "6", "512", "1"),
     ]
     assert depth.rows[0][depth.header.index("test acc")] == "0.400 (n=1)"  # one seed: no std
 
-    cross = tables.cross_arch(col, th)
+
+def test_cross_arch_averages_only_the_finished_runs_of_each_architecture(results):
+    cross = tables.cross_arch(collect(results), Thresholds())
     cnn = [r for r in cross.rows if r[0].startswith("smallcnn")]
     assert [(r[1], r[3]) for r in cnn] == [("dfa", "2")]  # the failed bp run is not averaged
     assert cnn[0][cross.header.index("test acc")] == ms(

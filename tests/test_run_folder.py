@@ -81,7 +81,7 @@ def test_parse_run_name_rejects(name):
         parse_run_name(name)
 
 
-def test_paths(tmp_path):
+def test_run_folder_names_its_files_and_refuses_a_negative_epoch_checkpoint(tmp_path):
     f = RunFolder(tmp_path / "r")
     assert f.config_path == tmp_path / "r" / "config.json"
     assert f.metrics_path == tmp_path / "r" / "metrics.jsonl"
@@ -92,6 +92,10 @@ def test_paths(tmp_path):
     assert f.lock_path == tmp_path / "r" / "run.lock"
     with pytest.raises(ValueError):
         f.epoch_checkpoint(-1)
+
+
+def test_epoch_checkpoints_lists_the_numbered_checkpoints_by_epoch_and_skips_other_files(tmp_path):
+    f = RunFolder(tmp_path / "r")
     f.checkpoint_dir.mkdir(parents=True)
     for e in (12, 3):
         f.epoch_checkpoint(e).write_bytes(b"")
@@ -124,10 +128,13 @@ def test_status_transitions_and_files(tmp_path):
     assert [r["epoch"] for r in f.read_metrics()] == [0]
 
 
-def test_bad_summaries(tmp_path):
-    f = RunFolder(tmp_path)
+def test_write_summary_refuses_an_unknown_status(tmp_path):
     with pytest.raises(ValueError, match="status"):
-        f.write_summary({"status": "done"})
+        RunFolder(tmp_path).write_summary({"status": "done"})
+
+
+def test_a_truncated_or_malformed_summary_raises_corrupt_run_error_saying_what_is_wrong(tmp_path):
+    f = RunFolder(tmp_path)
     f.summary_path.write_text('{"status": "finished"')  # a non-atomic writer crashed
     with pytest.raises(CorruptRunError, match=r"summary.json.*not valid JSON"):
         f.status()

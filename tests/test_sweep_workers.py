@@ -143,11 +143,15 @@ def test_bench_synthetic_data_has_the_profiles_shapes():
     ) == (50000, 10000)
 
 
-def test_bench_schedule():
+def test_bench_schedule_is_the_makespan_of_list_scheduling_in_the_given_order():
     bench = _bench()
     assert bench.schedule([3, 3, 2, 2, 2], 2, 0) == 7  # in order: [3,2,2] and [3,2]
     assert bench.schedule(sorted([2, 2, 2, 3, 3], reverse=True), 2, 1) == 8
     assert bench.schedule([5], 4, 1) == 6
+
+
+def test_bench_walls_are_sweep_order_and_longest_first_makespans_with_start_up():
+    bench = _bench()
     sweep_order, lpt = bench.walls(
         [1, 1, 4], 2, 2, 1
     )  # workers free at 2; in order: [1,4] [1] -> 7; LPT: [4] [1,1] -> 6; + parent 1
