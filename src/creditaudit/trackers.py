@@ -25,10 +25,15 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from creditaudit.errors import ConfigError
 from creditaudit.results import flatten
+
+if TYPE_CHECKING:  # optional extras, imported where they are used
+    from mlflow.tracking import MlflowClient
+    from torch.utils.tensorboard import SummaryWriter
+    from wandb import Run as WandbRun
 
 LOGGERS = ("none", "tensorboard", "mlflow", "wandb")
 EXTRA = {
@@ -126,6 +131,16 @@ def numeric_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+C = TypeVar("C")
+
+
+def _started(client: C | None, tracker: object) -> C:
+    """A tracker's client (its writer, MLflow client or run id, W&B run): set by ``start``."""
+    if client is None:
+        raise RuntimeError(f"{type(tracker).__name__}: call start() first")
+    return client
+
+
 # ---------------------------------------------------------------------------------------------
 # TensorBoard
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +155,7 @@ class TensorBoardTracker:
 
     def __init__(self, log_dir: str | os.PathLike):
         self.log_dir = Path(log_dir)
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def start(
         self, run_name: str, hparams: Mapping[str, Any], *, resumed_from: int | None = None
@@ -151,24 +166,25 @@ class TensorBoardTracker:
         continued = resumed_from is not None and any(path.glob("events.out.tfevents.*"))
         # purge_step: TensorBoard's readers drop the events at steps >= it from earlier files (a
         # fresh start replaces a deleted run's curves; a resumed one recomputes after its checkpoint).
-        self.writer = SummaryWriter(
+        writer = self.writer = SummaryWriter(
             log_dir=str(path), purge_step=resumed_from + 1 if resumed_from else 0
         )
-        self.writer.file_writer.add_summary(_session_start(hparams), 0)
-        self.writer.add_text("config", "```\n" + json.dumps(dict(hparams), indent=1) + "\n```", 0)
-        self.writer.flush()
+        writer.file_writer.add_summary(_session_start(hparams), 0)  # type: ignore[attr-defined]  # torch infers None
+        writer.add_text("config", "```\n" + json.dumps(dict(hparams), indent=1) + "\n```", 0)
+        writer.flush()
         return continued
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        writer = _started(self.writer, self)
         for key, value in numeric_metrics(metrics).items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+            writer.add_scalar(key, value, step)
+        writer.flush()
 
     def finish(self, status: str) -> None:
         if self.writer is None:
             return
         if status in TB_STATUS:
-            self.writer.file_writer.add_summary(_session_end(status), 0)
+            self.writer.file_writer.add_summary(_session_end(status), 0)  # type: ignore[attr-defined]  # torch infers None
         self.writer.close()
         self.writer = None
 
@@ -263,10 +279,10 @@ class MLflowTracker:
     def __init__(self, tracking_uri: str, run_dir: str | os.PathLike | None = None):
         self.uri = tracking_uri
         self.run_dir = run_dir
-        self.client = None
+        self.client: MlflowClient | None = None
         self.run_id: str | None = None
 
-    def _client(self):
+    def _client(self) -> MlflowClient:
         from mlflow.tracking import MlflowClient
 
         if is_local_uri(self.uri):
@@ -275,15 +291,15 @@ class MLflowTracker:
                 self.uri = Path(self.uri).expanduser().resolve().as_uri()
         return MlflowClient(tracking_uri=self.uri)
 
-    def _experiment_id(self) -> str:
+    def _experiment_id(self, client: MlflowClient) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or MLFLOW_EXPERIMENT
-        exp = self.client.get_experiment_by_name(name)
+        exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return client.create_experiment(name)
         except Exception:  # another worker of the sweep created it meanwhile
-            exp = self.client.get_experiment_by_name(name)
+            exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
@@ -293,12 +309,12 @@ class MLflowTracker:
     ) -> bool:
         from mlflow.entities import Param, RunTag
 
-        self.client = self._client()
-        experiment = self._experiment_id()
+        client = self.client = self._client()
+        experiment = self._experiment_id(client)
         existing = None
         if resumed_from is not None:
             quoted = run_name.replace("'", "\\'")
-            found = self.client.search_runs(
+            found = client.search_runs(
                 [experiment],
                 filter_string=f"attributes.run_name = '{quoted}'",
                 order_by=["attributes.start_time DESC"],
@@ -306,13 +322,13 @@ class MLflowTracker:
             )
             existing = found[0] if found else None
         if existing is not None:
-            self.run_id = existing.info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
+            run_id = self.run_id = existing.info.run_id
+            client.update_run(run_id, status="RUNNING")
             logged = (
                 existing.data.params
             )  # params are immutable: a changed non-semantic field keeps its first value
         else:
-            self.run_id = self.client.create_run(experiment, run_name=run_name).info.run_id
+            run_id = self.run_id = client.create_run(experiment, run_name=run_name).info.run_id
             logged = {}
         params = [
             Param(_mlflow_key(k), _param_value(v))
@@ -323,24 +339,24 @@ class MLflowTracker:
         if self.run_dir is not None:
             tags.append(RunTag("creditaudit.run_dir", str(self.run_dir)))
         for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(
-                self.run_id, params=params[i : i + 100], tags=tags if i == 0 else []
-            )
+            client.log_batch(run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
         return existing is not None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         from mlflow.entities import Metric
 
+        client, run_id = _started(self.client, self), _started(self.run_id, self)
         now = int(time.time() * 1000)
         batch = [Metric(_mlflow_key(k), v, now, step) for k, v in numeric_metrics(metrics).items()]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            client.log_batch(run_id, metrics=batch[i : i + 1000])
 
     def finish(self, status: str) -> None:
         if self.run_id is None:
             return
-        self.client.set_tag(self.run_id, "creditaudit.status", status)
-        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+        client = _started(self.client, self)
+        client.set_tag(self.run_id, "creditaudit.status", status)
+        client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
         self.run_id = None
 
 
@@ -373,7 +389,7 @@ class WandbTracker:
     def __init__(self, root: str | os.PathLike, run_dir: str | os.PathLike | None = None):
         self.root = Path(root).expanduser()
         self.run_dir = run_dir
-        self.run = None
+        self.run: WandbRun | None = None
 
     def _newest_id(self, prefix: str) -> str | None:
         """The id of the newest local W&B run of this name (``latest-run`` and other ids skipped)."""
@@ -403,7 +419,7 @@ class WandbTracker:
         )  # (missing, it costs a warning that silent does not silence)
         prefix = _wandb_id_prefix(run_name)
         existing = self._newest_id(prefix) if resumed_from is not None else None
-        self.run = wandb.init(
+        run = self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT,
             dir=self.root,
             id=existing or f"{prefix}-{secrets.token_hex(4)}",
@@ -414,13 +430,13 @@ class WandbTracker:
             settings=wandb.Settings(console="off", silent=True),
             reinit="create_new",
         )
-        self.run.summary["creditaudit.status"] = "running"
+        run.summary["creditaudit.status"] = "running"
         if self.run_dir is not None:
-            self.run.summary["creditaudit.run_dir"] = str(self.run_dir)
+            run.summary["creditaudit.run_dir"] = str(self.run_dir)
         return existing is not None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        self.run.log(numeric_metrics(metrics), step=step)
+        _started(self.run, self).log(numeric_metrics(metrics), step=step)
 
     def finish(self, status: str) -> None:
         if self.run is None:
