@@ -13,6 +13,7 @@ carry no graph.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -23,15 +24,24 @@ def under_transform() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+Pullback = Callable[..., tuple[Tensor, ...]]
+
+
+@overload
+def vjp(fn: Callable[..., Tensor], *primals: Tensor) -> tuple[Tensor, Pullback]: ...
+@overload
+def vjp(
+    fn: Callable[..., tuple[Tensor, ...]], *primals: Tensor
+) -> tuple[tuple[Tensor, ...], Pullback]: ...
 def vjp(
     fn: Callable[..., Tensor | tuple[Tensor, ...]], *primals: Tensor
-) -> tuple[Tensor | tuple[Tensor, ...], Callable[..., tuple[Tensor, ...]]]:
+) -> tuple[Tensor | tuple[Tensor, ...], Pullback]:
     """``(fn(*primals), pullback)`` with ``pullback(cotangents)`` the vector-Jacobian products with
     respect to ``primals`` (``cotangents`` shaped like the outputs: one tensor, or a tuple). The
     outputs and the products are detached."""
     if under_transform():
         with torch.no_grad():  # an outer graph would only record what nobody differentiates
-            outs, pull = torch.func.vjp(fn, *primals)
+            outs, pull = torch.func.vjp(fn, *primals)  # type: ignore[misc]  # torch's stub: 2 or 3 values, whatever has_aux
         return outs, lambda cotangents: _no_grad(pull, cotangents)
     inputs = [p.detach().requires_grad_(True) for p in primals]
     with torch.enable_grad():
@@ -52,8 +62,6 @@ def grad(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Tensor:
     return pull(torch.ones_like(out))[0]
 
 
-def _no_grad(
-    pull: Callable[..., tuple[Tensor, ...]], cotangents: Tensor | tuple[Tensor, ...]
-) -> tuple[Tensor, ...]:
+def _no_grad(pull: Pullback, cotangents: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     with torch.no_grad():
         return pull(cotangents)

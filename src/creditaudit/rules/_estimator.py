@@ -23,7 +23,7 @@ with e_T on a sample the model already fits (with s in the trunk, a value net ca
 e_T alone, CE_i = −log(1 + e_T,i[y_i]), and learn nothing about h).
 
 Estimators are float32, built on the CPU from a seed that ``setup`` draws from the global RNG
-(see :class:`EstimatorRule`), then moved to ``ctx.device``; states are cast to float32 on the way
+(see :class:`NetworkRule`), then moved to ``ctx.device``; states are cast to float32 on the way
 in and credits are returned in the dtype of the states.
 """
 
@@ -31,17 +31,21 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet
-from creditaudit.rules.base import Rule, RuleContext
+from creditaudit.rules.base import OptionsT, Rule, RuleContext
 from creditaudit.rules.options import check_at_least, check_choice, check_positive
 
 CODES = ("error", "label")
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+#: the network a :class:`NetworkRule` trains (what its ``build`` returns)
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 @dataclass
@@ -164,7 +168,7 @@ class Estimator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # EMA targets
 # ---------------------------------------------------------------------------------------------
-def ema_copy(module: nn.Module) -> nn.Module:
+def ema_copy(module: ModuleT) -> ModuleT:
     """A frozen copy of ``module`` to be tracked by :func:`ema_update`."""
     target = copy.deepcopy(module)
     for p in target.parameters():
@@ -183,9 +187,10 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
 # ---------------------------------------------------------------------------------------------
 # The rule skeleton: build from the run seed, own optimizer and generator, checkpoint state
 # ---------------------------------------------------------------------------------------------
-class EstimatorRule(Rule):
-    """A rule with a learned estimator. Subclasses implement :meth:`build` (the trainable modules
-    for the given state shapes), ``credits`` and ``step``.
+class NetworkRule(Rule[OptionsT], Generic[OptionsT, NetT]):
+    """A rule that trains a network of its own (an estimator, ``dtp``'s inverse maps). Subclasses
+    implement :meth:`build` (the trainable modules for the given state shapes), :meth:`optimizer`,
+    ``credits`` and ``step``.
 
     ``setup`` draws one seed from torch's global CPU RNG (seeded from the run seed right before
     the model was built) and builds the estimator from it, on the CPU under a forked RNG, for the
@@ -194,10 +199,10 @@ class EstimatorRule(Rule):
     the first batch (:meth:`ready`), with the same result. The rule's own random stream
     (``self.gen``, on ``ctx.device``; noise and random directions) comes from the same seed.
     ``state_dict`` holds the shapes, the estimator, its optimizer, the generator and a step count.
-    ``dtp``'s inverse maps live in this skeleton too (with an optimizer of their own, :meth:`optimizer`).
+    The learned estimators (``sb``, ``cb``, ``vec``) build on it as :class:`EstimatorRule`;
+    ``dtp``'s inverse maps live in this skeleton too, with options and an optimizer of their own.
     """
 
-    Options = EstimatorOptions
     stack_refusal = "trains an estimator of its own, with its own optimizer, in every step"
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
@@ -205,43 +210,52 @@ class EstimatorRule(Rule):
         self.seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.gen = torch.Generator(device=ctx.device)
         self.gen.manual_seed(self.seed + 1)
-        self.shapes: list[tuple[int, ...]] | None = None
-        self.net: nn.Module | None = None
+        self.shapes: list[tuple[int, ...]] = []  # per-sample shapes of h_0..h_L, once built
+        self.net: NetT | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.steps = 0  # estimator steps taken
         if ctx.state_shapes:
             self._build(list(ctx.state_shapes))
 
-    def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
+    def build(self, shapes: list[tuple[int, ...]]) -> NetT:
         """The trainable modules for per-sample state shapes h_0..h_L (drawn from the global RNG)."""
         raise NotImplementedError
 
     def after_build(self) -> None:
         """Hook: extra state made from the built estimator (EMA targets, fixed matrices)."""
 
-    def ready(self, fwd_hs: list[Tensor]) -> None:
-        """Build the estimator now if ``setup`` could not (its context gave no state shapes)."""
+    def ready(self, fwd_hs: list[Tensor]) -> NetT:
+        """The estimator, built now if ``setup`` could not (its context gave no state shapes)."""
         if self.net is None:
-            self._build([tuple(h.shape[1:]) for h in fwd_hs])
+            return self._build([tuple(h.shape[1:]) for h in fwd_hs])
+        return self.net
 
-    def _build(self, shapes: list[tuple[int, ...]]) -> None:
+    def built(self) -> NetT:
+        """The estimator (an error before it is built: call :meth:`ready` first)."""
+        if self.net is None:
+            raise RuntimeError(f"{self.name}: the estimator is built in setup() or by ready(hs)")
+        return self.net
+
+    def _build(self, shapes: list[tuple[int, ...]]) -> NetT:
         if not hasattr(self, "ctx"):
             raise RuntimeError(f"{self.name}: call setup(model, ctx) before using the rule")
         self.shapes = [tuple(int(n) for n in s) for s in shapes]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            net = self.build(self.shapes)
-            self.net = net.to(self.ctx.device)
-            self.opt = self.optimizer(list(self.net.parameters()))
+            net = self.build(self.shapes).to(self.ctx.device)
+            self.net = net
+            self.opt = self.optimizer(list(net.parameters()))
             self.after_build()
+        return net
 
     def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
-        """The estimator's own optimizer (None when it has nothing to train): AdamW at ``est_lr``,
-        weight decay 0.01, constant schedule."""
-        return torch.optim.AdamW(params, lr=self.opts.est_lr, weight_decay=0.01)
+        """The estimator's own optimizer (None when it has nothing to train)."""
+        raise NotImplementedError
 
     def train_on(self, loss: Tensor) -> None:
         """One optimizer step of the estimator on ``loss``."""
+        if self.opt is None:
+            raise RuntimeError(f"{self.name}: the estimator has nothing to train")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -272,11 +286,25 @@ class EstimatorRule(Rule):
         self.seed, self.steps = int(state["seed"]), int(state["steps"])
         self.gen.set_state(state["gen"].to("cpu", torch.uint8))
         if "shapes" in state:
-            self._build([tuple(s) for s in state["shapes"]])
-            self.net.load_state_dict(state["net"])
+            net = self._build([tuple(s) for s in state["shapes"]])
+            net.load_state_dict(state["net"])
             if self.opt is not None:
                 self.opt.load_state_dict(state["opt"])
             self.load_extra_state(state)
+
+
+EstimatorOptionsT = TypeVar("EstimatorOptionsT", bound=EstimatorOptions)
+
+
+class EstimatorRule(NetworkRule[EstimatorOptionsT, NetT]):
+    """A rule with a learned credit estimator (``sb``, ``cb``, ``vec``): its options extend
+    :class:`EstimatorOptions`, and the estimator trains with AdamW at ``est_lr``."""
+
+    Options = EstimatorOptions
+
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        """AdamW at ``est_lr``, weight decay 0.01, constant schedule."""
+        return torch.optim.AdamW(params, lr=self.opts.est_lr, weight_decay=0.01)
 
 
 def normalised_sq_error(p: Tensor, t: Tensor) -> Tensor:

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.grad  # the convolutions' input and weight gradients (torch.nn does not re-export it)
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from creditaudit.models.base import CreditNet, Forward
 from creditaudit.rules._feedback import INITS, preserved_buffers, random_matrix
-from creditaudit.rules.base import Rule, RuleContext
+from creditaudit.rules.base import OptionsT, Rule, RuleContext
 from creditaudit.rules.options import check_choice, check_positive
 
 
@@ -65,6 +66,8 @@ _CONV = {
     2: (F.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
 }
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
+#: the layers whose weight transpose gets a feedback matrix
+WeightLayer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 class FAConvFn(torch.autograd.Function):
@@ -108,7 +111,7 @@ def _conv_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     return m.padding  # type: ignore[return-value]
 
 
-def fa_forward(m: nn.Module, x: Tensor, B: Tensor, detach_weights: bool) -> Tensor:
+def fa_forward(m: WeightLayer, x: Tensor, B: Tensor, detach_weights: bool) -> Tensor:
     """``m``'s forward with B in the backward pass to its input (``detach_weights``: no graph to
     m's parameters, for a pass that only wants credits)."""
     w, b = m.weight, m.bias
@@ -124,11 +127,11 @@ def fa_forward(m: nn.Module, x: Tensor, B: Tensor, detach_weights: bool) -> Tens
     return FAConvFn.apply(x, w, b, B, m.stride, padding, m.dilation, m.groups)
 
 
-def feedback_layers(model: CreditNet, rule: str = "fa_layerwise") -> list[tuple[str, nn.Module]]:
+def feedback_layers(model: CreditNet, rule: str = "fa_layerwise") -> list[tuple[str, WeightLayer]]:
     """(name, module) of every layer whose transpose gets a feedback matrix: the ``nn.Linear`` and
     ``nn.Conv1d``/``nn.Conv2d`` layers of the blocks, and the head, in module order. Refuses other
     weight-matrix layers in blocks (``rule`` names the rule in the message)."""
-    out = []
+    out: list[tuple[str, WeightLayer]] = []
     for name, m in model.named_modules():
         in_blocks = name.startswith("blocks.")
         if name == "head" or (in_blocks and isinstance(m, (nn.Linear, *CONV_LAYERS))):
@@ -154,7 +157,7 @@ def alignment(B: Tensor, W: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # The rule skeleton
 # ---------------------------------------------------------------------------------------------
-class LayerwiseFeedbackRule(Rule):
+class LayerwiseFeedbackRule(Rule[OptionsT]):
     """A rule whose credits and block updates backpropagate through B in place of every Wᵀ.
 
     Subclasses implement :meth:`setup` (their per-layer state), :meth:`feedback_for` and the
@@ -162,18 +165,18 @@ class LayerwiseFeedbackRule(Rule):
 
     stack_refusal = "patches the model's layers with custom autograd functions, which have no run-axis (vmap) rule yet"
 
-    def __init__(self, options: Any = None):
+    def __init__(self, options: OptionsT | None = None):
         super().__init__(options)
         self._patched_ids: set[int] = set()  # id() of the layers patched right now
         self._credit_pass = False
         self.device = torch.device("cpu")
 
-    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+    def feedback_for(self, name: str, m: WeightLayer) -> Tensor:
         """The B (W's shape) that layer ``name`` uses in place of its transpose in this pass;
         ``KeyError`` when the rule holds no state for that layer."""
         raise NotImplementedError
 
-    def layers(self, model: CreditNet) -> list[tuple[str, nn.Module]]:
+    def layers(self, model: CreditNet) -> list[tuple[str, WeightLayer]]:
         return feedback_layers(model, self.name)
 
     @contextlib.contextmanager
@@ -199,7 +202,7 @@ class LayerwiseFeedbackRule(Rule):
         try:
             for name, m in layers:
                 # an instance attribute shadows the class's forward; removing it restores the layer
-                m.forward = lambda x, m=m, B=feedback[name]: fa_forward(m, x, B, self._credit_pass)
+                m.forward = lambda x, m=m, B=feedback[name]: fa_forward(m, x, B, self._credit_pass)  # type: ignore[method-assign,misc]  # a patch, on purpose
                 self._patched_ids.add(id(m))
             yield
         finally:
@@ -260,13 +263,13 @@ def initial_feedback(
     return B.to(device, dtype, memory_format=torch.contiguous_format)
 
 
-class SignConcordantRule(LayerwiseFeedbackRule):
+class SignConcordantRule(LayerwiseFeedbackRule[OptionsT]):
     """B = M ∘ sign(W), sign(W) from the layer's current weights each time the layers are patched
     (so sign(B) = sign(W) at every step), M a per-layer magnitude: a number (``usf``) or a
     nonnegative matrix (``frsf``, ``brsf``). ``init_std[name]`` is s, the std of the layer's initial
     weights (read in ``setup``), the scale of M."""
 
-    def __init__(self, options: Any = None):
+    def __init__(self, options: OptionsT | None = None):
         super().__init__(options)
         self.init_std: dict[str, float] = {}  # layer name -> s = std of W at init
         self.weight_shapes: dict[str, tuple[int, ...]] = {}
@@ -281,7 +284,7 @@ class SignConcordantRule(LayerwiseFeedbackRule):
         self.weight_shapes = {name: tuple(m.weight.shape) for name, m in layers}
         self.magnitude = {}
 
-    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+    def feedback_for(self, name: str, m: WeightLayer) -> Tensor:
         W = m.weight.detach()
         return self.magnitude[name].to(W.dtype) * torch.sign(W)
 
@@ -322,11 +325,11 @@ class RandomMagnitudeOptions:
         check_positive("scale", self.scale)
 
 
-class RandomMagnitudeRule(SignConcordantRule):
+class RandomMagnitudeRule(SignConcordantRule[OptionsT]):
     """B = |R| ∘ sign(W) with random magnitudes R (``frsf``, ``brsf``): the generator's seed, the
     layers' init stds and the current |R| are the checkpointed state (subclasses add theirs)."""
 
-    def __init__(self, options: Any = None):
+    def __init__(self, options: OptionsT | None = None):
         super().__init__(options)
         self.seed: int | None = None
 

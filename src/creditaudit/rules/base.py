@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from creditaudit.rules.options import OptionError
 from creditaudit.typedconfig import parse_value
 
 VARIANTS = ("frozen", "shallow")
+
+#: a rule's options type (its ``Options`` dataclass): ``class DFA(Rule[DFAOptions])`` types ``self.opts``
+OptionsT = TypeVar("OptionsT")
 
 
 @dataclass
@@ -57,26 +60,28 @@ class RuleContext:
     norm_shape: tuple[int, ...] = ()  # per-sample shape of z = N(h_L), the head's input
 
 
-class Rule:
+class Rule(Generic[OptionsT]):
     """Base class of a credit-assignment rule (one instance per run).
 
     ``Options`` is a dataclass of the rule's own settings (each field with ``metadata={"help": ...}``),
     set from the command line as ``<rule>.<field>=value`` (or ``<field>=value``) and stored, fully
-    resolved, in the run's config under ``rule_opts``.
+    resolved, in the run's config under ``rule_opts``. A rule names it twice, as the class the
+    registry builds and as the type of ``self.opts``: ``class DFA(Rule[DFAOptions])`` with
+    ``Options = DFAOptions`` (a plain ``Rule`` subclass works too, its ``self.opts`` untyped).
     """
 
     #: the registry name, set by ``@RULES.register(name, ...)`` (never written by the rule itself)
     name: ClassVar[str] = ""
     #: trained end to end by autograd on CE (BP); otherwise through the local update
     end_to_end: ClassVar[bool] = False
-    Options: ClassVar[type] = NoOptions
+    Options: ClassVar[type[Any]] = NoOptions
     #: why runs of this rule cannot train in a stack (module docstring), or None when they can
     stack_refusal: ClassVar[str | None] = (
         "not declared stackable by its author (see creditaudit.rules.base: Stacks)"
     )
 
-    def __init__(self, options: Any = None):
-        self.opts = options if options is not None else self.Options()
+    def __init__(self, options: OptionsT | None = None):
+        self.opts: OptionsT = options if options is not None else self.Options()
         self._reported: dict[str, Tensor] = {}
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:

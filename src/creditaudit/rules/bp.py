@@ -15,13 +15,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from creditaudit.models.base import CreditNet, Forward, true_grads
-from creditaudit.rules.base import RULES, Rule
+from creditaudit.rules.base import RULES, NoOptions, Rule
 
 
 @RULES.register(
     "bp", "backprop: a_l = g_l exactly; trained end to end by autograd (gold-standard control)"
 )
-class BP(Rule):
+class BP(Rule[NoOptions]):
     end_to_end = True
     stack_refusal = None
 

@@ -52,7 +52,7 @@ class BRSFOptions(RandomMagnitudeOptions):
     "batchwise random-magnitude sign-concordant feedback: |R_t|∘sign(W) in place of every "
     "weight transpose, R_t redrawn each step",
 )
-class BRSF(RandomMagnitudeRule):
+class BRSF(RandomMagnitudeRule[BRSFOptions]):
     Options = BRSFOptions
     stack_refusal = (
         "redraws its feedback magnitudes in every step from its own generator, "

@@ -135,26 +135,30 @@ class CBOptions(estimator.EstimatorOptions):
             )
 
 
+class ValueNet(nn.Module):
+    """V's parts: the conditioned trunk (without the code), P (width -> C) and c(s)."""
+
+    def __init__(self, dims: list[int], width: int, depth: int, num_classes: int):
+        super().__init__()
+        C = num_classes
+        self.trunk = estimator.Estimator(dims, width, depth)
+        self.logits = nn.Linear(width, C)  # P
+        self.base = nn.Sequential(nn.Linear(C, width), nn.GELU(), nn.Linear(width, 1))  # c(s)
+
+
 @RULES.register(
     "cb",
     "Credit Bridge: learned value V(h_l, τ(l), e_T), a_l = ∇_{h_l} V; soft-min bridge consistency + terminal matching",
 )
-class CreditBridge(estimator.EstimatorRule):
+class CreditBridge(estimator.EstimatorRule[CBOptions, ValueNet]):
     Options = CBOptions
 
-    def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
+    def build(self, shapes: list[tuple[int, ...]]) -> ValueNet:
         dims = [int(torch.Size(s).numel()) for s in shapes]
-        C, width = self.ctx.num_classes, self.opts.width
-        return nn.ModuleDict(
-            {
-                "trunk": estimator.Estimator(dims, width, self.opts.depth),
-                "logits": nn.Linear(width, C),  # P
-                "base": nn.Sequential(nn.Linear(C, width), nn.GELU(), nn.Linear(width, 1)),  # c(s)
-            }
-        )
+        return ValueNet(dims, self.opts.width, self.opts.depth, self.ctx.num_classes)
 
     def after_build(self) -> None:
-        self.target = estimator.ema_copy(self.net)
+        self.target = estimator.ema_copy(self.built())
         self.B: list[Tensor] = []
         if self.opts.dfa_warmup:
             dims = [int(torch.Size(s).numel()) for s in self.shapes]
@@ -169,14 +173,14 @@ class CreditBridge(estimator.EstimatorRule):
         self.target.load_state_dict(state["target"])
 
     @staticmethod
-    def value(net: nn.Module, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
+    def value(net: ValueNet, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
         """V for each state hs[i] (N_i, ...) of block index layers[i], N_i = k·B (k stacked
         copies of the batch): (N_i,) each."""
-        base = net["base"](s).squeeze(1)  # (B,)
+        base = net.base(s).squeeze(1)  # (B,)
         out = []
-        for z in net["trunk"].features(hs, layers):
+        for z in net.trunk.features(hs, layers):
             k = z.shape[0] // s.shape[0]
-            out.append((net["logits"](z) * s.repeat(k, 1)).sum(1) + base.repeat(k))
+            out.append((net.logits(z) * s.repeat(k, 1)).sum(1) + base.repeat(k))
         return out
 
     def in_warmup(self) -> bool:
@@ -191,7 +195,7 @@ class CreditBridge(estimator.EstimatorRule):
         s = estimator.terminal_code(self.opts.code, fwd.logits, y)
         with torch.enable_grad():
             hs = [h.detach().requires_grad_(True) for h in fwd.hs]
-            vs = self.value(self.net, hs, list(range(len(hs))), s)
+            vs = self.value(self.built(), hs, list(range(len(hs))), s)
             grads = torch.autograd.grad(torch.stack([v.sum() for v in vs]).sum(), hs)  # states only
         return [g.detach() for g in grads]
 
@@ -228,7 +232,7 @@ class CreditBridge(estimator.EstimatorRule):
         g = g.float()
 
         h_L = hs[L].requires_grad_(True)
-        vs = self.value(self.net, hs[:L] + [h_L], list(range(L + 1)), s)
+        vs = self.value(self.built(), hs[:L] + [h_L], list(range(L + 1)), s)
         zero = vs[0].new_zeros(())
         cons = (
             torch.stack(
@@ -249,7 +253,7 @@ class CreditBridge(estimator.EstimatorRule):
         grad_term = ((1.0 - cos + log_ratio.pow(2)) * valid).sum() / valid.sum().clamp_min(1.0)
         loss = cons + o.terminal_w * (val + grad_term)
         self.train_on(loss)
-        estimator.ema_update(self.target, self.net, o.ema)
+        estimator.ema_update(self.target, self.built(), o.ema)
         return {
             "loss": loss.detach(),
             "consistency": cons.detach(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,7 +48,17 @@ class DFAOptions:
         check_positive("scale", self.scale)
 
 
-class DirectProjectionRule(Rule):
+class ProjectionOptions(Protocol):
+    """What :class:`DirectProjectionRule` reads of its subclass's options."""
+
+    init: str  # one of INITS
+    scale: float
+
+
+ProjectionOptionsT = TypeVar("ProjectionOptionsT", bound=ProjectionOptions)
+
+
+class DirectProjectionRule(Rule[ProjectionOptionsT]):
     """a_l = B_l s for a per-sample signal s (B, C) and fixed random B_l (n_l, C), l = 0..L,
     reshaped to the shape of h_l: ``dfa`` (s = e_T) and ``drtp`` (s = −onehot y). Subclasses give
     the signal and the fan of B_l's variance scale²/fan; the matrices are drawn in ``setup`` in the
@@ -56,7 +66,7 @@ class DirectProjectionRule(Rule):
 
     stack_refusal = None
 
-    def __init__(self, options: Any = None):
+    def __init__(self, options: ProjectionOptionsT | None = None):
         super().__init__(options)
         self.device = torch.device("cpu")
         self.seed: int | None = None
@@ -108,7 +118,7 @@ class DirectProjectionRule(Rule):
     "dfa",
     "direct feedback alignment: a_l = B_l e_T with fixed random B_l (C -> shape of h_l), l = 0..L",
 )
-class DFA(DirectProjectionRule):
+class DFA(DirectProjectionRule[DFAOptions]):
     Options = DFAOptions
 
     def fan(self, n_l: int, C: int) -> int:

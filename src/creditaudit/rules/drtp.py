@@ -73,7 +73,7 @@ class DRTPOptions:
     "drtp",
     "direct random target projection: a_l = B_l(−onehot y) with fixed random B_l; no error, no backward pass",
 )
-class DRTP(DirectProjectionRule):
+class DRTP(DirectProjectionRule[DRTPOptions]):
     Options = DRTPOptions
 
     def fan(self, n_l: int, C: int) -> int:

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from creditaudit.errors import ConfigError
 from creditaudit.models.base import CreditNet, Forward, preserved_buffers
-from creditaudit.rules._estimator import EstimatorRule, terminal_loss_and_grad
+from creditaudit.rules._estimator import NetworkRule, terminal_loss_and_grad
 from creditaudit.rules.base import RULES, RuleContext
 from creditaudit.rules.options import check_positive
 
@@ -97,6 +97,13 @@ class Inverse(nn.Module):
         self.target = tuple(target)
         self.skip = residual and tuple(shape) == self.target
         self.mix: nn.Parameter | None = None
+        self.inp: nn.Linear | nn.Conv1d | nn.Conv2d
+        self.out: nn.Linear | nn.ConvTranspose1d | nn.ConvTranspose2d
+        up = (
+            _upsampling(shape, target)
+            if len(shape) in (2, 3) and len(target) == len(shape)
+            else None
+        )
         if len(shape) == 1:  # vectors (d,) -> anything, read out flat
             self.inp, self.out = (
                 nn.Linear(shape[0], shape[0]),
@@ -108,27 +115,26 @@ class Inverse(nn.Module):
             T, d = shape
             self.inp, self.out = nn.Linear(d, d), nn.Linear(d, d)
             self.mix = nn.Parameter(torch.eye(T))
-        elif (
-            len(shape) in (2, 3)
-            and len(target) == len(shape)
-            and _upsampling(shape, target) is not None
-        ):  # maps (C, T) or (C, H, W)
-            stride, pad = _upsampling(shape, target)
-            conv, transposed = (
-                (nn.Conv1d, nn.ConvTranspose1d)
-                if len(shape) == 2
-                else (nn.Conv2d, nn.ConvTranspose2d)
-            )
-            self.inp = conv(shape[0], shape[0], 1)
-            self.out = transposed(shape[0], target[0], stride, stride=stride, output_padding=pad)
+        elif up is not None:  # maps (C, T) or (C, H, W)
+            stride, pad = up
+            if len(shape) == 2:
+                self.inp = nn.Conv1d(shape[0], shape[0], 1)
+                self.out = nn.ConvTranspose1d(
+                    shape[0], target[0], stride, stride=stride, output_padding=pad[0]
+                )
+            else:
+                self.inp = nn.Conv2d(shape[0], shape[0], 1)
+                self.out = nn.ConvTranspose2d(
+                    shape[0], target[0], stride, stride=stride, output_padding=(pad[0], pad[1])
+                )
         else:
             raise ConfigError(
                 f"dtp: no inverse for a block from states of shape {tuple(target)} to {tuple(shape)} "
                 "(dtp inverts vectors, token grids of one shape, and feature maps upsampled by an integer factor)"
             )
         if self.skip:  # the exact inverse of a residual block whose branch is 0
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+            for p in self.out.parameters():  # weight and bias
+                nn.init.zeros_(p)
 
     def branch(self, h: Tensor) -> Tensor:
         u = torch.tanh(self.inp(h))
@@ -162,9 +168,9 @@ def _upsampling(
     "dtp",
     "difference target propagation: learned inverses g_l carry τ_L = h_L − η̂ g_L down; a_l = (h_l − τ_l)/η̂",
 )
-class DTP(EstimatorRule):
+class DTP(NetworkRule[DTPOptions, nn.ModuleList]):
     """The inverses g_1..g_L are the estimator (``self.net``; ``net[l-1]`` maps h_l -> h_{l−1}),
-    built, trained and checkpointed by the :class:`EstimatorRule` skeleton, with Adam at ``fb_lr``."""
+    built, trained and checkpointed by the :class:`NetworkRule` skeleton, with Adam at ``fb_lr``."""
 
     Options = DTPOptions
     stack_refusal = "trains its inverse maps, with their own optimizer, in every step"
@@ -190,9 +196,11 @@ class DTP(EstimatorRule):
         eta = self.opts.target_step
         g_L = terminal_loss_and_grad(model, hs[-1], y)[1]
         deltas = [-eta * g_L.float()]
+        inverses = self.built()
         with torch.no_grad():
             for l in range(len(hs) - 1, 0, -1):  # δ_{l−1} = g_l(h_l + δ_l) − g_l(h_l)
-                deltas.insert(0, self.net[l - 1].difference(hs[l].float(), deltas[0]))
+                g_l = inverses[l - 1]  # an Inverse, or any module with its difference()
+                deltas.insert(0, g_l.difference(hs[l].float(), deltas[0]))  # type: ignore[operator]  # Module.__getattr__
         return deltas
 
     def credits(self, model: CreditNet, x: Tensor, y: Tensor, fwd: Forward) -> list[Tensor]:
@@ -217,7 +225,7 @@ class DTP(EstimatorRule):
                 for l, (block, u) in enumerate(zip(model.blocks, noisy, strict=True))
             ]
         per_block = torch.stack(
-            [F.mse_loss(g(o), u) for g, o, u in zip(self.net, outs, noisy, strict=True)]
+            [F.mse_loss(g(o), u) for g, o, u in zip(self.built(), outs, noisy, strict=True)]
         )
         self.train_on(per_block.sum())
         return {"rec_loss": per_block.mean().detach()}

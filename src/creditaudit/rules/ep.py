@@ -125,7 +125,7 @@ class _Nudged:
     """What one nudged relaxation leaves behind (x^{±β} in the module docstring)."""
 
     deltas: list[Tensor]  # δ_l = s_l^β − h_l, l = 1..L
-    errors: list[Tensor] | None  # ε_l(s^β), l = 1..L (credit=error only)
+    errors: list[Tensor]  # ε_l(s^β), l = 1..L (credit=error only; [] otherwise)
     d_s0: Tensor  # ∂C_β/∂s_0 at s^β
     relax_ratio: Tensor  # ‖∇C_β‖ at the last step / at the first step (scalar)
 
@@ -152,7 +152,7 @@ def _relax(
 
     if L == 0:  # nothing to relax: C_β = β·CE(H(N(s_0))), so ∂C_β/∂s_0 = β·g_0
         d_s0 = autodiff.grad(nudge, h0)
-        return _Nudged([], [] if want_errors else None, d_s0, torch.ones((), device=h0.device))
+        return _Nudged([], [], d_s0, torch.ones((), device=h0.device))
 
     with torch.no_grad():
         pred1 = blocks[0](h0)[0]  # F_1(s_0): s_0 is clamped, so this prediction never changes
@@ -160,7 +160,8 @@ def _relax(
     # ε_l = s_l − F_l(s_{l−1}) = δ_l − offset_l. For l = 1 it is the rounding of recomputing h_1.
     off1 = pred1 - hs[1]
     deltas = [torch.zeros_like(h) for h in hs[1:]]  # δ_1..δ_L, (B, ...) each
-    first = last = None
+    first: Tensor | None = None  # Σ_l ‖∇_{δ_l} C_β‖² at the first step
+    last: Tensor | None = None  # and at the last
     for t in range(T):
         # The nudge enters at s_L and climbs down one layer per step: before step t only δ_l with
         # l > L − t can be non-zero, so blocks below layer lo + 1 still predict their free state
@@ -184,7 +185,8 @@ def _relax(
         with torch.no_grad():
             grads = [e + b for e, b in zip(errs, back, strict=True)]
             if t == 0 or t == T - 1:
-                last = sum(g.pow(2).sum() for g in grads)
+                sq = [g.pow(2).sum() for g in grads]  # ‖∇_{δ_l} C_β‖², l = lo..L
+                last = sum(sq[1:], start=sq[0])
                 first = last if t == 0 else first
             deltas[lo - 1 :] = [d - alpha * g for d, g in zip(ds, grads, strict=True)]
 
@@ -192,13 +194,14 @@ def _relax(
     err1 = deltas[0] - off1
     _, vjp1 = autodiff.vjp(lambda s0: blocks[0](s0)[0], h0)
     (d_s0,) = vjp1(-err1)
-    errors = None
+    errors: list[Tensor] = []
     if want_errors:
         with torch.no_grad():
             errors = [err1] + [
                 deltas[l - 1] - (blocks[l - 1](hs[l - 1] + deltas[l - 2])[0] - hs[l])
                 for l in range(2, L + 1)
             ]
+    assert first is not None and last is not None  # T >= 1 steps (EPOptions checks it)
     ratio = (last / first.clamp_min(torch.finfo(first.dtype).tiny)).sqrt()
     return _Nudged(deltas, errors, d_s0, ratio)
 
@@ -206,7 +209,7 @@ def _relax(
 @RULES.register(
     "ep", "equilibrium propagation: a_l = −(s_l^β − s_l^free)/β on the prediction-error energy"
 )
-class EP(Rule):
+class EP(Rule[EPOptions]):
     Options = EPOptions
     stack_refusal = None
 

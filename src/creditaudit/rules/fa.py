@@ -116,7 +116,7 @@ def apply_map(factors: list[Tensor], a: Tensor, out_shape: tuple[int, ...]) -> T
     "fa",
     "block-level feedback alignment: a_L = J_N^T B_H e_T, a_{l-1} = B_l a_l with fixed random B",
 )
-class FA(Rule):
+class FA(Rule[FAOptions]):
     Options = FAOptions
     stack_refusal = None
 

@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from creditaudit.models.base import CreditNet
 from creditaudit.rules._layerwise import (
     FEEDBACK_INITS,
     LayerwiseFeedbackRule,
+    WeightLayer,
     fa_forward,  # noqa: F401  (re-exported)
     feedback_layers,  # noqa: F401  (re-exported)
     initial_feedback,
@@ -83,7 +84,7 @@ class FALayerwiseOptions:
     "fa_layerwise",
     "textbook feedback alignment: fixed random B in place of every weight transpose (blocks, head)",
 )
-class FALayerwise(LayerwiseFeedbackRule):
+class FALayerwise(LayerwiseFeedbackRule[FALayerwiseOptions]):
     Options = FALayerwiseOptions
 
     def __init__(self, options: FALayerwiseOptions | None = None):
@@ -106,7 +107,7 @@ class FALayerwise(LayerwiseFeedbackRule):
         for name, m in self.layers(model):
             self.feedback[name] = m.weight.detach().clone(memory_format=torch.contiguous_format)
 
-    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+    def feedback_for(self, name: str, m: WeightLayer) -> Tensor:
         return self.feedback[name]
 
     # -------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class FRSFOptions(RandomMagnitudeOptions):
     "frsf",
     "fixed random-magnitude sign-concordant feedback: |R|∘sign(W) in place of every weight transpose, R drawn once",
 )
-class FRSF(RandomMagnitudeRule):
+class FRSF(RandomMagnitudeRule[FRSFOptions]):
     Options = FRSFOptions
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:

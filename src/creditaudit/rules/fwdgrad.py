@@ -99,15 +99,14 @@ def directional_derivatives(model: CreditNet, l: int, h: Tensor, y: Tensor, v: T
         return F.cross_entropy(model.forward_from(l, state), y, reduction="none")
 
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        _, tangent = torch.func.jvp(per_sample_loss, (h,), (v,))
-    return tangent
+        return torch.func.jvp(per_sample_loss, (h,), (v,))[1]  # (primal out, tangent out)
 
 
 @RULES.register(
     "fwdgrad",
     "forward gradient: a_l = (g_l·v) v, v ~ N(0, I) per sample, by a forward-mode JVP (no backward pass)",
 )
-class ForwardGradient(Rule):
+class ForwardGradient(Rule[FwdGradOptions]):
     Options = FwdGradOptions
     stack_refusal = "draws random tangent directions in every step from its own generator"
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from creditaudit.models.base import CreditNet, Forward
@@ -50,6 +50,7 @@ from creditaudit.rules._feedback import feedback_generator
 from creditaudit.rules._layerwise import (
     FEEDBACK_INITS,
     LayerwiseFeedbackRule,
+    WeightLayer,
     alignment,
     initial_feedback,
 )
@@ -118,7 +119,7 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     "kp",
     "Kolen-Pollack: learned B in place of every weight transpose, given W's update and decay (B -> W)",
 )
-class KP(LayerwiseFeedbackRule):
+class KP(LayerwiseFeedbackRule[KPOptions]):
     Options = KPOptions
     stack_refusal = "its feedback matrices change in every step (optimizer hooks), and it patches the model's layers"
 
@@ -128,9 +129,9 @@ class KP(LayerwiseFeedbackRule):
         self.feedback: dict[
             str, Tensor
         ] = {}  # layer name -> B (W's shape and dtype), on the run's device
-        self._layers: list[tuple[str, nn.Module]] = []  # the layers of the model last patched
+        self._layers: list[tuple[str, WeightLayer]] = []  # the layers of the model last patched
         self._pending: dict[
-            str, tuple[nn.Module, Tensor, float]
+            str, tuple[WeightLayer, Tensor, float]
         ] = {}  # name -> (layer, W before the step, c)
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:
@@ -142,7 +143,7 @@ class KP(LayerwiseFeedbackRule):
                 m.weight, self.opts.init, self.opts.scale, ctx.device, m.weight.dtype, g
             )
 
-    def feedback_for(self, name: str, m: nn.Module) -> Tensor:
+    def feedback_for(self, name: str, m: WeightLayer) -> Tensor:
         return self.feedback[name]
 
     # -------------------------------------------------------------------------------------------

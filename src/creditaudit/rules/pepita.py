@@ -83,7 +83,7 @@ class PEPITAOptions:
     "pepita",
     "PEPITA: second forward pass on x + F e_T (fixed random F); a_l = h_l − h_l(modulated)",
 )
-class PEPITA(Rule):
+class PEPITA(Rule[PEPITAOptions]):
     Options = PEPITAOptions
     stack_refusal = "draws its feedback matrix F at the first batch, whose input shape its context does not give"
 

@@ -53,25 +53,28 @@ class SBOptions(estimator.EstimatorOptions):
     )
 
 
+class BridgeNet(nn.Module):
+    """G_ψ: the conditioned trunk with the code s at its input, and W_out (width -> D_L)."""
+
+    def __init__(self, dims: list[int], width: int, depth: int, num_classes: int):
+        super().__init__()
+        self.trunk = estimator.Estimator(dims, width, depth, code_dim=num_classes)
+        self.out = nn.Linear(width, dims[-1])
+
+
 @RULES.register("sb", "State Bridge: learned G(h_l, τ(l), e_T) ≈ h_L; a_l = ∇_{h_l} CE(H(N(G)))")
-class StateBridge(estimator.EstimatorRule):
+class StateBridge(estimator.EstimatorRule[SBOptions, BridgeNet]):
     Options = SBOptions
 
-    def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
+    def build(self, shapes: list[tuple[int, ...]]) -> BridgeNet:
         dims = [int(torch.Size(s).numel()) for s in shapes]
-        return nn.ModuleDict(
-            {
-                "trunk": estimator.Estimator(
-                    dims, self.opts.width, self.opts.depth, code_dim=self.ctx.num_classes
-                ),
-                "out": nn.Linear(self.opts.width, dims[-1]),
-            }
-        )
+        return BridgeNet(dims, self.opts.width, self.opts.depth, self.ctx.num_classes)
 
     def bridge(self, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
         """ĥ_L for each state hs[i] of block index layers[i]: (B, *shape of h_L), float32."""
-        zs = self.net["trunk"].features(hs, layers, s)
-        outs = [self.net["out"](z) for z in zs]  # (B, D_L) each
+        net = self.built()
+        zs = net.trunk.features(hs, layers, s)
+        outs = [net.out(z) for z in zs]  # (B, D_L) each
         if self.opts.rms_out:
             outs = [u * estimator.rms(h.float())[:, None] for u, h in zip(outs, hs, strict=True)]
         return [u.view(-1, *self.shapes[-1]) for u in outs]

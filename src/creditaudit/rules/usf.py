@@ -55,7 +55,7 @@ class USFOptions:
     "usf",
     "uniform sign-concordant feedback: s·sign(W) in place of every weight transpose, s = the std of W's init",
 )
-class USF(SignConcordantRule):
+class USF(SignConcordantRule[USFOptions]):
     Options = USFOptions
 
     def setup(self, model: CreditNet, ctx: RuleContext) -> None:

@@ -79,31 +79,35 @@ class VecOptions(estimator.EstimatorOptions):
         check_at_least("fd_layers", self.fd_layers, 0, " (0 = all layers)")
 
 
+class VectorFieldNet(nn.Module):
+    """The conditioned trunk (without the code), W_s and the per-layer read-outs U_l."""
+
+    def __init__(self, dims: list[int], width: int, depth: int, num_classes: int):
+        super().__init__()
+        self.trunk = estimator.Estimator(dims, width, depth)
+        self.code = nn.Linear(num_classes, width, bias=False)  # W_s
+        self.out = nn.ModuleList(nn.Linear(width, D, bias=False) for D in dims)  # U_l
+
+
 @RULES.register(
     "vec",
     "learned vector field a(h_l, τ(l), e_T) fit to central differences of the loss along M=4 "
     "random directions (Vec_M4)",
 )
-class VectorField(estimator.EstimatorRule):
+class VectorField(estimator.EstimatorRule[VecOptions, VectorFieldNet]):
     Options = VecOptions
 
-    def build(self, shapes: list[tuple[int, ...]]) -> nn.Module:
+    def build(self, shapes: list[tuple[int, ...]]) -> VectorFieldNet:
         dims = [int(torch.Size(s).numel()) for s in shapes]
-        width = self.opts.width
-        return nn.ModuleDict(
-            {
-                "trunk": estimator.Estimator(dims, width, self.opts.depth),
-                "code": nn.Linear(self.ctx.num_classes, width, bias=False),  # W_s
-                "out": nn.ModuleList(nn.Linear(width, D, bias=False) for D in dims),  # U_l
-            }
-        )
+        return VectorFieldNet(dims, self.opts.width, self.opts.depth, self.ctx.num_classes)
 
     def vector_field(self, hs: list[Tensor], layers: list[int], s: Tensor) -> list[Tensor]:
         """a_l for each state hs[i] of block index layers[i]: (B, D_l) each, float32."""
-        zs = self.net["trunk"].features(hs, layers)
-        gate = self.net["code"](s)  # (B, width)
+        net = self.built()
+        zs = net.trunk.features(hs, layers)
+        gate = net.code(s)  # (B, width)
         return [
-            self.net["out"][l](z * gate) / estimator.rms(h.float())[:, None]
+            net.out[l](z * gate) / estimator.rms(h.float())[:, None]
             for l, z, h in zip(layers, zs, hs, strict=True)
         ]
 
