@@ -74,8 +74,8 @@ def read_idx(path: str | Path, *, dataset: str = "mnist") -> np.ndarray:
         raise _corrupt(path, f"gzip stream unreadable ({err})", dataset) from err
 
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        found = data[:4].hex() or "(empty file)"
-        raise _corrupt(path, f"bad magic number {found}, expected 0000<dtype><ndim>", dataset)
+        magic = data[:4].hex() or "(empty file)"
+        raise _corrupt(path, f"bad magic number {magic}, expected 0000<dtype><ndim>", dataset)
     code, ndim = data[2], data[3]
     if code not in IDX_DTYPES:
         raise _corrupt(path, f"unknown IDX dtype code 0x{code:02x}", dataset)

@@ -148,24 +148,25 @@ def stacked_epoch(
         and l.drop_last == first.drop_last
         for l in loaders
     ):
-        yield from (
-            tuple(torch.stack(parts) for parts in zip(*batch, strict=True))
-            for batch in zip(*(l.epoch(epoch) for l in loaders), strict=True)
-        )
+        for batch in zip(*(l.epoch(epoch) for l in loaders), strict=True):
+            yield torch.stack([xb for xb, _ in batch]), torch.stack([yb for _, yb in batch])
         return
     orders = torch.stack([l.order(epoch) for l in loaders])  # (R, N)
     y = (
         first.y if all(l.y is first.y for l in loaders) else torch.stack([l.y for l in loaders])
     )  # (N,) or (R, N)
-    augs = [l.augmentation(epoch) for l in loaders]
-    offsets = torch.stack([a[0] for a in augs]) if augs[0] is not None else None  # (R, N, 2)
-    flips = torch.stack([a[1] for a in augs]) if augs[0] is not None else None  # (R, N)
+    # one augment for all: every loader draws its augmentation, or none does
+    augs = [a for a in (l.augmentation(epoch) for l in loaders) if a is not None]
+    aug = (
+        (torch.stack([a[0] for a in augs]), torch.stack([a[1] for a in augs])) if augs else None
+    )  # offsets (R, N, 2) and flips (R, N), or None
     R, bs = len(loaders), first.batch_size
     for i in range(len(first)):
         idx = orders[:, i * bs : (i + 1) * bs]  # (R, B)
         xb = first.x[idx]  # (R, B, ...)
         yb = y[idx] if y.dim() == 1 else y.gather(1, idx)
-        if offsets is not None:
+        if aug is not None:
+            offsets, flips = aug
             b = idx.shape[1]
             xb = crop_flip(
                 xb.flatten(0, 1),

@@ -137,7 +137,9 @@ def ensure_cache(data_dir: str, signals: int = DEFAULT_SIGNALS) -> dict[str, np.
             raise _missing_package()
         arrays = build_mnist1d(signals)
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # a file object: np.savez does not append ".npz" to the temp name
+            # a file object: np.savez does not append ".npz" to the temp name; every array is
+            # numeric or text (the cache is read with allow_pickle=False too)
+            np.savez(f, allow_pickle=False, **arrays)
     return arrays
 
 

@@ -83,7 +83,7 @@ def load_student(cfg: DataConfig, data_dir: str, seed: int) -> TensorDataset:
 class StudentSource:
     """Generated from the config in memory: always available, nothing on disk."""
 
-    def locate(self, data_dir: str) -> str | None:
+    def locate(self, data_dir: str) -> str:
         return "synthetic (generated in memory from the config; no files)"
 
     def fetch(self, data_dir: str, *, quiet: bool = False) -> str:

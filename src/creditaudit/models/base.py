@@ -296,7 +296,7 @@ def image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]
             f"architecture {arch!r} needs image inputs (C, H, W) but the dataset gives shape "
             f"{tuple(input_shape)}; use an MLP architecture (resmlp, mlp) for vector data"
         )
-    return input_shape  # type: ignore[return-value]
+    return input_shape
 
 
 def signal_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -408,6 +408,6 @@ def _true_grads_transformed(model: CreditNet, x: Tensor, y: Tensor) -> tuple[For
         zeros = [
             torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device) for shape in shapes
         ]
-        out, pullback, (logits, hs, fs) = torch.func.vjp(loss, *zeros, has_aux=True)
+        out, pullback, (logits, hs, fs) = torch.func.vjp(loss, *zeros, has_aux=True)  # type: ignore[misc]  # torch's stub: 2 or 3 values, whatever has_aux
         gs = pullback(torch.ones_like(out))
     return Forward(logits, hs, fs), list(gs)

@@ -75,7 +75,7 @@ _SMALL = {"d": 16, "L": 3, "channels": (4, 6, 8)}
 def smallcnn(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> CreditNet:
     c, h, w = image_shape("smallcnn", input_shape)
     net = _build("smallcnn", cfg, c, (h, w), None, num_classes)
-    return net.to(memory_format=torch.channels_last)
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits memory_format
 
 
 @architecture(

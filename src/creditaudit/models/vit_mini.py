@@ -151,7 +151,7 @@ def _build(
         )
     if d % cfg.heads:
         raise ConfigError(f"{arch}: heads={cfg.heads} must divide d={d}")
-    embed = PatchEmbed(c, size, cfg.patch, d)
+    embed: nn.Module = PatchEmbed(c, size, cfg.patch, d)
     if reader is not None:
         embed = nn.Sequential(reader, embed)
     blocks = [Block(TransformerBranch(d, cfg.heads), residual=shape.residual) for _ in range(L)]
