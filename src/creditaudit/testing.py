@@ -382,10 +382,10 @@ def check_stack(rule: str, arch: str = "resmlp") -> str:
                         "state that is not in state_dict(); "
                         "or set stack_refusal to the reason it cannot stack",
                     )
-            for (n, t), u in zip(
+            for (n, tb), ub in zip(
                 run.model.named_buffers(), stacked[r].model.buffers(), strict=True
             ):
-                if t.is_floating_point() and not torch.allclose(u, t, rtol=1e-5, atol=1e-7):
+                if tb.is_floating_point() and not torch.allclose(ub, tb, rtol=1e-5, atol=1e-7):
                     _fail(
                         f"{rule} on {arch}: in a stack, run {r}'s buffer {n} differs from alone",
                         "see above",

@@ -116,6 +116,7 @@ def local_objective(
     return total
 
 
-def penalty(fwd: Forward, lam: float | Tensor) -> Tensor:
-    """lam · Σ_l mean_b ||f_l||²: the per-block penalty on each branch output (every rule's, BP's too)."""
+def penalty(fwd: Forward, lam: float | Tensor) -> Tensor | float:
+    """lam · Σ_l mean_b ||f_l||²: the per-block penalty on each branch output (every rule's, BP's too);
+    the number 0 (times lam) for a model without blocks."""
     return lam * sum(_per_sample(f).pow(2).sum(1).mean() for f in fwd.fs)

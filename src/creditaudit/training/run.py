@@ -240,7 +240,7 @@ def train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str
         out.objective.backward()
     opt.step()
     metrics = out.metrics
-    if not rule.end_to_end:
+    if out.fwd is not None:  # the local-update pass ran: every rule but an end-to-end one
         metrics = {**metrics, **rule.step(model, x, y, out.fwd)}
     run.step += 1
     return out.loss.detach() * y.shape[0], (out.logits.detach().argmax(1) == y).sum(), metrics

@@ -211,8 +211,8 @@ class Stack:
         opt = torch.optim.AdamW(groups)
         per_run = [[p for g in r.optimizer.param_groups for p in g["params"]] for r in self.runs]
         for i, stacked in enumerate(p for g in opt.param_groups for p in g["params"]):
-            states = [
-                r.optimizer.state.get(params[i])
+            states: list[dict[str, Any]] = [
+                r.optimizer.state.get(params[i], {})
                 for r, params in zip(self.runs, per_run, strict=True)
             ]
             if not any(states):
