@@ -48,6 +48,26 @@ def test_list_shows_every_registered_name(cli):
     )  # a profile's commands
 
 
+def test_list_options_shows_an_option_that_has_no_default(cli, monkeypatch):
+    """A rule may require an option (given as <rule>.<field>=value): listed as required, where
+    reading its default once failed (dataclasses.MISSING is not a factory)."""
+    from dataclasses import dataclass, field
+
+    from creditaudit.rules import Rule
+
+    @dataclass
+    class NeedsK:
+        k: int = field(metadata={"help": "how many, always given"})
+
+    class Needy(Rule):
+        Options = NeedsK
+
+    monkeypatch.setattr(RULES, "_entries", dict(RULES._entries))
+    RULES.add("needy", Needy, "needs k")
+    out = cli("list", "--options").output
+    assert "needy.k=(required)  how many, always given" in out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

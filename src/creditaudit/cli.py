@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
@@ -30,6 +30,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from creditaudit.errors import MissingPathError, UserError, user_message
+
+if TYPE_CHECKING:
+    from creditaudit.registry import Registry
 
 
 def _pipe_width() -> int | None:
@@ -135,7 +138,7 @@ def show(renderable) -> None:
     console.out("\n".join(line.rstrip() for line in captured.get().splitlines()), highlight=False)
 
 
-def _error_line(text: str) -> None:
+def _error_line(text: str) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {escape(text)}", markup=True, soft_wrap=True)
     sys.exit(USAGE)
 
@@ -1054,12 +1057,13 @@ def list_(options: bool) -> None:
     from creditaudit.models import ARCHS
     from creditaudit.rules import RULES, VARIANTS
 
-    for title, registry in (
+    registries: list[tuple[str, Registry[Any]]] = [
         ("rules", RULES),
         ("architectures", ARCHS),
         ("datasets", DATASETS),
         ("settings", SETTINGS),
-    ):
+    ]
+    for title, registry in registries:
         table = Table(
             title=title, title_justify="left", show_header=False, box=None, pad_edge=False
         )
@@ -1070,8 +1074,12 @@ def list_(options: bool) -> None:
             if options and registry is RULES:
                 for f in dataclasses.fields(entry.obj.Options):
                     default = (
-                        f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    )  # type: ignore[misc]
+                        f.default
+                        if f.default is not dataclasses.MISSING
+                        else f.default_factory()
+                        if f.default_factory is not dataclasses.MISSING
+                        else "(required)"
+                    )
                     table.add_row(
                         "", f"[dim]{entry.name}.{f.name}={default}  {f.metadata.get('help', '')}[/]"
                     )
@@ -1112,8 +1120,8 @@ def list_(options: bool) -> None:
     profiles.add_column(style="bold")
     profiles.add_column(style="dim")
     profiles.add_column()
-    for entry in PROFILES.entries():
-        profiles.add_row(entry.name, ", ".join(sorted(entry.obj.commands)), entry.summary)
+    for profile in PROFILES.entries():
+        profiles.add_row(profile.name, ", ".join(sorted(profile.obj.commands)), profile.summary)
     show(profiles)
 
 
