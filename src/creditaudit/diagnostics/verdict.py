@@ -22,6 +22,7 @@ Mode 2 shows, and *undetermined* when nothing fired but D3 could not be evaluate
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,8 +202,8 @@ def rule_verdict(rule: str, verdicts: list[RunVerdict]) -> RuleVerdict:
     )
 
 
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-    """Mean, sample std (ddof=1; NaN for n < 2) and n of the finite values."""
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
+    """Mean, sample std (ddof=1; NaN for n < 2) and n of the finite values (None skipped)."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     n = len(vals)
     if n == 0:

@@ -44,12 +44,12 @@ def _train_job_on_a_cluster(cfg_dicts: list[dict], graph: bool, threads: int) ->
     from creditaudit.runs.lock import lease_left
 
     outcomes = _train_job(cfg_dicts, graph, threads)
-    waits = {
+    left = {
         i: lease_left(config.run_path(config.from_dict(d)) / "run.lock")
         for i, (d, o) in enumerate(zip(cfg_dicts, outcomes, strict=True))
         if o.status == "locked"
     }
-    waits = {i: w for i, w in waits.items() if w is not None}
+    waits = {i: w for i, w in left.items() if w is not None}
     if not waits:
         return outcomes
     time.sleep(max(waits.values()) + LEASE_MARGIN_S)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,7 +274,7 @@ def planned_runs(cfgs: list) -> list[RunRecord]:
     return out
 
 
-def plan_markdown(cfgs: list, *, title: str, notes: list[str] = ()) -> str:
+def plan_markdown(cfgs: list, *, title: str, notes: Sequence[str] = ()) -> str:
     """The inventory's counts for the runs ``cfgs`` (nothing trained): check a plan against the
     study. ``notes``: what the profile trains otherwise than the study, one line each, with why."""
     said = (

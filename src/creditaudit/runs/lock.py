@@ -318,8 +318,7 @@ class RunLock:
             if not self.path.exists():  # released between our two looks: just try again
                 continue
             info = self._read()
-            reason = self._stale_reason(info)
-            if reason is None:
+            if info is None or self._stale_reason(info) is None:
                 raise RunLockedError(self.path, self._describe(info))
             self._take_over(info)
         raise RunLockedError(self.path, self._describe(self._read()))
@@ -360,7 +359,7 @@ class RunLock:
                     flocked = False
             host, scope = _identity()
             now = datetime.now(timezone.utc)
-            info = {
+            info: dict[str, Any] = {
                 "pid": os.getpid(),
                 "host": host,
                 "scope": scope,
