@@ -198,7 +198,8 @@ def split_finished(configs: Iterable) -> tuple[list, list]:
     from creditaudit.config import run_path
     from creditaudit.runs.folder import RunFolder
 
-    todo, done = [], []
+    todo: list = []
+    done: list = []
     for c in configs:
         (done if RunFolder(run_path(c)).status() == "finished" else todo).append(c)
     return todo, done

@@ -40,7 +40,7 @@ def iter_fields(cfg_type: type, prefix: str = "") -> Iterable[tuple[str, datacla
         tp = hints[f.name]
         path = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, path + ".")
+            yield from iter_fields(typing.cast(type, tp), path + ".")
         else:
             yield path, f, tp
 
@@ -219,8 +219,9 @@ def copy_with(
             deferred.append((key, text, exc))
             continue
         set_path(cfg, path, parse_value(text, types_[path], path))
-    for key, text, exc in deferred:
-        unknown(cfg, key, text, exc)  # type: ignore[misc]
+    for key, text, error in deferred:
+        assert unknown is not None  # keys are deferred only to a handler
+        unknown(cfg, key, text, error)
     return cfg
 
 
@@ -243,7 +244,7 @@ def from_dict(data: Mapping[str, Any], cfg_type: type, *, what: str = "") -> Any
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(value, tp)
+            kwargs[name] = from_dict(value, typing.cast(type, tp))
         elif typing.get_origin(tp) is tuple:
             kwargs[name] = tuple(value)
         else:

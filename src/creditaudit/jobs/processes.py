@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from creditaudit import config as C
 from creditaudit.config import TrainConfig
@@ -258,7 +258,7 @@ def _serve(conn: Any, fn: Callable[..., Any]) -> None:
             conn.send(("done", i, result))
 
 
-class _Pool:
+class _Pool(Generic[R]):
     """Workers that a dead one does not take down (``concurrent.futures``' pool breaks as a whole:
     ``BrokenProcessPool``). Each worker has its own pipe, so a worker killed while it writes
     corrupts nothing the others use."""

@@ -306,8 +306,8 @@ def markdown(
         "",
     ]
     lines += md_table(*table_rows(audit))
-    if baseline_text(audit):
-        lines += ["", baseline_text(audit)]
+    if base := baseline_text(audit):
+        lines += ["", base]
     lines += ["", "## Per run", ""] + md_table(PER_RUN_HEADER, per_run_rows(audit))
     if plots:
         lines += ["", "## Plots"]
@@ -525,7 +525,9 @@ CSS = (
 )
 
 
-def _html_table(header: list[str], rows: list[list[str]], *, nowrap: set[str] = frozenset()) -> str:
+def _html_table(
+    header: list[str], rows: list[list[str]], *, nowrap: frozenset[str] | set[str] = frozenset()
+) -> str:
     """A table whose figures (and the ``nowrap`` columns) never wrap; verdicts coloured."""
     esc = html.escape
     out = ["<div class='wide'><table><tr>", *(f"<th>{esc(h)}</th>" for h in header), "</tr>"]
@@ -564,8 +566,8 @@ def html_page(
     parts += [f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (context or {}).items()]
     parts.append(f"<li><b>thresholds</b>: {_markdown_inline(thresholds_text(audit))}</li></ul>")
     parts.append(_html_audit_table(audit))
-    if baseline_text(audit):
-        parts.append(f"<p>{_markdown_inline(baseline_text(audit))}</p>")
+    if base := baseline_text(audit):
+        parts.append(f"<p>{_markdown_inline(base)}</p>")
     parts.append("<h2>Per run</h2>" + _html_table(PER_RUN_HEADER, per_run_rows(audit)))
     if pngs:
         parts.append("<h2>Plots</h2>")
@@ -620,7 +622,7 @@ def _html_unevaluated_and_skipped(audit: Audit) -> str:
         parts.append(
             "<h2>D3 not evaluated</h2><p>These runs read “D3 not evaluated” instead of PASS:</p><ul>"
             + "".join(
-                f"<li>{esc(str(r.run.path))}: {_markdown_inline(r.verdict.d3_missing)}</li>"
+                f"<li>{esc(str(r.run.path))}: {_markdown_inline(r.verdict.d3_missing or '')}</li>"
                 for r in unevaluated
             )
             + "</ul>"
