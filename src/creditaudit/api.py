@@ -360,9 +360,13 @@ def audit_configs(
 ) -> list:
     """The runs :func:`audit` trains: ``rules`` (names, rule files, or ``["all"]``; default the
     profile's) × ``seeds`` and the baseline × ``seeds``, under ``profile``."""
-    from creditaudit import experiments as E
+    from creditaudit import experiments
 
-    names = list(rules) if rules is not None else list(E.get_profile(profile, E.AUDIT).audit_rules)
+    names = (
+        list(rules)
+        if rules is not None
+        else list(experiments.get_profile(profile, experiments.AUDIT).audit_rules)
+    )
     if names == ["all"]:
         from creditaudit.rules import RULES
 
@@ -370,12 +374,12 @@ def audit_configs(
     names, items = resolve_rule_files(list(dict.fromkeys(names)), _items(overrides, fields))
     if own_baseline:
         names += [f"{r}_frozen" for r in names if not r.endswith("_frozen")]
-    return E.audit_configs(
+    return experiments.audit_configs(
         names,
         profile=profile,
         seeds=tuple(seeds),
         overrides=items,
-        baseline=None if own_baseline else E.BASELINE_RULE,
+        baseline=None if own_baseline else experiments.BASELINE_RULE,
     )
 
 
@@ -493,25 +497,29 @@ def tables(
     DFA, penalty sweep, depth sweep, cross-architecture, functional triangulation (``names``: some
     of them), written to ``out`` (default ``<results>/_reports/tables.md``)."""
     from creditaudit.diagnostics.verdict import Thresholds
-    from creditaudit.reports import tables as T
+    from creditaudit.reports import tables as report_tables
     from creditaudit.reports.collect import collect
     from creditaudit.runs.io import atomic_write_text
 
     names = list(names)
-    unknown = [n for n in names if n not in T.TABLES]
+    unknown = [n for n in names if n not in report_tables.TABLES]
     if unknown:
-        raise ConfigError(f"unknown table {unknown[0]!r}; choose from {', '.join(T.TABLES)}")
+        raise ConfigError(
+            f"unknown table {unknown[0]!r}; choose from {', '.join(report_tables.TABLES)}"
+        )
     col = collect(require_results(results))
     th = thresholds or Thresholds()
     chosen = [
-        T.triangulation(col, th, triangulate or None)
+        report_tables.triangulation(col, th, triangulate or None)
         if n == "triangulation"
-        else T.TABLES[n](col, th)
-        for n in (names or T.TABLES)
+        else report_tables.TABLES[n](col, th)
+        for n in (names or report_tables.TABLES)
     ]
     path = Path(out) if out else Path(results) / "_reports" / "tables.md"
-    atomic_write_text(path, T.tables_markdown(col, th, source=str(results), only=chosen))
-    return TablesResult(chosen, path, col, T.skipped(col))
+    atomic_write_text(
+        path, report_tables.tables_markdown(col, th, source=str(results), only=chosen)
+    )
+    return TablesResult(chosen, path, col, report_tables.skipped(col))
 
 
 @dataclass

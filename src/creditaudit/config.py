@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from creditaudit import typedconfig as T
+from creditaudit import typedconfig
 from creditaudit.data.base import DataConfig
 from creditaudit.diagnostics.probe import DiagConfig
 from creditaudit.errors import ConfigError
@@ -31,7 +31,7 @@ from creditaudit.models.base import ModelConfig
 
 
 @dataclass
-class OptimConfig(T.Config):
+class OptimConfig(typedconfig.Config):
     """The study's recipe: AdamW with a cosine schedule, one optimizer state per block."""
 
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (peak of the schedule)"})
@@ -45,7 +45,7 @@ class OptimConfig(T.Config):
 
 
 @dataclass
-class TrainConfig(T.Config):
+class TrainConfig(typedconfig.Config):
     """One training run: which rule trains which architecture on which data, and how."""
 
     rule: str = field(
@@ -214,7 +214,7 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
             raise ConfigError("set rule options one by one, as <rule>.<option>=value")
     # Keys no field has are the rule's options, known once its file is imported.
     options: list[tuple[str, str, ConfigError]] = []
-    out = T.copy_with(
+    out = typedconfig.copy_with(
         cfg,
         items,
         aliases=ALIASES,
@@ -234,9 +234,9 @@ def checked(cfg: TrainConfig, overrides: Iterable[str] = ()) -> TrainConfig:
     imported, validated), frozen, so that no layer inside checks it again or changes it. A config
     this froze, with no overrides, comes back as it is."""
     items = tuple(overrides)
-    if T.is_frozen(cfg) and not items:
+    if typedconfig.is_frozen(cfg) and not items:
         return cfg
-    return T.freeze(apply_overrides(cfg, items))
+    return typedconfig.freeze(apply_overrides(cfg, items))
 
 
 def from_checked_dict(data: dict) -> TrainConfig:
@@ -245,7 +245,7 @@ def from_checked_dict(data: dict) -> TrainConfig:
     new process has not done —, nothing is checked again."""
     cfg = from_dict(data)
     load_plugins(cfg)
-    return T.freeze(cfg)
+    return typedconfig.freeze(cfg)
 
 
 def load_plugins(cfg: TrainConfig) -> None:
@@ -335,11 +335,13 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    T.check_finite(cfg)  # inf and nan have no JSON form: config.json could not record them
+    typedconfig.check_finite(
+        cfg
+    )  # inf and nan have no JSON form: config.json could not record them
     base, _ = parse_rule_name(cfg.rule)  # raises with the list of rules
     from creditaudit.rules import rule_options
 
-    T.check_finite(
+    typedconfig.check_finite(
         rule_options(cfg.rule, cfg.rule_opts), f"{base}."
     )  # raises on an unknown, badly typed or non-finite option
     if cfg.arch not in ARCHS:
@@ -392,7 +394,7 @@ def validate(cfg: TrainConfig) -> None:
     )
     for name in ("results", "data.data_dir", "logger_dir"):
         need(
-            "\x00" not in T.get_path(cfg, name),
+            "\x00" not in typedconfig.get_path(cfg, name),
             f"{name} holds a NUL character, which no path can hold",
         )
     need(
@@ -508,23 +510,25 @@ def run_path(cfg: TrainConfig):
 def semantic_diff(stored: dict, cfg: TrainConfig) -> list[str]:
     """How a config as a run folder stores it differs from ``cfg`` in what a run computes
     (``"path: old -> new"``; the fields marked ``semantic=False`` may differ)."""
-    return T.diff(T.semantic_dict(from_dict(stored)), T.semantic_dict(cfg))
+    return typedconfig.diff(
+        typedconfig.semantic_dict(from_dict(stored)), typedconfig.semantic_dict(cfg)
+    )
 
 
 def to_dict(cfg: Any) -> dict:
-    return T.to_dict(cfg)
+    return typedconfig.to_dict(cfg)
 
 
 def from_dict(data: dict, cfg_type: type = TrainConfig) -> Any:
     """Rebuild a config from :func:`to_dict` output; unknown keys are an error, missing keys default."""
-    return T.from_dict(data, cfg_type)
+    return typedconfig.from_dict(data, cfg_type)
 
 
 def copy_config(cfg: Any) -> Any:
     """An editable deep copy of a config (of a frozen one too)."""
-    return T.copy(cfg)
+    return typedconfig.copy(cfg)
 
 
 def help_rows(cfg_type: type = TrainConfig) -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) for every field, for ``--help``."""
-    return T.help_rows(cfg_type)
+    return typedconfig.help_rows(cfg_type)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from creditaudit import config as C
+from creditaudit import config
 from creditaudit.config import TrainConfig
 from creditaudit.errors import ConfigError
 from creditaudit.registry import Registry
@@ -452,7 +452,7 @@ def expand(
                     "progress=false",
                     *overrides,
                 ]
-                cfgs.append(C.checked(TrainConfig(), items))
+                cfgs.append(config.checked(TrainConfig(), items))
     return cfgs
 
 
@@ -486,7 +486,7 @@ def baselines(
     from creditaudit.rules import parse_rule_name
 
     def key(c: TrainConfig, rule: str) -> tuple[str, str, str]:
-        return experiment_key(C.to_dict(c)), rule, c.results
+        return experiment_key(config.to_dict(c)), rule, c.results
 
     have = {key(c, c.rule) for c in cfgs}
     shared: dict[tuple[str, str, str], TrainConfig] = {}
@@ -503,7 +503,7 @@ def baselines(
             out[k] = shared.get(k) or control_config(c, rule)
     by_path: dict[str, tuple[str, str, str]] = {}
     for k, c in out.items():
-        path = str(C.run_path(c))
+        path = str(config.run_path(c))
         if by_path.setdefault(path, k) != k:
             raise ConfigError(
                 f"two different baselines would share the folder {path}; name the runs apart (arch_label=…)"
@@ -514,7 +514,7 @@ def baselines(
 def control_config(run: TrainConfig, rule: str) -> TrainConfig:
     """The ``rule`` baseline of ``run``'s experiment, as an added control: credit-assignment fields
     reset, what is only logged (trajectories, extra checkpoints, full probes) dropped."""
-    cfg = C.copy_config(run)
+    cfg = config.copy_config(run)
     cfg.rule, cfg.rule_opts, cfg.plugins, cfg.local_rule, cfg.lam, cfg.save_epochs = (
         rule,
         {},
@@ -529,7 +529,7 @@ def control_config(run: TrainConfig, rule: str) -> TrainConfig:
         ["randlabels"] if run.data.random_labels else []
     )
     cfg.arch_label = "-".join(tags)
-    return C.checked(cfg)
+    return config.checked(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +561,9 @@ def audit_configs(
     ]
     names = list(dict.fromkeys([*rules, *([baseline] if baseline else [])]))
     cfgs = [
-        C.checked(TrainConfig(), [*base, f"rule={r}", f"seed={s}"]) for r in names for s in seeds
+        config.checked(TrainConfig(), [*base, f"rule={r}", f"seed={s}"])
+        for r in names
+        for s in seeds
     ]
     cost = {"ep": 0, "cb": 1, "sb": 2, "vec": 3}
     return sorted(cfgs, key=lambda c: cost.get(c.rule.split("_")[0], 9))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Generic, TypeVar
 
-from creditaudit import config as C
+from creditaudit import config
 from creditaudit.config import TrainConfig
 from creditaudit.training.allocator import available_memory
 
@@ -44,7 +44,7 @@ class RunOutcome:
 
 
 def _label(cfg: TrainConfig) -> str:
-    path = C.run_path(cfg)
+    path = config.run_path(cfg)
     return f"{path.parent.name}/{path.name}"
 
 
@@ -58,7 +58,7 @@ def _config(cfg_dict: dict, threads: int) -> TrainConfig:
     train_stack() apply it."""
     if threads and not cfg_dict.get("threads"):
         cfg_dict = {**cfg_dict, "threads": threads}
-    return C.from_checked_dict(cfg_dict)
+    return config.from_checked_dict(cfg_dict)
 
 
 def _failed(cfg: TrainConfig, exc: Exception) -> RunOutcome:
@@ -349,7 +349,7 @@ def _lost_job(job: tuple[Any, ...], why: str) -> list[RunOutcome]:
     cfg_dicts, _graph = job
     return [
         RunOutcome(
-            _label(C.from_dict(d)),
+            _label(config.from_dict(d)),
             "failed",
             f"{why}; the sweep run again resumes it from its checkpoint",
         )
@@ -360,7 +360,7 @@ def _lost_job(job: tuple[Any, ...], why: str) -> list[RunOutcome]:
 def _job_name(job: tuple[Any, ...]) -> str:
     """A job's runs, for a line: the run, or a stack's first run and how many more."""
     cfg_dicts, _graph = job
-    first = _label(C.from_dict(cfg_dicts[0]))
+    first = _label(config.from_dict(cfg_dicts[0]))
     return (
         first
         if len(cfg_dicts) == 1
@@ -386,9 +386,9 @@ def run_many(
     Returns one outcome per config, in completion order."""
     from creditaudit.jobs.packing import pack
 
-    configs = [C.checked(c) for c in configs]
+    configs = [config.checked(c) for c in configs]
     outcomes: list[RunOutcome] = []
-    jobs = [([C.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
+    jobs = [([config.to_dict(cfg) for cfg in job], graph) for job in pack(configs, stack)]
     for done in in_processes(
         _train_job, jobs, workers=workers, lost=_lost_job, name=_job_name, say=say, died=died
     ):

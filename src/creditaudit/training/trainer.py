@@ -21,16 +21,14 @@ from typing import Any
 
 import torch
 
-from creditaudit import config as C
-from creditaudit import trackers
-from creditaudit import typedconfig as T
+from creditaudit import config, trackers, typedconfig
 from creditaudit.config import TrainConfig
 from creditaudit.diagnostics import due
 from creditaudit.runs.checkpoint import load_checkpoint, save_checkpoint
 from creditaudit.runs.folder import RunFolder
 from creditaudit.runs.lock import RunLockLost, say
 from creditaudit.runs.provenance import provenance
-from creditaudit.training import run as R
+from creditaudit.training import run as training_run
 from creditaudit.training.allocator import keep_freed_memory
 from creditaudit.training.run import Run, StepCallback
 
@@ -68,7 +66,7 @@ def _train_epochs(
         if stop_after is not None and run.epoch >= stop_after:
             return session.write_summary("interrupted")
         t0 = time.perf_counter()
-        trained = R.train_epoch(run, on_step)
+        trained = training_run.train_epoch(run, on_step)
         ended = session.end_epoch(trained, time.perf_counter() - t0)
         if ended is not None:
             return ended
@@ -78,7 +76,7 @@ def _train_epochs(
 def prepare(cfg: TrainConfig) -> TrainConfig:
     """The config as a run folder records it: checked (:func:`config.checked`: once, where it
     entered, or here for a config built in Python), every option of the rule resolved; frozen."""
-    return T.freeze(C.resolve_rule_options(C.checked(cfg)))
+    return typedconfig.freeze(config.resolve_rule_options(config.checked(cfg)))
 
 
 def set_up_process(cfg: TrainConfig) -> None:
@@ -103,7 +101,10 @@ class Reporter:
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def open_session(
-    cfg: TrainConfig, reporter: Reporter, *, build: Callable[[TrainConfig], Run] = R.build_run
+    cfg: TrainConfig,
+    reporter: Reporter,
+    *,
+    build: Callable[[TrainConfig], Run] = training_run.build_run,
 ) -> Iterator[RunSession | dict]:
     """Hold ``cfg``'s run folder for the duration: yields its summary when the run is finished
     (nothing written), else an open :class:`RunSession` (locked, resumed). The data, model and rule
@@ -114,10 +115,10 @@ def open_session(
         yield done
         return
     run = build(cfg)
-    folder = RunFolder(C.run_path(cfg))
+    folder = RunFolder(config.run_path(cfg))
     folder.path.mkdir(parents=True, exist_ok=True)
     with folder.lock() as lock:
-        folder.check_config(lambda stored: C.semantic_diff(stored, cfg))
+        folder.check_config(lambda stored: config.semantic_diff(stored, cfg))
         summary = folder.read_summary()
         if summary is not None and summary.get("status") == "finished":  # finished meanwhile
             reporter.on_start(None, "skipped")
@@ -128,10 +129,10 @@ def open_session(
 
 def finished_summary(cfg: TrainConfig) -> dict | None:
     """The summary of ``cfg``'s run when its folder holds it finished (with this config), else None."""
-    folder = RunFolder(C.run_path(cfg))
+    folder = RunFolder(config.run_path(cfg))
     if not folder.summary_path.exists() or folder.status() != "finished":
         return None
-    folder.check_config(lambda stored: C.semantic_diff(stored, cfg))
+    folder.check_config(lambda stored: config.semantic_diff(stored, cfg))
     return folder.read_summary()
 
 
@@ -144,7 +145,7 @@ class RunSession:
     ):
         self.run, self.folder, self.lock, self.reporter = run, folder, lock, reporter
         resumed_from = _resume(run, folder)
-        folder.write_config(C.to_dict(run.cfg))
+        folder.write_config(config.to_dict(run.cfg))
         self.base = _summary_base(run, folder, resumed_from, previous)
         # logger=tensorboard|mlflow|wandb: a view of the folder's metrics; it never raises (a
         # failure is one line on stderr)
@@ -188,7 +189,7 @@ class RunSession:
             t0 = time.perf_counter()
             if figures is None:
                 figures = {
-                    **R.diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1]),
+                    **training_run.diagnose(run, full=due(cfg.diag, 0, cfg.epochs)[1]),
                     "time/diag_s": time.perf_counter() - t0,
                 }
             record0 = {"epoch": 0, **figures}
@@ -259,7 +260,7 @@ def _resume(run: Run, folder: RunFolder) -> int | None:
         )
         folder.rewrite_metrics([])
         return None
-    R.restore(run, state, meta)
+    training_run.restore(run, state, meta)
     folder.rewrite_metrics(kept)
     return run.epoch
 
@@ -308,16 +309,19 @@ def _epoch_record(
     already, with their ``time/diag_s``), then ``extra``."""
     cfg = run.cfg
     record: dict[str, Any] = {"epoch": run.epoch, **trained}
-    record["test/loss"], record["test/acc"] = test or R.evaluate(
+    record["test/loss"], record["test/acc"] = test or training_run.evaluate(
         run.model, run.data.x_test, run.data.y_test, cfg.eval_batch_size
     )
-    record["lr"] = cfg.optim.lr * R.lr_factor(cfg, run.step, run.total_steps)
+    record["lr"] = cfg.optim.lr * training_run.lr_factor(cfg, run.step, run.total_steps)
     record["time/train_s"] = t_train
     wanted, full = due(cfg.diag, run.epoch, cfg.epochs)
     if wanted and math.isfinite(record["train/loss"]):
         t0 = time.perf_counter()
         if figures is None:
-            figures = {**R.diagnose(run, full=full), "time/diag_s": time.perf_counter() - t0}
+            figures = {
+                **training_run.diagnose(run, full=full),
+                "time/diag_s": time.perf_counter() - t0,
+            }
         record.update(figures)
     record.update(extra or {})
     return record
@@ -326,10 +330,10 @@ def _epoch_record(
 def _save_checkpoints(run: Run, folder: RunFolder) -> None:
     """The checkpoint a killed run resumes from (every state: model, rule, optimizer, RNGs), and
     the model and rule after this epoch when ``save_epochs`` keeps it."""
-    save_checkpoint(folder.last_checkpoint, R.run_state(run), R.run_meta(run))
+    save_checkpoint(folder.last_checkpoint, training_run.run_state(run), training_run.run_meta(run))
     if run.epoch in run.cfg.save_epochs:
         save_checkpoint(
             folder.epoch_checkpoint(run.epoch),
             {"model": run.model.state_dict(), "rule": run.rule.state_dict()},
-            R.run_meta(run),
+            training_run.run_meta(run),
         )
