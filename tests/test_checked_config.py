@@ -77,3 +77,25 @@ def test_a_worker_imports_the_rule_files_of_a_config_checked_elsewhere(tmp_path,
     assert received.rule == "renamed_dfa2" and "renamed_dfa2" in RULES
     with pytest.raises(dataclasses.FrozenInstanceError):
         received.seed = 1
+
+
+def test_the_exploit_protocol_is_checked_once_and_frozen(monkeypatch, tmp_path):
+    from creditaudit.exploit import protocol, runner
+
+    p = protocol.checked(protocol.profile("smoke"), ["fit_steps=7"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.fit_steps = 8
+    assert protocol.checked(p) is p
+    assert protocol.from_checked_dict(protocol.to_dict(p)) == p
+    assert (
+        protocol.checked(protocol.profile("smoke")).fit_steps != 7
+    )  # the profile's own is untouched
+    with pytest.raises(config.ConfigError, match="step_lr must be > 0"):
+        protocol.checked(p, ["step_lr=0"])
+
+    def refuse(self):
+        raise AssertionError("a checked protocol was validated again")
+
+    monkeypatch.setattr(protocol.Protocol, "validate", refuse)
+    with pytest.raises(config.ConfigError, match="at least one seed"):  # got past the check
+        runner.run_exploit(p, (), tmp_path / "exploit")

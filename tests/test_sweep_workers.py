@@ -124,9 +124,12 @@ def test_bench_counts_match_a_real_run(tmp_path):
     assert bench.split_sizes(cfg.data) == (1437, 360)
 
 
-def test_bench_synthetic_data_has_the_profiles_shapes():
+def test_bench_synthetic_data_has_the_profiles_shapes(monkeypatch):
+    from creditaudit.data.base import DATASETS
     from creditaudit.experiments import expand
 
+    # the bench registers its synthetic datasets: here, in a copy of the registry that other tests never see
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
     bench = _bench()
     for profile, shape, sizes in (
         ("cpu", (1, 28, 28), (20000, 10000)),

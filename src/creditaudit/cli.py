@@ -802,7 +802,7 @@ def exploit(overrides, profile, seeds, results, out, snapshot, render_dir, worke
         raise click.BadParameter(
             "is empty: name the results folder (or give --out DIR)", param_hint="--results"
         )
-    p = protocol.apply_overrides(protocol.profile(profile), overrides)
+    p = protocol.checked(protocol.profile(profile), overrides)
     if snapshot:
         p = given_snapshot(p, snapshot)
     seed_list = seeds or protocol.profile_seeds(profile)
