@@ -4,7 +4,7 @@
   it. They live at the repository root, outside the docs folder, and link into it as
   ``docs/science.md`` and to one another as ``CHANGELOG.md``; on the site the same links read
   ``science.md`` and ``changelog.md``.
-- The worked example's generated pages (written by ``creditaudit tables`` and ``creditaudit
+- The worked examples' generated pages (written by ``creditaudit tables`` and ``creditaudit
   inventory``, never edited by hand) are wide tables of numbers: they get the whole width (no table
   of contents beside them) and a class that keeps each cell on one line (docs/stylesheets/extra.css).
 """
@@ -23,7 +23,11 @@ ROOT_PAGES = {
     "CONTRIBUTING.md": "contributing.md",
     "CHANGELOG.md": "changelog.md",
 }
-GENERATED = {"example/tables.md", "example/TRAINING_INVENTORY.md"}
+GENERATED = {
+    f"{example}/{page}"
+    for example in ("example", "example-mnist1d")
+    for page in ("tables.md", "TRAINING_INVENTORY.md")
+}
 
 
 def home_page(readme: str) -> str:

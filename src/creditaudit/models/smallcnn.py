@@ -1,5 +1,6 @@
 """``smallcnn``: the cross-architecture control — 3 conv layers with BatchNorm, 1 FC, a head, and by
-default no terminal norm (so Mode 1(b), the terminal-LN collapse of ‖g_L‖, cannot fire;
+default no terminal norm (so the mechanism of Mode 1(b), the terminal-LN collapse of ‖g_L‖, cannot
+act: D2 fires here only when ‖g_L‖ falls for another reason, such as a network that fits its data;
 ``out_ln=true`` puts a LayerNorm on the FC features before the head).
 
     h_0 = pool(ReLU(BN(conv1 x)))          (B, c1, H/2, W/2)     embedding (conv stem)
@@ -64,7 +65,7 @@ _SMALL = {"d": 16, "L": 3, "channels": (4, 6, 8)}
 
 @architecture(
     "smallcnn",
-    "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b) cannot fire without)",
+    "3 conv+BatchNorm stages, 1 FC, head; no terminal norm unless out_ln=true (Mode 1(b)'s collapse needs one)",
     d=256,
     L=3,
     out_ln=False,

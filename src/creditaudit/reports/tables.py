@@ -287,8 +287,10 @@ def cross_arch(col: Collection, th: Thresholds) -> Table:
         ["architecture", "rule", "setting", "n"] + FIGURE_HEADER,
         rows,
         [
-            f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b) (D2) cannot "
-            "fire without a terminal norm."
+            f"Settings: {', '.join(f'`{s}`' for s in ARCH_SETTINGS)}. Mode 1(b)'s mechanism "
+            "(‖g_L‖ ∝ 1/‖h_L‖ behind a terminal norm) needs a terminal norm: on an architecture "
+            "without one, D2 firing has another cause, e.g. a network that classifies its eval "
+            "examples with near-zero loss (BP too)."
         ]
         + d3_notes(_all_runs(gs)),
     )
