@@ -25,7 +25,7 @@ ROOT_PAGES = {
 }
 GENERATED = {
     f"{example}/{page}"
-    for example in ("example", "example-mnist1d")
+    for example in ("example", "example-mnist1d", "example-mnist1d/vit_mini1d")
     for page in ("tables.md", "TRAINING_INVENTORY.md")
 }
 
